@@ -1,0 +1,13 @@
+// File: the subcommands of the `kvgate` binary. Each returns the process exit code:
+// 0 success, 1 runtime failure (message on stderr), 2 usage error.
+#pragma once
+
+#include <string>
+#include <vector>
+
+namespace kvgate::cli {
+
+int RunGenerate(const std::vector<std::string>& args);
+int RunTokenize(const std::vector<std::string>& args);
+
+}  // namespace kvgate::cli

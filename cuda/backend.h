@@ -1,0 +1,91 @@
+// File: the compute backend interface. The engine runs the model only through this
+// interface, so the CPU backend (OpenBLAS + threads) and the CUDA backend (cuBLAS +
+// own kernels) are interchangeable, and each op has a plain reference twin
+// (cuda/cpu/reference_ops.h) that both are tested against.
+//
+// One backend instance runs its ops in submission order on one implicit stream; ops
+// may return before the work is done, and Synchronize() or a copy to the host waits.
+#pragma once
+
+#include <cstddef>
+#include <functional>
+#include <memory>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "cuda/ops.h"
+
+namespace kvgate::ops {
+
+// Owns a block of backend memory; move-only. Freed by the deleter of the backend that
+// made it, so the backend must outlive its buffers.
+class DeviceBuffer {
+ public:
+  DeviceBuffer() = default;
+  DeviceBuffer(void* data, size_t bytes, std::function<void(void*)> deleter)
+      : data_(data), bytes_(bytes), deleter_(std::move(deleter)) {}
+  DeviceBuffer(DeviceBuffer&& other) noexcept { *this = std::move(other); }
+  DeviceBuffer& operator=(DeviceBuffer&& other) noexcept {
+    if (this != &other) {
+      Reset();
+      data_ = other.data_;
+      bytes_ = other.bytes_;
+      deleter_ = std::move(other.deleter_);
+      other.data_ = nullptr;
+      other.bytes_ = 0;
+    }
+    return *this;
+  }
+  DeviceBuffer(const DeviceBuffer&) = delete;
+  DeviceBuffer& operator=(const DeviceBuffer&) = delete;
+  ~DeviceBuffer() { Reset(); }
+
+  void* data() const { return data_; }
+  size_t bytes() const { return bytes_; }
+  template <typename T>
+  T* as() const { return static_cast<T*>(data_); }
+
+ private:
+  void Reset() {
+    if (data_ != nullptr && deleter_) deleter_(data_);
+    data_ = nullptr;
+    bytes_ = 0;
+  }
+  void* data_ = nullptr;
+  size_t bytes_ = 0;
+  std::function<void(void*)> deleter_;
+};
+
+class Backend {
+ public:
+  virtual ~Backend() = default;
+
+  // "cpu" or "cuda:N".
+  virtual std::string_view Name() const = 0;
+
+  // Uninitialised backend memory of `bytes` bytes (> 0).
+  virtual absl::StatusOr<DeviceBuffer> Alloc(size_t bytes) = 0;
+  virtual absl::Status CopyToBackend(void* dst, const void* host_src, size_t bytes) = 0;
+  virtual absl::Status CopyToHost(void* host_dst, const void* src, size_t bytes) = 0;
+
+  virtual absl::Status Embed(const EmbedArgs& args) = 0;
+  virtual absl::Status MatMul(const MatMulArgs& args) = 0;
+  virtual absl::Status RmsNorm(const RmsNormArgs& args) = 0;
+  virtual absl::Status Rope(const RopeArgs& args) = 0;
+  virtual absl::Status StoreKv(const StoreKvArgs& args) = 0;
+  virtual absl::Status Attention(const AttentionArgs& args) = 0;
+  virtual absl::Status SiluMul(const SiluMulArgs& args) = 0;
+  virtual absl::Status Add(const AddArgs& args) = 0;
+
+  // Waits for every op submitted so far; reports an asynchronous fault.
+  virtual absl::Status Synchronize() = 0;
+};
+
+// Makes a backend by name: "cpu", "cuda" (= "cuda:0") or "cuda:N". A build without
+// CUDA answers UNIMPLEMENTED for cuda names; a machine without a GPU, UNAVAILABLE.
+absl::StatusOr<std::unique_ptr<Backend>> CreateBackend(std::string_view name);
+
+}  // namespace kvgate::ops

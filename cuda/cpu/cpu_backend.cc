@@ -1,0 +1,180 @@
+// The CPU backend: GEMMs through OpenBLAS, everything else as threaded loops with the
+// same arithmetic as the references (float accumulation where the reference uses double
+// only for the specification's sake).
+#include "cuda/cpu/cpu_backend.h"
+
+#include <cblas.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdlib>
+#include <cstring>
+#include <new>
+#include <thread>
+#include <vector>
+
+#include "absl/strings/str_cat.h"
+#include "cuda/cpu/parallel_for.h"
+#include "cuda/cpu/reference_ops.h"
+
+namespace kvgate::ops {
+namespace {
+
+// Below this many float operations a loop runs on one thread: waking the pool costs
+// more than it saves (decode-time RMSNorm of one row, say).
+constexpr int64_t kMinParallelWork = 1 << 15;
+
+class CpuBackend final : public Backend {
+ public:
+  explicit CpuBackend(int num_threads) : pool_(num_threads) {}
+
+  std::string_view Name() const override { return "cpu"; }
+
+  absl::StatusOr<DeviceBuffer> Alloc(size_t bytes) override {
+    if (bytes == 0) return absl::InvalidArgumentError("Alloc of 0 bytes");
+    // 64-byte alignment keeps rows cache-line aligned for BLAS.
+    void* data = std::aligned_alloc(64, (bytes + 63) / 64 * 64);
+    if (data == nullptr) {
+      return absl::ResourceExhaustedError(absl::StrCat("cpu backend: cannot allocate ", bytes, " bytes"));
+    }
+    return DeviceBuffer(data, bytes, [](void* p) { std::free(p); });
+  }
+
+  absl::Status CopyToBackend(void* dst, const void* src, size_t bytes) override {
+    std::memcpy(dst, src, bytes);
+    return absl::OkStatus();
+  }
+  absl::Status CopyToHost(void* dst, const void* src, size_t bytes) override {
+    std::memcpy(dst, src, bytes);
+    return absl::OkStatus();
+  }
+
+  absl::Status Embed(const EmbedArgs& args) override {
+    EmbedRef(args);
+    return absl::OkStatus();
+  }
+
+  absl::Status MatMul(const MatMulArgs& a) override {
+    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, a.m, a.n, a.k, 1.0f, a.x, a.k, a.w,
+                a.k, 0.0f, a.y, a.n);
+    if (a.bias != nullptr) {
+      for (int32_t i = 0; i < a.m; ++i) {
+        float* row = a.y + static_cast<int64_t>(i) * a.n;
+        for (int32_t j = 0; j < a.n; ++j) row[j] += a.bias[j];
+      }
+    }
+    return absl::OkStatus();
+  }
+
+  absl::Status RmsNorm(const RmsNormArgs& a) override {
+    ParallelRows(a.rows, static_cast<int64_t>(a.dim) * 3, [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end; ++r) {
+        const float* x = a.x + r * a.dim;
+        float* out = a.out + r * a.dim;
+        float sum_sq = 0.0f;
+        for (int32_t i = 0; i < a.dim; ++i) sum_sq += x[i] * x[i];
+        const float inv_rms = 1.0f / std::sqrt(sum_sq / a.dim + a.eps);
+        for (int32_t i = 0; i < a.dim; ++i) out[i] = a.weight[i] * (x[i] * inv_rms);
+      }
+    });
+    return absl::OkStatus();
+  }
+
+  absl::Status Rope(const RopeArgs& a) override {
+    ParallelRows(a.num_tokens, static_cast<int64_t>(a.num_heads) * a.head_dim * 8,
+                 [&](int64_t begin, int64_t end) {
+                   RopeArgs part = a;
+                   part.x = a.x + begin * a.num_heads * a.head_dim;
+                   part.positions = a.positions + begin;
+                   part.num_tokens = static_cast<int32_t>(end - begin);
+                   RopeRef(part);
+                 });
+    return absl::OkStatus();
+  }
+
+  absl::Status StoreKv(const StoreKvArgs& args) override {
+    StoreKvRef(args);
+    return absl::OkStatus();
+  }
+
+  absl::Status Attention(const AttentionArgs& a) override {
+    const int32_t group = a.num_q_heads / a.num_kv_heads;
+    const int64_t items = static_cast<int64_t>(a.num_tokens) * a.num_q_heads;
+    const int64_t work_per_item =
+        static_cast<int64_t>(a.q_start_row + a.num_tokens) * a.head_dim * 4;
+    ParallelRows(items, work_per_item, [&](int64_t begin, int64_t end) {
+      std::vector<float> scores;
+      for (int64_t item = begin; item < end; ++item) {
+        const int32_t t = static_cast<int32_t>(item / a.num_q_heads);
+        const int32_t h = static_cast<int32_t>(item % a.num_q_heads);
+        const int32_t last = a.q_start_row + t;
+        const int32_t first =
+            a.sliding_window > 0 ? std::max(0, last - a.sliding_window + 1) : 0;
+        const int64_t kv_base = static_cast<int64_t>(h / group) * a.capacity_tokens * a.head_dim;
+        const float* q = a.q + item * a.head_dim;
+        scores.resize(last - first + 1);
+        float max_score = -INFINITY;
+        for (int32_t r = first; r <= last; ++r) {
+          const float* k = a.k_cache + kv_base + static_cast<int64_t>(r) * a.head_dim;
+          float dot = 0.0f;
+          for (int32_t i = 0; i < a.head_dim; ++i) dot += q[i] * k[i];
+          scores[r - first] = dot * a.scale;
+          max_score = std::max(max_score, scores[r - first]);
+        }
+        float denom = 0.0f;
+        for (float& s : scores) {
+          s = std::exp(s - max_score);
+          denom += s;
+        }
+        float* out = a.out + item * a.head_dim;
+        std::fill(out, out + a.head_dim, 0.0f);
+        const float inv_denom = 1.0f / denom;
+        for (int32_t r = first; r <= last; ++r) {
+          const float p = scores[r - first] * inv_denom;
+          const float* v = a.v_cache + kv_base + static_cast<int64_t>(r) * a.head_dim;
+          for (int32_t i = 0; i < a.head_dim; ++i) out[i] += p * v[i];
+        }
+      }
+    });
+    return absl::OkStatus();
+  }
+
+  absl::Status SiluMul(const SiluMulArgs& a) override {
+    ParallelRows(a.n, 16, [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) {
+        const float g = a.gate[i];
+        a.out[i] = (g / (1.0f + std::exp(-g))) * a.up[i];
+      }
+    });
+    return absl::OkStatus();
+  }
+
+  absl::Status Add(const AddArgs& args) override {
+    AddRef(args);
+    return absl::OkStatus();
+  }
+
+  absl::Status Synchronize() override { return absl::OkStatus(); }
+
+ private:
+  // Splits [0, rows) over the pool when the total work is worth it.
+  template <typename Body>
+  void ParallelRows(int64_t rows, int64_t work_per_row, Body&& body) {
+    if (rows * work_per_row < kMinParallelWork) {
+      body(int64_t{0}, rows);
+      return;
+    }
+    pool_.ParallelFor(rows, body);
+  }
+
+  ThreadPool pool_;
+};
+
+}  // namespace
+
+std::unique_ptr<Backend> CreateCpuBackend(int num_threads) {
+  if (num_threads <= 0) num_threads = std::max(1u, std::thread::hardware_concurrency());
+  return std::make_unique<CpuBackend>(num_threads);
+}
+
+}  // namespace kvgate::ops

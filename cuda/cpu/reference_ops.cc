@@ -1,0 +1,119 @@
+#include "cuda/cpu/reference_ops.h"
+
+#include <algorithm>
+#include <cmath>
+#include <vector>
+
+namespace kvgate::ops {
+
+void EmbedRef(const EmbedArgs& a) {
+  for (int32_t t = 0; t < a.num_tokens; ++t) {
+    const float* row = a.table + static_cast<int64_t>(a.token_ids[t]) * a.dim;
+    std::copy(row, row + a.dim, a.out + static_cast<int64_t>(t) * a.dim);
+  }
+}
+
+void MatMulRef(const MatMulArgs& a) {
+  for (int32_t i = 0; i < a.m; ++i) {
+    for (int32_t j = 0; j < a.n; ++j) {
+      double acc = a.bias != nullptr ? a.bias[j] : 0.0;
+      const float* x = a.x + static_cast<int64_t>(i) * a.k;
+      const float* w = a.w + static_cast<int64_t>(j) * a.k;
+      for (int32_t p = 0; p < a.k; ++p) acc += static_cast<double>(x[p]) * w[p];
+      a.y[static_cast<int64_t>(i) * a.n + j] = static_cast<float>(acc);
+    }
+  }
+}
+
+void RmsNormRef(const RmsNormArgs& a) {
+  for (int32_t r = 0; r < a.rows; ++r) {
+    const float* x = a.x + static_cast<int64_t>(r) * a.dim;
+    float* out = a.out + static_cast<int64_t>(r) * a.dim;
+    double sum_sq = 0.0;
+    for (int32_t i = 0; i < a.dim; ++i) sum_sq += static_cast<double>(x[i]) * x[i];
+    const float inv_rms = static_cast<float>(1.0 / std::sqrt(sum_sq / a.dim + a.eps));
+    for (int32_t i = 0; i < a.dim; ++i) out[i] = a.weight[i] * (x[i] * inv_rms);
+  }
+}
+
+void RopeRef(const RopeArgs& a) {
+  const int32_t half = a.head_dim / 2;
+  for (int32_t t = 0; t < a.num_tokens; ++t) {
+    for (int32_t h = 0; h < a.num_heads; ++h) {
+      float* x = a.x + (static_cast<int64_t>(t) * a.num_heads + h) * a.head_dim;
+      for (int32_t i = 0; i < half; ++i) {
+        // float32 product, as Hugging Face computes inv_freq @ positions in float32.
+        const float angle = static_cast<float>(a.positions[t]) * a.inv_freq[i];
+        const float c = std::cos(angle), s = std::sin(angle);
+        const float x1 = x[i], x2 = x[i + half];
+        x[i] = x1 * c - x2 * s;
+        x[i + half] = x2 * c + x1 * s;
+      }
+    }
+  }
+}
+
+void StoreKvRef(const StoreKvArgs& a) {
+  for (int32_t t = 0; t < a.num_tokens; ++t) {
+    for (int32_t h = 0; h < a.num_kv_heads; ++h) {
+      const int64_t src = (static_cast<int64_t>(t) * a.num_kv_heads + h) * a.head_dim;
+      const int64_t dst =
+          (static_cast<int64_t>(h) * a.capacity_tokens + a.start_row + t) * a.head_dim;
+      std::copy(a.k + src, a.k + src + a.head_dim, a.k_cache + dst);
+      std::copy(a.v + src, a.v + src + a.head_dim, a.v_cache + dst);
+    }
+  }
+}
+
+void AttentionRef(const AttentionArgs& a) {
+  const int32_t group = a.num_q_heads / a.num_kv_heads;
+  std::vector<double> scores;
+  std::vector<double> acc(a.head_dim);
+  for (int32_t t = 0; t < a.num_tokens; ++t) {
+    const int32_t last = a.q_start_row + t;
+    const int32_t first = a.sliding_window > 0 ? std::max(0, last - a.sliding_window + 1) : 0;
+    for (int32_t h = 0; h < a.num_q_heads; ++h) {
+      const int32_t kv = h / group;
+      const float* q = a.q + (static_cast<int64_t>(t) * a.num_q_heads + h) * a.head_dim;
+      const float* k_head = a.k_cache + static_cast<int64_t>(kv) * a.capacity_tokens * a.head_dim;
+      const float* v_head = a.v_cache + static_cast<int64_t>(kv) * a.capacity_tokens * a.head_dim;
+      scores.assign(last - first + 1, 0.0);
+      double max_score = -INFINITY;
+      for (int32_t r = first; r <= last; ++r) {
+        double dot = 0.0;
+        for (int32_t i = 0; i < a.head_dim; ++i) {
+          dot += static_cast<double>(q[i]) * k_head[static_cast<int64_t>(r) * a.head_dim + i];
+        }
+        scores[r - first] = dot * a.scale;
+        max_score = std::max(max_score, scores[r - first]);
+      }
+      double denom = 0.0;
+      for (double& s : scores) {
+        s = std::exp(s - max_score);
+        denom += s;
+      }
+      std::fill(acc.begin(), acc.end(), 0.0);
+      for (int32_t r = first; r <= last; ++r) {
+        const double p = scores[r - first] / denom;
+        for (int32_t i = 0; i < a.head_dim; ++i) {
+          acc[i] += p * v_head[static_cast<int64_t>(r) * a.head_dim + i];
+        }
+      }
+      float* out = a.out + (static_cast<int64_t>(t) * a.num_q_heads + h) * a.head_dim;
+      for (int32_t i = 0; i < a.head_dim; ++i) out[i] = static_cast<float>(acc[i]);
+    }
+  }
+}
+
+void SiluMulRef(const SiluMulArgs& a) {
+  for (int64_t i = 0; i < a.n; ++i) {
+    const float g = a.gate[i];
+    a.out[i] = (g / (1.0f + std::exp(-g))) * a.up[i];
+  }
+}
+
+void AddRef(const AddArgs& a) {
+  for (int64_t i = 0; i < a.n; ++i) a.x[i] += a.y[i];
+}
+
+}  // namespace kvgate::ops

@@ -1,0 +1,20 @@
+// File: the specification of every compute op: plain loops, float/double accumulation,
+// no SIMD, no threads, the obvious loop order. The CPU backend and the CUDA kernels are
+// both tested against these (<Op>Ref takes the same args struct as Launch<Op>).
+// All pointers here are host memory.
+#pragma once
+
+#include "cuda/ops.h"
+
+namespace kvgate::ops {
+
+void EmbedRef(const EmbedArgs& args);
+void MatMulRef(const MatMulArgs& args);
+void RmsNormRef(const RmsNormArgs& args);
+void RopeRef(const RopeArgs& args);
+void StoreKvRef(const StoreKvArgs& args);
+void AttentionRef(const AttentionArgs& args);
+void SiluMulRef(const SiluMulArgs& args);
+void AddRef(const AddArgs& args);
+
+}  // namespace kvgate::ops

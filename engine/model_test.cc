@@ -1,0 +1,228 @@
+// The engine on the real TinyStories checkpoint: equivalence chains (token-by-token
+// decode == one-shot prefill == chunked prefill), and every load/run error path.
+#include "engine/model.h"
+
+#include <gtest/gtest.h>
+
+#include <filesystem>
+#include <fstream>
+
+#include "cuda/cpu/cpu_backend.h"
+#include "engine/generator.h"
+#include "engine/tokenizer.h"
+#include "tests/testing/paths.h"
+
+namespace kvgate::engine {
+namespace {
+
+namespace fs = std::filesystem;
+
+// float32 sums in different orders (one-shot vs incremental GEMM shapes) over 2 layers.
+constexpr float kLogitAtol = 1e-4f;
+
+class ModelTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    ASSERT_TRUE(fs::exists(testing::TinyStoriesDir())) << "missing " << testing::TinyStoriesDir();
+    auto model = Model::Load(testing::TinyStoriesDir(), backend_.get());
+    ASSERT_TRUE(model.ok()) << model.status();
+    model_ = std::move(*model);
+  }
+  std::unique_ptr<ops::Backend> backend_ = ops::CreateCpuBackend(2);
+  std::unique_ptr<Model> model_;
+  const std::vector<int32_t> prompt_ = {1, 500, 24, 300, 17, 1200, 88, 5, 640, 2000, 33, 42};
+};
+
+void ExpectLogitsNear(const float* a, const float* b, int n, const std::string& what) {
+  float worst = 0;
+  for (int i = 0; i < n; ++i) worst = std::max(worst, std::fabs(a[i] - b[i]));
+  EXPECT_LE(worst, kLogitAtol) << what;
+}
+
+TEST_F(ModelTest, IncrementalDecodeEqualsOneShotPrefill) {
+  const int vocab = model_->config().vocab_size;
+  auto full_cache = *model_->NewCache(64);
+  auto all = model_->Forward(prompt_, full_cache.get(), LogitsMode::kAllTokens);
+  ASSERT_TRUE(all.ok()) << all.status();
+  ASSERT_EQ(all->size(), prompt_.size() * vocab);
+  auto step_cache = *model_->NewCache(64);
+  for (size_t t = 0; t < prompt_.size(); ++t) {
+    auto step = model_->Forward({&prompt_[t], 1}, step_cache.get());
+    ASSERT_TRUE(step.ok()) << step.status();
+    ExpectLogitsNear(step->data(), all->data() + t * vocab, vocab, "position " + std::to_string(t));
+  }
+  EXPECT_EQ(step_cache->length_tokens(), static_cast<int32_t>(prompt_.size()));
+  EXPECT_EQ(step_cache->num_entries(), 2 * 4 * static_cast<int64_t>(prompt_.size()));
+}
+
+TEST_F(ModelTest, ChunkedPrefillEqualsOneShot) {
+  const int vocab = model_->config().vocab_size;
+  auto one_shot = *model_->NewCache(64);
+  auto expected = *model_->Forward(prompt_, one_shot.get());
+  auto chunked = *model_->NewCache(64);
+  ASSERT_TRUE(model_->Forward(absl::MakeConstSpan(prompt_).subspan(0, 5), chunked.get()).ok());
+  auto last = model_->Forward(absl::MakeConstSpan(prompt_).subspan(5), chunked.get());
+  ASSERT_TRUE(last.ok());
+  ExpectLogitsNear(last->data(), expected.data(), vocab, "chunked");
+}
+
+TEST_F(ModelTest, RejectsBadTokensAndOverflow) {
+  auto cache = *model_->NewCache(4);
+  std::vector<int32_t> bad = {1, 2048};
+  auto status = model_->Forward(bad, cache.get()).status();
+  EXPECT_EQ(status.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_NE(status.message().find("token id 2048"), std::string::npos) << status;
+  std::vector<int32_t> negative = {-1};
+  EXPECT_EQ(model_->Forward(negative, cache.get()).status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(cache->length_tokens(), 0);  // a rejected call leaves the cache untouched
+  std::vector<int32_t> five = {1, 2, 3, 4, 5};
+  EXPECT_EQ(model_->Forward(five, cache.get()).status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(model_->NewCache(513).status().code(), absl::StatusCode::kInvalidArgument);
+}
+
+class BrokenCheckpointTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    dir_ = testing::MakeTempDir("broken-checkpoint");
+    for (const char* file : {"config.json", "model.safetensors", "tokenizer.json"}) {
+      fs::copy_file(fs::path(testing::TinyStoriesDir()) / file, dir_ / file);
+      fs::permissions(dir_ / file, fs::perms::owner_read | fs::perms::owner_write, fs::perm_options::add);
+    }
+  }
+  void TearDown() override { fs::remove_all(dir_); }
+  absl::Status Load() {
+    auto backend = ops::CreateCpuBackend(1);
+    return Model::Load(dir_.string(), backend.get()).status();
+  }
+  fs::path dir_;
+};
+
+TEST_F(BrokenCheckpointTest, TruncatedWeights) {
+  fs::resize_file(dir_ / "model.safetensors", fs::file_size(dir_ / "model.safetensors") / 2);
+  absl::Status status = Load();
+  EXPECT_EQ(status.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_NE(status.message().find("exceed"), std::string::npos) << status;
+}
+
+TEST_F(BrokenCheckpointTest, MissingFilesAndUnknownArchitecture) {
+  fs::remove(dir_ / "model.safetensors");
+  EXPECT_EQ(Load().code(), absl::StatusCode::kNotFound);
+  std::ofstream(dir_ / "config.json") << R"({"architectures": ["BertModel"]})";
+  absl::Status status = Load();
+  EXPECT_EQ(status.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_NE(status.message().find("BertModel"), std::string::npos) << status;
+  fs::remove(dir_ / "config.json");
+  EXPECT_EQ(Load().code(), absl::StatusCode::kNotFound);
+}
+
+TEST_F(BrokenCheckpointTest, ConfigThatDisagreesWithWeights) {
+  std::ifstream in(dir_ / "config.json");
+  std::string text((std::istreambuf_iterator<char>(in)), {});
+  in.close();
+  text.replace(text.find("\"hidden_size\": 128"), 18, "\"hidden_size\": 256");
+  std::ofstream(dir_ / "config.json") << text;
+  absl::Status status = Load();
+  EXPECT_EQ(status.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_NE(status.message().find("has shape [2048, 128]"), std::string::npos) << status;
+}
+
+class GeneratorTest : public ModelTest {
+ protected:
+  void SetUp() override {
+    ModelTest::SetUp();
+    auto tokenizer = Tokenizer::FromFile(testing::TinyStoriesDir() + "/tokenizer.json");
+    ASSERT_TRUE(tokenizer.ok()) << tokenizer.status();
+    tokenizer_ = std::move(*tokenizer);
+  }
+  std::unique_ptr<Tokenizer> tokenizer_;
+};
+
+TEST_F(GeneratorTest, GreedyGenerationIsDeterministicAndStreamsAllText) {
+  Generator generator(model_.get(), tokenizer_.get());
+  GenerateOptions options;
+  options.max_tokens = 24;
+  options.ignore_eos = true;
+  std::string streamed;
+  std::vector<int32_t> streamed_ids;
+  auto result = generator.Generate(prompt_, options, [&](int32_t id, std::string_view text) {
+    streamed_ids.push_back(id);
+    streamed += text;
+    return true;
+  });
+  ASSERT_TRUE(result.ok()) << result.status();
+  EXPECT_EQ(result->token_ids.size(), 24u);
+  EXPECT_EQ(result->finish_reason, FinishReason::kLength);
+  EXPECT_EQ(streamed_ids, result->token_ids);
+  EXPECT_EQ(streamed, result->text);
+  auto again = generator.Generate(prompt_, options);
+  EXPECT_EQ(again->token_ids, result->token_ids);
+  EXPECT_EQ(result->kv.kv_entries_full, 2 * 4 * static_cast<int64_t>(prompt_.size()));
+}
+
+TEST_F(GeneratorTest, StopConditions) {
+  Generator generator(model_.get(), tokenizer_.get());
+  GenerateOptions options;
+  options.max_tokens = 24;
+  options.ignore_eos = true;
+  auto base = *generator.Generate(prompt_, options);
+  ASSERT_GE(base.token_ids.size(), 5u);
+
+  GenerateOptions by_id = options;
+  by_id.stop_token_ids = {base.token_ids[3]};
+  auto stopped = *generator.Generate(prompt_, by_id);
+  EXPECT_EQ(stopped.finish_reason, FinishReason::kStop);
+  EXPECT_LE(stopped.token_ids.size(), 4u);
+  EXPECT_EQ(stopped.token_ids.back(), base.token_ids[3]);
+
+  ASSERT_GE(base.text.size(), 12u);
+  GenerateOptions by_string = options;
+  by_string.stop = {base.text.substr(8, 3)};
+  std::string streamed;
+  auto cut = *generator.Generate(prompt_, by_string, [&](int32_t, std::string_view text) {
+    streamed += text;
+    return true;
+  });
+  EXPECT_EQ(cut.finish_reason, FinishReason::kStop);
+  EXPECT_EQ(cut.matched_stop, by_string.stop[0]);
+  EXPECT_EQ(cut.text, base.text.substr(0, base.text.find(by_string.stop[0])));
+  EXPECT_EQ(streamed, cut.text);  // the stop string itself never reached the stream
+
+  int calls = 0;
+  auto aborted = *generator.Generate(prompt_, options, [&](int32_t, std::string_view) { return ++calls < 3; });
+  EXPECT_EQ(aborted.finish_reason, FinishReason::kAborted);
+  EXPECT_EQ(aborted.token_ids.size(), 3u);
+}
+
+TEST_F(GeneratorTest, RejectsBadRequests) {
+  Generator generator(model_.get(), tokenizer_.get());
+  GenerateOptions options;
+  auto expect_invalid = [&](absl::Span<const int32_t> prompt, const GenerateOptions& o, const std::string& field) {
+    auto result = generator.Generate(prompt, o);
+    ASSERT_FALSE(result.ok()) << field;
+    EXPECT_EQ(result.status().code(), absl::StatusCode::kInvalidArgument) << field;
+    EXPECT_NE(result.status().message().find(field), std::string::npos) << result.status();
+  };
+  expect_invalid({}, options, "prompt is empty");
+  std::vector<int32_t> out_of_range = {1, 4096};
+  expect_invalid(out_of_range, options, "outside the vocabulary");
+  std::vector<int32_t> too_long(600, 5);
+  expect_invalid(too_long, options, "context is 512");
+  GenerateOptions zero = options;
+  zero.max_tokens = 0;
+  expect_invalid(prompt_, zero, "max_tokens");
+  GenerateOptions huge = options;
+  huge.max_tokens = 1000;
+  expect_invalid(prompt_, huge, "max_tokens");
+  GenerateOptions hot = options;
+  hot.sampling.temperature = -1;
+  expect_invalid(prompt_, hot, "temperature");
+  GenerateOptions empty_stop = options;
+  empty_stop.stop = {""};
+  expect_invalid(prompt_, empty_stop, "stop");
+  GenerateOptions bad_stop_id = options;
+  bad_stop_id.stop_token_ids = {99999};
+  expect_invalid(prompt_, bad_stop_id, "stop_token_ids");
+}
+
+}  // namespace
+}  // namespace kvgate::engine

@@ -1,0 +1,41 @@
+// File: next-token selection from logits: greedy, temperature, top-k, top-p, min-p,
+// with a per-request seeded generator (the same seed gives the same tokens).
+#pragma once
+
+#include <cstdint>
+#include <random>
+#include <vector>
+
+#include "absl/status/status.h"
+#include "absl/types/span.h"
+
+namespace kvgate::engine {
+
+struct SamplingOptions {
+  float temperature = 0.0f;  // 0 = greedy
+  int32_t top_k = 0;         // 0 or -1 = disabled
+  float top_p = 1.0f;        // (0, 1]
+  float min_p = 0.0f;        // [0, 1]
+  uint64_t seed = 0;
+};
+
+// INVALID_ARGUMENT naming the field when an option is out of range (NaN included).
+absl::Status ValidateSamplingOptions(const SamplingOptions& options);
+
+class Sampler {
+ public:
+  explicit Sampler(const SamplingOptions& options) : options_(options), rng_(options.seed) {}
+
+  // Picks a token. Greedy ties go to the lowest id (as torch.argmax). Filters apply in
+  // the order temperature, top-k, top-p, min-p (Hugging Face's warper order).
+  int32_t Sample(absl::Span<const float> logits);
+
+ private:
+  SamplingOptions options_;
+  std::mt19937_64 rng_;
+  std::vector<std::pair<float, int32_t>> candidates_;
+};
+
+int32_t ArgMax(absl::Span<const float> logits);
+
+}  // namespace kvgate::engine
