@@ -6,8 +6,11 @@
 
 #include <filesystem>
 #include <fstream>
+#include <iostream>
+#include <set>
 
 #include "cuda/cpu/cpu_backend.h"
+#include "cuda/cuda_backend.h"
 #include "engine/generator.h"
 #include "engine/model.h"
 #include "engine/tokenizer.h"
@@ -28,7 +31,10 @@ struct GoldenCase {
   std::string name;
   fs::path model_dir;
   fs::path expected_json;
+  std::string backend;  // "cpu", or "cuda" (skipped where no GPU is visible)
 };
+
+void PrintTo(const GoldenCase& c, std::ostream* os) { *os << c.backend << ":" << c.name; }
 
 std::vector<GoldenCase> FindCases() {
   std::vector<GoldenCase> cases;
@@ -36,12 +42,17 @@ std::vector<GoldenCase> FindCases() {
   std::error_code ec;
   if (fs::is_directory(models, ec)) {
     for (const auto& entry : fs::directory_iterator(models)) {
-      cases.push_back({entry.path().filename().string(), entry.path(), entry.path() / "expected.json"});
+      cases.push_back({entry.path().filename().string(), entry.path(), entry.path() / "expected.json", "cpu"});
     }
   }
   cases.push_back({"tinystories-656k", testing::TinyStoriesDir(),
-                   testing::GoldenDir() / "tinystories-656k" / "expected.json"});
+                   testing::GoldenDir() / "tinystories-656k" / "expected.json", "cpu"});
   std::sort(cases.begin(), cases.end(), [](const auto& a, const auto& b) { return a.name < b.name; });
+  const size_t cpu_cases = cases.size();
+  for (size_t i = 0; i < cpu_cases; ++i) {
+    cases.push_back(cases[i]);
+    cases.back().backend = "cuda";
+  }
   return cases;
 }
 
@@ -53,7 +64,15 @@ TEST_P(GoldenModelTest, LogitsAndGreedyMatchTransformers) {
                                            << " (run tests/golden/make_fixtures.py, see tests/golden/README.md)";
   std::ifstream in(c.expected_json);
   const json expected = json::parse(in);
-  auto backend = ops::CreateCpuBackend(2);
+  std::unique_ptr<ops::Backend> backend;
+  if (c.backend == "cuda") {
+    if (ops::CudaDeviceCount() == 0) GTEST_SKIP() << "no CUDA device visible";
+    auto cuda = ops::CreateBackend("cuda");
+    ASSERT_TRUE(cuda.ok()) << cuda.status();
+    backend = std::move(*cuda);
+  } else {
+    backend = ops::CreateCpuBackend(2);
+  }
   auto model = engine::Model::Load(c.model_dir.string(), backend.get());
   ASSERT_TRUE(model.ok()) << model.status();
   auto tokenizer = engine::Tokenizer::FromFile((c.model_dir / "tokenizer.json").string());
@@ -85,6 +104,7 @@ TEST_P(GoldenModelTest, LogitsAndGreedyMatchTransformers) {
     }
     EXPECT_LE(worst, kMaxLogitDiffF32) << "max |logit difference|";
     RecordProperty("max_logit_diff_prompt_" + std::to_string(p), std::to_string(worst));
+    std::cout << "[golden] " << c.backend << " " << c.name << " prompt " << p << ": max |logit diff| " << worst << "\n";
 
     engine::Generator generator(model->get(), tokenizer->get());
     engine::GenerateOptions options;
@@ -98,7 +118,7 @@ TEST_P(GoldenModelTest, LogitsAndGreedyMatchTransformers) {
 
 INSTANTIATE_TEST_SUITE_P(Fixtures, GoldenModelTest, ::testing::ValuesIn(FindCases()),
                          [](const auto& info) {
-                           std::string name = info.param.name;
+                           std::string name = info.param.backend + "_" + info.param.name;
                            for (char& ch : name) if (!isalnum(static_cast<unsigned char>(ch))) ch = '_';
                            return name;
                          });
@@ -108,6 +128,7 @@ INSTANTIATE_TEST_SUITE_P(Fixtures, GoldenModelTest, ::testing::ValuesIn(FindCase
 TEST(GoldenCoverageTest, EveryArchitectureHasAFixture) {
   std::set<std::string> architectures;
   for (const GoldenCase& c : FindCases()) {
+    if (c.backend != "cpu") continue;
     std::ifstream in(c.model_dir / "config.json");
     if (!in) continue;
     architectures.insert(json::parse(in)["architectures"][0].get<std::string>());
