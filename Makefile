@@ -4,7 +4,7 @@ BUILD_DIR ?= build
 JOBS ?= $(shell nproc)
 CMAKE_FLAGS ?=
 DEMO_MODEL ?= ../shared/models/tinystories-656k
-DEMO_PROMPT ?= Once upon a time, there was a little girl named Lily.
+DEMO_PROMPT ?= One day, a little dog named Max
 
 .PHONY: deps configure build demo test bench clean
 
@@ -19,7 +19,7 @@ build: configure
 
 demo: build
 	@$(BUILD_DIR)/cli/kvgate generate --model $(DEMO_MODEL) --prompt "$(DEMO_PROMPT)" \
-	  --max-tokens 120 --temperature 0.7 --top-p 0.9 --seed 7
+	  --max-tokens 160 --temperature 0.7 --top-p 0.9 --seed 1 --stop "<|end_story|>"
 
 test: build
 	@cd $(BUILD_DIR) && ctest --output-on-failure -j $(JOBS) -LE gpu
