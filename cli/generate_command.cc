@@ -105,9 +105,9 @@ absl::Status Generate(const GenerateCommand& command) {
     return absl::NotFoundError(absl::StrCat("model directory '", command.model_dir, "' does not exist"));
   }
   KVGATE_ASSIGN_OR_RETURN(std::unique_ptr<ops::Backend> backend, ops::CreateBackend(command.backend));
+  KVGATE_ASSIGN_OR_RETURN(std::unique_ptr<engine::Model> model, engine::Model::Load(command.model_dir, backend.get()));
   KVGATE_ASSIGN_OR_RETURN(std::unique_ptr<engine::Tokenizer> tokenizer,
                           engine::Tokenizer::FromFile((fs::path(command.model_dir) / "tokenizer.json").string()));
-  KVGATE_ASSIGN_OR_RETURN(std::unique_ptr<engine::Model> model, engine::Model::Load(command.model_dir, backend.get()));
   std::vector<int32_t> prompt;
   if (command.prompt_ids) {
     prompt = *command.prompt_ids;

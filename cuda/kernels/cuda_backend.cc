@@ -1,0 +1,229 @@
+// File: the CUDA backend: cuBLAS SGEMM for MatMul and the kernels of cuda/kernels/ for
+// the other ops, all on one non-blocking stream per backend instance, so ops run in
+// submission order and return before the GPU is done.
+#include "cuda/cuda_backend.h"
+
+#include <cublas_v2.h>
+#include <cuda_runtime.h>
+
+#include <cstddef>
+#include <memory>
+#include <string>
+#include <string_view>
+#include <utility>
+
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "absl/strings/str_cat.h"
+#include "common/status_macros.h"
+#include "cuda/backend.h"
+#include "cuda/kernels/add.cuh"
+#include "cuda/kernels/attention.cuh"
+#include "cuda/kernels/cuda_check.h"
+#include "cuda/kernels/embed.cuh"
+#include "cuda/kernels/matmul_bias.cuh"
+#include "cuda/kernels/rms_norm.cuh"
+#include "cuda/kernels/rope.cuh"
+#include "cuda/kernels/silu_mul.cuh"
+#include "cuda/kernels/store_kv.cuh"
+
+namespace kvgate::ops {
+namespace {
+
+class CudaBackend final : public Backend {
+ public:
+  explicit CudaBackend(int device) : device_(device), name_(absl::StrCat("cuda:", device)) {}
+
+  ~CudaBackend() override {
+    // Best effort: errors here cannot be reported and a poisoned context fails anyway.
+    if (cudaSetDevice(device_) != cudaSuccess) (void)cudaGetLastError();
+    if (cublas_ != nullptr) cublasDestroy(cublas_);
+    if (stream_ != nullptr) {
+      (void)cudaStreamSynchronize(stream_);
+      attention_workspace_ = DeviceBuffer();
+      (void)cudaStreamDestroy(stream_);
+    }
+    (void)cudaGetLastError();
+  }
+
+  // Creates the stream and the cuBLAS handle on `device_`.
+  absl::Status Init() {
+    KVGATE_CUDA_RETURN_IF_ERROR(cudaSetDevice(device_));
+    KVGATE_CUDA_RETURN_IF_ERROR(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking));
+    KVGATE_CUBLAS_RETURN_IF_ERROR(cublasCreate(&cublas_));
+    KVGATE_CUBLAS_RETURN_IF_ERROR(cublasSetStream(cublas_, stream_));
+    // Plain FP32: no TF32 tensor-op shortcut, so MatMul stays within fp32 tolerances
+    // of the reference.
+    KVGATE_CUBLAS_RETURN_IF_ERROR(cublasSetMathMode(cublas_, CUBLAS_DEFAULT_MATH));
+    KVGATE_CUDA_RETURN_IF_ERROR(
+        cudaDeviceGetAttribute(&num_sms_, cudaDevAttrMultiProcessorCount, device_));
+    return absl::OkStatus();
+  }
+
+  std::string_view Name() const override { return name_; }
+
+  absl::StatusOr<DeviceBuffer> Alloc(size_t bytes) override {
+    if (bytes == 0) return absl::InvalidArgumentError(absl::StrCat(name_, ": Alloc of 0 bytes"));
+    KVGATE_CUDA_RETURN_IF_ERROR(cudaSetDevice(device_));
+    void* ptr = nullptr;
+    const cudaError_t err = cudaMalloc(&ptr, bytes);
+    if (err != cudaSuccess) {
+      (void)cudaGetLastError();
+      const std::string message =
+          absl::StrCat(name_, ": cudaMalloc of ", bytes, " bytes: ", cudaGetErrorString(err));
+      if (err == cudaErrorMemoryAllocation) return absl::ResourceExhaustedError(message);
+      return absl::InternalError(message);
+    }
+    const int device = device_;
+    return DeviceBuffer(ptr, bytes, [device](void* p) {
+      // cudaFree waits for the device; restore the caller's current device afterwards.
+      int previous = -1;
+      if (cudaGetDevice(&previous) == cudaSuccess && previous != device) {
+        (void)cudaSetDevice(device);
+        (void)cudaFree(p);
+        (void)cudaSetDevice(previous);
+      } else {
+        (void)cudaFree(p);
+      }
+      (void)cudaGetLastError();
+    });
+  }
+
+  // The host source may be reused as soon as this returns for pageable memory (the
+  // runtime stages it); a pinned source must stay alive until Synchronize().
+  absl::Status CopyToBackend(void* dst, const void* host_src, size_t bytes) override {
+    if (bytes == 0) return absl::OkStatus();
+    KVGATE_CUDA_RETURN_IF_ERROR(cudaSetDevice(device_));
+    KVGATE_CUDA_RETURN_IF_ERROR(
+        cudaMemcpyAsync(dst, host_src, bytes, cudaMemcpyHostToDevice, stream_));
+    return absl::OkStatus();
+  }
+
+  absl::Status CopyToHost(void* host_dst, const void* src, size_t bytes) override {
+    if (bytes == 0) return absl::OkStatus();
+    KVGATE_CUDA_RETURN_IF_ERROR(cudaSetDevice(device_));
+    KVGATE_CUDA_RETURN_IF_ERROR(
+        cudaMemcpyAsync(host_dst, src, bytes, cudaMemcpyDeviceToHost, stream_));
+    KVGATE_CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(stream_));
+    return absl::OkStatus();
+  }
+
+  absl::Status Embed(const EmbedArgs& args) override {
+    KVGATE_CUDA_RETURN_IF_ERROR(cudaSetDevice(device_));
+    return LaunchEmbed(args, stream_);
+  }
+
+  // y[m, n] = x[m, k] w[n, k]^T + bias. cuBLAS is column-major: the row-major y is the
+  // column-major y^T[n, m] = w[n, k] x^T[k, m], i.e. op(A) = w^T-as-stored (CUBLAS_OP_T on
+  // the column-major k x n view of w) and op(B) = x (the column-major k x m view).
+  absl::Status MatMul(const MatMulArgs& args) override {
+    if (args.m < 0 || args.n < 0 || args.k < 0) {
+      return absl::InvalidArgumentError("MatMul: negative size");
+    }
+    if (args.m == 0 || args.n == 0) return absl::OkStatus();
+    KVGATE_CUDA_RETURN_IF_ERROR(cudaSetDevice(device_));
+    if (args.k == 0) {
+      // An empty sum; cuBLAS would reject lda = 0.
+      KVGATE_CUDA_RETURN_IF_ERROR(cudaMemsetAsync(
+          args.y, 0, static_cast<size_t>(args.m) * args.n * sizeof(float), stream_));
+    } else {
+      const float alpha = 1.0f;
+      const float beta = 0.0f;
+      KVGATE_CUBLAS_RETURN_IF_ERROR(cublasSgemm(cublas_, CUBLAS_OP_T, CUBLAS_OP_N, args.n, args.m,
+                                                args.k, &alpha, args.w, args.k, args.x, args.k,
+                                                &beta, args.y, args.n));
+    }
+    return LaunchMatMulBias(args, stream_);
+  }
+
+  absl::Status RmsNorm(const RmsNormArgs& args) override {
+    KVGATE_CUDA_RETURN_IF_ERROR(cudaSetDevice(device_));
+    return LaunchRmsNorm(args, stream_);
+  }
+
+  absl::Status Rope(const RopeArgs& args) override {
+    KVGATE_CUDA_RETURN_IF_ERROR(cudaSetDevice(device_));
+    return LaunchRope(args, stream_);
+  }
+
+  absl::Status StoreKv(const StoreKvArgs& args) override {
+    KVGATE_CUDA_RETURN_IF_ERROR(cudaSetDevice(device_));
+    return LaunchStoreKv(args, stream_);
+  }
+
+  // Decode-sized grids split the visible rows across blocks (see attention.cuh); the
+  // split partials go to a workspace that grows on demand and is reused in stream order.
+  absl::Status Attention(const AttentionArgs& args) override {
+    KVGATE_CUDA_RETURN_IF_ERROR(cudaSetDevice(device_));
+    const AttentionPlan plan = PlanAttention(args, num_sms_);
+    const size_t workspace_bytes = static_cast<size_t>(plan.workspace_floats) * sizeof(float);
+    if (workspace_bytes > attention_workspace_.bytes()) {
+      // Freeing the old block waits for the kernels that still use it.
+      attention_workspace_ = DeviceBuffer();
+      constexpr size_t kGranuleBytes = size_t{1} << 20;
+      KVGATE_ASSIGN_OR_RETURN(attention_workspace_, Alloc((workspace_bytes + kGranuleBytes - 1) /
+                                                          kGranuleBytes * kGranuleBytes));
+    }
+    return LaunchAttention(args, plan, attention_workspace_.as<float>(), stream_);
+  }
+
+  absl::Status SiluMul(const SiluMulArgs& args) override {
+    KVGATE_CUDA_RETURN_IF_ERROR(cudaSetDevice(device_));
+    return LaunchSiluMul(args, stream_);
+  }
+
+  absl::Status Add(const AddArgs& args) override {
+    KVGATE_CUDA_RETURN_IF_ERROR(cudaSetDevice(device_));
+    return LaunchAdd(args, stream_);
+  }
+
+  absl::Status Synchronize() override {
+    KVGATE_CUDA_RETURN_IF_ERROR(cudaSetDevice(device_));
+    KVGATE_CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(stream_));
+    KVGATE_CUDA_RETURN_IF_ERROR(cudaGetLastError());
+    return absl::OkStatus();
+  }
+
+ private:
+  const int device_;
+  const std::string name_;
+  cudaStream_t stream_ = nullptr;
+  cublasHandle_t cublas_ = nullptr;
+  int num_sms_ = 0;
+  DeviceBuffer attention_workspace_;  // split partials of Attention
+};
+
+}  // namespace
+
+int CudaDeviceCount() {
+  int count = 0;
+  if (cudaGetDeviceCount(&count) != cudaSuccess) {
+    (void)cudaGetLastError();
+    return 0;
+  }
+  return count;
+}
+
+absl::StatusOr<std::unique_ptr<Backend>> CreateCudaBackend(int device_ordinal) {
+  if (device_ordinal < 0) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("cuda device ordinal ", device_ordinal, " is negative"));
+  }
+  const int count = CudaDeviceCount();
+  if (count == 0) {
+    return absl::UnavailableError(absl::StrCat(
+        "backend 'cuda:", device_ordinal,
+        "': no CUDA device visible (no GPU, no driver, or CUDA_VISIBLE_DEVICES hides them); "
+        "use --backend cpu"));
+  }
+  if (device_ordinal >= count) {
+    return absl::UnavailableError(
+        absl::StrCat("backend 'cuda:", device_ordinal, "': only ", count,
+                     " CUDA device(s) visible (cuda:0 .. cuda:", count - 1, ")"));
+  }
+  auto backend = std::make_unique<CudaBackend>(device_ordinal);
+  KVGATE_RETURN_IF_ERROR(backend->Init());
+  return std::unique_ptr<Backend>(std::move(backend));
+}
+
+}  // namespace kvgate::ops

@@ -1,0 +1,764 @@
+// Parity tests of the CUDA backend against the plain references (<Op>Ref in
+// cuda/cpu/reference_ops.h), op by op: seeded random inputs, the reference on the host,
+// the backend on the GPU, an element-wise |ref - out| <= atol + rtol * |ref| check after a
+// NaN/Inf check, and canary guard bands on both sides of every output buffer. Every
+// test skips when no CUDA device is visible (label gpu), except the factory's own
+// error test, which holds on any machine.
+#include "cuda/cuda_backend.h"
+
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <bit>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <iomanip>
+#include <limits>
+#include <memory>
+#include <ostream>
+#include <random>
+#include <sstream>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "absl/strings/str_cat.h"
+#include "cuda/backend.h"
+#include "cuda/cpu/reference_ops.h"
+
+namespace kvgate::ops {
+namespace {
+
+// fp32 kernels against references that accumulate in double (MatMul, RmsNorm,
+// Attention) or use the same float formula (Rope, SiluMul): a few float ulps apart.
+constexpr float kAtolF32 = 1e-5f;
+constexpr float kRtolF32 = 1e-4f;
+// Copies (Embed, StoreKv) and a single float add (Add) must be bit-exact.
+constexpr float kAtolExact = 0.0f;
+constexpr float kRtolExact = 0.0f;
+// MatMul: cuBLAS sums k float products in float (blocked, maybe split-k) while
+// MatMulRef sums in double, so the absolute error grows with k (like sqrt(k) * eps *
+// |x||w| for random inputs in [-1, 1]), not with |ref|. Measured on an H100 (cuBLAS
+// 13.0): max |err| 3.1e-5 at k = 4096 and 6.1e-5 at k = 11008, over kAtolF32 = 1e-5, so
+// an output near 0 would fail the fp32 tolerance. The allowance kAtolMatMulPerSqrtK *
+// sqrt(k) is 2.6e-4 at k = 4096 and 4.2e-4 at k = 11008, about 7x those.
+constexpr float kAtolMatMulPerSqrtK = 4e-6f;
+constexpr float kRtolMatMul = 1e-4f;
+
+// Floats of canary on each side of every output buffer: 0xDEADBEEF as a float, a
+// finite value no kernel computes from these inputs.
+constexpr size_t kGuardFloats = 64;
+constexpr uint32_t kCanaryBits = 0xDEADBEEFu;
+
+#define KVGATE_ASSERT_OK(expr)                                             \
+  do {                                                                     \
+    const ::absl::Status kv_test_status_ = (expr);                         \
+    ASSERT_TRUE(kv_test_status_.ok()) << #expr << ": " << kv_test_status_; \
+  } while (0)
+
+#define KVGATE_ASSERT_OK_AND_ASSIGN(lhs, expr) \
+  KVGATE_ASSERT_OK_AND_ASSIGN_IMPL_(KVGATE_TEST_CONCAT_(kv_or_, __LINE__), lhs, expr)
+#define KVGATE_TEST_CONCAT_INNER_(a, b) a##b
+#define KVGATE_TEST_CONCAT_(a, b) KVGATE_TEST_CONCAT_INNER_(a, b)
+#define KVGATE_ASSERT_OK_AND_ASSIGN_IMPL_(statusor, lhs, expr)      \
+  auto statusor = (expr);                                           \
+  ASSERT_TRUE(statusor.ok()) << #expr << ": " << statusor.status(); \
+  lhs = std::move(statusor).value()
+
+std::vector<float> RandomFloats(std::mt19937& rng, size_t n, float lo, float hi) {
+  std::uniform_real_distribution<float> dist(lo, hi);
+  std::vector<float> v(n);
+  for (float& x : v) x = dist(rng);
+  return v;
+}
+
+std::vector<int32_t> RandomInts(std::mt19937& rng, size_t n, int32_t lo, int32_t hi_inclusive) {
+  std::uniform_int_distribution<int32_t> dist(lo, hi_inclusive);
+  std::vector<int32_t> v(n);
+  for (int32_t& x : v) x = dist(rng);
+  return v;
+}
+
+// Input buffer on the device holding a copy of `host` (at least one element allocated).
+template <typename T>
+absl::StatusOr<DeviceBuffer> Upload(Backend& backend, const std::vector<T>& host) {
+  const size_t bytes = std::max<size_t>(host.size() * sizeof(T), sizeof(T));
+  absl::StatusOr<DeviceBuffer> buffer = backend.Alloc(bytes);
+  if (!buffer.ok()) return buffer.status();
+  if (!host.empty()) {
+    const absl::Status s =
+        backend.CopyToBackend(buffer->data(), host.data(), host.size() * sizeof(T));
+    if (!s.ok()) return s;
+  }
+  return buffer;
+}
+
+// An output (or in/out) buffer laid out as [canaries][n floats][canaries] on the device.
+class GuardedBuffer {
+ public:
+  static absl::StatusOr<GuardedBuffer> Create(Backend& backend, const std::vector<float>& init) {
+    std::vector<float> host(init.size() + 2 * kGuardFloats, std::bit_cast<float>(kCanaryBits));
+    std::copy(init.begin(), init.end(), host.begin() + kGuardFloats);
+    absl::StatusOr<DeviceBuffer> buffer = Upload(backend, host);
+    if (!buffer.ok()) return buffer.status();
+    return GuardedBuffer(std::move(*buffer), init.size());
+  }
+
+  float* data() const { return buffer_.as<float>() + kGuardFloats; }
+
+  // Copies the payload to `out` and reports any canary that changed.
+  ::testing::AssertionResult Download(Backend& backend, std::vector<float>* out) const {
+    std::vector<float> host(n_ + 2 * kGuardFloats);
+    const absl::Status s =
+        backend.CopyToHost(host.data(), buffer_.data(), host.size() * sizeof(float));
+    if (!s.ok()) return ::testing::AssertionFailure() << "CopyToHost: " << s;
+    for (size_t i = 0; i < host.size(); ++i) {
+      if (i >= kGuardFloats && i < kGuardFloats + n_) continue;
+      const uint32_t bits = std::bit_cast<uint32_t>(host[i]);
+      if (bits != kCanaryBits) {
+        const bool before = i < kGuardFloats;
+        const long long offset =
+            before ? static_cast<long long>(i) - static_cast<long long>(kGuardFloats)
+                   : static_cast<long long>(i - kGuardFloats - n_);
+        return ::testing::AssertionFailure()
+               << "guard band overwritten " << (before ? "before the start" : "after the end")
+               << " at offset " << offset << " (bits 0x" << std::hex << bits << std::dec << ")";
+      }
+    }
+    out->assign(host.begin() + kGuardFloats, host.begin() + kGuardFloats + n_);
+    return ::testing::AssertionSuccess();
+  }
+
+ private:
+  GuardedBuffer(DeviceBuffer buffer, size_t n) : buffer_(std::move(buffer)), n_(n) {}
+  DeviceBuffer buffer_;
+  size_t n_ = 0;
+};
+
+// NaN/Inf first, then |ref - out| <= atol + rtol * |ref| on every element; on failure
+// reports how many failed and the worst index.
+::testing::AssertionResult AllClose(const std::vector<float>& ref, const std::vector<float>& out,
+                                    float atol, float rtol) {
+  if (ref.size() != out.size()) {
+    return ::testing::AssertionFailure()
+           << "size " << out.size() << " != reference size " << ref.size();
+  }
+  for (size_t i = 0; i < ref.size(); ++i) {
+    if (!std::isfinite(ref[i])) {
+      return ::testing::AssertionFailure() << "reference not finite at " << i << ": " << ref[i];
+    }
+  }
+  for (size_t i = 0; i < out.size(); ++i) {
+    if (!std::isfinite(out[i])) {
+      return ::testing::AssertionFailure()
+             << "output not finite at " << i << ": " << out[i] << " (reference " << ref[i] << ")";
+    }
+  }
+  size_t num_bad = 0;
+  size_t worst = 0;
+  double worst_excess = -std::numeric_limits<double>::infinity();
+  double max_abs_err = 0.0;
+  for (size_t i = 0; i < ref.size(); ++i) {
+    const double err = std::fabs(static_cast<double>(ref[i]) - out[i]);
+    const double allowed = atol + static_cast<double>(rtol) * std::fabs(ref[i]);
+    max_abs_err = std::max(max_abs_err, err);
+    if (err > allowed) ++num_bad;
+    if (err - allowed > worst_excess) {
+      worst_excess = err - allowed;
+      worst = i;
+    }
+  }
+  if (num_bad == 0) return ::testing::AssertionSuccess() << "max |err| " << max_abs_err;
+  std::ostringstream msg;
+  msg << std::setprecision(9) << num_bad << " of " << ref.size()
+      << " elements outside atol=" << atol << " rtol=" << rtol << "; worst at index " << worst
+      << ": ref " << ref[worst] << " out " << out[worst] << " |err| "
+      << std::fabs(static_cast<double>(ref[worst]) - out[worst]) << " allowed "
+      << atol + static_cast<double>(rtol) * std::fabs(ref[worst]) << "; max |err| " << max_abs_err;
+  return ::testing::AssertionFailure() << msg.str();
+}
+
+// AllClose as a non-fatal expectation; the max |err| also goes to the XML report
+// (--gtest_output=xml) as property max_abs_err<what>, to re-measure tolerance margins.
+void ExpectAllClose(const std::vector<float>& ref, const std::vector<float>& out, float atol,
+                    float rtol, const std::string& what = "") {
+  const ::testing::AssertionResult close = AllClose(ref, out, atol, rtol);
+  ::testing::Test::RecordProperty(absl::StrCat("max_abs_err", what), close.message());
+  EXPECT_TRUE(close) << what;
+}
+
+// Fixture: a fresh cuda:0 backend per test, or a skip without a GPU.
+template <typename Case>
+class CudaOpTest : public ::testing::TestWithParam<Case> {
+ protected:
+  void SetUp() override {
+    if (CudaDeviceCount() == 0) GTEST_SKIP() << "no CUDA device visible";
+    absl::StatusOr<std::unique_ptr<Backend>> backend = CreateCudaBackend(0);
+    ASSERT_TRUE(backend.ok()) << backend.status();
+    backend_ = std::move(*backend);
+  }
+  void TearDown() override { backend_.reset(); }
+
+  Backend& backend() { return *backend_; }
+
+ private:
+  std::unique_ptr<Backend> backend_;
+};
+
+template <typename Case>
+std::string CaseName(const ::testing::TestParamInfo<Case>& info) {
+  return info.param.Name();
+}
+
+// ---------------------------------------------------------------------------- Embed
+
+struct EmbedCase {
+  int32_t num_tokens, dim, vocab_size;
+  uint32_t seed;
+  std::string Name() const {
+    return absl::StrCat("tokens", num_tokens, "_dim", dim, "_vocab", vocab_size, "_seed", seed);
+  }
+};
+void PrintTo(const EmbedCase& c, std::ostream* os) { *os << c.Name(); }
+
+using EmbedTest = CudaOpTest<EmbedCase>;
+
+TEST_P(EmbedTest, MatchesReference) {
+  const EmbedCase c = GetParam();
+  SCOPED_TRACE(c.Name());
+  std::mt19937 rng(c.seed);
+  const auto table = RandomFloats(rng, static_cast<size_t>(c.vocab_size) * c.dim, -1.0f, 1.0f);
+  const auto ids = RandomInts(rng, c.num_tokens, 0, c.vocab_size - 1);
+  const size_t n_out = static_cast<size_t>(c.num_tokens) * c.dim;
+
+  std::vector<float> ref(n_out);
+  EmbedRef({ids.data(), table.data(), ref.data(), c.num_tokens, c.dim, c.vocab_size});
+
+  KVGATE_ASSERT_OK_AND_ASSIGN(DeviceBuffer d_table, Upload(backend(), table));
+  KVGATE_ASSERT_OK_AND_ASSIGN(DeviceBuffer d_ids, Upload(backend(), ids));
+  KVGATE_ASSERT_OK_AND_ASSIGN(GuardedBuffer d_out,
+                              GuardedBuffer::Create(backend(), std::vector<float>(n_out, 0.0f)));
+  KVGATE_ASSERT_OK(backend().Embed(
+      {d_ids.as<int32_t>(), d_table.as<float>(), d_out.data(), c.num_tokens, c.dim, c.vocab_size}));
+  KVGATE_ASSERT_OK(backend().Synchronize());
+  std::vector<float> out;
+  ASSERT_TRUE(d_out.Download(backend(), &out));
+  ExpectAllClose(ref, out, kAtolExact, kRtolExact);
+}
+
+INSTANTIATE_TEST_SUITE_P(Shapes, EmbedTest,
+                         ::testing::Values(EmbedCase{1, 1, 1, 11}, EmbedCase{1, 129, 7, 12},
+                                           EmbedCase{3, 54, 97, 13}, EmbedCase{54, 97, 3, 14},
+                                           EmbedCase{97, 3, 129, 15}, EmbedCase{129, 129, 1000, 16},
+                                           EmbedCase{7, 896, 5000, 17}),
+                         CaseName<EmbedCase>);
+
+// --------------------------------------------------------------------------- MatMul
+
+struct MatMulCase {
+  int32_t m, n, k;
+  bool bias;
+  uint32_t seed;
+  std::string Name() const {
+    return absl::StrCat("m", m, "_n", n, "_k", k, bias ? "_bias" : "_nobias", "_seed", seed);
+  }
+};
+void PrintTo(const MatMulCase& c, std::ostream* os) { *os << c.Name(); }
+
+using MatMulTest = CudaOpTest<MatMulCase>;
+
+TEST_P(MatMulTest, MatchesReference) {
+  const MatMulCase c = GetParam();
+  SCOPED_TRACE(c.Name());
+  std::mt19937 rng(c.seed);
+  const auto x = RandomFloats(rng, static_cast<size_t>(c.m) * c.k, -1.0f, 1.0f);
+  const auto w = RandomFloats(rng, static_cast<size_t>(c.n) * c.k, -1.0f, 1.0f);
+  const auto bias = RandomFloats(rng, c.n, -1.0f, 1.0f);
+  const size_t n_out = static_cast<size_t>(c.m) * c.n;
+
+  std::vector<float> ref(n_out);
+  MatMulRef({x.data(), w.data(), c.bias ? bias.data() : nullptr, ref.data(), c.m, c.n, c.k});
+
+  KVGATE_ASSERT_OK_AND_ASSIGN(DeviceBuffer d_x, Upload(backend(), x));
+  KVGATE_ASSERT_OK_AND_ASSIGN(DeviceBuffer d_w, Upload(backend(), w));
+  KVGATE_ASSERT_OK_AND_ASSIGN(DeviceBuffer d_bias, Upload(backend(), bias));
+  KVGATE_ASSERT_OK_AND_ASSIGN(GuardedBuffer d_y,
+                              GuardedBuffer::Create(backend(), std::vector<float>(n_out, 0.0f)));
+  KVGATE_ASSERT_OK(
+      backend().MatMul({d_x.as<float>(), d_w.as<float>(), c.bias ? d_bias.as<float>() : nullptr,
+                        d_y.data(), c.m, c.n, c.k}));
+  KVGATE_ASSERT_OK(backend().Synchronize());
+  std::vector<float> out;
+  ASSERT_TRUE(d_y.Download(backend(), &out));
+  const float atol = kAtolMatMulPerSqrtK * std::sqrt(static_cast<float>(c.k));
+  ExpectAllClose(ref, out, atol, kRtolMatMul);
+}
+
+INSTANTIATE_TEST_SUITE_P(
+    Shapes, MatMulTest,
+    ::testing::Values(MatMulCase{1, 1, 1, false, 21}, MatMulCase{1, 3, 54, true, 22},
+                      MatMulCase{3, 54, 97, true, 23}, MatMulCase{54, 97, 129, false, 24},
+                      MatMulCase{97, 129, 3, true, 25}, MatMulCase{129, 1, 97, true, 26},
+                      MatMulCase{129, 129, 129, false, 27}, MatMulCase{1, 4864, 896, false, 28},
+                      MatMulCase{3, 896, 896, true, 29}, MatMulCase{7, 896, 4864, true, 30},
+                      MatMulCase{97, 512, 4096, false, 31}, MatMulCase{54, 64, 11008, true, 32}),
+    CaseName<MatMulCase>);
+
+// -------------------------------------------------------------------------- RmsNorm
+
+struct RmsNormCase {
+  int32_t rows, dim;
+  float eps;
+  bool in_place;
+  uint32_t seed;
+  std::string Name() const {
+    return absl::StrCat("rows", rows, "_dim", dim, "_eps", eps == 1e-6f ? "1em6" : "1em5",
+                        in_place ? "_inplace" : "", "_seed", seed);
+  }
+};
+void PrintTo(const RmsNormCase& c, std::ostream* os) { *os << c.Name(); }
+
+using RmsNormTest = CudaOpTest<RmsNormCase>;
+
+TEST_P(RmsNormTest, MatchesReference) {
+  const RmsNormCase c = GetParam();
+  SCOPED_TRACE(c.Name());
+  std::mt19937 rng(c.seed);
+  const auto x = RandomFloats(rng, static_cast<size_t>(c.rows) * c.dim, -2.0f, 2.0f);
+  const auto weight = RandomFloats(rng, c.dim, 0.5f, 1.5f);
+
+  std::vector<float> ref(x.size());
+  RmsNormRef({x.data(), weight.data(), ref.data(), c.rows, c.dim, c.eps});
+
+  KVGATE_ASSERT_OK_AND_ASSIGN(DeviceBuffer d_weight, Upload(backend(), weight));
+  // In place: x lives in the guarded buffer itself; otherwise x is a plain input.
+  KVGATE_ASSERT_OK_AND_ASSIGN(DeviceBuffer d_x, Upload(backend(), x));
+  KVGATE_ASSERT_OK_AND_ASSIGN(
+      GuardedBuffer d_out,
+      GuardedBuffer::Create(backend(), c.in_place ? x : std::vector<float>(x.size(), 0.0f)));
+  const float* x_ptr = c.in_place ? d_out.data() : d_x.as<float>();
+  KVGATE_ASSERT_OK(
+      backend().RmsNorm({x_ptr, d_weight.as<float>(), d_out.data(), c.rows, c.dim, c.eps}));
+  KVGATE_ASSERT_OK(backend().Synchronize());
+  std::vector<float> out;
+  ASSERT_TRUE(d_out.Download(backend(), &out));
+  ExpectAllClose(ref, out, kAtolF32, kRtolF32);
+}
+
+INSTANTIATE_TEST_SUITE_P(
+    Shapes, RmsNormTest,
+    ::testing::Values(RmsNormCase{1, 1, 1e-6f, false, 41}, RmsNormCase{1, 4096, 1e-6f, false, 42},
+                      RmsNormCase{3, 54, 1e-5f, false, 43}, RmsNormCase{54, 97, 1e-6f, true, 44},
+                      RmsNormCase{97, 129, 1e-5f, false, 45}, RmsNormCase{129, 3, 1e-6f, true, 46},
+                      RmsNormCase{129, 896, 1e-6f, false, 47},
+                      RmsNormCase{5, 5120, 1e-5f, true, 48}),
+    CaseName<RmsNormCase>);
+
+// ----------------------------------------------------------------------------- Rope
+
+struct RopeCase {
+  int32_t num_tokens, num_heads, head_dim;
+  int32_t max_position;  // positions are drawn from [0, max_position]
+  float theta;
+  uint32_t seed;
+  std::string Name() const {
+    return absl::StrCat("tokens", num_tokens, "_heads", num_heads, "_hd", head_dim, "_maxpos",
+                        max_position, "_theta", static_cast<int64_t>(theta), "_seed", seed);
+  }
+};
+void PrintTo(const RopeCase& c, std::ostream* os) { *os << c.Name(); }
+
+using RopeTest = CudaOpTest<RopeCase>;
+
+TEST_P(RopeTest, MatchesReference) {
+  const RopeCase c = GetParam();
+  SCOPED_TRACE(c.Name());
+  std::mt19937 rng(c.seed);
+  const auto x =
+      RandomFloats(rng, static_cast<size_t>(c.num_tokens) * c.num_heads * c.head_dim, -1.0f, 1.0f);
+  const auto positions = RandomInts(rng, c.num_tokens, 0, c.max_position);
+  std::vector<float> inv_freq(c.head_dim / 2);
+  for (int32_t i = 0; i < c.head_dim / 2; ++i) {
+    inv_freq[i] = static_cast<float>(
+        1.0 / std::pow(static_cast<double>(c.theta), 2.0 * i / static_cast<double>(c.head_dim)));
+  }
+
+  std::vector<float> ref = x;
+  RopeRef({ref.data(), positions.data(), inv_freq.data(), c.num_tokens, c.num_heads, c.head_dim});
+
+  KVGATE_ASSERT_OK_AND_ASSIGN(DeviceBuffer d_positions, Upload(backend(), positions));
+  KVGATE_ASSERT_OK_AND_ASSIGN(DeviceBuffer d_inv_freq, Upload(backend(), inv_freq));
+  KVGATE_ASSERT_OK_AND_ASSIGN(GuardedBuffer d_x, GuardedBuffer::Create(backend(), x));
+  KVGATE_ASSERT_OK(backend().Rope({d_x.data(), d_positions.as<int32_t>(), d_inv_freq.as<float>(),
+                                   c.num_tokens, c.num_heads, c.head_dim}));
+  KVGATE_ASSERT_OK(backend().Synchronize());
+  std::vector<float> out;
+  ASSERT_TRUE(d_x.Download(backend(), &out));
+  ExpectAllClose(ref, out, kAtolF32, kRtolF32);
+}
+
+INSTANTIATE_TEST_SUITE_P(Shapes, RopeTest,
+                         ::testing::Values(RopeCase{1, 1, 2, 0, 10000.0f, 51},
+                                           RopeCase{3, 3, 16, 54, 10000.0f, 52},
+                                           RopeCase{54, 14, 64, 4096, 1000000.0f, 53},
+                                           RopeCase{97, 2, 128, 32768, 10000.0f, 54},
+                                           RopeCase{129, 4, 64, 129, 10000.0f, 55},
+                                           RopeCase{1, 32, 128, 131072, 500000.0f, 56},
+                                           RopeCase{7, 8, 256, 8192, 10000.0f, 57}),
+                         CaseName<RopeCase>);
+
+// -------------------------------------------------------------------------- StoreKv
+
+struct StoreKvCase {
+  int32_t num_tokens, num_kv_heads, head_dim, capacity_tokens, start_row;
+  uint32_t seed;
+  std::string Name() const {
+    return absl::StrCat("tokens", num_tokens, "_kvheads", num_kv_heads, "_hd", head_dim, "_cap",
+                        capacity_tokens, "_start", start_row, "_seed", seed);
+  }
+};
+void PrintTo(const StoreKvCase& c, std::ostream* os) { *os << c.Name(); }
+
+using StoreKvTest = CudaOpTest<StoreKvCase>;
+
+TEST_P(StoreKvTest, MatchesReference) {
+  const StoreKvCase c = GetParam();
+  SCOPED_TRACE(c.Name());
+  std::mt19937 rng(c.seed);
+  const size_t n_new = static_cast<size_t>(c.num_tokens) * c.num_kv_heads * c.head_dim;
+  const size_t n_cache = static_cast<size_t>(c.num_kv_heads) * c.capacity_tokens * c.head_dim;
+  const auto k = RandomFloats(rng, n_new, -1.0f, 1.0f);
+  const auto v = RandomFloats(rng, n_new, -1.0f, 1.0f);
+  // Rows outside [start_row, start_row + num_tokens) hold older values that must stay.
+  const auto k_cache = RandomFloats(rng, n_cache, -1.0f, 1.0f);
+  const auto v_cache = RandomFloats(rng, n_cache, -1.0f, 1.0f);
+
+  std::vector<float> ref_k = k_cache, ref_v = v_cache;
+  StoreKvRef({k.data(), v.data(), ref_k.data(), ref_v.data(), c.num_tokens, c.num_kv_heads,
+              c.head_dim, c.capacity_tokens, c.start_row});
+
+  KVGATE_ASSERT_OK_AND_ASSIGN(DeviceBuffer d_k, Upload(backend(), k));
+  KVGATE_ASSERT_OK_AND_ASSIGN(DeviceBuffer d_v, Upload(backend(), v));
+  KVGATE_ASSERT_OK_AND_ASSIGN(GuardedBuffer d_k_cache, GuardedBuffer::Create(backend(), k_cache));
+  KVGATE_ASSERT_OK_AND_ASSIGN(GuardedBuffer d_v_cache, GuardedBuffer::Create(backend(), v_cache));
+  KVGATE_ASSERT_OK(backend().StoreKv({d_k.as<float>(), d_v.as<float>(), d_k_cache.data(),
+                                      d_v_cache.data(), c.num_tokens, c.num_kv_heads, c.head_dim,
+                                      c.capacity_tokens, c.start_row}));
+  KVGATE_ASSERT_OK(backend().Synchronize());
+  std::vector<float> out_k, out_v;
+  ASSERT_TRUE(d_k_cache.Download(backend(), &out_k));
+  ASSERT_TRUE(d_v_cache.Download(backend(), &out_v));
+  ExpectAllClose(ref_k, out_k, kAtolExact, kRtolExact, "_k_cache");
+  ExpectAllClose(ref_v, out_v, kAtolExact, kRtolExact, "_v_cache");
+}
+
+INSTANTIATE_TEST_SUITE_P(
+    Shapes, StoreKvTest,
+    ::testing::Values(StoreKvCase{1, 1, 1, 1, 0, 61}, StoreKvCase{1, 2, 64, 129, 128, 62},
+                      StoreKvCase{3, 3, 16, 54, 10, 63}, StoreKvCase{54, 2, 128, 97, 43, 64},
+                      StoreKvCase{97, 8, 64, 129, 0, 65}, StoreKvCase{129, 1, 3, 129, 0, 66},
+                      StoreKvCase{5, 4, 256, 1000, 500, 67}),
+    CaseName<StoreKvCase>);
+
+// ------------------------------------------------------------------------ Attention
+
+struct AttentionCase {
+  const char* label;
+  int32_t num_tokens, num_q_heads, num_kv_heads, head_dim, capacity_tokens, q_start_row,
+      sliding_window;
+  float scale;  // 0 = 1 / sqrt(head_dim)
+  uint32_t seed;
+  std::string Name() const {
+    return absl::StrCat(
+        label, "_tokens", num_tokens, "_q", num_q_heads, "_kv", num_kv_heads, "_hd", head_dim,
+        "_cap", capacity_tokens, "_start", q_start_row, "_win", sliding_window,
+        scale == 0.0f ? std::string() : absl::StrCat("_scale", static_cast<int>(scale)), "_seed",
+        seed);
+  }
+  float EffectiveScale() const {
+    return scale != 0.0f ? scale : 1.0f / std::sqrt(static_cast<float>(head_dim));
+  }
+};
+void PrintTo(const AttentionCase& c, std::ostream* os) { *os << c.Name(); }
+
+// The cache for a case: random rows wherever some query of the case may look, NaN in
+// every row no query may see (later rows and rows before the first window), so a kernel
+// that reads outside the visible range produces NaN.
+void MakeAttentionCache(const AttentionCase& c, std::mt19937& rng, std::vector<float>* k_cache,
+                        std::vector<float>* v_cache) {
+  const size_t row_floats = c.head_dim;
+  const int32_t last_row = c.q_start_row + c.num_tokens - 1;
+  const int32_t first_row =
+      c.sliding_window > 0 ? std::max(0, c.q_start_row - c.sliding_window + 1) : 0;
+  *k_cache = RandomFloats(rng, static_cast<size_t>(c.num_kv_heads) * c.capacity_tokens * row_floats,
+                          -1.0f, 1.0f);
+  *v_cache = RandomFloats(rng, k_cache->size(), -1.0f, 1.0f);
+  const float nan = std::numeric_limits<float>::quiet_NaN();
+  for (int32_t h = 0; h < c.num_kv_heads; ++h) {
+    for (int32_t r = 0; r < c.capacity_tokens; ++r) {
+      if (r >= first_row && r <= last_row) continue;
+      const size_t offset = (static_cast<size_t>(h) * c.capacity_tokens + r) * row_floats;
+      std::fill_n(k_cache->begin() + offset, row_floats, nan);
+      std::fill_n(v_cache->begin() + offset, row_floats, nan);
+    }
+  }
+}
+
+using AttentionTest = CudaOpTest<AttentionCase>;
+
+TEST_P(AttentionTest, MatchesReference) {
+  const AttentionCase c = GetParam();
+  SCOPED_TRACE(c.Name());
+  std::mt19937 rng(c.seed);
+  const auto q = RandomFloats(rng, static_cast<size_t>(c.num_tokens) * c.num_q_heads * c.head_dim,
+                              -1.0f, 1.0f);
+  std::vector<float> k_cache, v_cache;
+  MakeAttentionCache(c, rng, &k_cache, &v_cache);
+
+  std::vector<float> ref(q.size());
+  AttentionRef({q.data(), k_cache.data(), v_cache.data(), ref.data(), c.num_tokens, c.num_q_heads,
+                c.num_kv_heads, c.head_dim, c.capacity_tokens, c.q_start_row, c.sliding_window,
+                c.EffectiveScale()});
+
+  KVGATE_ASSERT_OK_AND_ASSIGN(DeviceBuffer d_q, Upload(backend(), q));
+  KVGATE_ASSERT_OK_AND_ASSIGN(DeviceBuffer d_k_cache, Upload(backend(), k_cache));
+  KVGATE_ASSERT_OK_AND_ASSIGN(DeviceBuffer d_v_cache, Upload(backend(), v_cache));
+  KVGATE_ASSERT_OK_AND_ASSIGN(GuardedBuffer d_out,
+                              GuardedBuffer::Create(backend(), std::vector<float>(q.size(), 0.0f)));
+  KVGATE_ASSERT_OK(backend().Attention(
+      {d_q.as<float>(), d_k_cache.as<float>(), d_v_cache.as<float>(), d_out.data(), c.num_tokens,
+       c.num_q_heads, c.num_kv_heads, c.head_dim, c.capacity_tokens, c.q_start_row,
+       c.sliding_window, c.EffectiveScale()}));
+  KVGATE_ASSERT_OK(backend().Synchronize());
+  std::vector<float> out;
+  ASSERT_TRUE(d_out.Download(backend(), &out));
+  ExpectAllClose(ref, out, kAtolF32, kRtolF32);
+}
+
+INSTANTIATE_TEST_SUITE_P(
+    Cases, AttentionTest,
+    ::testing::Values(
+        // label, tokens, q heads, kv heads, head_dim, capacity, q_start_row, window, scale, seed
+        AttentionCase{"single", 1, 1, 1, 16, 1, 0, 0, 0.0f, 71},
+        AttentionCase{"decode_gqa", 1, 8, 2, 64, 129, 96, 0, 0.0f, 72},
+        AttentionCase{"decode_gqa_window", 1, 8, 2, 128, 129, 128, 16, 0.0f, 73},
+        AttentionCase{"decode_long", 1, 14, 2, 64, 4096, 4000, 0, 0.0f, 74},
+        AttentionCase{"decode_long_window", 1, 8, 2, 128, 4096, 4095, 1024, 0.0f, 75},
+        AttentionCase{"prefill_gqa", 129, 8, 2, 64, 129, 0, 0, 0.0f, 76},
+        AttentionCase{"prefill_mha_window", 97, 4, 4, 16, 97, 0, 32, 0.0f, 77},
+        AttentionCase{"prefill_hd128", 54, 8, 2, 128, 64, 0, 0, 0.0f, 78},
+        AttentionCase{"chunked_gqa", 43, 8, 2, 128, 129, 54, 0, 0.0f, 79},
+        AttentionCase{"chunked_window", 54, 2, 1, 64, 129, 43, 7, 0.0f, 80},
+        AttentionCase{"window1", 3, 3, 3, 16, 3, 0, 1, 0.0f, 81},
+        AttentionCase{"window_over_context", 3, 8, 2, 64, 97, 94, 1000, 0.0f, 82},
+        AttentionCase{"hd256", 3, 4, 2, 256, 54, 51, 0, 0.0f, 83},
+        AttentionCase{"hd3", 54, 2, 2, 3, 54, 0, 0, 0.0f, 84},
+        AttentionCase{"peaky_scale1", 97, 8, 2, 128, 129, 32, 0, 1.0f, 85},
+        // Grids far smaller than the SM count: the backend splits the rows across blocks.
+        AttentionCase{"decode_split", 1, 2, 1, 64, 1000, 900, 0, 0.0f, 86},
+        AttentionCase{"chunked_split", 3, 2, 1, 128, 1000, 900, 0, 0.0f, 87},
+        AttentionCase{"chunked_split_window", 5, 4, 2, 64, 1024, 700, 300, 0.0f, 88},
+        // 129 blocks on a 132-SM H100: 2 splits of 65 rows; token 0's second is empty.
+        AttentionCase{"prefill_split_empty", 129, 1, 1, 64, 129, 0, 0, 0.0f, 89},
+        AttentionCase{"decode_split_hd256", 1, 4, 1, 256, 2048, 2047, 0, 0.0f, 90},
+        AttentionCase{"decode_split_hd3_peaky", 1, 2, 1, 3, 600, 599, 0, 4.0f, 92},
+        // Larger prefills and chunks.
+        AttentionCase{"prefill_window", 200, 8, 2, 64, 256, 0, 50, 0.0f, 93},
+        AttentionCase{"chunked_gqa4", 100, 16, 4, 128, 300, 150, 0, 0.0f, 94},
+        AttentionCase{"prefill_hd16", 131, 12, 3, 16, 131, 0, 0, 0.0f, 95},
+        AttentionCase{"prefill_hd256", 33, 32, 8, 256, 40, 0, 0, 0.0f, 96}),
+    CaseName<AttentionCase>);
+
+// Chunked prefill must equal one-shot prefill. The final one-token chunk is a decode
+// step, which the backend splits across blocks (a different summation order), so the
+// comparison uses the fp32 tolerances rather than bit equality.
+TEST(AttentionEquivalenceTest, ChunkedPrefillEqualsOneShot) {
+  if (CudaDeviceCount() == 0) GTEST_SKIP() << "no CUDA device visible";
+  KVGATE_ASSERT_OK_AND_ASSIGN(std::unique_ptr<Backend> backend, CreateCudaBackend(0));
+  const AttentionCase c{"oneshot", 129, 8, 2, 64, 129, 0, 0, 0.0f, 91};
+  std::mt19937 rng(c.seed);
+  SCOPED_TRACE(c.Name());
+  const auto q = RandomFloats(rng, static_cast<size_t>(c.num_tokens) * c.num_q_heads * c.head_dim,
+                              -1.0f, 1.0f);
+  std::vector<float> k_cache, v_cache;
+  MakeAttentionCache(c, rng, &k_cache, &v_cache);
+  KVGATE_ASSERT_OK_AND_ASSIGN(DeviceBuffer d_q, Upload(*backend, q));
+  KVGATE_ASSERT_OK_AND_ASSIGN(DeviceBuffer d_k_cache, Upload(*backend, k_cache));
+  KVGATE_ASSERT_OK_AND_ASSIGN(DeviceBuffer d_v_cache, Upload(*backend, v_cache));
+  KVGATE_ASSERT_OK_AND_ASSIGN(GuardedBuffer d_one_shot,
+                              GuardedBuffer::Create(*backend, std::vector<float>(q.size(), 0.0f)));
+  KVGATE_ASSERT_OK_AND_ASSIGN(GuardedBuffer d_chunked,
+                              GuardedBuffer::Create(*backend, std::vector<float>(q.size(), 0.0f)));
+  const size_t token_floats = static_cast<size_t>(c.num_q_heads) * c.head_dim;
+  KVGATE_ASSERT_OK(
+      backend->Attention({d_q.as<float>(), d_k_cache.as<float>(), d_v_cache.as<float>(),
+                          d_one_shot.data(), c.num_tokens, c.num_q_heads, c.num_kv_heads,
+                          c.head_dim, c.capacity_tokens, 0, 0, c.EffectiveScale()}));
+  const int32_t chunk_starts[] = {0, 54, 97, 128, 129};
+  for (int i = 0; i + 1 < 5; ++i) {
+    const int32_t start = chunk_starts[i];
+    const int32_t tokens = chunk_starts[i + 1] - start;
+    KVGATE_ASSERT_OK(backend->Attention(
+        {d_q.as<float>() + start * token_floats, d_k_cache.as<float>(), d_v_cache.as<float>(),
+         d_chunked.data() + start * token_floats, tokens, c.num_q_heads, c.num_kv_heads, c.head_dim,
+         c.capacity_tokens, start, 0, c.EffectiveScale()}));
+  }
+  KVGATE_ASSERT_OK(backend->Synchronize());
+  std::vector<float> one_shot, chunked;
+  ASSERT_TRUE(d_one_shot.Download(*backend, &one_shot));
+  ASSERT_TRUE(d_chunked.Download(*backend, &chunked));
+  ExpectAllClose(one_shot, chunked, kAtolF32, kRtolF32);
+}
+
+// -------------------------------------------------------------------------- SiluMul
+
+enum class SiluAlias { kNone, kGate, kUp };
+
+struct SiluMulCase {
+  int64_t n;
+  SiluAlias alias;
+  uint32_t seed;
+  std::string Name() const {
+    const char* alias_name =
+        alias == SiluAlias::kNone ? "" : (alias == SiluAlias::kGate ? "_outisgate" : "_outisup");
+    return absl::StrCat("n", n, alias_name, "_seed", seed);
+  }
+};
+void PrintTo(const SiluMulCase& c, std::ostream* os) { *os << c.Name(); }
+
+using SiluMulTest = CudaOpTest<SiluMulCase>;
+
+TEST_P(SiluMulTest, MatchesReference) {
+  const SiluMulCase c = GetParam();
+  SCOPED_TRACE(c.Name());
+  std::mt19937 rng(c.seed);
+  const auto gate = RandomFloats(rng, c.n, -12.0f, 12.0f);
+  const auto up = RandomFloats(rng, c.n, -2.0f, 2.0f);
+
+  std::vector<float> ref(c.n);
+  SiluMulRef({gate.data(), up.data(), ref.data(), c.n});
+
+  KVGATE_ASSERT_OK_AND_ASSIGN(DeviceBuffer d_gate, Upload(backend(), gate));
+  KVGATE_ASSERT_OK_AND_ASSIGN(DeviceBuffer d_up, Upload(backend(), up));
+  // With aliasing, the aliased input lives in the guarded output buffer.
+  const std::vector<float>& init =
+      c.alias == SiluAlias::kGate ? gate : (c.alias == SiluAlias::kUp ? up : ref);
+  KVGATE_ASSERT_OK_AND_ASSIGN(
+      GuardedBuffer d_out,
+      GuardedBuffer::Create(backend(),
+                            c.alias == SiluAlias::kNone ? std::vector<float>(c.n, 0.0f) : init));
+  const float* gate_ptr = c.alias == SiluAlias::kGate ? d_out.data() : d_gate.as<float>();
+  const float* up_ptr = c.alias == SiluAlias::kUp ? d_out.data() : d_up.as<float>();
+  KVGATE_ASSERT_OK(backend().SiluMul({gate_ptr, up_ptr, d_out.data(), c.n}));
+  KVGATE_ASSERT_OK(backend().Synchronize());
+  std::vector<float> out;
+  ASSERT_TRUE(d_out.Download(backend(), &out));
+  ExpectAllClose(ref, out, kAtolF32, kRtolF32);
+}
+
+INSTANTIATE_TEST_SUITE_P(Shapes, SiluMulTest,
+                         ::testing::Values(SiluMulCase{1, SiluAlias::kNone, 101},
+                                           SiluMulCase{3, SiluAlias::kGate, 102},
+                                           SiluMulCase{54, SiluAlias::kUp, 103},
+                                           SiluMulCase{97, SiluAlias::kNone, 104},
+                                           SiluMulCase{129, SiluAlias::kGate, 105},
+                                           SiluMulCase{100003, SiluAlias::kNone, 106},
+                                           SiluMulCase{1 << 22, SiluAlias::kUp, 107}),
+                         CaseName<SiluMulCase>);
+
+// ------------------------------------------------------------------------------ Add
+
+struct AddCase {
+  int64_t n;
+  uint32_t seed;
+  std::string Name() const { return absl::StrCat("n", n, "_seed", seed); }
+};
+void PrintTo(const AddCase& c, std::ostream* os) { *os << c.Name(); }
+
+using AddTest = CudaOpTest<AddCase>;
+
+TEST_P(AddTest, MatchesReference) {
+  const AddCase c = GetParam();
+  SCOPED_TRACE(c.Name());
+  std::mt19937 rng(c.seed);
+  const auto x = RandomFloats(rng, c.n, -4.0f, 4.0f);
+  const auto y = RandomFloats(rng, c.n, -4.0f, 4.0f);
+
+  std::vector<float> ref = x;
+  AddRef({ref.data(), y.data(), c.n});
+
+  KVGATE_ASSERT_OK_AND_ASSIGN(DeviceBuffer d_y, Upload(backend(), y));
+  KVGATE_ASSERT_OK_AND_ASSIGN(GuardedBuffer d_x, GuardedBuffer::Create(backend(), x));
+  KVGATE_ASSERT_OK(backend().Add({d_x.data(), d_y.as<float>(), c.n}));
+  KVGATE_ASSERT_OK(backend().Synchronize());
+  std::vector<float> out;
+  ASSERT_TRUE(d_x.Download(backend(), &out));
+  ExpectAllClose(ref, out, kAtolExact, kRtolExact);
+}
+
+INSTANTIATE_TEST_SUITE_P(Shapes, AddTest,
+                         ::testing::Values(AddCase{1, 111}, AddCase{3, 112}, AddCase{54, 113},
+                                           AddCase{97, 114}, AddCase{129, 115},
+                                           AddCase{100003, 116}, AddCase{1 << 22, 117}),
+                         CaseName<AddCase>);
+
+// ---------------------------------------------------------------- factory and errors
+
+// Holds with or without a GPU: an ordinal past the visible devices is UNAVAILABLE.
+TEST(CudaBackendFactoryTest, OrdinalPastDeviceCountIsUnavailable) {
+  const int count = CudaDeviceCount();
+  for (int ordinal : {count, count + 1, 1000}) {
+    const absl::StatusOr<std::unique_ptr<Backend>> backend = CreateCudaBackend(ordinal);
+    EXPECT_EQ(backend.status().code(), absl::StatusCode::kUnavailable)
+        << "ordinal " << ordinal << ": " << backend.status();
+    if (count == 0) {
+      EXPECT_NE(backend.status().message().find("no CUDA device visible"), std::string::npos)
+          << backend.status();
+    }
+  }
+}
+
+TEST(CudaBackendFactoryTest, NegativeOrdinalIsInvalid) {
+  EXPECT_EQ(CreateCudaBackend(-1).status().code(), absl::StatusCode::kInvalidArgument);
+}
+
+TEST(CudaBackendFactoryTest, NameAndLastDevice) {
+  const int count = CudaDeviceCount();
+  if (count == 0) GTEST_SKIP() << "no CUDA device visible";
+  for (int ordinal : {0, count - 1}) {
+    KVGATE_ASSERT_OK_AND_ASSIGN(std::unique_ptr<Backend> backend, CreateCudaBackend(ordinal));
+    EXPECT_EQ(backend->Name(), absl::StrCat("cuda:", ordinal));
+  }
+}
+
+// Bad shapes are answered with INVALID_ARGUMENT before any launch, and the backend
+// stays usable afterwards.
+TEST(CudaBackendErrorTest, InvalidArgumentsAreRejected) {
+  if (CudaDeviceCount() == 0) GTEST_SKIP() << "no CUDA device visible";
+  KVGATE_ASSERT_OK_AND_ASSIGN(std::unique_ptr<Backend> backend, CreateCudaBackend(0));
+  KVGATE_ASSERT_OK_AND_ASSIGN(DeviceBuffer buffer, backend->Alloc(1024 * sizeof(float)));
+  float* p = buffer.as<float>();
+  AttentionArgs attention{p, p, p, p, 1, 2, 2, 512, 8, 0, 0, 1.0f};  // head_dim > 256
+  EXPECT_EQ(backend->Attention(attention).code(), absl::StatusCode::kInvalidArgument);
+  attention.head_dim = 16;
+  attention.num_q_heads = 3;  // not a multiple of 2 kv heads
+  EXPECT_EQ(backend->Attention(attention).code(), absl::StatusCode::kInvalidArgument);
+  attention.num_q_heads = 2;
+  attention.q_start_row = 8;  // row 8 of an 8-row cache
+  EXPECT_EQ(backend->Attention(attention).code(), absl::StatusCode::kInvalidArgument);
+  const StoreKvArgs store{p, p, p, p, 2, 1, 16, 8, 7};  // rows 7..8 of an 8-row cache
+  EXPECT_EQ(backend->StoreKv(store).code(), absl::StatusCode::kInvalidArgument);
+  const RopeArgs rope{p, nullptr, p, 1, 1, 3};  // odd head_dim
+  EXPECT_EQ(backend->Rope(rope).code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(backend->Alloc(0).status().code(), absl::StatusCode::kInvalidArgument);
+  // Empty ops are no-ops.
+  KVGATE_ASSERT_OK(backend->Add({p, p, 0}));
+  KVGATE_ASSERT_OK(backend->MatMul({p, p, nullptr, p, 0, 4, 4}));
+  KVGATE_ASSERT_OK(backend->Synchronize());
+}
+
+}  // namespace
+}  // namespace kvgate::ops

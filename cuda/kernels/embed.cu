@@ -1,0 +1,34 @@
+#include <cmath>
+#include <cstdint>
+
+#include "cuda/kernels/cuda_check.h"
+#include "cuda/kernels/embed.cuh"
+
+namespace kvgate::ops {
+
+// One block per token; threads stride over the row.
+static __global__ void EmbedKernel(const int32_t* token_ids, const float* table, float* out,
+                                   int dim, int vocab_size) {
+  const int64_t t = blockIdx.x;
+  const int32_t id = token_ids[t];
+  float* dst = out + t * dim;
+  if (id < 0 || id >= vocab_size) {
+    for (int i = threadIdx.x; i < dim; i += blockDim.x) dst[i] = NAN;
+    return;
+  }
+  const float* src = table + static_cast<int64_t>(id) * dim;
+  for (int i = threadIdx.x; i < dim; i += blockDim.x) dst[i] = src[i];
+}
+
+absl::Status LaunchEmbed(const EmbedArgs& args, cudaStream_t stream) {
+  if (args.num_tokens < 0 || args.dim < 0 || args.vocab_size < 0) {
+    return absl::InvalidArgumentError("Embed: negative size");
+  }
+  if (args.num_tokens == 0 || args.dim == 0) return absl::OkStatus();
+  EmbedKernel<<<args.num_tokens, kEmbedBlockSize, 0, stream>>>(args.token_ids, args.table, args.out,
+                                                               args.dim, args.vocab_size);
+  KVGATE_CUDA_RETURN_IF_ERROR(cudaGetLastError());
+  return absl::OkStatus();
+}
+
+}  // namespace kvgate::ops
