@@ -9,9 +9,10 @@ build=${1:?build dir}
 bundle=${2:?bundle dir}
 rm -rf "$bundle"
 mkdir -p "$bundle/bin" "$bundle/lib"
-binaries=(cli/kvgate cuda/cuda_backend_test tests/golden_model_test engine/model_test bench/engine_bench)
+binaries=(cli/kvgate cuda/cuda_backend_test tests/golden_model_test)
 for b in "${binaries[@]}"; do
   cp "$build/$b" "$bundle/bin/"
+  strip --strip-debug "$bundle/bin/$(basename "$b")"
 done
 for b in "$bundle"/bin/*; do
   ldd "$b" | awk '/=> \// {print $3}'
