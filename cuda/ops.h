@@ -72,6 +72,57 @@ struct AttentionArgs {
   int32_t q_start_row = 0;
   int32_t sliding_window = 0;  // tokens; 0 = unlimited
   float scale = 1.0f;          // usually 1 / sqrt(head_dim)
+  // Optional in-prefill eviction (Attention-Gate, Fast KVzip chunked prefill):
+  // [num_kv_heads, capacity_tokens], in, backend; 0 = the row is evicted and invisible to
+  // every query except the query at that same row (a token always sees itself).
+  // Null = every row is visible.
+  const uint8_t* key_mask = nullptr;
+};
+
+// Copies float rows: dst[dst_rows[i], :] = src[src_rows[i], :], i < num_rows. Moves KV
+// rows from the contiguous prefill cache into pages, and between pages in compaction.
+// Destination rows must be distinct and must not be read as sources in the same call.
+// Row indices are validated by the caller (kv_manager); src and dst may be one buffer.
+struct CopyRowsArgs {
+  const float* src = nullptr;          // [*, row_elements], in, backend
+  float* dst = nullptr;                // [*, row_elements], out, backend
+  const int32_t* src_rows = nullptr;   // [num_rows], in, backend
+  const int32_t* dst_rows = nullptr;   // [num_rows], in, backend
+  int32_t num_rows = 0;
+  int32_t row_elements = 0;
+};
+
+// A head-paged KV cache: a page holds page_tokens rows of K and of V for ONE
+// (sequence, layer, kv head); "seq head" i is one such (sequence, kv head) of the layer
+// being attended. Row r of seq head i lives at page page_ids[page_indptr[i] + r /
+// page_tokens], slot r % page_tokens.
+struct HeadPagedKvView {
+  const float* k_pages = nullptr;       // [num_pages, page_tokens, head_dim], in, backend
+  const float* v_pages = nullptr;       // [num_pages, page_tokens, head_dim], in, backend
+  const int32_t* page_indptr = nullptr; // [num_seq_heads + 1], in, backend
+  const int32_t* page_ids = nullptr;    // [page_indptr[num_seq_heads]], in, backend
+  const int32_t* lengths = nullptr;     // [num_seq_heads] rows kept, in, backend
+  // Null, or [num_pages, page_tokens]: bit g of a row's byte set = the row is visible to
+  // query head g of the kv head's group (SAGE-KV's per-query-head selection).
+  const uint8_t* query_masks = nullptr;
+  int32_t page_tokens = 0;
+  int32_t head_dim = 0;
+};
+
+// Decode attention of one new token per sequence over its own head-paged rows (which
+// already include the new token's K/V). Sequence s, query head h reads seq head
+// s * num_kv_heads + h / (num_q_heads / num_kv_heads), every row < length that its mask
+// bit allows. Positions do not enter: keys are stored after RoPE. Preconditions (checked
+// by the caller, not the op): lengths[i] <= (page_indptr[i + 1] - page_indptr[i]) *
+// page_tokens and page ids < num_pages; with query_masks, num_q_heads / num_kv_heads <= 8.
+// A head that sees no row (length 0, or every mask bit clear; impossible in use, since a
+// head always sees its new token) gets an output of zeros, never NaN.
+struct HeadPagedDecodeAttentionArgs {
+  const float* q = nullptr;  // [num_seqs, num_q_heads, head_dim], in, backend
+  HeadPagedKvView kv;
+  float* out = nullptr;      // [num_seqs, num_q_heads, head_dim], out, backend
+  int32_t num_seqs = 0, num_q_heads = 0, num_kv_heads = 0;
+  float scale = 1.0f;
 };
 
 // out[i] = silu(gate[i]) * up[i], silu(x) = x / (1 + exp(-x)).

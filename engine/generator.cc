@@ -85,20 +85,33 @@ absl::Status Generator::Validate(absl::Span<const int32_t> prompt, const Generat
 
 absl::StatusOr<GenerateResult> Generator::Generate(absl::Span<const int32_t> prompt,
                                                    const GenerateOptions& options,
-                                                   const TokenCallback& on_token) {
+                                                   const TokenCallback& on_token, KvPlanner* planner) {
   KVGATE_RETURN_IF_ERROR(Validate(prompt, options));
   const ModelConfig& c = model_->config();
   const auto start = std::chrono::steady_clock::now();
   GenerateResult result;
   result.prompt_tokens = static_cast<int32_t>(prompt.size());
-  KVGATE_ASSIGN_OR_RETURN(std::unique_ptr<KvCache> cache,
-                          model_->NewCache(result.prompt_tokens + options.max_tokens));
-  KVGATE_ASSIGN_OR_RETURN(std::vector<float> logits, model_->Forward(prompt, cache.get()));
+  // With a planner the contiguous cache only holds the prompt; decode continues paged.
+  const int32_t capacity = result.prompt_tokens + (planner != nullptr ? 0 : options.max_tokens);
+  KVGATE_ASSIGN_OR_RETURN(std::unique_ptr<KvCache> cache, model_->NewCache(capacity));
+  PrefillCapture capture;
+  ForwardOptions forward;
+  if (planner != nullptr) {
+    forward.capture = &capture;
+    KVGATE_RETURN_IF_ERROR(planner->ConfigurePrefill(prompt, &forward));
+  }
+  KVGATE_ASSIGN_OR_RETURN(std::vector<float> logits, model_->Forward(prompt, cache.get(), forward));
+  std::unique_ptr<PagedKvBatch> paged;
+  if (planner != nullptr) {
+    KVGATE_ASSIGN_OR_RETURN(paged, planner->Commit(prompt, *cache, capture, &result.kv));
+    cache.reset();  // the prompt's full cache is freed once compressed
+  } else {
+    result.kv.kv_entries_full = cache->num_entries();
+    result.kv.kv_entries_kept = cache->num_entries();
+    result.kv.bytes_full = result.kv.kv_entries_full * c.KvEntryBytes();
+    result.kv.bytes_kept = result.kv.kv_entries_kept * c.KvEntryBytes();
+  }
   result.prefill_ms = MillisSince(start);
-  result.kv.kv_entries_full = cache->num_entries();
-  result.kv.kv_entries_kept = cache->num_entries();
-  result.kv.bytes_full = result.kv.kv_entries_full * c.KvEntryBytes();
-  result.kv.bytes_kept = result.kv.kv_entries_kept * c.KvEntryBytes();
 
   const std::vector<int32_t> prefix(prompt.end() - std::min<size_t>(prompt.size(), kDetokenizePrefixTokens),
                                     prompt.end());
@@ -169,7 +182,11 @@ absl::StatusOr<GenerateResult> Generator::Generate(absl::Span<const int32_t> pro
       finished = true;
     }
     if (finished) break;
-    KVGATE_ASSIGN_OR_RETURN(logits, model_->Forward(absl::MakeConstSpan(&token, 1), cache.get()));
+    if (paged != nullptr) {
+      KVGATE_ASSIGN_OR_RETURN(logits, model_->DecodeStep(absl::MakeConstSpan(&token, 1), paged.get()));
+    } else {
+      KVGATE_ASSIGN_OR_RETURN(logits, model_->Forward(absl::MakeConstSpan(&token, 1), cache.get()));
+    }
   }
   result.decode_ms = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - first_token_time).count();
   if (result.token_ids.size() > 1) result.time_per_output_token_ms = result.decode_ms / (result.token_ids.size() - 1);

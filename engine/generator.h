@@ -11,6 +11,7 @@
 
 #include "absl/status/statusor.h"
 #include "absl/types/span.h"
+#include "engine/kv_planner.h"
 #include "engine/model.h"
 #include "engine/sampler.h"
 #include "engine/tokenizer.h"
@@ -30,15 +31,6 @@ struct GenerateOptions {
 
 enum class FinishReason { kStop, kLength, kAborted };
 std::string_view FinishReasonName(FinishReason reason);  // "stop", "length", "aborted"
-
-struct KvAccounting {
-  std::string policy = "full";
-  int64_t kv_entries_full = 0;  // layers * kv_heads * prompt tokens
-  int64_t kv_entries_kept = 0;
-  double keep_fraction = 1.0;
-  int64_t bytes_full = 0;  // entries * bytes per entry (K + V, float32)
-  int64_t bytes_kept = 0;
-};
 
 struct GenerateResult {
   std::vector<int32_t> token_ids;  // generated only
@@ -64,9 +56,13 @@ class Generator {
   // stop options.
   absl::Status Validate(absl::Span<const int32_t> prompt, const GenerateOptions& options) const;
 
+  // Without a planner the whole prompt stays in a contiguous cache (the reference path,
+  // no eviction); with one, the prompt's cache is compressed and decode runs over the
+  // head-paged pool.
   absl::StatusOr<GenerateResult> Generate(absl::Span<const int32_t> prompt,
                                           const GenerateOptions& options,
-                                          const TokenCallback& on_token = nullptr);
+                                          const TokenCallback& on_token = nullptr,
+                                          KvPlanner* planner = nullptr);
 
  private:
   Model* model_;

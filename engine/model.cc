@@ -1,5 +1,6 @@
 #include "engine/model.h"
 
+#include <algorithm>
 #include <cmath>
 #include <random>
 
@@ -99,8 +100,9 @@ absl::Status Model::LoadWeights(const TensorSource& source, bool lm_head_present
   return backend_->CopyToBackend(inv_freq_.data(), inv_freq.data(), inv_freq_.bytes());
 }
 
-absl::StatusOr<std::unique_ptr<KvCache>> Model::NewCache(int32_t capacity_tokens) const {
-  if (capacity_tokens <= 0 || capacity_tokens > config_.max_context_tokens) {
+absl::StatusOr<std::unique_ptr<KvCache>> Model::NewCache(int32_t capacity_tokens,
+                                                         bool allow_beyond_context) const {
+  if (capacity_tokens <= 0 || (!allow_beyond_context && capacity_tokens > config_.max_context_tokens)) {
     return absl::InvalidArgumentError(absl::StrCat("KV cache capacity ", capacity_tokens,
                                                    " tokens is outside [1, ", config_.max_context_tokens, "]"));
   }
@@ -136,21 +138,103 @@ absl::Status Model::EnsureScratch(int32_t n) {
   return absl::OkStatus();
 }
 
-absl::StatusOr<std::vector<float>> Model::Forward(absl::Span<const int32_t> tokens, KvCache* cache,
-                                                  LogitsMode mode) {
-  const ModelConfig& c = config_;
-  const int32_t n = static_cast<int32_t>(tokens.size());
-  if (n == 0) return absl::InvalidArgumentError("forward of zero tokens");
-  for (int32_t i = 0; i < n; ++i) {
-    if (tokens[i] < 0 || tokens[i] >= c.vocab_size) {
+absl::Status Model::CheckTokens(absl::Span<const int32_t> tokens) const {
+  if (tokens.empty()) return absl::InvalidArgumentError("forward of zero tokens");
+  for (size_t i = 0; i < tokens.size(); ++i) {
+    if (tokens[i] < 0 || tokens[i] >= config_.vocab_size) {
       return absl::InvalidArgumentError(absl::StrCat("token id ", tokens[i], " at index ", i,
-                                                     " is outside the vocabulary [0, ", c.vocab_size, ")"));
+                                                     " is outside the vocabulary [0, ", config_.vocab_size, ")"));
     }
   }
+  return absl::OkStatus();
+}
+
+absl::StatusOr<std::vector<float>> Model::Forward(absl::Span<const int32_t> tokens, KvCache* cache,
+                                                  LogitsMode mode) {
+  ForwardOptions options;
+  options.logits = mode;
+  return Forward(tokens, cache, options);
+}
+
+absl::Status Model::CaptureLayer(int layer, int32_t n, const ForwardOptions& options) {
+  PrefillCapture* capture = options.capture;
+  const CaptureRequest& want = options.capture_request;
+  const ModelConfig& c = config_;
+  if (want.hidden_states) {
+    auto& hidden = capture->hidden_states[layer];
+    hidden.resize(size_t{1} * n * c.hidden_size);
+    KVGATE_RETURN_IF_ERROR(backend_->CopyToHost(hidden.data(), h_.data(), hidden.size() * sizeof(float)));
+  }
+  if (capture->num_last_queries > 0) {
+    const size_t row = size_t{1} * c.num_heads * c.head_dim;
+    auto& queries = capture->last_queries[layer];
+    queries.resize(row * capture->num_last_queries);
+    KVGATE_RETURN_IF_ERROR(backend_->CopyToHost(queries.data(), q_.as<float>() + row * (n - capture->num_last_queries),
+                                                queries.size() * sizeof(float)));
+  }
+  return absl::OkStatus();
+}
+
+absl::Status Model::FinishLayer(const Layer& l, int32_t n) {
+  const ModelConfig& c = config_;
+  ops::Backend& b = *backend_;
+  const int32_t q_dim = c.num_heads * c.head_dim;
+  float* x = x_.as<float>();
+  float* h = h_.as<float>();
+  KVGATE_RETURN_IF_ERROR(b.MatMul({attn_.as<float>(), l.wo.as<float>(), nullptr, h, n, c.hidden_size, q_dim}));
+  KVGATE_RETURN_IF_ERROR(b.Add({x, h, int64_t{n} * c.hidden_size}));
+  KVGATE_RETURN_IF_ERROR(b.RmsNorm({x, l.post_attention_norm.as<float>(), h, n, c.hidden_size, c.rms_norm_eps}));
+  KVGATE_RETURN_IF_ERROR(b.MatMul({h, l.gate.as<float>(), nullptr, gate_.as<float>(), n, c.intermediate_size, c.hidden_size}));
+  KVGATE_RETURN_IF_ERROR(b.MatMul({h, l.up.as<float>(), nullptr, up_.as<float>(), n, c.intermediate_size, c.hidden_size}));
+  KVGATE_RETURN_IF_ERROR(b.SiluMul({gate_.as<float>(), up_.as<float>(), gate_.as<float>(), int64_t{n} * c.intermediate_size}));
+  KVGATE_RETURN_IF_ERROR(b.MatMul({gate_.as<float>(), l.down.as<float>(), nullptr, h, n, c.hidden_size, c.intermediate_size}));
+  return b.Add({x, h, int64_t{n} * c.hidden_size});
+}
+
+absl::StatusOr<std::vector<float>> Model::Logits(int32_t n, int32_t rows) {
+  const ModelConfig& c = config_;
+  ops::Backend& b = *backend_;
+  // Only the rows whose logits are wanted go through the final norm and lm_head.
+  const float* last_rows = x_.as<float>() + int64_t{n - rows} * c.hidden_size;
+  KVGATE_RETURN_IF_ERROR(b.RmsNorm({last_rows, final_norm_.as<float>(), h_.as<float>(), rows, c.hidden_size, c.rms_norm_eps}));
+  const float* head = lm_head_.data() != nullptr ? lm_head_.as<float>() : embed_.as<float>();
+  KVGATE_RETURN_IF_ERROR(b.MatMul({h_.as<float>(), head, nullptr, logits_.as<float>(), rows, c.vocab_size, c.hidden_size}));
+  std::vector<float> logits(size_t{1} * rows * c.vocab_size);
+  KVGATE_RETURN_IF_ERROR(b.CopyToHost(logits.data(), logits_.data(), logits.size() * sizeof(float)));
+  return logits;
+}
+
+absl::StatusOr<std::vector<float>> Model::Forward(absl::Span<const int32_t> tokens, KvCache* cache,
+                                                  const ForwardOptions& options) {
+  const ModelConfig& c = config_;
+  KVGATE_RETURN_IF_ERROR(CheckTokens(tokens));
+  const int32_t n = static_cast<int32_t>(tokens.size());
   const int32_t start = cache->length_tokens_;
   if (start + n > cache->capacity_tokens_) {
     return absl::InvalidArgumentError(absl::StrCat("sequence of ", start + n, " tokens exceeds the KV cache capacity of ",
                                                    cache->capacity_tokens_, " tokens"));
+  }
+  if (!options.key_masks.empty() || options.layer_key_mask) {
+    const size_t mask_bytes = size_t{1} * c.num_kv_heads * cache->capacity_tokens_;
+    if (!options.key_masks.empty() && options.key_masks.size() != static_cast<size_t>(c.num_layers)) {
+      return absl::InvalidArgumentError("key_masks must have one mask per layer");
+    }
+    for (const auto& mask : options.key_masks) {
+      if (mask.size() != mask_bytes) return absl::InvalidArgumentError("key mask size is not num_kv_heads * capacity");
+    }
+    if (key_mask_bytes_ < static_cast<int32_t>(mask_bytes)) {
+      KVGATE_ASSIGN_OR_RETURN(key_mask_, backend_->Alloc(mask_bytes));
+      key_mask_bytes_ = static_cast<int32_t>(mask_bytes);
+    }
+  }
+  PrefillCapture* capture = options.capture;
+  if (capture != nullptr) {
+    capture->shape = {c.num_layers, c.num_heads, c.num_kv_heads, c.head_dim, c.hidden_size};
+    capture->prompt_tokens = start + n;
+    capture->num_last_queries = std::min(options.capture_request.last_queries, n);
+    capture->keys.assign(options.capture_request.keys ? c.num_layers : 0, {});
+    capture->last_queries.assign(capture->num_last_queries > 0 ? c.num_layers : 0, {});
+    capture->hidden_states.assign(options.capture_request.hidden_states ? c.num_layers : 0, {});
   }
   KVGATE_RETURN_IF_ERROR(EnsureScratch(n));
   std::vector<int32_t> positions(n);
@@ -158,25 +242,12 @@ absl::StatusOr<std::vector<float>> Model::Forward(absl::Span<const int32_t> toke
   KVGATE_RETURN_IF_ERROR(backend_->CopyToBackend(ids_.data(), tokens.data(), size_t{4} * n));
   KVGATE_RETURN_IF_ERROR(backend_->CopyToBackend(positions_.data(), positions.data(), size_t{4} * n));
 
-  const int32_t q_dim = c.num_heads * c.head_dim, kv_dim = c.num_kv_heads * c.head_dim;
   ops::Backend& b = *backend_;
-  float* x = x_.as<float>();
-  float* h = h_.as<float>();
-  KVGATE_RETURN_IF_ERROR(b.Embed({ids_.as<int32_t>(), embed_.as<float>(), x, n, c.hidden_size, c.vocab_size}));
+  KVGATE_RETURN_IF_ERROR(b.Embed({ids_.as<int32_t>(), embed_.as<float>(), x_.as<float>(), n, c.hidden_size, c.vocab_size}));
   for (int i = 0; i < c.num_layers; ++i) {
     const Layer& l = layers_[i];
-    KVGATE_RETURN_IF_ERROR(b.RmsNorm({x, l.input_norm.as<float>(), h, n, c.hidden_size, c.rms_norm_eps}));
-    KVGATE_RETURN_IF_ERROR(b.MatMul({h, l.wq.as<float>(), l.bq.as<float>(), q_.as<float>(), n, q_dim, c.hidden_size}));
-    KVGATE_RETURN_IF_ERROR(b.MatMul({h, l.wk.as<float>(), l.bk.as<float>(), k_.as<float>(), n, kv_dim, c.hidden_size}));
-    KVGATE_RETURN_IF_ERROR(b.MatMul({h, l.wv.as<float>(), l.bv.as<float>(), v_.as<float>(), n, kv_dim, c.hidden_size}));
-    if (c.qk_norm) {
-      KVGATE_RETURN_IF_ERROR(b.RmsNorm({q_.as<float>(), l.q_norm.as<float>(), q_.as<float>(), n * c.num_heads,
-                                        c.head_dim, c.rms_norm_eps}));
-      KVGATE_RETURN_IF_ERROR(b.RmsNorm({k_.as<float>(), l.k_norm.as<float>(), k_.as<float>(), n * c.num_kv_heads,
-                                        c.head_dim, c.rms_norm_eps}));
-    }
-    KVGATE_RETURN_IF_ERROR(b.Rope({q_.as<float>(), positions_.as<int32_t>(), inv_freq_.as<float>(), n, c.num_heads, c.head_dim}));
-    KVGATE_RETURN_IF_ERROR(b.Rope({k_.as<float>(), positions_.as<int32_t>(), inv_freq_.as<float>(), n, c.num_kv_heads, c.head_dim}));
+    KVGATE_RETURN_IF_ERROR(ProjectQkv(l, n, positions_.as<int32_t>()));
+    if (capture != nullptr) KVGATE_RETURN_IF_ERROR(CaptureLayer(i, n, options));
     KVGATE_RETURN_IF_ERROR(b.StoreKv({k_.as<float>(), v_.as<float>(), cache->k(i), cache->v(i), n, c.num_kv_heads,
                                       c.head_dim, cache->capacity_tokens_, start}));
     ops::AttentionArgs attention;
@@ -192,26 +263,97 @@ absl::StatusOr<std::vector<float>> Model::Forward(absl::Span<const int32_t> toke
     attention.q_start_row = start;
     attention.sliding_window = c.sliding_window;
     attention.scale = 1.0f / std::sqrt(static_cast<float>(c.head_dim));
+    if (!options.key_masks.empty()) {
+      KVGATE_RETURN_IF_ERROR(b.CopyToBackend(key_mask_.data(), options.key_masks[i].data(), options.key_masks[i].size()));
+      attention.key_mask = key_mask_.as<uint8_t>();
+    } else if (options.layer_key_mask) {
+      std::vector<float> hidden(size_t{1} * n * c.hidden_size);
+      KVGATE_RETURN_IF_ERROR(b.CopyToHost(hidden.data(), h_.data(), hidden.size() * sizeof(float)));
+      KVGATE_ASSIGN_OR_RETURN(std::vector<uint8_t> call_mask, options.layer_key_mask(i, hidden));
+      if (call_mask.size() != size_t{1} * c.num_kv_heads * n) {
+        return absl::InternalError("layer_key_mask returned a mask that is not [num_kv_heads, n]");
+      }
+      std::vector<uint8_t> mask(size_t{1} * c.num_kv_heads * cache->capacity_tokens_, 1);
+      for (int32_t kv = 0; kv < c.num_kv_heads; ++kv) {
+        std::copy_n(call_mask.begin() + size_t{1} * kv * n, n,
+                    mask.begin() + size_t{1} * kv * cache->capacity_tokens_ + start);
+      }
+      KVGATE_RETURN_IF_ERROR(b.CopyToBackend(key_mask_.data(), mask.data(), mask.size()));
+      attention.key_mask = key_mask_.as<uint8_t>();
+    }
     KVGATE_RETURN_IF_ERROR(b.Attention(attention));
-    KVGATE_RETURN_IF_ERROR(b.MatMul({attn_.as<float>(), l.wo.as<float>(), nullptr, h, n, c.hidden_size, q_dim}));
-    KVGATE_RETURN_IF_ERROR(b.Add({x, h, int64_t{n} * c.hidden_size}));
-    KVGATE_RETURN_IF_ERROR(b.RmsNorm({x, l.post_attention_norm.as<float>(), h, n, c.hidden_size, c.rms_norm_eps}));
-    KVGATE_RETURN_IF_ERROR(b.MatMul({h, l.gate.as<float>(), nullptr, gate_.as<float>(), n, c.intermediate_size, c.hidden_size}));
-    KVGATE_RETURN_IF_ERROR(b.MatMul({h, l.up.as<float>(), nullptr, up_.as<float>(), n, c.intermediate_size, c.hidden_size}));
-    KVGATE_RETURN_IF_ERROR(b.SiluMul({gate_.as<float>(), up_.as<float>(), gate_.as<float>(), int64_t{n} * c.intermediate_size}));
-    KVGATE_RETURN_IF_ERROR(b.MatMul({gate_.as<float>(), l.down.as<float>(), nullptr, h, n, c.hidden_size, c.intermediate_size}));
-    KVGATE_RETURN_IF_ERROR(b.Add({x, h, int64_t{n} * c.hidden_size}));
+    KVGATE_RETURN_IF_ERROR(FinishLayer(l, n));
   }
-  // Only the rows whose logits are wanted go through the final norm and lm_head.
-  const int32_t rows = mode == LogitsMode::kAllTokens ? n : 1;
-  const float* last_rows = x + int64_t{n - rows} * c.hidden_size;
-  KVGATE_RETURN_IF_ERROR(b.RmsNorm({last_rows, final_norm_.as<float>(), h, rows, c.hidden_size, c.rms_norm_eps}));
-  const float* head = lm_head_.data() != nullptr ? lm_head_.as<float>() : embed_.as<float>();
-  KVGATE_RETURN_IF_ERROR(b.MatMul({h, head, nullptr, logits_.as<float>(), rows, c.vocab_size, c.hidden_size}));
-  std::vector<float> logits(size_t{1} * rows * c.vocab_size);
-  KVGATE_RETURN_IF_ERROR(b.CopyToHost(logits.data(), logits_.data(), logits.size() * sizeof(float)));
+  if (capture != nullptr && options.capture_request.keys) {
+    // Keys of the whole sequence so far, [num_kv_heads, length, head_dim] per layer.
+    const int32_t length = start + n;
+    for (int i = 0; i < c.num_layers; ++i) {
+      auto& keys = capture->keys[i];
+      keys.resize(size_t{1} * c.num_kv_heads * length * c.head_dim);
+      for (int h = 0; h < c.num_kv_heads; ++h) {
+        KVGATE_RETURN_IF_ERROR(b.CopyToHost(keys.data() + size_t{1} * h * length * c.head_dim,
+                                            cache->k(i) + size_t{1} * h * cache->capacity_tokens_ * c.head_dim,
+                                            size_t{4} * length * c.head_dim));
+      }
+    }
+  }
+  KVGATE_ASSIGN_OR_RETURN(std::vector<float> logits, Logits(n, options.logits == LogitsMode::kAllTokens ? n : 1));
   cache->length_tokens_ = start + n;
   return logits;
+}
+
+absl::Status Model::ProjectQkv(const Layer& l, int32_t n, const int32_t* positions) {
+  const ModelConfig& c = config_;
+  ops::Backend& b = *backend_;
+  const int32_t q_dim = c.num_heads * c.head_dim, kv_dim = c.num_kv_heads * c.head_dim;
+  float* x = x_.as<float>();
+  float* h = h_.as<float>();
+  KVGATE_RETURN_IF_ERROR(b.RmsNorm({x, l.input_norm.as<float>(), h, n, c.hidden_size, c.rms_norm_eps}));
+  KVGATE_RETURN_IF_ERROR(b.MatMul({h, l.wq.as<float>(), l.bq.as<float>(), q_.as<float>(), n, q_dim, c.hidden_size}));
+  KVGATE_RETURN_IF_ERROR(b.MatMul({h, l.wk.as<float>(), l.bk.as<float>(), k_.as<float>(), n, kv_dim, c.hidden_size}));
+  KVGATE_RETURN_IF_ERROR(b.MatMul({h, l.wv.as<float>(), l.bv.as<float>(), v_.as<float>(), n, kv_dim, c.hidden_size}));
+  if (c.qk_norm) {
+    KVGATE_RETURN_IF_ERROR(b.RmsNorm({q_.as<float>(), l.q_norm.as<float>(), q_.as<float>(), n * c.num_heads,
+                                      c.head_dim, c.rms_norm_eps}));
+    KVGATE_RETURN_IF_ERROR(b.RmsNorm({k_.as<float>(), l.k_norm.as<float>(), k_.as<float>(), n * c.num_kv_heads,
+                                      c.head_dim, c.rms_norm_eps}));
+  }
+  KVGATE_RETURN_IF_ERROR(b.Rope({q_.as<float>(), positions, inv_freq_.as<float>(), n, c.num_heads, c.head_dim}));
+  return b.Rope({k_.as<float>(), positions, inv_freq_.as<float>(), n, c.num_kv_heads, c.head_dim});
+}
+
+absl::StatusOr<std::vector<float>> Model::DecodeStep(absl::Span<const int32_t> tokens, PagedKvBatch* kv) {
+  const ModelConfig& c = config_;
+  KVGATE_RETURN_IF_ERROR(CheckTokens(tokens));
+  const int32_t n = static_cast<int32_t>(tokens.size());
+  if (n != kv->num_sequences()) {
+    return absl::InvalidArgumentError(absl::StrCat("decode step of ", n, " tokens for ", kv->num_sequences(), " sequences"));
+  }
+  KVGATE_RETURN_IF_ERROR(EnsureScratch(n));
+  const std::vector<int32_t> positions = kv->NextPositions();
+  KVGATE_RETURN_IF_ERROR(backend_->CopyToBackend(ids_.data(), tokens.data(), size_t{4} * n));
+  KVGATE_RETURN_IF_ERROR(backend_->CopyToBackend(positions_.data(), positions.data(), size_t{4} * n));
+  KVGATE_RETURN_IF_ERROR(kv->BeginStep());
+  ops::Backend& b = *backend_;
+  KVGATE_RETURN_IF_ERROR(b.Embed({ids_.as<int32_t>(), embed_.as<float>(), x_.as<float>(), n, c.hidden_size, c.vocab_size}));
+  for (int i = 0; i < c.num_layers; ++i) {
+    const Layer& l = layers_[i];
+    KVGATE_RETURN_IF_ERROR(ProjectQkv(l, n, positions_.as<int32_t>()));
+    KVGATE_RETURN_IF_ERROR(kv->AppendLayer(i, k_.as<float>(), v_.as<float>()));
+    KVGATE_ASSIGN_OR_RETURN(ops::HeadPagedKvView view, kv->View(i));
+    ops::HeadPagedDecodeAttentionArgs attention;
+    attention.q = q_.as<float>();
+    attention.kv = view;
+    attention.out = attn_.as<float>();
+    attention.num_seqs = n;
+    attention.num_q_heads = c.num_heads;
+    attention.num_kv_heads = c.num_kv_heads;
+    attention.scale = 1.0f / std::sqrt(static_cast<float>(c.head_dim));
+    KVGATE_RETURN_IF_ERROR(b.HeadPagedDecodeAttention(attention));
+    KVGATE_RETURN_IF_ERROR(FinishLayer(l, n));
+  }
+  KVGATE_RETURN_IF_ERROR(kv->EndStep());
+  return Logits(n, n);
 }
 
 }  // namespace kvgate::engine

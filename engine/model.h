@@ -15,6 +15,8 @@
 #include "absl/types/span.h"
 #include "cuda/backend.h"
 #include "engine/model_config.h"
+#include "engine/paged_kv.h"
+#include "engine/prefill_capture.h"
 
 namespace kvgate::engine {
 
@@ -41,6 +43,23 @@ class KvCache {
 // Which logits Forward returns.
 enum class LogitsMode { kLastToken, kAllTokens };
 
+// Optional extras of a contiguous-cache forward.
+struct ForwardOptions {
+  LogitsMode logits = LogitsMode::kLastToken;
+  // What to record for the eviction policies (filled into *capture).
+  CaptureRequest capture_request;
+  PrefillCapture* capture = nullptr;
+  // In-forward eviction: per layer, [num_kv_heads, capacity_tokens] (host); 0 = the row
+  // is invisible to every other query (see ops::AttentionArgs::key_mask). Empty = none.
+  std::vector<std::vector<uint8_t>> key_masks;
+  // In-forward eviction decided inside each layer (Attention-Gate): called with the
+  // layer's attention input (post input-RMSNorm hidden states, [n, hidden_size], host)
+  // before its attention; returns that layer's mask [num_kv_heads, n] over the tokens of
+  // this call (1 = visible). Rows cached before this call stay visible.
+  std::function<absl::StatusOr<std::vector<uint8_t>>(int32_t layer, absl::Span<const float> hidden)>
+      layer_key_mask;
+};
+
 class Model {
  public:
   // Loads DIR/config.json (+ generation_config.json) and the safetensors weights.
@@ -53,14 +72,22 @@ class Model {
   const ModelConfig& config() const { return config_; }
   ops::Backend* backend() const { return backend_; }
 
-  // A cache for up to capacity_tokens tokens (<= max context).
-  absl::StatusOr<std::unique_ptr<KvCache>> NewCache(int32_t capacity_tokens) const;
+  // A cache for up to capacity_tokens tokens (<= max context, unless the caller
+  // deliberately runs positions past it, as KVzip's reconstruction pass does).
+  absl::StatusOr<std::unique_ptr<KvCache>> NewCache(int32_t capacity_tokens,
+                                                    bool allow_beyond_context = false) const;
 
   // Runs `tokens` at positions [cache->length, cache->length + n), appends their K/V to
   // the cache and returns logits: [vocab] for kLastToken, [n, vocab] for kAllTokens.
   // Ids outside [0, vocab) and overflowing the cache are INVALID_ARGUMENT.
   absl::StatusOr<std::vector<float>> Forward(absl::Span<const int32_t> tokens, KvCache* cache,
                                              LogitsMode mode = LogitsMode::kLastToken);
+  absl::StatusOr<std::vector<float>> Forward(absl::Span<const int32_t> tokens, KvCache* cache,
+                                             const ForwardOptions& options);
+
+  // One decode step of a batch over a head-paged cache: tokens[s] is sequence s's new
+  // token. Returns logits [num_sequences, vocab].
+  absl::StatusOr<std::vector<float>> DecodeStep(absl::Span<const int32_t> tokens, PagedKvBatch* kv);
 
  private:
   struct Layer {
@@ -77,6 +104,13 @@ class Model {
   absl::StatusOr<ops::DeviceBuffer> Upload(const TensorSource& source, const std::string& name,
                                            const std::vector<int64_t>& shape);
   absl::Status EnsureScratch(int32_t num_tokens);
+  absl::Status CheckTokens(absl::Span<const int32_t> tokens) const;
+  // Input RMSNorm (into h_), q/k/v projections, q/k norms and RoPE of n tokens.
+  absl::Status ProjectQkv(const Layer& l, int32_t n, const int32_t* positions);
+  absl::Status CaptureLayer(int layer, int32_t n, const ForwardOptions& options);
+  // Everything after attention in one layer: o_proj, residual, MLP, residual.
+  absl::Status FinishLayer(const Layer& l, int32_t n);
+  absl::StatusOr<std::vector<float>> Logits(int32_t n, int32_t rows);
 
   ModelConfig config_;
   ops::Backend* backend_;
@@ -86,7 +120,8 @@ class Model {
 
   // Scratch sized for scratch_tokens_ tokens.
   int32_t scratch_tokens_ = 0;
-  ops::DeviceBuffer ids_, positions_, x_, h_, q_, k_, v_, attn_, gate_, up_, logits_;
+  ops::DeviceBuffer ids_, positions_, x_, h_, q_, k_, v_, attn_, gate_, up_, logits_, key_mask_;
+  int32_t key_mask_bytes_ = 0;
 };
 
 }  // namespace kvgate::engine

@@ -111,10 +111,19 @@ class CpuBackend final : public Backend {
         const int32_t first =
             a.sliding_window > 0 ? std::max(0, last - a.sliding_window + 1) : 0;
         const int64_t kv_base = static_cast<int64_t>(h / group) * a.capacity_tokens * a.head_dim;
+        const uint8_t* mask = a.key_mask != nullptr
+                                  ? a.key_mask + static_cast<int64_t>(h / group) * a.capacity_tokens
+                                  : nullptr;
+        // An evicted row gets score -inf, i.e. weight exactly 0, and is never read.
+        const auto visible = [&](int32_t r) { return mask == nullptr || r == last || mask[r] != 0; };
         const float* q = a.q + item * a.head_dim;
         scores.resize(last - first + 1);
         float max_score = -INFINITY;
         for (int32_t r = first; r <= last; ++r) {
+          if (!visible(r)) {
+            scores[r - first] = -INFINITY;
+            continue;
+          }
           const float* k = a.k_cache + kv_base + static_cast<int64_t>(r) * a.head_dim;
           float dot = 0.0f;
           for (int32_t i = 0; i < a.head_dim; ++i) dot += q[i] * k[i];
@@ -130,6 +139,7 @@ class CpuBackend final : public Backend {
         std::fill(out, out + a.head_dim, 0.0f);
         const float inv_denom = 1.0f / denom;
         for (int32_t r = first; r <= last; ++r) {
+          if (!visible(r)) continue;
           const float p = scores[r - first] * inv_denom;
           const float* v = a.v_cache + kv_base + static_cast<int64_t>(r) * a.head_dim;
           for (int32_t i = 0; i < a.head_dim; ++i) out[i] += p * v[i];
@@ -151,6 +161,84 @@ class CpuBackend final : public Backend {
 
   absl::Status Add(const AddArgs& args) override {
     AddRef(args);
+    return absl::OkStatus();
+  }
+
+  // Rows are independent (destinations distinct, never read as sources), so any split
+  // of them over the pool is safe. memmove: a row copied onto itself is harmless.
+  absl::Status CopyRows(const CopyRowsArgs& a) override {
+    if (a.num_rows < 0 || a.row_elements < 0) {
+      return absl::InvalidArgumentError("CopyRows: negative size");
+    }
+    const size_t row_bytes = static_cast<size_t>(a.row_elements) * sizeof(float);
+    ParallelRows(a.num_rows, a.row_elements, [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) {
+        std::memmove(a.dst + static_cast<int64_t>(a.dst_rows[i]) * a.row_elements,
+                     a.src + static_cast<int64_t>(a.src_rows[i]) * a.row_elements, row_bytes);
+      }
+    });
+    return absl::OkStatus();
+  }
+
+  // One item per (sequence, query head), as HeadPagedDecodeAttentionRef, in float.
+  absl::Status HeadPagedDecodeAttention(const HeadPagedDecodeAttentionArgs& a) override {
+    const HeadPagedKvView& kv = a.kv;
+    if (a.num_seqs < 0 || a.num_q_heads < 0 || a.num_kv_heads < 0 || kv.head_dim < 0) {
+      return absl::InvalidArgumentError("HeadPagedDecodeAttention: negative size");
+    }
+    if (a.num_seqs == 0 || a.num_q_heads == 0) return absl::OkStatus();
+    if (a.num_kv_heads == 0 || a.num_q_heads % a.num_kv_heads != 0 || kv.page_tokens < 1 ||
+        (kv.query_masks != nullptr && a.num_q_heads / a.num_kv_heads > 8)) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "HeadPagedDecodeAttention: ", a.num_q_heads, " q heads over ", a.num_kv_heads,
+          " kv heads (masks ", kv.query_masks != nullptr, ", at most 8 per group), page_tokens ",
+          kv.page_tokens));
+    }
+    const int32_t group = a.num_q_heads / a.num_kv_heads;
+    const int64_t items = static_cast<int64_t>(a.num_seqs) * a.num_q_heads;
+    int64_t total_rows = 0;
+    for (int64_t i = 0; i < static_cast<int64_t>(a.num_seqs) * a.num_kv_heads; ++i) {
+      total_rows += kv.lengths[i];
+    }
+    const int64_t work_per_item = total_rows * group * kv.head_dim * 4 / items + 1;
+    ParallelRows(items, work_per_item, [&](int64_t begin, int64_t end) {
+      std::vector<float> scores;
+      std::vector<int64_t> rows;
+      for (int64_t item = begin; item < end; ++item) {
+        const int32_t h = static_cast<int32_t>(item % a.num_q_heads);
+        const int64_t seq_head = item / a.num_q_heads * a.num_kv_heads + h / group;
+        const int32_t* pages = kv.page_ids + kv.page_indptr[seq_head];
+        const float* q = a.q + item * kv.head_dim;
+        rows.clear();
+        scores.clear();
+        float max_score = -INFINITY;
+        for (int32_t r = 0; r < kv.lengths[seq_head]; ++r) {
+          const int64_t row =
+              static_cast<int64_t>(pages[r / kv.page_tokens]) * kv.page_tokens + r % kv.page_tokens;
+          if (kv.query_masks != nullptr && ((kv.query_masks[row] >> (h % group)) & 1) == 0) {
+            continue;
+          }
+          const float* k = kv.k_pages + row * kv.head_dim;
+          float dot = 0.0f;
+          for (int32_t i = 0; i < kv.head_dim; ++i) dot += q[i] * k[i];
+          rows.push_back(row);
+          scores.push_back(dot * a.scale);
+          max_score = std::max(max_score, scores.back());
+        }
+        float denom = 0.0f;
+        for (float& s : scores) {
+          s = std::exp(s - max_score);
+          denom += s;
+        }
+        float* out = a.out + item * kv.head_dim;
+        std::fill(out, out + kv.head_dim, 0.0f);  // also the answer when no row is visible
+        for (size_t j = 0; j < rows.size(); ++j) {
+          const float p = scores[j] / denom;
+          const float* v = kv.v_pages + rows[j] * kv.head_dim;
+          for (int32_t i = 0; i < kv.head_dim; ++i) out[i] += p * v[i];
+        }
+      }
+    });
     return absl::OkStatus();
   }
 

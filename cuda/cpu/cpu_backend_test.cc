@@ -3,13 +3,18 @@
 
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cmath>
+#include <cstring>
+#include <limits>
+#include <numeric>
 #include <random>
 #include <string>
 #include <vector>
 
 #include "absl/strings/str_cat.h"
 #include "cuda/cpu/reference_ops.h"
+#include "cuda/testing/head_paged_layout.h"
 
 namespace kvgate::ops {
 namespace {
@@ -46,6 +51,17 @@ void ExpectAllClose(const std::vector<float>& ref, const std::vector<float>& out
   EXPECT_EQ(worst_err, 0.0f) << what << ": worst index " << worst << " ref " << ref[worst]
                              << " out " << out[worst];
   for (size_t i = n; i < n + kGuard; ++i) ASSERT_EQ(out[i], kCanary) << what << ": wrote past end";
+}
+
+// Bit equality of the first n floats (NaN-safe).
+void ExpectBitEqual(const std::vector<float>& a, const std::vector<float>& b, size_t n,
+                    const std::string& what) {
+  ASSERT_GE(a.size(), n);
+  ASSERT_GE(b.size(), n);
+  for (size_t i = 0; i < n; ++i) {
+    ASSERT_EQ(std::memcmp(&a[i], &b[i], sizeof(float)), 0)
+        << what << ": differs at " << i << ": " << a[i] << " vs " << b[i];
+  }
 }
 
 class CpuBackendTest : public ::testing::Test {
@@ -147,6 +163,348 @@ TEST_F(CpuBackendTest, StoreKvThenAttentionSeesOnlyVisibleRows) {
                      capacity, 4, 1, 0.5f};
   ASSERT_TRUE(backend_->Attention(args).ok());
   EXPECT_EQ(out, (std::vector<float>{5, 6, 7, 8}));
+}
+
+// ------------------------------------------------------------- Attention key_mask
+
+struct MaskedAttentionCase {
+  int num_tokens, q_heads, kv_heads, head_dim, q_start_row, window, keep_percent;
+  uint32_t seed;
+  std::string Name() const {
+    return absl::StrCat("tokens=", num_tokens, " q_heads=", q_heads, " kv_heads=", kv_heads,
+                        " head_dim=", head_dim, " q_start=", q_start_row, " window=", window,
+                        " keep=", keep_percent, "% seed=", seed);
+  }
+};
+
+// Masked attention by brute force, written from the rule in cuda/ops.h rather than from
+// AttentionRef: list the rows query t may see, then a double softmax over that list.
+std::vector<float> BruteForceMaskedAttention(const AttentionArgs& a) {
+  std::vector<float> out(static_cast<size_t>(a.num_tokens) * a.num_q_heads * a.head_dim);
+  const int group = a.num_q_heads / a.num_kv_heads;
+  for (int t = 0; t < a.num_tokens; ++t) {
+    const int self = a.q_start_row + t;
+    for (int h = 0; h < a.num_q_heads; ++h) {
+      const int kv = h / group;
+      std::vector<int> seen;
+      for (int r = 0; r <= self; ++r) {
+        const bool in_window = a.sliding_window == 0 || self - r < a.sliding_window;
+        const bool kept = a.key_mask[static_cast<size_t>(kv) * a.capacity_tokens + r] != 0;
+        if (in_window && (kept || r == self)) seen.push_back(r);
+      }
+      const float* q = a.q + (static_cast<size_t>(t) * a.num_q_heads + h) * a.head_dim;
+      std::vector<double> w;
+      for (int r : seen) {
+        const float* k = a.k_cache + (static_cast<size_t>(kv) * a.capacity_tokens + r) * a.head_dim;
+        double dot = 0.0;
+        for (int i = 0; i < a.head_dim; ++i) dot += static_cast<double>(q[i]) * k[i];
+        w.push_back(dot * a.scale);
+      }
+      const double max_w = *std::max_element(w.begin(), w.end());
+      double sum = 0.0;
+      for (double& x : w) sum += (x = std::exp(x - max_w));
+      for (int i = 0; i < a.head_dim; ++i) {
+        double acc = 0.0;
+        for (size_t j = 0; j < seen.size(); ++j) {
+          acc += w[j] / sum *
+                 a.v_cache[(static_cast<size_t>(kv) * a.capacity_tokens + seen[j]) * a.head_dim + i];
+        }
+        out[(static_cast<size_t>(t) * a.num_q_heads + h) * a.head_dim + i] = static_cast<float>(acc);
+      }
+    }
+  }
+  return out;
+}
+
+TEST_F(CpuBackendTest, AttentionKeyMaskMatchesBruteForce) {
+  const MaskedAttentionCase cases[] = {
+      {1, 8, 2, 64, 96, 0, 50, 21},   // decode over an evicted history, GQA 4
+      {54, 4, 4, 16, 43, 0, 30, 22},  // chunked prefill, MHA
+      {97, 8, 2, 32, 0, 0, 60, 23},   // evicted rows inside the chunk: each still sees itself
+      {5, 14, 2, 16, 40, 7, 50, 24},  // GQA 7 with a sliding window
+      {3, 8, 2, 128, 50, 16, 0, 25},  // everything evicted: each query sees only its own row
+      {129, 4, 1, 16, 0, 32, 70, 26}, // window prefill, one kv head
+  };
+  for (const MaskedAttentionCase& c : cases) {
+    std::mt19937 rng(c.seed);
+    const int capacity = c.q_start_row + c.num_tokens + 3;
+    const int first_seen = c.window > 0 ? std::max(0, c.q_start_row - c.window + 1) : 0;
+    const size_t row_floats = c.head_dim;
+    auto q = RandomVector(c.num_tokens * c.q_heads * c.head_dim, c.seed + 1);
+    auto k = RandomVector(c.kv_heads * capacity * row_floats, c.seed + 2);
+    auto v = RandomVector(c.kv_heads * capacity * row_floats, c.seed + 3);
+    std::vector<uint8_t> mask(c.kv_heads * capacity);
+    std::uniform_int_distribution<int> percent(0, 99);
+    const float nan = std::numeric_limits<float>::quiet_NaN();
+    for (int h = 0; h < c.kv_heads; ++h) {
+      for (int r = 0; r < capacity; ++r) {
+        uint8_t& m = mask[h * capacity + r];
+        m = percent(rng) < c.keep_percent ? 1 : 0;
+        // NaN wherever no query may look: evicted rows of earlier chunks, rows before the
+        // first window, rows after the last query. An evicted row of this chunk stays
+        // finite: its own query sees it.
+        const bool unseen = (m == 0 && r < c.q_start_row) || r < first_seen ||
+                            r >= c.q_start_row + c.num_tokens;
+        if (unseen) {
+          std::fill_n(k.begin() + (h * capacity + r) * row_floats, row_floats, nan);
+          std::fill_n(v.begin() + (h * capacity + r) * row_floats, row_floats, nan);
+        }
+      }
+    }
+    const size_t n = q.size();
+    auto ref = Guarded(n), out = Guarded(n);
+    AttentionArgs args{q.data(), k.data(), v.data(), ref.data(), c.num_tokens, c.q_heads,
+                       c.kv_heads, c.head_dim, capacity, c.q_start_row, c.window,
+                       1.0f / std::sqrt(static_cast<float>(c.head_dim)), mask.data()};
+    std::vector<float> brute = BruteForceMaskedAttention(args);
+    brute.resize(n + kGuard, kCanary);
+    AttentionRef(args);
+    ExpectAllClose(brute, ref, n, "ref " + c.Name());
+    args.out = out.data();
+    ASSERT_TRUE(backend_->Attention(args).ok());
+    ExpectAllClose(brute, out, n, "cpu " + c.Name());
+  }
+}
+
+TEST_F(CpuBackendTest, AttentionAllOnesKeyMaskIsBitExactNoMask) {
+  const AttentionCase cases[] = {{1, 8, 2, 64, 96, 0}, {54, 4, 4, 16, 0, 0}, {97, 8, 2, 16, 0, 8},
+                                 {5, 14, 2, 32, 40, 7}};
+  for (const AttentionCase& c : cases) {
+    const int capacity = c.q_start_row + c.num_tokens + 5;
+    auto q = RandomVector(c.num_tokens * c.q_heads * c.head_dim, 31);
+    auto k = RandomVector(c.kv_heads * capacity * c.head_dim, 32);
+    auto v = RandomVector(c.kv_heads * capacity * c.head_dim, 33);
+    const std::vector<uint8_t> ones(c.kv_heads * capacity, 1);
+    const size_t n = q.size();
+    auto plain = Guarded(n), masked = Guarded(n);
+    AttentionArgs args{q.data(), k.data(), v.data(), plain.data(), c.num_tokens, c.q_heads,
+                       c.kv_heads, c.head_dim, capacity, c.q_start_row, c.window,
+                       1.0f / std::sqrt(static_cast<float>(c.head_dim))};
+    AttentionRef(args);
+    args.out = masked.data();
+    args.key_mask = ones.data();
+    AttentionRef(args);
+    ExpectBitEqual(plain, masked, n + kGuard, "ref " + c.Name());
+    args.key_mask = nullptr;
+    args.out = plain.data();
+    ASSERT_TRUE(backend_->Attention(args).ok());
+    args.key_mask = ones.data();
+    args.out = masked.data();
+    ASSERT_TRUE(backend_->Attention(args).ok());
+    ExpectBitEqual(plain, masked, n + kGuard, "cpu " + c.Name());
+  }
+}
+
+// --------------------------------------------------------------------- CopyRows
+
+// Rows coded by value (src row s, element e holds s * 1000 + e, exact in float), so the
+// expected destination follows from the indices alone.
+TEST_F(CpuBackendTest, CopyRowsIsExact) {
+  struct Case {
+    int num_rows, row_elements, pool_rows;
+    bool in_place;  // src and dst are one buffer (page compaction)
+  };
+  for (const Case& c : {Case{1, 1, 1, false}, Case{3, 3, 7, false}, Case{54, 64, 129, false},
+                        Case{97, 128, 200, true}, Case{129, 3, 300, true},
+                        Case{4096, 128, 5000, false}}) {
+    const std::string what = absl::StrCat("rows=", c.num_rows, " elements=", c.row_elements,
+                                          " pool=", c.pool_rows, " in_place=", c.in_place);
+    std::mt19937 rng(c.num_rows);
+    std::vector<int32_t> order(c.pool_rows);
+    std::iota(order.begin(), order.end(), 0);
+    std::shuffle(order.begin(), order.end(), rng);
+    std::vector<int32_t> src_rows(order.begin(), order.begin() + c.num_rows), dst_rows;
+    if (c.in_place) {
+      // Disjoint source and destination rows of one pool (needs 2 * num_rows <= pool).
+      ASSERT_LE(2 * c.num_rows, c.pool_rows);
+      dst_rows.assign(order.begin() + c.num_rows, order.begin() + 2 * c.num_rows);
+    } else {
+      std::shuffle(order.begin(), order.end(), rng);
+      dst_rows.assign(order.begin(), order.begin() + c.num_rows);
+    }
+    const size_t n = static_cast<size_t>(c.pool_rows) * c.row_elements;
+    std::vector<float> src(n);
+    for (size_t i = 0; i < n; ++i) {
+      src[i] = static_cast<float>(i / c.row_elements * 1000 + i % c.row_elements);
+    }
+    std::vector<float> expected = c.in_place ? src : RandomVector(n, 41);
+    const std::vector<float> dst_before = expected;
+    for (int i = 0; i < c.num_rows; ++i) {
+      for (int e = 0; e < c.row_elements; ++e) {
+        expected[static_cast<size_t>(dst_rows[i]) * c.row_elements + e] =
+            static_cast<float>(src_rows[i] * 1000 + e);
+      }
+    }
+    expected.resize(n + kGuard, kCanary);
+    for (bool use_backend : {false, true}) {
+      auto dst = Guarded(n);
+      std::copy(dst_before.begin(), dst_before.end(), dst.begin());
+      const CopyRowsArgs args{c.in_place ? dst.data() : src.data(), dst.data(), src_rows.data(),
+                              dst_rows.data(), c.num_rows, c.row_elements};
+      if (use_backend) {
+        ASSERT_TRUE(backend_->CopyRows(args).ok());
+      } else {
+        CopyRowsRef(args);
+      }
+      ExpectBitEqual(expected, dst, n + kGuard, (use_backend ? "cpu " : "ref ") + what);
+    }
+  }
+}
+
+// ------------------------------------------------------ HeadPagedDecodeAttention
+
+struct HeadPagedCase {
+  const char* label;
+  int num_seqs, q_heads, kv_heads, head_dim, page_tokens;
+  std::vector<int32_t> lengths;  // cycled over the seq heads
+  bool masks;
+  uint32_t seed;
+  std::string Name() const {
+    std::string lens;
+    for (int32_t l : lengths) absl::StrAppend(&lens, "_", l);
+    return absl::StrCat(label, " seqs=", num_seqs, " q_heads=", q_heads, " kv_heads=", kv_heads,
+                        " head_dim=", head_dim, " page_tokens=", page_tokens, " lengths", lens,
+                        " masks=", masks, " seed=", seed);
+  }
+};
+
+TEST_F(CpuBackendTest, HeadPagedDecodeAttentionMatchesReference) {
+  const HeadPagedCase cases[] = {
+      {"pt16_gqa4_masks", 3, 8, 2, 64, 16, {1, 3, 54, 97, 129, 16}, true, 51},
+      {"pt1_mha", 2, 4, 4, 16, 1, {1, 3, 54, 97, 129}, false, 52},
+      {"pt128_gqa7_masks", 2, 14, 2, 32, 128, {129, 3, 97, 1}, true, 53},
+      {"pt128_gqa7", 2, 14, 2, 32, 128, {129, 3, 97, 1}, false, 54},
+      {"pt16_hd3", 1, 2, 1, 3, 16, {54}, true, 55},
+      {"pt16_hd256_masks", 2, 4, 2, 256, 16, {97, 129, 1, 3}, true, 56},
+      {"pt16_gqa1_masks", 2, 4, 4, 64, 16, {3, 54, 97, 129}, true, 57},
+  };
+  for (const HeadPagedCase& c : cases) {
+    std::mt19937 rng(c.seed);
+    std::vector<int32_t> lengths(c.num_seqs * c.kv_heads);
+    for (size_t i = 0; i < lengths.size(); ++i) lengths[i] = c.lengths[i % c.lengths.size()];
+    const paged_testing::HeadPagedLayout layout = paged_testing::MakeHeadPagedLayout(
+        rng, lengths, c.page_tokens, c.head_dim, c.q_heads / c.kv_heads, c.masks, 3);
+    auto q = RandomVector(c.num_seqs * c.q_heads * c.head_dim, c.seed);
+    const size_t n = q.size();
+    auto ref = Guarded(n), out = Guarded(n);
+    HeadPagedDecodeAttentionArgs args{q.data(), layout.HostView(), ref.data(), c.num_seqs,
+                                      c.q_heads, c.kv_heads,
+                                      1.0f / std::sqrt(static_cast<float>(c.head_dim))};
+    HeadPagedDecodeAttentionRef(args);
+    args.out = out.data();
+    ASSERT_TRUE(backend_->HeadPagedDecodeAttention(args).ok());
+    ExpectAllClose(ref, out, n, c.Name());
+  }
+}
+
+// Paged decode over pages holding exactly rows [0, L) of every kv head equals
+// AttentionRef for the query at row L - 1 of a contiguous cache gathered from the pages.
+TEST_F(CpuBackendTest, HeadPagedDecodeEqualsContiguousAttentionOnGatheredCopy) {
+  const int kv_heads = 2, q_heads = 8, head_dim = 32, page_tokens = 16;
+  const std::vector<int32_t> seq_lengths = {1, 54, 129};
+  const int num_seqs = static_cast<int>(seq_lengths.size());
+  std::vector<int32_t> lengths;
+  for (int32_t l : seq_lengths) lengths.insert(lengths.end(), kv_heads, l);
+  std::mt19937 rng(61);
+  paged_testing::HeadPagedLayout layout =
+      paged_testing::MakeHeadPagedLayout(rng, lengths, page_tokens, head_dim, 4, false, 5);
+  const float scale = 1.0f / std::sqrt(static_cast<float>(head_dim));
+  auto q = RandomVector(num_seqs * q_heads * head_dim, 62);
+  const size_t n = q.size();
+  auto paged_ref = Guarded(n), paged_cpu = Guarded(n), contiguous = Guarded(n);
+  HeadPagedDecodeAttentionArgs args{q.data(), layout.HostView(), paged_ref.data(), num_seqs,
+                                    q_heads, kv_heads, scale};
+  HeadPagedDecodeAttentionRef(args);
+  args.out = paged_cpu.data();
+  ASSERT_TRUE(backend_->HeadPagedDecodeAttention(args).ok());
+  for (int s = 0; s < num_seqs; ++s) {
+    const int length = seq_lengths[s], capacity = length + 2;  // 2 NaN rows past the query
+    std::vector<float> k(kv_heads * capacity * head_dim, std::numeric_limits<float>::quiet_NaN());
+    std::vector<float> v = k;
+    for (int h = 0; h < kv_heads; ++h) {
+      for (int r = 0; r < length; ++r) {
+        std::copy_n(layout.K(s * kv_heads + h, r), head_dim, k.begin() + (h * capacity + r) * head_dim);
+        std::copy_n(layout.V(s * kv_heads + h, r), head_dim, v.begin() + (h * capacity + r) * head_dim);
+      }
+    }
+    const size_t offset = static_cast<size_t>(s) * q_heads * head_dim;
+    AttentionRef({q.data() + offset, k.data(), v.data(), contiguous.data() + offset, 1, q_heads,
+                  kv_heads, head_dim, capacity, length - 1, 0, scale});
+  }
+  ExpectAllClose(contiguous, paged_ref, n, "paged ref vs contiguous ref");
+  ExpectAllClose(contiguous, paged_cpu, n, "paged cpu vs contiguous ref");
+}
+
+// Per kv head a random subset of rows [0, L - 1) is kept, plus the new token L - 1; the
+// pages hold only the kept rows. That equals AttentionRef over the full contiguous cache
+// with key_mask clearing the dropped rows (NaN there), for the query at row L - 1.
+TEST_F(CpuBackendTest, HeadPagedDecodeOfKeptRowsEqualsKeyMaskedAttention) {
+  const int kv_heads = 2, q_heads = 14, head_dim = 64, page_tokens = 16;
+  const float scale = 1.0f / std::sqrt(static_cast<float>(head_dim));
+  for (int length : {1, 3, 97, 129}) {
+    std::mt19937 rng(70 + length);
+    std::vector<std::vector<int32_t>> kept(kv_heads);
+    std::vector<int32_t> kept_lengths;
+    std::bernoulli_distribution keep(0.5);
+    for (int h = 0; h < kv_heads; ++h) {
+      for (int r = 0; r < length - 1; ++r) {
+        if (keep(rng)) kept[h].push_back(r);
+      }
+      kept[h].push_back(length - 1);
+      kept_lengths.push_back(static_cast<int32_t>(kept[h].size()));
+    }
+    paged_testing::HeadPagedLayout layout =
+        paged_testing::MakeHeadPagedLayout(rng, kept_lengths, page_tokens, head_dim, 7, false, 2);
+    const int capacity = length + 1;
+    std::vector<float> k(kv_heads * capacity * head_dim, std::numeric_limits<float>::quiet_NaN());
+    std::vector<float> v = k;
+    std::vector<uint8_t> key_mask(kv_heads * capacity, 0);
+    for (int h = 0; h < kv_heads; ++h) {
+      for (size_t j = 0; j < kept[h].size(); ++j) {
+        const int r = kept[h][j];
+        key_mask[h * capacity + r] = 1;
+        std::copy_n(layout.K(h, j), head_dim, k.begin() + (h * capacity + r) * head_dim);
+        std::copy_n(layout.V(h, j), head_dim, v.begin() + (h * capacity + r) * head_dim);
+      }
+    }
+    auto q = RandomVector(q_heads * head_dim, 71);
+    const size_t n = q.size();
+    auto masked = Guarded(n), paged_ref = Guarded(n), paged_cpu = Guarded(n);
+    AttentionRef({q.data(), k.data(), v.data(), masked.data(), 1, q_heads, kv_heads, head_dim,
+                  capacity, length - 1, 0, scale, key_mask.data()});
+    HeadPagedDecodeAttentionArgs args{q.data(), layout.HostView(), paged_ref.data(), 1, q_heads,
+                                      kv_heads, scale};
+    HeadPagedDecodeAttentionRef(args);
+    args.out = paged_cpu.data();
+    ASSERT_TRUE(backend_->HeadPagedDecodeAttention(args).ok());
+    const std::string what = absl::StrCat("length=", length);
+    ExpectAllClose(masked, paged_ref, n, "paged ref vs key-masked ref " + what);
+    ExpectAllClose(masked, paged_cpu, n, "paged cpu vs key-masked ref " + what);
+  }
+}
+
+// A head with no visible row (length 0, or every mask bit clear) gets zeros, not NaN.
+TEST_F(CpuBackendTest, HeadPagedDecodeWithoutVisibleRowsGivesZeros) {
+  const int head_dim = 16;
+  std::mt19937 rng(81);
+  paged_testing::HeadPagedLayout layout =
+      paged_testing::MakeHeadPagedLayout(rng, {0, 5}, 4, head_dim, 2, false, 1);
+  layout.query_masks.assign(layout.num_pages * layout.page_tokens, 0);
+  for (int r = 0; r < 5; ++r) layout.query_masks[layout.PoolRow(1, r)] = 1;  // q head 3 sees none
+  auto q = RandomVector(4 * head_dim, 82);
+  auto ref = Guarded(q.size()), out = Guarded(q.size());
+  HeadPagedDecodeAttentionArgs args{q.data(), layout.HostView(), ref.data(), 1, 4, 2, 0.25f};
+  HeadPagedDecodeAttentionRef(args);
+  args.out = out.data();
+  ASSERT_TRUE(backend_->HeadPagedDecodeAttention(args).ok());
+  ExpectAllClose(ref, out, q.size(), "no visible rows");
+  for (int h : {0, 1, 3}) {
+    for (int d = 0; d < head_dim; ++d) {
+      EXPECT_EQ(ref[h * head_dim + d], 0.0f) << "ref head " << h;
+      EXPECT_EQ(out[h * head_dim + d], 0.0f) << "cpu head " << h;
+    }
+  }
+  EXPECT_NE(out[2 * head_dim], 0.0f);
 }
 
 TEST_F(CpuBackendTest, EmbedAndAdd) {

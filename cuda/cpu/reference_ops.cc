@@ -77,9 +77,14 @@ void AttentionRef(const AttentionArgs& a) {
       const float* q = a.q + (static_cast<int64_t>(t) * a.num_q_heads + h) * a.head_dim;
       const float* k_head = a.k_cache + static_cast<int64_t>(kv) * a.capacity_tokens * a.head_dim;
       const float* v_head = a.v_cache + static_cast<int64_t>(kv) * a.capacity_tokens * a.head_dim;
+      // Row r is visible unless key_mask evicts it; a query always sees its own row.
+      const uint8_t* mask =
+          a.key_mask != nullptr ? a.key_mask + static_cast<int64_t>(kv) * a.capacity_tokens : nullptr;
+      const auto visible = [&](int32_t r) { return mask == nullptr || r == last || mask[r] != 0; };
       scores.assign(last - first + 1, 0.0);
       double max_score = -INFINITY;
       for (int32_t r = first; r <= last; ++r) {
+        if (!visible(r)) continue;
         double dot = 0.0;
         for (int32_t i = 0; i < a.head_dim; ++i) {
           dot += static_cast<double>(q[i]) * k_head[static_cast<int64_t>(r) * a.head_dim + i];
@@ -88,12 +93,14 @@ void AttentionRef(const AttentionArgs& a) {
         max_score = std::max(max_score, scores[r - first]);
       }
       double denom = 0.0;
-      for (double& s : scores) {
-        s = std::exp(s - max_score);
+      for (int32_t r = first; r <= last; ++r) {
+        double& s = scores[r - first];
+        s = visible(r) ? std::exp(s - max_score) : 0.0;
         denom += s;
       }
       std::fill(acc.begin(), acc.end(), 0.0);
       for (int32_t r = first; r <= last; ++r) {
+        if (!visible(r)) continue;  // an evicted row may hold anything, even NaN
         const double p = scores[r - first] / denom;
         for (int32_t i = 0; i < a.head_dim; ++i) {
           acc[i] += p * v_head[static_cast<int64_t>(r) * a.head_dim + i];
@@ -101,6 +108,56 @@ void AttentionRef(const AttentionArgs& a) {
       }
       float* out = a.out + (static_cast<int64_t>(t) * a.num_q_heads + h) * a.head_dim;
       for (int32_t i = 0; i < a.head_dim; ++i) out[i] = static_cast<float>(acc[i]);
+    }
+  }
+}
+
+void CopyRowsRef(const CopyRowsArgs& a) {
+  for (int32_t i = 0; i < a.num_rows; ++i) {
+    const float* src = a.src + static_cast<int64_t>(a.src_rows[i]) * a.row_elements;
+    std::copy(src, src + a.row_elements, a.dst + static_cast<int64_t>(a.dst_rows[i]) * a.row_elements);
+  }
+}
+
+void HeadPagedDecodeAttentionRef(const HeadPagedDecodeAttentionArgs& a) {
+  const HeadPagedKvView& kv = a.kv;
+  const int32_t group = a.num_q_heads / a.num_kv_heads;
+  std::vector<double> scores;
+  std::vector<int64_t> rows;  // pool row (page * page_tokens + slot) of every visible row
+  std::vector<double> acc(kv.head_dim);
+  for (int32_t s = 0; s < a.num_seqs; ++s) {
+    for (int32_t h = 0; h < a.num_q_heads; ++h) {
+      const int64_t seq_head = static_cast<int64_t>(s) * a.num_kv_heads + h / group;
+      const int32_t* pages = kv.page_ids + kv.page_indptr[seq_head];
+      const float* q = a.q + (static_cast<int64_t>(s) * a.num_q_heads + h) * kv.head_dim;
+      rows.clear();
+      scores.clear();
+      double max_score = -INFINITY;
+      for (int32_t r = 0; r < kv.lengths[seq_head]; ++r) {
+        const int64_t row =
+            static_cast<int64_t>(pages[r / kv.page_tokens]) * kv.page_tokens + r % kv.page_tokens;
+        if (kv.query_masks != nullptr && ((kv.query_masks[row] >> (h % group)) & 1) == 0) continue;
+        double dot = 0.0;
+        for (int32_t i = 0; i < kv.head_dim; ++i) {
+          dot += static_cast<double>(q[i]) * kv.k_pages[row * kv.head_dim + i];
+        }
+        rows.push_back(row);
+        scores.push_back(dot * a.scale);
+        max_score = std::max(max_score, scores.back());
+      }
+      double denom = 0.0;
+      for (double& score : scores) {
+        score = std::exp(score - max_score);
+        denom += score;
+      }
+      // No visible row (impossible in use: a head always sees its new token) gives zeros.
+      std::fill(acc.begin(), acc.end(), 0.0);
+      for (size_t j = 0; j < rows.size(); ++j) {
+        const double p = scores[j] / denom;
+        for (int32_t i = 0; i < kv.head_dim; ++i) acc[i] += p * kv.v_pages[rows[j] * kv.head_dim + i];
+      }
+      float* out = a.out + (static_cast<int64_t>(s) * a.num_q_heads + h) * kv.head_dim;
+      for (int32_t i = 0; i < kv.head_dim; ++i) out[i] = static_cast<float>(acc[i]);
     }
   }
 }

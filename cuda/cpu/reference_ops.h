@@ -16,5 +16,7 @@ void StoreKvRef(const StoreKvArgs& args);
 void AttentionRef(const AttentionArgs& args);
 void SiluMulRef(const SiluMulArgs& args);
 void AddRef(const AddArgs& args);
+void CopyRowsRef(const CopyRowsArgs& args);
+void HeadPagedDecodeAttentionRef(const HeadPagedDecodeAttentionArgs& args);
 
 }  // namespace kvgate::ops

@@ -1,12 +1,14 @@
 // File: causal grouped-query attention on the GPU over a head-major contiguous KV cache
-// (see AttentionArgs in cuda/ops.h for the visible-row rule).
+// (see AttentionArgs in cuda/ops.h for the visible-row rule, key_mask included).
 //
 // One block per (query token, query head). The block's warps split the visible rows;
 // each warp keeps an online softmax (running max, running sum and a float accumulator of
 // 8 dims per lane) and the block merges its warps at the end. When that grid would leave
 // most SMs idle (decode: one token, a few heads), the visible rows are also split across
 // blocks ("flash decoding"): each block writes an unnormalised partial (max, sum,
-// accumulator) to a workspace and a second kernel merges the splits.
+// accumulator) to a workspace and a second kernel merges the splits. Rows that
+// key_mask hides are skipped without loading their K/V. The per-block loop and the
+// merge live in attention_core.cuh, shared with head_paged_decode_attention.cu.
 //
 // Measured on an H100 (fp32): decode over 4096 rows, 32 q / 8 kv heads, head_dim 128:
 // ~50 us; over 32768 rows: ~450 us. Prefill is bound by the per-row warp reductions and

@@ -19,8 +19,10 @@
 #include "cuda/backend.h"
 #include "cuda/kernels/add.cuh"
 #include "cuda/kernels/attention.cuh"
+#include "cuda/kernels/copy_rows.cuh"
 #include "cuda/kernels/cuda_check.h"
 #include "cuda/kernels/embed.cuh"
+#include "cuda/kernels/head_paged_decode_attention.cuh"
 #include "cuda/kernels/matmul_bias.cuh"
 #include "cuda/kernels/rms_norm.cuh"
 #include "cuda/kernels/rope.cuh"
@@ -156,15 +158,22 @@ class CudaBackend final : public Backend {
   absl::Status Attention(const AttentionArgs& args) override {
     KVGATE_CUDA_RETURN_IF_ERROR(cudaSetDevice(device_));
     const AttentionPlan plan = PlanAttention(args, num_sms_);
-    const size_t workspace_bytes = static_cast<size_t>(plan.workspace_floats) * sizeof(float);
-    if (workspace_bytes > attention_workspace_.bytes()) {
-      // Freeing the old block waits for the kernels that still use it.
-      attention_workspace_ = DeviceBuffer();
-      constexpr size_t kGranuleBytes = size_t{1} << 20;
-      KVGATE_ASSIGN_OR_RETURN(attention_workspace_, Alloc((workspace_bytes + kGranuleBytes - 1) /
-                                                          kGranuleBytes * kGranuleBytes));
-    }
+    KVGATE_RETURN_IF_ERROR(ReserveAttentionWorkspace(plan.workspace_floats));
     return LaunchAttention(args, plan, attention_workspace_.as<float>(), stream_);
+  }
+
+  absl::Status CopyRows(const CopyRowsArgs& args) override {
+    KVGATE_CUDA_RETURN_IF_ERROR(cudaSetDevice(device_));
+    return LaunchCopyRows(args, stream_);
+  }
+
+  // Small batches split each head's rows across blocks, as Attention does, sharing its
+  // workspace (ops run in stream order, so they never use it at the same time).
+  absl::Status HeadPagedDecodeAttention(const HeadPagedDecodeAttentionArgs& args) override {
+    KVGATE_CUDA_RETURN_IF_ERROR(cudaSetDevice(device_));
+    const HeadPagedDecodePlan plan = PlanHeadPagedDecodeAttention(args, num_sms_);
+    KVGATE_RETURN_IF_ERROR(ReserveAttentionWorkspace(plan.workspace_floats));
+    return LaunchHeadPagedDecodeAttention(args, plan, attention_workspace_.as<float>(), stream_);
   }
 
   absl::Status SiluMul(const SiluMulArgs& args) override {
@@ -185,12 +194,26 @@ class CudaBackend final : public Backend {
   }
 
  private:
+  // Grows attention_workspace_ to at least `floats` floats, in 1 MiB granules.
+  // A plan of bad args may ask for a negative size; the launcher rejects those args.
+  absl::Status ReserveAttentionWorkspace(int64_t floats) {
+    if (floats <= 0) return absl::OkStatus();
+    const size_t bytes = static_cast<size_t>(floats) * sizeof(float);
+    if (bytes <= attention_workspace_.bytes()) return absl::OkStatus();
+    // Freeing the old block waits for the kernels that still use it.
+    attention_workspace_ = DeviceBuffer();
+    constexpr size_t kGranuleBytes = size_t{1} << 20;
+    KVGATE_ASSIGN_OR_RETURN(attention_workspace_,
+                            Alloc((bytes + kGranuleBytes - 1) / kGranuleBytes * kGranuleBytes));
+    return absl::OkStatus();
+  }
+
   const int device_;
   const std::string name_;
   cudaStream_t stream_ = nullptr;
   cublasHandle_t cublas_ = nullptr;
   int num_sms_ = 0;
-  DeviceBuffer attention_workspace_;  // split partials of Attention
+  DeviceBuffer attention_workspace_;  // split partials of Attention and HeadPagedDecodeAttention
 };
 
 }  // namespace

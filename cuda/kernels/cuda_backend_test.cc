@@ -16,6 +16,7 @@
 #include <iomanip>
 #include <limits>
 #include <memory>
+#include <numeric>
 #include <ostream>
 #include <random>
 #include <sstream>
@@ -28,6 +29,7 @@
 #include "absl/strings/str_cat.h"
 #include "cuda/backend.h"
 #include "cuda/cpu/reference_ops.h"
+#include "cuda/testing/head_paged_layout.h"
 
 namespace kvgate::ops {
 namespace {
@@ -613,6 +615,454 @@ TEST(AttentionEquivalenceTest, ChunkedPrefillEqualsOneShot) {
   ExpectAllClose(one_shot, chunked, kAtolF32, kRtolF32);
 }
 
+// ---------------------------------------------------------------- Attention key_mask
+
+struct MaskedAttentionCase {
+  const char* label;
+  int32_t num_tokens, num_q_heads, num_kv_heads, head_dim, q_start_row, sliding_window;
+  int32_t keep_percent;  // chance that a row survives eviction
+  uint32_t seed;
+  std::string Name() const {
+    return absl::StrCat(label, "_tokens", num_tokens, "_q", num_q_heads, "_kv", num_kv_heads,
+                        "_hd", head_dim, "_start", q_start_row, "_win", sliding_window, "_keep",
+                        keep_percent, "_seed", seed);
+  }
+};
+void PrintTo(const MaskedAttentionCase& c, std::ostream* os) { *os << c.Name(); }
+
+using MaskedAttentionTest = CudaOpTest<MaskedAttentionCase>;
+
+// Evicted rows of earlier chunks hold NaN (no query may read them), as do rows outside
+// every query's window; an evicted row of the current chunk stays finite, since the
+// query at that row still sees it. With keep 100% the mask is all ones, which must give
+// bit-for-bit the output of no mask.
+TEST_P(MaskedAttentionTest, MatchesReference) {
+  const MaskedAttentionCase c = GetParam();
+  SCOPED_TRACE(c.Name());
+  std::mt19937 rng(c.seed);
+  const int32_t capacity = c.q_start_row + c.num_tokens + 3;
+  const int32_t first_seen =
+      c.sliding_window > 0 ? std::max(0, c.q_start_row - c.sliding_window + 1) : 0;
+  const auto q = RandomFloats(rng, static_cast<size_t>(c.num_tokens) * c.num_q_heads * c.head_dim,
+                              -1.0f, 1.0f);
+  auto k_cache = RandomFloats(rng, static_cast<size_t>(c.num_kv_heads) * capacity * c.head_dim,
+                              -1.0f, 1.0f);
+  auto v_cache = RandomFloats(rng, k_cache.size(), -1.0f, 1.0f);
+  std::vector<uint8_t> key_mask(static_cast<size_t>(c.num_kv_heads) * capacity);
+  std::uniform_int_distribution<int> percent(0, 99);
+  for (int32_t h = 0; h < c.num_kv_heads; ++h) {
+    for (int32_t r = 0; r < capacity; ++r) {
+      uint8_t& m = key_mask[static_cast<size_t>(h) * capacity + r];
+      m = percent(rng) < c.keep_percent ? 1 : 0;
+      if ((m == 0 && r < c.q_start_row) || r < first_seen || r >= c.q_start_row + c.num_tokens) {
+        const size_t offset = (static_cast<size_t>(h) * capacity + r) * c.head_dim;
+        std::fill_n(k_cache.begin() + offset, c.head_dim, std::numeric_limits<float>::quiet_NaN());
+        std::fill_n(v_cache.begin() + offset, c.head_dim, std::numeric_limits<float>::quiet_NaN());
+      }
+    }
+  }
+  const float scale = 1.0f / std::sqrt(static_cast<float>(c.head_dim));
+  std::vector<float> ref(q.size());
+  AttentionRef({q.data(), k_cache.data(), v_cache.data(), ref.data(), c.num_tokens, c.num_q_heads,
+                c.num_kv_heads, c.head_dim, capacity, c.q_start_row, c.sliding_window, scale,
+                key_mask.data()});
+
+  KVGATE_ASSERT_OK_AND_ASSIGN(DeviceBuffer d_q, Upload(backend(), q));
+  KVGATE_ASSERT_OK_AND_ASSIGN(DeviceBuffer d_k, Upload(backend(), k_cache));
+  KVGATE_ASSERT_OK_AND_ASSIGN(DeviceBuffer d_v, Upload(backend(), v_cache));
+  KVGATE_ASSERT_OK_AND_ASSIGN(DeviceBuffer d_mask, Upload(backend(), key_mask));
+  KVGATE_ASSERT_OK_AND_ASSIGN(GuardedBuffer d_out,
+                              GuardedBuffer::Create(backend(), std::vector<float>(q.size(), 0.0f)));
+  AttentionArgs args{d_q.as<float>(), d_k.as<float>(), d_v.as<float>(), d_out.data(),
+                     c.num_tokens, c.num_q_heads, c.num_kv_heads, c.head_dim, capacity,
+                     c.q_start_row, c.sliding_window, scale, d_mask.as<uint8_t>()};
+  KVGATE_ASSERT_OK(backend().Attention(args));
+  KVGATE_ASSERT_OK(backend().Synchronize());
+  std::vector<float> out;
+  ASSERT_TRUE(d_out.Download(backend(), &out));
+  ExpectAllClose(ref, out, kAtolF32, kRtolF32);
+  if (c.keep_percent == 100) {
+    KVGATE_ASSERT_OK_AND_ASSIGN(GuardedBuffer d_plain,
+                                GuardedBuffer::Create(backend(), std::vector<float>(q.size(), 0.0f)));
+    args.out = d_plain.data();
+    args.key_mask = nullptr;
+    KVGATE_ASSERT_OK(backend().Attention(args));
+    std::vector<float> plain;
+    ASSERT_TRUE(d_plain.Download(backend(), &plain));
+    ExpectAllClose(plain, out, kAtolExact, kRtolExact, "_ones_vs_null");
+  }
+}
+
+INSTANTIATE_TEST_SUITE_P(
+    Cases, MaskedAttentionTest,
+    ::testing::Values(
+        // label, tokens, q heads, kv heads, head_dim, q_start_row, window, keep %, seed
+        MaskedAttentionCase{"decode_gqa", 1, 8, 2, 64, 128, 0, 50, 201},
+        MaskedAttentionCase{"decode_split", 1, 14, 2, 128, 3000, 0, 30, 202},
+        MaskedAttentionCase{"decode_split_window", 1, 8, 2, 64, 2000, 700, 40, 203},
+        MaskedAttentionCase{"decode_split_sparse", 1, 2, 1, 64, 1000, 0, 2, 204},
+        MaskedAttentionCase{"decode_all_evicted", 1, 4, 1, 128, 600, 0, 0, 205},
+        MaskedAttentionCase{"prefill_gqa7", 129, 14, 2, 64, 0, 0, 60, 206},
+        MaskedAttentionCase{"prefill_window", 97, 4, 4, 16, 0, 32, 50, 207},
+        MaskedAttentionCase{"chunked_gqa", 54, 8, 2, 128, 97, 0, 50, 208},
+        MaskedAttentionCase{"chunked_window", 3, 8, 2, 256, 129, 16, 0, 209},
+        MaskedAttentionCase{"chunked_hd3", 54, 2, 2, 3, 43, 0, 70, 210},
+        MaskedAttentionCase{"chunked_split", 3, 2, 1, 128, 1000, 0, 50, 211},
+        MaskedAttentionCase{"ones_decode_split", 1, 4, 2, 64, 1500, 0, 100, 212},
+        MaskedAttentionCase{"ones_prefill", 97, 8, 2, 64, 0, 40, 100, 213}),
+    CaseName<MaskedAttentionCase>);
+
+// ------------------------------------------------------------------------- CopyRows
+
+struct CopyRowsCase {
+  int32_t num_rows, row_elements, pool_rows;
+  bool in_place;  // src and dst are one buffer, disjoint rows (page compaction)
+  uint32_t seed;
+  std::string Name() const {
+    return absl::StrCat("rows", num_rows, "_elements", row_elements, "_pool", pool_rows,
+                        in_place ? "_inplace" : "", "_seed", seed);
+  }
+};
+void PrintTo(const CopyRowsCase& c, std::ostream* os) { *os << c.Name(); }
+
+using CopyRowsTest = CudaOpTest<CopyRowsCase>;
+
+// Random permutation-like index sets over a pool; the result must be bit-exact, rows
+// not named in dst_rows must keep their old values, and the guard bands must hold.
+TEST_P(CopyRowsTest, MatchesReference) {
+  const CopyRowsCase c = GetParam();
+  SCOPED_TRACE(c.Name());
+  std::mt19937 rng(c.seed);
+  std::vector<int32_t> order(c.pool_rows);
+  std::iota(order.begin(), order.end(), 0);
+  std::shuffle(order.begin(), order.end(), rng);
+  std::vector<int32_t> src_rows(order.begin(), order.begin() + c.num_rows), dst_rows;
+  if (c.in_place) {
+    ASSERT_LE(2 * c.num_rows, c.pool_rows);
+    dst_rows.assign(order.begin() + c.num_rows, order.begin() + 2 * c.num_rows);
+  } else {
+    std::shuffle(order.begin(), order.end(), rng);
+    dst_rows.assign(order.begin(), order.begin() + c.num_rows);
+  }
+  const size_t n = static_cast<size_t>(c.pool_rows) * c.row_elements;
+  const auto src = RandomFloats(rng, n, -1.0f, 1.0f);
+  const auto dst = c.in_place ? src : RandomFloats(rng, n, -1.0f, 1.0f);
+  std::vector<float> ref = dst;
+  CopyRowsRef({c.in_place ? ref.data() : src.data(), ref.data(), src_rows.data(), dst_rows.data(),
+               c.num_rows, c.row_elements});
+
+  KVGATE_ASSERT_OK_AND_ASSIGN(DeviceBuffer d_src, Upload(backend(), src));
+  KVGATE_ASSERT_OK_AND_ASSIGN(DeviceBuffer d_src_rows, Upload(backend(), src_rows));
+  KVGATE_ASSERT_OK_AND_ASSIGN(DeviceBuffer d_dst_rows, Upload(backend(), dst_rows));
+  KVGATE_ASSERT_OK_AND_ASSIGN(GuardedBuffer d_dst, GuardedBuffer::Create(backend(), dst));
+  KVGATE_ASSERT_OK(backend().CopyRows({c.in_place ? d_dst.data() : d_src.as<float>(), d_dst.data(),
+                                       d_src_rows.as<int32_t>(), d_dst_rows.as<int32_t>(),
+                                       c.num_rows, c.row_elements}));
+  KVGATE_ASSERT_OK(backend().Synchronize());
+  std::vector<float> out;
+  ASSERT_TRUE(d_dst.Download(backend(), &out));
+  ExpectAllClose(ref, out, kAtolExact, kRtolExact);
+}
+
+INSTANTIATE_TEST_SUITE_P(
+    Shapes, CopyRowsTest,
+    ::testing::Values(CopyRowsCase{1, 1, 1, false, 221}, CopyRowsCase{3, 3, 7, false, 222},
+                      CopyRowsCase{54, 64, 129, false, 223}, CopyRowsCase{97, 128, 200, true, 224},
+                      CopyRowsCase{129, 3, 300, true, 225}, CopyRowsCase{129, 256, 129, false, 226},
+                      CopyRowsCase{4096, 128, 5000, false, 227},
+                      CopyRowsCase{100000, 4, 250000, true, 228},
+                      CopyRowsCase{300, 2048, 1000, false, 229}),
+    CaseName<CopyRowsCase>);
+
+// ---------------------------------------------------------- HeadPagedDecodeAttention
+
+// A head-paged layout (cuda/testing/head_paged_layout.h) copied to the device.
+struct DeviceLayout {
+  DeviceBuffer k_pages, v_pages, page_indptr, page_ids, lengths, query_masks;
+  bool with_masks = false;
+  int32_t page_tokens = 0, head_dim = 0;
+  HeadPagedKvView View() const {
+    return {k_pages.as<float>(),       v_pages.as<float>(),
+            page_indptr.as<int32_t>(), page_ids.as<int32_t>(),
+            lengths.as<int32_t>(),     with_masks ? query_masks.as<uint8_t>() : nullptr,
+            page_tokens,               head_dim};
+  }
+};
+
+absl::StatusOr<DeviceLayout> UploadLayout(Backend& backend, const paged_testing::HeadPagedLayout& host) {
+  DeviceLayout d;
+  d.with_masks = !host.query_masks.empty();
+  d.page_tokens = host.page_tokens;
+  d.head_dim = host.head_dim;
+  for (auto [dst, src] : {std::pair{&d.k_pages, &host.k_pages}, {&d.v_pages, &host.v_pages}}) {
+    absl::StatusOr<DeviceBuffer> b = Upload(backend, *src);
+    if (!b.ok()) return b.status();
+    *dst = std::move(*b);
+  }
+  for (auto [dst, src] : {std::pair{&d.page_indptr, &host.page_indptr},
+                          {&d.page_ids, &host.page_ids}, {&d.lengths, &host.lengths}}) {
+    absl::StatusOr<DeviceBuffer> b = Upload(backend, *src);
+    if (!b.ok()) return b.status();
+    *dst = std::move(*b);
+  }
+  absl::StatusOr<DeviceBuffer> masks = Upload(backend, host.query_masks);
+  if (!masks.ok()) return masks.status();
+  d.query_masks = std::move(*masks);
+  return d;
+}
+
+struct HeadPagedCase {
+  const char* label;
+  int32_t num_seqs, num_q_heads, num_kv_heads, head_dim, page_tokens;
+  std::vector<int32_t> lengths;  // cycled over the seq heads
+  bool masks;
+  uint32_t seed;
+  std::string Name() const {
+    std::string lens;
+    for (int32_t l : lengths) absl::StrAppend(&lens, "_", l);
+    return absl::StrCat(label, "_seqs", num_seqs, "_q", num_q_heads, "_kv", num_kv_heads, "_hd",
+                        head_dim, "_pt", page_tokens, "_len", lens, masks ? "_masks" : "",
+                        "_seed", seed);
+  }
+};
+void PrintTo(const HeadPagedCase& c, std::ostream* os) { *os << c.Name(); }
+
+using HeadPagedDecodeAttentionTest = CudaOpTest<HeadPagedCase>;
+
+TEST_P(HeadPagedDecodeAttentionTest, MatchesReference) {
+  const HeadPagedCase c = GetParam();
+  SCOPED_TRACE(c.Name());
+  std::mt19937 rng(c.seed);
+  std::vector<int32_t> lengths(static_cast<size_t>(c.num_seqs) * c.num_kv_heads);
+  for (size_t i = 0; i < lengths.size(); ++i) lengths[i] = c.lengths[i % c.lengths.size()];
+  const paged_testing::HeadPagedLayout layout = paged_testing::MakeHeadPagedLayout(
+      rng, lengths, c.page_tokens, c.head_dim, c.num_q_heads / c.num_kv_heads, c.masks, 5);
+  const auto q = RandomFloats(rng, static_cast<size_t>(c.num_seqs) * c.num_q_heads * c.head_dim,
+                              -1.0f, 1.0f);
+  const float scale = 1.0f / std::sqrt(static_cast<float>(c.head_dim));
+  std::vector<float> ref(q.size());
+  HeadPagedDecodeAttentionRef(
+      {q.data(), layout.HostView(), ref.data(), c.num_seqs, c.num_q_heads, c.num_kv_heads, scale});
+
+  KVGATE_ASSERT_OK_AND_ASSIGN(DeviceBuffer d_q, Upload(backend(), q));
+  KVGATE_ASSERT_OK_AND_ASSIGN(DeviceLayout d_layout, UploadLayout(backend(), layout));
+  KVGATE_ASSERT_OK_AND_ASSIGN(GuardedBuffer d_out,
+                              GuardedBuffer::Create(backend(), std::vector<float>(q.size(), 0.0f)));
+  KVGATE_ASSERT_OK(backend().HeadPagedDecodeAttention({d_q.as<float>(), d_layout.View(),
+                                                       d_out.data(), c.num_seqs, c.num_q_heads,
+                                                       c.num_kv_heads, scale}));
+  KVGATE_ASSERT_OK(backend().Synchronize());
+  std::vector<float> out;
+  ASSERT_TRUE(d_out.Download(backend(), &out));
+  ExpectAllClose(ref, out, kAtolF32, kRtolF32);
+}
+
+// On a 132-SM H100/H200 fewer than 132 (sequence, q head) blocks split each head's rows
+// (shares of at least 128 rows), so the "split" cases run the merge kernel, with empty
+// splits for the short heads, and the "batch" cases run one block per head.
+INSTANTIATE_TEST_SUITE_P(
+    Cases, HeadPagedDecodeAttentionTest,
+    ::testing::Values(
+        // label, seqs, q heads, kv heads, head_dim, page_tokens, lengths, masks, seed
+        HeadPagedCase{"gqa4", 3, 8, 2, 128, 16, {1, 3, 54, 97, 129, 16}, true, 231},
+        HeadPagedCase{"pt1_mha", 2, 4, 4, 64, 1, {1, 3, 54, 97, 129}, false, 232},
+        HeadPagedCase{"pt128_gqa7", 2, 14, 2, 64, 128, {129, 3, 97, 1}, true, 233},
+        HeadPagedCase{"pt128_gqa7", 2, 14, 2, 64, 128, {129, 3, 97, 1}, false, 234},
+        HeadPagedCase{"hd3", 1, 2, 1, 3, 16, {54}, true, 235},
+        HeadPagedCase{"hd1", 1, 1, 1, 1, 16, {97}, false, 236},
+        HeadPagedCase{"hd256", 2, 4, 2, 256, 16, {97, 129, 1, 3}, true, 237},
+        HeadPagedCase{"gqa1", 2, 4, 4, 64, 16, {3, 54, 97, 129}, true, 238},
+        HeadPagedCase{"batch", 24, 8, 2, 128, 16, {1, 3, 54, 97, 129, 300, 17}, true, 239},
+        HeadPagedCase{"batch_pt1_gqa7", 20, 7, 1, 64, 1, {129, 1, 54, 3, 97}, true, 240},
+        HeadPagedCase{"batch_hd256", 40, 4, 4, 256, 128, {300, 1, 129}, false, 241},
+        HeadPagedCase{"split_long", 1, 2, 1, 128, 16, {4000}, true, 242},
+        HeadPagedCase{"split_long_pt128", 1, 4, 1, 64, 128, {4095}, false, 243},
+        HeadPagedCase{"split_ragged", 2, 4, 2, 128, 16, {1000, 1, 129, 3}, true, 244},
+        HeadPagedCase{"split_gqa7_hd256", 1, 7, 1, 256, 16, {2500}, true, 245}),
+    CaseName<HeadPagedCase>);
+
+// The equivalence chain: paged decode over pages holding exactly rows [0, L) of every
+// kv head equals the contiguous Attention kernel for the query at row L - 1 over a copy
+// gathered from the pages on the device with CopyRows, and both equal AttentionRef over
+// the same copy gathered on the host. The gathered copies must be bit-identical.
+TEST(HeadPagedDecodeEquivalenceTest, PagedEqualsContiguousOnGatheredCopy) {
+  if (CudaDeviceCount() == 0) GTEST_SKIP() << "no CUDA device visible";
+  KVGATE_ASSERT_OK_AND_ASSIGN(std::unique_ptr<Backend> backend, CreateCudaBackend(0));
+  const int32_t kv_heads = 2, q_heads = 8, head_dim = 128, page_tokens = 16;
+  const float scale = 1.0f / std::sqrt(static_cast<float>(head_dim));
+  // 1 and 3 sequences: split (with empty splits) and unsplit grids of both kernels.
+  for (const std::vector<int32_t>& seq_lengths :
+       {std::vector<int32_t>{1000}, std::vector<int32_t>{1, 54, 129}}) {
+    const int32_t num_seqs = static_cast<int32_t>(seq_lengths.size());
+    SCOPED_TRACE(absl::StrCat("seqs ", num_seqs, " first length ", seq_lengths[0]));
+    std::vector<int32_t> lengths;
+    for (int32_t l : seq_lengths) lengths.insert(lengths.end(), kv_heads, l);
+    std::mt19937 rng(250 + num_seqs);
+    const paged_testing::HeadPagedLayout layout =
+        paged_testing::MakeHeadPagedLayout(rng, lengths, page_tokens, head_dim, 4, false, 3);
+    const auto q = RandomFloats(rng, static_cast<size_t>(num_seqs) * q_heads * head_dim, -1.0f, 1.0f);
+    KVGATE_ASSERT_OK_AND_ASSIGN(DeviceBuffer d_q, Upload(*backend, q));
+    KVGATE_ASSERT_OK_AND_ASSIGN(DeviceLayout d_layout, UploadLayout(*backend, layout));
+    KVGATE_ASSERT_OK_AND_ASSIGN(GuardedBuffer d_paged,
+                                GuardedBuffer::Create(*backend, std::vector<float>(q.size(), 0.0f)));
+    KVGATE_ASSERT_OK(backend->HeadPagedDecodeAttention(
+        {d_q.as<float>(), d_layout.View(), d_paged.data(), num_seqs, q_heads, kv_heads, scale}));
+    std::vector<float> ref(q.size()), contiguous(q.size());
+    for (int32_t s = 0; s < num_seqs; ++s) {
+      const int32_t length = seq_lengths[s], capacity = length + 2;  // NaN rows past the query
+      const size_t cache_floats = static_cast<size_t>(kv_heads) * capacity * head_dim;
+      std::vector<float> k(cache_floats, std::numeric_limits<float>::quiet_NaN()), v = k;
+      std::vector<int32_t> src_rows, dst_rows;
+      for (int32_t h = 0; h < kv_heads; ++h) {
+        for (int32_t r = 0; r < length; ++r) {
+          const int64_t pool_row = layout.PoolRow(s * kv_heads + h, r);
+          std::copy_n(layout.k_pages.begin() + pool_row * head_dim, head_dim,
+                      k.begin() + (static_cast<size_t>(h) * capacity + r) * head_dim);
+          std::copy_n(layout.v_pages.begin() + pool_row * head_dim, head_dim,
+                      v.begin() + (static_cast<size_t>(h) * capacity + r) * head_dim);
+          src_rows.push_back(static_cast<int32_t>(pool_row));
+          dst_rows.push_back(h * capacity + r);
+        }
+      }
+      const size_t offset = static_cast<size_t>(s) * q_heads * head_dim;
+      AttentionRef({q.data() + offset, k.data(), v.data(), ref.data() + offset, 1, q_heads,
+                    kv_heads, head_dim, capacity, length - 1, 0, scale});
+      // The device copy starts all NaN and is filled by CopyRows from the pages.
+      const std::vector<float> nan_cache(cache_floats, std::numeric_limits<float>::quiet_NaN());
+      KVGATE_ASSERT_OK_AND_ASSIGN(GuardedBuffer d_k, GuardedBuffer::Create(*backend, nan_cache));
+      KVGATE_ASSERT_OK_AND_ASSIGN(GuardedBuffer d_v, GuardedBuffer::Create(*backend, nan_cache));
+      KVGATE_ASSERT_OK_AND_ASSIGN(DeviceBuffer d_src_rows, Upload(*backend, src_rows));
+      KVGATE_ASSERT_OK_AND_ASSIGN(DeviceBuffer d_dst_rows, Upload(*backend, dst_rows));
+      for (auto [from, to] : {std::pair{&d_layout.k_pages, &d_k}, {&d_layout.v_pages, &d_v}}) {
+        KVGATE_ASSERT_OK(backend->CopyRows({from->as<float>(), to->data(),
+                                            d_src_rows.as<int32_t>(), d_dst_rows.as<int32_t>(),
+                                            static_cast<int32_t>(src_rows.size()), head_dim}));
+      }
+      KVGATE_ASSERT_OK_AND_ASSIGN(
+          GuardedBuffer d_out,
+          GuardedBuffer::Create(*backend, std::vector<float>(static_cast<size_t>(q_heads) * head_dim, 0.0f)));
+      KVGATE_ASSERT_OK(backend->Attention({d_q.as<float>() + offset, d_k.data(), d_v.data(),
+                                           d_out.data(), 1, q_heads, kv_heads, head_dim, capacity,
+                                           length - 1, 0, scale}));
+      std::vector<float> gathered_k, gathered_v, out;
+      ASSERT_TRUE(d_k.Download(*backend, &gathered_k));
+      ASSERT_TRUE(d_v.Download(*backend, &gathered_v));
+      ASSERT_TRUE(d_out.Download(*backend, &out));
+      ASSERT_EQ(std::memcmp(gathered_k.data(), k.data(), cache_floats * sizeof(float)), 0);
+      ASSERT_EQ(std::memcmp(gathered_v.data(), v.data(), cache_floats * sizeof(float)), 0);
+      std::copy(out.begin(), out.end(), contiguous.begin() + offset);
+    }
+    std::vector<float> paged;
+    ASSERT_TRUE(d_paged.Download(*backend, &paged));
+    ExpectAllClose(ref, contiguous, kAtolF32, kRtolF32, "_contiguous_vs_ref");
+    ExpectAllClose(ref, paged, kAtolF32, kRtolF32, "_paged_vs_ref");
+    ExpectAllClose(contiguous, paged, kAtolF32, kRtolF32, "_paged_vs_contiguous");
+  }
+}
+
+// Evicted keys masked out: per kv head a random subset of rows [0, L - 1) is kept, plus
+// the new token at L - 1, and the pages hold only the kept rows. Paged decode must equal
+// Attention with key_mask clearing the dropped rows (NaN in the contiguous cache) for
+// the query at row L - 1, on the GPU and in AttentionRef.
+TEST(HeadPagedDecodeEquivalenceTest, KeptRowsEqualKeyMaskedAttention) {
+  if (CudaDeviceCount() == 0) GTEST_SKIP() << "no CUDA device visible";
+  KVGATE_ASSERT_OK_AND_ASSIGN(std::unique_ptr<Backend> backend, CreateCudaBackend(0));
+  const int32_t kv_heads = 2, q_heads = 14, head_dim = 64, page_tokens = 16;
+  const float scale = 1.0f / std::sqrt(static_cast<float>(head_dim));
+  for (int32_t length : {1, 3, 129, 2000}) {
+    SCOPED_TRACE(absl::StrCat("length ", length));
+    std::mt19937 rng(260 + length);
+    std::vector<std::vector<int32_t>> kept(kv_heads);
+    std::vector<int32_t> kept_lengths;
+    std::bernoulli_distribution keep(0.4);
+    for (int32_t h = 0; h < kv_heads; ++h) {
+      for (int32_t r = 0; r < length - 1; ++r) {
+        if (keep(rng)) kept[h].push_back(r);
+      }
+      kept[h].push_back(length - 1);
+      kept_lengths.push_back(static_cast<int32_t>(kept[h].size()));
+    }
+    paged_testing::HeadPagedLayout layout =
+        paged_testing::MakeHeadPagedLayout(rng, kept_lengths, page_tokens, head_dim, 7, false, 2);
+    const int32_t capacity = length + 1;
+    std::vector<float> k(static_cast<size_t>(kv_heads) * capacity * head_dim,
+                         std::numeric_limits<float>::quiet_NaN());
+    std::vector<float> v = k;
+    std::vector<uint8_t> key_mask(static_cast<size_t>(kv_heads) * capacity, 0);
+    for (int32_t h = 0; h < kv_heads; ++h) {
+      for (size_t j = 0; j < kept[h].size(); ++j) {
+        const size_t row = static_cast<size_t>(h) * capacity + kept[h][j];
+        key_mask[row] = 1;
+        std::copy_n(layout.K(h, static_cast<int32_t>(j)), head_dim, k.begin() + row * head_dim);
+        std::copy_n(layout.V(h, static_cast<int32_t>(j)), head_dim, v.begin() + row * head_dim);
+      }
+    }
+    const auto q = RandomFloats(rng, static_cast<size_t>(q_heads) * head_dim, -1.0f, 1.0f);
+    std::vector<float> ref(q.size());
+    AttentionRef({q.data(), k.data(), v.data(), ref.data(), 1, q_heads, kv_heads, head_dim,
+                  capacity, length - 1, 0, scale, key_mask.data()});
+
+    KVGATE_ASSERT_OK_AND_ASSIGN(DeviceBuffer d_q, Upload(*backend, q));
+    KVGATE_ASSERT_OK_AND_ASSIGN(DeviceBuffer d_k, Upload(*backend, k));
+    KVGATE_ASSERT_OK_AND_ASSIGN(DeviceBuffer d_v, Upload(*backend, v));
+    KVGATE_ASSERT_OK_AND_ASSIGN(DeviceBuffer d_mask, Upload(*backend, key_mask));
+    KVGATE_ASSERT_OK_AND_ASSIGN(DeviceLayout d_layout, UploadLayout(*backend, layout));
+    KVGATE_ASSERT_OK_AND_ASSIGN(GuardedBuffer d_masked,
+                                GuardedBuffer::Create(*backend, std::vector<float>(q.size(), 0.0f)));
+    KVGATE_ASSERT_OK_AND_ASSIGN(GuardedBuffer d_paged,
+                                GuardedBuffer::Create(*backend, std::vector<float>(q.size(), 0.0f)));
+    KVGATE_ASSERT_OK(backend->Attention({d_q.as<float>(), d_k.as<float>(), d_v.as<float>(),
+                                         d_masked.data(), 1, q_heads, kv_heads, head_dim, capacity,
+                                         length - 1, 0, scale, d_mask.as<uint8_t>()}));
+    KVGATE_ASSERT_OK(backend->HeadPagedDecodeAttention(
+        {d_q.as<float>(), d_layout.View(), d_paged.data(), 1, q_heads, kv_heads, scale}));
+    std::vector<float> masked, paged;
+    ASSERT_TRUE(d_masked.Download(*backend, &masked));
+    ASSERT_TRUE(d_paged.Download(*backend, &paged));
+    ExpectAllClose(ref, masked, kAtolF32, kRtolF32, "_masked_vs_ref");
+    ExpectAllClose(ref, paged, kAtolF32, kRtolF32, "_paged_vs_ref");
+    ExpectAllClose(masked, paged, kAtolF32, kRtolF32, "_paged_vs_masked");
+  }
+}
+
+// A head with no visible row (length 0, or every mask bit clear) gets zeros, not NaN,
+// in the one-block grid and in the split grid.
+TEST(HeadPagedDecodeEdgeTest, NoVisibleRowGivesZeros) {
+  if (CudaDeviceCount() == 0) GTEST_SKIP() << "no CUDA device visible";
+  KVGATE_ASSERT_OK_AND_ASSIGN(std::unique_ptr<Backend> backend, CreateCudaBackend(0));
+  const int32_t head_dim = 64, q_heads = 4, kv_heads = 2;
+  // 1 sequence: split grid; 40 sequences: one block per head.
+  for (int32_t num_seqs : {1, 40}) {
+    SCOPED_TRACE(absl::StrCat("seqs ", num_seqs));
+    std::vector<int32_t> lengths;
+    for (int32_t s = 0; s < num_seqs; ++s) lengths.insert(lengths.end(), {0, 300});
+    std::mt19937 rng(270 + num_seqs);
+    paged_testing::HeadPagedLayout layout =
+        paged_testing::MakeHeadPagedLayout(rng, lengths, 16, head_dim, 2, false, 1);
+    // Every row visible to q head 0 of its group only: q head 3 of each sequence sees none.
+    layout.query_masks.assign(static_cast<size_t>(layout.num_pages) * layout.page_tokens, 1);
+    const auto q = RandomFloats(rng, static_cast<size_t>(num_seqs) * q_heads * head_dim, -1.0f, 1.0f);
+    std::vector<float> ref(q.size());
+    HeadPagedDecodeAttentionRef(
+        {q.data(), layout.HostView(), ref.data(), num_seqs, q_heads, kv_heads, 0.125f});
+    KVGATE_ASSERT_OK_AND_ASSIGN(DeviceBuffer d_q, Upload(*backend, q));
+    KVGATE_ASSERT_OK_AND_ASSIGN(DeviceLayout d_layout, UploadLayout(*backend, layout));
+    KVGATE_ASSERT_OK_AND_ASSIGN(GuardedBuffer d_out,
+                                GuardedBuffer::Create(*backend, std::vector<float>(q.size(), 7.0f)));
+    KVGATE_ASSERT_OK(backend->HeadPagedDecodeAttention(
+        {d_q.as<float>(), d_layout.View(), d_out.data(), num_seqs, q_heads, kv_heads, 0.125f}));
+    std::vector<float> out;
+    ASSERT_TRUE(d_out.Download(*backend, &out));
+    ExpectAllClose(ref, out, kAtolF32, kRtolF32);
+    for (int32_t s = 0; s < num_seqs; ++s) {
+      for (int32_t h : {0, 1, 3}) {
+        const size_t offset = (static_cast<size_t>(s) * q_heads + h) * head_dim;
+        for (int32_t d = 0; d < head_dim; ++d) ASSERT_EQ(out[offset + d], 0.0f) << s << " " << h;
+      }
+    }
+  }
+}
+
 // -------------------------------------------------------------------------- SiluMul
 
 enum class SiluAlias { kNone, kGate, kUp };
@@ -754,9 +1204,29 @@ TEST(CudaBackendErrorTest, InvalidArgumentsAreRejected) {
   const RopeArgs rope{p, nullptr, p, 1, 1, 3};  // odd head_dim
   EXPECT_EQ(backend->Rope(rope).code(), absl::StatusCode::kInvalidArgument);
   EXPECT_EQ(backend->Alloc(0).status().code(), absl::StatusCode::kInvalidArgument);
+  const int32_t* ip = buffer.as<int32_t>();
+  const uint8_t* mp = buffer.as<uint8_t>();
+  HeadPagedDecodeAttentionArgs paged{p, {p, p, ip, ip, ip, nullptr, 16, 512}, p, 1, 2, 1, 1.0f};
+  EXPECT_EQ(backend->HeadPagedDecodeAttention(paged).code(),
+            absl::StatusCode::kInvalidArgument);  // head_dim > 256
+  paged.kv.head_dim = 64;
+  paged.kv.page_tokens = 0;
+  EXPECT_EQ(backend->HeadPagedDecodeAttention(paged).code(), absl::StatusCode::kInvalidArgument);
+  paged.kv.page_tokens = 16;
+  paged.num_q_heads = 3;
+  paged.num_kv_heads = 2;  // not a multiple
+  EXPECT_EQ(backend->HeadPagedDecodeAttention(paged).code(), absl::StatusCode::kInvalidArgument);
+  paged.num_q_heads = 16;
+  paged.num_kv_heads = 1;
+  paged.kv.query_masks = mp;  // 16 q heads per kv head do not fit 8 mask bits
+  EXPECT_EQ(backend->HeadPagedDecodeAttention(paged).code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(backend->CopyRows({p, p, ip, ip, -1, 4}).code(), absl::StatusCode::kInvalidArgument);
   // Empty ops are no-ops.
   KVGATE_ASSERT_OK(backend->Add({p, p, 0}));
   KVGATE_ASSERT_OK(backend->MatMul({p, p, nullptr, p, 0, 4, 4}));
+  KVGATE_ASSERT_OK(backend->CopyRows({p, p, ip, ip, 0, 4}));
+  paged.num_seqs = 0;
+  KVGATE_ASSERT_OK(backend->HeadPagedDecodeAttention(paged));
   KVGATE_ASSERT_OK(backend->Synchronize());
 }
 

@@ -5,7 +5,9 @@ add_library(kvgate_ops_cuda STATIC
   ${CMAKE_CURRENT_SOURCE_DIR}/kernels/cuda_backend.cc
   ${CMAKE_CURRENT_SOURCE_DIR}/kernels/add.cu
   ${CMAKE_CURRENT_SOURCE_DIR}/kernels/attention.cu
+  ${CMAKE_CURRENT_SOURCE_DIR}/kernels/copy_rows.cu
   ${CMAKE_CURRENT_SOURCE_DIR}/kernels/embed.cu
+  ${CMAKE_CURRENT_SOURCE_DIR}/kernels/head_paged_decode_attention.cu
   ${CMAKE_CURRENT_SOURCE_DIR}/kernels/matmul_bias.cu
   ${CMAKE_CURRENT_SOURCE_DIR}/kernels/rms_norm.cu
   ${CMAKE_CURRENT_SOURCE_DIR}/kernels/rope.cu

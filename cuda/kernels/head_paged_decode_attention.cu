@@ -1,0 +1,130 @@
+#include <algorithm>
+#include <cstdint>
+#include <limits>
+
+#include "absl/strings/str_cat.h"
+#include "cuda/kernels/attention_core.cuh"
+#include "cuda/kernels/cuda_check.h"
+#include "cuda/kernels/head_paged_decode_attention.cuh"
+
+namespace kvgate::ops {
+namespace {
+
+// Row j of one seq head, through its page table; visible when query_masks is null or has
+// `bit` (1 << the q head's index in its group) set in the row's byte.
+struct PagedRows {
+  const int32_t* page_ids;  // the seq head's pages
+  const uint8_t* query_masks;
+  int32_t page_tokens;
+  int32_t head_dim;
+  uint32_t bit;
+  __device__ bool Locate(int32_t j, int64_t* offset) const {
+    const int64_t row =
+        static_cast<int64_t>(page_ids[j / page_tokens]) * page_tokens + j % page_tokens;
+    *offset = row * head_dim;
+    return query_masks == nullptr || (query_masks[row] & bit) != 0;
+  }
+};
+
+}  // namespace
+
+// blockIdx.x = sequence * num_q_heads + q head, blockIdx.y = split of the seq head's
+// rows. With partials == null the block writes the normalised output; otherwise (max,
+// sum, accumulator[head_dim]) for its split.
+static __global__ void HeadPagedDecodeAttentionKernel(HeadPagedDecodeAttentionArgs args,
+                                                      float* partials) {
+  const HeadPagedKvView& kv = args.kv;
+  const int64_t seq_q_head = blockIdx.x;
+  const int32_t q_head = static_cast<int32_t>(seq_q_head % args.num_q_heads);
+  const int32_t group = args.num_q_heads / args.num_kv_heads;
+  const int64_t seq_head = seq_q_head / args.num_q_heads * args.num_kv_heads + q_head / group;
+  const int64_t length = max(kv.lengths[seq_head], 0);
+  const int64_t num_splits = gridDim.y;
+  const int64_t share =
+      max((length + num_splits - 1) / num_splits, int64_t{kHeadPagedDecodeMinRowsPerSplit});
+  const int64_t first = blockIdx.y * share;
+  const int64_t end = min(first + share, length);  // first >= end: an empty split
+
+  const PagedRows rows{kv.page_ids + kv.page_indptr[seq_head], kv.query_masks, kv.page_tokens,
+                       kv.head_dim, kv.query_masks != nullptr ? 1u << (q_head % group) : 0u};
+  float* partial = partials != nullptr
+                       ? partials + (seq_q_head * num_splits + blockIdx.y) *
+                                        attention_core::PartialFloats(kv.head_dim)
+                       : nullptr;
+  attention_core::AttendRows(rows, args.q + seq_q_head * kv.head_dim, kv.k_pages, kv.v_pages,
+                             kv.head_dim, args.scale, static_cast<int32_t>(min(first, end)),
+                             static_cast<int32_t>(end - 1), args.out + seq_q_head * kv.head_dim,
+                             partial);
+}
+
+HeadPagedDecodePlan PlanHeadPagedDecodeAttention(const HeadPagedDecodeAttentionArgs& args,
+                                                 int num_sms) {
+  HeadPagedDecodePlan plan;
+  const int64_t blocks = static_cast<int64_t>(args.num_seqs) * args.num_q_heads;
+  if (num_sms <= 0 || blocks <= 0 || blocks >= num_sms || args.kv.head_dim < 1) return plan;
+  const int64_t splits = std::min<int64_t>((4 * static_cast<int64_t>(num_sms) + blocks - 1) / blocks,
+                                           kHeadPagedDecodeMaxSplits);
+  if (splits <= 1) return plan;
+  plan.num_splits = static_cast<int32_t>(splits);
+  plan.workspace_floats = blocks * splits * (args.kv.head_dim + 2);
+  return plan;
+}
+
+absl::Status LaunchHeadPagedDecodeAttention(const HeadPagedDecodeAttentionArgs& args,
+                                            const HeadPagedDecodePlan& plan, float* workspace,
+                                            cudaStream_t stream) {
+  const HeadPagedKvView& kv = args.kv;
+  if (args.num_seqs < 0 || args.num_q_heads < 0 || args.num_kv_heads < 0) {
+    return absl::InvalidArgumentError("HeadPagedDecodeAttention: negative size");
+  }
+  if (args.num_seqs == 0 || args.num_q_heads == 0) return absl::OkStatus();
+  if (kv.head_dim < 1 || kv.head_dim > kHeadPagedDecodeMaxHeadDim) {
+    return absl::InvalidArgumentError(absl::StrCat("HeadPagedDecodeAttention: head_dim ",
+                                                   kv.head_dim, " outside [1, ",
+                                                   kHeadPagedDecodeMaxHeadDim, "]"));
+  }
+  if (args.num_kv_heads == 0 || args.num_q_heads % args.num_kv_heads != 0) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("HeadPagedDecodeAttention: num_q_heads ", args.num_q_heads,
+                     " is not a multiple of num_kv_heads ", args.num_kv_heads));
+  }
+  if (kv.page_tokens < 1) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("HeadPagedDecodeAttention: page_tokens ", kv.page_tokens, " < 1"));
+  }
+  if (kv.query_masks != nullptr && args.num_q_heads / args.num_kv_heads > 8) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("HeadPagedDecodeAttention: query masks hold 8 bits but a kv head serves ",
+                     args.num_q_heads / args.num_kv_heads, " q heads"));
+  }
+  const int64_t blocks = static_cast<int64_t>(args.num_seqs) * args.num_q_heads;
+  if (blocks > std::numeric_limits<int32_t>::max()) {
+    return absl::InvalidArgumentError("HeadPagedDecodeAttention: more than 2^31 - 1 blocks");
+  }
+  if (plan.num_splits < 1 || plan.num_splits > kHeadPagedDecodeMaxSplits ||
+      (plan.num_splits > 1 &&
+       (workspace == nullptr ||
+        plan.workspace_floats < blocks * plan.num_splits * (kv.head_dim + 2)))) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("HeadPagedDecodeAttention: plan of ", plan.num_splits, " splits with ",
+                     plan.workspace_floats, " workspace floats does not fit ", blocks, " blocks"));
+  }
+  const dim3 grid(static_cast<unsigned>(blocks), static_cast<unsigned>(plan.num_splits));
+  HeadPagedDecodeAttentionKernel<<<grid, kAttentionBlockSize, 0, stream>>>(
+      args, plan.num_splits > 1 ? workspace : nullptr);
+  KVGATE_CUDA_RETURN_IF_ERROR(cudaGetLastError());
+  if (plan.num_splits > 1) {
+    attention_core::AttentionMergeKernel<<<static_cast<unsigned>(blocks),
+                                           kAttentionCombineBlockSize, 0, stream>>>(
+        workspace, args.out, plan.num_splits, kv.head_dim);
+    KVGATE_CUDA_RETURN_IF_ERROR(cudaGetLastError());
+  }
+  return absl::OkStatus();
+}
+
+absl::Status LaunchHeadPagedDecodeAttention(const HeadPagedDecodeAttentionArgs& args,
+                                            cudaStream_t stream) {
+  return LaunchHeadPagedDecodeAttention(args, HeadPagedDecodePlan{}, nullptr, stream);
+}
+
+}  // namespace kvgate::ops

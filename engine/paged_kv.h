@@ -1,0 +1,35 @@
+// File: what the engine's decode step needs from a head-paged KV cache, as an interface
+// so that the engine does not depend on the KV pool (kv_manager/ implements it).
+#pragma once
+
+#include <cstdint>
+#include <vector>
+
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "cuda/ops.h"
+
+namespace kvgate::engine {
+
+// A batch of sequences that decode one token each, in a fixed order.
+class PagedKvBatch {
+ public:
+  virtual ~PagedKvBatch() = default;
+  virtual int32_t num_sequences() const = 0;
+  // Position of each sequence's next token: prompt length + tokens generated so far,
+  // never the compacted length.
+  virtual std::vector<int32_t> NextPositions() const = 0;
+  // Reserves one row per (sequence, layer, kv head) for the step's new token. For a
+  // model with a sliding window W, rows the next token can no longer see (position <
+  // next position - W + 1) must be gone from the view before the step.
+  virtual absl::Status BeginStep() = 0;
+  // Writes the new token's K and V of `layer`: [num_sequences, num_kv_heads, head_dim],
+  // backend memory.
+  virtual absl::Status AppendLayer(int32_t layer, const float* k_new, const float* v_new) = 0;
+  // The view of `layer` for HeadPagedDecodeAttention (seq head = seq * kv_heads + head).
+  virtual absl::StatusOr<ops::HeadPagedKvView> View(int32_t layer) = 0;
+  // Advances every sequence's next position.
+  virtual absl::Status EndStep() = 0;
+};
+
+}  // namespace kvgate::engine

@@ -1,0 +1,37 @@
+// File: what the engine records during a full (uncompressed) prefill for the policies
+// that score after prefill. Host float32; filled only for the parts a policy asks for.
+#pragma once
+
+#include <cstdint>
+#include <vector>
+
+namespace kvgate::engine {
+
+struct ModelShape {
+  int32_t num_layers = 0;
+  int32_t num_q_heads = 0;
+  int32_t num_kv_heads = 0;
+  int32_t head_dim = 0;
+  int32_t hidden_size = 0;
+  int32_t group_size() const { return num_q_heads / num_kv_heads; }
+};
+
+struct CaptureRequest {
+  bool keys = false;          // post-RoPE keys of every prompt token
+  int32_t last_queries = 0;   // post-RoPE queries of this many last prompt tokens
+  bool hidden_states = false; // post input-RMSNorm attention inputs (gate inputs)
+};
+
+struct PrefillCapture {
+  ModelShape shape;
+  int32_t prompt_tokens = 0;  // n
+  int32_t num_last_queries = 0;  // w = min(requested, n)
+  // Per layer: [num_kv_heads, n, head_dim].
+  std::vector<std::vector<float>> keys;
+  // Per layer: [w, num_q_heads, head_dim], queries of positions n - w .. n - 1.
+  std::vector<std::vector<float>> last_queries;
+  // Per layer: [n, hidden_size].
+  std::vector<std::vector<float>> hidden_states;
+};
+
+}  // namespace kvgate::engine

@@ -1,0 +1,323 @@
+#include "gates/fast_kvzip.h"
+
+#include <algorithm>
+#include <cmath>
+#include <random>
+
+#include "absl/strings/str_cat.h"
+#include "common/status_macros.h"
+#include "gates/gate_weights.h"
+
+namespace kvgate::gates {
+namespace {
+
+std::string LayerName(int32_t layer, const char* tensor) { return absl::StrCat("layers.", layer, ".", tensor); }
+
+// In place: v = w * v / sqrt(mean(v^2) + eps), fp32.
+void RmsNorm(float* v, const float* w, int32_t size, float eps) {
+  float sum_sq = 0.0f;
+  for (int32_t i = 0; i < size; ++i) sum_sq += v[i] * v[i];
+  const float inv = 1.0f / std::sqrt(sum_sq / static_cast<float>(size) + eps);
+  for (int32_t i = 0; i < size; ++i) v[i] = w[i] * (v[i] * inv);
+}
+
+}  // namespace
+
+absl::StatusOr<std::unique_ptr<FastKvzipGate>> FastKvzipGate::Load(const std::string& path,
+                                                                   const ModelShape& shape) {
+  KVGATE_RETURN_IF_ERROR(ValidateModelShape(shape));
+  KVGATE_ASSIGN_OR_RETURN(GateWeightFile file, GateWeightFile::Open(path, kFastKvzipFormat));
+  KVGATE_RETURN_IF_ERROR(file.ExpectMetadata("num_layers", shape.num_layers));
+  KVGATE_RETURN_IF_ERROR(file.ExpectMetadata("hidden_size", shape.hidden_size));
+  KVGATE_RETURN_IF_ERROR(file.ExpectMetadata("num_kv_heads", shape.num_kv_heads));
+  KVGATE_RETURN_IF_ERROR(file.ExpectMetadata("group_size", shape.group_size()));
+  KVGATE_ASSIGN_OR_RETURN(int64_t rank, file.MetadataInt("rank"));
+  KVGATE_ASSIGN_OR_RETURN(int64_t sinks, file.MetadataInt("num_sinks"));
+  KVGATE_ASSIGN_OR_RETURN(double eps, file.MetadataDouble("norm_eps", 1e-6));
+  if (rank < 1 || rank > 4096 || sinks < 0 || sinks > 4096 || !(eps > 0.0)) {
+    return absl::InvalidArgumentError(absl::StrCat(kGateMismatch, path, ": rank ", rank, ", num_sinks ",
+                                                   sinks, ", norm_eps ", eps, " are out of range"));
+  }
+  auto gate = std::unique_ptr<FastKvzipGate>(
+      new FastKvzipGate(shape, static_cast<int32_t>(rank), static_cast<int32_t>(sinks), static_cast<float>(eps)));
+  const int64_t H = shape.num_kv_heads, G = shape.group_size(), D = shape.hidden_size, R = rank, S = sinks;
+  gate->layers_.resize(shape.num_layers);
+  for (int32_t l = 0; l < shape.num_layers; ++l) {
+    Layer& w = gate->layers_[l];
+    KVGATE_ASSIGN_OR_RETURN(w.q_proj_weight, file.ReadFloat32(LayerName(l, "q_proj.weight"), {H * G * R, D}));
+    KVGATE_ASSIGN_OR_RETURN(w.q_proj_bias, file.ReadFloat32(LayerName(l, "q_proj.bias"), {H * G * R}));
+    KVGATE_ASSIGN_OR_RETURN(w.k_proj_weight, file.ReadFloat32(LayerName(l, "k_proj.weight"), {H * R, D}));
+    KVGATE_ASSIGN_OR_RETURN(w.q_norm_weight, file.ReadFloat32(LayerName(l, "q_norm.weight"), {R}));
+    KVGATE_ASSIGN_OR_RETURN(w.k_norm_weight, file.ReadFloat32(LayerName(l, "k_norm.weight"), {R}));
+    KVGATE_ASSIGN_OR_RETURN(w.k_base, file.ReadFloat32(LayerName(l, "k_base"), {H, S, R}));
+    KVGATE_ASSIGN_OR_RETURN(w.b, file.ReadFloat32(LayerName(l, "b"), {H, G}));
+  }
+  KVGATE_RETURN_IF_ERROR(file.ExpectAllRead());
+  return gate;
+}
+
+std::unique_ptr<FastKvzipGate> FastKvzipGate::CreateRandom(const ModelShape& shape, uint64_t seed,
+                                                           int32_t rank, int32_t num_sinks) {
+  auto gate = std::unique_ptr<FastKvzipGate>(new FastKvzipGate(shape, rank, num_sinks, 1e-6f));
+  std::mt19937_64 rng(seed);
+  const size_t H = shape.num_kv_heads, G = shape.group_size(), D = shape.hidden_size, R = rank, S = num_sinks;
+  std::normal_distribution<float> proj(0.0f, 1.0f / std::sqrt(static_cast<float>(D)));
+  std::normal_distribution<float> unit(0.0f, 1.0f);
+  auto fill = [&](std::vector<float>& v, size_t size, std::normal_distribution<float>& dist) {
+    v.resize(size);
+    for (float& x : v) x = dist(rng);
+  };
+  gate->layers_.resize(shape.num_layers);
+  for (Layer& w : gate->layers_) {
+    fill(w.q_proj_weight, H * G * R * D, proj);
+    fill(w.q_proj_bias, H * G * R, unit);
+    fill(w.k_proj_weight, H * R * D, proj);
+    w.q_norm_weight.assign(R, 1.0f);
+    w.k_norm_weight.assign(R, 1.0f);
+    fill(w.k_base, H * S * R, unit);
+    fill(w.b, H * G, unit);
+  }
+  return gate;
+}
+
+absl::Status FastKvzipGate::Save(const std::string& path) const {
+  const int64_t H = shape_.num_kv_heads, G = shape_.group_size(), D = shape_.hidden_size, R = rank_, S = num_sinks_;
+  std::vector<NamedTensor> tensors;
+  for (int32_t l = 0; l < shape_.num_layers; ++l) {
+    const Layer& w = layers_[l];
+    tensors.push_back({LayerName(l, "q_proj.weight"), {H * G * R, D}, w.q_proj_weight});
+    tensors.push_back({LayerName(l, "q_proj.bias"), {H * G * R}, w.q_proj_bias});
+    tensors.push_back({LayerName(l, "k_proj.weight"), {H * R, D}, w.k_proj_weight});
+    tensors.push_back({LayerName(l, "q_norm.weight"), {R}, w.q_norm_weight});
+    tensors.push_back({LayerName(l, "k_norm.weight"), {R}, w.k_norm_weight});
+    tensors.push_back({LayerName(l, "k_base"), {H, S, R}, w.k_base});
+    tensors.push_back({LayerName(l, "b"), {H, G}, w.b});
+  }
+  return WriteSafetensorsF32(path, tensors,
+                             {{"format", kFastKvzipFormat},
+                              {"num_layers", absl::StrCat(shape_.num_layers)},
+                              {"hidden_size", absl::StrCat(shape_.hidden_size)},
+                              {"num_kv_heads", absl::StrCat(shape_.num_kv_heads)},
+                              {"group_size", absl::StrCat(shape_.group_size())},
+                              {"rank", absl::StrCat(rank_)},
+                              {"num_sinks", absl::StrCat(num_sinks_)},
+                              {"norm_eps", absl::StrCat(norm_eps_)},
+                              {"source", "kvgate FastKvzipGate::Save"}});
+}
+
+absl::StatusOr<std::vector<float>> FastKvzipGate::Score(int32_t layer, absl::Span<const float> hidden) const {
+  const int32_t D = shape_.hidden_size, H = shape_.num_kv_heads, G = shape_.group_size(), R = rank_, S = num_sinks_;
+  if (layer < 0 || layer >= shape_.num_layers) {
+    return absl::InvalidArgumentError(absl::StrCat("fast_kvzip gate: layer ", layer, " out of [0, ", shape_.num_layers, ")"));
+  }
+  if (hidden.size() % static_cast<size_t>(D) != 0) {
+    return absl::InvalidArgumentError(absl::StrCat("fast_kvzip gate: hidden has ", hidden.size(),
+                                                   " floats, not a multiple of hidden_size ", D));
+  }
+  const int32_t n = static_cast<int32_t>(hidden.size() / D);
+  const Layer& w = layers_[layer];
+  const float inv_sqrt_rank = 1.0f / std::sqrt(static_cast<float>(R));
+  std::vector<float> out(static_cast<size_t>(H) * n);
+  std::vector<float> q(static_cast<size_t>(H) * G * R), k(static_cast<size_t>(H) * R), sinks(S);
+  for (int32_t t = 0; t < n; ++t) {
+    const float* x = hidden.data() + static_cast<size_t>(t) * D;
+    for (size_t o = 0; o < q.size(); ++o) {
+      const float* row = w.q_proj_weight.data() + o * D;
+      float acc = 0.0f;
+      for (int32_t i = 0; i < D; ++i) acc += row[i] * x[i];
+      q[o] = acc + w.q_proj_bias[o];
+    }
+    for (size_t o = 0; o < k.size(); ++o) {
+      const float* row = w.k_proj_weight.data() + o * D;
+      float acc = 0.0f;
+      for (int32_t i = 0; i < D; ++i) acc += row[i] * x[i];
+      k[o] = acc;
+    }
+    for (int32_t c = 0; c < H * G; ++c) RmsNorm(q.data() + static_cast<size_t>(c) * R, w.q_norm_weight.data(), R, norm_eps_);
+    for (int32_t h = 0; h < H; ++h) RmsNorm(k.data() + static_cast<size_t>(h) * R, w.k_norm_weight.data(), R, norm_eps_);
+    for (int32_t h = 0; h < H; ++h) {
+      const float* kh = k.data() + static_cast<size_t>(h) * R;
+      float sum = 0.0f;
+      for (int32_t g = 0; g < G; ++g) {
+        const float* qg = q.data() + (static_cast<size_t>(h) * G + g) * R;
+        float logit = 0.0f;
+        for (int32_t i = 0; i < R; ++i) logit += kh[i] * qg[i];
+        logit = logit * inv_sqrt_rank + w.b[static_cast<size_t>(h) * G + g];
+        float m = logit;
+        for (int32_t r = 0; r < S; ++r) {
+          const float* base = w.k_base.data() + (static_cast<size_t>(h) * S + r) * R;
+          float s = 0.0f;
+          for (int32_t i = 0; i < R; ++i) s += base[i] * qg[i];
+          sinks[r] = s * inv_sqrt_rank;
+          m = std::max(m, sinks[r]);
+        }
+        // sigmoid(l - logsumexp_r s_r), as the softmax weight of the own key, shifted by m.
+        const float own = std::exp(logit - m);
+        float denom = own;
+        for (int32_t r = 0; r < S; ++r) denom += std::exp(sinks[r] - m);
+        sum += own / denom;
+      }
+      out[static_cast<size_t>(h) * n + t] = sum / static_cast<float>(G);
+    }
+  }
+  return out;
+}
+
+absl::StatusOr<ScoreGrid> FastKvzipScoreGrid(const FastKvzipGate& gate,
+                                             const std::vector<std::vector<float>>& hidden_states,
+                                             int32_t prompt_tokens) {
+  const ModelShape& s = gate.shape();
+  if (static_cast<int32_t>(hidden_states.size()) != s.num_layers) {
+    return absl::InvalidArgumentError(absl::StrCat("fast_kvzip: hidden states for ", hidden_states.size(),
+                                                   " layers, the model has ", s.num_layers));
+  }
+  ScoreGrid grid;
+  grid.num_layers = s.num_layers;
+  grid.num_kv_heads = s.num_kv_heads;
+  grid.prompt_tokens = prompt_tokens;
+  grid.scores.reserve(static_cast<size_t>(s.num_layers) * s.num_kv_heads * prompt_tokens);
+  for (int32_t l = 0; l < s.num_layers; ++l) {
+    if (hidden_states[l].size() != static_cast<size_t>(prompt_tokens) * s.hidden_size) {
+      return absl::InvalidArgumentError(absl::StrCat("fast_kvzip: layer ", l, " hidden states have ",
+                                                     hidden_states[l].size(), " floats, expected ",
+                                                     static_cast<size_t>(prompt_tokens) * s.hidden_size));
+    }
+    KVGATE_ASSIGN_OR_RETURN(std::vector<float> scores, gate.Score(l, hidden_states[l]));
+    grid.scores.insert(grid.scores.end(), scores.begin(), scores.end());
+  }
+  return grid;
+}
+
+FastKvzipChunkPlan MakeFastKvzipChunkPlan(double keep_ratio, int32_t context_begin, int32_t prompt_tokens,
+                                          int32_t chunk_tokens, int32_t window_tokens, double window_ratio) {
+  FastKvzipChunkPlan plan;
+  plan.context_begin = std::clamp(context_begin, 0, std::max(prompt_tokens, 0));
+  plan.prompt_tokens = std::max(prompt_tokens, 0);
+  plan.chunk_tokens = std::max(chunk_tokens, 1);
+  const int32_t clen = plan.prompt_tokens - plan.context_begin;
+  int32_t window = clen < plan.chunk_tokens ? static_cast<int32_t>(window_ratio * clen) : window_tokens;
+  window = std::clamp(window, 0, clen);
+  plan.evicts = keep_ratio < 1.0;
+  if (!plan.evicts) {
+    plan.window = window;
+    plan.chunk_keep_ratio = 1.0;
+    return plan;
+  }
+  if (keep_ratio * clen < window) {
+    plan.window = static_cast<int32_t>(keep_ratio * clen);
+    plan.chunk_keep_ratio = 0.0;
+  } else {
+    plan.window = window;
+    // clen > window here unless clen == window == 0 (empty context).
+    plan.chunk_keep_ratio = clen > window ? (keep_ratio * clen - window) / (clen - window) : 0.0;
+  }
+  return plan;
+}
+
+std::vector<TokenRange> FastKvzipPrefillChunks(const FastKvzipChunkPlan& plan) {
+  std::vector<TokenRange> out;
+  for (int64_t b = 0; b < plan.prompt_tokens; b += plan.chunk_tokens) {
+    out.push_back({static_cast<int32_t>(b),
+                   static_cast<int32_t>(std::min<int64_t>(b + plan.chunk_tokens, plan.prompt_tokens))});
+  }
+  return out;
+}
+
+TokenRange FastKvzipThresholdRange(const FastKvzipChunkPlan& plan, int32_t thresholded_until, int32_t scored_end) {
+  const int32_t begin = std::max(thresholded_until, plan.context_begin);
+  const int32_t end = std::max(begin, std::min(scored_end, plan.prompt_tokens) - plan.window);
+  return {begin, end};
+}
+
+int64_t FastKvzipChunkKeepCount(const FastKvzipChunkPlan& plan, int64_t candidates) {
+  if (!plan.evicts) return candidates;
+  return std::clamp<int64_t>(static_cast<int64_t>(std::floor(plan.chunk_keep_ratio * static_cast<double>(candidates))),
+                             0, candidates);
+}
+
+namespace {
+
+class FastKvzipPolicy final : public Policy {
+ public:
+  FastKvzipPolicy(const ModelShape& shape, std::shared_ptr<const FastKvzipGate> gate, float safeguard)
+      : shape_(shape), gate_(std::move(gate)), safeguard_(safeguard) {}
+  std::string_view name() const override { return "fast_kvzip"; }
+  CaptureRequest needs() const override {
+    CaptureRequest r;
+    r.hidden_states = true;
+    return r;
+  }
+  ForwardHooks hooks() const override {
+    ForwardHooks h;
+    h.fast_kvzip_scores = true;
+    return h;
+  }
+  int32_t default_sink() const override { return kFastKvzipDefaultSink; }
+  int32_t default_recent() const override { return kDefaultFastKvzipWindow; }
+  const FastKvzipGate* fast_kvzip_gate() const override { return gate_.get(); }
+
+  absl::StatusOr<KeepPlan> Plan(const PrefillCapture& capture, const PolicyInputs& inputs,
+                                const ResolvedBudget& budget, HeadBudget head_budget) const override {
+    KVGATE_RETURN_IF_ERROR(CheckBudgetAndCapture(capture, budget, shape_));
+    const int32_t n = budget.prompt_tokens;
+    ScoreGrid grid;
+    if (!inputs.gate_scores.empty()) {
+      if (static_cast<int32_t>(inputs.gate_scores.size()) != shape_.num_layers) {
+        return absl::InvalidArgumentError("fast_kvzip: PolicyInputs::gate_scores needs one entry per layer");
+      }
+      grid.num_layers = shape_.num_layers;
+      grid.num_kv_heads = shape_.num_kv_heads;
+      grid.prompt_tokens = n;
+      for (int32_t l = 0; l < shape_.num_layers; ++l) {
+        if (inputs.gate_scores[l].size() != static_cast<size_t>(shape_.num_kv_heads) * n) {
+          return absl::InvalidArgumentError(absl::StrCat("fast_kvzip: gate_scores of layer ", l,
+                                                         " must hold num_kv_heads * n values"));
+        }
+        grid.scores.insert(grid.scores.end(), inputs.gate_scores[l].begin(), inputs.gate_scores[l].end());
+      }
+    } else {
+      if (gate_ == nullptr) {
+        return absl::FailedPreconditionError("fast_kvzip: no gate loaded and no PolicyInputs::gate_scores");
+      }
+      KVGATE_ASSIGN_OR_RETURN(grid, FastKvzipScoreGrid(*gate_, capture.hidden_states, n));
+    }
+    KeepPlan plan;
+    if (budget.keep_per_head >= n) {
+      plan = KeepPlan::KeepAll(shape_.num_layers, shape_.num_kv_heads, n);
+    } else if (head_budget == HeadBudget::kUniform) {
+      plan = SelectPerHeadTopK(grid, budget.keep_per_head, budget.protected_mask);
+    } else if (head_budget == HeadBudget::kAdaptive) {
+      plan = SelectAdaKv(grid, budget.keep_per_head, budget.protected_mask, safeguard_);
+    } else {
+      plan = SelectGlobalTopK(grid, budget.keep_per_head, budget.protected_mask);
+    }
+    // Scores for decode-time eviction; pinned rows (sink, ranges outside the window) = 1.0.
+    const int32_t window_begin = n - budget.recent_tokens;
+    for (int32_t l = 0; l < shape_.num_layers; ++l) {
+      for (int32_t h = 0; h < shape_.num_kv_heads; ++h) {
+        HeadKeep& keep = plan.at(l, h);
+        keep.scores.resize(keep.positions.size());
+        for (size_t i = 0; i < keep.positions.size(); ++i) {
+          const int32_t p = keep.positions[i];
+          const bool pinned = budget.protected_mask[p] && (p < budget.sink_tokens || p < window_begin);
+          keep.scores[i] = pinned ? 1.0f : grid.at(l, h, p);
+        }
+      }
+    }
+    return plan;
+  }
+
+ private:
+  ModelShape shape_;
+  std::shared_ptr<const FastKvzipGate> gate_;
+  float safeguard_;
+};
+
+}  // namespace
+
+std::unique_ptr<Policy> MakeFastKvzipPolicy(const ModelShape& shape, std::shared_ptr<const FastKvzipGate> gate,
+                                            float adakv_safeguard) {
+  return std::make_unique<FastKvzipPolicy>(shape, std::move(gate), adakv_safeguard);
+}
+
+}  // namespace kvgate::gates

@@ -1,0 +1,130 @@
+#include "gates/policy.h"
+
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
+#include "common/status_macros.h"
+#include "gates/attention_gate.h"
+#include "gates/fast_kvzip.h"
+#include "gates/gate_weights.h"
+#include "gates/kvzip.h"
+#include "gates/sage_kv.h"
+#include "gates/snapkv.h"
+#include "gates/streaming_llm.h"
+
+namespace kvgate::gates {
+
+absl::Status ValidateModelShape(const ModelShape& s) {
+  if (s.num_layers < 1 || s.num_q_heads < 1 || s.num_kv_heads < 1 || s.head_dim < 1 || s.hidden_size < 1 ||
+      s.num_q_heads % s.num_kv_heads != 0) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "model shape: layers ", s.num_layers, ", q heads ", s.num_q_heads, ", kv heads ", s.num_kv_heads,
+        ", head_dim ", s.head_dim, ", hidden ", s.hidden_size,
+        " (all must be positive and q heads a multiple of kv heads)"));
+  }
+  return absl::OkStatus();
+}
+
+absl::Status CheckBudgetAndCapture(const PrefillCapture& capture, const ResolvedBudget& budget,
+                                   const ModelShape& shape) {
+  if (budget.prompt_tokens < 0 || static_cast<int32_t>(budget.protected_mask.size()) != budget.prompt_tokens) {
+    return absl::InvalidArgumentError("budget: protected_mask must hold prompt_tokens bytes");
+  }
+  if (capture.prompt_tokens != budget.prompt_tokens) {
+    return absl::InvalidArgumentError(absl::StrCat("capture has ", capture.prompt_tokens,
+                                                   " prompt tokens, the budget ", budget.prompt_tokens));
+  }
+  const ModelShape& c = capture.shape;
+  if (c.num_layers != shape.num_layers || c.num_q_heads != shape.num_q_heads ||
+      c.num_kv_heads != shape.num_kv_heads || c.head_dim != shape.head_dim || c.hidden_size != shape.hidden_size) {
+    return absl::InvalidArgumentError("capture.shape differs from the policy's model shape");
+  }
+  return absl::OkStatus();
+}
+
+namespace {
+
+class FullPolicy final : public Policy {
+ public:
+  explicit FullPolicy(const ModelShape& shape) : shape_(shape) {}
+  std::string_view name() const override { return "full"; }
+  CaptureRequest needs() const override { return {}; }
+  int32_t default_sink() const override { return 0; }
+  int32_t default_recent() const override { return 0; }
+  absl::StatusOr<KeepPlan> Plan(const PrefillCapture& capture, const PolicyInputs& inputs,
+                                const ResolvedBudget& budget, HeadBudget head_budget) const override {
+    return KeepPlan::KeepAll(shape_.num_layers, shape_.num_kv_heads, budget.prompt_tokens);
+  }
+
+ private:
+  ModelShape shape_;
+};
+
+}  // namespace
+
+absl::StatusOr<std::unique_ptr<Policy>> CreatePolicy(const std::string& name, const PolicyOptions& options,
+                                                     const ModelShape& shape) {
+  KVGATE_RETURN_IF_ERROR(ValidateModelShape(shape));
+  if (name == "full") return std::unique_ptr<Policy>(new FullPolicy(shape));
+  if (name == "streaming_llm") return MakeStreamingLlmPolicy(shape);
+  if (name == "snapkv") {
+    if (options.snapkv_window < 1 || options.snapkv_kernel < 1 || options.snapkv_kernel % 2 == 0) {
+      return absl::InvalidArgumentError(absl::StrCat("snapkv: window ", options.snapkv_window, " and kernel ",
+                                                     options.snapkv_kernel, " must be >= 1, kernel odd"));
+    }
+    return MakeSnapKvPolicy(shape, options.snapkv_window, options.snapkv_kernel, options.adakv_safeguard);
+  }
+  if (name == "sage_kv") {
+    if (shape.group_size() > 8) {
+      return absl::InvalidArgumentError(absl::StrCat("sage_kv: group size ", shape.group_size(),
+                                                     " > 8 (KeepPlan query_mask has one byte per row)"));
+    }
+    return MakeSageKvPolicy(shape);
+  }
+  if (name == "kvzip") {
+    if (options.kvzip_chunk_tokens < 1) {
+      return absl::InvalidArgumentError("kvzip: kvzip_chunk_tokens must be >= 1");
+    }
+    return MakeKvzipPolicy(shape, options.kvzip_chunk_tokens, options.adakv_safeguard);
+  }
+  if (name == "fast_kvzip") {
+    std::shared_ptr<const FastKvzipGate> gate = options.fast_kvzip_gate;
+    if (gate == nullptr && !options.gate_path.empty()) {
+      KVGATE_ASSIGN_OR_RETURN(std::unique_ptr<FastKvzipGate> loaded, FastKvzipGate::Load(options.gate_path, shape));
+      gate = std::move(loaded);
+    }
+    if (gate == nullptr && options.allow_random_gate) {
+      gate = FastKvzipGate::CreateRandom(shape, options.random_gate_seed);
+    }
+    if (gate == nullptr) {
+      return absl::InvalidArgumentError("fast_kvzip: needs gate weights (PolicyOptions::gate_path)");
+    }
+    const ModelShape& g = gate->shape();
+    if (g.num_layers != shape.num_layers || g.num_kv_heads != shape.num_kv_heads ||
+        g.group_size() != shape.group_size() || g.hidden_size != shape.hidden_size) {
+      return absl::InvalidArgumentError(absl::StrCat(kGateMismatch, "the fast_kvzip gate was built for another model shape"));
+    }
+    return MakeFastKvzipPolicy(shape, std::move(gate), options.adakv_safeguard);
+  }
+  if (name == "attention_gate") {
+    std::shared_ptr<const AttentionGate> gate = options.attention_gate;
+    if (gate == nullptr && !options.gate_path.empty()) {
+      KVGATE_ASSIGN_OR_RETURN(std::unique_ptr<AttentionGate> loaded, AttentionGate::Load(options.gate_path, shape));
+      gate = std::move(loaded);
+    }
+    if (gate == nullptr && options.allow_random_gate) {
+      gate = AttentionGate::CreateRandom(shape, options.random_gate_seed);
+    }
+    if (gate == nullptr) {
+      return absl::InvalidArgumentError("attention_gate: needs gate weights (PolicyOptions::gate_path)");
+    }
+    const ModelShape& g = gate->shape();
+    if (g.num_layers != shape.num_layers || g.num_kv_heads != shape.num_kv_heads || g.hidden_size != shape.hidden_size) {
+      return absl::InvalidArgumentError(absl::StrCat(kGateMismatch, "the attention gate was built for another model shape"));
+    }
+    return MakeAttentionGatePolicy(shape, std::move(gate));
+  }
+  return absl::InvalidArgumentError(absl::StrCat("unknown eviction policy '", name,
+                                                 "' (known: ", absl::StrJoin(PolicyNames(), ", "), ")"));
+}
+
+}  // namespace kvgate::gates

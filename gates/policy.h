@@ -1,0 +1,143 @@
+// File: the eviction-policy interface and registry. A policy = scorer + selector +
+// protections (architecture.md section 4); the engine drives it:
+//
+//   KVGATE_ASSIGN_OR_RETURN(auto policy, CreatePolicy(spec.policy, options, shape));
+//   KVGATE_ASSIGN_OR_RETURN(ResolvedBudget budget, ResolveBudget(spec, n,
+//       policy->default_sink(), policy->default_recent()));
+//   ... prefill recording policy->needs() (+ policy->hooks(), see ForwardHooks) ...
+//   KVGATE_ASSIGN_OR_RETURN(KeepPlan plan, policy->Plan(capture, inputs, budget,
+//       spec.head_budget));
+//
+// then compact the cache to `plan`. Every plan keeps each row at its ORIGINAL position.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "gates/eviction_spec.h"
+#include "gates/keep_plan.h"
+#include "gates/prefill_capture.h"
+
+namespace kvgate::gates {
+
+class FastKvzipGate;
+class AttentionGate;
+
+// One KVzip reconstruction forward (gates/kvzip.h, eviction-methods.md section 4.1). After
+// the full prefill, the engine appends `num_queries` reconstruction tokens on top of the
+// FULL prompt cache at positions n, n+1, ... (chunk 0: "\n\nRepeat the previous context
+// exactly." + assistant prefix + the chunk's tokens; chunk i > 0: "\n\nRepeat the part of
+// the previous context exactly, starting with " + the last 8 tokens of chunk i-1 +
+// assistant prefix + the chunk's tokens), records per layer their post-RoPE queries and
+// keys, and drops their K/V afterwards (they must never enter the real cache).
+struct KvzipChunk {
+  int32_t begin = 0;        // the chunk's prompt positions [begin, end): the keys it scores
+  int32_t end = 0;
+  int32_t sink_keys = 0;    // prompt keys [0, sink_keys) also enter the softmax; <= begin
+                            // (KVzip: the system prompt; kvpress: min(4, begin))
+  int32_t num_queries = 0;  // q_len, tokens of the reconstruction input
+  // Per layer: [num_queries, num_q_heads, head_dim], post-RoPE.
+  std::vector<std::vector<float>> queries;
+  // Per layer: [num_kv_heads, num_queries, head_dim], post-RoPE keys of the same tokens.
+  std::vector<std::vector<float>> own_keys;
+};
+
+// What a policy needs from the forward beyond the plain capture (PrefillCapture is the
+// engine's type; these travel beside it in PolicyInputs).
+struct ForwardHooks {
+  // kvzip: run one reconstruction forward per range of KvzipChunkRanges(context_begin, n,
+  // kvzip_chunk_tokens) and fill PolicyInputs::kvzip_chunks.
+  bool kvzip_reconstruction = false;
+  int32_t kvzip_chunk_tokens = 0;
+  // fast_kvzip: the engine MAY run fast_kvzip_gate()->Score(layer, x) inside each layer's
+  // forward (x = the post input-RMSNorm attention input) and fill PolicyInputs::gate_scores,
+  // instead of capturing hidden_states.
+  bool fast_kvzip_scores = false;
+  // attention_gate: the engine MUST, inside each layer's forward and before its attention,
+  // compute AttentionGatePrefillKeyMask(*attention_gate(), layer, x, budget) (gates/
+  // attention_gate.h), pass it as AttentionArgs::key_mask, and keep it in
+  // PolicyInputs::gate_flags.
+  bool attention_gate_mask = false;
+};
+
+// Policy inputs the engine computes in or after the forward. Empty = not supplied.
+struct PolicyInputs {
+  // fast_kvzip: per layer [num_kv_heads, n] gate scores (FastKvzipGate::Score). When empty,
+  // Plan runs the gate on PrefillCapture::hidden_states.
+  std::vector<std::vector<float>> gate_scores;
+  // attention_gate: per layer [num_kv_heads, n], the key mask the prefill used (1 = row
+  // visible/kept). When empty, Plan recomputes it from PrefillCapture::hidden_states
+  // (identical only if those hidden states came from the masked forward).
+  std::vector<std::vector<uint8_t>> gate_flags;
+  // kvzip: the reconstruction forwards, one per chunk, in any order.
+  std::vector<KvzipChunk> kvzip_chunks;
+};
+
+struct PolicyOptions {
+  // fast_kvzip / attention_gate: the gate weight file (gates/README.md formats).
+  std::string gate_path;
+  // Already-loaded gates (shared by many requests); take precedence over gate_path.
+  std::shared_ptr<const FastKvzipGate> fast_kvzip_gate;
+  std::shared_ptr<const AttentionGate> attention_gate;
+  // Tests and benchmarks without trained weights: when no gate is given, create a random
+  // one from this seed instead of failing.
+  bool allow_random_gate = false;
+  uint64_t random_gate_seed = 0;
+  // snapkv (kvpress defaults).
+  int32_t snapkv_window = 64;
+  int32_t snapkv_kernel = 5;
+  // AdaKV safeguard (head_budget = kAdaptive).
+  float adakv_safeguard = 0.2f;
+  // kvzip reconstruction chunk (KVzip repo: 2000; kvpress: 2048).
+  int32_t kvzip_chunk_tokens = 2000;
+};
+
+class Policy {
+ public:
+  virtual ~Policy() = default;
+  virtual std::string_view name() const = 0;
+  // What the prefill must record (PrefillCapture fields).
+  virtual CaptureRequest needs() const = 0;
+  // What the forward must do beyond recording.
+  virtual ForwardHooks hooks() const { return {}; }
+  // Defaults for ResolveBudget; may be kDefaultQuarterOfBudget / kDefaultFastKvzipWindow.
+  virtual int32_t default_sink() const = 0;
+  virtual int32_t default_recent() const = 0;
+  // The gates the engine runs inside the forward; null for policies without one.
+  virtual const FastKvzipGate* fast_kvzip_gate() const { return nullptr; }
+  virtual const AttentionGate* attention_gate() const { return nullptr; }
+
+  // Turns a capture into a KeepPlan over [0, budget.prompt_tokens). INVALID_ARGUMENT when
+  // the capture does not match the model shape or lacks what needs()/hooks() asked for.
+  virtual absl::StatusOr<KeepPlan> Plan(const PrefillCapture& capture, const PolicyInputs& inputs,
+                                        const ResolvedBudget& budget,
+                                        HeadBudget head_budget) const = 0;
+  // Same with no PolicyInputs (enough for full, streaming_llm, snapkv, sage_kv, and for
+  // fast_kvzip / attention_gate when hidden_states were captured).
+  absl::StatusOr<KeepPlan> Plan(const PrefillCapture& capture, const ResolvedBudget& budget,
+                                HeadBudget head_budget) const {
+    return Plan(capture, PolicyInputs{}, budget, head_budget);
+  }
+};
+
+// `name` from PolicyNames(). INVALID_ARGUMENT for an unknown name, a model shape the policy
+// cannot serve, or a gate file that does not fit the model; NOT_FOUND for a missing gate
+// file.
+absl::StatusOr<std::unique_ptr<Policy>> CreatePolicy(const std::string& name,
+                                                     const PolicyOptions& options,
+                                                     const ModelShape& shape);
+
+// --- Shared by the policy implementations ---
+
+// INVALID_ARGUMENT unless `shape` is usable (positive sizes, heads divisible).
+absl::Status ValidateModelShape(const ModelShape& shape);
+// INVALID_ARGUMENT unless budget and capture describe the same prompt of a model of
+// `shape`.
+absl::Status CheckBudgetAndCapture(const PrefillCapture& capture, const ResolvedBudget& budget,
+                                   const ModelShape& shape);
+
+}  // namespace kvgate::gates

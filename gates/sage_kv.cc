@@ -1,0 +1,145 @@
+#include "gates/sage_kv.h"
+
+#include <algorithm>
+#include <cmath>
+
+#include "absl/strings/str_cat.h"
+#include "common/status_macros.h"
+#include "gates/internal/select_util.h"
+
+namespace kvgate::gates {
+
+absl::StatusOr<QueryHeadScores> SageKvScores(const PrefillCapture& capture) {
+  const ModelShape& s = capture.shape;
+  KVGATE_RETURN_IF_ERROR(ValidateModelShape(s));
+  const int32_t n = capture.prompt_tokens, d = s.head_dim, group = s.group_size();
+  if (n > 0 && capture.num_last_queries < 1) {
+    return absl::InvalidArgumentError("sage_kv: the capture needs the last prompt token's query");
+  }
+  if (static_cast<int32_t>(capture.keys.size()) != s.num_layers ||
+      static_cast<int32_t>(capture.last_queries.size()) != s.num_layers) {
+    return absl::InvalidArgumentError("sage_kv: the capture needs keys and last_queries for every layer");
+  }
+  QueryHeadScores out;
+  out.num_layers = s.num_layers;
+  out.num_q_heads = s.num_q_heads;
+  out.prompt_tokens = n;
+  out.scores.assign(static_cast<size_t>(s.num_layers) * s.num_q_heads * n, 0.0f);
+  const double scale = 1.0 / std::sqrt(static_cast<double>(d));
+  const size_t keys_size = static_cast<size_t>(s.num_kv_heads) * n * d;
+  const size_t queries_size = static_cast<size_t>(capture.num_last_queries) * s.num_q_heads * d;
+  for (int32_t l = 0; l < s.num_layers; ++l) {
+    if (capture.keys[l].size() != keys_size || capture.last_queries[l].size() != queries_size) {
+      return absl::InvalidArgumentError(absl::StrCat("sage_kv: layer ", l, " keys/last_queries have the wrong size"));
+    }
+    if (n == 0) continue;
+    const float* last = capture.last_queries[l].data() +
+                        static_cast<size_t>(capture.num_last_queries - 1) * s.num_q_heads * d;
+    for (int32_t qh = 0; qh < s.num_q_heads; ++qh) {
+      const float* q = last + static_cast<size_t>(qh) * d;
+      const float* keys = capture.keys[l].data() + static_cast<size_t>(qh / group) * n * d;
+      float* row = out.scores.data() + (static_cast<size_t>(l) * s.num_q_heads + qh) * n;
+      for (int32_t j = 0; j < n; ++j) {
+        const float* k = keys + static_cast<size_t>(j) * d;
+        double dot = 0.0;
+        for (int32_t c = 0; c < d; ++c) dot += static_cast<double>(q[c]) * k[c];
+        row[j] = static_cast<float>(dot * scale);
+      }
+    }
+  }
+  return out;
+}
+
+absl::StatusOr<KeepPlan> SageKvSelect(const QueryHeadScores& scores, int32_t group_size,
+                                      const ResolvedBudget& budget) {
+  const int32_t n = budget.prompt_tokens;
+  if (group_size < 1 || group_size > 8 || scores.num_q_heads % group_size != 0) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "sage_kv: group size must be in [1, 8] (one query_mask byte per row) and divide the ",
+        scores.num_q_heads, " query heads, got ", group_size));
+  }
+  if (scores.prompt_tokens != n || static_cast<int32_t>(budget.protected_mask.size()) != n ||
+      scores.scores.size() != static_cast<size_t>(scores.num_layers) * scores.num_q_heads * n) {
+    return absl::InvalidArgumentError("sage_kv: scores and budget describe different prompts");
+  }
+  const int32_t kv_heads = scores.num_q_heads / group_size;
+  if (budget.keep_per_head >= n) return KeepPlan::KeepAll(scores.num_layers, kv_heads, n);
+
+  std::vector<uint8_t> shared = budget.protected_mask;
+  if (n > 0) shared[n - 1] = 1;  // the last token P_N
+  const int64_t shared_rows = std::count_if(shared.begin(), shared.end(), [](uint8_t b) { return b != 0; });
+  const int64_t k = std::max<int64_t>(0, budget.keep_per_head - shared_rows) / group_size;
+  const uint8_t all_bits = static_cast<uint8_t>((1u << group_size) - 1u);
+
+  KeepPlan plan;
+  plan.num_layers = scores.num_layers;
+  plan.num_kv_heads = kv_heads;
+  plan.prompt_tokens = n;
+  plan.heads.resize(static_cast<size_t>(scores.num_layers) * kv_heads);
+  std::vector<uint8_t> bits(static_cast<size_t>(n));
+  for (int32_t l = 0; l < scores.num_layers; ++l) {
+    for (int32_t h = 0; h < kv_heads; ++h) {
+      for (int32_t p = 0; p < n; ++p) bits[p] = shared[p] ? all_bits : 0;
+      for (int32_t g = 0; g < group_size; ++g) {
+        const float* row = scores.scores.data() + (static_cast<size_t>(l) * scores.num_q_heads + h * group_size + g) * n;
+        const internal::Cut cut = internal::FindCut(k, [&](auto&& f) {
+          for (int32_t p = 0; p < n; ++p) {
+            if (!shared[p]) f(internal::ScoreKey(row[p]), static_cast<uint64_t>(p));
+          }
+        });
+        for (int32_t p = 0; p < n; ++p) {
+          if (!shared[p] && cut.Keeps(internal::ScoreKey(row[p]), static_cast<uint64_t>(p))) {
+            bits[p] |= static_cast<uint8_t>(1u << g);
+          }
+        }
+      }
+      HeadKeep& out = plan.at(l, h);
+      for (int32_t p = 0; p < n; ++p) {
+        if (bits[p] != 0) {
+          out.positions.push_back(p);
+          out.query_mask.push_back(bits[p]);
+        }
+      }
+    }
+  }
+  return plan;
+}
+
+namespace {
+
+class SageKvPolicy final : public Policy {
+ public:
+  explicit SageKvPolicy(const ModelShape& shape) : shape_(shape) {}
+  std::string_view name() const override { return "sage_kv"; }
+  CaptureRequest needs() const override {
+    CaptureRequest r;
+    r.keys = true;
+    r.last_queries = 1;
+    return r;
+  }
+  int32_t default_sink() const override { return kDefaultQuarterOfBudget; }
+  int32_t default_recent() const override { return kDefaultQuarterOfBudget; }
+  absl::StatusOr<KeepPlan> Plan(const PrefillCapture& capture, const PolicyInputs& inputs,
+                                const ResolvedBudget& budget, HeadBudget head_budget) const override {
+    if (head_budget == HeadBudget::kAdaptive) {
+      return absl::InvalidArgumentError("sage_kv: head_budget ADAPTIVE is not supported (top-k is per query head)");
+    }
+    KVGATE_RETURN_IF_ERROR(CheckBudgetAndCapture(capture, budget, shape_));
+    if (budget.keep_per_head >= budget.prompt_tokens) {
+      return KeepPlan::KeepAll(shape_.num_layers, shape_.num_kv_heads, budget.prompt_tokens);
+    }
+    KVGATE_ASSIGN_OR_RETURN(QueryHeadScores scores, SageKvScores(capture));
+    return SageKvSelect(scores, shape_.group_size(), budget);
+  }
+
+ private:
+  ModelShape shape_;
+};
+
+}  // namespace
+
+std::unique_ptr<Policy> MakeSageKvPolicy(const ModelShape& shape) {
+  return std::make_unique<SageKvPolicy>(shape);
+}
+
+}  // namespace kvgate::gates

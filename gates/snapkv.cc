@@ -1,0 +1,128 @@
+#include "gates/snapkv.h"
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+
+#include "absl/strings/str_cat.h"
+#include "common/status_macros.h"
+
+namespace kvgate::gates {
+
+absl::StatusOr<ScoreGrid> SnapKvScores(const PrefillCapture& capture, int32_t window, int32_t kernel) {
+  const ModelShape& s = capture.shape;
+  KVGATE_RETURN_IF_ERROR(ValidateModelShape(s));
+  if (window < 1) return absl::InvalidArgumentError(absl::StrCat("snapkv: window must be >= 1, got ", window));
+  if (kernel < 1 || kernel % 2 == 0) {
+    return absl::InvalidArgumentError(absl::StrCat("snapkv: kernel must be odd and >= 1, got ", kernel));
+  }
+  const int32_t n = capture.prompt_tokens, d = s.head_dim, group = s.group_size();
+  const int32_t w = std::min(window, n);
+  if (capture.num_last_queries < w) {
+    return absl::InvalidArgumentError(absl::StrCat("snapkv: needs the last ", w,
+                                                   " queries, the capture has ", capture.num_last_queries));
+  }
+  if (static_cast<int32_t>(capture.keys.size()) != s.num_layers ||
+      static_cast<int32_t>(capture.last_queries.size()) != s.num_layers) {
+    return absl::InvalidArgumentError("snapkv: the capture needs keys and last_queries for every layer");
+  }
+  const size_t keys_size = static_cast<size_t>(s.num_kv_heads) * n * d;
+  const size_t queries_size = static_cast<size_t>(capture.num_last_queries) * s.num_q_heads * d;
+  const int32_t m = n - w;
+  const int32_t pad = kernel / 2;
+  const double scale = 1.0 / std::sqrt(static_cast<double>(d));
+
+  ScoreGrid grid;
+  grid.num_layers = s.num_layers;
+  grid.num_kv_heads = s.num_kv_heads;
+  grid.prompt_tokens = n;
+  grid.scores.assign(static_cast<size_t>(s.num_layers) * s.num_kv_heads * n, 0.0f);
+  std::vector<double> logits(static_cast<size_t>(n)), mean(static_cast<size_t>(std::max(m, 0)));
+  std::vector<double> group_sum(static_cast<size_t>(std::max(m, 0)));
+  for (int32_t l = 0; l < s.num_layers; ++l) {
+    if (capture.keys[l].size() != keys_size || capture.last_queries[l].size() != queries_size) {
+      return absl::InvalidArgumentError(absl::StrCat("snapkv: layer ", l, " keys/last_queries have the wrong size"));
+    }
+    for (int32_t h = 0; h < s.num_kv_heads; ++h) {
+      const float* keys = capture.keys[l].data() + static_cast<size_t>(h) * n * d;
+      std::fill(group_sum.begin(), group_sum.end(), 0.0);
+      for (int32_t g = 0; g < group; ++g) {
+        const int32_t qh = h * group + g;
+        std::fill(mean.begin(), mean.end(), 0.0);
+        for (int32_t i = 0; i < w; ++i) {
+          const int32_t row = capture.num_last_queries - w + i;  // the last w captured rows
+          const int32_t pos = n - w + i;
+          const float* q = capture.last_queries[l].data() + (static_cast<size_t>(row) * s.num_q_heads + qh) * d;
+          double max_logit = -std::numeric_limits<double>::infinity();
+          for (int32_t j = 0; j <= pos; ++j) {
+            const float* k = keys + static_cast<size_t>(j) * d;
+            double dot = 0.0;
+            for (int32_t c = 0; c < d; ++c) dot += static_cast<double>(q[c]) * k[c];
+            logits[j] = dot * scale;
+            max_logit = std::max(max_logit, logits[j]);
+          }
+          double denom = 0.0;
+          for (int32_t j = 0; j <= pos; ++j) {
+            logits[j] = std::exp(logits[j] - max_logit);
+            denom += logits[j];
+          }
+          for (int32_t j = 0; j < m; ++j) mean[j] += logits[j] / denom;
+        }
+        for (int32_t j = 0; j < m; ++j) mean[j] /= w;
+        for (int32_t j = 0; j < m; ++j) {
+          double pooled = 0.0;
+          for (int32_t t = std::max(0, j - pad); t <= std::min(m - 1, j + pad); ++t) pooled += mean[t];
+          group_sum[j] += pooled / kernel;
+        }
+      }
+      float* out = grid.scores.data() + (static_cast<size_t>(l) * s.num_kv_heads + h) * n;
+      for (int32_t j = 0; j < m; ++j) out[j] = static_cast<float>(group_sum[j] / group);
+      for (int32_t j = std::max(m, 0); j < n; ++j) out[j] = std::numeric_limits<float>::infinity();
+    }
+  }
+  return grid;
+}
+
+namespace {
+
+class SnapKvPolicy final : public Policy {
+ public:
+  SnapKvPolicy(const ModelShape& shape, int32_t window, int32_t kernel, float safeguard)
+      : shape_(shape), window_(window), kernel_(kernel), safeguard_(safeguard) {}
+  std::string_view name() const override { return "snapkv"; }
+  CaptureRequest needs() const override {
+    CaptureRequest r;
+    r.keys = true;
+    r.last_queries = window_;
+    return r;
+  }
+  int32_t default_sink() const override { return 0; }
+  int32_t default_recent() const override { return window_; }
+  absl::StatusOr<KeepPlan> Plan(const PrefillCapture& capture, const PolicyInputs& inputs,
+                                const ResolvedBudget& budget, HeadBudget head_budget) const override {
+    KVGATE_RETURN_IF_ERROR(CheckBudgetAndCapture(capture, budget, shape_));
+    const int32_t n = budget.prompt_tokens;
+    if (n <= window_ || budget.keep_per_head >= n) {
+      return KeepPlan::KeepAll(shape_.num_layers, shape_.num_kv_heads, n);
+    }
+    KVGATE_ASSIGN_OR_RETURN(ScoreGrid grid, SnapKvScores(capture, window_, kernel_));
+    std::vector<uint8_t> mask = budget.protected_mask;
+    for (int32_t p = n - window_; p < n; ++p) mask[p] = 1;  // the observation window
+    if (head_budget == HeadBudget::kAdaptive) return SelectAdaKv(grid, budget.keep_per_head, mask, safeguard_);
+    return SelectPerHeadTopK(grid, budget.keep_per_head, mask);
+  }
+
+ private:
+  ModelShape shape_;
+  int32_t window_, kernel_;
+  float safeguard_;
+};
+
+}  // namespace
+
+std::unique_ptr<Policy> MakeSnapKvPolicy(const ModelShape& shape, int32_t window, int32_t kernel,
+                                         float adakv_safeguard) {
+  return std::make_unique<SnapKvPolicy>(shape, window, kernel, adakv_safeguard);
+}
+
+}  // namespace kvgate::gates

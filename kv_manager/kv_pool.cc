@@ -1,0 +1,290 @@
+#include "kv_manager/kv_pool.h"
+
+#include <algorithm>
+#include <limits>
+#include <unordered_map>
+#include <utility>
+
+#include "absl/strings/str_cat.h"
+#include "absl/strings/string_view.h"
+#include "common/status_macros.h"
+
+namespace kvgate::kv {
+namespace {
+
+absl::Status WithContext(const absl::Status& s, absl::string_view what) {
+  if (s.ok()) return s;
+  return absl::Status(s.code(), absl::StrCat(what, ": ", s.message()));
+}
+
+// Smallest index scratch worth allocating, in int32 entries.
+constexpr size_t kMinScratchEntries = 1024;
+
+}  // namespace
+
+absl::StatusOr<std::unique_ptr<KvPool>> KvPool::Create(ops::Backend* backend, int32_t num_pages,
+                                                       int32_t page_tokens, int32_t head_dim) {
+  if (backend == nullptr) return absl::InvalidArgumentError("KvPool needs a backend");
+  if (num_pages <= 0 || page_tokens <= 0 || head_dim <= 0) {
+    return absl::InvalidArgumentError(absl::StrCat("KvPool of ", num_pages, " pages x ", page_tokens,
+                                                   " tokens x ", head_dim, " dims"));
+  }
+  const int64_t rows = int64_t{num_pages} * page_tokens;
+  if (rows > std::numeric_limits<int32_t>::max()) {
+    return absl::InvalidArgumentError(absl::StrCat("KvPool of ", rows, " rows overflows int32 row ids"));
+  }
+  auto pool = std::unique_ptr<KvPool>(new KvPool(backend, num_pages, page_tokens, head_dim));
+  const size_t kv_bytes = static_cast<size_t>(rows) * head_dim * sizeof(float);
+  KVGATE_ASSIGN_OR_RETURN(pool->k_pages_, backend->Alloc(kv_bytes));
+  KVGATE_ASSIGN_OR_RETURN(pool->v_pages_, backend->Alloc(kv_bytes));
+  KVGATE_ASSIGN_OR_RETURN(pool->query_masks_, backend->Alloc(static_cast<size_t>(rows)));
+  return pool;
+}
+
+absl::StatusOr<int32_t*> KvPool::Upload(absl::Span<const int32_t> host, ops::DeviceBuffer* scratch) {
+  const size_t bytes = host.size() * sizeof(int32_t);
+  if (scratch->bytes() < bytes) {
+    const size_t grown = std::max({bytes, 2 * scratch->bytes(), kMinScratchEntries * sizeof(int32_t)});
+    KVGATE_ASSIGN_OR_RETURN(*scratch, backend_->Alloc(grown));
+  }
+  if (bytes > 0) KVGATE_RETURN_IF_ERROR(backend_->CopyToBackend(scratch->data(), host.data(), bytes));
+  return scratch->as<int32_t>();
+}
+
+template <typename SrcK, typename SrcV>
+absl::Status KvPool::RunCopies(absl::Span<const RowCopies> copies, SrcK k_src, SrcV v_src) {
+  std::vector<int32_t> host;
+  for (const RowCopies& c : copies) {
+    host.insert(host.end(), c.src_rows.begin(), c.src_rows.end());
+    host.insert(host.end(), c.dst_rows.begin(), c.dst_rows.end());
+  }
+  if (host.empty()) return absl::OkStatus();
+  KVGATE_ASSIGN_OR_RETURN(const int32_t* rows, Upload(host, &copy_scratch_));
+  for (size_t l = 0; l < copies.size(); ++l) {
+    const int32_t n = copies[l].size();
+    if (n == 0) continue;
+    ops::CopyRowsArgs args;
+    args.src_rows = rows;
+    args.dst_rows = rows + n;
+    args.num_rows = n;
+    args.row_elements = head_dim_;
+    args.src = k_src(static_cast<int32_t>(l));
+    args.dst = k_pages_.as<float>();
+    KVGATE_RETURN_IF_ERROR(backend_->CopyRows(args));
+    args.src = v_src(static_cast<int32_t>(l));
+    args.dst = v_pages_.as<float>();
+    KVGATE_RETURN_IF_ERROR(backend_->CopyRows(args));
+    rows += 2 * n;
+  }
+  return absl::OkStatus();
+}
+
+absl::Status KvPool::UploadMaskRuns(absl::Span<const int32_t> sorted_pages, absl::Span<const uint8_t> bytes) {
+  const size_t pt = static_cast<size_t>(page_tokens_);
+  size_t begin = 0;
+  while (begin < sorted_pages.size()) {
+    size_t end = begin + 1;
+    while (end < sorted_pages.size() && sorted_pages[end] == sorted_pages[end - 1] + 1) ++end;
+    KVGATE_RETURN_IF_ERROR(backend_->CopyToBackend(query_masks_.as<uint8_t>() + sorted_pages[begin] * pt,
+                                                   bytes.data() + begin * pt, (end - begin) * pt));
+    begin = end;
+  }
+  return absl::OkStatus();
+}
+
+absl::Status KvPool::FillMasks(absl::Span<const int32_t> pages) {
+  std::vector<int32_t> sorted(pages.begin(), pages.end());
+  std::sort(sorted.begin(), sorted.end());
+  const std::vector<uint8_t> bytes(sorted.size() * page_tokens_, kAllQueryHeads);
+  return UploadMaskRuns(sorted, bytes);
+}
+
+absl::Status KvPool::WriteMasks(const SequenceLayout& layout, absl::Span<const int32_t> pages) {
+  if (pages.empty()) return absl::OkStatus();
+  std::vector<int32_t> sorted(pages.begin(), pages.end());
+  std::sort(sorted.begin(), sorted.end());
+  std::unordered_map<int32_t, size_t> slot_of;  // page id -> index in sorted
+  for (size_t i = 0; i < sorted.size(); ++i) slot_of.emplace(sorted[i], i);
+  const int32_t pt = page_tokens_;
+  std::vector<uint8_t> bytes(sorted.size() * pt, kAllQueryHeads);
+  size_t found = 0;
+  for (const HeadPages& hp : layout.heads) {
+    for (size_t p = 0; p < hp.page_ids.size(); ++p) {
+      auto it = slot_of.find(hp.page_ids[p]);
+      if (it == slot_of.end()) continue;
+      ++found;
+      if (!layout.has_query_masks) continue;  // all 0xFF already
+      const int32_t first = static_cast<int32_t>(p) * pt;
+      const int32_t rows = std::min(pt, hp.length - first);
+      std::copy_n(hp.query_mask.begin() + first, rows, bytes.begin() + it->second * pt);
+    }
+  }
+  if (found != sorted.size()) {
+    return absl::InternalError(absl::StrCat("mask write of ", sorted.size(), " pages, ", found,
+                                            " held by the layout"));
+  }
+  return UploadMaskRuns(sorted, bytes);
+}
+
+absl::Status KvPool::CommitPrefill(const engine::KvCache& cache, const gates::KeepPlan& plan,
+                                   SequenceLayout* out) {
+  if (!out->heads.empty()) {
+    return absl::FailedPreconditionError("commit into a layout that already holds pages; release it first");
+  }
+  if (plan.prompt_tokens != cache.length_tokens()) {
+    return absl::InvalidArgumentError(absl::StrCat("keep plan for a prompt of ", plan.prompt_tokens,
+                                                   " tokens, the prefill cache holds ", cache.length_tokens()));
+  }
+  auto committed = PlanCommit(plan, cache.capacity_tokens(), page_tokens_, &pages_);
+  if (!committed.ok()) return WithContext(committed.status(), "commit prefill");
+  absl::Status s = RunCopies(
+      committed->copies, [&](int32_t l) { return cache.k(l); }, [&](int32_t l) { return cache.v(l); });
+  if (s.ok()) s = WriteMasks(committed->layout, committed->layout.AllPages());
+  if (!s.ok()) {
+    (void)kv::Release(&committed->layout, &pages_);
+    return WithContext(s, "commit prefill");
+  }
+  *out = std::move(committed->layout);
+  return absl::OkStatus();
+}
+
+absl::StatusOr<AppendPlan> KvPool::ReserveDecodeStep(SequenceLayout* layout) {
+  if (!layout->heads.empty() && layout->page_tokens != page_tokens_) {
+    return absl::InvalidArgumentError("layout from a pool of another page size");
+  }
+  KVGATE_ASSIGN_OR_RETURN(AppendPlan step, PlanAppend(layout, &pages_));
+  // A new page's slots are all 0xFF: the new row is visible to all, the rest unused.
+  KVGATE_RETURN_IF_ERROR(WithContext(FillMasks(step.new_pages), "decode reserve"));
+  return step;
+}
+
+absl::Status KvPool::AppendDecodeRows(const AppendPlan& step, int32_t layer, const float* k_new,
+                                      const float* v_new) {
+  const AppendPlan* steps[] = {&step};
+  return AppendDecodeRows(absl::MakeConstSpan(steps), layer, k_new, v_new);
+}
+
+absl::Status KvPool::AppendDecodeRows(absl::Span<const AppendPlan* const> steps, int32_t layer,
+                                      const float* k_new, const float* v_new) {
+  if (steps.empty()) return absl::OkStatus();
+  const int32_t heads = steps[0]->num_kv_heads;
+  std::vector<int32_t> host;  // [src rows | dst rows]
+  host.reserve(2 * steps.size() * heads);
+  for (size_t s = 0; s < steps.size(); ++s) {
+    if (steps[s]->num_kv_heads != heads || layer < 0 || layer >= steps[s]->num_layers) {
+      return absl::InvalidArgumentError(absl::StrCat("decode append of layer ", layer, " for sequence ", s,
+                                                     " of the batch: ", steps[s]->num_layers, " layers x ",
+                                                     steps[s]->num_kv_heads, " kv heads (batch: ", heads, ")"));
+    }
+    for (int32_t h = 0; h < heads; ++h) host.push_back(static_cast<int32_t>(s) * heads + h);
+  }
+  for (const AppendPlan* step : steps) {
+    absl::Span<const int32_t> rows = step->layer_rows(layer);
+    host.insert(host.end(), rows.begin(), rows.end());
+  }
+  KVGATE_ASSIGN_OR_RETURN(const int32_t* rows, Upload(host, &copy_scratch_));
+  const int32_t n = static_cast<int32_t>(host.size() / 2);
+  ops::CopyRowsArgs args;
+  args.src_rows = rows;
+  args.dst_rows = rows + n;
+  args.num_rows = n;
+  args.row_elements = head_dim_;
+  args.src = k_new;
+  args.dst = k_pages_.as<float>();
+  KVGATE_RETURN_IF_ERROR(WithContext(backend_->CopyRows(args), "decode append K"));
+  args.src = v_new;
+  args.dst = v_pages_.as<float>();
+  return WithContext(backend_->CopyRows(args), "decode append V");
+}
+
+absl::StatusOr<int32_t> KvPool::Compact(SequenceLayout* layout, const gates::KeepPlan& keep) {
+  if (!layout->heads.empty() && layout->page_tokens != page_tokens_) {
+    return absl::InvalidArgumentError("layout from a pool of another page size");
+  }
+  auto plan = PlanCompaction(layout, keep, &pages_);
+  if (!plan.ok()) return WithContext(plan.status(), "compaction");
+  const float* k = k_pages_.as<float>();
+  const float* v = v_pages_.as<float>();
+  KVGATE_RETURN_IF_ERROR(WithContext(
+      RunCopies(plan->copies, [k](int32_t) { return k; }, [v](int32_t) { return v; }), "compaction"));
+  KVGATE_RETURN_IF_ERROR(WithContext(WriteMasks(*layout, plan->mask_pages), "compaction"));
+  return plan->pages_freed();
+}
+
+absl::Status KvPool::Release(SequenceLayout* layout) { return kv::Release(layout, &pages_); }
+
+absl::StatusOr<ops::HeadPagedKvView> KvPool::BuildView(absl::Span<const SequenceLayout* const> seqs,
+                                                       int32_t layer) {
+  const int32_t heads = seqs.empty() ? 0 : seqs[0]->num_kv_heads;
+  bool any_masks = false;
+  size_t num_ids = 0;
+  for (size_t s = 0; s < seqs.size(); ++s) {
+    const SequenceLayout& seq = *seqs[s];
+    if (seq.heads.empty() || seq.page_tokens != page_tokens_ || seq.num_kv_heads != heads || layer < 0 ||
+        layer >= seq.num_layers) {
+      return absl::InvalidArgumentError(absl::StrCat("view of layer ", layer, ": sequence ", s, " of the batch has ",
+                                                     seq.num_layers, " layers x ", seq.num_kv_heads,
+                                                     " kv heads, page_tokens ", seq.page_tokens, " (pool ",
+                                                     page_tokens_, ", batch kv heads ", heads, ")"));
+    }
+    any_masks |= seq.has_query_masks;
+    for (int32_t h = 0; h < heads; ++h) num_ids += seq.at(layer, h).page_ids.size();
+  }
+  const size_t num_seq_heads = seqs.size() * heads;
+  // [page_indptr (num_seq_heads + 1) | page_ids (num_ids) | lengths (num_seq_heads)]
+  std::vector<int32_t> host(num_seq_heads + 1 + num_ids + num_seq_heads);
+  int32_t* indptr = host.data();
+  int32_t* ids = indptr + num_seq_heads + 1;
+  int32_t* lengths = ids + num_ids;
+  size_t i = 0;
+  for (const SequenceLayout* seq : seqs) {
+    for (int32_t h = 0; h < heads; ++h, ++i) {
+      const HeadPages& hp = seq->at(layer, h);
+      std::copy(hp.page_ids.begin(), hp.page_ids.end(), ids + indptr[i]);
+      indptr[i + 1] = indptr[i] + static_cast<int32_t>(hp.page_ids.size());
+      lengths[i] = hp.length;
+    }
+  }
+  KVGATE_ASSIGN_OR_RETURN(const int32_t* base, Upload(host, &view_scratch_));
+  ops::HeadPagedKvView view;
+  view.k_pages = k_pages_.as<float>();
+  view.v_pages = v_pages_.as<float>();
+  view.page_indptr = base;
+  view.page_ids = base + num_seq_heads + 1;
+  view.lengths = base + num_seq_heads + 1 + num_ids;
+  view.query_masks = any_masks ? query_masks_.as<uint8_t>() : nullptr;
+  view.page_tokens = page_tokens_;
+  view.head_dim = head_dim_;
+  return view;
+}
+
+absl::StatusOr<HeadRows> KvPool::ReadRows(const SequenceLayout& layout, int32_t layer, int32_t kv_head) const {
+  if (layout.heads.empty() || layout.page_tokens != page_tokens_ || layer < 0 || layer >= layout.num_layers ||
+      kv_head < 0 || kv_head >= layout.num_kv_heads) {
+    return absl::InvalidArgumentError(absl::StrCat("read of layer ", layer, " kv head ", kv_head, " from a layout of ",
+                                                   layout.num_layers, " x ", layout.num_kv_heads));
+  }
+  const HeadPages& hp = layout.at(layer, kv_head);
+  const size_t row_floats = static_cast<size_t>(head_dim_);
+  HeadRows out;
+  out.k.resize(static_cast<size_t>(hp.length) * row_floats);
+  out.v.resize(out.k.size());
+  out.query_mask.resize(hp.length);
+  out.positions = hp.positions;
+  for (size_t p = 0; p < hp.page_ids.size(); ++p) {
+    const size_t first = p * page_tokens_;
+    const size_t rows = std::min<size_t>(page_tokens_, hp.length - first);
+    const size_t pool_row = static_cast<size_t>(hp.page_ids[p]) * page_tokens_;
+    KVGATE_RETURN_IF_ERROR(backend_->CopyToHost(out.k.data() + first * row_floats,
+                                                k_pages_.as<float>() + pool_row * row_floats,
+                                                rows * row_floats * sizeof(float)));
+    KVGATE_RETURN_IF_ERROR(backend_->CopyToHost(out.v.data() + first * row_floats,
+                                                v_pages_.as<float>() + pool_row * row_floats,
+                                                rows * row_floats * sizeof(float)));
+    KVGATE_RETURN_IF_ERROR(
+        backend_->CopyToHost(out.query_mask.data() + first, query_masks_.as<uint8_t>() + pool_row, rows));
+  }
+  return out;
+}
+
+}  // namespace kvgate::kv

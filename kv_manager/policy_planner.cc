@@ -1,0 +1,203 @@
+#include "kv_manager/policy_planner.h"
+
+#include <algorithm>
+
+#include "absl/strings/str_cat.h"
+#include "common/status_macros.h"
+#include "gates/attention_gate.h"
+#include "gates/kvzip.h"
+
+namespace kvgate::kv {
+namespace {
+
+// KVzip's reconstruction prompts (KVzip model/wrapper.py self_task). Models without a
+// chat template (TinyStories, base models) get the plain text, no assistant prefix.
+constexpr char kKvzipRepeatAll[] = "\n\nRepeat the previous context exactly.";
+constexpr char kKvzipRepeatFrom[] = "\n\nRepeat the part of the previous context exactly, starting with ";
+constexpr int32_t kKvzipOverlapTokens = 8;
+
+// Restricts each head of `plan` to positions >= first_visible (sliding-window models:
+// the next token cannot see anything older).
+void TrimToWindow(int32_t first_visible, gates::KeepPlan* plan) {
+  for (gates::HeadKeep& head : plan->heads) {
+    const auto begin = std::lower_bound(head.positions.begin(), head.positions.end(), first_visible);
+    const size_t drop = static_cast<size_t>(begin - head.positions.begin());
+    if (drop == 0) continue;
+    head.positions.erase(head.positions.begin(), begin);
+    if (!head.query_mask.empty()) head.query_mask.erase(head.query_mask.begin(), head.query_mask.begin() + drop);
+    if (!head.scores.empty()) head.scores.erase(head.scores.begin(), head.scores.begin() + drop);
+  }
+}
+
+class PolicyPlanner final : public engine::KvPlanner {
+ public:
+  PolicyPlanner(engine::Model& model, KvPool* pool, gates::EvictionSpec spec, gates::PolicyOptions options,
+                std::unique_ptr<gates::Policy> policy, const engine::Tokenizer* tokenizer)
+      : model_(model), pool_(pool), spec_(std::move(spec)), options_(std::move(options)),
+        policy_(std::move(policy)), tokenizer_(tokenizer) {}
+
+  absl::Status ConfigurePrefill(absl::Span<const int32_t> prompt, engine::ForwardOptions* options) override {
+    const int32_t n = static_cast<int32_t>(prompt.size());
+    KVGATE_ASSIGN_OR_RETURN(budget_, gates::ResolveBudget(spec_, n, policy_->default_sink(), policy_->default_recent()));
+    options->capture_request = policy_->needs();
+    inputs_ = gates::PolicyInputs{};
+    if (policy_->hooks().attention_gate_mask) {
+      const gates::AttentionGate* gate = policy_->attention_gate();
+      if (gate == nullptr) return absl::InternalError("attention_gate policy without a gate");
+      inputs_.gate_flags.assign(model_.config().num_layers, {});
+      options->layer_key_mask = [this, gate](int32_t layer, absl::Span<const float> hidden)
+          -> absl::StatusOr<std::vector<uint8_t>> {
+        KVGATE_ASSIGN_OR_RETURN(std::vector<uint8_t> mask,
+                                gates::AttentionGatePrefillKeyMask(*gate, layer, hidden, budget_));
+        inputs_.gate_flags[layer] = mask;
+        return mask;
+      };
+    }
+    return absl::OkStatus();
+  }
+
+  absl::StatusOr<std::unique_ptr<engine::PagedKvBatch>> Commit(absl::Span<const int32_t> prompt,
+                                                               const engine::KvCache& cache,
+                                                               const engine::PrefillCapture& capture,
+                                                               engine::KvAccounting* accounting) override {
+    const engine::ModelConfig& c = model_.config();
+    const int32_t n = cache.length_tokens();
+    if (budget_.prompt_tokens != n) {
+      return absl::FailedPreconditionError("Commit without ConfigurePrefill of the same prompt");
+    }
+    if (policy_->hooks().kvzip_reconstruction) KVGATE_RETURN_IF_ERROR(RunKvzipReconstruction(prompt));
+    KVGATE_ASSIGN_OR_RETURN(gates::KeepPlan plan, policy_->Plan(capture, inputs_, budget_, spec_.head_budget));
+    inputs_ = gates::PolicyInputs{};
+    if (c.sliding_window > 0) TrimToWindow(n - c.sliding_window + 1, &plan);
+    SequenceLayout layout;
+    KVGATE_RETURN_IF_ERROR(pool_->CommitPrefill(cache, plan, &layout));
+    accounting->policy = std::string(policy_->name());
+    accounting->kv_entries_full = int64_t{c.num_layers} * c.num_kv_heads * n;
+    accounting->kv_entries_kept = plan.KeptEntries();
+    accounting->keep_fraction =
+        accounting->kv_entries_full > 0 ? double(accounting->kv_entries_kept) / accounting->kv_entries_full : 1.0;
+    accounting->bytes_full = accounting->kv_entries_full * c.KvEntryBytes();
+    accounting->bytes_kept = accounting->kv_entries_kept * c.KvEntryBytes();
+    accounting->pages_used = static_cast<int32_t>(layout.NumPages());
+    return std::make_unique<SequenceBatch>(pool_, std::move(layout), c.sliding_window);
+  }
+
+ private:
+  // KVzip (eviction-methods.md 4.1): one teacher-forced forward per context chunk of the
+  // reconstruction prompt + the chunk, on top of the full prompt; their queries and keys
+  // are recorded and their K/V discarded (a scratch cache: they never enter the real one).
+  absl::Status RunKvzipReconstruction(absl::Span<const int32_t> prompt) {
+    if (tokenizer_ == nullptr) return absl::FailedPreconditionError("kvzip needs the model's tokenizer");
+    const int32_t n = static_cast<int32_t>(prompt.size());
+    for (const gates::TokenRange& range : gates::KvzipChunkRanges(0, n, options_.kvzip_chunk_tokens)) {
+      std::vector<int32_t> input(prompt.begin(), prompt.end());
+      std::vector<int32_t> recon;
+      if (range.begin == 0) {
+        KVGATE_ASSIGN_OR_RETURN(recon, tokenizer_->Encode(kKvzipRepeatAll, /*add_special_tokens=*/false));
+      } else {
+        KVGATE_ASSIGN_OR_RETURN(recon, tokenizer_->Encode(kKvzipRepeatFrom, /*add_special_tokens=*/false));
+        const int32_t overlap_begin = std::max(0, range.begin - kKvzipOverlapTokens);
+        recon.insert(recon.end(), prompt.begin() + overlap_begin, prompt.begin() + range.begin);
+      }
+      recon.insert(recon.end(), prompt.begin() + range.begin, prompt.begin() + range.end);
+      input.insert(input.end(), recon.begin(), recon.end());
+      const int32_t q = static_cast<int32_t>(recon.size());
+      KVGATE_ASSIGN_OR_RETURN(std::unique_ptr<engine::KvCache> scratch,
+                              model_.NewCache(n + q, /*allow_beyond_context=*/true));
+      engine::PrefillCapture recorded;
+      engine::ForwardOptions forward;
+      forward.capture_request.keys = true;
+      forward.capture_request.last_queries = q;
+      forward.capture = &recorded;
+      KVGATE_RETURN_IF_ERROR(model_.Forward(input, scratch.get(), forward).status());
+      gates::KvzipChunk chunk;
+      chunk.begin = range.begin;
+      chunk.end = range.end;
+      chunk.sink_keys = std::min(gates::kKvzipDefaultSink, range.begin);
+      chunk.num_queries = q;
+      chunk.queries = std::move(recorded.last_queries);
+      const engine::ModelConfig& c = model_.config();
+      chunk.own_keys.resize(c.num_layers);
+      for (int32_t layer = 0; layer < c.num_layers; ++layer) {
+        // recorded.keys[layer] is [kv_heads, n + q, head_dim]; keep rows [n, n + q).
+        std::vector<float>& own = chunk.own_keys[layer];
+        own.resize(size_t{1} * c.num_kv_heads * q * c.head_dim);
+        for (int32_t h = 0; h < c.num_kv_heads; ++h) {
+          const float* src = recorded.keys[layer].data() + (size_t{1} * h * (n + q) + n) * c.head_dim;
+          std::copy_n(src, size_t{1} * q * c.head_dim, own.data() + size_t{1} * h * q * c.head_dim);
+        }
+      }
+      inputs_.kvzip_chunks.push_back(std::move(chunk));
+    }
+    return absl::OkStatus();
+  }
+
+  engine::Model& model_;
+  KvPool* pool_;
+  gates::EvictionSpec spec_;
+  gates::PolicyOptions options_;
+  std::unique_ptr<gates::Policy> policy_;
+  const engine::Tokenizer* tokenizer_;
+  gates::ResolvedBudget budget_;
+  gates::PolicyInputs inputs_;
+};
+
+}  // namespace
+
+SequenceBatch::~SequenceBatch() {
+  if (!layout_.heads.empty()) (void)pool_->Release(&layout_);
+}
+
+absl::Status SequenceBatch::BeginStep() {
+  if (sliding_window_ > 0) {
+    const int32_t first_visible = layout_.next_pos - sliding_window_ + 1;
+    bool stale = false;
+    for (const HeadPages& head : layout_.heads) {
+      if (head.length > 0 && head.positions.front() < first_visible) stale = true;
+    }
+    if (stale) {
+      gates::KeepPlan keep{layout_.num_layers, layout_.num_kv_heads, layout_.next_pos, {}};
+      keep.heads.resize(layout_.heads.size());
+      for (size_t i = 0; i < layout_.heads.size(); ++i) {
+        const HeadPages& head = layout_.heads[i];
+        keep.heads[i].positions = head.positions;
+        keep.heads[i].query_mask = head.query_mask;
+        keep.heads[i].scores = head.scores;
+      }
+      TrimToWindow(first_visible, &keep);
+      KVGATE_RETURN_IF_ERROR(pool_->Compact(&layout_, keep).status());
+    }
+  }
+  KVGATE_ASSIGN_OR_RETURN(step_, pool_->ReserveDecodeStep(&layout_));
+  return absl::OkStatus();
+}
+
+absl::Status SequenceBatch::AppendLayer(int32_t layer, const float* k_new, const float* v_new) {
+  return pool_->AppendDecodeRows(step_, layer, k_new, v_new);
+}
+
+absl::StatusOr<ops::HeadPagedKvView> SequenceBatch::View(int32_t layer) {
+  const SequenceLayout* seqs[] = {&layout_};
+  return pool_->BuildView(seqs, layer);
+}
+
+absl::StatusOr<std::unique_ptr<engine::KvPlanner>> CreatePolicyPlanner(engine::Model& model, KvPool* pool,
+                                                                       const gates::EvictionSpec& spec,
+                                                                       const gates::PolicyOptions& options,
+                                                                       const engine::Tokenizer* tokenizer) {
+  KVGATE_RETURN_IF_ERROR(gates::ValidateEvictionSpec(spec));
+  const engine::ModelConfig& c = model.config();
+  if (pool->head_dim() != c.head_dim) {
+    return absl::InvalidArgumentError(absl::StrCat("KV pool rows are ", pool->head_dim(), " wide, the model's head_dim is ",
+                                                   c.head_dim));
+  }
+  const gates::ModelShape shape{c.num_layers, c.num_heads, c.num_kv_heads, c.head_dim, c.hidden_size};
+  KVGATE_ASSIGN_OR_RETURN(std::unique_ptr<gates::Policy> policy, gates::CreatePolicy(spec.policy, options, shape));
+  if (policy->hooks().kvzip_reconstruction && tokenizer == nullptr) {
+    return absl::InvalidArgumentError("policy kvzip needs the model's tokenizer for its reconstruction prompt");
+  }
+  return std::unique_ptr<engine::KvPlanner>(
+      new PolicyPlanner(model, pool, spec, options, std::move(policy), tokenizer));
+}
+
+}  // namespace kvgate::kv

@@ -1,0 +1,49 @@
+// File: the KV planner that joins an eviction policy (gates/) to the head-paged pool:
+// after a sequence's prefill it scores, selects and commits the kept rows into pages,
+// and gives the engine the sequence's paged cache to decode over.
+#pragma once
+
+#include <memory>
+
+#include "absl/status/statusor.h"
+#include "engine/kv_planner.h"
+#include "engine/model.h"
+#include "engine/tokenizer.h"
+#include "gates/eviction_spec.h"
+#include "gates/policy.h"
+#include "kv_manager/kv_pool.h"
+
+namespace kvgate::kv {
+
+// One sequence's pages as the engine's decode batch (a batch of one). Releases its
+// pages when destroyed. For a model with a sliding window it drops, before each step,
+// the rows the new token can no longer see (exact: those rows are never read again).
+class SequenceBatch final : public engine::PagedKvBatch {
+ public:
+  SequenceBatch(KvPool* pool, SequenceLayout layout, int32_t sliding_window)
+      : pool_(pool), layout_(std::move(layout)), sliding_window_(sliding_window) {}
+  ~SequenceBatch() override;
+
+  int32_t num_sequences() const override { return 1; }
+  std::vector<int32_t> NextPositions() const override { return {layout_.next_pos}; }
+  absl::Status BeginStep() override;
+  absl::Status AppendLayer(int32_t layer, const float* k_new, const float* v_new) override;
+  absl::StatusOr<ops::HeadPagedKvView> View(int32_t layer) override;
+  absl::Status EndStep() override { return absl::OkStatus(); }
+
+  const SequenceLayout& layout() const { return layout_; }
+
+ private:
+  KvPool* pool_;
+  SequenceLayout layout_;
+  int32_t sliding_window_;
+  AppendPlan step_;
+};
+
+// `tokenizer` is needed only by kvzip (its reconstruction prompt); may be null otherwise.
+// INVALID_ARGUMENT for a bad spec or a gate that does not fit the model.
+absl::StatusOr<std::unique_ptr<engine::KvPlanner>> CreatePolicyPlanner(
+    engine::Model& model, KvPool* pool, const gates::EvictionSpec& spec, const gates::PolicyOptions& options,
+    const engine::Tokenizer* tokenizer = nullptr);
+
+}  // namespace kvgate::kv

@@ -1,0 +1,221 @@
+// The eviction invariants on the real TinyStories model (GQA: 8 query / 4 kv heads):
+//  1. `full`, and every policy asked to keep everything, is bit-identical to no eviction.
+//  2. Decoding over a compacted cache equals full attention with the evicted keys masked
+//     out (per kv head), for every policy whose selection is per kv head, at several ratios.
+//  3. Positions survive compaction and new tokens continue at next_pos.
+#include "kv_manager/policy_planner.h"
+
+#include <gtest/gtest.h>
+
+#include <cmath>
+
+#include "absl/strings/str_cat.h"
+#include "cuda/cpu/cpu_backend.h"
+#include "engine/generator.h"
+#include "tests/testing/paths.h"
+
+namespace kvgate::kv {
+namespace {
+
+// Paged decode vs masked contiguous attention: float32 sums in different orders.
+constexpr float kMaskedLogitAtol = 1e-4f;
+constexpr int kDecodeSteps = 8;
+
+class PolicyPlannerTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    auto model = engine::Model::Load(testing::TinyStoriesDir(), backend_.get());
+    ASSERT_TRUE(model.ok()) << model.status();
+    model_ = std::move(*model);
+    auto tokenizer = engine::Tokenizer::FromFile(testing::TinyStoriesDir() + "/tokenizer.json");
+    ASSERT_TRUE(tokenizer.ok()) << tokenizer.status();
+    tokenizer_ = std::move(*tokenizer);
+    auto pool = KvPool::Create(backend_.get(), 2 * 4 * 64, 16, model_->config().head_dim);
+    ASSERT_TRUE(pool.ok()) << pool.status();
+    pool_ = std::move(*pool);
+    // A prompt the model wrote itself, then tokens to teacher-force through decode.
+    engine::Generator generator(model_.get(), tokenizer_.get());
+    engine::GenerateOptions options;
+    options.max_tokens = 180 + kDecodeSteps;
+    options.ignore_eos = true;
+    options.sampling.temperature = 0.8f;
+    options.sampling.seed = 3;
+    auto text = generator.Generate(*tokenizer_->Encode("Once upon a time, there was a little girl named Lily. She"),
+                                   options);
+    ASSERT_TRUE(text.ok()) << text.status();
+    prompt_ = *tokenizer_->Encode("Once upon a time, there was a little girl named Lily. She");
+    prompt_.insert(prompt_.end(), text->token_ids.begin(), text->token_ids.end() - kDecodeSteps);
+    continuation_.assign(text->token_ids.end() - kDecodeSteps, text->token_ids.end());
+  }
+
+  struct PagedRun {
+    std::vector<std::vector<float>> logits;  // per decode step
+    gates::KeepPlan kept;                    // positions per (layer, kv head) after commit
+    engine::KvAccounting accounting;
+    std::vector<int32_t> next_positions;
+  };
+
+  // Prefill with the policy, commit, then teacher-force the continuation.
+  PagedRun RunPaged(const gates::EvictionSpec& spec) {
+    PagedRun run;
+    gates::PolicyOptions options;
+    options.allow_random_gate = true;
+    options.random_gate_seed = 11;
+    auto planner = CreatePolicyPlanner(*model_, pool_.get(), spec, options, tokenizer_.get());
+    EXPECT_TRUE(planner.ok()) << planner.status();
+    if (!planner.ok()) return run;
+    auto cache = *model_->NewCache(static_cast<int32_t>(prompt_.size()));
+    engine::PrefillCapture capture;
+    engine::ForwardOptions forward;
+    forward.capture = &capture;
+    EXPECT_TRUE((*planner)->ConfigurePrefill(prompt_, &forward).ok());
+    auto prefill = model_->Forward(prompt_, cache.get(), forward);
+    EXPECT_TRUE(prefill.ok()) << prefill.status();
+    auto batch = (*planner)->Commit(prompt_, *cache, capture, &run.accounting);
+    EXPECT_TRUE(batch.ok()) << batch.status();
+    if (!batch.ok()) return run;
+    const SequenceLayout& layout = static_cast<SequenceBatch*>(batch->get())->layout();
+    run.kept = gates::KeepPlan{layout.num_layers, layout.num_kv_heads, static_cast<int32_t>(prompt_.size()), {}};
+    for (const HeadPages& head : layout.heads) run.kept.heads.push_back({head.positions, head.query_mask, {}});
+    for (int32_t token : continuation_) {
+      run.next_positions.push_back((*batch)->NextPositions()[0]);
+      auto logits = model_->DecodeStep({&token, 1}, batch->get());
+      EXPECT_TRUE(logits.ok()) << logits.status();
+      if (logits.ok()) run.logits.push_back(std::move(*logits));
+    }
+    return run;
+  }
+
+  // The reference: the full contiguous cache, with the rows `kept` does not hold masked
+  // out of every decode query (rows written in decode stay visible).
+  std::vector<std::vector<float>> RunMasked(const gates::KeepPlan& kept) {
+    const engine::ModelConfig& c = model_->config();
+    const int32_t n = static_cast<int32_t>(prompt_.size());
+    const int32_t capacity = n + kDecodeSteps;
+    auto cache = *model_->NewCache(capacity);
+    EXPECT_TRUE(model_->Forward(prompt_, cache.get()).ok());
+    engine::ForwardOptions forward;
+    forward.key_masks.assign(c.num_layers, std::vector<uint8_t>(size_t{1} * c.num_kv_heads * capacity, 1));
+    for (int32_t layer = 0; layer < c.num_layers; ++layer) {
+      for (int32_t h = 0; h < c.num_kv_heads; ++h) {
+        uint8_t* mask = forward.key_masks[layer].data() + size_t{1} * h * capacity;
+        std::fill(mask, mask + n, 0);
+        for (int32_t p : kept.at(layer, h).positions) mask[p] = 1;
+      }
+    }
+    std::vector<std::vector<float>> logits;
+    for (int32_t token : continuation_) {
+      auto step = model_->Forward({&token, 1}, cache.get(), forward);
+      EXPECT_TRUE(step.ok()) << step.status();
+      logits.push_back(*step);
+    }
+    return logits;
+  }
+
+  std::unique_ptr<ops::Backend> backend_ = ops::CreateCpuBackend(2);
+  std::unique_ptr<engine::Model> model_;
+  std::unique_ptr<engine::Tokenizer> tokenizer_;
+  std::unique_ptr<KvPool> pool_;
+  std::vector<int32_t> prompt_, continuation_;
+};
+
+TEST_F(PolicyPlannerTest, KeepingEverythingIsBitIdenticalToNoEviction) {
+  gates::EvictionSpec full;
+  const PagedRun reference = RunPaged(full);
+  ASSERT_EQ(reference.logits.size(), static_cast<size_t>(kDecodeSteps));
+  // No eviction at all: the contiguous cache with nothing masked.
+  const engine::ModelConfig& c = model_->config();
+  gates::KeepPlan everything = gates::KeepPlan::KeepAll(c.num_layers, c.num_kv_heads, prompt_.size());
+  const auto unmasked = RunMasked(everything);
+  for (int step = 0; step < kDecodeSteps; ++step) {
+    float worst = 0;
+    for (size_t i = 0; i < unmasked[step].size(); ++i) {
+      worst = std::max(worst, std::fabs(unmasked[step][i] - reference.logits[step][i]));
+    }
+    EXPECT_LE(worst, kMaskedLogitAtol) << "paged full vs contiguous, step " << step;
+  }
+  for (const std::string& policy : gates::PolicyNames()) {
+    if (policy == "attention_gate") continue;  // learned rate: cannot be asked to keep all
+    gates::EvictionSpec spec;
+    spec.policy = policy;
+    spec.keep_ratio = 1.0f;
+    const PagedRun run = RunPaged(spec);
+    ASSERT_EQ(run.logits.size(), reference.logits.size()) << policy;
+    EXPECT_EQ(run.accounting.kv_entries_kept, run.accounting.kv_entries_full) << policy;
+    for (int step = 0; step < kDecodeSteps; ++step) {
+      EXPECT_EQ(run.logits[step], reference.logits[step]) << policy << " step " << step << " is not bit-identical";
+    }
+  }
+}
+
+TEST_F(PolicyPlannerTest, CompactedDecodeEqualsMaskedFullAttention) {
+  const int32_t n = static_cast<int32_t>(prompt_.size());
+  for (const std::string policy : {"streaming_llm", "snapkv", "kvzip", "fast_kvzip", "full"}) {
+    for (float ratio : {0.75f, 0.5f, 0.3f}) {
+      SCOPED_TRACE(absl::StrCat(policy, " keep_ratio ", ratio));
+      gates::EvictionSpec spec;
+      spec.policy = policy;
+      spec.keep_ratio = ratio;
+      const PagedRun run = RunPaged(spec);
+      ASSERT_EQ(run.logits.size(), static_cast<size_t>(kDecodeSteps));
+      if (policy != "full") EXPECT_LT(run.accounting.kv_entries_kept, run.accounting.kv_entries_full);
+      const auto masked = RunMasked(run.kept);
+      for (int step = 0; step < kDecodeSteps; ++step) {
+        float worst = 0;
+        for (size_t i = 0; i < masked[step].size(); ++i) {
+          worst = std::max(worst, std::fabs(masked[step][i] - run.logits[step][i]));
+        }
+        EXPECT_LE(worst, kMaskedLogitAtol) << "step " << step;
+        // Positions continue at next_pos, never at the compacted length.
+        EXPECT_EQ(run.next_positions[step], n + step);
+      }
+      // Kept rows keep their original positions: ascending and inside the prompt.
+      for (const gates::HeadKeep& head : run.kept.heads) {
+        EXPECT_TRUE(std::is_sorted(head.positions.begin(), head.positions.end()));
+        if (!head.positions.empty()) EXPECT_LT(head.positions.back(), n);
+      }
+    }
+  }
+}
+
+TEST_F(PolicyPlannerTest, ReportsAccountingAndReturnsPages) {
+  const int32_t free_before = pool_->pages_free();
+  {
+    gates::EvictionSpec spec;
+    spec.policy = "snapkv";
+    spec.keep_ratio = 0.3f;
+    const PagedRun run = RunPaged(spec);
+    const engine::ModelConfig& c = model_->config();
+    EXPECT_EQ(run.accounting.policy, "snapkv");
+    EXPECT_EQ(run.accounting.kv_entries_full, int64_t{c.num_layers} * c.num_kv_heads * prompt_.size());
+    EXPECT_EQ(run.accounting.bytes_kept, run.accounting.kv_entries_kept * c.KvEntryBytes());
+    EXPECT_DOUBLE_EQ(run.accounting.keep_fraction,
+                     double(run.accounting.kv_entries_kept) / run.accounting.kv_entries_full);
+    // snapkv keeps round(0.3 n) rows per head, or its protected 64-token window when
+    // that is larger (n = 191 here: the window wins).
+    const int64_t per_head = std::max<int64_t>(std::lround(0.3 * prompt_.size()), 64);
+    EXPECT_EQ(run.accounting.kv_entries_kept, per_head * c.num_layers * c.num_kv_heads);
+    EXPECT_GT(run.accounting.pages_used, 0);
+  }
+  EXPECT_EQ(pool_->pages_free(), free_before) << "a finished sequence must return every page";
+}
+
+TEST_F(PolicyPlannerTest, BadSpecsAreInvalidArgument) {
+  gates::PolicyOptions options;
+  gates::EvictionSpec unknown;
+  unknown.policy = "h2o";
+  EXPECT_EQ(CreatePolicyPlanner(*model_, pool_.get(), unknown, options).status().code(),
+            absl::StatusCode::kInvalidArgument);
+  gates::EvictionSpec ratio;
+  ratio.policy = "snapkv";
+  ratio.keep_ratio = 1.5f;
+  EXPECT_EQ(CreatePolicyPlanner(*model_, pool_.get(), ratio, options).status().code(),
+            absl::StatusCode::kInvalidArgument);
+  gates::EvictionSpec gate;
+  gate.policy = "fast_kvzip";
+  options.gate_path = "/nonexistent/gate.safetensors";
+  EXPECT_FALSE(CreatePolicyPlanner(*model_, pool_.get(), gate, options).ok());
+}
+
+}  // namespace
+}  // namespace kvgate::kv
