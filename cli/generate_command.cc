@@ -11,22 +11,33 @@
 #include "engine/generator.h"
 #include "engine/model.h"
 #include "engine/tokenizer.h"
+#include "gates/eviction_spec.h"
+#include "gates/policy.h"
+#include "kv_manager/kv_pool.h"
+#include "kv_manager/policy_planner.h"
 #include "nlohmann/json.hpp"
 
 namespace kvgate::cli {
 namespace {
 
+// Rows per KV page (per layer and kv head).
+constexpr int32_t kPageTokens = 16;
+
 constexpr char kUsage[] =
     "usage: kvgate generate --model DIR (--prompt TEXT | --prompt-ids 1,2,3)\n"
     "         [--max-tokens N=16] [--temperature T=0 (greedy)] [--top-p P=1] [--top-k K=0]\n"
     "         [--min-p P=0] [--seed S=0] [--stop STRING] [--stop-ids 1,2] [--ignore-eos]\n"
-    "         [--backend cpu|cuda[:N]] [--json]\n";
+    "         [--policy full|streaming_llm|snapkv|sage_kv|kvzip|fast_kvzip|attention_gate]\n"
+    "         [--keep-ratio R] [--budget-tokens N] [--sink-tokens N] [--recent-tokens N]\n"
+    "         [--head-budget uniform|adaptive] [--gates PATH] [--backend cpu|cuda[:N]] [--json]\n";
 
 struct GenerateCommand {
   std::string model_dir;
   std::optional<std::string> prompt_text;
   std::optional<std::vector<int32_t>> prompt_ids;
   engine::GenerateOptions options;
+  gates::EvictionSpec eviction;
+  gates::PolicyOptions policy_options;
   std::string backend = "cpu";
   bool json = false;
 };
@@ -35,7 +46,8 @@ absl::StatusOr<GenerateCommand> ParseGenerate(const std::vector<std::string>& ar
   KVGATE_ASSIGN_OR_RETURN(
       Flags flags, Flags::Parse(args,
                                 {"model", "prompt", "prompt-ids", "max-tokens", "temperature", "top-p",
-                                 "top-k", "min-p", "seed", "stop", "stop-ids", "backend"},
+                                 "top-k", "min-p", "seed", "stop", "stop-ids", "backend", "policy", "keep-ratio",
+                                 "budget-tokens", "sink-tokens", "recent-tokens", "head-budget", "gates"},
                                 {"ignore-eos", "json"}));
   GenerateCommand command;
   auto model = flags.String("model");
@@ -72,6 +84,37 @@ absl::StatusOr<GenerateCommand> ParseGenerate(const std::vector<std::string>& ar
   if (stop_ids) o.stop_token_ids = *stop_ids;
   o.ignore_eos = flags.Has("ignore-eos");
   command.json = flags.Has("json");
+  gates::EvictionSpec& e = command.eviction;
+  if (auto policy = flags.String("policy")) e.policy = *policy;
+  KVGATE_ASSIGN_OR_RETURN(auto keep_ratio, flags.Double("keep-ratio"));
+  if (keep_ratio) {
+    // In the proto 0 means "unset"; on the command line an explicit ratio must be real.
+    if (!(*keep_ratio > 0.0 && *keep_ratio <= 1.0)) {
+      return absl::InvalidArgumentError(absl::StrCat("--keep-ratio must be in (0, 1], got ", *keep_ratio));
+    }
+    e.keep_ratio = static_cast<float>(*keep_ratio);
+  }
+  for (const char* name : {"budget-tokens", "sink-tokens", "recent-tokens"}) {
+    KVGATE_ASSIGN_OR_RETURN(auto value, flags.Int(name));
+    if (!value) continue;
+    if (*value < -(1ll << 30) || *value > (1ll << 30)) return absl::InvalidArgumentError(absl::StrCat("--", name, " is out of range"));
+    const int32_t v = static_cast<int32_t>(*value);
+    if (std::string(name) == "budget-tokens") e.budget_tokens = v;
+    else if (std::string(name) == "sink-tokens") e.sink_tokens = v;
+    else e.recent_tokens = v;
+  }
+  if (auto head_budget = flags.String("head-budget")) {
+    if (*head_budget == "uniform") e.head_budget = gates::HeadBudget::kUniform;
+    else if (*head_budget == "adaptive") e.head_budget = gates::HeadBudget::kAdaptive;
+    else return absl::InvalidArgumentError(absl::StrCat("--head-budget must be uniform or adaptive, got '", *head_budget, "'"));
+  }
+  if (auto gates_path = flags.String("gates")) command.policy_options.gate_path = *gates_path;
+  if ((e.policy == "fast_kvzip" || e.policy == "attention_gate") && command.policy_options.gate_path.empty()) {
+    return absl::InvalidArgumentError(absl::StrCat("--policy ", e.policy,
+                                                   " needs trained gate weights: --gates PATH (format in gates/README.md)"));
+  }
+  // Checked here too so that a bad spec is a usage error before any model loads.
+  KVGATE_RETURN_IF_ERROR(gates::ValidateEvictionSpec(e));
   if (auto backend = flags.String("backend")) command.backend = *backend;
   return command;
 }
@@ -89,7 +132,8 @@ nlohmann::json ResultJson(const engine::GenerateResult& r) {
         {"kv_entries_kept", r.kv.kv_entries_kept},
         {"keep_fraction", r.kv.keep_fraction},
         {"bytes_full", r.kv.bytes_full},
-        {"bytes_kept", r.kv.bytes_kept}}},
+        {"bytes_kept", r.kv.bytes_kept},
+        {"pages_used", r.kv.pages_used}}},
       {"timings",
        {{"prefill_ms", r.prefill_ms},
         {"time_to_first_token_ms", r.time_to_first_token_ms},
@@ -114,6 +158,15 @@ absl::Status Generate(const GenerateCommand& command) {
   } else {
     KVGATE_ASSIGN_OR_RETURN(prompt, tokenizer->Encode(*command.prompt_text));
   }
+  // A pool sized for this one request: every (layer, kv head) may hold the whole
+  // sequence (eviction only ever needs less).
+  const engine::ModelConfig& c = model->config();
+  const int32_t max_rows = static_cast<int32_t>(prompt.size()) + command.options.max_tokens;
+  const int32_t pages = c.num_layers * c.num_kv_heads * ((max_rows + kPageTokens - 1) / kPageTokens + 1);
+  KVGATE_ASSIGN_OR_RETURN(std::unique_ptr<kv::KvPool> pool, kv::KvPool::Create(backend.get(), pages, kPageTokens, c.head_dim));
+  KVGATE_ASSIGN_OR_RETURN(std::unique_ptr<engine::KvPlanner> planner,
+                          kv::CreatePolicyPlanner(*model, pool.get(), command.eviction, command.policy_options,
+                                                  tokenizer.get()));
   engine::Generator generator(model.get(), tokenizer.get());
   engine::TokenCallback stream;
   if (!command.json) {
@@ -122,18 +175,19 @@ absl::Status Generate(const GenerateCommand& command) {
       return true;
     };
   }
-  KVGATE_ASSIGN_OR_RETURN(engine::GenerateResult result, generator.Generate(prompt, command.options, stream));
+  KVGATE_ASSIGN_OR_RETURN(engine::GenerateResult result, generator.Generate(prompt, command.options, stream, planner.get()));
   if (command.json) {
     std::cout << ResultJson(result).dump() << "\n";
   } else {
     std::cout << "\n";
     std::cerr << absl::StrFormat(
         "[%s] prompt %d tokens, generated %d tokens (finish: %s); prefill %.2f ms, time to first token %.2f ms, "
-        "%.2f ms per output token (%.1f tokens/s); KV %d entries, %d bytes\n",
+        "%.2f ms per output token (%.1f tokens/s); KV policy %s kept %d of %d entries (%.0f%%), %d of %d bytes\n",
         backend->Name(), result.prompt_tokens, result.token_ids.size(), engine::FinishReasonName(result.finish_reason),
         result.prefill_ms, result.time_to_first_token_ms, result.time_per_output_token_ms,
         result.time_per_output_token_ms > 0 ? 1000.0 / result.time_per_output_token_ms : 0.0,
-        result.kv.kv_entries_kept, result.kv.bytes_kept);
+        result.kv.policy, result.kv.kv_entries_kept, result.kv.kv_entries_full, 100.0 * result.kv.keep_fraction,
+        result.kv.bytes_kept, result.kv.bytes_full);
   }
   return absl::OkStatus();
 }

@@ -51,6 +51,20 @@ b=$("$kvgate" generate --model "$model" --prompt "The cat" --max-tokens 16 --tem
 [ "$(echo "$a" | python3 -c 'import json,sys; print(json.load(sys.stdin)["token_ids"])')" = \
   "$(echo "$b" | python3 -c 'import json,sys; print(json.load(sys.stdin)["token_ids"])')" ] || fail "seeded sampling not reproducible"
 
+# Eviction: the kv object reports what was kept, and 70% eviction keeps about 30%.
+"$kvgate" generate --model "$model" --prompt "Once upon a time, there was a little girl named Lily. She liked to play" \
+  --max-tokens 8 --policy kvzip --keep-ratio 0.3 --json > "$tmp/evict.json" || fail "generate --policy kvzip exited $?"
+python3 - "$tmp/evict.json" <<'PY' || fail "generate --policy kvzip output"
+import json, sys
+kv = json.load(open(sys.argv[1]))["kv"]
+assert kv["policy"] == "kvzip", kv
+assert kv["kv_entries_kept"] < kv["kv_entries_full"], kv
+assert abs(kv["keep_fraction"] - kv["kv_entries_kept"] / kv["kv_entries_full"]) < 1e-9, kv
+assert 0.2 < kv["keep_fraction"] < 0.45, kv
+assert kv["bytes_kept"] * kv["kv_entries_full"] == kv["bytes_full"] * kv["kv_entries_kept"], kv
+assert kv["pages_used"] > 0, kv
+PY
+
 # Bad inputs: exit 1 (runtime) or 2 (usage), with a message naming the problem.
 mkdir -p "$tmp/bad"
 expect_error 1 "does not exist" -- generate --model "$tmp/missing" --prompt hi
@@ -76,6 +90,12 @@ expect_error 2 "not an integer" -- generate --model "$model" --prompt-ids 1,x
 if ! "$kvgate" generate --model "$model" --prompt hi --backend cuda > /dev/null 2> "$tmp/err"; then
   grep -qE "UNIMPLEMENTED|UNAVAILABLE" "$tmp/err" || fail "--backend cuda without a GPU: $(cat "$tmp/err")"
 fi
+expect_error 2 "unknown eviction policy 'h2o'" -- generate --model "$model" --prompt hi --policy h2o
+expect_error 2 "--keep-ratio must be in (0, 1]" -- generate --model "$model" --prompt hi --policy snapkv --keep-ratio 0
+expect_error 2 "--keep-ratio must be in (0, 1], got 1.5" -- generate --model "$model" --prompt hi --policy snapkv --keep-ratio 1.5
+expect_error 2 "budget_tokens" -- generate --model "$model" --prompt hi --policy snapkv --budget-tokens -4
+expect_error 2 "needs trained gate weights" -- generate --model "$model" --prompt hi --policy fast_kvzip
+expect_error 1 "cannot open" -- generate --model "$model" --prompt hi --policy attention_gate --gates "$tmp/missing.safetensors"
 expect_error 1 "unknown backend" -- generate --model "$model" --prompt hi --backend tpu
 expect_error 2 "unknown command" -- frobnicate
 
