@@ -235,6 +235,9 @@ class AttentionGatePolicy final : public Policy {
     const bool have_hidden = static_cast<int32_t>(capture.hidden_states.size()) == L;
     std::vector<std::vector<uint8_t>> masks = inputs.gate_flags;
     if (masks.empty()) {
+      if (gate_ == nullptr) {
+        return absl::FailedPreconditionError("attention_gate: no gate loaded and no PolicyInputs::gate_flags");
+      }
       if (!have_hidden) {
         return absl::InvalidArgumentError(
             "attention_gate: needs PolicyInputs::gate_flags (the prefill key masks) or captured hidden_states");
@@ -265,7 +268,7 @@ class AttentionGatePolicy final : public Policy {
     plan.heads.resize(static_cast<size_t>(L) * H);
     for (int32_t l = 0; l < L; ++l) {
       std::vector<float> logits;
-      if (cap && have_hidden) {
+      if (cap && have_hidden && gate_ != nullptr) {
         KVGATE_ASSIGN_OR_RETURN(logits, gate_->Logits(l, capture.hidden_states[l]));
       }
       for (int32_t h = 0; h < H; ++h) {

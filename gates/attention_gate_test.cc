@@ -70,7 +70,9 @@ TEST(AttentionGateTest, LogitsMatchDirectDoubleImplementation) {
     auto flags = gate->Flags(l, x);
     ASSERT_TRUE(flags.ok());
     for (size_t i = 0; i < want.size(); ++i) {
-      if (std::abs(want[i]) > 1e-4) EXPECT_EQ((*flags)[i], want[i] > 0 ? 1 : 0) << i;  // threshold 0.5
+      if (std::abs(want[i]) > 1e-4) {
+        EXPECT_EQ((*flags)[i], want[i] > 0 ? 1 : 0) << i;  // threshold 0.5
+      }
     }
   }
 }

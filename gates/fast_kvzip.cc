@@ -34,7 +34,8 @@ absl::StatusOr<std::unique_ptr<FastKvzipGate>> FastKvzipGate::Load(const std::st
   KVGATE_ASSIGN_OR_RETURN(int64_t rank, file.MetadataInt("rank"));
   KVGATE_ASSIGN_OR_RETURN(int64_t sinks, file.MetadataInt("num_sinks"));
   KVGATE_ASSIGN_OR_RETURN(double eps, file.MetadataDouble("norm_eps", 1e-6));
-  if (rank < 1 || rank > 4096 || sinks < 0 || sinks > 4096 || !(eps > 0.0)) {
+  // num_sinks >= 1: the sink-free variant (score = sigmoid(logit)) is a different formula.
+  if (rank < 1 || rank > 4096 || sinks < 1 || sinks > 4096 || !(eps > 0.0)) {
     return absl::InvalidArgumentError(absl::StrCat(kGateMismatch, path, ": rank ", rank, ", num_sinks ",
                                                    sinks, ", norm_eps ", eps, " are out of range"));
   }

@@ -96,6 +96,8 @@ struct PolicyOptions {
   int32_t kvzip_chunk_tokens = 2000;
 };
 
+// A Policy is immutable after CreatePolicy: every method is const and safe to call from
+// several threads at once, so one instance may serve many requests.
 class Policy {
  public:
   virtual ~Policy() = default;

@@ -139,7 +139,9 @@ TEST(PolicyTest, EndToEndInvariants) {
         }
       }
       if (name == "full" || ratio == 1.0f) {
-        if (name != "attention_gate") EXPECT_EQ(plan->KeptEntries(), int64_t{n} * 4);
+        if (name != "attention_gate") {
+          EXPECT_EQ(plan->KeptEntries(), int64_t{n} * 4);
+        }
       }
       if (name == "fast_kvzip" || name == "kvzip") {
         EXPECT_EQ(plan->KeptEntries(), std::max<int64_t>(int64_t{budget->keep_per_head} * 4, protected_rows * 4));

@@ -136,7 +136,9 @@ void ExpectPlanEquals(const KeepPlan& plan, const ScoreGrid& g, const KeepSets& 
 void ExpectProtectedKept(const KeepPlan& plan, const std::vector<uint8_t>& mask) {
   for (const HeadKeep& h : plan.heads) {
     for (size_t p = 0; p < mask.size(); ++p) {
-      if (mask[p]) EXPECT_TRUE(std::binary_search(h.positions.begin(), h.positions.end(), static_cast<int32_t>(p)));
+      if (mask[p]) {
+        EXPECT_TRUE(std::binary_search(h.positions.begin(), h.positions.end(), static_cast<int32_t>(p)));
+      }
     }
   }
 }
