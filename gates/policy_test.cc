@@ -26,7 +26,7 @@ TEST(CreatePolicyTest, EveryNameAndItsNeeds) {
   const std::vector<Want> wants = {
       {"full", false, 0, false, 0, 0},
       {"streaming_llm", false, 0, false, 4, 0},
-      {"snapkv", true, 64, false, 0, 64},
+      {"snapkv", true, 64, false, 0, 0},
       {"sage_kv", true, 1, false, kDefaultQuarterOfBudget, kDefaultQuarterOfBudget},
       {"kvzip", true, 0, false, 4, 0},
       {"fast_kvzip", false, 0, true, 4, kDefaultFastKvzipWindow},

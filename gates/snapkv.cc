@@ -97,7 +97,8 @@ class SnapKvPolicy final : public Policy {
     return r;
   }
   int32_t default_sink() const override { return 0; }
-  int32_t default_recent() const override { return window_; }
+  // The observation window is protected in Plan (capped at half the budget), not here.
+  int32_t default_recent() const override { return 0; }
   absl::StatusOr<KeepPlan> Plan(const PrefillCapture& capture, const PolicyInputs& inputs,
                                 const ResolvedBudget& budget, HeadBudget head_budget) const override {
     KVGATE_RETURN_IF_ERROR(CheckBudgetAndCapture(capture, budget, shape_));
@@ -107,7 +108,12 @@ class SnapKvPolicy final : public Policy {
     }
     KVGATE_ASSIGN_OR_RETURN(ScoreGrid grid, SnapKvScores(capture, window_, kernel_));
     std::vector<uint8_t> mask = budget.protected_mask;
-    for (int32_t p = n - window_; p < n; ++p) mask[p] = 1;  // the observation window
+    // The observation window's rows are protected, but never more than half the budget:
+    // with kvpress's rule (protect all 64) a budget at or below the window keeps only the
+    // window and selects nothing by attention (TinyStories at keep 0.2: worse than
+    // streaming_llm; bench/results/quality-tinystories.md).
+    const int32_t protected_window = std::min(window_, std::max(1, budget.keep_per_head / 2));
+    for (int32_t p = n - protected_window; p < n; ++p) mask[p] = 1;
     if (head_budget == HeadBudget::kAdaptive) return SelectAdaKv(grid, budget.keep_per_head, mask, safeguard_);
     return SelectPerHeadTopK(grid, budget.keep_per_head, mask);
   }

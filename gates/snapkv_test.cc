@@ -101,18 +101,18 @@ TEST(SnapKvPolicyTest, PerHeadTopKWithTheWindowProtected) {
   ASSERT_TRUE(policy.ok()) << policy.status();
   EXPECT_TRUE((*policy)->needs().keys);
   EXPECT_EQ((*policy)->needs().last_queries, 16);
-  EXPECT_EQ((*policy)->default_recent(), 16);
+  EXPECT_EQ((*policy)->default_recent(), 0);  // the window is protected by Plan
   const PrefillCapture c = RandomCapture(shape, 80, 16, false, 6);
   EvictionSpec spec;
   spec.policy = "snapkv";
   spec.budget_tokens = 30;
-  spec.recent_tokens = 0;  // the observation window stays protected anyway
+  spec.recent_tokens = 0;  // the observation window stays protected anyway (capped at budget / 2 = 15)
   auto budget = ResolveBudget(spec, 80, (*policy)->default_sink(), (*policy)->default_recent());
   ASSERT_TRUE(budget.ok());
   auto grid = SnapKvScores(c, 16, 5);
   ASSERT_TRUE(grid.ok());
   std::vector<uint8_t> mask(80, 0);
-  for (int32_t p = 64; p < 80; ++p) mask[p] = 1;
+  for (int32_t p = 65; p < 80; ++p) mask[p] = 1;
 
   auto plan = (*policy)->Plan(c, *budget, HeadBudget::kPolicyDefault);
   ASSERT_TRUE(plan.ok()) << plan.status();
@@ -120,7 +120,7 @@ TEST(SnapKvPolicyTest, PerHeadTopKWithTheWindowProtected) {
   for (size_t i = 0; i < want.heads.size(); ++i) {
     EXPECT_EQ(plan->heads[i].positions, want.heads[i].positions);
     EXPECT_EQ(plan->heads[i].positions.size(), 30u);
-    for (int32_t p = 64; p < 80; ++p) {
+    for (int32_t p = 65; p < 80; ++p) {
       EXPECT_TRUE(std::binary_search(plan->heads[i].positions.begin(), plan->heads[i].positions.end(), p));
     }
   }
