@@ -11,6 +11,7 @@
 #include <fstream>
 #include <iostream>
 #include <map>
+#include <optional>
 
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_format.h"
@@ -101,7 +102,9 @@ absl::Status Run(int argc, char** argv) {
   std::string model_dir = "../shared/models/tinystories-656k", json_path, markdown_path;
   std::vector<std::string> policies = {"full", "streaming_llm", "snapkv", "sage_kv", "kvzip"};
   std::vector<float> ratios = {1.0f, 0.75f, 0.5f, 0.3f, 0.2f};
-  int32_t total_tokens = 450, continuation = 128;
+  int32_t total_tokens = 330, continuation = 128;
+  gates::PolicyOptions policy_options;
+  std::optional<int32_t> sink_tokens;  // unset: each policy's default
   for (int i = 1; i + 1 < argc; i += 2) {
     const std::string flag = argv[i], value = argv[i + 1];
     if (flag == "--model") model_dir = value;
@@ -116,6 +119,8 @@ absl::Status Run(int argc, char** argv) {
     } else if (flag == "--tokens") total_tokens = std::atoi(value.c_str());
     else if (flag == "--continuation") continuation = std::atoi(value.c_str());
     else if (flag == "--json") json_path = value;
+    else if (flag == "--snapkv-window") policy_options.snapkv_window = std::atoi(value.c_str());
+    else if (flag == "--sink-tokens") sink_tokens = std::atoi(value.c_str());
     else if (flag == "--markdown") markdown_path = value;
     else return absl::InvalidArgumentError("unknown flag " + flag);
   }
@@ -154,7 +159,8 @@ absl::Status Run(int argc, char** argv) {
         gates::EvictionSpec spec;
         spec.policy = policy;
         spec.keep_ratio = ratio;
-        KVGATE_RETURN_IF_ERROR(EvaluatePolicy(model.get(), tokenizer.get(), gates::PolicyOptions{}, pool.get(), sequence, prompt_tokens, reference, spec,
+        spec.sink_tokens = sink_tokens;
+        KVGATE_RETURN_IF_ERROR(EvaluatePolicy(model.get(), tokenizer.get(), policy_options, pool.get(), sequence, prompt_tokens, reference, spec,
                                               &results[{policy, ratio}]));
       }
     }

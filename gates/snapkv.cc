@@ -106,14 +106,14 @@ class SnapKvPolicy final : public Policy {
     if (n <= window_ || budget.keep_per_head >= n) {
       return KeepPlan::KeepAll(shape_.num_layers, shape_.num_kv_heads, n);
     }
-    KVGATE_ASSIGN_OR_RETURN(ScoreGrid grid, SnapKvScores(capture, window_, kernel_));
+    // The observation window is at most half the budget: with kvpress's fixed 64, a
+    // budget at or below the window keeps only the window and selects nothing by
+    // attention (TinyStories at keep 0.2-0.3: worse than streaming_llm; see
+    // bench/results/quality-tinystories.md). Its rows score +inf and are kept.
+    const int32_t window = std::min(window_, std::max(1, budget.keep_per_head / 2));
+    KVGATE_ASSIGN_OR_RETURN(ScoreGrid grid, SnapKvScores(capture, window, kernel_));
     std::vector<uint8_t> mask = budget.protected_mask;
-    // The observation window's rows are protected, but never more than half the budget:
-    // with kvpress's rule (protect all 64) a budget at or below the window keeps only the
-    // window and selects nothing by attention (TinyStories at keep 0.2: worse than
-    // streaming_llm; bench/results/quality-tinystories.md).
-    const int32_t protected_window = std::min(window_, std::max(1, budget.keep_per_head / 2));
-    for (int32_t p = n - protected_window; p < n; ++p) mask[p] = 1;
+    for (int32_t p = n - window; p < n; ++p) mask[p] = 1;
     if (head_budget == HeadBudget::kAdaptive) return SelectAdaKv(grid, budget.keep_per_head, mask, safeguard_);
     return SelectPerHeadTopK(grid, budget.keep_per_head, mask);
   }

@@ -109,7 +109,7 @@ TEST(SnapKvPolicyTest, PerHeadTopKWithTheWindowProtected) {
   spec.recent_tokens = 0;  // the observation window stays protected anyway (capped at budget / 2 = 15)
   auto budget = ResolveBudget(spec, 80, (*policy)->default_sink(), (*policy)->default_recent());
   ASSERT_TRUE(budget.ok());
-  auto grid = SnapKvScores(c, 16, 5);
+  auto grid = SnapKvScores(c, 15, 5);  // the window shrinks to budget / 2
   ASSERT_TRUE(grid.ok());
   std::vector<uint8_t> mask(80, 0);
   for (int32_t p = 65; p < 80; ++p) mask[p] = 1;
