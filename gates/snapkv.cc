@@ -103,14 +103,14 @@ class SnapKvPolicy final : public Policy {
                                 const ResolvedBudget& budget, HeadBudget head_budget) const override {
     KVGATE_RETURN_IF_ERROR(CheckBudgetAndCapture(capture, budget, shape_));
     const int32_t n = budget.prompt_tokens;
-    if (n <= window_ || budget.keep_per_head >= n) {
-      return KeepPlan::KeepAll(shape_.num_layers, shape_.num_kv_heads, n);
-    }
     // The observation window is at most half the budget: with kvpress's fixed 64, a
     // budget at or below the window keeps only the window and selects nothing by
     // attention (TinyStories at keep 0.2-0.3: worse than streaming_llm; see
     // bench/results/quality-tinystories.md). Its rows score +inf and are kept.
     const int32_t window = std::min(window_, std::max(1, budget.keep_per_head / 2));
+    if (n <= window || budget.keep_per_head >= n) {
+      return KeepPlan::KeepAll(shape_.num_layers, shape_.num_kv_heads, n);
+    }
     KVGATE_ASSIGN_OR_RETURN(ScoreGrid grid, SnapKvScores(capture, window, kernel_));
     std::vector<uint8_t> mask = budget.protected_mask;
     for (int32_t p = n - window; p < n; ++p) mask[p] = 1;

@@ -131,7 +131,7 @@ TEST(SnapKvPolicyTest, PerHeadTopKWithTheWindowProtected) {
   EXPECT_EQ(adaptive->KeptEntries(), 30 * 4);
 }
 
-TEST(SnapKvPolicyTest, ShortPromptsKeepEverything) {
+TEST(SnapKvPolicyTest, ShortPromptsEvictWithAWindowOfHalfTheBudget) {
   const ModelShape shape = Shape(1, 2, 1, 4, 8);
   auto policy = CreatePolicy("snapkv", {}, shape);  // window 64
   ASSERT_TRUE(policy.ok());
@@ -139,11 +139,20 @@ TEST(SnapKvPolicyTest, ShortPromptsKeepEverything) {
   EvictionSpec spec;
   spec.policy = "snapkv";
   spec.keep_ratio = 0.1f;
-  auto budget = ResolveBudget(spec, 64, 0, 64);
+  auto budget = ResolveBudget(spec, 64, (*policy)->default_sink(), (*policy)->default_recent());
   ASSERT_TRUE(budget.ok());
   auto plan = (*policy)->Plan(c, *budget, HeadBudget::kPolicyDefault);
   ASSERT_TRUE(plan.ok());
-  EXPECT_EQ(plan->KeptEntries(), 64);
+  // keep round(6.4) = 6 rows: a 3-query observation window plus the 3 best-scored rows.
+  EXPECT_EQ(plan->KeptEntries(), 6);
+  EXPECT_EQ(plan->heads[0].positions.back(), 63);
+  // A prompt no longer than the window keeps everything.
+  spec.keep_ratio = 1.0f;
+  auto all = ResolveBudget(spec, 64, (*policy)->default_sink(), (*policy)->default_recent());
+  ASSERT_TRUE(all.ok());
+  auto plan_all = (*policy)->Plan(c, *all, HeadBudget::kPolicyDefault);
+  ASSERT_TRUE(plan_all.ok());
+  EXPECT_EQ(plan_all->KeptEntries(), 64);
 }
 
 }  // namespace

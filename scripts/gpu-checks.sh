@@ -32,5 +32,25 @@ same = cpu["token_ids"] == cuda["token_ids"]
 print("identical greedy tokens on cpu and cuda:", same)
 sys.exit(0 if same else 1)
 PY
+echo "== eviction policies over the head-paged cache on both backends (keep 0.3, greedy)"
+for policy in streaming_llm snapkv sage_kv kvzip; do
+  for backend in cpu cuda; do
+    "$bundle/bin/kvgate" generate --model "$tinystories" \
+      --prompt "Once upon a time, there was a little girl named Lily. She liked to play with her toys in the garden." \
+      --max-tokens 48 --ignore-eos --json --backend "$backend" --policy "$policy" --keep-ratio 0.3 \
+      > "$out/policy-$policy-$backend.json" || status=1
+  done
+done
+python3 - "$out" <<'PY' || status=1
+import json, sys
+out, ok = sys.argv[1], True
+for policy in ("streaming_llm", "snapkv", "sage_kv", "kvzip"):
+    cpu = json.load(open(f"{out}/policy-{policy}-cpu.json")); cuda = json.load(open(f"{out}/policy-{policy}-cuda.json"))
+    same = cpu["token_ids"] == cuda["token_ids"] and cpu["kv"]["kv_entries_kept"] == cuda["kv"]["kv_entries_kept"]
+    ok &= same
+    print(f"{policy:14s} kept {cuda['kv']['kv_entries_kept']}/{cuda['kv']['kv_entries_full']} "
+          f"pages {cuda['kv']['pages_used']} identical cpu/cuda: {same}")
+sys.exit(0 if ok else 1)
+PY
 echo "== overall status $status"
 exit $status
