@@ -88,12 +88,16 @@ class PolicyPlannerTest : public ::testing::Test {
 
   // The reference: the full contiguous cache, with the rows `kept` does not hold masked
   // out of every decode query (rows written in decode stay visible).
-  std::vector<std::vector<float>> RunMasked(const gates::KeepPlan& kept) {
+  // `prefill_masks` (per layer [num_kv_heads, n]) replays an in-prefill eviction.
+  std::vector<std::vector<float>> RunMasked(const gates::KeepPlan& kept,
+                                            const std::vector<std::vector<uint8_t>>& prefill_masks = {}) {
     const engine::ModelConfig& c = model_->config();
     const int32_t n = static_cast<int32_t>(prompt_.size());
     const int32_t capacity = n + kDecodeSteps;
     auto cache = *model_->NewCache(capacity);
-    EXPECT_TRUE(model_->Forward(prompt_, cache.get()).ok());
+    engine::ForwardOptions prefill;
+    if (!prefill_masks.empty()) prefill.key_masks = ExpandMasks(prefill_masks, n, capacity);
+    EXPECT_TRUE(model_->Forward(prompt_, cache.get(), prefill).ok());
     engine::ForwardOptions forward;
     forward.key_masks.assign(c.num_layers, std::vector<uint8_t>(size_t{1} * c.num_kv_heads * capacity, 1));
     for (int32_t layer = 0; layer < c.num_layers; ++layer) {
@@ -110,6 +114,21 @@ class PolicyPlannerTest : public ::testing::Test {
       logits.push_back(*step);
     }
     return logits;
+  }
+
+  // [num_kv_heads, n] masks -> [num_kv_heads, capacity] (rows past n visible).
+  std::vector<std::vector<uint8_t>> ExpandMasks(const std::vector<std::vector<uint8_t>>& masks, int32_t n,
+                                                int32_t capacity) const {
+    const int32_t kv_heads = model_->config().num_kv_heads;
+    std::vector<std::vector<uint8_t>> out;
+    for (const auto& mask : masks) {
+      std::vector<uint8_t> wide(size_t{1} * kv_heads * capacity, 1);
+      for (int32_t h = 0; h < kv_heads; ++h) {
+        std::copy_n(mask.begin() + size_t{1} * h * n, n, wide.begin() + size_t{1} * h * capacity);
+      }
+      out.push_back(std::move(wide));
+    }
+    return out;
   }
 
   std::unique_ptr<ops::Backend> backend_ = ops::CreateCpuBackend(2);
@@ -179,6 +198,68 @@ TEST_F(PolicyPlannerTest, CompactedDecodeEqualsMaskedFullAttention) {
         }
       }
     }
+  }
+}
+
+// Attention-Gate evicts inside prefill: tokens it flags are invisible to later prompt
+// tokens. The planned prefill must equal a forward with those masks given up front, and
+// decode over the compacted cache must equal masked full attention after that prefill.
+TEST_F(PolicyPlannerTest, AttentionGatePrefillAndDecodeEqualMaskedReference) {
+  const engine::ModelConfig& c = model_->config();
+  const int32_t n = static_cast<int32_t>(prompt_.size());
+  gates::EvictionSpec spec;
+  spec.policy = "attention_gate";
+  gates::PolicyOptions options;
+  options.allow_random_gate = true;
+  options.random_gate_seed = 5;
+  auto planner = CreatePolicyPlanner(*model_, pool_.get(), spec, options, tokenizer_.get());
+  ASSERT_TRUE(planner.ok()) << planner.status();
+  auto cache = *model_->NewCache(n);
+  engine::PrefillCapture capture;
+  engine::ForwardOptions forward;
+  forward.capture = &capture;
+  forward.logits = engine::LogitsMode::kAllTokens;
+  ASSERT_TRUE((*planner)->ConfigurePrefill(prompt_, &forward).ok());
+  ASSERT_TRUE(forward.layer_key_mask) << "attention_gate must evict inside prefill";
+  std::vector<std::vector<uint8_t>> recorded(c.num_layers);
+  auto gate_mask = forward.layer_key_mask;
+  forward.layer_key_mask = [&](int32_t layer, absl::Span<const float> hidden) -> absl::StatusOr<std::vector<uint8_t>> {
+    auto mask = gate_mask(layer, hidden);
+    if (mask.ok()) recorded[layer] = *mask;
+    return mask;
+  };
+  auto planned = model_->Forward(prompt_, cache.get(), forward);
+  ASSERT_TRUE(planned.ok()) << planned.status();
+  int64_t evicted = 0;
+  for (const auto& mask : recorded) {
+    ASSERT_EQ(mask.size(), size_t{1} * c.num_kv_heads * n);
+    evicted += std::count(mask.begin(), mask.end(), 0);
+    for (int32_t h = 0; h < c.num_kv_heads; ++h) EXPECT_EQ(mask[size_t{1} * h * n], 1) << "sink evicted";
+  }
+  EXPECT_GT(evicted, 0) << "the random gate should evict something, or the test proves nothing";
+
+  auto reference_cache = *model_->NewCache(n);
+  engine::ForwardOptions reference;
+  reference.logits = engine::LogitsMode::kAllTokens;
+  reference.key_masks = ExpandMasks(recorded, n, n);
+  auto expected = model_->Forward(prompt_, reference_cache.get(), reference);
+  ASSERT_TRUE(expected.ok());
+  EXPECT_EQ(*planned, *expected) << "in-prefill eviction differs from the masked reference";
+
+  engine::KvAccounting accounting;
+  auto batch = (*planner)->Commit(prompt_, *cache, capture, &accounting);
+  ASSERT_TRUE(batch.ok()) << batch.status();
+  EXPECT_EQ(accounting.kv_entries_kept, accounting.kv_entries_full - evicted);
+  const SequenceLayout& layout = static_cast<SequenceBatch*>(batch->get())->layout();
+  gates::KeepPlan kept{layout.num_layers, layout.num_kv_heads, n, {}};
+  for (const HeadPages& head : layout.heads) kept.heads.push_back({head.positions, {}, {}});
+  const auto masked = RunMasked(kept, recorded);
+  for (int step = 0; step < kDecodeSteps; ++step) {
+    auto logits = model_->DecodeStep({&continuation_[step], 1}, batch->get());
+    ASSERT_TRUE(logits.ok()) << logits.status();
+    float worst = 0;
+    for (size_t i = 0; i < logits->size(); ++i) worst = std::max(worst, std::fabs((*logits)[i] - masked[step][i]));
+    EXPECT_LE(worst, kMaskedLogitAtol) << "step " << step;
   }
 }
 
