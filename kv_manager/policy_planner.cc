@@ -79,10 +79,27 @@ class PolicyPlanner final : public engine::KvPlanner {
     accounting->bytes_full = accounting->kv_entries_full * c.KvEntryBytes();
     accounting->bytes_kept = accounting->kv_entries_kept * c.KvEntryBytes();
     accounting->pages_used = static_cast<int32_t>(layout.NumPages());
-    return std::make_unique<SequenceBatch>(pool_, std::move(layout), c.sliding_window);
+    return std::make_unique<SequenceBatch>(pool_, std::move(layout), c.sliding_window, DecodeRule(n));
   }
 
  private:
+  // The policy's decode-time eviction; none when the request keeps everything (so that
+  // keeping everything stays identical to no eviction).
+  DecodeEviction DecodeRule(int32_t n) const {
+    DecodeEviction rule;
+    if (budget_.keep_per_head >= n) return rule;
+    if (policy_->name() == "streaming_llm") {
+      rule.kind = DecodeEviction::Kind::kStreamingRing;
+      rule.sink_tokens = budget_.sink_tokens;
+      rule.capacity = budget_.keep_per_head;
+    } else if (policy_->name() == "sage_kv") {
+      rule.kind = DecodeEviction::Kind::kRecentRing;
+      rule.capacity = std::max(1, budget_.recent_tokens);
+      rule.ring_begin = n - rule.capacity;
+    }
+    return rule;
+  }
+
   // KVzip (eviction-methods.md 4.1): one teacher-forced forward per context chunk of the
   // reconstruction prompt + the chunk, on top of the full prompt; their queries and keys
   // are recorded and their K/V discarded (a scratch cache: they never enter the real one).
@@ -170,6 +187,36 @@ absl::Status SequenceBatch::BeginStep() {
   }
   KVGATE_ASSIGN_OR_RETURN(step_, pool_->ReserveDecodeStep(&layout_));
   return absl::OkStatus();
+}
+
+absl::Status SequenceBatch::EndStep() {
+  if (eviction_.kind == DecodeEviction::Kind::kNone) return absl::OkStatus();
+  gates::KeepPlan keep{layout_.num_layers, layout_.num_kv_heads, layout_.next_pos, {}};
+  keep.heads.resize(layout_.heads.size());
+  bool drops = false;
+  for (size_t i = 0; i < layout_.heads.size(); ++i) {
+    const HeadPages& head = layout_.heads[i];
+    // Rows are in ascending position order; [ring_start, length) is the ring.
+    const int32_t ring_first_position =
+        eviction_.kind == DecodeEviction::Kind::kStreamingRing ? eviction_.sink_tokens : eviction_.ring_begin;
+    const int32_t ring_start = static_cast<int32_t>(
+        std::lower_bound(head.positions.begin(), head.positions.end(), ring_first_position) - head.positions.begin());
+    const int32_t ring_capacity = eviction_.kind == DecodeEviction::Kind::kStreamingRing
+                                      ? std::max(0, eviction_.capacity - ring_start)
+                                      : eviction_.capacity;
+    const int32_t ring_rows = head.length - ring_start;
+    const int32_t drop = std::max(0, ring_rows - ring_capacity);
+    gates::HeadKeep& kept = keep.heads[i];
+    for (int32_t r = 0; r < head.length; ++r) {
+      if (r >= ring_start && r < ring_start + drop) continue;  // the ring's oldest rows
+      kept.positions.push_back(head.positions[r]);
+      if (!head.query_mask.empty()) kept.query_mask.push_back(head.query_mask[r]);
+      if (!head.scores.empty()) kept.scores.push_back(head.scores[r]);
+    }
+    drops |= drop > 0;
+  }
+  if (!drops) return absl::OkStatus();
+  return pool_->Compact(&layout_, keep).status();
 }
 
 absl::Status SequenceBatch::AppendLayer(int32_t layer, const float* k_new, const float* v_new) {

@@ -15,13 +15,31 @@
 
 namespace kvgate::kv {
 
+// Eviction a policy keeps doing during decode, after every step (architecture.md §4).
+struct DecodeEviction {
+  enum class Kind {
+    kNone,
+    // streaming_llm: every head keeps its rows at positions < sink_tokens plus the most
+    // recent others, at most `capacity` rows in all (a fixed-size ring after the sinks).
+    kStreamingRing,
+    // sage_kv: rows at positions >= ring_begin form the recent window; it keeps its
+    // `capacity` most recent rows (the sink and the selected middle stay frozen).
+    kRecentRing,
+  };
+  Kind kind = Kind::kNone;
+  int32_t sink_tokens = 0;
+  int32_t ring_begin = 0;
+  int32_t capacity = 0;
+};
+
 // One sequence's pages as the engine's decode batch (a batch of one). Releases its
 // pages when destroyed. For a model with a sliding window it drops, before each step,
-// the rows the new token can no longer see (exact: those rows are never read again).
+// the rows the new token can no longer see (exact: those rows are never read again);
+// after each step it applies the policy's decode-time eviction.
 class SequenceBatch final : public engine::PagedKvBatch {
  public:
-  SequenceBatch(KvPool* pool, SequenceLayout layout, int32_t sliding_window)
-      : pool_(pool), layout_(std::move(layout)), sliding_window_(sliding_window) {}
+  SequenceBatch(KvPool* pool, SequenceLayout layout, int32_t sliding_window, DecodeEviction eviction = {})
+      : pool_(pool), layout_(std::move(layout)), sliding_window_(sliding_window), eviction_(eviction) {}
   ~SequenceBatch() override;
 
   int32_t num_sequences() const override { return 1; }
@@ -29,7 +47,7 @@ class SequenceBatch final : public engine::PagedKvBatch {
   absl::Status BeginStep() override;
   absl::Status AppendLayer(int32_t layer, const float* k_new, const float* v_new) override;
   absl::StatusOr<ops::HeadPagedKvView> View(int32_t layer) override;
-  absl::Status EndStep() override { return absl::OkStatus(); }
+  absl::Status EndStep() override;
 
   const SequenceLayout& layout() const { return layout_; }
 
@@ -37,6 +55,7 @@ class SequenceBatch final : public engine::PagedKvBatch {
   KvPool* pool_;
   SequenceLayout layout_;
   int32_t sliding_window_;
+  DecodeEviction eviction_;
   AppendPlan step_;
 };
 

@@ -51,6 +51,7 @@ class PolicyPlannerTest : public ::testing::Test {
   struct PagedRun {
     std::vector<std::vector<float>> logits;  // per decode step
     gates::KeepPlan kept;                    // positions per (layer, kv head) after commit
+    std::vector<gates::KeepPlan> kept_per_step;  // the same, just before each decode step
     engine::KvAccounting accounting;
     std::vector<int32_t> next_positions;
   };
@@ -79,6 +80,9 @@ class PolicyPlannerTest : public ::testing::Test {
     for (const HeadPages& head : layout.heads) run.kept.heads.push_back({head.positions, head.query_mask, {}});
     for (int32_t token : continuation_) {
       run.next_positions.push_back((*batch)->NextPositions()[0]);
+      gates::KeepPlan now{layout.num_layers, layout.num_kv_heads, layout.next_pos, {}};
+      for (const HeadPages& head : layout.heads) now.heads.push_back({head.positions, head.query_mask, {}});
+      run.kept_per_step.push_back(std::move(now));
       auto logits = model_->DecodeStep({&token, 1}, batch->get());
       EXPECT_TRUE(logits.ok()) << logits.status();
       if (logits.ok()) run.logits.push_back(std::move(*logits));
@@ -91,6 +95,21 @@ class PolicyPlannerTest : public ::testing::Test {
   // `prefill_masks` (per layer [num_kv_heads, n]) replays an in-prefill eviction.
   std::vector<std::vector<float>> RunMasked(const gates::KeepPlan& kept,
                                             const std::vector<std::vector<uint8_t>>& prefill_masks = {}) {
+    // Rows written in decode stay visible.
+    std::vector<gates::KeepPlan> per_step;
+    for (int step = 0; step < kDecodeSteps; ++step) {
+      gates::KeepPlan plan = kept;
+      for (gates::HeadKeep& head : plan.heads) {
+        for (int t = 0; t < step; ++t) head.positions.push_back(static_cast<int32_t>(prompt_.size()) + t);
+      }
+      per_step.push_back(std::move(plan));
+    }
+    return RunMasked(per_step, prefill_masks);
+  }
+  // Per decode step t, the rows before the new token that `kept[t]` does not hold are
+  // masked out (decode-time eviction changes the set step by step).
+  std::vector<std::vector<float>> RunMasked(const std::vector<gates::KeepPlan>& kept,
+                                            const std::vector<std::vector<uint8_t>>& prefill_masks) {
     const engine::ModelConfig& c = model_->config();
     const int32_t n = static_cast<int32_t>(prompt_.size());
     const int32_t capacity = n + kDecodeSteps;
@@ -98,20 +117,22 @@ class PolicyPlannerTest : public ::testing::Test {
     engine::ForwardOptions prefill;
     if (!prefill_masks.empty()) prefill.key_masks = ExpandMasks(prefill_masks, n, capacity);
     EXPECT_TRUE(model_->Forward(prompt_, cache.get(), prefill).ok());
-    engine::ForwardOptions forward;
-    forward.key_masks.assign(c.num_layers, std::vector<uint8_t>(size_t{1} * c.num_kv_heads * capacity, 1));
-    for (int32_t layer = 0; layer < c.num_layers; ++layer) {
-      for (int32_t h = 0; h < c.num_kv_heads; ++h) {
-        uint8_t* mask = forward.key_masks[layer].data() + size_t{1} * h * capacity;
-        std::fill(mask, mask + n, 0);
-        for (int32_t p : kept.at(layer, h).positions) mask[p] = 1;
-      }
-    }
     std::vector<std::vector<float>> logits;
-    for (int32_t token : continuation_) {
-      auto step = model_->Forward({&token, 1}, cache.get(), forward);
-      EXPECT_TRUE(step.ok()) << step.status();
-      logits.push_back(*step);
+    for (int step = 0; step < kDecodeSteps; ++step) {
+      const int32_t token = continuation_[step];
+      const int32_t position = n + step;
+      engine::ForwardOptions forward;
+      forward.key_masks.assign(c.num_layers, std::vector<uint8_t>(size_t{1} * c.num_kv_heads * capacity, 1));
+      for (int32_t layer = 0; layer < c.num_layers; ++layer) {
+        for (int32_t h = 0; h < c.num_kv_heads; ++h) {
+          uint8_t* mask = forward.key_masks[layer].data() + size_t{1} * h * capacity;
+          std::fill(mask, mask + position, 0);
+          for (int32_t p : kept[step].at(layer, h).positions) mask[p] = 1;
+        }
+      }
+      auto step_logits = model_->Forward({&token, 1}, cache.get(), forward);
+      EXPECT_TRUE(step_logits.ok()) << step_logits.status();
+      logits.push_back(*step_logits);
     }
     return logits;
   }
@@ -180,7 +201,7 @@ TEST_F(PolicyPlannerTest, CompactedDecodeEqualsMaskedFullAttention) {
       if (policy != "full") {
         EXPECT_LT(run.accounting.kv_entries_kept, run.accounting.kv_entries_full);
       }
-      const auto masked = RunMasked(run.kept);
+      const auto masked = RunMasked(run.kept_per_step, {});
       for (int step = 0; step < kDecodeSteps; ++step) {
         float worst = 0;
         for (size_t i = 0; i < masked[step].size(); ++i) {
@@ -260,6 +281,48 @@ TEST_F(PolicyPlannerTest, AttentionGatePrefillAndDecodeEqualMaskedReference) {
     float worst = 0;
     for (size_t i = 0; i < logits->size(); ++i) worst = std::max(worst, std::fabs((*logits)[i] - masked[step][i]));
     EXPECT_LE(worst, kMaskedLogitAtol) << "step " << step;
+  }
+}
+
+// streaming_llm keeps a fixed-size ring after its sinks during decode: the head never
+// grows past its budget, the sinks stay, the oldest others go.
+TEST_F(PolicyPlannerTest, StreamingLlmDecodeRingKeepsTheBudget) {
+  gates::EvictionSpec spec;
+  spec.policy = "streaming_llm";
+  spec.keep_ratio = 0.3f;
+  const PagedRun run = RunPaged(spec);
+  ASSERT_EQ(run.kept_per_step.size(), static_cast<size_t>(kDecodeSteps));
+  const int64_t budget = std::lround(0.3 * prompt_.size());
+  for (int step = 1; step < kDecodeSteps; ++step) {
+    for (const gates::HeadKeep& head : run.kept_per_step[step].heads) {
+      ASSERT_EQ(static_cast<int64_t>(head.positions.size()), budget) << "step " << step;
+      for (int32_t sink = 0; sink < 4; ++sink) EXPECT_EQ(head.positions[sink], sink);
+      // The most recent token (written by the previous step) is kept.
+      EXPECT_EQ(head.positions.back(), static_cast<int32_t>(prompt_.size()) + step - 1);
+    }
+  }
+}
+
+// sage_kv's recent window is a fixed-size ring in decode: sink and selected rows stay
+// frozen, every head keeps a constant row count, the newest token is kept.
+TEST_F(PolicyPlannerTest, SageKvDecodeRingFreezesTheSelection) {
+  gates::EvictionSpec spec;
+  spec.policy = "sage_kv";
+  spec.keep_ratio = 0.3f;
+  const PagedRun run = RunPaged(spec);
+  ASSERT_EQ(run.kept_per_step.size(), static_cast<size_t>(kDecodeSteps));
+  const int32_t n = static_cast<int32_t>(prompt_.size());
+  const int32_t recent = static_cast<int32_t>(std::lround(0.3 * n)) / 4;  // B/4
+  for (size_t i = 0; i < run.kept.heads.size(); ++i) {
+    const std::vector<int32_t>& at_commit = run.kept.heads[i].positions;
+    const std::vector<int32_t> frozen(at_commit.begin(), at_commit.end() - recent);
+    for (int step = 1; step < kDecodeSteps; ++step) {
+      const std::vector<int32_t>& now = run.kept_per_step[step].heads[i].positions;
+      ASSERT_EQ(now.size(), at_commit.size()) << "head " << i << " step " << step;
+      EXPECT_TRUE(std::equal(frozen.begin(), frozen.end(), now.begin())) << "selection changed in decode";
+      EXPECT_EQ(now.back(), n + step - 1);
+      EXPECT_EQ(now[frozen.size()], n - recent + step) << "the ring drops its oldest row each step";
+    }
   }
 }
 
