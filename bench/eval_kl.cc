@@ -60,13 +60,13 @@ int ArgMax(const float* logits, int vocab) {
   return best;
 }
 
-absl::Status EvaluatePolicy(engine::Model* model, const engine::Tokenizer* tokenizer,
+absl::Status EvaluatePolicy(engine::Model* model, const engine::Tokenizer* tokenizer, bool decode_eviction,
                             const gates::PolicyOptions& options, kv::KvPool* pool, const std::vector<int32_t>& sequence,
                             int32_t prompt_tokens, const std::vector<float>& reference,
                             const gates::EvictionSpec& spec, Metrics* metrics) {
   const int vocab = model->config().vocab_size;
   KVGATE_ASSIGN_OR_RETURN(std::unique_ptr<engine::KvPlanner> planner,
-                          kv::CreatePolicyPlanner(*model, pool, spec, options, tokenizer));
+                          kv::CreatePolicyPlanner(*model, pool, spec, options, tokenizer, decode_eviction));
   KVGATE_ASSIGN_OR_RETURN(std::unique_ptr<engine::KvCache> cache, model->NewCache(prompt_tokens));
   engine::PrefillCapture capture;
   engine::ForwardOptions forward;
@@ -105,6 +105,7 @@ absl::Status Run(int argc, char** argv) {
   int32_t total_tokens = 330, continuation = 128;
   gates::PolicyOptions policy_options;
   std::optional<int32_t> sink_tokens;  // unset: each policy's default
+  bool decode_eviction = true;
   for (int i = 1; i + 1 < argc; i += 2) {
     const std::string flag = argv[i], value = argv[i + 1];
     if (flag == "--model") model_dir = value;
@@ -121,6 +122,7 @@ absl::Status Run(int argc, char** argv) {
     else if (flag == "--json") json_path = value;
     else if (flag == "--snapkv-window") policy_options.snapkv_window = std::atoi(value.c_str());
     else if (flag == "--sink-tokens") sink_tokens = std::atoi(value.c_str());
+    else if (flag == "--decode-eviction") decode_eviction = value != "0" && value != "false";
     else if (flag == "--markdown") markdown_path = value;
     else return absl::InvalidArgumentError("unknown flag " + flag);
   }
@@ -146,7 +148,7 @@ absl::Status Run(int argc, char** argv) {
     ids.insert(ids.end(), result.token_ids.begin(), result.token_ids.end());
     sequences.push_back(std::move(ids));
   }
-  json out = {{"model", model_dir}, {"sequences", sequences.size()}, {"tokens_per_sequence", total_tokens},
+  json out = {{"model", model_dir}, {"decode_eviction", decode_eviction}, {"sequences", sequences.size()}, {"tokens_per_sequence", total_tokens},
               {"prompt_tokens", total_tokens - continuation}, {"continuation_tokens", continuation}};
   std::map<std::pair<std::string, float>, Metrics> results;
   for (const std::vector<int32_t>& sequence : sequences) {
@@ -160,7 +162,7 @@ absl::Status Run(int argc, char** argv) {
         spec.policy = policy;
         spec.keep_ratio = ratio;
         spec.sink_tokens = sink_tokens;
-        KVGATE_RETURN_IF_ERROR(EvaluatePolicy(model.get(), tokenizer.get(), policy_options, pool.get(), sequence, prompt_tokens, reference, spec,
+        KVGATE_RETURN_IF_ERROR(EvaluatePolicy(model.get(), tokenizer.get(), decode_eviction, policy_options, pool.get(), sequence, prompt_tokens, reference, spec,
                                               &results[{policy, ratio}]));
       }
     }

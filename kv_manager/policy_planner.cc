@@ -32,9 +32,9 @@ void TrimToWindow(int32_t first_visible, gates::KeepPlan* plan) {
 class PolicyPlanner final : public engine::KvPlanner {
  public:
   PolicyPlanner(engine::Model& model, KvPool* pool, gates::EvictionSpec spec, gates::PolicyOptions options,
-                std::unique_ptr<gates::Policy> policy, const engine::Tokenizer* tokenizer)
+                std::unique_ptr<gates::Policy> policy, const engine::Tokenizer* tokenizer, bool decode_eviction)
       : model_(model), pool_(pool), spec_(std::move(spec)), options_(std::move(options)),
-        policy_(std::move(policy)), tokenizer_(tokenizer) {}
+        policy_(std::move(policy)), tokenizer_(tokenizer), decode_eviction_(decode_eviction) {}
 
   absl::Status ConfigurePrefill(absl::Span<const int32_t> prompt, engine::ForwardOptions* options) override {
     const int32_t n = static_cast<int32_t>(prompt.size());
@@ -87,7 +87,7 @@ class PolicyPlanner final : public engine::KvPlanner {
   // keeping everything stays identical to no eviction).
   DecodeEviction DecodeRule(int32_t n) const {
     DecodeEviction rule;
-    if (budget_.keep_per_head >= n) return rule;
+    if (!decode_eviction_ || budget_.keep_per_head >= n) return rule;
     if (policy_->name() == "streaming_llm") {
       rule.kind = DecodeEviction::Kind::kStreamingRing;
       rule.sink_tokens = budget_.sink_tokens;
@@ -155,6 +155,7 @@ class PolicyPlanner final : public engine::KvPlanner {
   gates::PolicyOptions options_;
   std::unique_ptr<gates::Policy> policy_;
   const engine::Tokenizer* tokenizer_;
+  bool decode_eviction_;
   gates::ResolvedBudget budget_;
   gates::PolicyInputs inputs_;
 };
@@ -231,7 +232,8 @@ absl::StatusOr<ops::HeadPagedKvView> SequenceBatch::View(int32_t layer) {
 absl::StatusOr<std::unique_ptr<engine::KvPlanner>> CreatePolicyPlanner(engine::Model& model, KvPool* pool,
                                                                        const gates::EvictionSpec& spec,
                                                                        const gates::PolicyOptions& options,
-                                                                       const engine::Tokenizer* tokenizer) {
+                                                                       const engine::Tokenizer* tokenizer,
+                                                                       bool decode_eviction) {
   KVGATE_RETURN_IF_ERROR(gates::ValidateEvictionSpec(spec));
   const engine::ModelConfig& c = model.config();
   if (pool->head_dim() != c.head_dim) {
@@ -244,7 +246,7 @@ absl::StatusOr<std::unique_ptr<engine::KvPlanner>> CreatePolicyPlanner(engine::M
     return absl::InvalidArgumentError("policy kvzip needs the model's tokenizer for its reconstruction prompt");
   }
   return std::unique_ptr<engine::KvPlanner>(
-      new PolicyPlanner(model, pool, spec, options, std::move(policy), tokenizer));
+      new PolicyPlanner(model, pool, spec, options, std::move(policy), tokenizer, decode_eviction));
 }
 
 }  // namespace kvgate::kv

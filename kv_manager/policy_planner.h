@@ -60,9 +60,11 @@ class SequenceBatch final : public engine::PagedKvBatch {
 };
 
 // `tokenizer` is needed only by kvzip (its reconstruction prompt); may be null otherwise.
+// `decode_eviction` false turns off the policies' decode-time eviction (the rings), so
+// every policy evicts once after prefill (equal-budget comparisons in bench/eval_kl).
 // INVALID_ARGUMENT for a bad spec or a gate that does not fit the model.
 absl::StatusOr<std::unique_ptr<engine::KvPlanner>> CreatePolicyPlanner(
     engine::Model& model, KvPool* pool, const gates::EvictionSpec& spec, const gates::PolicyOptions& options,
-    const engine::Tokenizer* tokenizer = nullptr);
+    const engine::Tokenizer* tokenizer = nullptr, bool decode_eviction = true);
 
 }  // namespace kvgate::kv
