@@ -95,12 +95,12 @@ absl::StatusOr<GenerateResult> Generator::Generate(absl::Span<const int32_t> pro
   const int32_t capacity = result.prompt_tokens + (planner != nullptr ? 0 : options.max_tokens);
   KVGATE_ASSIGN_OR_RETURN(std::unique_ptr<KvCache> cache, model_->NewCache(capacity));
   PrefillCapture capture;
-  ForwardOptions forward;
+  std::vector<float> logits;
   if (planner != nullptr) {
-    forward.capture = &capture;
-    KVGATE_RETURN_IF_ERROR(planner->ConfigurePrefill(prompt, &forward));
+    KVGATE_ASSIGN_OR_RETURN(logits, planner->Prefill(*model_, prompt, cache.get(), &capture));
+  } else {
+    KVGATE_ASSIGN_OR_RETURN(logits, model_->Forward(prompt, cache.get()));
   }
-  KVGATE_ASSIGN_OR_RETURN(std::vector<float> logits, model_->Forward(prompt, cache.get(), forward));
   std::unique_ptr<PagedKvBatch> paged;
   if (planner != nullptr) {
     KVGATE_ASSIGN_OR_RETURN(paged, planner->Commit(prompt, *cache, capture, &result.kv));

@@ -32,6 +32,17 @@ class KvPlanner {
   // Sets what the prefill of `prompt` must record, and any in-forward eviction, for the
   // policy (options->capture is set by the caller).
   virtual absl::Status ConfigurePrefill(absl::Span<const int32_t> prompt, ForwardOptions* options) = 0;
+  // Runs the prompt's prefill into the empty `cache` and returns the last token's logits.
+  // The default is ConfigurePrefill + one Model::Forward; policies that evict between
+  // prefill chunks (Fast KVzip) run their own loop.
+  virtual absl::StatusOr<std::vector<float>> Prefill(Model& model, absl::Span<const int32_t> prompt, KvCache* cache,
+                                                     PrefillCapture* capture) {
+    ForwardOptions forward;
+    forward.capture = capture;
+    absl::Status status = ConfigurePrefill(prompt, &forward);
+    if (!status.ok()) return status;
+    return model.Forward(prompt, cache, forward);
+  }
   // Compresses the prefilled `cache` of `prompt` and returns the batch of this one
   // sequence to decode over; fills `accounting`.
   virtual absl::StatusOr<std::unique_ptr<PagedKvBatch>> Commit(absl::Span<const int32_t> prompt,

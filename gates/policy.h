@@ -92,6 +92,14 @@ struct PolicyOptions {
   int32_t snapkv_kernel = 5;
   // AdaKV safeguard (head_budget = kAdaptive).
   float adakv_safeguard = 0.2f;
+  // fast_kvzip: evict between prefill chunks as the authors' code does (true), or once
+  // after a full prefill as kvpress's port does (false); chunk size in tokens (repo
+  // prefill_chunk_size = kFastKvzipPrefillChunkTokens = 16000).
+  bool fast_kvzip_chunked_prefill = true;
+  int32_t fast_kvzip_chunk_tokens = 16000;
+  // Local window W for contexts longer than one chunk (repo window_size = 4096); shorter
+  // contexts use 2% of their length.
+  int32_t fast_kvzip_window_tokens = 4096;
   // kvzip reconstruction chunk (KVzip repo: 2000; kvpress: 2048).
   int32_t kvzip_chunk_tokens = 2000;
 };

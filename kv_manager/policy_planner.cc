@@ -1,10 +1,13 @@
 #include "kv_manager/policy_planner.h"
 
 #include <algorithm>
+#include <optional>
 
 #include "absl/strings/str_cat.h"
 #include "common/status_macros.h"
 #include "gates/attention_gate.h"
+#include "gates/fast_kvzip.h"
+#include "gates/selectors.h"
 #include "gates/kvzip.h"
 
 namespace kvgate::kv {
@@ -56,6 +59,15 @@ class PolicyPlanner final : public engine::KvPlanner {
     return absl::OkStatus();
   }
 
+  absl::StatusOr<std::vector<float>> Prefill(engine::Model& model, absl::Span<const int32_t> prompt,
+                                             engine::KvCache* cache, engine::PrefillCapture* capture) override {
+    chunked_plan_.reset();
+    if (policy_->fast_kvzip_gate() != nullptr && options_.fast_kvzip_chunked_prefill) {
+      return FastKvzipChunkedPrefill(prompt, cache);
+    }
+    return engine::KvPlanner::Prefill(model, prompt, cache, capture);
+  }
+
   absl::StatusOr<std::unique_ptr<engine::PagedKvBatch>> Commit(absl::Span<const int32_t> prompt,
                                                                const engine::KvCache& cache,
                                                                const engine::PrefillCapture& capture,
@@ -65,8 +77,14 @@ class PolicyPlanner final : public engine::KvPlanner {
     if (budget_.prompt_tokens != n) {
       return absl::FailedPreconditionError("Commit without ConfigurePrefill of the same prompt");
     }
-    if (policy_->hooks().kvzip_reconstruction) KVGATE_RETURN_IF_ERROR(RunKvzipReconstruction(prompt));
-    KVGATE_ASSIGN_OR_RETURN(gates::KeepPlan plan, policy_->Plan(capture, inputs_, budget_, spec_.head_budget));
+    gates::KeepPlan plan;
+    if (chunked_plan_.has_value()) {
+      plan = std::move(*chunked_plan_);
+      chunked_plan_.reset();
+    } else {
+      if (policy_->hooks().kvzip_reconstruction) KVGATE_RETURN_IF_ERROR(RunKvzipReconstruction(prompt));
+      KVGATE_ASSIGN_OR_RETURN(plan, policy_->Plan(capture, inputs_, budget_, spec_.head_budget));
+    }
     inputs_ = gates::PolicyInputs{};
     if (c.sliding_window > 0) TrimToWindow(n - c.sliding_window + 1, &plan);
     SequenceLayout layout;
@@ -83,6 +101,90 @@ class PolicyPlanner final : public engine::KvPlanner {
   }
 
  private:
+  // Fast KVzip's prefill (FastKVzip prefill/model/wrapper.py::prefill, eviction-methods.md
+  // 5.3): the prompt runs in chunks; after each chunk's forward through every layer, the
+  // tokens that have left the local window and were not yet judged are thresholded with
+  // ONE threshold over all layers and kv heads (keep fraction r_chunk), and the losers
+  // become invisible to every later chunk. The first sink_tokens (the "system prompt")
+  // are never scored; the final window W is never evicted.
+  absl::StatusOr<std::vector<float>> FastKvzipChunkedPrefill(absl::Span<const int32_t> prompt,
+                                                             engine::KvCache* cache) {
+    const engine::ModelConfig& c = model_.config();
+    const gates::FastKvzipGate& gate = *policy_->fast_kvzip_gate();
+    const int32_t n = static_cast<int32_t>(prompt.size());
+    KVGATE_ASSIGN_OR_RETURN(budget_, gates::ResolveBudget(spec_, n, policy_->default_sink(), policy_->default_recent()));
+    const int32_t context_begin = std::min(budget_.sink_tokens, n);
+    const gates::FastKvzipChunkPlan chunks = gates::MakeFastKvzipChunkPlan(
+        double(budget_.keep_per_head) / n, context_begin, n, options_.fast_kvzip_chunk_tokens,
+        options_.fast_kvzip_window_tokens);
+    const size_t head_rows = size_t{1} * c.num_kv_heads * n;
+    std::vector<std::vector<uint8_t>> visible(c.num_layers, std::vector<uint8_t>(head_rows, 1));  // [kv_head, n]
+    std::vector<std::vector<float>> scores(c.num_layers, std::vector<float>(head_rows, 1.0f));
+    std::vector<float> logits;
+    int32_t judged_until = context_begin;
+    for (const gates::TokenRange& chunk : gates::FastKvzipPrefillChunks(chunks)) {
+      const int32_t m = chunk.end - chunk.begin;
+      engine::PrefillCapture recorded;
+      engine::ForwardOptions forward;
+      forward.capture_request.hidden_states = true;
+      forward.capture = &recorded;
+      forward.key_masks.assign(c.num_layers, std::vector<uint8_t>(size_t{1} * c.num_kv_heads * cache->capacity_tokens(), 1));
+      for (int32_t l = 0; l < c.num_layers; ++l) {
+        for (int32_t h = 0; h < c.num_kv_heads; ++h) {
+          std::copy_n(visible[l].begin() + size_t{1} * h * n, chunk.begin,
+                      forward.key_masks[l].begin() + size_t{1} * h * cache->capacity_tokens());
+        }
+      }
+      KVGATE_ASSIGN_OR_RETURN(logits, model_.Forward(prompt.subspan(chunk.begin, m), cache, forward));
+      for (int32_t l = 0; l < c.num_layers; ++l) {
+        KVGATE_ASSIGN_OR_RETURN(std::vector<float> chunk_scores, gate.Score(l, recorded.hidden_states[l]));  // [kv, m]
+        for (int32_t h = 0; h < c.num_kv_heads; ++h) {
+          for (int32_t t = 0; t < m; ++t) {
+            const int32_t pos = chunk.begin + t;
+            if (pos >= context_begin) scores[l][size_t{1} * h * n + pos] = chunk_scores[size_t{1} * h * m + t];
+          }
+        }
+      }
+      if (!chunks.evicts) continue;
+      const gates::TokenRange judge = gates::FastKvzipThresholdRange(chunks, judged_until, chunk.end);
+      const int32_t len = judge.end - judge.begin;
+      if (len <= 0) continue;
+      gates::ScoreGrid grid{c.num_layers, c.num_kv_heads, len, {}};
+      grid.scores.resize(size_t{1} * c.num_layers * c.num_kv_heads * len);
+      for (int32_t l = 0; l < c.num_layers; ++l) {
+        for (int32_t h = 0; h < c.num_kv_heads; ++h) {
+          std::copy_n(scores[l].begin() + size_t{1} * h * n + judge.begin, len,
+                      grid.scores.begin() + (size_t{1} * l * c.num_kv_heads + h) * len);
+        }
+      }
+      const int64_t keep = gates::FastKvzipChunkKeepCount(chunks, int64_t{len} * c.num_layers * c.num_kv_heads);
+      const gates::KeepPlan winners = gates::SelectGlobalTopKCount(grid, keep, std::vector<uint8_t>(len, 0));
+      for (int32_t l = 0; l < c.num_layers; ++l) {
+        for (int32_t h = 0; h < c.num_kv_heads; ++h) {
+          uint8_t* row = visible[l].data() + size_t{1} * h * n;
+          std::fill(row + judge.begin, row + judge.end, 0);
+          for (int32_t p : winners.at(l, h).positions) row[judge.begin + p] = 1;
+        }
+      }
+      judged_until = judge.end;
+    }
+    gates::KeepPlan plan{c.num_layers, c.num_kv_heads, n, {}};
+    plan.heads.resize(size_t{1} * c.num_layers * c.num_kv_heads);
+    for (int32_t l = 0; l < c.num_layers; ++l) {
+      for (int32_t h = 0; h < c.num_kv_heads; ++h) {
+        gates::HeadKeep& head = plan.at(l, h);
+        for (int32_t p = 0; p < n; ++p) {
+          if (!visible[l][size_t{1} * h * n + p]) continue;
+          head.positions.push_back(p);
+          // The system prompt / sinks are pinned for the whole request (score 1.0).
+          head.scores.push_back(p < context_begin ? 1.0f : scores[l][size_t{1} * h * n + p]);
+        }
+      }
+    }
+    chunked_plan_ = std::move(plan);
+    return logits;
+  }
+
   // The policy's decode-time eviction; none when the request keeps everything (so that
   // keeping everything stays identical to no eviction).
   DecodeEviction DecodeRule(int32_t n) const {
@@ -158,6 +260,7 @@ class PolicyPlanner final : public engine::KvPlanner {
   bool decode_eviction_;
   gates::ResolvedBudget budget_;
   gates::PolicyInputs inputs_;
+  std::optional<gates::KeepPlan> chunked_plan_;  // set by FastKvzipChunkedPrefill
 };
 
 }  // namespace

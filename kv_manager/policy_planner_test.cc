@@ -5,6 +5,8 @@
 //  3. Positions survive compaction and new tokens continue at next_pos.
 #include "kv_manager/policy_planner.h"
 
+#include "gates/fast_kvzip.h"
+
 #include <gtest/gtest.h>
 
 #include <cmath>
@@ -48,7 +50,15 @@ class PolicyPlannerTest : public ::testing::Test {
     continuation_.assign(text->token_ids.end() - kDecodeSteps, text->token_ids.end());
   }
 
+  static gates::PolicyOptions RandomGateOptions() {
+    gates::PolicyOptions options;
+    options.allow_random_gate = true;
+    options.random_gate_seed = 11;
+    return options;
+  }
+
   struct PagedRun {
+    std::vector<float> prefill_logits;       // the last prompt token's
     std::vector<std::vector<float>> logits;  // per decode step
     gates::KeepPlan kept;                    // positions per (layer, kv head) after commit
     std::vector<gates::KeepPlan> kept_per_step;  // the same, just before each decode step
@@ -57,20 +67,15 @@ class PolicyPlannerTest : public ::testing::Test {
   };
 
   // Prefill with the policy, commit, then teacher-force the continuation.
-  PagedRun RunPaged(const gates::EvictionSpec& spec) {
+  PagedRun RunPaged(const gates::EvictionSpec& spec, gates::PolicyOptions options = RandomGateOptions()) {
     PagedRun run;
-    gates::PolicyOptions options;
-    options.allow_random_gate = true;
-    options.random_gate_seed = 11;
     auto planner = CreatePolicyPlanner(*model_, pool_.get(), spec, options, tokenizer_.get());
     EXPECT_TRUE(planner.ok()) << planner.status();
     if (!planner.ok()) return run;
     auto cache = *model_->NewCache(static_cast<int32_t>(prompt_.size()));
     engine::PrefillCapture capture;
-    engine::ForwardOptions forward;
-    forward.capture = &capture;
-    EXPECT_TRUE((*planner)->ConfigurePrefill(prompt_, &forward).ok());
-    auto prefill = model_->Forward(prompt_, cache.get(), forward);
+    auto prefill = (*planner)->Prefill(*model_, prompt_, cache.get(), &capture);
+    if (prefill.ok()) run.prefill_logits = *prefill;
     EXPECT_TRUE(prefill.ok()) << prefill.status();
     auto batch = (*planner)->Commit(prompt_, *cache, capture, &run.accounting);
     EXPECT_TRUE(batch.ok()) << batch.status();
@@ -323,6 +328,101 @@ TEST_F(PolicyPlannerTest, SageKvDecodeRingFreezesTheSelection) {
       EXPECT_EQ(now.back(), n + step - 1);
       EXPECT_EQ(now[frozen.size()], n - recent + step) << "the ring drops its oldest row each step";
     }
+  }
+}
+
+// Fast KVzip evicts between prefill chunks. An independent reference loop of the method
+// description (eviction-methods.md 5.3, FastKVzip prefill/model/wrapper.py) must give
+// the same kept rows and the same last-token logits, and decode over the result must
+// equal masked full attention.
+TEST_F(PolicyPlannerTest, FastKvzipChunkedPrefillEqualsTheReferenceLoop) {
+  const engine::ModelConfig& c = model_->config();
+  const int32_t n = static_cast<int32_t>(prompt_.size());
+  const int32_t chunk_tokens = 64, window_tokens = 16, sinks = 4;
+  const double keep_ratio = 0.3;
+  gates::PolicyOptions options = RandomGateOptions();
+  options.fast_kvzip_chunk_tokens = chunk_tokens;
+  options.fast_kvzip_window_tokens = window_tokens;
+  gates::EvictionSpec spec;
+  spec.policy = "fast_kvzip";
+  spec.keep_ratio = static_cast<float>(keep_ratio);
+  const PagedRun run = RunPaged(spec, options);
+  ASSERT_FALSE(run.prefill_logits.empty());
+
+  auto policy = gates::CreatePolicy("fast_kvzip", options, {c.num_layers, c.num_heads, c.num_kv_heads, c.head_dim, c.hidden_size});
+  ASSERT_TRUE(policy.ok()) << policy.status();
+  const gates::FastKvzipGate& gate = *(*policy)->fast_kvzip_gate();
+  // The method's numbers, written out (context = the prompt after the 4 sink tokens).
+  const int32_t context = n - sinks;
+  const int32_t keep = static_cast<int32_t>(std::lround(keep_ratio * n));
+  const double context_ratio = double(keep) / n;
+  // The context is longer than one chunk, so W = window_size (else 2% of the context).
+  int32_t window = context < chunk_tokens ? static_cast<int32_t>(0.02 * context) : window_tokens;
+  double r_chunk = (context_ratio * context - window) / (context - window);
+  if (context_ratio * context < window) {
+    window = static_cast<int32_t>(context_ratio * context);
+    r_chunk = 0;
+  }
+  std::vector<std::vector<uint8_t>> visible(c.num_layers, std::vector<uint8_t>(size_t{1} * c.num_kv_heads * n, 1));
+  std::vector<std::vector<float>> score(c.num_layers, std::vector<float>(size_t{1} * c.num_kv_heads * n, 0));
+  const int32_t capacity = n + kDecodeSteps;
+  auto cache = *model_->NewCache(capacity);
+  std::vector<float> logits;
+  int32_t judged = sinks;
+  for (int32_t begin = 0; begin < n; begin += chunk_tokens) {
+    const int32_t end = std::min(n, begin + chunk_tokens);
+    engine::PrefillCapture hidden;
+    engine::ForwardOptions forward;
+    forward.capture_request.hidden_states = true;
+    forward.capture = &hidden;
+    forward.key_masks = ExpandMasks(visible, n, capacity);  // rows not yet judged are visible
+    logits = *model_->Forward(absl::MakeConstSpan(prompt_).subspan(begin, end - begin), cache.get(), forward);
+    for (int32_t l = 0; l < c.num_layers; ++l) {
+      const std::vector<float> s = *gate.Score(l, hidden.hidden_states[l]);
+      for (int32_t h = 0; h < c.num_kv_heads; ++h) {
+        for (int32_t t = begin; t < end; ++t) score[l][size_t{1} * h * n + t] = s[size_t{1} * h * (end - begin) + t - begin];
+      }
+    }
+    const int32_t judge_end = end - window;
+    if (judge_end <= judged) continue;
+    struct Entry { float score; int32_t pos, layer, head; };
+    std::vector<Entry> entries;
+    for (int32_t l = 0; l < c.num_layers; ++l) {
+      for (int32_t h = 0; h < c.num_kv_heads; ++h) {
+        for (int32_t p = judged; p < judge_end; ++p) entries.push_back({score[l][size_t{1} * h * n + p], p, l, h});
+      }
+    }
+    std::sort(entries.begin(), entries.end(), [](const Entry& a, const Entry& b) {
+      if (a.score != b.score) return a.score > b.score;
+      if (a.pos != b.pos) return a.pos < b.pos;
+      return a.layer != b.layer ? a.layer < b.layer : a.head < b.head;
+    });
+    const size_t kept = static_cast<size_t>(std::floor(r_chunk * entries.size()));
+    for (size_t i = kept; i < entries.size(); ++i) visible[entries[i].layer][size_t{1} * entries[i].head * n + entries[i].pos] = 0;
+    judged = judge_end;
+  }
+  EXPECT_GT(n / chunk_tokens, 1) << "the prompt must span several chunks";
+  EXPECT_EQ(run.prefill_logits, logits) << "last-token logits differ from the reference loop";
+  int64_t reference_kept = 0;
+  for (int32_t l = 0; l < c.num_layers; ++l) {
+    for (int32_t h = 0; h < c.num_kv_heads; ++h) {
+      std::vector<int32_t> want;
+      for (int32_t p = 0; p < n; ++p) if (visible[l][size_t{1} * h * n + p]) want.push_back(p);
+      reference_kept += want.size();
+      EXPECT_EQ(run.kept.at(l, h).positions, want) << "layer " << l << " head " << h;
+    }
+  }
+  EXPECT_NEAR(double(reference_kept) / (int64_t{n} * c.num_layers * c.num_kv_heads), keep_ratio, 0.02);
+  // Decode over the compacted cache equals masked attention over the reference loop's
+  // own cache (the same chunked prefill, so the same K/V).
+  for (int step = 0; step < kDecodeSteps; ++step) {
+    engine::ForwardOptions forward;
+    forward.key_masks = ExpandMasks(visible, n, capacity);
+    auto decoded = model_->Forward({&continuation_[step], 1}, cache.get(), forward);
+    ASSERT_TRUE(decoded.ok()) << decoded.status();
+    float worst = 0;
+    for (size_t i = 0; i < decoded->size(); ++i) worst = std::max(worst, std::fabs((*decoded)[i] - run.logits[step][i]));
+    EXPECT_LE(worst, kMaskedLogitAtol) << "step " << step;
   }
 }
 
