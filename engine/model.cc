@@ -339,6 +339,11 @@ absl::StatusOr<std::vector<float>> Model::DecodeStep(absl::Span<const int32_t> t
   for (int i = 0; i < c.num_layers; ++i) {
     const Layer& l = layers_[i];
     KVGATE_RETURN_IF_ERROR(ProjectQkv(l, n, positions_.as<int32_t>()));
+    if (kv->wants_layer_inputs()) {
+      std::vector<float> hidden(size_t{1} * n * c.hidden_size);
+      KVGATE_RETURN_IF_ERROR(b.CopyToHost(hidden.data(), h_.data(), hidden.size() * sizeof(float)));
+      KVGATE_RETURN_IF_ERROR(kv->ObserveLayerInput(i, hidden));
+    }
     KVGATE_RETURN_IF_ERROR(kv->AppendLayer(i, k_.as<float>(), v_.as<float>()));
     KVGATE_ASSIGN_OR_RETURN(ops::HeadPagedKvView view, kv->View(i));
     ops::HeadPagedDecodeAttentionArgs attention;

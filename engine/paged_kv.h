@@ -7,6 +7,7 @@
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
+#include "absl/types/span.h"
 #include "cuda/ops.h"
 
 namespace kvgate::engine {
@@ -28,8 +29,15 @@ class PagedKvBatch {
   virtual absl::Status AppendLayer(int32_t layer, const float* k_new, const float* v_new) = 0;
   // The view of `layer` for HeadPagedDecodeAttention (seq head = seq * kv_heads + head).
   virtual absl::StatusOr<ops::HeadPagedKvView> View(int32_t layer) = 0;
-  // Advances every sequence's next position.
+  // Advances every sequence's next position; may evict (decode-time eviction).
   virtual absl::Status EndStep() = 0;
+  // Policies that score decode tokens from their attention input (Fast KVzip's gate) ask
+  // for it: ObserveLayerInput then gets each layer's post input-RMSNorm hidden states of
+  // the step, [num_sequences, hidden_size], host.
+  virtual bool wants_layer_inputs() const { return false; }
+  virtual absl::Status ObserveLayerInput(int32_t layer, absl::Span<const float> hidden) {
+    return absl::OkStatus();
+  }
 };
 
 }  // namespace kvgate::engine

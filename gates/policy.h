@@ -100,6 +100,10 @@ struct PolicyOptions {
   // Local window W for contexts longer than one chunk (repo window_size = 4096); shorter
   // contexts use 2% of their length.
   int32_t fast_kvzip_window_tokens = 4096;
+  // Decode: every this many generated tokens the gate scores them and, when the cache
+  // exceeds the budget, one global threshold evicts; the newest this-many rows and the
+  // first 4 are kept (FastKVzip math/: divide_length = window_size = 128).
+  int32_t fast_kvzip_decode_interval = 128;
   // kvzip reconstruction chunk (KVzip repo: 2000; kvpress: 2048).
   int32_t kvzip_chunk_tokens = 2000;
 };

@@ -1,6 +1,7 @@
 #include "kv_manager/policy_planner.h"
 
 #include <algorithm>
+#include <limits>
 #include <optional>
 
 #include "absl/strings/str_cat.h"
@@ -194,6 +195,12 @@ class PolicyPlanner final : public engine::KvPlanner {
       rule.kind = DecodeEviction::Kind::kStreamingRing;
       rule.sink_tokens = budget_.sink_tokens;
       rule.capacity = budget_.keep_per_head;
+    } else if (policy_->fast_kvzip_gate() != nullptr) {
+      rule.kind = DecodeEviction::Kind::kFastKvzip;
+      rule.sink_tokens = budget_.sink_tokens;
+      rule.capacity = budget_.keep_per_head;
+      rule.interval = std::max(1, options_.fast_kvzip_decode_interval);
+      rule.gate = policy_->fast_kvzip_gate();
     } else if (policy_->name() == "sage_kv") {
       rule.kind = DecodeEviction::Kind::kRecentRing;
       rule.capacity = std::max(1, budget_.recent_tokens);
@@ -293,8 +300,79 @@ absl::Status SequenceBatch::BeginStep() {
   return absl::OkStatus();
 }
 
+absl::Status SequenceBatch::ObserveLayerInput(int32_t layer, absl::Span<const float> hidden) {
+  if (pending_inputs_.empty()) pending_inputs_.resize(layout_.num_layers);
+  pending_inputs_[layer].insert(pending_inputs_[layer].end(), hidden.begin(), hidden.end());
+  return absl::OkStatus();
+}
+
+absl::Status SequenceBatch::FastKvzipReevict() {
+  const gates::FastKvzipGate& gate = *eviction_.gate;
+  const int32_t hidden_size = gate.shape().hidden_size;
+  const int32_t steps = static_cast<int32_t>(pending_inputs_[0].size() / hidden_size);
+  // Score the rows decoded since the last re-eviction: the last `steps` rows of every head.
+  for (int32_t l = 0; l < layout_.num_layers; ++l) {
+    KVGATE_ASSIGN_OR_RETURN(std::vector<float> scores, gate.Score(l, pending_inputs_[l]));  // [kv, steps]
+    for (int32_t h = 0; h < layout_.num_kv_heads; ++h) {
+      HeadPages& head = layout_.at(l, h);
+      for (int32_t t = 0; t < steps; ++t) head.scores[head.length - steps + t] = scores[size_t{1} * h * steps + t];
+    }
+    pending_inputs_[l].clear();
+  }
+  const int64_t total_budget = int64_t{eviction_.capacity} * layout_.num_layers * layout_.num_kv_heads;
+  if (layout_.NumRows() <= total_budget) return absl::OkStatus();
+  // One global threshold over every row; the newest `interval` rows and the first sinks
+  // are pinned (the repo sets their scores to 1.0; a score above every gate score here).
+  struct Row {
+    float score;
+    int32_t position, head_index, row;
+  };
+  std::vector<Row> rows;
+  std::vector<gates::HeadKeep> kept(layout_.heads.size());
+  const int32_t newest = layout_.next_pos - eviction_.interval;
+  int64_t pinned = 0;
+  for (size_t i = 0; i < layout_.heads.size(); ++i) {
+    const HeadPages& head = layout_.heads[i];
+    for (int32_t r = 0; r < head.length; ++r) {
+      const int32_t p = head.positions[r];
+      if (p < eviction_.sink_tokens || p >= newest) {
+        ++pinned;
+        rows.push_back({std::numeric_limits<float>::infinity(), p, static_cast<int32_t>(i), r});
+      } else {
+        rows.push_back({head.scores[r], p, static_cast<int32_t>(i), r});
+      }
+    }
+  }
+  const size_t keep = static_cast<size_t>(std::max<int64_t>(total_budget, pinned));
+  std::nth_element(rows.begin(), rows.begin() + keep, rows.end(), [](const Row& a, const Row& b) {
+    if (a.score != b.score) return a.score > b.score;
+    if (a.position != b.position) return a.position < b.position;
+    return a.head_index < b.head_index;
+  });
+  rows.resize(keep);
+  std::sort(rows.begin(), rows.end(), [](const Row& a, const Row& b) {
+    return a.head_index != b.head_index ? a.head_index < b.head_index : a.row < b.row;
+  });
+  gates::KeepPlan plan{layout_.num_layers, layout_.num_kv_heads, layout_.next_pos, std::move(kept)};
+  for (const Row& row : rows) {
+    const HeadPages& head = layout_.heads[row.head_index];
+    gates::HeadKeep& out = plan.heads[row.head_index];
+    out.positions.push_back(head.positions[row.row]);
+    out.scores.push_back(head.scores[row.row]);
+    if (!head.query_mask.empty()) out.query_mask.push_back(head.query_mask[row.row]);
+  }
+  return pool_->Compact(&layout_, plan).status();
+}
+
 absl::Status SequenceBatch::EndStep() {
   if (eviction_.kind == DecodeEviction::Kind::kNone) return absl::OkStatus();
+  if (eviction_.kind == DecodeEviction::Kind::kFastKvzip) {
+    if (pending_inputs_.empty() || pending_inputs_[0].size() <
+                                       size_t{1} * eviction_.interval * eviction_.gate->shape().hidden_size) {
+      return absl::OkStatus();
+    }
+    return FastKvzipReevict();
+  }
   gates::KeepPlan keep{layout_.num_layers, layout_.num_kv_heads, layout_.next_pos, {}};
   keep.heads.resize(layout_.heads.size());
   bool drops = false;

@@ -10,6 +10,7 @@
 #include "engine/model.h"
 #include "engine/tokenizer.h"
 #include "gates/eviction_spec.h"
+#include "gates/fast_kvzip.h"
 #include "gates/policy.h"
 #include "kv_manager/kv_pool.h"
 
@@ -25,11 +26,18 @@ struct DecodeEviction {
     // sage_kv: rows at positions >= ring_begin form the recent window; it keeps its
     // `capacity` most recent rows (the sink and the selected middle stay frozen).
     kRecentRing,
+    // fast_kvzip: every `interval` decode steps the gate scores the new rows; if the
+    // sequence holds more than capacity * layers * kv_heads rows, one global threshold
+    // keeps that many, always keeping the newest `interval` rows and the first
+    // sink_tokens positions (FastKVzip math/method/compression/fastkvzip.py).
+    kFastKvzip,
   };
   Kind kind = Kind::kNone;
   int32_t sink_tokens = 0;
   int32_t ring_begin = 0;
   int32_t capacity = 0;
+  int32_t interval = 0;
+  const gates::FastKvzipGate* gate = nullptr;
 };
 
 // One sequence's pages as the engine's decode batch (a batch of one). Releases its
@@ -48,6 +56,8 @@ class SequenceBatch final : public engine::PagedKvBatch {
   absl::Status AppendLayer(int32_t layer, const float* k_new, const float* v_new) override;
   absl::StatusOr<ops::HeadPagedKvView> View(int32_t layer) override;
   absl::Status EndStep() override;
+  bool wants_layer_inputs() const override { return eviction_.kind == DecodeEviction::Kind::kFastKvzip; }
+  absl::Status ObserveLayerInput(int32_t layer, absl::Span<const float> hidden) override;
 
   const SequenceLayout& layout() const { return layout_; }
 
@@ -57,6 +67,8 @@ class SequenceBatch final : public engine::PagedKvBatch {
   int32_t sliding_window_;
   DecodeEviction eviction_;
   AppendPlan step_;
+  std::vector<std::vector<float>> pending_inputs_;  // fast_kvzip: per layer [steps, hidden]
+  absl::Status FastKvzipReevict();
 };
 
 // `tokenizer` is needed only by kvzip (its reconstruction prompt); may be null otherwise.

@@ -426,6 +426,44 @@ TEST_F(PolicyPlannerTest, FastKvzipChunkedPrefillEqualsTheReferenceLoop) {
   }
 }
 
+// Fast KVzip keeps evicting in decode: every `interval` steps the gate scores the new
+// rows and one global threshold brings the sequence back to its budget, keeping the
+// newest `interval` rows and the first 4. Decode must still equal masked attention.
+TEST_F(PolicyPlannerTest, FastKvzipDecodeReevictionKeepsTheBudget) {
+  const engine::ModelConfig& c = model_->config();
+  const int32_t n = static_cast<int32_t>(prompt_.size());
+  const int32_t interval = 4;
+  gates::PolicyOptions options = RandomGateOptions();
+  options.fast_kvzip_decode_interval = interval;
+  gates::EvictionSpec spec;
+  spec.policy = "fast_kvzip";
+  spec.keep_ratio = 0.3f;
+  const PagedRun run = RunPaged(spec, options);
+  ASSERT_EQ(run.kept_per_step.size(), static_cast<size_t>(kDecodeSteps));
+  const int64_t budget = std::lround(0.3 * n) * c.num_layers * c.num_kv_heads;
+  for (int step = 0; step < kDecodeSteps; ++step) {
+    // kept_per_step[step] is the cache after `step` decode steps.
+    if (step > 0 && step % interval == 0) {
+      EXPECT_EQ(run.kept_per_step[step].KeptEntries(), budget) << "after re-eviction at step " << step;
+      for (const gates::HeadKeep& head : run.kept_per_step[step].heads) {
+        for (int32_t t = 0; t < interval; ++t) {
+          EXPECT_TRUE(std::binary_search(head.positions.begin(), head.positions.end(), n + step - 1 - t))
+              << "a row of the newest " << interval << " was evicted";
+        }
+        for (int32_t sink = 0; sink < 4; ++sink) EXPECT_EQ(head.positions[sink], sink);
+      }
+    }
+  }
+  EXPECT_LT(run.kept_per_step[kDecodeSteps - 1].KeptEntries(), run.kept.KeptEntries() + int64_t{kDecodeSteps - 1} * c.num_layers * c.num_kv_heads)
+      << "decode never evicted";
+  const auto masked = RunMasked(run.kept_per_step, {});
+  for (int step = 0; step < kDecodeSteps; ++step) {
+    float worst = 0;
+    for (size_t i = 0; i < masked[step].size(); ++i) worst = std::max(worst, std::fabs(masked[step][i] - run.logits[step][i]));
+    EXPECT_LE(worst, kMaskedLogitAtol) << "step " << step;
+  }
+}
+
 TEST_F(PolicyPlannerTest, ReportsAccountingAndReturnsPages) {
   const int32_t free_before = pool_->pages_free();
   {
