@@ -89,6 +89,7 @@ class AttentionGateState {
   // [num_kv_heads, m].
   absl::StatusOr<std::vector<float>> Append(int32_t layer, absl::Span<const float> hidden);
   int32_t tokens(int32_t layer) const { return tokens_[layer]; }
+  const AttentionGate& gate() const { return *gate_; }
 
  private:
   const AttentionGate* gate_;

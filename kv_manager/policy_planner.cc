@@ -49,8 +49,11 @@ class PolicyPlanner final : public engine::KvPlanner {
       const gates::AttentionGate* gate = policy_->attention_gate();
       if (gate == nullptr) return absl::InternalError("attention_gate policy without a gate");
       inputs_.gate_flags.assign(model_.config().num_layers, {});
+      gate_state_ = std::make_shared<gates::AttentionGateState>(gate);
       options->layer_key_mask = [this, gate](int32_t layer, absl::Span<const float> hidden)
           -> absl::StatusOr<std::vector<uint8_t>> {
+        // The gate's own causal state takes the prompt, so decode can flag new tokens.
+        KVGATE_RETURN_IF_ERROR(gate_state_->Append(layer, hidden).status());
         KVGATE_ASSIGN_OR_RETURN(std::vector<uint8_t> mask,
                                 gates::AttentionGatePrefillKeyMask(*gate, layer, hidden, budget_));
         inputs_.gate_flags[layer] = mask;
@@ -190,7 +193,8 @@ class PolicyPlanner final : public engine::KvPlanner {
   // keeping everything stays identical to no eviction).
   DecodeEviction DecodeRule(int32_t n) const {
     DecodeEviction rule;
-    if (!decode_eviction_ || budget_.keep_per_head >= n) return rule;
+    if (!decode_eviction_) return rule;
+    if (budget_.keep_per_head >= n && policy_->attention_gate() == nullptr) return rule;
     if (policy_->name() == "streaming_llm") {
       rule.kind = DecodeEviction::Kind::kStreamingRing;
       rule.sink_tokens = budget_.sink_tokens;
@@ -201,6 +205,9 @@ class PolicyPlanner final : public engine::KvPlanner {
       rule.capacity = budget_.keep_per_head;
       rule.interval = std::max(1, options_.fast_kvzip_decode_interval);
       rule.gate = policy_->fast_kvzip_gate();
+    } else if (policy_->attention_gate() != nullptr && gate_state_ != nullptr) {
+      rule.kind = DecodeEviction::Kind::kAttentionGate;
+      rule.gate_state = gate_state_;
     } else if (policy_->name() == "sage_kv") {
       rule.kind = DecodeEviction::Kind::kRecentRing;
       rule.capacity = std::max(1, budget_.recent_tokens);
@@ -268,6 +275,7 @@ class PolicyPlanner final : public engine::KvPlanner {
   gates::ResolvedBudget budget_;
   gates::PolicyInputs inputs_;
   std::optional<gates::KeepPlan> chunked_plan_;  // set by FastKvzipChunkedPrefill
+  std::shared_ptr<gates::AttentionGateState> gate_state_;  // attention_gate: the prompt's state
 };
 
 }  // namespace
@@ -301,6 +309,13 @@ absl::Status SequenceBatch::BeginStep() {
 }
 
 absl::Status SequenceBatch::ObserveLayerInput(int32_t layer, absl::Span<const float> hidden) {
+  if (eviction_.kind == DecodeEviction::Kind::kAttentionGate) {
+    if (step_flags_.empty()) step_flags_.resize(layout_.num_layers);
+    KVGATE_ASSIGN_OR_RETURN(std::vector<float> logits, eviction_.gate_state->Append(layer, hidden));  // [kv, 1]
+    step_flags_[layer].resize(logits.size());
+    for (size_t h = 0; h < logits.size(); ++h) step_flags_[layer][h] = eviction_.gate_state->gate().Flag(logits[h]);
+    return absl::OkStatus();
+  }
   if (pending_inputs_.empty()) pending_inputs_.resize(layout_.num_layers);
   pending_inputs_[layer].insert(pending_inputs_[layer].end(), hidden.begin(), hidden.end());
   return absl::OkStatus();
@@ -364,8 +379,34 @@ absl::Status SequenceBatch::FastKvzipReevict() {
   return pool_->Compact(&layout_, plan).status();
 }
 
+absl::Status SequenceBatch::DropUnflaggedNewRows() {
+  const int32_t newest = layout_.next_pos - 1;
+  gates::KeepPlan plan{layout_.num_layers, layout_.num_kv_heads, layout_.next_pos, {}};
+  plan.heads.resize(layout_.heads.size());
+  bool drops = false;
+  for (int32_t l = 0; l < layout_.num_layers; ++l) {
+    for (int32_t h = 0; h < layout_.num_kv_heads; ++h) {
+      const HeadPages& head = layout_.at(l, h);
+      gates::HeadKeep& kept = plan.at(l, h);
+      const bool keep_newest = step_flags_[l][h] != 0;
+      for (int32_t r = 0; r < head.length; ++r) {
+        if (head.positions[r] == newest && !keep_newest) {
+          drops = true;
+          continue;
+        }
+        kept.positions.push_back(head.positions[r]);
+        if (!head.query_mask.empty()) kept.query_mask.push_back(head.query_mask[r]);
+        if (!head.scores.empty()) kept.scores.push_back(head.scores[r]);
+      }
+    }
+  }
+  if (!drops) return absl::OkStatus();
+  return pool_->Compact(&layout_, plan).status();
+}
+
 absl::Status SequenceBatch::EndStep() {
   if (eviction_.kind == DecodeEviction::Kind::kNone) return absl::OkStatus();
+  if (eviction_.kind == DecodeEviction::Kind::kAttentionGate) return DropUnflaggedNewRows();
   if (eviction_.kind == DecodeEviction::Kind::kFastKvzip) {
     if (pending_inputs_.empty() || pending_inputs_[0].size() <
                                        size_t{1} * eviction_.interval * eviction_.gate->shape().hidden_size) {

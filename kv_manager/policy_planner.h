@@ -10,6 +10,7 @@
 #include "engine/model.h"
 #include "engine/tokenizer.h"
 #include "gates/eviction_spec.h"
+#include "gates/attention_gate.h"
 #include "gates/fast_kvzip.h"
 #include "gates/policy.h"
 #include "kv_manager/kv_pool.h"
@@ -31,6 +32,10 @@ struct DecodeEviction {
     // keeps that many, always keeping the newest `interval` rows and the first
     // sink_tokens positions (FastKVzip math/method/compression/fastkvzip.py).
     kFastKvzip,
+    // attention_gate: the gate flags each new token per kv head from its causal state;
+    // after the step the token's row stays only in the heads that flag it (it always
+    // attends to itself first).
+    kAttentionGate,
   };
   Kind kind = Kind::kNone;
   int32_t sink_tokens = 0;
@@ -38,6 +43,8 @@ struct DecodeEviction {
   int32_t capacity = 0;
   int32_t interval = 0;
   const gates::FastKvzipGate* gate = nullptr;
+  // attention_gate: the gate's causal state, already holding the prompt.
+  std::shared_ptr<gates::AttentionGateState> gate_state;
 };
 
 // One sequence's pages as the engine's decode batch (a batch of one). Releases its
@@ -56,7 +63,9 @@ class SequenceBatch final : public engine::PagedKvBatch {
   absl::Status AppendLayer(int32_t layer, const float* k_new, const float* v_new) override;
   absl::StatusOr<ops::HeadPagedKvView> View(int32_t layer) override;
   absl::Status EndStep() override;
-  bool wants_layer_inputs() const override { return eviction_.kind == DecodeEviction::Kind::kFastKvzip; }
+  bool wants_layer_inputs() const override {
+    return eviction_.kind == DecodeEviction::Kind::kFastKvzip || eviction_.kind == DecodeEviction::Kind::kAttentionGate;
+  }
   absl::Status ObserveLayerInput(int32_t layer, absl::Span<const float> hidden) override;
 
   const SequenceLayout& layout() const { return layout_; }
@@ -69,6 +78,8 @@ class SequenceBatch final : public engine::PagedKvBatch {
   AppendPlan step_;
   std::vector<std::vector<float>> pending_inputs_;  // fast_kvzip: per layer [steps, hidden]
   absl::Status FastKvzipReevict();
+  absl::Status DropUnflaggedNewRows();
+  std::vector<std::vector<uint8_t>> step_flags_;  // attention_gate: per layer [kv_heads]
 };
 
 // `tokenizer` is needed only by kvzip (its reconstruction prompt); may be null otherwise.

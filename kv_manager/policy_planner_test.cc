@@ -277,12 +277,26 @@ TEST_F(PolicyPlannerTest, AttentionGatePrefillAndDecodeEqualMaskedReference) {
   ASSERT_TRUE(batch.ok()) << batch.status();
   EXPECT_EQ(accounting.kv_entries_kept, accounting.kv_entries_full - evicted);
   const SequenceLayout& layout = static_cast<SequenceBatch*>(batch->get())->layout();
-  gates::KeepPlan kept{layout.num_layers, layout.num_kv_heads, n, {}};
-  for (const HeadPages& head : layout.heads) kept.heads.push_back({head.positions, {}, {}});
-  const auto masked = RunMasked(kept, recorded);
+  // Decode flags each new token per kv head: record the rows held before every step.
+  std::vector<gates::KeepPlan> kept_per_step;
+  std::vector<std::vector<float>> paged_logits;
   for (int step = 0; step < kDecodeSteps; ++step) {
+    gates::KeepPlan now{layout.num_layers, layout.num_kv_heads, layout.next_pos, {}};
+    for (const HeadPages& head : layout.heads) now.heads.push_back({head.positions, {}, {}});
+    kept_per_step.push_back(std::move(now));
     auto logits = model_->DecodeStep({&continuation_[step], 1}, batch->get());
     ASSERT_TRUE(logits.ok()) << logits.status();
+    paged_logits.push_back(std::move(*logits));
+  }
+  int64_t decode_rows_dropped = 0;
+  for (const gates::HeadKeep& head : kept_per_step.back().heads) {
+    decode_rows_dropped += (kDecodeSteps - 1) - std::count_if(head.positions.begin(), head.positions.end(),
+                                                              [&](int32_t p) { return p >= n; });
+  }
+  EXPECT_GT(decode_rows_dropped, 0) << "the gate should evict some decoded tokens";
+  const auto masked = RunMasked(kept_per_step, recorded);
+  for (int step = 0; step < kDecodeSteps; ++step) {
+    const std::vector<float>* logits = &paged_logits[step];
     float worst = 0;
     for (size_t i = 0; i < logits->size(); ++i) worst = std::max(worst, std::fabs((*logits)[i] - masked[step][i]));
     EXPECT_LE(worst, kMaskedLogitAtol) << "step " << step;
