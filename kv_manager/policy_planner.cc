@@ -1,6 +1,7 @@
 #include "kv_manager/policy_planner.h"
 
 #include <algorithm>
+#include <functional>
 #include <limits>
 #include <optional>
 
@@ -292,16 +293,7 @@ absl::Status SequenceBatch::BeginStep() {
       if (head.length > 0 && head.positions.front() < first_visible) stale = true;
     }
     if (stale) {
-      gates::KeepPlan keep{layout_.num_layers, layout_.num_kv_heads, layout_.next_pos, {}};
-      keep.heads.resize(layout_.heads.size());
-      for (size_t i = 0; i < layout_.heads.size(); ++i) {
-        const HeadPages& head = layout_.heads[i];
-        keep.heads[i].positions = head.positions;
-        keep.heads[i].query_mask = head.query_mask;
-        keep.heads[i].scores = head.scores;
-      }
-      TrimToWindow(first_visible, &keep);
-      KVGATE_RETURN_IF_ERROR(pool_->Compact(&layout_, keep).status());
+      KVGATE_RETURN_IF_ERROR(KeepRows([&](size_t i, int32_t r) { return layout_.heads[i].positions[r] >= first_visible; }));
     }
   }
   KVGATE_ASSIGN_OR_RETURN(step_, pool_->ReserveDecodeStep(&layout_));
@@ -343,7 +335,6 @@ absl::Status SequenceBatch::FastKvzipReevict() {
     int32_t position, head_index, row;
   };
   std::vector<Row> rows;
-  std::vector<gates::HeadKeep> kept(layout_.heads.size());
   const int32_t newest = layout_.next_pos - eviction_.interval;
   int64_t pinned = 0;
   for (size_t i = 0; i < layout_.heads.size(); ++i) {
@@ -365,39 +356,35 @@ absl::Status SequenceBatch::FastKvzipReevict() {
     return a.head_index < b.head_index;
   });
   rows.resize(keep);
-  std::sort(rows.begin(), rows.end(), [](const Row& a, const Row& b) {
-    return a.head_index != b.head_index ? a.head_index < b.head_index : a.row < b.row;
-  });
-  gates::KeepPlan plan{layout_.num_layers, layout_.num_kv_heads, layout_.next_pos, std::move(kept)};
-  for (const Row& row : rows) {
-    const HeadPages& head = layout_.heads[row.head_index];
-    gates::HeadKeep& out = plan.heads[row.head_index];
-    out.positions.push_back(head.positions[row.row]);
-    out.scores.push_back(head.scores[row.row]);
-    if (!head.query_mask.empty()) out.query_mask.push_back(head.query_mask[row.row]);
-  }
-  return pool_->Compact(&layout_, plan).status();
+  std::vector<std::vector<bool>> selected(layout_.heads.size());
+  for (size_t i = 0; i < layout_.heads.size(); ++i) selected[i].assign(layout_.heads[i].length, false);
+  for (const Row& row : rows) selected[row.head_index][row.row] = true;
+  return KeepRows([&](size_t i, int32_t r) { return selected[i][r]; });
 }
 
 absl::Status SequenceBatch::DropUnflaggedNewRows() {
   const int32_t newest = layout_.next_pos - 1;
+  return KeepRows([&](size_t i, int32_t r) {
+    const int32_t layer = static_cast<int32_t>(i) / layout_.num_kv_heads, head = static_cast<int32_t>(i) % layout_.num_kv_heads;
+    return layout_.heads[i].positions[r] != newest || step_flags_[layer][head] != 0;
+  });
+}
+
+absl::Status SequenceBatch::KeepRows(const std::function<bool(size_t head_index, int32_t row)>& keep) {
   gates::KeepPlan plan{layout_.num_layers, layout_.num_kv_heads, layout_.next_pos, {}};
   plan.heads.resize(layout_.heads.size());
   bool drops = false;
-  for (int32_t l = 0; l < layout_.num_layers; ++l) {
-    for (int32_t h = 0; h < layout_.num_kv_heads; ++h) {
-      const HeadPages& head = layout_.at(l, h);
-      gates::HeadKeep& kept = plan.at(l, h);
-      const bool keep_newest = step_flags_[l][h] != 0;
-      for (int32_t r = 0; r < head.length; ++r) {
-        if (head.positions[r] == newest && !keep_newest) {
-          drops = true;
-          continue;
-        }
-        kept.positions.push_back(head.positions[r]);
-        if (!head.query_mask.empty()) kept.query_mask.push_back(head.query_mask[r]);
-        if (!head.scores.empty()) kept.scores.push_back(head.scores[r]);
+  for (size_t i = 0; i < layout_.heads.size(); ++i) {
+    const HeadPages& head = layout_.heads[i];
+    gates::HeadKeep& kept = plan.heads[i];
+    for (int32_t r = 0; r < head.length; ++r) {
+      if (!keep(i, r)) {
+        drops = true;
+        continue;
       }
+      kept.positions.push_back(head.positions[r]);
+      if (!head.query_mask.empty()) kept.query_mask.push_back(head.query_mask[r]);
+      if (!head.scores.empty()) kept.scores.push_back(head.scores[r]);
     }
   }
   if (!drops) return absl::OkStatus();
@@ -414,12 +401,11 @@ absl::Status SequenceBatch::EndStep() {
     }
     return FastKvzipReevict();
   }
-  gates::KeepPlan keep{layout_.num_layers, layout_.num_kv_heads, layout_.next_pos, {}};
-  keep.heads.resize(layout_.heads.size());
-  bool drops = false;
+  // Rows are in ascending position order; per head, [ring_start, length) is the ring and
+  // its oldest `drop` rows go.
+  std::vector<std::pair<int32_t, int32_t>> dropped(layout_.heads.size());  // [first, end) rows
   for (size_t i = 0; i < layout_.heads.size(); ++i) {
     const HeadPages& head = layout_.heads[i];
-    // Rows are in ascending position order; [ring_start, length) is the ring.
     const int32_t ring_first_position =
         eviction_.kind == DecodeEviction::Kind::kStreamingRing ? eviction_.sink_tokens : eviction_.ring_begin;
     const int32_t ring_start = static_cast<int32_t>(
@@ -427,19 +413,10 @@ absl::Status SequenceBatch::EndStep() {
     const int32_t ring_capacity = eviction_.kind == DecodeEviction::Kind::kStreamingRing
                                       ? std::max(0, eviction_.capacity - ring_start)
                                       : eviction_.capacity;
-    const int32_t ring_rows = head.length - ring_start;
-    const int32_t drop = std::max(0, ring_rows - ring_capacity);
-    gates::HeadKeep& kept = keep.heads[i];
-    for (int32_t r = 0; r < head.length; ++r) {
-      if (r >= ring_start && r < ring_start + drop) continue;  // the ring's oldest rows
-      kept.positions.push_back(head.positions[r]);
-      if (!head.query_mask.empty()) kept.query_mask.push_back(head.query_mask[r]);
-      if (!head.scores.empty()) kept.scores.push_back(head.scores[r]);
-    }
-    drops |= drop > 0;
+    const int32_t drop = std::max(0, head.length - ring_start - ring_capacity);
+    dropped[i] = {ring_start, ring_start + drop};
   }
-  if (!drops) return absl::OkStatus();
-  return pool_->Compact(&layout_, keep).status();
+  return KeepRows([&](size_t i, int32_t r) { return r < dropped[i].first || r >= dropped[i].second; });
 }
 
 absl::Status SequenceBatch::AppendLayer(int32_t layer, const float* k_new, const float* v_new) {

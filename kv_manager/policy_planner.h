@@ -3,6 +3,7 @@
 // and gives the engine the sequence's paged cache to decode over.
 #pragma once
 
+#include <functional>
 #include <memory>
 
 #include "absl/status/statusor.h"
@@ -79,6 +80,9 @@ class SequenceBatch final : public engine::PagedKvBatch {
   std::vector<std::vector<float>> pending_inputs_;  // fast_kvzip: per layer [steps, hidden]
   absl::Status FastKvzipReevict();
   absl::Status DropUnflaggedNewRows();
+  // Compacts the sequence to the rows keep(head index, row) accepts; moves nothing when
+  // it accepts every row.
+  absl::Status KeepRows(const std::function<bool(size_t head_index, int32_t row)>& keep);
   std::vector<std::vector<uint8_t>> step_flags_;  // attention_gate: per layer [kv_heads]
 };
 
