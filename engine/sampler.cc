@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <sstream>
 
 #include "absl/strings/str_cat.h"
 
@@ -20,6 +21,21 @@ absl::Status ValidateSamplingOptions(const SamplingOptions& o) {
   if (!std::isfinite(o.min_p) || o.min_p < 0.0f || o.min_p > 1.0f) {
     return absl::InvalidArgumentError(absl::StrCat("sampling.min_p must be in [0, 1], got ", o.min_p));
   }
+  return absl::OkStatus();
+}
+
+std::string Sampler::SaveState() const {
+  std::ostringstream out;
+  out << rng_;
+  return out.str();
+}
+
+absl::Status Sampler::RestoreState(std::string_view state) {
+  std::istringstream in{std::string(state)};
+  std::mt19937_64 restored;
+  in >> restored;
+  if (in.fail()) return absl::InvalidArgumentError("sampler state is not a std::mt19937_64 state");
+  rng_ = restored;
   return absl::OkStatus();
 }
 

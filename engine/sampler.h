@@ -4,6 +4,8 @@
 
 #include <cstdint>
 #include <random>
+#include <string>
+#include <string_view>
 #include <vector>
 
 #include "absl/status/status.h"
@@ -29,6 +31,12 @@ class Sampler {
   // Picks a token. Greedy ties go to the lowest id (as torch.argmax). Filters apply in
   // the order temperature, top-k, top-p, min-p (Hugging Face's warper order).
   int32_t Sample(absl::Span<const float> logits);
+
+  // The generator's state, so that a sequence sampled on one worker continues on
+  // another exactly as it would have in one process (opaque text of std::mt19937_64).
+  std::string SaveState() const;
+  // INVALID_ARGUMENT for a state SaveState did not write.
+  absl::Status RestoreState(std::string_view state);
 
  private:
   SamplingOptions options_;

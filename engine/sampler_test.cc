@@ -62,5 +62,18 @@ TEST(SamplerTest, ValidationNamesTheField) {
   EXPECT_TRUE(ValidateSamplingOptions({}).ok());
 }
 
+TEST(SamplerTest, RestoredStateContinuesTheSameSequence) {
+  SamplingOptions options;
+  options.temperature = 1.0f;
+  options.seed = 11;
+  const std::vector<float> logits = {0.1f, 0.5f, 0.2f, 0.9f, 0.3f, 0.0f, 0.7f};
+  Sampler original(options);
+  (void)original.Sample(logits);
+  Sampler resumed(SamplingOptions{.temperature = 1.0f, .seed = 999});
+  ASSERT_TRUE(resumed.RestoreState(original.SaveState()).ok());
+  for (int i = 0; i < 64; ++i) EXPECT_EQ(original.Sample(logits), resumed.Sample(logits)) << i;
+  EXPECT_EQ(resumed.RestoreState("not a generator state").code(), absl::StatusCode::kInvalidArgument);
+}
+
 }  // namespace
 }  // namespace kvgate::engine

@@ -1,0 +1,42 @@
+// File: DecodeBatch, continuous batching over the head-paged pool: one engine decode step
+// serves every active sequence of a decode worker (architecture.md section 1, step 4).
+// Each sequence keeps its own SequenceBatch (its pages, sliding-window trim and
+// decode-time eviction); the batch joins them into one view per layer.
+#pragma once
+
+#include <vector>
+
+#include "engine/paged_kv.h"
+#include "kv_manager/kv_pool.h"
+#include "kv_manager/policy_planner.h"
+
+namespace kvgate::kv {
+
+class DecodeBatch final : public engine::PagedKvBatch {
+ public:
+  explicit DecodeBatch(KvPool* pool) : pool_(pool) {}
+
+  // The sequences of the next step, in batch order (seq s of the engine's step is
+  // sequences[s]). Every one must live in `pool` and share its shape; not owned.
+  void SetSequences(std::vector<SequenceBatch*> sequences);
+  const std::vector<SequenceBatch*>& sequences() const { return sequences_; }
+
+  int32_t num_sequences() const override;
+  std::vector<int32_t> NextPositions() const override;
+  // Reserves every sequence's slot. Not all-or-nothing across sequences: on an error
+  // (RESOURCE_EXHAUSTED naming the sequence index) the earlier ones hold their slot and
+  // the caller must fail or drop the step's sequences; the decode worker avoids it by
+  // admitting only sequences whose pages the KV manager reserved.
+  absl::Status BeginStep() override;
+  absl::Status AppendLayer(int32_t layer, const float* k_new, const float* v_new) override;
+  absl::StatusOr<ops::HeadPagedKvView> View(int32_t layer) override;
+  absl::Status EndStep() override;
+  bool wants_layer_inputs() const override;
+  absl::Status ObserveLayerInput(int32_t layer, absl::Span<const float> hidden) override;
+
+ private:
+  KvPool* pool_;
+  std::vector<SequenceBatch*> sequences_;
+};
+
+}  // namespace kvgate::kv

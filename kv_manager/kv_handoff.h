@@ -1,0 +1,101 @@
+// File: KvHandoff, a compressed sequence on its way from the prefill worker to the decode
+// worker (architecture.md sections 3 and 5): the kept rows of every (layer, kv head) in
+// host memory, the decode state that must continue on the other side (next position,
+// first token, sampler state, the policy's decode-time eviction), and the functions that
+// move it out of and into a KvPool. Transports (transport/) carry it; bookkeeping and
+// serialization here hold no backend pointers.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "gates/attention_gate.h"
+#include "gates/fast_kvzip.h"
+#include "kv_manager/kv_pool.h"
+#include "kv_manager/policy_planner.h"
+#include "kv_manager/sequence_layout.h"
+
+namespace kvgate::kv {
+
+// DecodeEviction in a form that crosses processes: gates are named by kind (the decode
+// worker loads the same gate files) and Attention-Gate's causal state travels as bytes.
+struct DecodeEvictionParams {
+  DecodeEviction::Kind kind = DecodeEviction::Kind::kNone;
+  int32_t sink_tokens = 0;
+  int32_t ring_begin = 0;
+  int32_t capacity = 0;
+  int32_t interval = 0;
+  std::string attention_gate_state;  // AttentionGateState::Serialize(); kAttentionGate only
+};
+
+DecodeEvictionParams ToParams(const DecodeEviction& eviction);
+// Rebuilds the rule on the decode side. kFastKvzip needs `fast_kvzip_gate`,
+// kAttentionGate needs `attention_gate` (whose shape must match the state):
+// FAILED_PRECONDITION when the worker has no such gate loaded, INVALID_ARGUMENT for a
+// state that does not parse.
+absl::StatusOr<DecodeEviction> FromParams(const DecodeEvictionParams& params,
+                                          const gates::FastKvzipGate* fast_kvzip_gate,
+                                          const gates::AttentionGate* attention_gate);
+
+struct KvHandoff {
+  std::string transfer_id;
+  std::string request_id;
+  int32_t num_layers = 0;
+  int32_t num_kv_heads = 0;
+  int32_t head_dim = 0;
+  int32_t next_pos = 0;  // position of the next decode token
+  bool has_query_masks = false;
+  bool has_scores = false;
+  // [num_layers * num_kv_heads], layer-major; heads[i].k / .v are [length, head_dim],
+  // positions [length]; query_mask [length] when has_query_masks; scores [length] when
+  // has_scores.
+  std::vector<HeadRows> heads;
+  int32_t first_token = -1;
+  std::string sampler_state;  // engine::Sampler::SaveState()
+  DecodeEvictionParams eviction;
+
+  HeadRows& at(int32_t layer, int32_t kv_head) { return heads[size_t{1} * layer * num_kv_heads + kv_head]; }
+  const HeadRows& at(int32_t layer, int32_t kv_head) const {
+    return heads[size_t{1} * layer * num_kv_heads + kv_head];
+  }
+  // Rows kept by (layer, kv head), layer-major.
+  std::vector<int32_t> Lengths() const;
+  // Bytes of layer `layer`'s payload (the wire format of worker.proto KvTransferHeader).
+  int64_t LayerPayloadBytes(int32_t layer) const;
+  // Every layer's payload together.
+  int64_t PayloadBytes() const;
+  // Checks shapes against each other (lengths, row sizes, ascending positions below
+  // next_pos, masks/scores present exactly when flagged): INVALID_ARGUMENT naming the
+  // first broken one. Receivers call it before importing.
+  absl::Status Validate() const;
+};
+
+// Layer payload wire format (little-endian; worker.proto KvTransferHeader): per kv head,
+// K rows, V rows (float32 [length, head_dim] each), positions (int32 [length]), then
+// query masks (uint8 [length]) if has_query_masks, scores (float32 [length]) if has_scores.
+std::string SerializeLayer(const KvHandoff& handoff, int32_t layer);
+// Fills layer `layer` of `handoff`, whose header fields (shape, flags) and heads[*]
+// lengths must already be set through `lengths` ([num_layers * num_kv_heads]).
+// INVALID_ARGUMENT when `bytes` has the wrong size.
+absl::Status ParseLayer(std::string_view bytes, absl::Span<const int32_t> lengths, int32_t layer,
+                        KvHandoff* handoff);
+
+// CRC-32C (Castagnoli) of `data`, as carried by KvLayerChunk.crc32c.
+uint32_t Crc32c(std::string_view data);
+
+// Host copy of a sequence held in `pool` (every row of every head; waits for the
+// backend). Decode state fields other than the shape and next_pos are left default.
+absl::StatusOr<KvHandoff> ExportSequence(const KvPool& pool, const SequenceLayout& layout);
+
+// Lays the handoff's rows into fresh pages of `pool` and returns the sequence's layout
+// (next_pos, masks and scores as in the handoff). Validates first; INVALID_ARGUMENT for
+// a malformed handoff or one whose head_dim differs from the pool's; RESOURCE_EXHAUSTED
+// when the pool is short. On error no page stays allocated.
+absl::StatusOr<SequenceLayout> ImportSequence(KvPool* pool, const KvHandoff& handoff);
+
+}  // namespace kvgate::kv

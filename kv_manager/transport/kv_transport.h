@@ -1,0 +1,83 @@
+// File: the KV transport interface (architecture.md section 5): how a KvHandoff gets from
+// a prefill worker to a decode worker. A transfer is keyed by its globally unique
+// transfer id. The decode side owns a KvInbox; transports deliver into it:
+//   inproc  same process: the sender finds the inbox by address and copies the handoff
+//           in (one copy)
+//   tcp     a chunked, checksummed client stream to the decode worker's KvTransfer
+//           service (tcp_transport.h), which delivers into its inbox
+//   nccl    GPU to GPU (a later issue), behind the same KvSender
+#pragma once
+
+#include <condition_variable>
+#include <cstdint>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <set>
+#include <string>
+
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "absl/time/time.h"
+#include "kv_manager/kv_handoff.h"
+
+namespace kvgate::kv {
+
+// Transfers that have arrived at a decode worker, waiting for their Decode call.
+// Thread-safe. Memory is bounded: handoffs held at once may total at most
+// max_pending_bytes (payload bytes).
+class KvInbox {
+ public:
+  explicit KvInbox(int64_t max_pending_bytes) : max_pending_bytes_(max_pending_bytes) {}
+
+  // Takes a complete, validated handoff. ALREADY_EXISTS for a transfer id delivered
+  // before; CANCELLED for a transfer id that was cancelled (its data is dropped);
+  // RESOURCE_EXHAUSTED when it would exceed max_pending_bytes.
+  absl::Status Deliver(KvHandoff handoff);
+  // Reserves room for a transfer of `bytes` before its data streams in (tcp), so that a
+  // receiver never buffers more than the cap; Deliver of that id then uses the
+  // reservation. RESOURCE_EXHAUSTED when there is no room; CANCELLED as above.
+  absl::Status Reserve(const std::string& transfer_id, int64_t bytes);
+  // Gives back a reservation whose data never completed.
+  void Unreserve(const std::string& transfer_id);
+  // Waits for the transfer and removes it from the inbox. DEADLINE_EXCEEDED at
+  // `deadline`; CANCELLED when Cancel was called for it (before or while waiting).
+  absl::StatusOr<KvHandoff> Await(const std::string& transfer_id, absl::Time deadline);
+  // Drops the transfer's data or reservation, wakes its waiter and refuses a later
+  // delivery. Returns true when something was held or waited for.
+  bool Cancel(const std::string& transfer_id);
+
+  int32_t pending() const;         // handoffs delivered and not yet awaited
+  int64_t pending_bytes() const;   // their payload bytes plus reservations
+  int32_t waiting() const;         // Await calls in progress
+
+ private:
+  const int64_t max_pending_bytes_;
+  mutable std::mutex mu_;
+  std::condition_variable changed_;
+  std::map<std::string, KvHandoff> delivered_;
+  std::map<std::string, int64_t> reserved_;
+  std::set<std::string> cancelled_;  // bounded: oldest forgotten past a few thousand
+  std::map<std::string, int> waiters_;
+  int64_t bytes_ = 0;
+};
+
+class KvSender {
+ public:
+  virtual ~KvSender() = default;
+  // Sends `handoff` to the decode worker at `address` and returns once the receiver
+  // holds it (the bytes moved). UNAVAILABLE when the receiver is unreachable or gone,
+  // DEADLINE_EXCEEDED at `deadline`, the receiver's status otherwise (RESOURCE_EXHAUSTED,
+  // CANCELLED, DATA_LOSS).
+  virtual absl::StatusOr<int64_t> Send(const std::string& address, const KvHandoff& handoff,
+                                       absl::Time deadline) = 0;
+};
+
+// The in-process transport: decode workers register their inbox under their address
+// (process-wide registry); Send copies the handoff into it. UNAVAILABLE for an address
+// with no registered inbox.
+void RegisterInprocInbox(const std::string& address, KvInbox* inbox);
+void UnregisterInprocInbox(const std::string& address);
+std::unique_ptr<KvSender> MakeInprocSender();
+
+}  // namespace kvgate::kv
