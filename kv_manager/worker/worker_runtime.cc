@@ -1,0 +1,59 @@
+#include "kv_manager/worker/worker_runtime.h"
+
+#include <filesystem>
+
+#include "absl/strings/str_cat.h"
+#include "common/status_macros.h"
+
+namespace kvgate::kv {
+
+absl::StatusOr<std::unique_ptr<WorkerRuntime>> WorkerRuntime::Load(const WorkerRuntimeOptions& options) {
+  namespace fs = std::filesystem;
+  std::error_code ec;
+  if (!fs::is_directory(options.model_dir, ec)) {
+    return absl::NotFoundError(absl::StrCat("model directory '", options.model_dir, "' does not exist"));
+  }
+  if (options.page_tokens < 1) return absl::InvalidArgumentError("page_tokens must be at least 1");
+  auto runtime = std::unique_ptr<WorkerRuntime>(new WorkerRuntime());
+  runtime->options_ = options;
+  KVGATE_ASSIGN_OR_RETURN(runtime->backend_, ops::CreateBackend(options.backend));
+  KVGATE_ASSIGN_OR_RETURN(runtime->model_, engine::Model::Load(options.model_dir, runtime->backend_.get()));
+  KVGATE_ASSIGN_OR_RETURN(runtime->tokenizer_,
+                          engine::Tokenizer::FromFile((fs::path(options.model_dir) / "tokenizer.json").string()));
+  const engine::ModelConfig& c = runtime->model_->config();
+  const gates::ModelShape shape{c.num_layers, c.num_heads, c.num_kv_heads, c.head_dim, c.hidden_size};
+  if (!options.fast_kvzip_gate_path.empty()) {
+    KVGATE_ASSIGN_OR_RETURN(runtime->fast_kvzip_gate_, gates::FastKvzipGate::Load(options.fast_kvzip_gate_path, shape));
+  } else if (options.random_gate_seed) {
+    runtime->fast_kvzip_gate_ = gates::FastKvzipGate::CreateRandom(shape, *options.random_gate_seed);
+  }
+  if (!options.attention_gate_path.empty()) {
+    KVGATE_ASSIGN_OR_RETURN(runtime->attention_gate_, gates::AttentionGate::Load(options.attention_gate_path, shape));
+  } else if (options.random_gate_seed) {
+    runtime->attention_gate_ = gates::AttentionGate::CreateRandom(shape, *options.random_gate_seed);
+  }
+  int32_t pages = options.kv_pool_pages;
+  if (pages <= 0) {
+    const int32_t pages_per_head = (c.max_context_tokens + options.page_tokens - 1) / options.page_tokens + 1;
+    const int64_t total = int64_t{std::max(1, options.kv_pool_sequences)} * c.num_layers * c.num_kv_heads * pages_per_head;
+    if (total > (int64_t{1} << 30)) return absl::InvalidArgumentError("KV pool too large: lower kv_pool_sequences");
+    pages = static_cast<int32_t>(total);
+  }
+  KVGATE_ASSIGN_OR_RETURN(runtime->pool_, KvPool::Create(runtime->backend_.get(), pages, options.page_tokens, c.head_dim));
+  return runtime;
+}
+
+std::string WorkerRuntime::model_name() const {
+  std::filesystem::path dir(options_.model_dir);
+  if (dir.filename().empty()) dir = dir.parent_path();
+  return dir.filename().string();
+}
+
+gates::PolicyOptions WorkerRuntime::policy_options() const {
+  gates::PolicyOptions options;
+  options.fast_kvzip_gate = fast_kvzip_gate_;
+  options.attention_gate = attention_gate_;
+  return options;
+}
+
+}  // namespace kvgate::kv

@@ -1,0 +1,66 @@
+// File: what every worker process (prefill or decode) loads before it serves: the
+// backend, the model, its tokenizer, the learned gates and the head-paged KV pool. The
+// two workers of one request must load the same model and gates; the KV manager checks
+// the model's shape at registration.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <optional>
+#include <string>
+
+#include "absl/status/statusor.h"
+#include "cuda/backend.h"
+#include "engine/model.h"
+#include "engine/tokenizer.h"
+#include "gates/attention_gate.h"
+#include "gates/fast_kvzip.h"
+#include "gates/policy.h"
+#include "kv_manager/kv_pool.h"
+
+namespace kvgate::kv {
+
+struct WorkerRuntimeOptions {
+  std::string model_dir;
+  std::string backend = "cpu";  // cpu, cuda[:N]
+  int32_t page_tokens = 16;     // rows per KV page, tokens
+  // KV pool size in pages; 0 = room for kv_pool_sequences full-context sequences.
+  int32_t kv_pool_pages = 0;
+  int32_t kv_pool_sequences = 8;
+  // Gate weight files (gates/README.md formats); empty = the policy is refused unless
+  // random_gate_seed is set.
+  std::string fast_kvzip_gate_path;
+  std::string attention_gate_path;
+  // Tests and demos without trained gates: seeded random gates, the same on every worker
+  // given the same seed.
+  std::optional<uint64_t> random_gate_seed;
+};
+
+class WorkerRuntime {
+ public:
+  // NOT_FOUND for a missing model directory; load errors pass through.
+  static absl::StatusOr<std::unique_ptr<WorkerRuntime>> Load(const WorkerRuntimeOptions& options);
+
+  const WorkerRuntimeOptions& options() const { return options_; }
+  ops::Backend& backend() { return *backend_; }
+  engine::Model& model() { return *model_; }
+  const engine::ModelConfig& config() const { return model_->config(); }
+  const engine::Tokenizer& tokenizer() const { return *tokenizer_; }
+  KvPool& pool() { return *pool_; }
+  std::string model_name() const;
+  // The policy options of a request: the loaded gates attached.
+  gates::PolicyOptions policy_options() const;
+  const gates::FastKvzipGate* fast_kvzip_gate() const { return fast_kvzip_gate_.get(); }
+  const gates::AttentionGate* attention_gate() const { return attention_gate_.get(); }
+
+ private:
+  WorkerRuntimeOptions options_;
+  std::unique_ptr<ops::Backend> backend_;
+  std::unique_ptr<engine::Model> model_;
+  std::unique_ptr<engine::Tokenizer> tokenizer_;
+  std::shared_ptr<const gates::FastKvzipGate> fast_kvzip_gate_;
+  std::shared_ptr<const gates::AttentionGate> attention_gate_;
+  std::unique_ptr<KvPool> pool_;
+};
+
+}  // namespace kvgate::kv
