@@ -6,6 +6,7 @@
 //
 //   eval_kl --model DIR [--policies a,b] [--keep-ratios 1,0.75,...] [--tokens 450]
 //           [--continuation 128] [--json PATH] [--markdown PATH]
+//           [--gates fast_kvzip=PATH,attention_gate=PATH]   (gate files of the learned policies)
 #include <cmath>
 #include <ctime>
 #include <fstream>
@@ -105,6 +106,7 @@ absl::Status Run(int argc, char** argv) {
   int32_t total_tokens = 330, continuation = 128;
   gates::PolicyOptions policy_options;
   std::optional<int32_t> sink_tokens;  // unset: each policy's default
+  std::map<std::string, std::string> gate_paths;  // policy -> gate file (--gates)
   bool decode_eviction = true;
   for (int i = 1; i + 1 < argc; i += 2) {
     const std::string flag = argv[i], value = argv[i + 1];
@@ -124,7 +126,15 @@ absl::Status Run(int argc, char** argv) {
     else if (flag == "--sink-tokens") sink_tokens = std::atoi(value.c_str());
     else if (flag == "--decode-eviction") decode_eviction = value != "0" && value != "false";
     else if (flag == "--markdown") markdown_path = value;
-    else return absl::InvalidArgumentError("unknown flag " + flag);
+    else if (flag == "--gates") {
+      for (absl::string_view part : absl::StrSplit(value, ',')) {
+        const std::vector<std::string> kv = absl::StrSplit(part, absl::MaxSplits('=', 1));
+        if (kv.size() != 2 || kv[0].empty() || kv[1].empty()) {
+          return absl::InvalidArgumentError("--gates: expected POLICY=PATH[,POLICY=PATH]");
+        }
+        gate_paths[kv[0]] = kv[1];
+      }
+    } else return absl::InvalidArgumentError("unknown flag " + flag);
   }
   auto backend = ops::CreateCpuBackend(0);
   KVGATE_ASSIGN_OR_RETURN(std::unique_ptr<engine::Model> model, engine::Model::Load(model_dir, backend.get()));
@@ -162,7 +172,9 @@ absl::Status Run(int argc, char** argv) {
         spec.policy = policy;
         spec.keep_ratio = ratio;
         spec.sink_tokens = sink_tokens;
-        KVGATE_RETURN_IF_ERROR(EvaluatePolicy(model.get(), tokenizer.get(), decode_eviction, policy_options, pool.get(), sequence, prompt_tokens, reference, spec,
+        gates::PolicyOptions options = policy_options;
+        if (auto it = gate_paths.find(policy); it != gate_paths.end()) options.gate_path = it->second;
+        KVGATE_RETURN_IF_ERROR(EvaluatePolicy(model.get(), tokenizer.get(), decode_eviction, options, pool.get(), sequence, prompt_tokens, reference, spec,
                                               &results[{policy, ratio}]));
       }
     }

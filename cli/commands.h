@@ -9,5 +9,12 @@ namespace kvgate::cli {
 
 int RunGenerate(const std::vector<std::string>& args);
 int RunTokenize(const std::vector<std::string>& args);
+int RunEval(const std::vector<std::string>& args);
+// Servers (cli/server_command.cc): every role in one process, or one role each.
+int RunServe(const std::vector<std::string>& args);
+int RunRouter(const std::vector<std::string>& args);
+int RunKvManager(const std::vector<std::string>& args);
+int RunPrefill(const std::vector<std::string>& args);
+int RunDecode(const std::vector<std::string>& args);
 
 }  // namespace kvgate::cli

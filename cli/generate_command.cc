@@ -6,6 +6,7 @@
 #include "absl/strings/str_format.h"
 #include "cli/commands.h"
 #include "cli/flags.h"
+#include "cli/remote_generate.h"
 #include "common/status_macros.h"
 #include "cuda/backend.h"
 #include "engine/generator.h"
@@ -29,7 +30,8 @@ constexpr char kUsage[] =
     "         [--min-p P=0] [--seed S=0] [--stop STRING] [--stop-ids 1,2] [--ignore-eos]\n"
     "         [--policy full|streaming_llm|snapkv|sage_kv|kvzip|fast_kvzip|attention_gate]\n"
     "         [--keep-ratio R] [--budget-tokens N] [--sink-tokens N] [--recent-tokens N]\n"
-    "         [--head-budget uniform|adaptive] [--gates PATH] [--backend cpu|cuda[:N]] [--json]\n";
+    "         [--head-budget uniform|adaptive] [--gates PATH] [--backend cpu|cuda[:N]] [--json]\n"
+    "   or: kvgate generate --server HOST:PORT ... (the same request answered by a server)\n";
 
 struct GenerateCommand {
   std::string model_dir;
@@ -195,6 +197,7 @@ absl::Status Generate(const GenerateCommand& command) {
 }  // namespace
 
 int RunGenerate(const std::vector<std::string>& args) {
+  if (UsesServer(args)) return RunRemoteGenerate(args);
   auto command = ParseGenerate(args);
   if (!command.ok()) {
     std::cerr << "kvgate generate: " << command.status().message() << "\n" << kUsage;

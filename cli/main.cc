@@ -11,7 +11,10 @@ constexpr char kUsage[] =
     "usage: kvgate <command> [flags]\n"
     "commands:\n"
     "  generate   offline generation with a Hugging Face checkpoint (--help for flags)\n"
-    "  tokenize   print the token ids of a text\n";
+    "  tokenize   print the token ids of a text\n"
+    "  eval       retrieval accuracy of eviction policies\n"
+    "  serve      every service in one process (router, kv-manager, prefill, decode)\n"
+    "  router | kv-manager | prefill | decode   one service per process\n";
 
 }  // namespace
 
@@ -24,6 +27,12 @@ int main(int argc, char** argv) {
   const std::vector<std::string> args(argv + 2, argv + argc);
   if (command == "generate") return kvgate::cli::RunGenerate(args);
   if (command == "tokenize") return kvgate::cli::RunTokenize(args);
+  if (command == "eval") return kvgate::cli::RunEval(args);
+  if (command == "serve") return kvgate::cli::RunServe(args);
+  if (command == "router") return kvgate::cli::RunRouter(args);
+  if (command == "kv-manager") return kvgate::cli::RunKvManager(args);
+  if (command == "prefill") return kvgate::cli::RunPrefill(args);
+  if (command == "decode") return kvgate::cli::RunDecode(args);
   std::cerr << "kvgate: unknown command '" << command << "'\n" << kUsage;
   return 2;
 }

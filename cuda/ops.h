@@ -73,10 +73,17 @@ struct AttentionArgs {
   int32_t sliding_window = 0;  // tokens; 0 = unlimited
   float scale = 1.0f;          // usually 1 / sqrt(head_dim)
   // Optional in-prefill eviction (Attention-Gate, Fast KVzip chunked prefill):
-  // [num_kv_heads, capacity_tokens], in, backend; 0 = the row is evicted and invisible to
+  // [num_kv_heads, capacity_tokens] (or [num_q_heads, capacity_tokens] with
+  // key_mask_per_query_head), in, backend; 0 = the row is evicted and invisible to
   // every query except the query at that same row (a token always sees itself).
   // Null = every row is visible.
   const uint8_t* key_mask = nullptr;
+  // false: key_mask is [num_kv_heads, capacity_tokens] and query head h reads row
+  // h / (num_q_heads / num_kv_heads). true: key_mask is [num_q_heads, capacity_tokens]
+  // and query head h reads row h, so the query heads of one group may see different
+  // rows of their shared K/V (SAGE-KV's per-query-head selection; the contiguous twin of
+  // HeadPagedKvView::query_masks). Ignored when key_mask is null.
+  bool key_mask_per_query_head = false;
 };
 
 // Copies float rows: dst[dst_rows[i], :] = src[src_rows[i], :], i < num_rows. Moves KV

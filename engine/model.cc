@@ -214,13 +214,26 @@ absl::StatusOr<std::vector<float>> Model::Forward(absl::Span<const int32_t> toke
     return absl::InvalidArgumentError(absl::StrCat("sequence of ", start + n, " tokens exceeds the KV cache capacity of ",
                                                    cache->capacity_tokens_, " tokens"));
   }
-  if (!options.key_masks.empty() || options.layer_key_mask) {
-    const size_t mask_bytes = size_t{1} * c.num_kv_heads * cache->capacity_tokens_;
+  const bool per_query_head_masks = !options.query_head_key_masks.empty();
+  if (per_query_head_masks && (!options.key_masks.empty() || options.layer_key_mask)) {
+    return absl::InvalidArgumentError("query_head_key_masks cannot be combined with key_masks or layer_key_mask");
+  }
+  if (!options.key_masks.empty() || per_query_head_masks || options.layer_key_mask) {
+    const size_t mask_bytes =
+        size_t{1} * (per_query_head_masks ? c.num_heads : c.num_kv_heads) * cache->capacity_tokens_;
     if (!options.key_masks.empty() && options.key_masks.size() != static_cast<size_t>(c.num_layers)) {
       return absl::InvalidArgumentError("key_masks must have one mask per layer");
     }
     for (const auto& mask : options.key_masks) {
       if (mask.size() != mask_bytes) return absl::InvalidArgumentError("key mask size is not num_kv_heads * capacity");
+    }
+    if (per_query_head_masks && options.query_head_key_masks.size() != static_cast<size_t>(c.num_layers)) {
+      return absl::InvalidArgumentError("query_head_key_masks must have one mask per layer");
+    }
+    for (const auto& mask : options.query_head_key_masks) {
+      if (mask.size() != mask_bytes) {
+        return absl::InvalidArgumentError("query-head key mask size is not num_heads * capacity");
+      }
     }
     if (key_mask_bytes_ < static_cast<int32_t>(mask_bytes)) {
       KVGATE_ASSIGN_OR_RETURN(key_mask_, backend_->Alloc(mask_bytes));
@@ -266,6 +279,11 @@ absl::StatusOr<std::vector<float>> Model::Forward(absl::Span<const int32_t> toke
     if (!options.key_masks.empty()) {
       KVGATE_RETURN_IF_ERROR(b.CopyToBackend(key_mask_.data(), options.key_masks[i].data(), options.key_masks[i].size()));
       attention.key_mask = key_mask_.as<uint8_t>();
+    } else if (per_query_head_masks) {
+      const std::vector<uint8_t>& mask = options.query_head_key_masks[i];
+      KVGATE_RETURN_IF_ERROR(b.CopyToBackend(key_mask_.data(), mask.data(), mask.size()));
+      attention.key_mask = key_mask_.as<uint8_t>();
+      attention.key_mask_per_query_head = true;
     } else if (options.layer_key_mask) {
       std::vector<float> hidden(size_t{1} * n * c.hidden_size);
       KVGATE_RETURN_IF_ERROR(b.CopyToHost(hidden.data(), h_.data(), hidden.size() * sizeof(float)));

@@ -52,6 +52,11 @@ struct ForwardOptions {
   // In-forward eviction: per layer, [num_kv_heads, capacity_tokens] (host); 0 = the row
   // is invisible to every other query (see ops::AttentionArgs::key_mask). Empty = none.
   std::vector<std::vector<uint8_t>> key_masks;
+  // The same, one mask row per QUERY head: per layer, [num_heads, capacity_tokens] (host);
+  // query head h reads row h (ops::AttentionArgs::key_mask_per_query_head), so the query
+  // heads of a GQA group may see different rows (SAGE-KV's per-query-head selection).
+  // Empty = none. Combined with key_masks or layer_key_mask: INVALID_ARGUMENT.
+  std::vector<std::vector<uint8_t>> query_head_key_masks;
   // In-forward eviction decided inside each layer (Attention-Gate): called with the
   // layer's attention input (post input-RMSNorm hidden states, [n, hidden_size], host)
   // before its attention; returns that layer's mask [num_kv_heads, n] over the tokens of

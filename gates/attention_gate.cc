@@ -1,6 +1,8 @@
 #include "gates/attention_gate.h"
 
 #include <algorithm>
+#include <bit>
+#include <cstring>
 #include <cmath>
 #include <limits>
 #include <random>
@@ -190,6 +192,100 @@ absl::StatusOr<std::vector<float>> AttentionGateState::Append(int32_t layer, abs
     }
   }
   return out;
+}
+
+namespace {
+
+constexpr uint32_t kGateStateMagic = 0x4741564B;  // "KVAG" read as little-endian bytes
+constexpr uint32_t kGateStateVersion = 1;
+static_assert(std::endian::native == std::endian::little, "the gate state bytes are little-endian");
+
+template <typename T>
+void PutPod(std::string* out, const T& value) {
+  out->append(reinterpret_cast<const char*>(&value), sizeof(T));
+}
+
+// Reads POD values off the front of `bytes`; false once it runs short.
+class PodReader {
+ public:
+  explicit PodReader(std::string_view bytes) : bytes_(bytes) {}
+  template <typename T>
+  bool Read(T* value) {
+    if (bytes_.size() < sizeof(T)) return false;
+    std::memcpy(value, bytes_.data(), sizeof(T));
+    bytes_.remove_prefix(sizeof(T));
+    return true;
+  }
+  bool ReadFloats(size_t count, std::vector<float>* out) {
+    if (count > bytes_.size() / sizeof(float)) return false;
+    out->resize(count);
+    std::memcpy(out->data(), bytes_.data(), count * sizeof(float));
+    bytes_.remove_prefix(count * sizeof(float));
+    return true;
+  }
+  size_t left() const { return bytes_.size(); }
+
+ private:
+  std::string_view bytes_;
+};
+
+}  // namespace
+
+std::string AttentionGateState::Serialize() const {
+  const ModelShape& shape = gate_->shape();
+  std::string out;
+  size_t floats = 0;
+  for (const std::vector<float>& k : keys_) floats += 2 * k.size();
+  out.reserve(7 * sizeof(int32_t) + shape.num_layers * sizeof(int32_t) + floats * sizeof(float));
+  PutPod(&out, kGateStateMagic);
+  PutPod(&out, kGateStateVersion);
+  for (int32_t v : {shape.num_layers, shape.num_kv_heads, shape.hidden_size, gate_->config().num_heads,
+                    gate_->config().head_dim}) {
+    PutPod(&out, v);
+  }
+  for (int32_t l = 0; l < shape.num_layers; ++l) {
+    PutPod(&out, tokens_[l]);
+    out.append(reinterpret_cast<const char*>(keys_[l].data()), keys_[l].size() * sizeof(float));
+    out.append(reinterpret_cast<const char*>(values_[l].data()), values_[l].size() * sizeof(float));
+  }
+  return out;
+}
+
+absl::StatusOr<std::unique_ptr<AttentionGateState>> AttentionGateState::Deserialize(const AttentionGate* gate,
+                                                                                    std::string_view bytes) {
+  if (gate == nullptr) return absl::InvalidArgumentError("attention_gate state: no gate");
+  const ModelShape& shape = gate->shape();
+  PodReader in(bytes);
+  uint32_t magic = 0, version = 0;
+  int32_t header[5] = {};
+  bool ok = in.Read(&magic) && in.Read(&version);
+  for (int32_t& v : header) ok = ok && in.Read(&v);
+  if (!ok || magic != kGateStateMagic || version != kGateStateVersion) {
+    return absl::InvalidArgumentError(absl::StrCat("attention_gate state: not a v", kGateStateVersion,
+                                                   " state (", bytes.size(), " bytes)"));
+  }
+  const int32_t expected[5] = {shape.num_layers, shape.num_kv_heads, shape.hidden_size, gate->config().num_heads,
+                               gate->config().head_dim};
+  if (!std::equal(std::begin(header), std::end(header), std::begin(expected))) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "attention_gate state of a gate with ", header[0], " layers, ", header[1], " kv heads, hidden ", header[2],
+        ", ", header[3], "x", header[4], " gate heads; the loaded gate has ", expected[0], ", ", expected[1], ", ",
+        expected[2], ", ", expected[3], "x", expected[4]));
+  }
+  auto state = std::make_unique<AttentionGateState>(gate);
+  const size_t inner = static_cast<size_t>(gate->config().num_heads) * gate->config().head_dim;
+  for (int32_t l = 0; l < shape.num_layers; ++l) {
+    int32_t tokens = 0;
+    if (!in.Read(&tokens) || tokens < 0 || !in.ReadFloats(static_cast<size_t>(tokens) * inner, &state->keys_[l]) ||
+        !in.ReadFloats(static_cast<size_t>(tokens) * inner, &state->values_[l])) {
+      return absl::InvalidArgumentError(absl::StrCat("attention_gate state: layer ", l, " is truncated"));
+    }
+    state->tokens_[l] = tokens;
+  }
+  if (in.left() != 0) {
+    return absl::InvalidArgumentError(absl::StrCat("attention_gate state: ", in.left(), " trailing bytes"));
+  }
+  return state;
 }
 
 absl::StatusOr<std::vector<uint8_t>> AttentionGatePrefillKeyMask(const AttentionGate& gate, int32_t layer,

@@ -20,6 +20,7 @@
 #include <cstdint>
 #include <memory>
 #include <string>
+#include <string_view>
 #include <vector>
 
 #include "absl/status/statusor.h"
@@ -90,6 +91,16 @@ class AttentionGateState {
   absl::StatusOr<std::vector<float>> Append(int32_t layer, absl::Span<const float> hidden);
   int32_t tokens(int32_t layer) const { return tokens_[layer]; }
   const AttentionGate& gate() const { return *gate_; }
+
+  // The state as bytes, to continue it in another process (a decode worker, through
+  // kv_manager/kv_handoff.h). Little-endian: uint32 magic "KVAG", uint32 version 1, int32
+  // num_layers, num_kv_heads, hidden_size, gate heads', gate d'; then per layer int32
+  // tokens, keys float32 [tokens, heads' * d'], values float32 [tokens, heads' * d'].
+  std::string Serialize() const;
+  // A state of `gate` (not owned; must outlive the state) from Serialize's bytes.
+  // INVALID_ARGUMENT for bytes that do not parse or a state of a gate of another shape.
+  static absl::StatusOr<std::unique_ptr<AttentionGateState>> Deserialize(const AttentionGate* gate,
+                                                                        std::string_view bytes);
 
  private:
   const AttentionGate* gate_;

@@ -1,6 +1,7 @@
 #include "gates/attention_gate.h"
 
 #include <cmath>
+#include <cstring>
 
 #include "gates/gate_weights.h"
 #include "gates/internal/test_util.h"
@@ -136,6 +137,45 @@ TEST(AttentionGateTest, IncrementalStateEqualsBatch) {
   EXPECT_EQ(state.tokens(1), n);
   EXPECT_EQ(state.tokens(0), 0);
   EXPECT_STATUS(state.Append(2, x), StatusCode::kInvalidArgument, "layer 2");
+}
+
+// A state continued elsewhere (the decode worker, kv_manager/kv_handoff.h) flags the next
+// tokens exactly as the original does.
+TEST(AttentionGateTest, SerializedStateContinuesBitIdentically) {
+  const ModelShape shape = Shape(2, 4, 2, 8, 16);
+  auto gate = AttentionGate::CreateRandom(shape, 5);
+  std::mt19937 rng(4);
+  const std::vector<float> prompt = RandomVector(size_t(7) * 16, rng), next = RandomVector(size_t(3) * 16, rng);
+  AttentionGateState state(gate.get());
+  ASSERT_TRUE(state.Append(0, prompt).ok());
+  ASSERT_TRUE(state.Append(1, absl::MakeConstSpan(prompt).subspan(0, 5 * 16)).ok());  // layers may differ
+  const std::string bytes = state.Serialize();
+  auto copy = AttentionGateState::Deserialize(gate.get(), bytes);
+  ASSERT_TRUE(copy.ok()) << copy.status();
+  EXPECT_EQ((*copy)->tokens(0), 7);
+  EXPECT_EQ((*copy)->tokens(1), 5);
+  EXPECT_EQ((*copy)->Serialize(), bytes);
+  for (int32_t layer : {0, 1}) {
+    auto want = state.Append(layer, next);
+    auto got = (*copy)->Append(layer, next);
+    ASSERT_TRUE(want.ok() && got.ok());
+    EXPECT_EQ(*got, *want) << "layer " << layer;
+  }
+
+  // Malformed bytes and a gate of another shape are INVALID_ARGUMENT.
+  EXPECT_STATUS(AttentionGateState::Deserialize(gate.get(), "").status(), StatusCode::kInvalidArgument, "not a v1");
+  EXPECT_STATUS(AttentionGateState::Deserialize(gate.get(), bytes.substr(0, bytes.size() - 4)).status(),
+                StatusCode::kInvalidArgument, "truncated");
+  EXPECT_STATUS(AttentionGateState::Deserialize(gate.get(), bytes + "x").status(), StatusCode::kInvalidArgument,
+                "trailing");
+  std::string bad_tokens = bytes;
+  const int32_t negative = -1;
+  std::memcpy(bad_tokens.data() + 7 * sizeof(int32_t), &negative, sizeof(negative));
+  EXPECT_STATUS(AttentionGateState::Deserialize(gate.get(), bad_tokens).status(), StatusCode::kInvalidArgument,
+                "layer 0");
+  auto other = AttentionGate::CreateRandom(Shape(2, 4, 2, 8, 24), 5);
+  EXPECT_STATUS(AttentionGateState::Deserialize(other.get(), bytes).status(), StatusCode::kInvalidArgument,
+                "hidden 16");
 }
 
 TEST(AttentionGateTest, SaveLoadAndLoadErrors) {

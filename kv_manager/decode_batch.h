@@ -23,14 +23,21 @@ class DecodeBatch final : public engine::PagedKvBatch {
 
   int32_t num_sequences() const override;
   std::vector<int32_t> NextPositions() const override;
-  // Reserves every sequence's slot. Not all-or-nothing across sequences: on an error
+  // Reserves every sequence's slot. A sequence of another pool is INVALID_ARGUMENT before
+  // any slot is taken. Otherwise not all-or-nothing across sequences: on an error
   // (RESOURCE_EXHAUSTED naming the sequence index) the earlier ones hold their slot and
   // the caller must fail or drop the step's sequences; the decode worker avoids it by
   // admitting only sequences whose pages the KV manager reserved.
   absl::Status BeginStep() override;
+  // Rows of the step go to the pool in one KvPool::AppendDecodeRows per layer (one
+  // CopyRows per tensor for the whole batch).
   absl::Status AppendLayer(int32_t layer, const float* k_new, const float* v_new) override;
   absl::StatusOr<ops::HeadPagedKvView> View(int32_t layer) override;
+  // Every sequence ends its step (decode-time eviction), even after one fails; the
+  // first error is returned, naming the sequence index.
   absl::Status EndStep() override;
+  // True when any sequence wants them; ObserveLayerInput hands row s of hidden
+  // ([num_sequences, hidden_size], host) to sequence s when it wants it.
   bool wants_layer_inputs() const override;
   absl::Status ObserveLayerInput(int32_t layer, absl::Span<const float> hidden) override;
 

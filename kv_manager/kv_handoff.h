@@ -75,27 +75,40 @@ struct KvHandoff {
   absl::Status Validate() const;
 };
 
+// Payload bytes of one kv head of `rows` rows in the wire format below.
+int64_t HeadPayloadBytes(int64_t rows, int32_t head_dim, bool has_query_masks, bool has_scores);
+
 // Layer payload wire format (little-endian; worker.proto KvTransferHeader): per kv head,
 // K rows, V rows (float32 [length, head_dim] each), positions (int32 [length]), then
 // query masks (uint8 [length]) if has_query_masks, scores (float32 [length]) if has_scores.
+// Precondition: `handoff` passes Validate().
 std::string SerializeLayer(const KvHandoff& handoff, int32_t layer);
-// Fills layer `layer` of `handoff`, whose header fields (shape, flags) and heads[*]
-// lengths must already be set through `lengths` ([num_layers * num_kv_heads]).
-// INVALID_ARGUMENT when `bytes` has the wrong size.
+// Fills layer `layer` of `handoff` (K, V, positions and, as flagged, masks and scores of
+// its heads) from `bytes`. The handoff's header fields (shape, flags) must already be
+// set; `lengths` ([num_layers * num_kv_heads], the header's) gives every head's rows;
+// heads is sized to num_layers * num_kv_heads if it is not. INVALID_ARGUMENT for a bad
+// shape, layer or length, or when `bytes` has the wrong size.
 absl::Status ParseLayer(std::string_view bytes, absl::Span<const int32_t> lengths, int32_t layer,
                         KvHandoff* handoff);
 
-// CRC-32C (Castagnoli) of `data`, as carried by KvLayerChunk.crc32c.
+// CRC-32C (Castagnoli, reflected 0x82F63B78; crc32c("123456789") = 0xE3069283) of
+// `data`, as carried by KvLayerChunk.crc32c. Software, slicing-by-8 tables.
 uint32_t Crc32c(std::string_view data);
 
-// Host copy of a sequence held in `pool` (every row of every head; waits for the
-// backend). Decode state fields other than the shape and next_pos are left default.
+// Host copy of a sequence held in `pool` (every row of every head, with masks and
+// scores when the layout carries them; waits for the backend). Decode state fields other
+// than the shape and next_pos are left default: the caller sets transfer_id, first_token,
+// sampler_state and eviction (ToParams(SequenceBatch::eviction())). INVALID_ARGUMENT for
+// an empty layout.
 absl::StatusOr<KvHandoff> ExportSequence(const KvPool& pool, const SequenceLayout& layout);
 
-// Lays the handoff's rows into fresh pages of `pool` and returns the sequence's layout
-// (next_pos, masks and scores as in the handoff). Validates first; INVALID_ARGUMENT for
-// a malformed handoff or one whose head_dim differs from the pool's; RESOURCE_EXHAUSTED
-// when the pool is short. On error no page stays allocated.
+// Lays the handoff's rows into fresh pages of `pool` (KvPool::CommitHostRows: one
+// all-or-nothing allocation, rows uploaded through a backend staging buffer and
+// CopyRows, mask bytes as kv_pool.h demands) and returns the sequence's layout (next_pos,
+// masks and scores as in the handoff); it passes SequenceLayout::CheckInvariants. Wrap it
+// in a SequenceBatch with FromParams(handoff.eviction, ...) to decode. Validates first;
+// INVALID_ARGUMENT for a malformed handoff or one whose head_dim differs from the pool's;
+// RESOURCE_EXHAUSTED when the pool is short. On error no page stays allocated.
 absl::StatusOr<SequenceLayout> ImportSequence(KvPool* pool, const KvHandoff& handoff);
 
 }  // namespace kvgate::kv

@@ -271,9 +271,14 @@ absl::StatusOr<HeadRows> KvPool::ReadRows(const SequenceLayout& layout, int32_t 
   out.v.resize(out.k.size());
   out.query_mask.resize(hp.length);
   out.positions = hp.positions;
-  for (size_t p = 0; p < hp.page_ids.size(); ++p) {
+  out.scores = hp.scores;
+  // One copy per run of consecutive page ids (a commit hands a head consecutive ids).
+  size_t p = 0;
+  while (p < hp.page_ids.size()) {
+    size_t end = p + 1;
+    while (end < hp.page_ids.size() && hp.page_ids[end] == hp.page_ids[end - 1] + 1) ++end;
     const size_t first = p * page_tokens_;
-    const size_t rows = std::min<size_t>(page_tokens_, hp.length - first);
+    const size_t rows = std::min<size_t>((end - p) * page_tokens_, hp.length - first);
     const size_t pool_row = static_cast<size_t>(hp.page_ids[p]) * page_tokens_;
     KVGATE_RETURN_IF_ERROR(backend_->CopyToHost(out.k.data() + first * row_floats,
                                                 k_pages_.as<float>() + pool_row * row_floats,
@@ -283,8 +288,74 @@ absl::StatusOr<HeadRows> KvPool::ReadRows(const SequenceLayout& layout, int32_t 
                                                 rows * row_floats * sizeof(float)));
     KVGATE_RETURN_IF_ERROR(
         backend_->CopyToHost(out.query_mask.data() + first, query_masks_.as<uint8_t>() + pool_row, rows));
+    p = end;
   }
   return out;
+}
+
+absl::Status KvPool::CommitHostRows(const gates::KeepPlan& plan, absl::Span<const HeadRows> rows,
+                                    SequenceLayout* out) {
+  if (!out->heads.empty()) {
+    return absl::FailedPreconditionError("import into a layout that already holds pages; release it first");
+  }
+  if (rows.size() != plan.heads.size()) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("import of ", rows.size(), " heads of rows for a plan of ", plan.heads.size(), " heads"));
+  }
+  const size_t row_floats = static_cast<size_t>(head_dim_);
+  size_t max_layer_rows = 0;
+  for (int32_t l = 0; l < plan.num_layers; ++l) {
+    size_t layer_rows = 0;
+    for (int32_t h = 0; h < plan.num_kv_heads; ++h) {
+      const size_t i = static_cast<size_t>(l) * plan.num_kv_heads + h;
+      const size_t n = plan.heads[i].positions.size();
+      if (rows[i].k.size() != n * row_floats || rows[i].v.size() != n * row_floats) {
+        return absl::InvalidArgumentError(absl::StrCat("import of layer ", l, " kv head ", h, ": ", rows[i].k.size(),
+                                                       " K and ", rows[i].v.size(), " V floats for ", n,
+                                                       " rows of ", head_dim_));
+      }
+      layer_rows += n;
+    }
+    max_layer_rows = std::max(max_layer_rows, layer_rows);
+  }
+  // Source rows index the layer's staging buffer, which holds the layer's rows in
+  // (kv head, kept row) order: the order of PlanCommit's copies.
+  auto committed = PlanCommit(plan, plan.prompt_tokens, page_tokens_, &pages_);
+  if (!committed.ok()) return WithContext(committed.status(), "import");
+  auto run = [&]() -> absl::Status {
+    const size_t stage_bytes = std::max<size_t>(max_layer_rows, 1) * row_floats * sizeof(float);
+    if (stage_k_.bytes() < stage_bytes) {
+      KVGATE_ASSIGN_OR_RETURN(stage_k_, backend_->Alloc(stage_bytes));
+      KVGATE_ASSIGN_OR_RETURN(stage_v_, backend_->Alloc(stage_bytes));
+    }
+    for (int32_t l = 0; l < plan.num_layers; ++l) {
+      RowCopies& copies = committed->copies[l];
+      if (copies.size() == 0) continue;
+      for (int32_t i = 0; i < copies.size(); ++i) copies.src_rows[i] = i;
+      size_t at = 0;
+      for (int32_t h = 0; h < plan.num_kv_heads; ++h) {
+        const HeadRows& head = rows[static_cast<size_t>(l) * plan.num_kv_heads + h];
+        if (head.k.empty()) continue;
+        KVGATE_RETURN_IF_ERROR(backend_->CopyToBackend(stage_k_.as<float>() + at, head.k.data(),
+                                                       head.k.size() * sizeof(float)));
+        KVGATE_RETURN_IF_ERROR(backend_->CopyToBackend(stage_v_.as<float>() + at, head.v.data(),
+                                                       head.v.size() * sizeof(float)));
+        at += head.k.size();
+      }
+      const float* k = stage_k_.as<float>();
+      const float* v = stage_v_.as<float>();
+      KVGATE_RETURN_IF_ERROR(RunCopies(
+          absl::MakeConstSpan(&copies, 1), [k](int32_t) { return k; }, [v](int32_t) { return v; }));
+    }
+    return WriteMasks(committed->layout, committed->layout.AllPages());
+  };
+  absl::Status s = run();
+  if (!s.ok()) {
+    (void)kv::Release(&committed->layout, &pages_);
+    return WithContext(s, "import");
+  }
+  *out = std::move(committed->layout);
+  return absl::OkStatus();
 }
 
 }  // namespace kvgate::kv

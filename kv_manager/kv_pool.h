@@ -41,6 +41,7 @@ struct HeadRows {
   std::vector<float> v;             // [length, head_dim]
   std::vector<int32_t> positions;   // [length]
   std::vector<uint8_t> query_mask;  // [length], read back from the backend mask buffer
+  std::vector<float> scores;        // [length] when the layout carries scores, else empty
 };
 
 class KvPool {
@@ -101,8 +102,22 @@ class KvPool {
   // (INVALID_ARGUMENT).
   absl::StatusOr<ops::HeadPagedKvView> BuildView(absl::Span<const SequenceLayout* const> seqs, int32_t layer);
 
-  // Host copies of the rows of (layer, kv_head), in row order. Waits for prior work.
+  // Host copies of the rows of (layer, kv_head), in row order; scores from the layout.
+  // Waits for prior work.
   absl::StatusOr<HeadRows> ReadRows(const SequenceLayout& layout, int32_t layer, int32_t kv_head) const;
+
+  // The import of a sequence that arrives from elsewhere (kv_handoff.h): lays host rows
+  // into fresh pages. `plan` gives every (layer, kv head)'s kept positions, and its query
+  // masks and scores when the sequence carries them, as for CommitPrefill, with
+  // prompt_tokens = the sequence's next_pos; rows[i] holds the K and V ([length,
+  // head_dim] each, host) of head i = layer * num_kv_heads + kv_head (its positions,
+  // query_mask and scores are not read). Pages come from one all-or-nothing Allocate;
+  // each layer's rows go through a backend staging buffer and CopyRows, and the mask
+  // bytes are written as CommitPrefill writes them. *out must be empty
+  // (FAILED_PRECONDITION); every PlanCommit error and rows that do not match the plan
+  // are INVALID_ARGUMENT; a short pool is RESOURCE_EXHAUSTED. On any error *out is
+  // unchanged and no page stays allocated.
+  absl::Status CommitHostRows(const gates::KeepPlan& plan, absl::Span<const HeadRows> rows, SequenceLayout* out);
 
   // [num_pages, page_tokens, head_dim] / [num_pages, page_tokens], backend.
   const float* k_pages() const { return k_pages_.as<float>(); }
@@ -133,6 +148,7 @@ class KvPool {
   ops::DeviceBuffer k_pages_, v_pages_, query_masks_;
   ops::DeviceBuffer copy_scratch_;  // int32 row lists of the copies in flight
   ops::DeviceBuffer view_scratch_;  // int32 indptr / ids / lengths of the last view
+  ops::DeviceBuffer stage_k_, stage_v_;  // CommitHostRows: one layer's host rows
 };
 
 }  // namespace kvgate::kv

@@ -5,6 +5,7 @@
 
 #include <functional>
 #include <memory>
+#include <utility>
 
 #include "absl/status/statusor.h"
 #include "engine/kv_planner.h"
@@ -70,6 +71,16 @@ class SequenceBatch final : public engine::PagedKvBatch {
   absl::Status ObserveLayerInput(int32_t layer, absl::Span<const float> hidden) override;
 
   const SequenceLayout& layout() const { return layout_; }
+  KvPool* pool() const { return pool_; }
+  int32_t sliding_window() const { return sliding_window_; }
+  // The policy's decode-time eviction (kv_handoff.h ToParams sends it to a decode worker).
+  const DecodeEviction& eviction() const { return eviction_; }
+  // The slot of the step in progress (BeginStep to EndStep): DecodeBatch appends the rows
+  // of several sequences in one KvPool::AppendDecodeRows.
+  const AppendPlan& step() const { return step_; }
+  // Gives up the layout without releasing its pages: the caller owns them now (an
+  // export that moves a sequence elsewhere, say). The batch is left empty.
+  SequenceLayout TakeLayout() { return std::exchange(layout_, SequenceLayout{}); }
 
  private:
   KvPool* pool_;

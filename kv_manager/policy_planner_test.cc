@@ -1,7 +1,8 @@
 // The eviction invariants on the real TinyStories model (GQA: 8 query / 4 kv heads):
 //  1. `full`, and every policy asked to keep everything, is bit-identical to no eviction.
 //  2. Decoding over a compacted cache equals full attention with the evicted keys masked
-//     out (per kv head), for every policy whose selection is per kv head, at several ratios.
+//     out (per kv head), for every policy whose selection is per kv head, at several ratios;
+//     for sage_kv, whose selection is per QUERY head, per query head.
 //  3. Positions survive compaction and new tokens continue at next_pos.
 #include "kv_manager/policy_planner.h"
 
@@ -10,6 +11,7 @@
 #include <gtest/gtest.h>
 
 #include <cmath>
+#include <iostream>
 
 #include "absl/strings/str_cat.h"
 #include "cuda/cpu/cpu_backend.h"
@@ -341,6 +343,118 @@ TEST_F(PolicyPlannerTest, SageKvDecodeRingFreezesTheSelection) {
       EXPECT_TRUE(std::equal(frozen.begin(), frozen.end(), now.begin())) << "selection changed in decode";
       EXPECT_EQ(now.back(), n + step - 1);
       EXPECT_EQ(now[frozen.size()], n - recent + step) << "the ring drops its oldest row each step";
+    }
+  }
+}
+
+// sage_kv keeps a separate top-k per QUERY head: a kept row carries a query_mask byte,
+// bit g = visible to query head g of its kv head's group. Decode over the compacted
+// paged cache must equal full contiguous attention whose per-query-head key masks
+// (ForwardOptions::query_head_key_masks) hide from each query head exactly the rows it
+// cannot see in the paged cache, at every step: with the decode-time recent ring
+// (kRecentRing; more steps than the largest ring, so it turns over completely) and
+// without it (decode_eviction = false). The masks are rebuilt before each step from the
+// layout's positions and the query-mask bytes the paged kernel reads (the pool's).
+// Negative control: the per-kv-head union of those masks (what ignoring the query-head
+// bits would attend) must NOT match, so the test fails if the bits were ignored.
+TEST_F(PolicyPlannerTest, SageKvDecodeEqualsPerQueryHeadMaskedFullAttention) {
+  constexpr int kSteps = 48;
+  const engine::ModelConfig& c = model_->config();
+  const int32_t n = static_cast<int32_t>(prompt_.size());
+  const int32_t group = c.num_heads / c.num_kv_heads;
+  ASSERT_GT(group, 1) << "the test needs a GQA model";
+  const uint8_t all_heads = static_cast<uint8_t>((1u << group) - 1);
+  // A continuation longer than the fixture's, written by the model itself.
+  engine::Generator generator(model_.get(), tokenizer_.get());
+  engine::GenerateOptions generate;
+  generate.max_tokens = kSteps;
+  generate.ignore_eos = true;
+  generate.sampling.temperature = 0.8f;
+  generate.sampling.seed = 5;
+  auto text = generator.Generate(prompt_, generate);
+  ASSERT_TRUE(text.ok()) << text.status();
+  const std::vector<int32_t> continuation = text->token_ids;
+  ASSERT_EQ(continuation.size(), static_cast<size_t>(kSteps));
+  const int32_t capacity = n + kSteps;
+
+  for (bool decode_eviction : {true, false}) {
+    for (float ratio : {0.75f, 0.5f, 0.3f}) {
+      SCOPED_TRACE(absl::StrCat("keep_ratio ", ratio, " decode_eviction ", decode_eviction));
+      // The ring holds the default recent window, B/4 rows: kSteps turns it over.
+      ASSERT_GT(kSteps, std::lround(ratio * n) / 4);
+      gates::EvictionSpec spec;
+      spec.policy = "sage_kv";
+      spec.keep_ratio = ratio;
+      auto planner = CreatePolicyPlanner(*model_, pool_.get(), spec, RandomGateOptions(), tokenizer_.get(),
+                                         decode_eviction);
+      ASSERT_TRUE(planner.ok()) << planner.status();
+      auto prefill_cache = *model_->NewCache(n);
+      engine::PrefillCapture capture;
+      ASSERT_TRUE((*planner)->Prefill(*model_, prompt_, prefill_cache.get(), &capture).ok());
+      engine::KvAccounting accounting;
+      auto batch = (*planner)->Commit(prompt_, *prefill_cache, capture, &accounting);
+      ASSERT_TRUE(batch.ok()) << batch.status();
+      EXPECT_LT(accounting.kv_entries_kept, accounting.kv_entries_full);
+      const SequenceLayout& layout = static_cast<SequenceBatch*>(batch->get())->layout();
+      ASSERT_TRUE(layout.has_query_masks) << "sage_kv must commit per-query-head masks";
+      const int64_t rows_at_commit = layout.NumRows();
+
+      // The reference: the full prompt cache, no eviction, then one masked forward per
+      // step; the control runs the same on its own cache with the per-kv-head union.
+      auto full = *model_->NewCache(capacity);
+      auto union_full = *model_->NewCache(capacity);
+      ASSERT_TRUE(model_->Forward(prompt_, full.get(), {}).ok());
+      ASSERT_TRUE(model_->Forward(prompt_, union_full.get(), {}).ok());
+      float worst = 0, worst_union = 0;
+      int64_t rows_split_in_group = 0;  // kept rows visible to some, not all, heads of a group
+      for (int step = 0; step < kSteps; ++step) {
+        EXPECT_EQ((*batch)->NextPositions()[0], n + step);
+        EXPECT_EQ(layout.NumRows(), decode_eviction ? rows_at_commit : rows_at_commit + int64_t{step} * c.num_layers * c.num_kv_heads)
+            << "step " << step;
+        // What each query head sees in the paged cache before this step; the new token's
+        // own row is visible to every head in both.
+        engine::ForwardOptions per_query_head, per_kv_head;
+        per_query_head.query_head_key_masks.assign(c.num_layers, std::vector<uint8_t>(size_t{1} * c.num_heads * capacity, 0));
+        per_kv_head.key_masks.assign(c.num_layers, std::vector<uint8_t>(size_t{1} * c.num_kv_heads * capacity, 0));
+        for (int32_t l = 0; l < c.num_layers; ++l) {
+          for (int32_t h = 0; h < c.num_kv_heads; ++h) {
+            const HeadPages& head = layout.at(l, h);
+            auto rows = pool_->ReadRows(layout, l, h);  // the query-mask bytes in backend memory
+            ASSERT_TRUE(rows.ok()) << rows.status();
+            ASSERT_EQ(rows->query_mask.size(), head.positions.size());
+            EXPECT_EQ(rows->query_mask, head.query_mask) << "pool and layout masks differ, layer " << l << " head " << h;
+            for (size_t r = 0; r < head.positions.size(); ++r) {
+              const int32_t p = head.positions[r];
+              const uint8_t bits = rows->query_mask[r] & all_heads;
+              ASSERT_NE(bits, 0) << "a kept row no query head sees";
+              if (bits != all_heads) ++rows_split_in_group;
+              for (int32_t g = 0; g < group; ++g) {
+                per_query_head.query_head_key_masks[l][size_t{1} * (h * group + g) * capacity + p] = (bits >> g) & 1;
+              }
+              per_kv_head.key_masks[l][size_t{1} * h * capacity + p] = 1;
+            }
+          }
+        }
+        const int32_t token = continuation[step];
+        auto paged = model_->DecodeStep({&token, 1}, batch->get());
+        ASSERT_TRUE(paged.ok()) << paged.status();
+        auto expected = model_->Forward({&token, 1}, full.get(), per_query_head);
+        ASSERT_TRUE(expected.ok()) << expected.status();
+        auto ignoring_bits = model_->Forward({&token, 1}, union_full.get(), per_kv_head);
+        ASSERT_TRUE(ignoring_bits.ok()) << ignoring_bits.status();
+        float step_worst = 0;
+        for (size_t i = 0; i < paged->size(); ++i) {
+          step_worst = std::max(step_worst, std::fabs((*expected)[i] - (*paged)[i]));
+          worst_union = std::max(worst_union, std::fabs((*ignoring_bits)[i] - (*paged)[i]));
+        }
+        EXPECT_LE(step_worst, kMaskedLogitAtol) << "step " << step;
+        worst = std::max(worst, step_worst);
+      }
+      EXPECT_GT(rows_split_in_group, 0) << "no row is visible to only part of a group: the per-query-head masks are untested";
+      EXPECT_GT(worst_union, kMaskedLogitAtol) << "ignoring the query-head bits would pass too: the test proves nothing";
+      std::cout << "[ sage_kv  ] keep_ratio " << ratio << " decode_eviction " << decode_eviction
+                << ": max |paged - per-query-head masked| " << worst << ", max |paged - per-kv-head union| "
+                << worst_union << " over " << kSteps << " steps\n";
     }
   }
 }

@@ -42,6 +42,9 @@ class RouterService final : public v1::Inference::CallbackService {
                                                                Metrics* metrics);
   ~RouterService() override;  // Shutdown()
 
+  // Where the KV manager is, when only known after this server bound its port (a `serve`
+  // whose roles talk over tcp). Call before StartHealth.
+  void SetManagerAddress(std::string address) { options_.manager_address = std::move(address); }
   // Starts probing the KV manager; `set_serving` gets the router's health on changes.
   void StartHealth(std::function<void(bool)> set_serving);
   // Fails new requests with UNAVAILABLE, ends the streams in flight by `deadline`

@@ -111,8 +111,9 @@ class CpuBackend final : public Backend {
         const int32_t first =
             a.sliding_window > 0 ? std::max(0, last - a.sliding_window + 1) : 0;
         const int64_t kv_base = static_cast<int64_t>(h / group) * a.capacity_tokens * a.head_dim;
+        const int32_t mask_row = a.key_mask_per_query_head ? h : h / group;
         const uint8_t* mask = a.key_mask != nullptr
-                                  ? a.key_mask + static_cast<int64_t>(h / group) * a.capacity_tokens
+                                  ? a.key_mask + static_cast<int64_t>(mask_row) * a.capacity_tokens
                                   : nullptr;
         // An evicted row gets score -inf, i.e. weight exactly 0, and is never read.
         const auto visible = [&](int32_t r) { return mask == nullptr || r == last || mask[r] != 0; };

@@ -170,10 +170,11 @@ TEST_F(CpuBackendTest, StoreKvThenAttentionSeesOnlyVisibleRows) {
 struct MaskedAttentionCase {
   int num_tokens, q_heads, kv_heads, head_dim, q_start_row, window, keep_percent;
   uint32_t seed;
+  bool per_query_head = false;  // key_mask rows per query head (key_mask_per_query_head)
   std::string Name() const {
     return absl::StrCat("tokens=", num_tokens, " q_heads=", q_heads, " kv_heads=", kv_heads,
                         " head_dim=", head_dim, " q_start=", q_start_row, " window=", window,
-                        " keep=", keep_percent, "% seed=", seed);
+                        " keep=", keep_percent, "% seed=", seed, " per_q_head=", per_query_head);
   }
 };
 
@@ -186,10 +187,11 @@ std::vector<float> BruteForceMaskedAttention(const AttentionArgs& a) {
     const int self = a.q_start_row + t;
     for (int h = 0; h < a.num_q_heads; ++h) {
       const int kv = h / group;
+      const int mask_row = a.key_mask_per_query_head ? h : kv;
       std::vector<int> seen;
       for (int r = 0; r <= self; ++r) {
         const bool in_window = a.sliding_window == 0 || self - r < a.sliding_window;
-        const bool kept = a.key_mask[static_cast<size_t>(kv) * a.capacity_tokens + r] != 0;
+        const bool kept = a.key_mask[static_cast<size_t>(mask_row) * a.capacity_tokens + r] != 0;
         if (in_window && (kept || r == self)) seen.push_back(r);
       }
       const float* q = a.q + (static_cast<size_t>(t) * a.num_q_heads + h) * a.head_dim;
@@ -224,6 +226,13 @@ TEST_F(CpuBackendTest, AttentionKeyMaskMatchesBruteForce) {
       {5, 14, 2, 16, 40, 7, 50, 24},  // GQA 7 with a sliding window
       {3, 8, 2, 128, 50, 16, 0, 25},  // everything evicted: each query sees only its own row
       {129, 4, 1, 16, 0, 32, 70, 26}, // window prefill, one kv head
+      // One mask row per query head: the heads of a group see different rows.
+      {1, 8, 2, 64, 96, 0, 50, 27, true},    // SAGE-KV decode, GQA 4
+      {1, 14, 2, 32, 129, 0, 30, 28, true},  // decode, GQA 7
+      {5, 14, 2, 16, 40, 7, 50, 29, true},   // GQA 7 with a sliding window
+      {54, 8, 2, 16, 43, 0, 40, 30, true},   // chunked prefill
+      {97, 4, 4, 16, 0, 0, 60, 31, true},    // MHA: per query head = per kv head
+      {3, 8, 2, 128, 50, 16, 0, 32, true},   // everything evicted
   };
   for (const MaskedAttentionCase& c : cases) {
     std::mt19937 rng(c.seed);
@@ -233,17 +242,20 @@ TEST_F(CpuBackendTest, AttentionKeyMaskMatchesBruteForce) {
     auto q = RandomVector(c.num_tokens * c.q_heads * c.head_dim, c.seed + 1);
     auto k = RandomVector(c.kv_heads * capacity * row_floats, c.seed + 2);
     auto v = RandomVector(c.kv_heads * capacity * row_floats, c.seed + 3);
-    std::vector<uint8_t> mask(c.kv_heads * capacity);
+    const int mask_rows = c.per_query_head ? c.q_heads : c.kv_heads;
+    const int rows_per_kv_head = mask_rows / c.kv_heads;
+    std::vector<uint8_t> mask(mask_rows * capacity);
     std::uniform_int_distribution<int> percent(0, 99);
+    for (uint8_t& m : mask) m = percent(rng) < c.keep_percent ? 1 : 0;
     const float nan = std::numeric_limits<float>::quiet_NaN();
     for (int h = 0; h < c.kv_heads; ++h) {
       for (int r = 0; r < capacity; ++r) {
-        uint8_t& m = mask[h * capacity + r];
-        m = percent(rng) < c.keep_percent ? 1 : 0;
+        bool kept = false;  // by the mask row of some query head of the group
+        for (int j = 0; j < rows_per_kv_head; ++j) kept |= mask[(h * rows_per_kv_head + j) * capacity + r] != 0;
         // NaN wherever no query may look: evicted rows of earlier chunks, rows before the
         // first window, rows after the last query. An evicted row of this chunk stays
         // finite: its own query sees it.
-        const bool unseen = (m == 0 && r < c.q_start_row) || r < first_seen ||
+        const bool unseen = (!kept && r < c.q_start_row) || r < first_seen ||
                             r >= c.q_start_row + c.num_tokens;
         if (unseen) {
           std::fill_n(k.begin() + (h * capacity + r) * row_floats, row_floats, nan);
@@ -255,7 +267,8 @@ TEST_F(CpuBackendTest, AttentionKeyMaskMatchesBruteForce) {
     auto ref = Guarded(n), out = Guarded(n);
     AttentionArgs args{q.data(), k.data(), v.data(), ref.data(), c.num_tokens, c.q_heads,
                        c.kv_heads, c.head_dim, capacity, c.q_start_row, c.window,
-                       1.0f / std::sqrt(static_cast<float>(c.head_dim)), mask.data()};
+                       1.0f / std::sqrt(static_cast<float>(c.head_dim)), mask.data(),
+                       c.per_query_head};
     std::vector<float> brute = BruteForceMaskedAttention(args);
     brute.resize(n + kGuard, kCanary);
     AttentionRef(args);
@@ -292,6 +305,49 @@ TEST_F(CpuBackendTest, AttentionAllOnesKeyMaskIsBitExactNoMask) {
     args.out = masked.data();
     ASSERT_TRUE(backend_->Attention(args).ok());
     ExpectBitEqual(plain, masked, n + kGuard, "cpu " + c.Name());
+  }
+}
+
+// A per-query-head mask whose rows repeat the kv head's row for every query head of the
+// group is the per-kv-head mask: bit-identical outputs, in the reference and the backend.
+TEST_F(CpuBackendTest, AttentionPerQueryHeadMaskOfGroupRowsIsBitExactKvMask) {
+  const MaskedAttentionCase cases[] = {{1, 8, 2, 64, 96, 0, 50, 41},
+                                       {54, 14, 2, 16, 43, 0, 40, 42},
+                                       {5, 4, 4, 32, 40, 7, 50, 43}};
+  for (const MaskedAttentionCase& c : cases) {
+    std::mt19937 rng(c.seed);
+    const int capacity = c.q_start_row + c.num_tokens + 3;
+    const int group = c.q_heads / c.kv_heads;
+    auto q = RandomVector(c.num_tokens * c.q_heads * c.head_dim, c.seed + 1);
+    auto k = RandomVector(c.kv_heads * capacity * c.head_dim, c.seed + 2);
+    auto v = RandomVector(c.kv_heads * capacity * c.head_dim, c.seed + 3);
+    std::vector<uint8_t> kv_mask(c.kv_heads * capacity);
+    std::uniform_int_distribution<int> percent(0, 99);
+    for (uint8_t& m : kv_mask) m = percent(rng) < c.keep_percent ? 1 : 0;
+    std::vector<uint8_t> q_mask(c.q_heads * capacity);
+    for (int h = 0; h < c.q_heads; ++h) {
+      std::copy_n(kv_mask.begin() + (h / group) * capacity, capacity, q_mask.begin() + h * capacity);
+    }
+    const size_t n = q.size();
+    for (bool use_backend : {false, true}) {
+      auto by_kv = Guarded(n), by_q = Guarded(n);
+      AttentionArgs args{q.data(), k.data(), v.data(), by_kv.data(), c.num_tokens, c.q_heads,
+                         c.kv_heads, c.head_dim, capacity, c.q_start_row, c.window,
+                         1.0f / std::sqrt(static_cast<float>(c.head_dim)), kv_mask.data()};
+      const auto run = [&] {
+        if (use_backend) {
+          ASSERT_TRUE(backend_->Attention(args).ok());
+        } else {
+          AttentionRef(args);
+        }
+      };
+      run();
+      args.out = by_q.data();
+      args.key_mask = q_mask.data();
+      args.key_mask_per_query_head = true;
+      run();
+      ExpectBitEqual(by_kv, by_q, n + kGuard, (use_backend ? "cpu " : "ref ") + c.Name());
+    }
   }
 }
 
@@ -480,6 +536,70 @@ TEST_F(CpuBackendTest, HeadPagedDecodeOfKeptRowsEqualsKeyMaskedAttention) {
     const std::string what = absl::StrCat("length=", length);
     ExpectAllClose(masked, paged_ref, n, "paged ref vs key-masked ref " + what);
     ExpectAllClose(masked, paged_cpu, n, "paged cpu vs key-masked ref " + what);
+  }
+}
+
+// SAGE-KV's cache in contiguous form: per kv head a random subset of rows [0, L - 1) is
+// kept, plus the new token L - 1, and every kept row carries random query-head bits (the
+// new token all of them). Paged decode with query_masks equals AttentionRef over the full
+// contiguous cache with a per-query-head key_mask (key_mask_per_query_head) that clears,
+// for query head g, every row that is not kept or whose bit g is clear.
+TEST_F(CpuBackendTest, HeadPagedDecodeWithQueryMasksEqualsPerQueryHeadMaskedAttention) {
+  const int kv_heads = 2, head_dim = 32, page_tokens = 16;
+  for (int q_heads : {8, 14}) {
+    const int group = q_heads / kv_heads;
+    const float scale = 1.0f / std::sqrt(static_cast<float>(head_dim));
+    for (int length : {1, 3, 97, 129}) {
+      std::mt19937 rng(90 + length + q_heads);
+      std::vector<std::vector<int32_t>> kept(kv_heads);
+      std::vector<int32_t> kept_lengths;
+      std::bernoulli_distribution keep(0.6);
+      for (int h = 0; h < kv_heads; ++h) {
+        for (int r = 0; r < length - 1; ++r) {
+          if (keep(rng)) kept[h].push_back(r);
+        }
+        kept[h].push_back(length - 1);
+        kept_lengths.push_back(static_cast<int32_t>(kept[h].size()));
+      }
+      paged_testing::HeadPagedLayout layout =
+          paged_testing::MakeHeadPagedLayout(rng, kept_lengths, page_tokens, head_dim, group, true, 2);
+      const int capacity = length + 1;
+      std::vector<float> k(kv_heads * capacity * head_dim, std::numeric_limits<float>::quiet_NaN());
+      std::vector<float> v = k;
+      std::vector<uint8_t> key_mask(q_heads * capacity, 0);
+      bool heads_differ = false;
+      for (int h = 0; h < kv_heads; ++h) {
+        for (size_t j = 0; j < kept[h].size(); ++j) {
+          const int r = kept[h][j];
+          const uint8_t bits = layout.query_masks[layout.PoolRow(h, static_cast<int32_t>(j))];
+          for (int g = 0; g < group; ++g) key_mask[(h * group + g) * capacity + r] = (bits >> g) & 1;
+          heads_differ |= bits != 0 && bits != (1u << group) - 1;
+          std::copy_n(layout.K(h, static_cast<int32_t>(j)), head_dim, k.begin() + (h * capacity + r) * head_dim);
+          std::copy_n(layout.V(h, static_cast<int32_t>(j)), head_dim, v.begin() + (h * capacity + r) * head_dim);
+        }
+      }
+      if (length > 3) {
+        ASSERT_TRUE(heads_differ) << "the query heads of a group should see different rows";
+      }
+      auto q = RandomVector(q_heads * head_dim, 91);
+      const size_t n = q.size();
+      auto masked = Guarded(n), paged_ref = Guarded(n), paged_cpu = Guarded(n);
+      AttentionArgs attention{q.data(), k.data(), v.data(), masked.data(), 1, q_heads, kv_heads, head_dim,
+                              capacity, length - 1, 0, scale, key_mask.data(), true};
+      AttentionRef(attention);
+      HeadPagedDecodeAttentionArgs args{q.data(), layout.HostView(), paged_ref.data(), 1, q_heads,
+                                        kv_heads, scale};
+      HeadPagedDecodeAttentionRef(args);
+      args.out = paged_cpu.data();
+      ASSERT_TRUE(backend_->HeadPagedDecodeAttention(args).ok());
+      const std::string what = absl::StrCat("q_heads=", q_heads, " length=", length);
+      ExpectAllClose(masked, paged_ref, n, "paged ref vs per-query-head masked ref " + what);
+      ExpectAllClose(masked, paged_cpu, n, "paged cpu vs per-query-head masked ref " + what);
+      auto masked_cpu = Guarded(n);
+      attention.out = masked_cpu.data();
+      ASSERT_TRUE(backend_->Attention(attention).ok());
+      ExpectAllClose(masked, masked_cpu, n, "cpu vs ref, per-query-head mask " + what);
+    }
   }
 }
 

@@ -77,9 +77,11 @@ void AttentionRef(const AttentionArgs& a) {
       const float* q = a.q + (static_cast<int64_t>(t) * a.num_q_heads + h) * a.head_dim;
       const float* k_head = a.k_cache + static_cast<int64_t>(kv) * a.capacity_tokens * a.head_dim;
       const float* v_head = a.v_cache + static_cast<int64_t>(kv) * a.capacity_tokens * a.head_dim;
-      // Row r is visible unless key_mask evicts it; a query always sees its own row.
+      // Row r is visible unless key_mask evicts it; a query always sees its own row. The
+      // mask row is the query head's own, or its kv head's.
+      const int32_t mask_row = a.key_mask_per_query_head ? h : kv;
       const uint8_t* mask =
-          a.key_mask != nullptr ? a.key_mask + static_cast<int64_t>(kv) * a.capacity_tokens : nullptr;
+          a.key_mask != nullptr ? a.key_mask + static_cast<int64_t>(mask_row) * a.capacity_tokens : nullptr;
       const auto visible = [&](int32_t r) { return mask == nullptr || r == last || mask[r] != 0; };
       scores.assign(last - first + 1, 0.0);
       double max_score = -INFINITY;

@@ -21,8 +21,9 @@ __host__ __device__ inline VisibleRows Visible(const AttentionArgs& args, int32_
   return {lo, hi};
 }
 
-// Row j of one kv head of the contiguous cache; key_mask (that head's [capacity_tokens]
-// bytes, or null) hides evicted rows from every query but the one at the same row.
+// Row j of one kv head of the contiguous cache; key_mask (the [capacity_tokens] bytes of
+// that kv head, or of the query head with key_mask_per_query_head, or null) hides evicted
+// rows from every query but the one at the same row.
 struct CacheRows {
   const uint8_t* key_mask;
   int32_t self_row;
@@ -55,9 +56,10 @@ static __global__ void AttentionKernel(AttentionArgs args, int32_t rows_per_spli
 
   const int64_t token_head = static_cast<int64_t>(t) * args.num_q_heads + q_head;
   const int64_t head_offset = static_cast<int64_t>(kv_head) * args.capacity_tokens * head_dim;
+  const int32_t mask_row = args.key_mask_per_query_head ? q_head : kv_head;
   const CacheRows rows{
       args.key_mask != nullptr
-          ? args.key_mask + static_cast<int64_t>(kv_head) * args.capacity_tokens
+          ? args.key_mask + static_cast<int64_t>(mask_row) * args.capacity_tokens
           : nullptr,
       visible.hi, head_dim};
   float* partial =

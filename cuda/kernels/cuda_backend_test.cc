@@ -622,10 +622,13 @@ struct MaskedAttentionCase {
   int32_t num_tokens, num_q_heads, num_kv_heads, head_dim, q_start_row, sliding_window;
   int32_t keep_percent;  // chance that a row survives eviction
   uint32_t seed;
+  // One mask row per query head (key_mask_per_query_head): the heads of a group see
+  // different rows of their shared K/V.
+  bool per_query_head = false;
   std::string Name() const {
     return absl::StrCat(label, "_tokens", num_tokens, "_q", num_q_heads, "_kv", num_kv_heads,
                         "_hd", head_dim, "_start", q_start_row, "_win", sliding_window, "_keep",
-                        keep_percent, "_seed", seed);
+                        keep_percent, "_seed", seed, per_query_head ? "_perq" : "");
   }
 };
 void PrintTo(const MaskedAttentionCase& c, std::ostream* os) { *os << c.Name(); }
@@ -634,8 +637,9 @@ using MaskedAttentionTest = CudaOpTest<MaskedAttentionCase>;
 
 // Evicted rows of earlier chunks hold NaN (no query may read them), as do rows outside
 // every query's window; an evicted row of the current chunk stays finite, since the
-// query at that row still sees it. With keep 100% the mask is all ones, which must give
-// bit-for-bit the output of no mask.
+// query at that row still sees it. With per-query-head masks a row is evicted when no
+// query head of its group keeps it. With keep 100% the mask is all ones, which must
+// give bit-for-bit the output of no mask.
 TEST_P(MaskedAttentionTest, MatchesReference) {
   const MaskedAttentionCase c = GetParam();
   SCOPED_TRACE(c.Name());
@@ -648,13 +652,18 @@ TEST_P(MaskedAttentionTest, MatchesReference) {
   auto k_cache = RandomFloats(rng, static_cast<size_t>(c.num_kv_heads) * capacity * c.head_dim,
                               -1.0f, 1.0f);
   auto v_cache = RandomFloats(rng, k_cache.size(), -1.0f, 1.0f);
-  std::vector<uint8_t> key_mask(static_cast<size_t>(c.num_kv_heads) * capacity);
+  const int32_t mask_rows = c.per_query_head ? c.num_q_heads : c.num_kv_heads;
+  const int32_t rows_per_kv_head = mask_rows / c.num_kv_heads;
+  std::vector<uint8_t> key_mask(static_cast<size_t>(mask_rows) * capacity);
   std::uniform_int_distribution<int> percent(0, 99);
+  for (uint8_t& m : key_mask) m = percent(rng) < c.keep_percent ? 1 : 0;
   for (int32_t h = 0; h < c.num_kv_heads; ++h) {
     for (int32_t r = 0; r < capacity; ++r) {
-      uint8_t& m = key_mask[static_cast<size_t>(h) * capacity + r];
-      m = percent(rng) < c.keep_percent ? 1 : 0;
-      if ((m == 0 && r < c.q_start_row) || r < first_seen || r >= c.q_start_row + c.num_tokens) {
+      bool kept = false;  // by the mask row of some query head of the group
+      for (int32_t j = 0; j < rows_per_kv_head; ++j) {
+        kept |= key_mask[static_cast<size_t>(h * rows_per_kv_head + j) * capacity + r] != 0;
+      }
+      if ((!kept && r < c.q_start_row) || r < first_seen || r >= c.q_start_row + c.num_tokens) {
         const size_t offset = (static_cast<size_t>(h) * capacity + r) * c.head_dim;
         std::fill_n(k_cache.begin() + offset, c.head_dim, std::numeric_limits<float>::quiet_NaN());
         std::fill_n(v_cache.begin() + offset, c.head_dim, std::numeric_limits<float>::quiet_NaN());
@@ -665,7 +674,7 @@ TEST_P(MaskedAttentionTest, MatchesReference) {
   std::vector<float> ref(q.size());
   AttentionRef({q.data(), k_cache.data(), v_cache.data(), ref.data(), c.num_tokens, c.num_q_heads,
                 c.num_kv_heads, c.head_dim, capacity, c.q_start_row, c.sliding_window, scale,
-                key_mask.data()});
+                key_mask.data(), c.per_query_head});
 
   KVGATE_ASSERT_OK_AND_ASSIGN(DeviceBuffer d_q, Upload(backend(), q));
   KVGATE_ASSERT_OK_AND_ASSIGN(DeviceBuffer d_k, Upload(backend(), k_cache));
@@ -675,7 +684,8 @@ TEST_P(MaskedAttentionTest, MatchesReference) {
                               GuardedBuffer::Create(backend(), std::vector<float>(q.size(), 0.0f)));
   AttentionArgs args{d_q.as<float>(), d_k.as<float>(), d_v.as<float>(), d_out.data(),
                      c.num_tokens, c.num_q_heads, c.num_kv_heads, c.head_dim, capacity,
-                     c.q_start_row, c.sliding_window, scale, d_mask.as<uint8_t>()};
+                     c.q_start_row, c.sliding_window, scale, d_mask.as<uint8_t>(),
+                     c.per_query_head};
   KVGATE_ASSERT_OK(backend().Attention(args));
   KVGATE_ASSERT_OK(backend().Synchronize());
   std::vector<float> out;
@@ -709,7 +719,16 @@ INSTANTIATE_TEST_SUITE_P(
         MaskedAttentionCase{"chunked_hd3", 54, 2, 2, 3, 43, 0, 70, 210},
         MaskedAttentionCase{"chunked_split", 3, 2, 1, 128, 1000, 0, 50, 211},
         MaskedAttentionCase{"ones_decode_split", 1, 4, 2, 64, 1500, 0, 100, 212},
-        MaskedAttentionCase{"ones_prefill", 97, 8, 2, 64, 0, 40, 100, 213}),
+        MaskedAttentionCase{"ones_prefill", 97, 8, 2, 64, 0, 40, 100, 213},
+        // One mask row per query head (SAGE-KV): decode with and without row splits.
+        MaskedAttentionCase{"decode_gqa", 1, 8, 2, 64, 128, 0, 50, 214, true},
+        MaskedAttentionCase{"decode_split", 1, 14, 2, 128, 3000, 0, 30, 215, true},
+        MaskedAttentionCase{"decode_split_window", 1, 8, 2, 64, 2000, 700, 40, 216, true},
+        MaskedAttentionCase{"decode_all_evicted", 1, 4, 1, 128, 600, 0, 0, 217, true},
+        MaskedAttentionCase{"prefill_gqa7", 129, 14, 2, 64, 0, 0, 60, 218, true},
+        MaskedAttentionCase{"chunked_gqa", 54, 8, 2, 128, 97, 0, 50, 219, true},
+        MaskedAttentionCase{"chunked_mha", 54, 4, 4, 16, 43, 0, 70, 220, true},
+        MaskedAttentionCase{"ones_decode_split", 1, 4, 2, 64, 1500, 0, 100, 221, true}),
     CaseName<MaskedAttentionCase>);
 
 // ------------------------------------------------------------------------- CopyRows
@@ -1022,6 +1041,78 @@ TEST(HeadPagedDecodeEquivalenceTest, KeptRowsEqualKeyMaskedAttention) {
     ExpectAllClose(ref, masked, kAtolF32, kRtolF32, "_masked_vs_ref");
     ExpectAllClose(ref, paged, kAtolF32, kRtolF32, "_paged_vs_ref");
     ExpectAllClose(masked, paged, kAtolF32, kRtolF32, "_paged_vs_masked");
+  }
+}
+
+// SAGE-KV's cache: as above, and every kept row also carries random query-head bits (the
+// new token all of them). Paged decode with query_masks must equal Attention with a
+// per-query-head key_mask (key_mask_per_query_head) clearing, for query head g, every
+// row that is not kept or whose bit g is clear, on the GPU and in AttentionRef.
+TEST(HeadPagedDecodeEquivalenceTest, QueryMaskedRowsEqualPerQueryHeadMaskedAttention) {
+  if (CudaDeviceCount() == 0) GTEST_SKIP() << "no CUDA device visible";
+  KVGATE_ASSERT_OK_AND_ASSIGN(std::unique_ptr<Backend> backend, CreateCudaBackend(0));
+  const int32_t kv_heads = 2, head_dim = 64, page_tokens = 16;
+  const float scale = 1.0f / std::sqrt(static_cast<float>(head_dim));
+  for (int32_t q_heads : {8, 14}) {
+    const int32_t group = q_heads / kv_heads;
+    for (int32_t length : {1, 3, 129, 2000}) {
+      SCOPED_TRACE(absl::StrCat("q_heads ", q_heads, " length ", length));
+      std::mt19937 rng(280 + length + q_heads);
+      std::vector<std::vector<int32_t>> kept(kv_heads);
+      std::vector<int32_t> kept_lengths;
+      std::bernoulli_distribution keep(0.6);
+      for (int32_t h = 0; h < kv_heads; ++h) {
+        for (int32_t r = 0; r < length - 1; ++r) {
+          if (keep(rng)) kept[h].push_back(r);
+        }
+        kept[h].push_back(length - 1);
+        kept_lengths.push_back(static_cast<int32_t>(kept[h].size()));
+      }
+      paged_testing::HeadPagedLayout layout =
+          paged_testing::MakeHeadPagedLayout(rng, kept_lengths, page_tokens, head_dim, group, true, 2);
+      const int32_t capacity = length + 1;
+      std::vector<float> k(static_cast<size_t>(kv_heads) * capacity * head_dim,
+                           std::numeric_limits<float>::quiet_NaN());
+      std::vector<float> v = k;
+      std::vector<uint8_t> key_mask(static_cast<size_t>(q_heads) * capacity, 0);
+      for (int32_t h = 0; h < kv_heads; ++h) {
+        for (size_t j = 0; j < kept[h].size(); ++j) {
+          const int32_t r = kept[h][j];
+          const uint8_t bits = layout.query_masks[layout.PoolRow(h, static_cast<int32_t>(j))];
+          for (int32_t g = 0; g < group; ++g) {
+            key_mask[static_cast<size_t>(h * group + g) * capacity + r] = (bits >> g) & 1;
+          }
+          const size_t row = static_cast<size_t>(h) * capacity + r;
+          std::copy_n(layout.K(h, static_cast<int32_t>(j)), head_dim, k.begin() + row * head_dim);
+          std::copy_n(layout.V(h, static_cast<int32_t>(j)), head_dim, v.begin() + row * head_dim);
+        }
+      }
+      const auto q = RandomFloats(rng, static_cast<size_t>(q_heads) * head_dim, -1.0f, 1.0f);
+      std::vector<float> ref(q.size());
+      AttentionRef({q.data(), k.data(), v.data(), ref.data(), 1, q_heads, kv_heads, head_dim,
+                    capacity, length - 1, 0, scale, key_mask.data(), true});
+
+      KVGATE_ASSERT_OK_AND_ASSIGN(DeviceBuffer d_q, Upload(*backend, q));
+      KVGATE_ASSERT_OK_AND_ASSIGN(DeviceBuffer d_k, Upload(*backend, k));
+      KVGATE_ASSERT_OK_AND_ASSIGN(DeviceBuffer d_v, Upload(*backend, v));
+      KVGATE_ASSERT_OK_AND_ASSIGN(DeviceBuffer d_mask, Upload(*backend, key_mask));
+      KVGATE_ASSERT_OK_AND_ASSIGN(DeviceLayout d_layout, UploadLayout(*backend, layout));
+      KVGATE_ASSERT_OK_AND_ASSIGN(GuardedBuffer d_masked,
+                                  GuardedBuffer::Create(*backend, std::vector<float>(q.size(), 0.0f)));
+      KVGATE_ASSERT_OK_AND_ASSIGN(GuardedBuffer d_paged,
+                                  GuardedBuffer::Create(*backend, std::vector<float>(q.size(), 0.0f)));
+      KVGATE_ASSERT_OK(backend->Attention({d_q.as<float>(), d_k.as<float>(), d_v.as<float>(),
+                                           d_masked.data(), 1, q_heads, kv_heads, head_dim, capacity,
+                                           length - 1, 0, scale, d_mask.as<uint8_t>(), true}));
+      KVGATE_ASSERT_OK(backend->HeadPagedDecodeAttention(
+          {d_q.as<float>(), d_layout.View(), d_paged.data(), 1, q_heads, kv_heads, scale}));
+      std::vector<float> masked, paged;
+      ASSERT_TRUE(d_masked.Download(*backend, &masked));
+      ASSERT_TRUE(d_paged.Download(*backend, &paged));
+      ExpectAllClose(ref, masked, kAtolF32, kRtolF32, "_masked_vs_ref");
+      ExpectAllClose(ref, paged, kAtolF32, kRtolF32, "_paged_vs_ref");
+      ExpectAllClose(masked, paged, kAtolF32, kRtolF32, "_paged_vs_masked");
+    }
   }
 }
 

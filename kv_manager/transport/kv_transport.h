@@ -10,6 +10,7 @@
 
 #include <condition_variable>
 #include <cstdint>
+#include <deque>
 #include <map>
 #include <memory>
 #include <mutex>
@@ -31,14 +32,18 @@ class KvInbox {
   explicit KvInbox(int64_t max_pending_bytes) : max_pending_bytes_(max_pending_bytes) {}
 
   // Takes a complete, validated handoff. ALREADY_EXISTS for a transfer id delivered
-  // before; CANCELLED for a transfer id that was cancelled (its data is dropped);
-  // RESOURCE_EXHAUSTED when it would exceed max_pending_bytes.
+  // before (held, or already taken by Await: ids are remembered for the most recent
+  // kRememberedIds, so a retried send cannot park data no one will take); CANCELLED for a
+  // transfer id that was cancelled (its data is dropped); RESOURCE_EXHAUSTED when it
+  // would exceed max_pending_bytes; INVALID_ARGUMENT for an empty transfer id. On error
+  // the handoff is dropped and any reservation of the id stays (the caller unreserves).
   absl::Status Deliver(KvHandoff handoff);
   // Reserves room for a transfer of `bytes` before its data streams in (tcp), so that a
   // receiver never buffers more than the cap; Deliver of that id then uses the
-  // reservation. RESOURCE_EXHAUSTED when there is no room; CANCELLED as above.
+  // reservation. RESOURCE_EXHAUSTED when there is no room; CANCELLED as above;
+  // ALREADY_EXISTS when the id is already reserved, held or taken (a duplicate stream).
   absl::Status Reserve(const std::string& transfer_id, int64_t bytes);
-  // Gives back a reservation whose data never completed.
+  // Gives back a reservation whose data never completed; a no-op when none is held.
   void Unreserve(const std::string& transfer_id);
   // Waits for the transfer and removes it from the inbox. DEADLINE_EXCEEDED at
   // `deadline`; CANCELLED when Cancel was called for it (before or while waiting).
@@ -57,7 +62,17 @@ class KvInbox {
   std::condition_variable changed_;
   std::map<std::string, KvHandoff> delivered_;
   std::map<std::string, int64_t> reserved_;
-  std::set<std::string> cancelled_;  // bounded: oldest forgotten past a few thousand
+  // Transfer ids that must not be taken again, remembered for the most recent
+  // kRememberedIds each: the oldest are forgotten.
+  struct RecentIds {
+    std::set<std::string> ids;
+    std::deque<std::string> order;
+    bool contains(const std::string& id) const { return ids.count(id) > 0; }
+    void Add(const std::string& id);
+  };
+  static constexpr size_t kRememberedIds = 4096;
+  RecentIds cancelled_;  // Cancel was called
+  RecentIds taken_;      // delivered and awaited: a later delivery is a duplicate
   std::map<std::string, int> waiters_;
   int64_t bytes_ = 0;
 };

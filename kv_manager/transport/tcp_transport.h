@@ -21,15 +21,28 @@ class Service;
 namespace kvgate::kv {
 
 inline constexpr int64_t kDefaultTransferChunkBytes = int64_t{1} << 20;
+// Initial-metadata key the receiver sends once it has reserved a transfer's payload: the
+// sender waits for it after the header, so a refused transfer (RESOURCE_EXHAUSTED) sends
+// no data.
+inline constexpr char kTransferReservedKey[] = "kvgate-transfer-reserved";
 
 // Opens a channel to host:port (with the caller's credentials: plaintext or TLS).
 using ChannelFactory = std::function<std::shared_ptr<grpc::Channel>(const std::string& address)>;
 
-// Channels are cached per address.
+// Channels are cached per address. chunk_bytes <= 0 means the default; keep it well under
+// the receiver's max receive message size (gRPC's default is 4 MiB).
 std::unique_ptr<KvSender> MakeTcpSender(ChannelFactory channels, int64_t chunk_bytes = kDefaultTransferChunkBytes);
 
 // The kvgate.v1.KvTransfer service delivering into `inbox` (not owned; must outlive the
-// service). Register it on the decode worker's server.
+// service). Register it on the decode worker's server. The header travels as one
+// message, so the server's max receive message size must fit it: lengths (4 bytes a
+// head), the sampler state and, for attention_gate, the gate's causal state (2 * heads'
+// * d' floats per prompt token per layer; grpc::ServerBuilder::SetMaxReceiveMessageSize).
+// Errors end the stream: a chunk before the header, a duplicate header, a layer or
+// offset out of range or out of order, a malformed header or handoff are
+// INVALID_ARGUMENT; a CRC mismatch or data missing at the trailer is DATA_LOSS; the
+// inbox's RESOURCE_EXHAUSTED / CANCELLED / ALREADY_EXISTS pass through. Any error or a
+// cancelled stream gives the reservation back.
 std::unique_ptr<grpc::Service> MakeKvTransferService(KvInbox* inbox);
 
 }  // namespace kvgate::kv

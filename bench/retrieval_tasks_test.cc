@@ -1,0 +1,330 @@
+#include "bench/retrieval_tasks.h"
+
+#include <fstream>
+#include <regex>
+#include <set>
+
+#include <gtest/gtest.h>
+
+#include "absl/strings/match.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_split.h"
+#include "engine/model_config.h"
+#include "tests/testing/paths.h"
+
+namespace kvgate::bench {
+namespace {
+
+// The TinyStories tokenizer (512-token context) measures every length here.
+class RetrievalTasksTest : public ::testing::Test {
+ protected:
+  static void SetUpTestSuite() {
+    auto tokenizer = engine::Tokenizer::FromFile(testing::TinyStoriesDir() + "/tokenizer.json");
+    ASSERT_TRUE(tokenizer.ok()) << tokenizer.status();
+    tokenizer_ = std::move(*tokenizer).release();
+    auto config = engine::LoadModelConfig(testing::TinyStoriesDir());
+    ASSERT_TRUE(config.ok()) << config.status();
+    bos_ = config->bos_token_id;
+  }
+  static void TearDownTestSuite() {
+    delete tokenizer_;
+    tokenizer_ = nullptr;
+  }
+  static int64_t Length(const std::string& text) { return static_cast<int64_t>(tokenizer_->Encode(text)->size()); }
+
+  static engine::Tokenizer* tokenizer_;
+  static int32_t bos_;
+};
+engine::Tokenizer* RetrievalTasksTest::tokenizer_ = nullptr;
+int32_t RetrievalTasksTest::bos_ = -1;
+
+constexpr char kEssay[] =
+    "  It was a bright cold day in April, and the clocks were striking thirteen.\n"
+    "Winston Smith, his chin nuzzled into his breast, slipped quickly through the glass doors!  "
+    "Was it?\tYes. The hallway smelt of boiled cabbage and old rag mats... At one end of it a coloured "
+    "poster, too large for indoor display, had been tacked to the wall.It depicted simply an enormous face";
+
+TEST(SplitSentencesTest, EndsAfterPunctuationFollowedByWhitespace) {
+  EXPECT_EQ(SplitSentences(kEssay),
+            (std::vector<std::string>{
+                "It was a bright cold day in April, and the clocks were striking thirteen.",
+                "Winston Smith, his chin nuzzled into his breast, slipped quickly through the glass doors!",
+                "Was it?", "Yes.", "The hallway smelt of boiled cabbage and old rag mats...",
+                "At one end of it a coloured poster, too large for indoor display, had been tacked to the "
+                "wall.It depicted simply an enormous face"}));
+  EXPECT_EQ(SplitSentences("a.\n\n\n b? \r\n"), (std::vector<std::string>{"a.", "b?"}));
+  EXPECT_EQ(SplitSentences("Dr.Who said \"hi.\" Then left."),
+            (std::vector<std::string>{"Dr.Who said \"hi.\" Then left."}));
+  EXPECT_TRUE(SplitSentences(" \n\t ").empty());
+  EXPECT_FALSE(Haystack::FromText("   ").ok());
+}
+
+TEST(HaystackTest, GeneratedAndFromPath) {
+  const Haystack generated = Haystack::Generated();
+  EXPECT_TRUE(generated.generated());
+  EXPECT_EQ(generated.sentences(), (std::vector<std::string>{"The grass is green.", "The sky is blue.",
+                                                            "The sun is yellow.", "Here we go.",
+                                                            "There and back again."}));
+  EXPECT_EQ(generated.At(0, 7), "The sun is yellow.");
+  EXPECT_EQ(generated.At(4, 2), "The sky is blue.");
+  const auto dir = testing::MakeTempDir("haystack");
+  std::ofstream(dir / "b.txt") << "Second file.";
+  std::ofstream(dir / "a.txt") << "First file. Two";
+  std::ofstream(dir / "skip.md") << "Not read.";
+  auto folder = Haystack::FromPath(dir.string());
+  ASSERT_TRUE(folder.ok()) << folder.status();
+  EXPECT_FALSE(folder->generated());
+  // Files sorted by name, joined by a newline (so "Two" ends before "Second").
+  EXPECT_EQ(folder->sentences(), (std::vector<std::string>{"First file.", "Two Second file."}));
+  EXPECT_EQ(folder->At(1, 1), "First file.");
+  auto file = Haystack::FromPath((dir / "b.txt").string());
+  ASSERT_TRUE(file.ok());
+  EXPECT_EQ(file->sentences(), (std::vector<std::string>{"Second file."}));
+  EXPECT_EQ(Haystack::FromPath((dir / "missing.txt").string()).status().code(), absl::StatusCode::kNotFound);
+  std::filesystem::remove_all(dir);
+}
+
+TEST(TaskRngTest, SeedsAreStableAndIndependent) {
+  // Pinned (SplitMix64, FNV-1a; recomputed in Python): a change here changes every eval
+  // sample.
+  TaskRng rng(1234);
+  EXPECT_EQ(rng.Next(), 0xbb0cf61b2f181cdbull);
+  EXPECT_EQ(rng.Next(), 0x97c7a1364df06524ull);
+  EXPECT_EQ(TaskRng(1234).Below(63), 46u);
+  EXPECT_EQ(SampleSeed(1234, RetrievalTask::kNiahSingle, 1024, 0), 0x1c57ae4964068ad9ull);
+  TaskRng a(7), b(7);
+  for (int i = 0; i < 100; ++i) {
+    const uint64_t below = a.Below(63);
+    EXPECT_LT(below, 63u);
+    EXPECT_EQ(below, b.Below(63));
+    const double unit = a.Unit();
+    EXPECT_GE(unit, 0.0);
+    EXPECT_LT(unit, 1.0);
+    b.Unit();
+  }
+  EXPECT_EQ(SampleSeed(1234, RetrievalTask::kNiahSingle, 1024, 3), SampleSeed(1234, RetrievalTask::kNiahSingle, 1024, 3));
+  std::set<uint64_t> seeds;
+  for (RetrievalTask task : AllTasks()) {
+    for (int32_t context : {1024, 2048}) {
+      for (int32_t i = 0; i < 4; ++i) seeds.insert(SampleSeed(1234, task, context, i));
+    }
+  }
+  EXPECT_EQ(seeds.size(), AllTasks().size() * 2 * 4);
+  EXPECT_NE(SampleSeed(1234, RetrievalTask::kKvLookup, 1024, 0), SampleSeed(1235, RetrievalTask::kKvLookup, 1024, 0));
+}
+
+TEST(TaskNamesTest, ParseRoundTrips) {
+  for (RetrievalTask task : AllTasks()) EXPECT_EQ(*ParseTask(TaskName(task)), task);
+  EXPECT_EQ(TaskName(RetrievalTask::kVariableTracking), "vt");
+  auto bad = ParseTask("niah");
+  EXPECT_EQ(bad.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_TRUE(absl::StrContains(bad.status().message(), "kv_lookup"));
+  EXPECT_EQ(KeyWords().front(), "apple");
+  EXPECT_EQ(KeyWords().back(), "summit");
+  EXPECT_EQ(std::set<std::string_view>(KeyWords().begin(), KeyWords().end()).size(), KeyWords().size());
+}
+
+// Templates, answer formats and order of appearance, for every task.
+TEST(TaskContentTest, TemplatesAndAnswers) {
+  const std::string key = "[a-z]+-[1-9][0-9][0-9]", value = "[1-9][0-9]{6}";
+  auto full = [](const std::string& s, const std::string& re) { return std::regex_match(s, std::regex(re)); };
+  for (uint64_t seed = 0; seed < 50; ++seed) {
+    TaskRng rng(seed);
+    const TaskContent single = MakeTaskContent(RetrievalTask::kNiahSingle, &rng);
+    ASSERT_EQ(single.inserted.size(), 1u);
+    EXPECT_TRUE(full(single.inserted[0], "The special magic number for " + key + " is " + value + "\\."))
+        << single.inserted[0];
+    std::smatch m;
+    ASSERT_TRUE(std::regex_match(single.inserted[0], m, std::regex("The special magic number for (.*) is (.*)\\.")));
+    EXPECT_EQ(single.question, absl::StrCat("\nQuestion: What is the special magic number for ", m[1].str(), "?\nAnswer:"));
+    EXPECT_EQ(single.answer, " " + m[2].str());
+
+    const TaskContent multikey = MakeTaskContent(RetrievalTask::kNiahMultikey, &rng);
+    ASSERT_EQ(multikey.inserted.size(), 4u);
+    std::set<std::string> keys;
+    bool asked_found = false;
+    for (const std::string& s : multikey.inserted) {
+      ASSERT_TRUE(std::regex_match(s, m, std::regex("The special magic number for (" + key + ") is (" + value + ")\\.")));
+      keys.insert(m[1].str());
+      if (multikey.question == absl::StrCat("\nQuestion: What is the special magic number for ", m[1].str(), "?\nAnswer:")) {
+        EXPECT_EQ(multikey.answer, " " + m[2].str());
+        asked_found = true;
+      }
+    }
+    EXPECT_EQ(keys.size(), 4u);
+    EXPECT_TRUE(asked_found);
+
+    const TaskContent multivalue = MakeTaskContent(RetrievalTask::kNiahMultivalue, &rng);
+    ASSERT_EQ(multivalue.inserted.size(), 4u);
+    std::vector<std::string> values;
+    std::string the_key;
+    for (const std::string& s : multivalue.inserted) {
+      ASSERT_TRUE(std::regex_match(s, m, std::regex("One of the special magic numbers for (" + key + ") is (" + value + ")\\.")));
+      if (the_key.empty()) the_key = m[1].str();
+      EXPECT_EQ(m[1].str(), the_key);
+      values.push_back(m[2].str());
+    }
+    EXPECT_EQ(std::set<std::string>(values.begin(), values.end()).size(), 4u);
+    EXPECT_EQ(multivalue.question,
+              absl::StrCat("\nQuestion: What are all the special magic numbers for ", the_key, "?\nAnswer:"));
+    EXPECT_EQ(multivalue.answer, absl::StrCat(" ", values[0], ", ", values[1], ", ", values[2], ", ", values[3]));
+
+    const TaskContent kv = MakeTaskContent(RetrievalTask::kKvLookup, &rng);
+    ASSERT_EQ(kv.inserted.size(), 24u);
+    keys.clear();
+    std::set<std::string> kv_values;
+    asked_found = false;
+    for (const std::string& s : kv.inserted) {
+      ASSERT_TRUE(std::regex_match(s, m, std::regex("Key (" + key + ") has value (" + value + ")\\.")));
+      keys.insert(m[1].str());
+      kv_values.insert(m[2].str());
+      if (kv.question == absl::StrCat("\nQuestion: What is the value of key ", m[1].str(), "?\nAnswer:")) {
+        EXPECT_EQ(kv.answer, " " + m[2].str());
+        asked_found = true;
+      }
+    }
+    EXPECT_EQ(keys.size(), 24u);
+    EXPECT_EQ(kv_values.size(), 24u);
+    EXPECT_TRUE(asked_found);
+
+    const TaskContent vt = MakeTaskContent(RetrievalTask::kVariableTracking, &rng);
+    ASSERT_EQ(vt.inserted.size(), 4u);
+    ASSERT_TRUE(std::regex_match(vt.inserted[0], m, std::regex("VAR (" + key + ") = (" + value + ")\\.")));
+    std::vector<std::string> names = {m[1].str()};
+    const std::string v = m[2].str();
+    for (int i = 1; i < 4; ++i) {
+      ASSERT_TRUE(std::regex_match(vt.inserted[i], m, std::regex("VAR (" + key + ") = VAR (" + key + ")\\.")));
+      EXPECT_EQ(m[2].str(), names.back());
+      names.push_back(m[1].str());
+    }
+    EXPECT_EQ(std::set<std::string>(names.begin(), names.end()).size(), 4u);
+    EXPECT_EQ(vt.question, absl::StrCat("\nQuestion: Which variables are assigned the value ", v, "?\nAnswer:"));
+    EXPECT_EQ(vt.answer, absl::StrCat(" ", names[0], " ", names[1], " ", names[2], " ", names[3]));
+
+    for (const TaskContent* c : {&single, &multikey, &multivalue, &kv, &vt}) {
+      ASSERT_EQ(c->depths.size(), c->inserted.size());
+      EXPECT_TRUE(std::is_sorted(c->depths.begin(), c->depths.end()));
+      for (double d : c->depths) {
+        EXPECT_GE(d, 0.0);
+        EXPECT_LE(d, 1.0);
+      }
+    }
+  }
+}
+
+TEST(ComposeBodyTest, DepthPlacementBetweenSentences) {
+  const Haystack h = Haystack::Generated();
+  TaskContent c;
+  c.inserted = {"A.", "B.", "C."};
+  c.depths = {0.0, 0.5, 1.0};
+  EXPECT_EQ(ComposeBody(h, 0, 4, c),
+            "A. The grass is green. The sky is blue. B. The sun is yellow. Here we go. C.");
+  // round(0.5 * 5) = 2 (half to even, as Python's round), round(0.7 * 5) = round(3.5) = 4.
+  c.depths = {0.5, 0.7, 0.7};
+  EXPECT_EQ(ComposeBody(h, 0, 5, c),
+            "The grass is green. The sky is blue. A. The sun is yellow. Here we go. B. C. There and back again.");
+  // Wraps around the haystack from the start sentence.
+  c.depths = {1.0, 1.0, 1.0};
+  EXPECT_EQ(ComposeBody(h, 3, 3, c), "Here we go. There and back again. The grass is green. A. B. C.");
+  EXPECT_EQ(ComposeBody(h, 0, 0, c), "A. B. C.");
+  // An exact niah_single depth takes no draw and lands exactly.
+  TaskRng rng(5);
+  const TaskContent at_quarter = MakeTaskContent(RetrievalTask::kNiahSingle, &rng, 0.25);
+  EXPECT_EQ(at_quarter.depths, std::vector<double>{0.25});
+  const std::string body = ComposeBody(h, 0, 8, at_quarter);
+  EXPECT_TRUE(absl::StartsWith(body, "The grass is green. The sky is blue. The special magic number for")) << body;
+}
+
+TEST_F(RetrievalTasksTest, SamplesAreDeterministicAndFitTheirContext) {
+  const Haystack generated = Haystack::Generated();
+  auto essay = Haystack::FromText(std::string(kEssay) + " " + kEssay);
+  ASSERT_TRUE(essay.ok());
+  for (const Haystack* haystack : std::vector<const Haystack*>{&generated, &*essay}) {
+    for (RetrievalTask task : AllTasks()) {
+      // kv_lookup's 24 pairs alone take about 600 TinyStories tokens (digits are single
+      // tokens); the tokenizer itself has no context limit.
+      const std::vector<int32_t> contexts =
+          task == RetrievalTask::kKvLookup ? std::vector<int32_t>{700, 1024} : std::vector<int32_t>{256, 448};
+      for (int32_t context : contexts) {
+        auto a = MakeSample(*haystack, *tokenizer_, bos_, task, context, 1234, 2);
+        ASSERT_TRUE(a.ok()) << TaskName(task) << " " << context << ": " << a.status();
+        auto b = MakeSample(*haystack, *tokenizer_, bos_, task, context, 1234, 2);
+        ASSERT_TRUE(b.ok());
+        EXPECT_EQ(a->prompt, b->prompt);
+        EXPECT_EQ(a->prompt_ids, b->prompt_ids);
+        EXPECT_EQ(a->content.answer, b->content.answer);
+        auto other = MakeSample(*haystack, *tokenizer_, bos_, task, context, 1234, 3);
+        ASSERT_TRUE(other.ok());
+        EXPECT_NE(a->prompt, other->prompt);
+        auto other_seed = MakeSample(*haystack, *tokenizer_, bos_, task, context, 99, 2);
+        ASSERT_TRUE(other_seed.ok());
+        EXPECT_NE(a->prompt, other_seed->prompt);
+
+        // <BOS> + prompt; prompt = body + question; answer after it.
+        EXPECT_EQ(a->prompt_ids.front(), bos_);
+        EXPECT_EQ(a->prompt_ids, *tokenizer_->Encode(a->prompt));
+        EXPECT_TRUE(absl::EndsWith(a->prompt, a->content.question));
+        const std::string body = a->prompt.substr(0, a->prompt.size() - a->content.question.size());
+        EXPECT_EQ(body, ComposeBody(*haystack, a->haystack_start, a->filler_sentences, a->content));
+        for (const std::string& s : a->content.inserted) EXPECT_TRUE(absl::StrContains(body, s));
+        // The haystack grew while it fitted: one more sentence would not.
+        const int32_t limit = context - kContextMarginTokens;
+        EXPECT_EQ(a->total_tokens, Length(a->prompt + a->content.answer));
+        EXPECT_LE(a->total_tokens, limit);
+        const std::string longer = ComposeBody(*haystack, a->haystack_start, a->filler_sentences + 1, a->content);
+        EXPECT_GT(Length(longer + a->content.question + a->content.answer), limit);
+        EXPECT_GT(a->total_tokens, limit - 40) << "a haystack sentence is far shorter than 40 tokens";
+        if (haystack->generated()) {
+          EXPECT_EQ(a->haystack_start, 0);
+        }
+      }
+    }
+  }
+}
+
+TEST_F(RetrievalTasksTest, SampleStreamsAreIndependent) {
+  const Haystack h = Haystack::Generated();
+  // The same (task, context, index) gives the same prompt whatever else is generated.
+  auto alone = MakeSample(h, *tokenizer_, bos_, RetrievalTask::kKvLookup, 1024, 1234, 5);
+  ASSERT_TRUE(alone.ok());
+  ASSERT_TRUE(MakeSample(h, *tokenizer_, bos_, RetrievalTask::kVariableTracking, 256, 1234, 0).ok());
+  auto again = MakeSample(h, *tokenizer_, bos_, RetrievalTask::kKvLookup, 1024, 1234, 5);
+  ASSERT_TRUE(again.ok());
+  EXPECT_EQ(alone->prompt, again->prompt);
+  EXPECT_EQ(alone->seed, SampleSeed(1234, RetrievalTask::kKvLookup, 1024, 5));
+}
+
+TEST_F(RetrievalTasksTest, ExactDepthsKeepTheSampleAndMoveTheNeedle) {
+  const Haystack h = Haystack::Generated();
+  auto first = MakeSample(h, *tokenizer_, bos_, RetrievalTask::kNiahSingle, 448, 1234, 0, 0.0);
+  auto last = MakeSample(h, *tokenizer_, bos_, RetrievalTask::kNiahSingle, 448, 1234, 0, 1.0);
+  ASSERT_TRUE(first.ok() && last.ok());
+  EXPECT_EQ(first->content.inserted, last->content.inserted);
+  EXPECT_TRUE(absl::StartsWith(first->prompt, first->content.inserted[0] + " The grass is green.")) << first->prompt;
+  EXPECT_TRUE(absl::EndsWith(last->prompt, " " + last->content.inserted[0] + last->content.question)) << last->prompt;
+  EXPECT_EQ(MakeSample(h, *tokenizer_, bos_, RetrievalTask::kNiahSingle, 448, 1234, 0, 1.5).status().code(),
+            absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(MakeSample(h, *tokenizer_, bos_, RetrievalTask::kVariableTracking, 448, 1234, 0, 0.5).status().code(),
+            absl::StatusCode::kInvalidArgument);
+}
+
+TEST_F(RetrievalTasksTest, TooSmallAContextIsAnError) {
+  auto sample = MakeSample(Haystack::Generated(), *tokenizer_, bos_, RetrievalTask::kKvLookup, 448, 1234, 0);
+  EXPECT_EQ(sample.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_TRUE(absl::StrContains(sample.status().message(), "too small for kv_lookup")) << sample.status();
+}
+
+TEST(ScoringTest, ExactMatchAfterTrimming) {
+  EXPECT_TRUE(IsExactMatch(" 5821934", " 5821934"));
+  EXPECT_TRUE(IsExactMatch("5821934 \t", " 5821934"));
+  EXPECT_TRUE(IsExactMatch(" 5821934\nQuestion: more", " 5821934"));
+  EXPECT_TRUE(IsExactMatch(" a-100 b-200 c-300 d-400", " a-100 b-200 c-300 d-400"));
+  EXPECT_FALSE(IsExactMatch(" 5821934.", " 5821934"));
+  EXPECT_FALSE(IsExactMatch(" 582193", " 5821934"));
+  EXPECT_FALSE(IsExactMatch("", " 5821934"));
+  EXPECT_FALSE(IsExactMatch("\n5821934", " 5821934"));
+  EXPECT_EQ(NormalizeAnswer("  1, 2 \nx"), "1, 2");
+}
+
+}  // namespace
+}  // namespace kvgate::bench

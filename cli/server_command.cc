@@ -1,0 +1,338 @@
+// `kvgate serve` (every role in one process: the embedded default) and the single-role
+// commands `kvgate router`, `kvgate kv-manager`, `kvgate prefill`, `kvgate decode`. All of
+// them assemble the same services on one gRPC server; they differ only in which roles run
+// here and how the roles reach each other (in-process channel and inproc KV transport,
+// or host:port and the tcp transport).
+#include <csignal>
+#include <iostream>
+#include <set>
+
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_split.h"
+#include "cli/commands.h"
+#include "cli/flags.h"
+#include "common/grpc_edge.h"
+#include "common/grpc_status.h"
+#include "common/metrics.h"
+#include "common/status_macros.h"
+#include "decode_worker/decode_engine.h"
+#include "decode_worker/decode_service.h"
+#include "gates/eviction_spec.h"
+#include "kv_manager/manager/kv_manager_service.h"
+#include "kv_manager/manager/manager_client.h"
+#include "kv_manager/manager/manager_state.h"
+#include "kv_manager/transport/tcp_transport.h"
+#include "prefill_worker/prefill_engine.h"
+#include "prefill_worker/prefill_service.h"
+#include "router/router_service.h"
+
+namespace kvgate::cli {
+namespace {
+
+constexpr char kUsage[] =
+    "usage: kvgate serve --model DIR [--port N=8000 (0 = any free port)] [--host ADDR=0.0.0.0]\n"
+    "         [--transport inproc|tcp] [--backend cpu|cuda[:N]] [--metrics-port N]\n"
+    "         [--kv-pages N | --kv-sequences N=8] [--page-tokens N=16] [--default-policy NAME]\n"
+    "         [--fast-kvzip-gate PATH] [--attention-gate PATH] [--random-gates SEED]\n"
+    "         [--tls-cert F --tls-key F [--tls-ca F]] [--token TOKEN] [--shutdown-grace-ms N=5000]\n"
+    "         [--heartbeat-ms N=250] [--worker-timeout-ms N=2000] [--lease-ttl-ms N=3000]\n"
+    "       kvgate kv-manager [--port N] [...manager flags]\n"
+    "       kvgate prefill|decode --model DIR --kv-manager HOST:PORT [--port N] [--advertise HOST:PORT]\n"
+    "       kvgate router --model DIR --kv-manager HOST:PORT [--port N]\n";
+
+enum class Role { kRouter, kManager, kPrefill, kDecode };
+
+struct ServerConfig {
+  std::set<Role> roles;
+  std::string command;
+  std::string model_dir;
+  std::string host = "0.0.0.0";
+  int32_t port = 8000;
+  std::string advertise;         // workers: how peers reach this process
+  std::string manager_address;   // when the manager is elsewhere
+  std::string transport = "inproc";
+  std::optional<int32_t> metrics_port;
+  kv::WorkerRuntimeOptions runtime;
+  kv::ManagerConfig manager;
+  TlsOptions tls;
+  std::string token;
+  int32_t shutdown_grace_ms = 5000;
+  std::string worker_id;
+};
+
+absl::StatusOr<ServerConfig> ParseServer(const std::string& command, std::set<Role> roles,
+                                         const std::vector<std::string>& args) {
+  KVGATE_ASSIGN_OR_RETURN(
+      Flags flags, Flags::Parse(args,
+                                {"model", "port", "host", "advertise", "kv-manager", "transport", "backend",
+                                 "metrics-port", "kv-pages", "kv-sequences", "page-tokens", "default-policy",
+                                 "default-keep-ratio", "fast-kvzip-gate", "attention-gate", "random-gates",
+                                 "tls-cert", "tls-key", "tls-ca", "token", "shutdown-grace-ms", "heartbeat-ms",
+                                 "worker-timeout-ms", "lease-ttl-ms", "worker-id"},
+                                {}));
+  ServerConfig c;
+  c.command = command;
+  c.roles = std::move(roles);
+  const bool needs_model = c.roles.count(Role::kRouter) || c.roles.count(Role::kPrefill) || c.roles.count(Role::kDecode);
+  if (auto model = flags.String("model")) c.model_dir = *model;
+  if (needs_model && c.model_dir.empty()) return absl::InvalidArgumentError("--model DIR is required");
+  auto int_flag = [&](const char* name, int64_t lo, int64_t hi, auto* out) -> absl::Status {
+    KVGATE_ASSIGN_OR_RETURN(auto value, flags.Int(name));
+    if (!value) return absl::OkStatus();
+    if (*value < lo || *value > hi) return absl::InvalidArgumentError(absl::StrCat("--", name, " must be in [", lo, ", ", hi, "]"));
+    *out = static_cast<std::remove_reference_t<decltype(*out)>>(*value);
+    return absl::OkStatus();
+  };
+  KVGATE_RETURN_IF_ERROR(int_flag("port", 0, 65535, &c.port));
+  int32_t metrics_port = -1;
+  KVGATE_RETURN_IF_ERROR(int_flag("metrics-port", 0, 65535, &metrics_port));
+  if (metrics_port >= 0) c.metrics_port = metrics_port;
+  KVGATE_RETURN_IF_ERROR(int_flag("kv-pages", 1, 1 << 30, &c.runtime.kv_pool_pages));
+  KVGATE_RETURN_IF_ERROR(int_flag("kv-sequences", 1, 1 << 20, &c.runtime.kv_pool_sequences));
+  KVGATE_RETURN_IF_ERROR(int_flag("page-tokens", 1, 1 << 16, &c.runtime.page_tokens));
+  KVGATE_RETURN_IF_ERROR(int_flag("shutdown-grace-ms", 0, 3600000, &c.shutdown_grace_ms));
+  c.manager.heartbeat_interval_ms = 250;
+  c.manager.worker_timeout_ms = 2000;
+  c.manager.lease_ttl_ms = 3000;
+  c.manager.finished_grace_ms = 10000;
+  KVGATE_RETURN_IF_ERROR(int_flag("heartbeat-ms", 10, 600000, &c.manager.heartbeat_interval_ms));
+  KVGATE_RETURN_IF_ERROR(int_flag("worker-timeout-ms", 20, 3600000, &c.manager.worker_timeout_ms));
+  KVGATE_RETURN_IF_ERROR(int_flag("lease-ttl-ms", 50, 3600000, &c.manager.lease_ttl_ms));
+  if (auto host = flags.String("host")) c.host = *host;
+  if (auto advertise = flags.String("advertise")) c.advertise = *advertise;
+  if (auto manager = flags.String("kv-manager")) c.manager_address = *manager;
+  if (!c.roles.count(Role::kManager) && c.manager_address.empty()) {
+    return absl::InvalidArgumentError("--kv-manager HOST:PORT is required (the KV manager runs elsewhere)");
+  }
+  if (auto transport = flags.String("transport")) c.transport = *transport;
+  if (c.transport != "inproc" && c.transport != "tcp") {
+    return absl::InvalidArgumentError(absl::StrCat("--transport must be inproc or tcp, got '", c.transport, "'"));
+  }
+  if (c.roles.size() < 4) c.transport = "tcp";  // roles in other processes
+  c.runtime.model_dir = c.model_dir;
+  if (auto backend = flags.String("backend")) c.runtime.backend = *backend;
+  if (auto path = flags.String("fast-kvzip-gate")) c.runtime.fast_kvzip_gate_path = *path;
+  if (auto path = flags.String("attention-gate")) c.runtime.attention_gate_path = *path;
+  KVGATE_ASSIGN_OR_RETURN(auto seed, flags.Int("random-gates"));
+  if (seed) c.runtime.random_gate_seed = static_cast<uint64_t>(*seed);
+  if (auto policy = flags.String("default-policy")) c.manager.default_policy = *policy;
+  KVGATE_ASSIGN_OR_RETURN(auto keep, flags.Double("default-keep-ratio"));
+  if (keep) c.manager.default_keep_ratio = static_cast<float>(*keep);
+  KVGATE_RETURN_IF_ERROR(kv::ValidateManagerConfig(c.manager));
+  if (auto f = flags.String("tls-cert")) c.tls.cert_file = *f;
+  if (auto f = flags.String("tls-key")) c.tls.key_file = *f;
+  if (auto f = flags.String("tls-ca")) c.tls.ca_file = *f;
+  // Components present their own certificate to each other (mTLS when a CA is given).
+  c.tls.client_cert_file = c.tls.ca_file.empty() ? "" : c.tls.cert_file;
+  c.tls.client_key_file = c.tls.ca_file.empty() ? "" : c.tls.key_file;
+  if (auto token = flags.String("token")) c.token = *token;
+  if (auto id = flags.String("worker-id")) c.worker_id = *id;
+  return c;
+}
+
+// The prefill side's sender: the in-process inbox for "inproc", tcp for host:port.
+class AddressedSender final : public kv::KvSender {
+ public:
+  explicit AddressedSender(kv::ChannelFactory channels)
+      : inproc_(kv::MakeInprocSender()), tcp_(kv::MakeTcpSender(std::move(channels))) {}
+  absl::StatusOr<int64_t> Send(const std::string& address, const kv::KvHandoff& handoff, absl::Time deadline) override {
+    return (address == kInprocAddress ? inproc_ : tcp_)->Send(address, handoff, deadline);
+  }
+
+ private:
+  std::unique_ptr<kv::KvSender> inproc_, tcp_;
+};
+
+sigset_t StopSignals() {
+  sigset_t set;
+  sigemptyset(&set);
+  sigaddset(&set, SIGINT);
+  sigaddset(&set, SIGTERM);
+  return set;
+}
+
+absl::Status RunServer(const ServerConfig& c) {
+  // Threads started from here on inherit the blocked signals; main waits for them.
+  sigset_t stop = StopSignals();
+  pthread_sigmask(SIG_BLOCK, &stop, nullptr);
+  Metrics metrics;
+  if (c.metrics_port) KVGATE_RETURN_IF_ERROR(metrics.Serve(absl::StrCat(c.host, ":", *c.metrics_port)));
+  KVGATE_ASSIGN_OR_RETURN(std::shared_ptr<grpc::ChannelCredentials> credentials, MakeChannelCredentials(c.tls));
+  ChannelPool channels(credentials);
+  const bool local_manager = c.roles.count(Role::kManager) > 0;
+  const bool inproc = c.transport == "inproc";
+  const std::string manager_address = local_manager ? (inproc ? kInprocAddress : "") : c.manager_address;
+
+  std::vector<grpc::Service*> services;
+  std::unique_ptr<kv::KvManagerService> manager_service;
+  if (local_manager) {
+    KVGATE_ASSIGN_OR_RETURN(std::unique_ptr<kv::ManagerState> state, kv::ManagerState::Create(c.manager));
+    manager_service = std::make_unique<kv::KvManagerService>(std::move(state), channels.AsFactory());
+    services.push_back(manager_service.get());
+  }
+  std::unique_ptr<kv::WorkerRuntime> prefill_runtime, decode_runtime;
+  std::unique_ptr<AddressedSender> sender;
+  std::unique_ptr<prefill::PrefillEngine> prefill_engine;
+  std::unique_ptr<prefill::PrefillService> prefill_service;
+  std::unique_ptr<decode::DecodeEngine> decode_engine;
+  std::unique_ptr<decode::DecodeService> decode_service;
+  std::unique_ptr<grpc::Service> transfer_service;
+  // Progress reports go to the manager through the registration's client (set below).
+  std::unique_ptr<kv::WorkerRegistration> prefill_registration, decode_registration;
+  auto reporter = [](std::unique_ptr<kv::WorkerRegistration>* registration) {
+    return [registration](const v1::ProgressReport& report) {
+      if (*registration) (void)(*registration)->ReportProgress(report);
+    };
+  };
+  const std::string id_prefix = c.worker_id.empty() ? absl::StrCat(c.command, "-", getpid()) : c.worker_id;
+  if (c.roles.count(Role::kPrefill)) {
+    kv::WorkerRuntimeOptions options = c.runtime;
+    options.kv_pool_sequences = 1;  // one prompt at a time; its pages leave with the transfer
+    options.kv_pool_pages = 0;
+    KVGATE_ASSIGN_OR_RETURN(prefill_runtime, kv::WorkerRuntime::Load(options));
+    sender = std::make_unique<AddressedSender>(channels.AsFactory());
+    prefill_engine = std::make_unique<prefill::PrefillEngine>(prefill_runtime.get(), sender.get());
+    prefill_service = std::make_unique<prefill::PrefillService>(prefill_engine.get(), id_prefix + "/prefill",
+                                                                 reporter(&prefill_registration), &metrics);
+    services.push_back(prefill_service.get());
+  }
+  if (c.roles.count(Role::kDecode)) {
+    KVGATE_ASSIGN_OR_RETURN(decode_runtime, kv::WorkerRuntime::Load(c.runtime));
+    decode_engine = std::make_unique<decode::DecodeEngine>(decode_runtime.get(), int64_t{1} << 30);
+    decode_service = std::make_unique<decode::DecodeService>(decode_engine.get(), id_prefix + "/decode",
+                                                              reporter(&decode_registration), &metrics);
+    transfer_service = kv::MakeKvTransferService(&decode_engine->inbox());
+    services.push_back(decode_service.get());
+    services.push_back(transfer_service.get());
+    if (inproc) kv::RegisterInprocInbox(kInprocAddress, &decode_engine->inbox());
+  }
+  std::unique_ptr<router::RouterService> router_service;
+  if (c.roles.count(Role::kRouter)) {
+    router::RouterOptions options;
+    options.model_dir = c.model_dir;
+    options.bearer_token = c.token;
+    options.limits.default_policy = c.manager.default_policy;
+    options.backend = c.runtime.backend;
+    options.roles.clear();
+    for (Role role : c.roles) {
+      options.roles.push_back(role == Role::kRouter ? "router" : role == Role::kManager ? "kv_manager"
+                                                    : role == Role::kPrefill ? "prefill" : "decode");
+    }
+    options.manager_address = manager_address;
+    KVGATE_ASSIGN_OR_RETURN(router_service, router::RouterService::Create(options, &channels, &metrics));
+    services.push_back(router_service.get());
+  }
+  KVGATE_ASSIGN_OR_RETURN(StartedServer server,
+                          StartServer({absl::StrCat(c.host, ":", c.port), c.tls, services}));
+  channels.SetInprocServer(server.server.get());
+  const std::string self_address = absl::StrCat("127.0.0.1:", server.port);
+  // With tcp between roles of one process, they still reach each other over the socket.
+  const std::string manager_target = manager_address.empty() ? self_address : manager_address;
+  if (router_service && manager_address.empty()) router_service->SetManagerAddress(manager_target);
+  const std::string advertise = !c.advertise.empty() ? c.advertise : inproc ? kInprocAddress : self_address;
+  auto registration_request = [&](v1::WorkerRole role, const std::string& worker_id, kv::WorkerRuntime& runtime) {
+    v1::RegisterWorkerRequest request;
+    request.set_worker_id(worker_id);
+    request.set_role(role);
+    request.set_address(advertise);
+    request.set_model_name(runtime.model_name());
+    request.set_num_layers(runtime.config().num_layers);
+    request.set_num_kv_heads(runtime.config().num_kv_heads);
+    request.set_head_dim(runtime.config().head_dim);
+    request.set_page_tokens(runtime.options().page_tokens);
+    request.add_transports(inproc ? "inproc" : "tcp");
+    return request;
+  };
+  if (prefill_engine) {
+    prefill_registration = std::make_unique<kv::WorkerRegistration>(
+        channels.Get(manager_target), registration_request(v1::PREFILL, id_prefix + "/prefill", *prefill_runtime),
+        [&] {
+          v1::WorkerCapacity capacity;
+          capacity.set_kv_pages_total(prefill_engine->pages_total());
+          capacity.set_kv_pages_free(prefill_engine->pages_total() - prefill_engine->pages_used());
+          capacity.set_requests_active(prefill_engine->queued() + prefill_engine->running());
+          capacity.set_serving(true);
+          metrics.SetPages("prefill", prefill_engine->pages_used(), prefill_engine->pages_total() - prefill_engine->pages_used());
+          return capacity;
+        });
+    prefill_registration->Start();
+  }
+  if (decode_engine) {
+    decode_registration = std::make_unique<kv::WorkerRegistration>(
+        channels.Get(manager_target), registration_request(v1::DECODE, id_prefix + "/decode", *decode_runtime), [&] {
+          v1::WorkerCapacity capacity;
+          capacity.set_kv_pages_total(decode_engine->pages_total());
+          capacity.set_kv_pages_free(decode_engine->pages_total() - decode_engine->pages_used());
+          capacity.set_requests_active(decode_engine->requests());
+          capacity.set_serving(true);
+          metrics.SetPages("decode", decode_engine->pages_used(), decode_engine->pages_total() - decode_engine->pages_used());
+          return capacity;
+        });
+    decode_registration->Start();
+  }
+  // Health: SERVING once every local role is ready (weights loaded, registered with the
+  // KV manager, the router able to reach it).
+  std::atomic<bool> router_ok{router_service == nullptr};
+  if (router_service) router_service->StartHealth([&](bool ok) { router_ok.store(ok); });
+  std::atomic<bool> stopping{false};
+  std::thread health([&] {
+    bool last = false, first = true;
+    while (!stopping.load()) {
+      const bool ready = router_ok.load() && (!prefill_registration || prefill_registration->registered()) &&
+                         (!decode_registration || decode_registration->registered());
+      if (first || ready != last) SetServing(server.server.get(), ready);
+      first = false;
+      last = ready;
+      std::this_thread::sleep_for(std::chrono::milliseconds(50));
+    }
+  });
+  std::cout << "kvgate " << c.command << ": listening on " << c.host << ":" << server.port;
+  if (c.metrics_port) std::cout << ", metrics on " << c.host << ":" << metrics.bound_port() << "/metrics";
+  std::cout << std::endl;
+
+  int signal = 0;
+  sigwait(&stop, &signal);
+  std::cerr << "kvgate " << c.command << ": signal " << signal << ", shutting down (grace " << c.shutdown_grace_ms
+            << " ms)\n";
+  const absl::Time deadline = absl::Now() + absl::Milliseconds(c.shutdown_grace_ms);
+  stopping.store(true);
+  health.join();
+  SetServing(server.server.get(), false);
+  if (router_service) router_service->Shutdown(deadline);
+  server.server->Shutdown(absl::ToChronoTime(deadline));
+  if (prefill_registration) prefill_registration->Stop();
+  if (decode_registration) decode_registration->Stop();
+  if (prefill_engine) prefill_engine->Shutdown();
+  if (decode_engine) decode_engine->Shutdown();
+  if (inproc && decode_engine) kv::UnregisterInprocInbox(kInprocAddress);
+  if (manager_service) manager_service->Shutdown(deadline);
+  server.server->Wait();
+  return absl::OkStatus();
+}
+
+int Run(const std::string& command, std::set<Role> roles, const std::vector<std::string>& args) {
+  absl::StatusOr<ServerConfig> config = ParseServer(command, std::move(roles), args);
+  if (!config.ok()) {
+    std::cerr << "kvgate " << command << ": " << config.status().message() << "\n" << kUsage;
+    return 2;
+  }
+  absl::Status status = RunServer(*config);
+  if (!status.ok()) {
+    std::cerr << "kvgate " << command << ": " << absl::StatusCodeToString(status.code()) << ": " << status.message()
+              << "\n";
+    return 1;
+  }
+  return 0;
+}
+
+}  // namespace
+
+int RunServe(const std::vector<std::string>& args) {
+  return Run("serve", {Role::kRouter, Role::kManager, Role::kPrefill, Role::kDecode}, args);
+}
+int RunRouter(const std::vector<std::string>& args) { return Run("router", {Role::kRouter}, args); }
+int RunKvManager(const std::vector<std::string>& args) { return Run("kv-manager", {Role::kManager}, args); }
+int RunPrefill(const std::vector<std::string>& args) { return Run("prefill", {Role::kPrefill}, args); }
+int RunDecode(const std::vector<std::string>& args) { return Run("decode", {Role::kDecode}, args); }
+
+}  // namespace kvgate::cli

@@ -1,0 +1,193 @@
+// DecodeBatch: several sequences with different prompts, lengths and policies (each
+// with its own decode-time eviction) decode in one engine step per token, joining and
+// leaving mid-way, and every sequence gets exactly the logits and tokens it gets when it
+// decodes alone.
+#include "kv_manager/decode_batch.h"
+
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <cstdio>
+#include <map>
+
+#include "absl/strings/str_cat.h"
+#include "kv_manager/tiny_decode_test_util.h"
+
+namespace kvgate::kv {
+namespace {
+
+constexpr int32_t kPages = 1024;
+// Batched logits are not bit-identical on the CPU backend: OpenBLAS sgemm runs a
+// one-row product (a sequence alone) through its gemv path and a batch through its gemm
+// kernels, which sum K in another order. Measured worst |batched - alone| 1.00136e-05 at
+// logits of magnitude ~10 (full, streaming_llm, attention_gate), about 10 float ulps;
+// every greedy token agrees. So |batched - alone| <= atol + rtol * |alone| (llm.c t_eff).
+constexpr float kBatchedLogitAtol = 1e-5f;
+constexpr float kBatchedLogitRtol = 1e-5f;
+
+struct Schedule {
+  int32_t prompt_tokens;
+  int32_t text;   // which generated text the prompt is a prefix of
+  int32_t join;   // global step at which it joins the batch (prefill happens then)
+  int32_t steps;  // decode steps before it leaves
+};
+
+class DecodeBatchTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    auto worker = testing::TinyWorker::Create(kPages);
+    ASSERT_TRUE(worker.ok()) << worker.status();
+    worker_ = std::move(*worker);
+    auto tokenizer = testing::LoadTinyTokenizer();
+    ASSERT_TRUE(tokenizer.ok()) << tokenizer.status();
+    int seed = 1;
+    for (const char* opening : {"Once upon a time, there was a little girl named Lily.", "Tom had a big red ball.",
+                                "The sun was hot and the cat was sleepy."}) {
+      auto text = testing::TinyText(worker_->model.get(), tokenizer->get(), opening, 130, seed++);
+      ASSERT_TRUE(text.ok()) << text.status();
+      texts_.push_back(*text);
+    }
+  }
+
+  std::vector<int32_t> Prompt(const Schedule& s) const {
+    return {texts_[s.text].begin(), texts_[s.text].begin() + s.prompt_tokens};
+  }
+
+  std::unique_ptr<testing::TinyWorker> worker_;
+  std::vector<std::vector<int32_t>> texts_;
+};
+
+struct Decoded {
+  std::vector<float> prefill_logits;
+  std::vector<std::vector<float>> logits;  // per decode step
+  std::vector<int32_t> tokens;             // input token of each step, then the last argmax
+};
+
+TEST_F(DecodeBatchTest, BatchedDecodeEqualsDecodingEachAlone) {
+  testing::TinyGates gates(worker_->shape());
+  const std::vector<testing::PolicyCase> cases = testing::DecodePolicyCases(gates);
+  // One sequence per policy: different prompts and lengths, joining and leaving mid-way.
+  const std::vector<Schedule> schedule = {
+      {37, 0, 0, 10}, {64, 1, 0, 6}, {90, 2, 2, 9}, {120, 0, 3, 5}, {55, 1, 5, 8}, {101, 2, 7, 6},
+  };
+  ASSERT_EQ(schedule.size(), cases.size());
+  KvPool& pool = *worker_->pool;
+  engine::Model& model = *worker_->model;
+
+  // Each sequence alone.
+  std::vector<Decoded> alone(schedule.size());
+  for (size_t s = 0; s < schedule.size(); ++s) {
+    SCOPED_TRACE(cases[s].name);
+    auto prefilled = testing::PrefillAndCommit(model, &pool, cases[s], Prompt(schedule[s]));
+    ASSERT_TRUE(prefilled.ok()) << prefilled.status();
+    alone[s].prefill_logits = prefilled->logits;
+    int32_t token = testing::Argmax(prefilled->logits);
+    for (int32_t step = 0; step < schedule[s].steps; ++step) {
+      alone[s].tokens.push_back(token);
+      auto logits = model.DecodeStep({&token, 1}, prefilled->sequence.get());
+      ASSERT_TRUE(logits.ok()) << logits.status();
+      token = testing::Argmax(*logits);
+      alone[s].logits.push_back(std::move(*logits));
+    }
+    alone[s].tokens.push_back(token);
+  }
+  ASSERT_EQ(pool.pages_free(), kPages);
+
+  // All of them in one batch.
+  const int32_t vocab = model.config().vocab_size;
+  std::vector<Decoded> batched(schedule.size());
+  std::map<size_t, std::unique_ptr<SequenceBatch>> live;
+  std::map<size_t, int32_t> next_token;
+  DecodeBatch batch(&pool);
+  int32_t max_batch = 0;
+  for (int32_t t = 0;; ++t) {
+    std::vector<SequenceBatch*> active;
+    std::vector<size_t> ids;
+    std::vector<int32_t> tokens;
+    bool more = false;
+    for (size_t s = 0; s < schedule.size(); ++s) {
+      const Schedule& sc = schedule[s];
+      if (t == sc.join) {
+        auto prefilled = testing::PrefillAndCommit(model, &pool, cases[s], Prompt(sc));
+        ASSERT_TRUE(prefilled.ok()) << cases[s].name << ": " << prefilled.status();
+        batched[s].prefill_logits = prefilled->logits;
+        next_token[s] = testing::Argmax(prefilled->logits);
+        live[s] = std::move(prefilled->sequence);
+      }
+      if (t >= sc.join && t < sc.join + sc.steps) {
+        active.push_back(live[s].get());
+        ids.push_back(s);
+        tokens.push_back(next_token[s]);
+        batched[s].tokens.push_back(next_token[s]);
+      }
+      more |= t < sc.join + sc.steps;
+    }
+    if (!more) break;
+    max_batch = std::max<int32_t>(max_batch, active.size());
+    batch.SetSequences(active);
+    auto logits = model.DecodeStep(tokens, &batch);
+    ASSERT_TRUE(logits.ok()) << "step " << t << ": " << logits.status();
+    ASSERT_EQ(logits->size(), size_t{1} * vocab * active.size());
+    for (size_t i = 0; i < ids.size(); ++i) {
+      const size_t s = ids[i];
+      std::vector<float> mine(logits->begin() + i * vocab, logits->begin() + (i + 1) * vocab);
+      next_token[s] = testing::Argmax(mine);
+      batched[s].logits.push_back(std::move(mine));
+      // Leaves after its last step: its pages go back at once.
+      if (t + 1 == schedule[s].join + schedule[s].steps) {
+        batched[s].tokens.push_back(next_token[s]);
+        live.erase(s);
+      }
+    }
+  }
+  EXPECT_GE(max_batch, 4) << "the schedule should overlap most sequences";
+  EXPECT_TRUE(live.empty());
+  EXPECT_EQ(pool.pages_free(), kPages) << "every page must return to the pool";
+
+  for (size_t s = 0; s < schedule.size(); ++s) {
+    SCOPED_TRACE(cases[s].name);
+    EXPECT_EQ(batched[s].prefill_logits, alone[s].prefill_logits);
+    EXPECT_EQ(batched[s].tokens, alone[s].tokens);
+    ASSERT_EQ(batched[s].logits.size(), alone[s].logits.size());
+    float worst = 0;
+    size_t differing = 0, total = 0;
+    for (size_t step = 0; step < alone[s].logits.size(); ++step) {
+      const std::vector<float>& want = alone[s].logits[step];
+      const std::vector<float>& got = batched[s].logits[step];
+      ASSERT_EQ(got.size(), want.size());
+      for (size_t i = 0; i < want.size(); ++i) {
+        ASSERT_TRUE(std::isfinite(got[i])) << "step " << step << " logit " << i;
+        const float d = std::fabs(got[i] - want[i]);
+        worst = std::max(worst, d);
+        differing += d != 0;
+        ++total;
+        ASSERT_LE(d, kBatchedLogitAtol + kBatchedLogitRtol * std::fabs(want[i]))
+            << "step " << step << " logit " << i << ": batched " << got[i] << ", alone " << want[i];
+      }
+    }
+    std::printf("%s: max |batched - alone| = %g, %zu of %zu logits not bit-identical\n", cases[s].name.c_str(),
+                worst, differing, total);
+  }
+}
+
+TEST_F(DecodeBatchTest, RejectsASequenceOfAnotherPool) {
+  auto other = KvPool::Create(worker_->backend.get(), 64, 16, worker_->model->config().head_dim);
+  ASSERT_TRUE(other.ok());
+  testing::TinyGates gates(worker_->shape());
+  const testing::PolicyCase full = testing::DecodePolicyCases(gates)[0];
+  auto mine = testing::PrefillAndCommit(*worker_->model, worker_->pool.get(), full, texts_[0]);
+  auto theirs = testing::PrefillAndCommit(*worker_->model, other->get(), full,
+                                          absl::MakeConstSpan(texts_[1]).subspan(0, 20));
+  ASSERT_TRUE(mine.ok() && theirs.ok());
+  DecodeBatch batch(worker_->pool.get());
+  batch.SetSequences({mine->sequence.get(), theirs->sequence.get()});
+  EXPECT_EQ(batch.num_sequences(), 2);
+  EXPECT_EQ(batch.NextPositions(), (std::vector<int32_t>{static_cast<int32_t>(texts_[0].size()), 20}));
+  const int32_t tokens[] = {1, 2};
+  auto logits = worker_->model->DecodeStep(tokens, &batch);
+  EXPECT_EQ(logits.status().code(), absl::StatusCode::kInvalidArgument) << logits.status();
+  EXPECT_NE(logits.status().message().find("sequence 1"), std::string::npos) << logits.status();
+}
+
+}  // namespace
+}  // namespace kvgate::kv
