@@ -4,7 +4,8 @@ BUILD_DIR ?= build
 JOBS ?= $(shell nproc)
 CMAKE_FLAGS ?=
 DEMO_MODEL ?= ../shared/models/tinystories-656k
-DEMO_PROMPT ?= One day, a little dog named Max
+DEMO_PROMPT ?= Once upon a time, there was a little girl named Lily. She loved to play outside in the park with her friends. One day, Lily found a big red ball under a tree. She picked it up and ran to her mom. "Mom, look what I found!" she said. Her mom smiled and said, "That is a very nice ball, Lily. Let us go and play with it." They played with the ball all afternoon. Then
+DEMO_POLICY ?= snapkv
 
 .PHONY: deps configure build demo test bench clean
 
@@ -18,8 +19,7 @@ build: configure
 	@cmake --build $(BUILD_DIR) -j $(JOBS)
 
 demo: build
-	@$(BUILD_DIR)/cli/kvgate generate --model $(DEMO_MODEL) --prompt "$(DEMO_PROMPT)" \
-	  --max-tokens 160 --temperature 0.7 --top-p 0.9 --seed 1 --stop "<|end_story|>"
+	@scripts/demo.sh $(BUILD_DIR) $(DEMO_MODEL) '$(DEMO_PROMPT)' $(DEMO_POLICY)
 
 test: build
 	@cd $(BUILD_DIR) && ctest --output-on-failure -j $(JOBS) -LE gpu

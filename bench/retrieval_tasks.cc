@@ -285,8 +285,7 @@ absl::StatusOr<TaskSample> MakeSample(const Haystack& haystack, const engine::To
   s.seed = SampleSeed(seed, task, context_tokens, index);
   s.forced_depth = depth;
   TaskRng rng(s.seed);
-  const uint64_t start = rng.Below(haystack.sentences().size());
-  s.haystack_start = haystack.generated() ? 0 : static_cast<int64_t>(start);
+  s.haystack_start = static_cast<int64_t>(rng.Below(haystack.sentences().size()));
   s.content = MakeTaskContent(task, &rng, depth);
 
   // Token ids of <BOS> + text: the post-processor's BOS when it adds one.

@@ -12,8 +12,7 @@
 //   TaskRng = SplitMix64 seeded with it; Below(n) = (Next() * n) >> 64 (128-bit product),
 //   Unit() = (Next() >> 11) * 2^-53.
 // Draw order for one sample: (1) the haystack start sentence, Below(num haystack
-// sentences), drawn even for the generated haystack (which starts at its first
-// sentence); (2) the task's keys, each a word Below(63) then 100 + Below(900), redrawn
+// sentences), for the generated haystack too (as gates/train/tiny_data.py does); (2) the task's keys, each a word Below(63) then 100 + Below(900), redrawn
 // while it repeats an earlier key; (3) its values, 1000000 + Below(9000000), redrawn while
 // repeated; (4) the asked needle, Below(count), for niah_multikey and kv_lookup only;
 // (5) one Unit() depth per inserted sentence, sorted ascending (none when niah_single is
@@ -59,8 +58,8 @@ const std::array<std::string_view, kNumKeyWords>& KeyWords();
 // \n, \v, \f, \r).
 std::vector<std::string> SplitSentences(std::string_view text);
 
-// Filler sentences. A file haystack is read from a seeded start sentence on, wrapping to
-// its start; the generated one repeats its five sentences from the first.
+// Filler sentences, read from a seeded start sentence on and wrapping to the first: a
+// file's sentences, or the generated five repeated in order.
 class Haystack {
  public:
   // "The grass is green." "The sky is blue." "The sun is yellow." "Here we go."

@@ -274,9 +274,7 @@ TEST_F(RetrievalTasksTest, SamplesAreDeterministicAndFitTheirContext) {
         const std::string longer = ComposeBody(*haystack, a->haystack_start, a->filler_sentences + 1, a->content);
         EXPECT_GT(Length(longer + a->content.question + a->content.answer), limit);
         EXPECT_GT(a->total_tokens, limit - 40) << "a haystack sentence is far shorter than 40 tokens";
-        if (haystack->generated()) {
-          EXPECT_EQ(a->haystack_start, 0);
-        }
+        EXPECT_LT(a->haystack_start, static_cast<int64_t>(haystack->sentences().size()));
       }
     }
   }
@@ -292,6 +290,12 @@ TEST_F(RetrievalTasksTest, SampleStreamsAreIndependent) {
   ASSERT_TRUE(again.ok());
   EXPECT_EQ(alone->prompt, again->prompt);
   EXPECT_EQ(alone->seed, SampleSeed(1234, RetrievalTask::kKvLookup, 1024, 5));
+  // The haystack start is seeded per sample.
+  std::set<int64_t> starts;
+  for (int32_t i = 0; i < 10; ++i) {
+    starts.insert(MakeSample(h, *tokenizer_, bos_, RetrievalTask::kNiahSingle, 256, 1234, i)->haystack_start);
+  }
+  EXPECT_GE(starts.size(), 3u);
 }
 
 TEST_F(RetrievalTasksTest, ExactDepthsKeepTheSampleAndMoveTheNeedle) {
@@ -300,7 +304,8 @@ TEST_F(RetrievalTasksTest, ExactDepthsKeepTheSampleAndMoveTheNeedle) {
   auto last = MakeSample(h, *tokenizer_, bos_, RetrievalTask::kNiahSingle, 448, 1234, 0, 1.0);
   ASSERT_TRUE(first.ok() && last.ok());
   EXPECT_EQ(first->content.inserted, last->content.inserted);
-  EXPECT_TRUE(absl::StartsWith(first->prompt, first->content.inserted[0] + " The grass is green.")) << first->prompt;
+  EXPECT_TRUE(absl::StartsWith(first->prompt, first->content.inserted[0] + " " + h.At(first->haystack_start, 0)))
+      << first->prompt;
   EXPECT_TRUE(absl::EndsWith(last->prompt, " " + last->content.inserted[0] + last->content.question)) << last->prompt;
   EXPECT_EQ(MakeSample(h, *tokenizer_, bos_, RetrievalTask::kNiahSingle, 448, 1234, 0, 1.5).status().code(),
             absl::StatusCode::kInvalidArgument);

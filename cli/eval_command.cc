@@ -739,6 +739,10 @@ absl::Status Eval(const EvalCommand& command, int* exit_code) {
 }  // namespace
 
 int RunEval(const std::vector<std::string>& args) {
+  if (args.size() == 1 && (args[0] == "--help" || args[0] == "-h")) {
+    std::cout << kUsage;
+    return 0;
+  }
   auto command = ParseEval(args);
   if (!command.ok()) {
     std::cerr << "kvgate eval: " << command.status().message() << "\n" << kUsage;

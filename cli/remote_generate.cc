@@ -293,7 +293,7 @@ int RunRemoteGenerate(const std::vector<std::string>& args, std::ostream& out, s
   for (const std::string& warning : warnings) err << "kvgate generate: " << warning << "\n";
   const absl::Status status = RemoteGenerate(*command, out, err);
   if (!status.ok()) {
-    err << "kvgate generate: error: " << absl::StatusCodeToString(status.code()) << ": " << status.message() << "\n";
+    err << "kvgate generate: " << absl::StatusCodeToString(status.code()) << ": " << status.message() << "\n";
     return 1;
   }
   return 0;

@@ -200,6 +200,24 @@ class TrainerTest(unittest.TestCase):
             self.assertEqual([r["step"] for r in records if "step" in r], [0, 2, 4, 5])
             self.run_kvgate("attention_gate", out)
 
+    def test_committed_tinystories_gates(self):
+        """tests/golden/tinystories-656k/gates load (Python readers; C++ loader with the model)."""
+        gdir = os.path.join(GOLDEN, "tinystories-656k", "gates")
+        fk, fk_meta = gc.load_fast_kvzip(os.path.join(gdir, "fast_kvzip.safetensors"))
+        ag, ag_meta = gc.load_attention_gate(os.path.join(gdir, "attention_gate.safetensors"))
+        for meta in (fk_meta, ag_meta):  # TinyStories-656K: 2 layers, D 128, 4 kv heads (G 2)
+            self.assertEqual((meta["num_layers"], meta["hidden_size"], meta["num_kv_heads"]), ("2", "128", "4"))
+        self.assertEqual(fk_meta["group_size"], "2")
+        binary = _kvgate_bin()
+        if binary is None or not os.path.exists(os.path.join(SHARED_TINYSTORIES, "model.safetensors")):
+            return
+        for policy, name in (("fast_kvzip", "fast_kvzip.safetensors"), ("attention_gate", "attention_gate.safetensors")):
+            res = subprocess.run([binary, "generate", "--model", SHARED_TINYSTORIES, "--prompt",
+                                  "Once upon a time, there was a little girl named Lily. She", "--max-tokens", "4",
+                                  "--policy", policy, "--gates", os.path.join(gdir, name), "--keep-ratio", "0.5"],
+                                 capture_output=True, text=True, timeout=60)
+            self.assertEqual(res.returncode, 0, "%s: %s%s" % (policy, res.stdout, res.stderr))
+
     def test_gated_forward_hides_evicted_keys(self):
         """In the trainer's forward, a flagged-out key changes nothing before it and something after."""
         import train_attention_gate

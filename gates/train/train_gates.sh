@@ -19,8 +19,8 @@ mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 # Attention-Gate: in-context eviction with the gates in the loop (recipe in gates/README.md).
 $PY "$HERE/train_attention_gate.py" --model "$MODEL" --data "self:${CONTEXTS:-576}" \
-  --context-tokens "${CONTEXT_TOKENS:-512}" --val-contexts 32 --steps 3000 --batch-size 16 --lr 5e-3 \
-  --target-keep 0.3 --rate-weight 2 --rate-warmup 0.3 --device "$DEVICE" \
+  --context-tokens "${CONTEXT_TOKENS:-512}" --val-contexts 32 --steps 6000 --batch-size 16 --lr 1e-2 \
+  --target-keep 0.3 --rate-weight 5 --rate-warmup 0.3 --device "$DEVICE" \
   --dump-contexts "$OUT/contexts.json" --out "$OUT/attention_gate.safetensors" ${AG_ARGS:-}
 # Fast KVzip: KVzip targets on the same contexts, cut so that context + reconstruction fit the
 # model's positions; the authors' SGD recipe.

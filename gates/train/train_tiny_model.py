@@ -56,17 +56,40 @@ _STATE: Dict[str, object] = {}
 
 def data_init(tokenizer, essays: Optional[tiny_data.Haystack], default: tiny_data.Haystack,
               args) -> None:
-    _STATE.update(tok=tokenizer, essays=essays, default=default, args=args)
+    _STATE.update(tok=tokenizer, essays=essays, default=default, args=args,
+                  task_weights=parse_task_weights(args.task_weights))
 
 
-def step_context(step: int, max_steps: int, max_context: int, rng: random.Random) -> int:
-    """Context of one step: the stage maximum (max/8, /4, /2, /1 from progress 0, 0.1,
-    0.25, 0.45), or a half or a quarter of it."""
+DEFAULT_CURRICULUM = "0:512,0.1:1024,0.25:2048,0.45:4096"
+
+
+def parse_curriculum(spec: str) -> List[Tuple[float, int]]:
+    """"0:512,0.1:1024,..." -> [(progress from which the stage applies, stage max context)]."""
+    stages = sorted((float(a), int(b)) for a, b in (x.split(":") for x in spec.split(",") if x))
+    if not stages or stages[0][0] != 0.0:
+        raise ValueError("curriculum must start at progress 0: %r" % spec)
+    return stages
+
+
+def parse_task_weights(spec: str) -> Dict[str, float]:
+    w = dict(TASK_WEIGHTS)
+    for item in (x for x in spec.split(",") if x):
+        name, value = item.split(":")
+        if name not in w:
+            raise ValueError("unknown task %r in --task_weights" % name)
+        w[name] = float(value)
+    return w
+
+
+def step_context(step: int, max_steps: int, max_context: int, rng: random.Random,
+                 curriculum: str = DEFAULT_CURRICULUM) -> int:
+    """Context of one step: the curriculum's stage maximum (capped at max_context), or a
+    half or a quarter of it."""
     progress = step / max(1, max_steps)
-    stage = max_context // 8
-    for start, frac in ((0.10, 4), (0.25, 2), (0.45, 1)):
+    stage = 64
+    for start, ctx in parse_curriculum(curriculum):
         if progress >= start:
-            stage = max_context // frac
+            stage = min(max_context, ctx)
     r = rng.random()
     c = stage if r < 0.6 else stage // 2 if r < 0.85 else stage // 4
     return max(64, c)
@@ -82,7 +105,8 @@ def make_row(rng: random.Random, context: int, args) -> Tuple[List[int], List[in
         ids = tiny_data.build_text(rng, essays, context)
         return ids, [KIND_PAD] + [KIND_LM] * (len(ids) - 1)
     tasks = [t for t in tiny_data.TASKS if TASK_MIN_CONTEXT[t] <= context]
-    task = rng.choices(tasks, weights=[TASK_WEIGHTS[t] for t in tasks])[0]
+    weights = _STATE["task_weights"]
+    task = rng.choices(tasks, weights=[weights[t] for t in tasks])[0]
     lo = max(TASK_MIN_CONTEXT[task], context // 4)
     target = context if rng.random() < 0.5 else rng.randint(lo, context)
     s = tiny_data.build_sample(task, rng, hay, target)
@@ -96,7 +120,7 @@ def make_batch(step: int, max_steps: int):
     import numpy as np
     args = _STATE["args"]
     rng = random.Random(f"{args.seed}/{step}/{max_steps}")
-    context = step_context(step, max_steps, args.max_context, rng)
+    context = step_context(step, max_steps, args.max_context, rng, args.curriculum)
     rows = max(1, args.tokens_per_step // context)
     built = [make_row(rng, context, args) for _ in range(rows)]
     t = max(len(ids) for ids, _ in built)
@@ -270,7 +294,9 @@ def load_checkpoint(path: str, model, opt, device):
 
 
 MODEL_ARGS = ("vocab_size", "hidden", "ffn", "layers", "heads", "kv_heads", "head_dim",
-              "rope_theta", "max_context", "seed", "tokens_per_step", "lr")
+              "rope_theta", "max_context", "seed", "tokens_per_step", "lr", "curriculum",
+              "task_weights", "answer_weight", "text_frac", "default_haystack_frac", "warmup_frac",
+              "min_lr_frac", "weight_decay")
 
 
 # --------------------------------------------------------------------------------------------
@@ -475,14 +501,16 @@ def write_model_card(out_dir, args, config, n_params, history, results, elapsed,
       "with the essay haystack (%.0f%%) or the built-in five-sentence haystack (%.0f%%). Training "
       "draws its own random keys, values and depths; it never uses the eval's seeds." % (
           100 * (1 - args.default_haystack_frac), 100 * args.default_haystack_frac))
+    if args.init_from:
+        a("- Initialised from the weights of `%s` (fresh optimizer)." % args.init_from)
     a("- Mix: %.0f%% of rows plain essay text, the rest tasks (weights %s)." % (
-        100 * args.text_frac, ", ".join("%s %.1f" % kv for kv in TASK_WEIGHTS.items())))
+        100 * args.text_frac, ", ".join("%s %.1f" % kv for kv in parse_task_weights(args.task_weights).items())))
     a("- Loss: LM cross-entropy over every token (haystack, needles, question) plus %.1f x the "
       "cross-entropy of the answer tokens and `<|eos|>` (each mean-normalised per batch)." % args.answer_weight)
     a("- Curriculum: per step a context of the stage maximum (60%%), half (25%%) or a quarter (15%%); the "
-      "stage maximum is %d, %d, %d, %d tokens from 0%%, 10%%, 25%%, 45%% of the steps. Rows are filled "
-      "to the step's context (half of them) or to a random shorter one." % (
-          args.max_context // 8, args.max_context // 4, args.max_context // 2, args.max_context))
+      "stage maximum is %s. Rows are filled to the step's context (half of them) or to a random "
+      "shorter one." % ", ".join("%d tokens from %.0f%%" % (min(c, args.max_context), 100 * p)
+                                 for p, c in parse_curriculum(args.curriculum)))
     a("")
     a("## Training\n")
     if getattr(args, "steps_done", args.max_steps) < args.max_steps:
@@ -562,6 +590,10 @@ def parse_args(argv=None):
     p.add_argument("--answer_weight", type=float, default=1.0)
     p.add_argument("--text_frac", type=float, default=0.12)
     p.add_argument("--default_haystack_frac", type=float, default=0.2)
+    p.add_argument("--curriculum", default=DEFAULT_CURRICULUM,
+                   help="progress:max-context stages (contexts above --max_context are capped)")
+    p.add_argument("--task_weights", default="", help="e.g. kv_lookup:2,vt:2 (others keep defaults)")
+    p.add_argument("--init_from", help="start from the weights of this HF model folder (fresh optimizer)")
     p.add_argument("--ckpt_every", type=int, default=500)
     p.add_argument("--log_every", type=int, default=25)
     p.add_argument("--pack_ckpt", help="also write the final checkpoint as parts into this folder")
@@ -610,15 +642,21 @@ def benchmark_max_steps(model, opt_params, args, device, amp) -> int:
             times.append(time.time() - t0)
         for p in opt_params:
             p.grad = None
-        per_ctx[frac] = sorted(times[1:])[1] * 1.08  # + optimizer step and data transfer
-    # Steps in each stage (progress 0-.1, .1-.25, .25-.45, .45-1); mix 60/25/15 of stage, /2, /4.
-    def mean_time(frac):
-        ts = [per_ctx.get(min(8, frac * m), per_ctx[8]) for m in (1, 2, 4)]
-        return 0.6 * ts[0] + 0.25 * ts[1] + 0.15 * ts[2]
-    avg = 0.10 * mean_time(8) + 0.15 * mean_time(4) + 0.20 * mean_time(2) + 0.55 * mean_time(1)
+        per_ctx[c] = sorted(times[1:])[1] * 1.08  # + optimizer step and data transfer
+
+    def time_of(c):  # the measured context nearest above c (or the smallest)
+        above = [k for k in per_ctx if k >= c]
+        return per_ctx[min(above)] if above else per_ctx[max(per_ctx)]
+
+    stages = parse_curriculum(args.curriculum)
+    avg = 0.0
+    for i, (p, ctx) in enumerate(stages):
+        dur = (stages[i + 1][0] if i + 1 < len(stages) else 1.0) - p
+        ctx = min(ctx, args.max_context)
+        avg += dur * (0.6 * time_of(ctx) + 0.25 * time_of(ctx // 2) + 0.15 * time_of(ctx // 4))
     steps = int(args.time_budget / avg)
     print("benchmark: s/step by context %s -> %.3f s/step mean, %d steps" % (
-        {args.max_context // f: round(t, 4) for f, t in per_ctx.items()}, avg, steps), flush=True)
+        {c: round(t, 4) for c, t in per_ctx.items()}, avg, steps), flush=True)
     return max(10, steps)
 
 
@@ -702,6 +740,9 @@ def main(argv=None) -> int:
     torch.manual_seed(args.seed)
     model = llama_torch.LlamaModel(config)
     init_weights(model, args.seed)
+    if args.init_from and resume is None:
+        model.load_hf_state_dict(llama_torch.read_hf_weights(args.init_from))
+        print("initialised from %s" % args.init_from, flush=True)
     model.to(device)
     n_params = sum(p.numel() for p in model.parameters())
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
