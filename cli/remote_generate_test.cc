@@ -296,19 +296,19 @@ TEST_F(RemoteGenerateTest, JsonHasTheOfflineFieldsAndTheServers) {
 TEST_F(RemoteGenerateTest, AServerErrorIsPrintedWithItsCode) {
   service_.error_ = grpc::Status(grpc::StatusCode::INVALID_ARGUMENT, "sampling.top_p must be in (0, 1], got 1.5");
   EXPECT_EQ(Run({"--prompt", "Hi", "--top-p", "1.5"}), 1);
-  EXPECT_EQ(err_.str(), "kvgate generate: error: INVALID_ARGUMENT: sampling.top_p must be in (0, 1], got 1.5\n");
+  EXPECT_EQ(err_.str(), "kvgate generate: INVALID_ARGUMENT: sampling.top_p must be in (0, 1], got 1.5\n");
   EXPECT_EQ(out_.str(), "Once upon a time\n");  // what had streamed, then a line end
 
   service_.error_ = grpc::Status(grpc::StatusCode::RESOURCE_EXHAUSTED, "no KV capacity");
   EXPECT_EQ(Run({"--prompt", "Hi", "--json"}), 1);
-  EXPECT_EQ(err_.str(), "kvgate generate: error: RESOURCE_EXHAUSTED: no KV capacity\n");
+  EXPECT_EQ(err_.str(), "kvgate generate: RESOURCE_EXHAUSTED: no KV capacity\n");
   EXPECT_EQ(out_.str(), "");  // --json prints only a complete answer
 }
 
 TEST_F(RemoteGenerateTest, AStreamWithoutCompleteIsInternal) {
   service_.send_complete_ = false;
   EXPECT_EQ(Run({"--prompt", "Hi", "--json"}), 1);
-  EXPECT_THAT(err_.str(), HasSubstr("error: INTERNAL: the server ended the stream without a complete message"));
+  EXPECT_THAT(err_.str(), HasSubstr("kvgate generate: INTERNAL: the server ended the stream without a complete message"));
 }
 
 TEST_F(RemoteGenerateTest, UsageErrorsExitTwo) {
@@ -319,7 +319,7 @@ TEST_F(RemoteGenerateTest, UsageErrorsExitTwo) {
 
 TEST_F(RemoteGenerateTest, AnUnreadableCaFileIsNotFound) {
   EXPECT_EQ(Run({"--prompt", "Hi", "--tls-ca", "/nonexistent/ca.pem"}), 1);
-  EXPECT_THAT(err_.str(), HasSubstr("error: NOT_FOUND: --tls-ca: cannot read '/nonexistent/ca.pem'"));
+  EXPECT_THAT(err_.str(), HasSubstr("kvgate generate: NOT_FOUND: --tls-ca: cannot read '/nonexistent/ca.pem'"));
 }
 
 TEST(RemoteGenerateNoServerTest, AnUnreachableServerIsUnavailable) {
@@ -339,7 +339,7 @@ TEST(RemoteGenerateNoServerTest, AnUnreachableServerIsUnavailable) {
                                "10000"},
                               out, err),
             1);
-  EXPECT_THAT(err.str(), HasSubstr("kvgate generate: error: UNAVAILABLE: "));
+  EXPECT_THAT(err.str(), HasSubstr("kvgate generate: UNAVAILABLE: "));
 }
 
 }  // namespace

@@ -44,6 +44,8 @@ struct DeploymentOptions {
   std::vector<std::string> decode_args;  // the decode worker (or serve) only
   std::vector<std::string> prefill_args; // the prefill worker (or serve) only
   bool metrics = false;             // --metrics-port 0 on every process
+  // How the tests (and the readiness probe) reach the servers; null: plaintext.
+  std::shared_ptr<grpc::ChannelCredentials> credentials;
   // Wait until every process's health is SERVING and the decode pool is visible.
   bool wait_ready = true;
 };
@@ -147,7 +149,8 @@ std::vector<int32_t> StoryPrompt(const engine::Tokenizer& tokenizer, int32_t tok
 struct Case {
   std::string policy = "full";
   float keep_ratio = 0;  // 0: unset
-  std::vector<int32_t> prompt;
+  std::vector<int32_t> prompt;  // the ids the server will see (Encode(text) for a text prompt)
+  std::string text;             // when set, the request carries the prompt as text
   int32_t max_tokens = 40;
   bool ignore_eos = true;
   std::string request_id;
