@@ -17,7 +17,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import random
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 WORDS = (
     "apple banana cherry dragon eagle falcon garden harbor island jacket kettle lemon "

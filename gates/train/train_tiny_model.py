@@ -17,9 +17,12 @@ At the end: models/kvgate-tiny/ in HF layout (config.json, model.safetensors in 
 tokenizer.json, generation_config.json), a greedy exact-match eval of the five tasks at
 1024/2048/4096 tokens, and README.md (the model card) with data, steps, losses and eval.
 
-Example (one H100, about 9 minutes):
+kvgate-tiny was made in two stages of about 7 minutes each on one H100 (stage 1 from
+scratch with the defaults, stage 2 from stage 1's weights with most rows on the
+key-matching tasks); models/kvgate-tiny/README.md has both commands. Stage 1:
   python3 gates/train/train_tiny_model.py --haystack .carry/essays --out models/kvgate-tiny \
-      --work .carry/tiny-run --time_budget 420 --device cuda
+      --work .carry/tiny-stage1 --time_budget 420 --stop_after_seconds 490 --export_on_stop \
+      --device cuda --workers 12 --verify_hf
 """
 
 from __future__ import annotations
@@ -195,7 +198,6 @@ def forward_hidden(model, ids):
 
 
 def batch_loss(model, ids, kinds, answer_weight: float):
-    import torch
     import torch.nn.functional as F
     hidden = forward_hidden(model, ids[:, :-1])
     logits = model.lm_head(hidden).float()
