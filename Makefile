@@ -3,9 +3,12 @@
 BUILD_DIR ?= build
 JOBS ?= $(shell nproc)
 CMAKE_FLAGS ?=
-DEMO_MODEL ?= ../shared/models/tinystories-656k
-DEMO_PROMPT ?= Once upon a time, there was a little girl named Lily. She loved to play outside in the park with her friends. One day, Lily found a big red ball under a tree. She picked it up and ran to her mom. "Mom, look what I found!" she said. Her mom smiled and said, "That is a very nice ball, Lily. Let us go and play with it." They played with the ball all afternoon. Then
-DEMO_POLICY ?= snapkv
+DEMO_MODEL ?= models/kvgate-tiny
+DEMO_POLICY ?= fast_kvzip
+DEMO_KEEP_RATIO ?= 0.3
+DEMO_PROMPT ?= needle
+DEMO_SERVE_FLAGS ?= --fast-kvzip-gate $(DEMO_MODEL)/gates/fast_kvzip.safetensors \
+  --attention-gate $(DEMO_MODEL)/gates/attention_gate.safetensors
 
 .PHONY: deps configure build demo test bench clean
 
@@ -19,7 +22,7 @@ build: configure
 	@cmake --build $(BUILD_DIR) -j $(JOBS)
 
 demo: build
-	@scripts/demo.sh $(BUILD_DIR) $(DEMO_MODEL) '$(DEMO_PROMPT)' $(DEMO_POLICY)
+	@scripts/demo.sh $(BUILD_DIR) $(DEMO_MODEL) $(DEMO_POLICY) $(DEMO_KEEP_RATIO) '$(DEMO_PROMPT)' $(DEMO_SERVE_FLAGS)
 
 test: build
 	@cd $(BUILD_DIR) && ctest --output-on-failure -j $(JOBS) -LE gpu

@@ -3,9 +3,13 @@
 // them assemble the same services on one gRPC server; they differ only in which roles run
 // here and how the roles reach each other (in-process channel and inproc KV transport,
 // or host:port and the tcp transport).
+#include <condition_variable>
 #include <csignal>
+#include <deque>
 #include <iostream>
+#include <mutex>
 #include <set>
+#include <thread>
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_split.h"
@@ -143,6 +147,56 @@ class AddressedSender final : public kv::KvSender {
   std::unique_ptr<kv::KvSender> inproc_, tcp_;
 };
 
+// Sends the workers' progress reports to the KV manager from a thread of its own, in the
+// order they were made. The reporters are gRPC handlers and the decode loop: a blocking
+// ReportProgress there would hold a callback thread (or every decoding sequence) for a
+// round trip, and in `serve` the manager answers on the same server's callback threads,
+// so a burst of Prefill calls could starve the manager (and the router's health probe).
+class ProgressSender {
+ public:
+  ProgressSender() : thread_([this] { Loop(); }) {}
+  ~ProgressSender() { Stop(); }
+
+  // Queues `report` for the manager through `*registration` (dropped while it is null).
+  void Send(std::unique_ptr<kv::WorkerRegistration>* registration, v1::ProgressReport report) {
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      if (stopping_) return;
+      queue_.emplace_back(registration, std::move(report));
+    }
+    changed_.notify_one();
+  }
+  // Sends what is queued, then stops. Idempotent.
+  void Stop() {
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      stopping_ = true;
+    }
+    changed_.notify_one();
+    if (thread_.joinable()) thread_.join();
+  }
+
+ private:
+  void Loop() {
+    std::unique_lock<std::mutex> lock(mu_);
+    while (true) {
+      changed_.wait(lock, [this] { return stopping_ || !queue_.empty(); });
+      if (queue_.empty()) return;  // stopping
+      auto [registration, report] = std::move(queue_.front());
+      queue_.pop_front();
+      lock.unlock();
+      if (*registration) (void)(*registration)->ReportProgress(report);
+      lock.lock();
+    }
+  }
+
+  std::mutex mu_;
+  std::condition_variable changed_;
+  std::deque<std::pair<std::unique_ptr<kv::WorkerRegistration>*, v1::ProgressReport>> queue_;
+  bool stopping_ = false;
+  std::thread thread_;  // last: starts after the members it uses
+};
+
 sigset_t StopSignals() {
   sigset_t set;
   sigemptyset(&set);
@@ -170,6 +224,10 @@ absl::Status RunServer(const ServerConfig& c) {
     manager_service = std::make_unique<kv::KvManagerService>(std::move(state), channels.AsFactory());
     services.push_back(manager_service.get());
   }
+  // Progress reports go to the manager through the registration's client (set below),
+  // from `progress`'s thread. Declared before the engines: those outlive neither.
+  std::unique_ptr<kv::WorkerRegistration> prefill_registration, decode_registration;
+  ProgressSender progress;
   std::unique_ptr<kv::WorkerRuntime> prefill_runtime, decode_runtime;
   std::unique_ptr<AddressedSender> sender;
   std::unique_ptr<prefill::PrefillEngine> prefill_engine;
@@ -177,12 +235,8 @@ absl::Status RunServer(const ServerConfig& c) {
   std::unique_ptr<decode::DecodeEngine> decode_engine;
   std::unique_ptr<decode::DecodeService> decode_service;
   std::unique_ptr<grpc::Service> transfer_service;
-  // Progress reports go to the manager through the registration's client (set below).
-  std::unique_ptr<kv::WorkerRegistration> prefill_registration, decode_registration;
-  auto reporter = [](std::unique_ptr<kv::WorkerRegistration>* registration) {
-    return [registration](const v1::ProgressReport& report) {
-      if (*registration) (void)(*registration)->ReportProgress(report);
-    };
+  auto reporter = [&progress](std::unique_ptr<kv::WorkerRegistration>* registration) {
+    return [&progress, registration](const v1::ProgressReport& report) { progress.Send(registration, report); };
   };
   const std::string id_prefix = c.worker_id.empty() ? absl::StrCat(c.command, "-", getpid()) : c.worker_id;
   if (c.roles.count(Role::kPrefill)) {
@@ -304,6 +358,7 @@ absl::Status RunServer(const ServerConfig& c) {
   if (decode_registration) decode_registration->Stop();
   if (prefill_engine) prefill_engine->Shutdown();
   if (decode_engine) decode_engine->Shutdown();
+  progress.Stop();  // the engines' last reports are out
   if (inproc && decode_engine) kv::UnregisterInprocInbox(kInprocAddress);
   if (manager_service) manager_service->Shutdown(deadline);
   server.server->Wait();

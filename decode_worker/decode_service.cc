@@ -33,11 +33,12 @@ grpc::ServerWriteReactor<v1::DecodeResponse>* DecodeService::Decode(grpc::Callba
   job.options = kv::GenerateOptionsFromProto(request->sampling());
   job.prompt_tail.assign(request->prompt_tail().begin(), request->prompt_tail().end());
   job.skip_text = request->skip_text();
+  // The transfer may take as long as the call and the lease live: the prefill worker
+  // runs one job at a time, so under load a transfer arrives long after one lease_ttl_ms
+  // (while the router keeps renewing the lease). A lease that expires is aborted here by
+  // the KV manager (AbortRequest cancels the wait), so no timer of our own is needed.
   const auto deadline = context->deadline();
   if (deadline != std::chrono::system_clock::time_point::max()) job.transfer_deadline = absl::FromChrono(deadline);
-  if (ticket.lease_ttl_ms() > 0) {
-    job.transfer_deadline = std::min(job.transfer_deadline, absl::Now() + absl::Milliseconds(ticket.lease_ttl_ms()));
-  }
   const std::string request_id = job.request_id;
   DecodeCallbacks callbacks;
   auto reported_decoding = std::make_shared<bool>(false);

@@ -129,10 +129,10 @@ TEST_F(BadRequestTest, MissingOrWrongBearerTokenIsUnauthenticated) {
   Case c;
   c.prompt = StoryPrompt(Reference().tokenizer(), 20, 0);
   c.max_tokens = 4;
-  StreamResult missing = Generate(stub(), c.Request(), {.timeout = absl::Seconds(10)});
+  StreamResult missing = Generate(stub(), c.Request(), Within(absl::Seconds(10)));
   EXPECT_EQ(missing.status.error_code(), grpc::StatusCode::UNAUTHENTICATED) << ToString(missing.status);
   EXPECT_EQ(missing.chunks, 0);
-  StreamResult wrong = Generate(stub(), c.Request(), {.timeout = absl::Seconds(10), .token = "not-the-token"});
+  StreamResult wrong = Generate(stub(), c.Request(), Within(absl::Seconds(10), "not-the-token"));
   EXPECT_EQ(wrong.status.error_code(), grpc::StatusCode::UNAUTHENTICATED) << ToString(wrong.status);
   grpc::Status abort = Abort("anything", nullptr, /*token=*/"");
   EXPECT_EQ(abort.error_code(), grpc::StatusCode::UNAUTHENTICATED) << ToString(abort);

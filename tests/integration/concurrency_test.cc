@@ -19,7 +19,9 @@ constexpr int kStreams = 64;
 
 TEST(ConcurrencyTest, SixtyFourMixedStreamsLoseNothingAndReleaseEverything) {
   DeploymentOptions options;
-  options.extra_args = {"--kv-sequences", "80"};
+  // A short lease: the last prefills wait in the queue for several lease TTLs while the
+  // router renews them (the decode side must keep waiting for their transfers).
+  options.extra_args = {"--kv-sequences", "80", "--lease-ttl-ms", "1000"};
   absl::StatusOr<std::unique_ptr<Deployment>> deployment = Deployment::Start(options);
   ASSERT_TRUE(deployment.ok()) << deployment.status();
   Deployment& d = **deployment;
@@ -50,7 +52,7 @@ TEST(ConcurrencyTest, SixtyFourMixedStreamsLoseNothingAndReleaseEverything) {
   std::thread watcher([&] {
     auto stub = v1::Inference::NewStub(Connect(d.address()));
     while (!done.load()) {
-      absl::StatusOr<v1::ServerInfo> info = absl::UnknownError("off");
+      absl::StatusOr<v1::ServerInfo> info = GetServerInfo(*stub);
       if (info.ok()) max_in_flight.store(std::max(max_in_flight.load(), info->requests_in_flight()));
       std::this_thread::sleep_for(std::chrono::milliseconds(10));
     }
@@ -66,7 +68,7 @@ TEST(ConcurrencyTest, SixtyFourMixedStreamsLoseNothingAndReleaseEverything) {
       auto stub = v1::Inference::NewStub(channel);
       ready.fetch_add(1);
       while (ready.load() < kStreams) std::this_thread::yield();
-      got[i] = Generate(*stub, cases[i].Request(), {.timeout = absl::Seconds(90)});
+      got[i] = Generate(*stub, cases[i].Request(), Within(absl::Seconds(90)));
     });
   }
   for (std::thread& t : clients) t.join();

@@ -108,7 +108,7 @@ TEST(ManagerFailureTest, RouterTurnsNotServingAndRecoversWhenTheManagerReturns) 
   ASSERT_TRUE(not_serving) << "router health after the manager died: "
                            << (health.ok() ? std::to_string(*health) : health.status().ToString());
   RecordProperty("not_serving_after_ms", std::to_string(absl::ToInt64Milliseconds(absl::Now() - killed_at)));
-  StreamResult refused = Generate(d.stub(), ShortCase("while-manager-dead").Request(), {.timeout = absl::Seconds(10)});
+  StreamResult refused = Generate(d.stub(), ShortCase("while-manager-dead").Request(), Within(absl::Seconds(10)));
   EXPECT_EQ(refused.status.error_code(), grpc::StatusCode::UNAVAILABLE) << ToString(refused.status);
 
   ASSERT_TRUE(d.RestartManager().ok()) << d.Logs();
@@ -118,7 +118,7 @@ TEST(ManagerFailureTest, RouterTurnsNotServingAndRecoversWhenTheManagerReturns) 
   const bool resumed = PollUntil(
       [&] {
         after = Generate(d.stub(), ShortCase(absl::StrCat("after-restart-", attempt++)).Request(),
-                         {.timeout = absl::Seconds(5)});
+                         Within(absl::Seconds(5)));
         return after.status.ok();
       },
       absl::Seconds(10));

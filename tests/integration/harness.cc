@@ -1,6 +1,7 @@
 #include "tests/integration/harness.h"
 
 #include <arpa/inet.h>
+#include <sys/wait.h>
 #include <netinet/in.h>
 #include <sys/socket.h>
 #include <unistd.h>
@@ -14,7 +15,9 @@
 #include <thread>
 
 #include <google/protobuf/unknown_field_set.h>
+#include <grpc/grpc.h>
 #include <grpcpp/generic/generic_stub.h>
+#include <gtest/gtest.h>
 
 #include "absl/strings/match.h"
 #include "absl/strings/numbers.h"
@@ -139,7 +142,17 @@ absl::StatusOr<std::unique_ptr<Deployment>> Deployment::Start(const DeploymentOp
 Deployment::~Deployment() {
   // Reverse order: the router first, the KV manager last.
   for (auto it = processes_.rbegin(); it != processes_.rend(); ++it) (*it)->Signal(SIGTERM);
-  for (auto it = processes_.rbegin(); it != processes_.rend(); ++it) (*it)->Stop(absl::Seconds(2));
+  for (auto it = processes_.rbegin(); it != processes_.rend(); ++it) {
+    Process& p = **it;
+    const bool killed_by_test = p.killed();
+    const int status = p.Stop(absl::Seconds(3));
+    // A server asked to stop exits 0 within its grace period (300 ms here).
+    if (!killed_by_test && !(WIFEXITED(status) && WEXITSTATUS(status) == 0)) {
+      ADD_FAILURE() << p.name() << " (pid " << p.pid() << ") did not shut down cleanly on SIGTERM: "
+                    << (p.killed() ? "still running after 3 s" : Process::DescribeStatus(status)) << "; output:\n"
+                    << p.Output();
+    }
+  }
 }
 
 Process* Deployment::manager() const { return options_.split ? processes_[0].get() : nullptr; }
@@ -183,6 +196,13 @@ std::string Deployment::Logs() const {
 
 std::shared_ptr<grpc::Channel> Connect(const std::string& address,
                                        std::shared_ptr<grpc::ChannelCredentials> credentials) {
+  // gRPC stays initialized for the whole test binary: otherwise destroying the last
+  // channel runs grpc_shutdown, which waits up to 10 s for an idle executor thread.
+  static const bool initialized = [] {
+    grpc_init();
+    return true;
+  }();
+  (void)initialized;
   if (!credentials) credentials = grpc::InsecureChannelCredentials();
   grpc::ChannelArguments args;
   args.SetMaxReceiveMessageSize(64 << 20);
@@ -202,6 +222,13 @@ void AddToken(grpc::ClientContext* ctx, const std::string& token) {
 }
 
 }  // namespace
+
+CallOptions Within(absl::Duration timeout, std::string token) {
+  CallOptions options;
+  options.timeout = timeout;
+  options.token = std::move(token);
+  return options;
+}
 
 StreamResult Generate(v1::Inference::Stub& stub, const v1::GenerateRequest& request, const CallOptions& options) {
   StreamResult result;

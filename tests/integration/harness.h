@@ -105,6 +105,9 @@ struct CallOptions {
   std::function<void(grpc::ClientContext*, const StreamResult&)> on_chunk;
 };
 
+// CallOptions with a deadline (and a bearer token) only.
+CallOptions Within(absl::Duration timeout, std::string token = "");
+
 // One Generate call read to its end.
 StreamResult Generate(v1::Inference::Stub& stub, const v1::GenerateRequest& request, const CallOptions& options = {});
 

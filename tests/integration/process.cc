@@ -110,7 +110,21 @@ std::optional<int> Process::metrics_port() const {
 
 void Process::Signal(int signal) {
   std::lock_guard<std::mutex> lock(mu_);
-  if (!reaped_) kill(pid_, signal);
+  if (reaped_) return;
+  if (signal == SIGTERM) term_sent_ = true;
+  if (signal == SIGKILL) killed_ = true;
+  kill(pid_, signal);
+}
+
+bool Process::killed() const {
+  std::lock_guard<std::mutex> lock(mu_);
+  return killed_;
+}
+
+std::string Process::DescribeStatus(int wait_status) {
+  if (WIFEXITED(wait_status)) return absl::StrCat("exit ", WEXITSTATUS(wait_status));
+  if (WIFSIGNALED(wait_status)) return absl::StrCat("signal ", WTERMSIG(wait_status));
+  return absl::StrCat("wait status ", wait_status);
 }
 
 bool Process::Reap(bool block) {
@@ -130,7 +144,12 @@ bool Process::Exited() { return Reap(/*block=*/false); }
 
 int Process::Stop(absl::Duration grace) {
   if (!Exited()) {
-    Signal(SIGTERM);
+    bool term_sent;
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      term_sent = term_sent_;
+    }
+    if (!term_sent) Signal(SIGTERM);
     const absl::Time deadline = absl::Now() + grace;
     while (!Exited() && absl::Now() < deadline) std::this_thread::sleep_for(std::chrono::milliseconds(5));
     if (!Exited()) {

@@ -43,11 +43,15 @@ class Process {
 
   // Sends `signal` (SIGKILL, SIGTERM, ...) without waiting.
   void Signal(int signal);
-  // SIGTERM, waits up to `grace`, then SIGKILL; reaps the child and joins the reader.
-  // Returns the wait status (as waitpid gives it). Idempotent.
+  // SIGTERM (unless already sent), waits up to `grace`, then SIGKILL; reaps the child and
+  // joins the reader. Returns the wait status (as waitpid gives it). Idempotent.
   int Stop(absl::Duration grace = absl::Seconds(1));
   // SIGKILL and reap at once.
   void Kill();
+  // True after Kill(), or when Stop() had to escalate to SIGKILL.
+  bool killed() const;
+  // "exit 0", "exit 3", "signal 11": a wait status in words.
+  static std::string DescribeStatus(int wait_status);
   // True once the child has exited (reaps it without blocking).
   bool Exited();
 
@@ -68,6 +72,8 @@ class Process {
   std::string output_;
   bool eof_ = false;
   bool reaped_ = false;
+  bool term_sent_ = false;
+  bool killed_ = false;
   int wait_status_ = 0;
   std::optional<int> metrics_port_;
   std::thread reader_;

@@ -79,7 +79,7 @@ class TlsTest : public ::testing::Test {
     Case c;
     c.prompt = StoryPrompt(Reference().tokenizer(), 20, 0);
     c.max_tokens = 4;
-    return Generate(*stub, c.Request(), {.timeout = absl::Seconds(5)}).status;
+    return Generate(*stub, c.Request(), Within(absl::Seconds(5))).status;
   }
 
   static std::filesystem::path* dir_;
