@@ -3,7 +3,7 @@
 #include "absl/strings/str_cat.h"
 #include "common/grpc_status.h"
 #include "common/stream_writer.h"
-#include "kv_manager/worker/worker_proto.h"
+#include "kv_manager/proto_convert.h"
 
 namespace kvgate::decode {
 namespace {
@@ -30,7 +30,7 @@ grpc::ServerWriteReactor<v1::DecodeResponse>* DecodeService::Decode(grpc::Callba
   DecodeJob job;
   job.request_id = ticket.request_id();
   job.transfer_id = ticket.transfer_id();
-  job.options = kv::GenerateOptionsFromProto(request->sampling());
+  job.options = kv::FromProto(request->sampling());
   job.prompt_tail.assign(request->prompt_tail().begin(), request->prompt_tail().end());
   job.skip_text = request->skip_text();
   // The transfer may take as long as the call and the lease live: the prefill worker

@@ -3,7 +3,7 @@
 #include "absl/strings/str_cat.h"
 #include "common/grpc_status.h"
 #include "kv_manager/manager/plan_proto.h"
-#include "kv_manager/worker/worker_proto.h"
+#include "kv_manager/proto_convert.h"
 
 namespace kvgate::prefill {
 
@@ -31,7 +31,7 @@ grpc::ServerUnaryReactor* PrefillService::Prefill(grpc::CallbackServerContext* c
     return reactor;
   }
   job.plan = *std::move(plan);
-  job.sampling = kv::GenerateOptionsFromProto(request->sampling()).sampling;
+  job.sampling = kv::FromProto(request->sampling()).sampling;
   const auto deadline = context->deadline();
   if (deadline != std::chrono::system_clock::time_point::max()) job.deadline = absl::FromChrono(deadline);
   if (report_) {

@@ -8,7 +8,7 @@
 #include "absl/strings/str_join.h"
 #include "common/status_macros.h"
 #include "engine/tokenizer_util.h"
-#include "router/proto_convert.h"
+#include "kv_manager/proto_convert.h"
 
 namespace kvgate::router {
 namespace {
@@ -219,7 +219,7 @@ absl::StatusOr<ValidatedRequest> ValidateGenerateRequest(const GenerateRequest& 
 
   const SamplingParams& sampling = request.sampling();
   KVGATE_RETURN_IF_ERROR(CheckSampling(sampling, config.vocab_size));
-  out.options = FromProto(sampling);
+  out.options = kv::FromProto(sampling);
   KVGATE_ASSIGN_OR_RETURN(out.options.max_tokens,
                           ResolveMaxTokens(sampling.max_tokens(), prompt_tokens, prompt_field, config, limits));
   out.seed_given = sampling.has_seed();
@@ -227,7 +227,7 @@ absl::StatusOr<ValidatedRequest> ValidateGenerateRequest(const GenerateRequest& 
 
   std::string policy;
   KVGATE_RETURN_IF_ERROR(CheckCompression(request.compression(), prompt_tokens, limits, &policy));
-  out.eviction = FromProto(request.compression());
+  out.eviction = kv::FromProto(request.compression());
   out.eviction.policy = policy;
   out.skip_text = request.skip_text();
 

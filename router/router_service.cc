@@ -10,7 +10,7 @@
 #include "common/stream_writer.h"
 #include "engine/output_stream.h"
 #include "kvgate/v1/worker.grpc.pb.h"
-#include "router/proto_convert.h"
+#include "kv_manager/proto_convert.h"
 
 namespace kvgate::router {
 
@@ -168,7 +168,7 @@ grpc::Status RouterService::Run(const std::shared_ptr<InFlight>& self) {
   admit.set_request_id(r.request_id);
   admit.set_prompt_tokens(static_cast<int32_t>(r.prompt.size()));
   admit.set_max_tokens(r.options.max_tokens);
-  *admit.mutable_compression() = ToProto(r.eviction);
+  *admit.mutable_compression() = kv::ToProto(r.eviction);
   absl::StatusOr<v1::Ticket> ticket = manager.Admit(admit);
   if (!ticket.ok()) return ToGrpcStatus(ticket.status());
   const absl::Time admitted = absl::Now();
@@ -187,7 +187,7 @@ grpc::Status RouterService::Run(const std::shared_ptr<InFlight>& self) {
     }
   });
 
-  v1::SamplingParams sampling = ToProto(r.options);
+  v1::SamplingParams sampling = kv::ToProto(r.options);
   // Prefill, concurrently with the decode stream.
   grpc::ClientContext prefill_context;
   SetDeadline(&prefill_context, call.deadline);

@@ -5,6 +5,7 @@
 // resumes.
 #include <gtest/gtest.h>
 
+#include "kvgate/v1/kv_manager.grpc.pb.h"
 #include "tests/integration/harness.h"
 
 namespace kvgate::integration {
@@ -27,6 +28,15 @@ Case ShortCase(const std::string& request_id) {
   c.max_tokens = 6;
   c.request_id = request_id;
   return c;
+}
+
+absl::StatusOr<v1::ServerInfo> ManagerServerInfo(v1::KvManager::Stub& manager) {
+  grpc::ClientContext ctx;
+  ctx.set_deadline(absl::ToChronoTime(absl::Now() + absl::Seconds(2)));
+  v1::ServerInfo info;
+  grpc::Status s = manager.GetServerInfo(&ctx, v1::GetServerInfoRequest(), &info);
+  if (!s.ok()) return absl::UnavailableError(ToString(s));
+  return info;
 }
 
 TEST(WorkerFailureTest, KilledDecodeWorkerFailsTheStreamAndReleasesTheLease) {
@@ -55,12 +65,15 @@ TEST(WorkerFailureTest, KilledDecodeWorkerFailsTheStreamAndReleasesTheLease) {
   EXPECT_LE(failed_at - killed_at, absl::Seconds(2)) << "the client learned of the dead decode worker after "
                                                      << absl::FormatDuration(failed_at - killed_at);
 
-  // The manager released the lease (the router's ServerInfo is the manager's).
-  absl::StatusOr<v1::ServerInfo> info = WaitServerInfo(
-      d.stub(),
-      [&](const v1::ServerInfo& i) {
-        const v1::RequestState::Phase phase = PhaseOf(i, c.request_id);
-        return i.leases_active() == 0 && i.transfers_active() == 0 && i.requests_in_flight() == 0 &&
+  // The KV manager released the lease (asked directly, not through the router).
+  auto manager = v1::KvManager::NewStub(Connect(d.Address(*d.manager())));
+  absl::StatusOr<v1::ServerInfo> info;
+  PollUntil(
+      [&] {
+        info = ManagerServerInfo(*manager);
+        if (!info.ok()) return false;
+        const v1::RequestState::Phase phase = PhaseOf(*info, c.request_id);
+        return info->leases_active() == 0 && info->transfers_active() == 0 && info->requests_in_flight() == 0 &&
                (phase == v1::RequestState::FAILED || phase == v1::RequestState::ABORTED);
       },
       std::max(absl::ZeroDuration(), killed_at + absl::Seconds(2) - absl::Now()));

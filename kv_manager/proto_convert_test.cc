@@ -1,9 +1,9 @@
-#include "router/proto_convert.h"
+#include "kv_manager/proto_convert.h"
 
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
 
-namespace kvgate::router {
+namespace kvgate::kv {
 namespace {
 
 using ::testing::ElementsAre;
@@ -147,4 +147,4 @@ TEST(ProtoConvertTest, HeadBudgetEnum) {
 }
 
 }  // namespace
-}  // namespace kvgate::router
+}  // namespace kvgate::kv

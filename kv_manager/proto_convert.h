@@ -1,6 +1,6 @@
 // File: the one mapping between the wire messages of a generation request
 // (kvgate.v1.SamplingParams, CompressionSpec, EvictionPlan) and the engine's domain
-// structs (engine::GenerateOptions, gates::EvictionSpec). The router, the prefill worker
+// structs (engine::GenerateOptions, gates::EvictionSpec). The router, the KV manager, the prefill worker
 // and the decode worker all convert through here (house-style section 5).
 //
 // These are plain field-by-field mappings; they never validate (ValidateGenerateRequest
@@ -18,7 +18,7 @@
 #include "kvgate/v1/inference.pb.h"
 #include "kvgate/v1/kv_manager.pb.h"
 
-namespace kvgate::router {
+namespace kvgate::kv {
 
 // --- Sampling --------------------------------------------------------------------------
 // ToProto always sets `seed` (a domain GenerateOptions always has one).
@@ -40,4 +40,4 @@ gates::EvictionSpec FromProto(const kvgate::v1::CompressionSpec& spec);
 kvgate::v1::EvictionPlan ToPlanProto(const gates::EvictionSpec& spec);
 gates::EvictionSpec FromProto(const kvgate::v1::EvictionPlan& plan);
 
-}  // namespace kvgate::router
+}  // namespace kvgate::kv

@@ -1,6 +1,6 @@
-#include "router/proto_convert.h"
+#include "kv_manager/proto_convert.h"
 
-namespace kvgate::router {
+namespace kvgate::kv {
 namespace {
 
 using kvgate::v1::CompressionSpec;
@@ -108,4 +108,4 @@ kvgate::v1::EvictionPlan ToPlanProto(const gates::EvictionSpec& spec) {
 
 gates::EvictionSpec FromProto(const kvgate::v1::EvictionPlan& plan) { return ReadSpec(plan); }
 
-}  // namespace kvgate::router
+}  // namespace kvgate::kv
