@@ -452,13 +452,16 @@ absl::Status Eval(const EvalCommand& command, int* exit_code) {
   log(absl::StrFormat("%d samples generated (%s haystack)", samples.size(),
                       command.haystack_path ? *command.haystack_path : "generated"));
 
-  // One pool for every run, sized for the longest prompt plus its answer.
+  // One pool for every run, sized for the longest prompt plus its answer, twice: a
+  // compaction allocates the kept rows' fresh pages before it frees the old ones
+  // (kv_manager/sequence_layout.cc PlanCompaction), and attention_gate compacts at decode
+  // steps with most of the prompt still kept (keep ratio 1 ran out of pages at 1024).
   int32_t max_rows = 0;
   for (const bench::TaskSample& s : samples) {
     max_rows = std::max<int32_t>(max_rows, static_cast<int32_t>(s.prompt_ids.size()) + bench::kMaxAnswerTokens);
   }
   max_rows = std::min(max_rows, c.max_context_tokens);
-  const int32_t pages = c.num_layers * c.num_kv_heads * ((max_rows + kPageTokens - 1) / kPageTokens + 1);
+  const int32_t pages = c.num_layers * c.num_kv_heads * (2 * ((max_rows + kPageTokens - 1) / kPageTokens) + 1);
   KVGATE_ASSIGN_OR_RETURN(std::unique_ptr<kv::KvPool> pool,
                           kv::KvPool::Create(backend.get(), pages, kPageTokens, c.head_dim));
   engine::Generator generator(model.get(), tokenizer.get());

@@ -166,7 +166,7 @@ class ProgressSender {
     }
     changed_.notify_one();
   }
-  // Sends what is queued, then stops. Idempotent.
+  // Sends what is queued, then stops; later reports are dropped. Idempotent.
   void Stop() {
     {
       std::lock_guard<std::mutex> lock(mu_);
@@ -353,12 +353,21 @@ absl::Status RunServer(const ServerConfig& c) {
   health.join();
   SetServing(server.server.get(), false);
   if (router_service) router_service->Shutdown(deadline);
+  if (manager_address == kInprocAddress) {
+    // Every call between the roles goes through the server's in-process channel, and
+    // gRPC crashes creating a call on it once the server is shut down: heartbeats,
+    // progress reports and the manager's aborts stop first (the router has drained).
+    if (prefill_registration) prefill_registration->Stop();
+    if (decode_registration) decode_registration->Stop();
+    progress.Stop();
+    if (manager_service) manager_service->Shutdown(deadline);
+  }
   server.server->Shutdown(absl::ToChronoTime(deadline));
   if (prefill_registration) prefill_registration->Stop();
   if (decode_registration) decode_registration->Stop();
   if (prefill_engine) prefill_engine->Shutdown();
   if (decode_engine) decode_engine->Shutdown();
-  progress.Stop();  // the engines' last reports are out
+  progress.Stop();  // the engines' last reports are out (dropped after an earlier Stop)
   if (inproc && decode_engine) kv::UnregisterInprocInbox(kInprocAddress);
   if (manager_service) manager_service->Shutdown(deadline);
   server.server->Wait();

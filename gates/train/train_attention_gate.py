@@ -25,6 +25,12 @@ Loss = LM loss + rate_weight * |mean keep - target|, where
 Only the gates are trained (AdamW). Held-out contexts give a final validation record: KL and
 keep rate of the gates, and KL of random eviction at the same per-(layer, head) keep rate.
 
+--focus-text TEXT --focus-weight W weight the LM loss of chosen positions: the predictions of
+the tokens after each occurrence of TEXT's tokens, up to and including the next <eos> (with
+'Answer:', the answers of the retrieval prompts of bench/retrieval_tasks.md), count W times;
+the loss is then the weighted mean over positions. The validation record adds the KL and the
+top-1 agreement with the full model at those positions alone.
+
 Outputs --out and <out without .safetensors>.log.jsonl (one JSON record per logged step:
 step, loss, kl/ce, keep rate overall and per layer, time).
 
@@ -61,6 +67,8 @@ def parse_args(argv=None):
     p.add_argument("--max-contexts", type=int, default=0)
     p.add_argument("--val-contexts", type=int, default=16, help="contexts held out for validation")
     p.add_argument("--steps", type=int, default=2000)
+    p.add_argument("--time-budget", type=float, default=0,
+                   help="seconds of training: after timing steps 2..6, cut --steps to what fits (0 = off)")
     p.add_argument("--batch-size", type=int, default=8, help="sequences per step")
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--weight-decay", type=float, default=0.0)
@@ -68,6 +76,9 @@ def parse_args(argv=None):
     p.add_argument("--rate-weight", type=float, default=2.0)
     p.add_argument("--rate-warmup", type=float, default=0.3, help="fraction of steps over which the target ramps from 1")
     p.add_argument("--lm-loss", choices=("kl", "ce"), default="kl")
+    p.add_argument("--focus-text", help="weight the predictions after each occurrence of this text, up to and "
+                   "including the next eos (e.g. 'Answer:' for retrieval prompts)")
+    p.add_argument("--focus-weight", type=float, default=1.0, help="loss weight of the --focus-text positions")
     p.add_argument("--gate-heads", type=int, default=2)
     p.add_argument("--gate-head-dim", type=int, default=16)
     p.add_argument("--threshold", type=float, default=0.5)
@@ -111,10 +122,37 @@ class GatedForward:
         return keep
 
 
-def kl_full_vs(ref_logp, logits):
-    """mean over positions of KL(p_full || q), ref_logp = log_softmax of the full model."""
+def kl_full_vs(ref_logp, logits, weights=None):
+    """mean over positions of KL(p_full || q), ref_logp = log_softmax of the full model;
+    weights [B, T] make it the weighted mean."""
     logq = torch.log_softmax(logits.float(), -1)
-    return (ref_logp.exp() * (ref_logp - logq)).sum(-1).mean()
+    kl = (ref_logp.exp() * (ref_logp - logq)).sum(-1)
+    if weights is None:
+        return kl.mean()
+    return (kl * weights).sum() / weights.sum()
+
+
+def focus_mask(ids, focus_ids, eos_id):
+    """[N, T] bool: position t predicts token t+1, which lies after an occurrence of focus_ids
+    and at or before the next eos (or the end)."""
+    n, t = ids.shape
+    mask = torch.zeros(n, t, dtype=torch.bool)
+    f = len(focus_ids)
+    rows = ids.tolist()
+    for b, row in enumerate(rows):
+        i = 0
+        while i + f <= t:
+            if row[i:i + f] == focus_ids:
+                j = i + f                      # first focused target token
+                while j < t:
+                    mask[b, j - 1] = True
+                    if row[j] == eos_id:
+                        break
+                    j += 1
+                i = j
+            else:
+                i += 1
+    return mask
 
 
 def main(argv=None):
@@ -135,6 +173,16 @@ def main(argv=None):
     n_val = min(args.val_contexts, max(1, len(contexts) // 5))
     data = torch.tensor(contexts, dtype=torch.long)
     val, train = data[:n_val], data[n_val:]
+    focus = None   # [N, T] float loss weights, or None
+    if args.focus_text:
+        if tokenizer is None:
+            raise SystemExit("--focus-text needs the model's tokenizer.json")
+        eos = config.eos_token_id[0] if isinstance(config.eos_token_id, list) else config.eos_token_id
+        focus = focus_mask(data, tokenizer.encode(args.focus_text, add_special_tokens=False), eos)
+        if not focus.any():
+            raise SystemExit("--focus-text %r occurs in no context" % args.focus_text)
+        weights = 1.0 + (args.focus_weight - 1.0) * focus.float()
+        val_focus, train_weights = focus[:n_val], weights[n_val:]
 
     L, H = config.num_hidden_layers, config.num_key_value_heads
     torch.manual_seed(args.seed)
@@ -148,11 +196,25 @@ def main(argv=None):
                "rate_weight": args.rate_weight, "rate_warmup": args.rate_warmup, "lm_loss": args.lm_loss,
                "gate_heads": args.gate_heads, "gate_head_dim": args.gate_head_dim, "threshold": args.threshold,
                "sink": args.sink, "seed": args.seed, "device": str(device), "torch": torch.__version__,
+               "focus_text": args.focus_text, "focus_weight": args.focus_weight,
+               "focus_positions": int(focus.sum()) if focus is not None else 0,
                "data_seconds": round(time.time() - t0, 2)}, echo=not args.quiet)
     gen = torch.Generator(device="cpu").manual_seed(args.seed + 1)
     warm = max(1, int(args.rate_warmup * args.steps))
 
-    for step in range(args.steps):
+    steps = args.steps
+    step = 0
+    while step < steps:
+        if args.time_budget > 0 and step in (2, 7) and device.type == "cuda":
+            torch.cuda.synchronize()
+        if args.time_budget > 0 and step == 2:
+            timing_start = time.time()
+        if args.time_budget > 0 and step == 7:
+            per_step = (time.time() - timing_start) / 5
+            steps = max(8, min(args.steps, int(args.time_budget / per_step)))
+            warm = max(1, int(args.rate_warmup * steps))
+            log.write({"event": "time_budget", "seconds_per_step": round(per_step, 4), "steps": steps},
+                      echo=not args.quiet)
         target = 1.0 - (1.0 - args.target_keep) * min(1.0, (step + 1) / warm)
         idx = torch.randint(0, train.shape[0], (min(args.batch_size, train.shape[0]),), generator=gen)
         ids = train[idx].to(device)
@@ -161,7 +223,7 @@ def main(argv=None):
         if args.lm_loss == "kl":
             with torch.no_grad():
                 ref = torch.log_softmax(model(ids).logits.float(), -1)
-            lm = kl_full_vs(ref, out.logits)
+            lm = kl_full_vs(ref, out.logits, train_weights[idx].to(device) if focus is not None else None)
         else:
             lm = F.cross_entropy(out.logits[:, :-1].float().reshape(-1, config.vocab_size), ids[:, 1:].reshape(-1))
         keep = torch.stack([k.mean() for k in gf.keeps])          # per layer
@@ -170,32 +232,47 @@ def main(argv=None):
         opt.zero_grad()
         loss.backward()
         opt.step()
-        if step % args.log_every == 0 or step == args.steps - 1:
+        if step % args.log_every == 0 or step == steps - 1:
             log.write({"step": step, "loss": round(float(loss.detach()), 6), args.lm_loss: round(float(lm.detach()), 6),
                        "keep": round(float(rate.detach()), 4), "target": round(target, 4),
                        "keep_per_layer": [round(float(k), 4) for k in keep.detach()]},
-                      echo=not args.quiet and (step % (args.log_every * 10) == 0 or step == args.steps - 1))
+                      echo=not args.quiet and (step % (args.log_every * 10) == 0 or step == steps - 1))
+        step += 1
 
     # Validation: the gates (hard) vs random eviction at the same per-(layer, head) keep rate.
     with torch.no_grad():
         vids = val.to(device)
         ref = torch.log_softmax(model(vids).logits.float(), -1)
         gf = GatedForward(gates, args.threshold, args.sink, "hard")
-        kl_gate = float(kl_full_vs(ref, model(vids, key_mask_fn=gf).logits))
+        logits_gate = model(vids, key_mask_fn=gf).logits
+        kl_gate = float(kl_full_vs(ref, logits_gate))
         per_head = torch.stack([k.mean(dim=(0, 2)) for k in gf.keeps])   # [L, H]
         rnd = GatedForward(None, args.threshold, args.sink, "random", per_head,
                            torch.Generator(device="cpu").manual_seed(args.seed + 2))
-        kl_random = float(kl_full_vs(ref, model(vids, key_mask_fn=rnd).logits))
+        logits_random = model(vids, key_mask_fn=rnd).logits
+        kl_random = float(kl_full_vs(ref, logits_random))
+        if focus is not None and val_focus.any():
+            vf = val_focus.to(device)
+            top1_full = ref.argmax(-1)
+            focus_record = {
+                "val_focus_positions": int(vf.sum()),
+                "val_kl_focus_gate": round(float(kl_full_vs(ref, logits_gate, vf.float())), 6),
+                "val_kl_focus_random_same_rate": round(float(kl_full_vs(ref, logits_random, vf.float())), 6),
+                "val_focus_top1_agree_gate": round(float((logits_gate.argmax(-1) == top1_full)[vf].float().mean()), 4),
+                "val_focus_top1_agree_random": round(float((logits_random.argmax(-1) == top1_full)[vf].float().mean()), 4)}
         ce_full = float(F.cross_entropy(ref[:, :-1].reshape(-1, config.vocab_size), vids[:, 1:].reshape(-1)))
     record = {"event": "final", "val_kl_gate": round(kl_gate, 6), "val_kl_random_same_rate": round(kl_random, 6),
               "val_keep": round(float(per_head.mean()), 4),
               "val_keep_per_layer_head": [[round(float(v), 4) for v in row] for row in per_head],
-              "val_ce_full": round(ce_full, 6), "train_seconds": round(time.time() - t0, 2)}
+              "val_ce_full": round(ce_full, 6), "steps": steps, "train_seconds": round(time.time() - t0, 2)}
+    if focus is not None and val_focus.any():
+        record.update(focus_record)
     log.write(record, echo=not args.quiet)
     gc.save_attention_gate(args.out, list(gates), config, args.threshold, {
         "source": os.path.basename(os.path.normpath(args.model)), "source_sha256": gc.model_sha256(args.model),
-        "trainer": TRAINER, "training_data": data_desc, "training_steps": args.steps,
-        "target_keep": args.target_keep, "context_tokens": length, "sink": args.sink, "seed": args.seed})
+        "trainer": TRAINER, "training_data": data_desc, "training_steps": steps,
+        "target_keep": args.target_keep, "context_tokens": length, "sink": args.sink, "seed": args.seed,
+        **({"focus_text": args.focus_text, "focus_weight": args.focus_weight} if focus is not None else {})})
     log.close()
     if not args.quiet:
         print("wrote %s and %s" % (args.out, gc.log_path_for(args.out)))

@@ -103,7 +103,12 @@ TEST(ConcurrencyTest, SixtyFourMixedStreamsLoseNothingAndReleaseEverything) {
   EXPECT_EQ(after->transfers_active(), 0) << Describe(*after);
   EXPECT_EQ(after->requests_in_flight(), 0) << Describe(*after);
   EXPECT_EQ(after->requests_total(), initial->requests_total() + kStreams);
-  for (const Case& c : cases) EXPECT_EQ(PhaseOf(*after, c.request_id), v1::RequestState::DONE) << c.request_id;
+  // DONE, or already forgotten (the manager remembers a finished request for 10 s).
+  for (const Case& c : cases) {
+    const v1::RequestState::Phase phase = PhaseOf(*after, c.request_id);
+    EXPECT_TRUE(phase == v1::RequestState::DONE || phase == v1::RequestState::PHASE_UNSPECIFIED)
+        << c.request_id << " is " << v1::RequestState::Phase_Name(phase);
+  }
 }
 
 }  // namespace

@@ -4,6 +4,7 @@
 // prompts long enough that eviction matters, over both KV transports and with the roles
 // in one process (`kvgate serve`) or in four.
 #include <map>
+#include <ostream>
 #include <string>
 #include <vector>
 
@@ -19,6 +20,7 @@ struct Layout {
   std::string name;
   bool split;
   std::string transport;
+  friend void PrintTo(const Layout& layout, std::ostream* os) { *os << layout.name; }
 };
 
 class DisaggregationTest : public ::testing::TestWithParam<Layout> {};

@@ -145,11 +145,12 @@ Deployment::~Deployment() {
   for (auto it = processes_.rbegin(); it != processes_.rend(); ++it) {
     Process& p = **it;
     const bool killed_by_test = p.killed();
-    const int status = p.Stop(absl::Seconds(3));
-    // A server asked to stop exits 0 within its grace period (300 ms here).
+    const int status = p.Stop(absl::Seconds(5));
+    // A server asked to stop exits 0 (its grace is 300 ms; the metrics server takes up to
+    // 2 s to stop).
     if (!killed_by_test && !(WIFEXITED(status) && WEXITSTATUS(status) == 0)) {
       ADD_FAILURE() << p.name() << " (pid " << p.pid() << ") did not shut down cleanly on SIGTERM: "
-                    << (p.killed() ? "still running after 3 s" : Process::DescribeStatus(status)) << "; output:\n"
+                    << (p.killed() ? "still running after 5 s" : Process::DescribeStatus(status)) << "; output:\n"
                     << p.Output();
     }
   }
