@@ -37,13 +37,17 @@ def series(results, keep):
 
 def draw(ax, lines, ratios, title, policies):
     styles = ["o-", "s-", "^-", "D-", "v-", "P-", "X-", "*-"]
-    for i, policy in enumerate(p for p in policies if p in lines):
+    # Colours and markers follow the policy's place in `policies`, so a policy missing from
+    # one panel does not shift the others' colours away from the legend (taken from panel 1).
+    for i, policy in enumerate(policies):
+        if policy not in lines:
+            continue
         points = sorted(lines[policy])
         if policy == "full":
             ax.axhline(points[-1][1], color="black", linestyle="--", linewidth=1.2, label="full")
             continue
         ax.plot([x for x, _ in points], [y for _, y in points], styles[i % len(styles)],
-                label=policy, markersize=4, linewidth=1.4)
+                color="C%d" % (i % 10), label=policy, markersize=4, linewidth=1.4)
     ax.set_xscale("log")
     ax.set_xticks(ratios)
     ax.set_xticklabels(["%g" % r for r in ratios])
