@@ -200,6 +200,37 @@ class TrainerTest(unittest.TestCase):
             self.assertEqual([r["step"] for r in records if "step" in r], [0, 2, 4, 5])
             self.run_kvgate("attention_gate", out)
 
+    def test_focus_mask_marks_answer_predictions(self):
+        """--focus-text: the predictions of the tokens after the focus ids, through the next eos."""
+        import train_attention_gate
+        ids = torch.tensor([[1, 7, 8, 5, 6, 2, 9, 7, 8, 4]])   # focus [7, 8], eos 2
+        mask = train_attention_gate.focus_mask(ids, [7, 8], 2)
+        # targets 5, 6, 2 (positions 3..5) are predicted at 2..4; target 4 (position 9) at 8
+        self.assertEqual(mask[0].tolist(), [False, False, True, True, True, False, False, False, True, False])
+        w = torch.tensor([[1.0, 3.0]])
+        ref = torch.log_softmax(torch.tensor([[[0.0, 1.0], [2.0, 0.0]]]), -1)
+        logits = torch.tensor([[[1.0, 0.0], [0.0, 0.0]]])
+        per_pos = (ref.exp() * (ref - torch.log_softmax(logits, -1))).sum(-1)
+        self.assertAlmostEqual(float(train_attention_gate.kl_full_vs(ref, logits, w)),
+                               float((per_pos * w).sum() / w.sum()), places=6)
+        self.assertAlmostEqual(float(train_attention_gate.kl_full_vs(ref, logits)), float(per_pos.mean()), places=6)
+
+    def test_attention_gate_trainer_focus_and_time_budget(self):
+        import train_attention_gate
+        with tempfile.TemporaryDirectory() as tmp:
+            out = os.path.join(tmp, "attention_gate.safetensors")
+            focus = gate_tokenizer.load_tokenizer(MODEL).encode("the", add_special_tokens=False)
+            data = os.path.join(tmp, "contexts.json")
+            with open(data, "w") as f:   # every context holds the focus text at position 10 + i
+                json.dump([[1] + list(range(20, 29 + i)) + focus + list(range(40, 62 - i - len(focus)))
+                           for i in range(10)], f)
+            rec = train_attention_gate.main(["--model", MODEL, "--data", data, "--context-tokens", "32",
+                                             "--steps", "1000", "--time-budget", "1e-9",
+                                             "--batch-size", "4", "--focus-text", "the", "--focus-weight", "10",
+                                             "--out", out, "--quiet"])
+            self.assertEqual(rec["steps"], 8)   # the budget cuts the run to the minimum
+            self.assertIn("val_kl_focus_gate", rec)
+
     def test_committed_tinystories_gates(self):
         """tests/golden/tinystories-656k/gates load (Python readers; C++ loader with the model)."""
         gdir = os.path.join(GOLDEN, "tinystories-656k", "gates")
@@ -214,6 +245,25 @@ class TrainerTest(unittest.TestCase):
         for policy, name in (("fast_kvzip", "fast_kvzip.safetensors"), ("attention_gate", "attention_gate.safetensors")):
             res = subprocess.run([binary, "generate", "--model", SHARED_TINYSTORIES, "--prompt",
                                   "Once upon a time, there was a little girl named Lily. She", "--max-tokens", "4",
+                                  "--policy", policy, "--gates", os.path.join(gdir, name), "--keep-ratio", "0.5"],
+                                 capture_output=True, text=True, timeout=60)
+            self.assertEqual(res.returncode, 0, "%s: %s%s" % (policy, res.stdout, res.stderr))
+
+    def test_committed_kvgate_tiny_gates(self):
+        """models/kvgate-tiny/gates load (Python readers; the C++ loader through `kvgate generate`)."""
+        model = os.path.join(REPO, "models", "kvgate-tiny")
+        gdir = os.path.join(model, "gates")
+        fk, fk_meta = gc.load_fast_kvzip(os.path.join(gdir, "fast_kvzip.safetensors"))
+        ag, ag_meta = gc.load_attention_gate(os.path.join(gdir, "attention_gate.safetensors"))
+        for meta in (fk_meta, ag_meta):  # kvgate-tiny: 8 layers, D 256, 4 kv heads (G 2)
+            self.assertEqual((meta["num_layers"], meta["hidden_size"], meta["num_kv_heads"]), ("8", "256", "4"))
+        self.assertEqual(fk_meta["group_size"], "2")
+        binary = _kvgate_bin()
+        if binary is None:
+            return
+        prompt = "The special magic number for falcon-472 is 5821934. The sky is blue."
+        for policy, name in (("fast_kvzip", "fast_kvzip.safetensors"), ("attention_gate", "attention_gate.safetensors")):
+            res = subprocess.run([binary, "generate", "--model", model, "--prompt", prompt, "--max-tokens", "2",
                                   "--policy", policy, "--gates", os.path.join(gdir, name), "--keep-ratio", "0.5"],
                                  capture_output=True, text=True, timeout=60)
             self.assertEqual(res.returncode, 0, "%s: %s%s" % (policy, res.stdout, res.stderr))

@@ -84,8 +84,9 @@ void Process::ReadLoop() {
 }
 
 absl::StatusOr<int> Process::WaitListening(absl::Duration timeout) {
-  static const std::regex kListening(R"(listening on [^\s,]*:(\d+))");
-  static const std::regex kMetrics(R"(metrics on [^\s,]*:(\d+)/metrics)");
+  // A whole line (the port may arrive in two reads): "kvgate ROLE: listening on
+  // HOST:PORT[, metrics on HOST:PORT/metrics]".
+  static const std::regex kListening(R"(listening on [^\s,]*:(\d+)(, metrics on [^\s,]*:(\d+)/metrics)?\n)");
   std::unique_lock<std::mutex> lock(mu_);
   std::smatch match;
   const bool found = changed_.wait_for(lock, absl::ToChronoNanoseconds(timeout), [&] {
@@ -97,10 +98,8 @@ absl::StatusOr<int> Process::WaitListening(absl::Duration timeout) {
         "; output:\n", output_);
     return found ? absl::UnavailableError(message) : absl::DeadlineExceededError(message);
   }
-  const int port = std::stoi(match[1].str());
-  std::smatch metrics;
-  if (std::regex_search(output_, metrics, kMetrics)) metrics_port_ = std::stoi(metrics[1].str());
-  return port;
+  if (match[3].matched) metrics_port_ = std::stoi(match[3].str());
+  return std::stoi(match[1].str());
 }
 
 std::optional<int> Process::metrics_port() const {
