@@ -7,6 +7,11 @@
 #include <prometheus/registry.h>
 #include <prometheus/text_serializer.h>
 
+#include <arpa/inet.h>
+#include <netinet/in.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
 #include <exception>
 
 #include "absl/strings/str_cat.h"
@@ -21,6 +26,26 @@ prometheus::Histogram::BucketBoundaries SecondsBuckets() {
 prometheus::Histogram* MakeHistogram(prometheus::Registry& registry, const std::string& name, const std::string& help,
                                      prometheus::Histogram::BucketBoundaries buckets) {
   return &prometheus::BuildHistogram().Name(name).Help(help).Register(registry).Add({}, std::move(buckets));
+}
+
+// A port that is free on `host` right now (0 when none could be found).
+int FreePort(const std::string& host) {
+  const int fd = socket(AF_INET, SOCK_STREAM, 0);
+  if (fd < 0) return 0;
+  sockaddr_in address{};
+  address.sin_family = AF_INET;
+  address.sin_port = 0;
+  if (inet_pton(AF_INET, host == "0.0.0.0" || host.empty() ? "0.0.0.0" : host.c_str(), &address.sin_addr) != 1) {
+    address.sin_addr.s_addr = htonl(INADDR_ANY);
+  }
+  int port = 0;
+  socklen_t length = sizeof(address);
+  if (bind(fd, reinterpret_cast<sockaddr*>(&address), sizeof(address)) == 0 &&
+      getsockname(fd, reinterpret_cast<sockaddr*>(&address), &length) == 0) {
+    port = ntohs(address.sin_port);
+  }
+  close(fd);
+  return port;
 }
 
 }  // namespace
@@ -53,15 +78,32 @@ Metrics::Metrics() : registry_(std::make_shared<prometheus::Registry>()) {
 Metrics::~Metrics() = default;
 
 absl::Status Metrics::Serve(const std::string& host_port) {
-  try {
-    exposer_ = std::make_unique<prometheus::Exposer>(host_port);
-  } catch (const std::exception& e) {
-    return absl::UnavailableError(absl::StrCat("metrics: cannot listen on ", host_port, ": ", e.what()));
+  const size_t colon = host_port.rfind(':');
+  if (colon == std::string::npos) return absl::InvalidArgumentError(absl::StrCat("metrics: '", host_port, "' is not host:port"));
+  const std::string host = host_port.substr(0, colon);
+  const bool any_port = host_port.substr(colon + 1) == "0";
+  // civetweb does not reliably bind port 0 (observed: "null context when constructing
+  // CivetServer"), so for "any port" we pick a free one ourselves and retry on a race.
+  std::string last_error;
+  for (int attempt = 0; attempt < (any_port ? 20 : 1); ++attempt) {
+    std::string address = host_port;
+    if (any_port) {
+      const int port = FreePort(host);
+      if (port <= 0) continue;
+      address = absl::StrCat(host, ":", port);
+    }
+    try {
+      exposer_ = std::make_unique<prometheus::Exposer>(address);
+    } catch (const std::exception& e) {
+      last_error = e.what();
+      continue;
+    }
+    exposer_->RegisterCollectable(registry_);
+    const auto ports = exposer_->GetListeningPorts();
+    bound_port_ = ports.empty() ? 0 : ports.front();
+    return absl::OkStatus();
   }
-  exposer_->RegisterCollectable(registry_);
-  const auto ports = exposer_->GetListeningPorts();
-  bound_port_ = ports.empty() ? 0 : ports.front();
-  return absl::OkStatus();
+  return absl::UnavailableError(absl::StrCat("metrics: cannot listen on ", host_port, ": ", last_error));
 }
 
 std::string Metrics::Render() const {
