@@ -1,7 +1,6 @@
 #include "common/metrics.h"
 
 #include <prometheus/counter.h>
-#include <prometheus/exposer.h>
 #include <prometheus/gauge.h>
 #include <prometheus/histogram.h>
 #include <prometheus/registry.h>
@@ -14,6 +13,7 @@
 
 #include <exception>
 
+#include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 
 namespace kvgate {
@@ -26,26 +26,6 @@ prometheus::Histogram::BucketBoundaries SecondsBuckets() {
 prometheus::Histogram* MakeHistogram(prometheus::Registry& registry, const std::string& name, const std::string& help,
                                      prometheus::Histogram::BucketBoundaries buckets) {
   return &prometheus::BuildHistogram().Name(name).Help(help).Register(registry).Add({}, std::move(buckets));
-}
-
-// A port that is free on `host` right now (0 when none could be found).
-int FreePort(const std::string& host) {
-  const int fd = socket(AF_INET, SOCK_STREAM, 0);
-  if (fd < 0) return 0;
-  sockaddr_in address{};
-  address.sin_family = AF_INET;
-  address.sin_port = 0;
-  if (inet_pton(AF_INET, host == "0.0.0.0" || host.empty() ? "0.0.0.0" : host.c_str(), &address.sin_addr) != 1) {
-    address.sin_addr.s_addr = htonl(INADDR_ANY);
-  }
-  int port = 0;
-  socklen_t length = sizeof(address);
-  if (bind(fd, reinterpret_cast<sockaddr*>(&address), sizeof(address)) == 0 &&
-      getsockname(fd, reinterpret_cast<sockaddr*>(&address), &length) == 0) {
-    port = ntohs(address.sin_port);
-  }
-  close(fd);
-  return port;
 }
 
 }  // namespace
@@ -75,35 +55,65 @@ Metrics::Metrics() : registry_(std::make_shared<prometheus::Registry>()) {
   pages_free_ = &prometheus::BuildGauge().Name("kvgate_kv_pages_free").Help("KV pages free").Register(r);
 }
 
-Metrics::~Metrics() = default;
+Metrics::~Metrics() {
+  if (listen_fd_ >= 0) {
+    stopping_.store(true);
+    shutdown(listen_fd_, SHUT_RDWR);  // wakes accept()
+    if (server_.joinable()) server_.join();
+    close(listen_fd_);
+  }
+}
 
 absl::Status Metrics::Serve(const std::string& host_port) {
   const size_t colon = host_port.rfind(':');
-  if (colon == std::string::npos) return absl::InvalidArgumentError(absl::StrCat("metrics: '", host_port, "' is not host:port"));
-  const std::string host = host_port.substr(0, colon);
-  const bool any_port = host_port.substr(colon + 1) == "0";
-  // civetweb does not reliably bind port 0 (observed: "null context when constructing
-  // CivetServer"), so for "any port" we pick a free one ourselves and retry on a race.
-  std::string last_error;
-  for (int attempt = 0; attempt < (any_port ? 20 : 1); ++attempt) {
-    std::string address = host_port;
-    if (any_port) {
-      const int port = FreePort(host);
-      if (port <= 0) continue;
-      address = absl::StrCat(host, ":", port);
-    }
-    try {
-      exposer_ = std::make_unique<prometheus::Exposer>(address);
-    } catch (const std::exception& e) {
-      last_error = e.what();
-      continue;
-    }
-    exposer_->RegisterCollectable(registry_);
-    const auto ports = exposer_->GetListeningPorts();
-    bound_port_ = ports.empty() ? 0 : ports.front();
-    return absl::OkStatus();
+  int port = 0;
+  if (colon == std::string::npos || !absl::SimpleAtoi(host_port.substr(colon + 1), &port) || port < 0 || port > 65535) {
+    return absl::InvalidArgumentError(absl::StrCat("metrics: '", host_port, "' is not host:port"));
   }
-  return absl::UnavailableError(absl::StrCat("metrics: cannot listen on ", host_port, ": ", last_error));
+  const std::string host = host_port.substr(0, colon);
+  const int fd = socket(AF_INET, SOCK_STREAM, 0);
+  if (fd < 0) return absl::UnavailableError("metrics: cannot create a socket");
+  const int one = 1;
+  setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof(one));
+  sockaddr_in address{};
+  address.sin_family = AF_INET;
+  address.sin_port = htons(static_cast<uint16_t>(port));
+  if (inet_pton(AF_INET, host.empty() ? "0.0.0.0" : host.c_str(), &address.sin_addr) != 1) {
+    close(fd);
+    return absl::InvalidArgumentError(absl::StrCat("metrics: '", host, "' is not an IPv4 address"));
+  }
+  socklen_t length = sizeof(address);
+  if (bind(fd, reinterpret_cast<sockaddr*>(&address), sizeof(address)) != 0 || listen(fd, 64) != 0 ||
+      getsockname(fd, reinterpret_cast<sockaddr*>(&address), &length) != 0) {
+    close(fd);
+    return absl::UnavailableError(absl::StrCat("metrics: cannot listen on ", host_port));
+  }
+  bound_port_ = ntohs(address.sin_port);
+  listen_fd_ = fd;
+  // A minimal HTTP/1.1 responder: every request gets the text exposition (Prometheus
+  // scrapes GET /metrics); one connection at a time is plenty for scrapes.
+  server_ = std::thread([this] {
+    while (true) {
+      const int client = accept(listen_fd_, nullptr, nullptr);
+      if (client < 0) {
+        if (stopping_.load()) return;
+        continue;
+      }
+      char request[4096];
+      (void)recv(client, request, sizeof(request), 0);
+      const std::string body = Render();
+      const std::string response = absl::StrCat("HTTP/1.1 200 OK\r\nContent-Type: text/plain; version=0.0.4\r\n",
+                                                "Content-Length: ", body.size(), "\r\nConnection: close\r\n\r\n", body);
+      size_t sent = 0;
+      while (sent < response.size()) {
+        const ssize_t n = send(client, response.data() + sent, response.size() - sent, MSG_NOSIGNAL);
+        if (n <= 0) break;
+        sent += static_cast<size_t>(n);
+      }
+      close(client);
+    }
+  });
+  return absl::OkStatus();
 }
 
 std::string Metrics::Render() const {

@@ -1,17 +1,20 @@
 // File: the Prometheus metrics of a kvgate process (one registry per process, shared by
 // every role it runs), served over HTTP at /metrics. Times in seconds, sizes in bytes
-// (Prometheus base units).
+// (Prometheus base units). The /metrics endpoint is a small HTTP responder of our own
+// (prometheus-cpp's civetweb exposer failed to start in CUDA-enabled builds: "null
+// context when constructing CivetServer").
 #pragma once
 
 #include <cstdint>
+#include <atomic>
 #include <memory>
 #include <string>
+#include <thread>
 
 #include "absl/status/statusor.h"
 
 namespace prometheus {
 class Registry;
-class Exposer;
 class Histogram;
 class Counter;
 class Gauge;
@@ -45,7 +48,9 @@ class Metrics {
 
  private:
   std::shared_ptr<prometheus::Registry> registry_;
-  std::unique_ptr<prometheus::Exposer> exposer_;
+  int listen_fd_ = -1;
+  std::atomic<bool> stopping_{false};
+  std::thread server_;
   int bound_port_ = 0;
   prometheus::Histogram *ttft_, *tpot_, *queue_, *prefill_, *transfer_, *keep_fraction_;
   prometheus::Counter *transfer_bytes_, *transfer_bytes_full_;
