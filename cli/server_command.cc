@@ -137,7 +137,7 @@ absl::StatusOr<ServerConfig> ParseServer(const std::string& command, std::set<Ro
 // The prefill side's sender: the in-process inbox for "inproc", tcp for host:port.
 class AddressedSender final : public kv::KvSender {
  public:
-  explicit AddressedSender(kv::ChannelFactory channels)
+  explicit AddressedSender(ChannelFactory channels)
       : inproc_(kv::MakeInprocSender()), tcp_(kv::MakeTcpSender(std::move(channels))) {}
   absl::StatusOr<int64_t> Send(const std::string& address, const kv::KvHandoff& handoff, absl::Time deadline) override {
     return (address == kInprocAddress ? inproc_ : tcp_)->Send(address, handoff, deadline);

@@ -14,6 +14,7 @@
 #include <grpcpp/grpcpp.h>
 
 #include "absl/status/statusor.h"
+#include "common/channel_factory.h"
 
 namespace kvgate {
 
@@ -49,7 +50,7 @@ class ChannelPool {
       : credentials_(std::move(credentials)) {}
   void SetInprocServer(grpc::Server* server);
   std::shared_ptr<grpc::Channel> Get(const std::string& address);
-  std::function<std::shared_ptr<grpc::Channel>(const std::string&)> AsFactory() {
+  ChannelFactory AsFactory() {
     return [this](const std::string& address) { return Get(address); };
   }
 

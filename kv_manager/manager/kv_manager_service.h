@@ -25,14 +25,14 @@
 #include <grpcpp/grpcpp.h>
 
 #include "absl/time/time.h"
+#include "common/channel_factory.h"
 #include "kv_manager/manager/manager_state.h"
 #include "kvgate/v1/kv_manager.grpc.pb.h"
 
 namespace kvgate::kv {
 
-// Returns the channel to the worker at `address` (host:port or "inproc"); null when it
-// cannot (the abort to that worker is then dropped and counted as failed).
-using ChannelFactory = std::function<std::shared_ptr<grpc::Channel>(const std::string& address)>;
+// Workers are reached through a kvgate::ChannelFactory (common/channel_factory.h); a
+// null channel drops the abort to that worker and counts it as failed.
 
 // grpc::CreateChannel(address, InsecureChannelCredentials()) for every address.
 ChannelFactory InsecureChannelFactory();

@@ -11,6 +11,7 @@
 #include <memory>
 #include <string>
 
+#include "common/channel_factory.h"
 #include "kv_manager/transport/kv_transport.h"
 
 namespace grpc {
@@ -25,9 +26,6 @@ inline constexpr int64_t kDefaultTransferChunkBytes = int64_t{1} << 20;
 // sender waits for it after the header, so a refused transfer (RESOURCE_EXHAUSTED) sends
 // no data.
 inline constexpr char kTransferReservedKey[] = "kvgate-transfer-reserved";
-
-// Opens a channel to host:port (with the caller's credentials: plaintext or TLS).
-using ChannelFactory = std::function<std::shared_ptr<grpc::Channel>(const std::string& address)>;
 
 // Channels are cached per address. chunk_bytes <= 0 means the default; keep it well under
 // the receiver's max receive message size (gRPC's default is 4 MiB).
