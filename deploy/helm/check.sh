@@ -43,7 +43,7 @@ for c in "${cases[@]}"; do
   fi
   if "$helm" template kvgate "$chart" --namespace kvgate "${args[@]}" >"$out/$name.yaml" 2>"$out/$name.err"; then
     ok "helm template ($name)"
-    if python3 "$here/check_manifests.py" "$kubectl" "$out/$name.yaml" "$name"; then
+    if python3 "$here/check_manifests.py" "$kubectl" "$out/$name.yaml" "$name" "$here/../../cli/server_command.cc"; then
       ok "kubectl decode + chart promises ($name)"
     else
       bad "kubectl decode + chart promises ($name)"

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Checks the manifests `helm template` rendered for what the chart promises.
 
-usage: check_manifests.py KUBECTL RENDERED.yaml VALUES_NAME
+usage: check_manifests.py KUBECTL RENDERED.yaml VALUES_NAME [cli/server_command.cc]
 
 1. kubectl decodes every object (`kubectl label --local`, no cluster): the YAML parses and
    every object has apiVersion, kind and name.
@@ -13,10 +13,12 @@ usage: check_manifests.py KUBECTL RENDERED.yaml VALUES_NAME
    privilege escalation, native gRPC probes, GPUs requested where the model runs on CUDA,
    internal Services never exposed, only the public port on the public Service, a
    NetworkPolicy and a PodDisruptionBudget for every Deployment, the internal token from a
-   Secret.
+   Secret, and (given cli/server_command.cc) every --flag in a container's args is one
+   that `kvgate` parses.
 Exit 0 when all hold; otherwise every failure is printed and the exit code is 1.
 """
 import json
+import re
 import os
 import subprocess
 import sys
@@ -38,8 +40,20 @@ def decode_stream(text):
         objects.extend(obj["items"] if obj.get("kind") == "List" else [obj])
 
 
+def server_flags(path):
+    """Every flag name the Flags::Parse calls of cli/server_command.cc accept."""
+    text = open(path).read()
+    names = set()
+    for m in re.finditer(r"Flags::Parse\((.*?)\)\);", text, re.S):
+        names.update(re.findall(r'"([a-z0-9-]+)"', m.group(1)))
+    if not names:
+        raise SystemExit(f"no Flags::Parse call found in {path}")
+    return names
+
+
 def main():
     kubectl, rendered, name = sys.argv[1], sys.argv[2], sys.argv[3]
+    known_flags = server_flags(sys.argv[4]) if len(sys.argv) > 4 else None
     failures = []
 
     def fail(msg):
@@ -97,11 +111,18 @@ def main():
                 fail(f"{dn}/{c['name']}: allowPrivilegeEscalation is not false")
         c = pod["containers"][0]
         ports = {p["name"]: p["containerPort"] for p in c.get("ports", [])}
-        for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
-            grpc = c.get(probe, {}).get("grpc")
-            if not grpc or grpc.get("port") not in ports.values():
-                fail(f"{dn}: {probe} is not a native gRPC probe on a container port")
         args = c.get("args", [])
+        # kubelet's gRPC probe is plaintext only: a TLS port gets a TCP probe.
+        tls = any(a.startswith("--tls-cert=") for a in args)
+        for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
+            action = c.get(probe, {}).get("tcpSocket" if tls else "grpc")
+            if not action or action.get("port") not in ports.values():
+                fail(f"{dn}: {probe} is not a {'TCP' if tls else 'native gRPC'} probe on a container port")
+        if known_flags is not None:
+            for a in args:
+                flag = a.split("=", 1)[0]
+                if flag.startswith("--") and flag[2:] not in known_flags:
+                    fail(f"{dn}: kvgate {args[0]} does not know {flag} (cli/server_command.cc)")
         runs_model = component in ("serve", "prefill", "decode")
         cuda = any(a.startswith("--backend=cuda") for a in args)
         gpu = c.get("resources", {}).get("limits", {}).get("nvidia.com/gpu")

@@ -99,6 +99,13 @@ app.kubernetes.io/managed-by: {{ .root.Release.Service }}
 - --lease-ttl-ms={{ int $v.kvManager.leaseTtlMs }}
 {{- end -}}
 
+{{/* Does this component mount the public TLS Secret? serve and the router; with internal
+mtls the router's one TLS configuration is the internal certificate instead. */}}
+{{- define "kvgate.publicTls" -}}
+{{- $v := .root.Values -}}
+{{- if and $v.tls.enabled (or (eq .component "serve") (and (eq .component "router") (ne $v.internal.auth.mode "mtls"))) -}}true{{- end -}}
+{{- end -}}
+
 {{/* Flags every role shares: metrics, drain, public TLS. */}}
 {{- define "kvgate.commonArgs" -}}
 {{- $v := .root.Values -}}
@@ -108,23 +115,45 @@ app.kubernetes.io/managed-by: {{ .root.Release.Service }}
 - --metrics-host=0.0.0.0
 {{- end }}
 - --shutdown-grace-ms={{ int $v.shutdownGraceMs }}
-{{- if and $v.tls.enabled (has .component (list "serve" "router")) }}
+{{- if eq (include "kvgate.publicTls" .) "true" }}
 - --tls-cert=/etc/kvgate/tls/tls.crt
 - --tls-key=/etc/kvgate/tls/tls.key
 {{- end }}
+{{- if and $v.clientToken.existingSecret (has .component (list "serve" "router")) }}
+- --token-file=/etc/kvgate/client-token/token
+{{- end }}
 {{- end -}}
 
-{{/* Flags of the internal listener and its authentication (split roles). */}}
+{{/* Flags of the internal listener and its authentication (split roles). kv-manager,
+prefill and decode serve only internal services, on --port; every component presents the
+internal token (or its certificate, mtls) when it calls another. */}}
 {{- define "kvgate.internalArgs" -}}
 {{- $v := .root.Values -}}
-- --internal-port={{ int $v.internal.port }}
+{{- if has .component (list "kv-manager" "prefill" "decode") }}
+- --port={{ int $v.internal.port }}
+{{- end }}
 {{- if eq $v.internal.auth.mode "token" }}
 - --internal-token-file=/etc/kvgate/internal-token/token
 {{- else if eq $v.internal.auth.mode "mtls" }}
-- --internal-tls-cert=/etc/kvgate/internal-tls/tls.crt
-- --internal-tls-key=/etc/kvgate/internal-tls/tls.key
-- --internal-tls-ca=/etc/kvgate/internal-tls/ca.crt
+- --tls-cert=/etc/kvgate/internal-tls/tls.crt
+- --tls-key=/etc/kvgate/internal-tls/tls.key
+- --tls-ca=/etc/kvgate/internal-tls/ca.crt
+{{- else }}
+- --insecure-internal
 {{- end }}
+{{- end -}}
+
+{{/* Does the probed port speak TLS? kubelet's gRPC probes are plaintext only, so such a
+port gets a TCP probe instead. */}}
+{{- define "kvgate.probedPortTls" -}}
+{{- $v := .root.Values -}}
+{{- if eq .component "serve" -}}
+{{- if $v.tls.enabled }}true{{ end -}}
+{{- else if eq .component "router" -}}
+{{- if or $v.tls.enabled (eq $v.internal.auth.mode "mtls") }}true{{ end -}}
+{{- else -}}
+{{- if eq $v.internal.auth.mode "mtls" }}true{{ end -}}
+{{- end -}}
 {{- end -}}
 
 {{/* The container's ports. */}}
@@ -147,27 +176,23 @@ app.kubernetes.io/managed-by: {{ .root.Release.Service }}
 {{- end }}
 {{- end -}}
 
-{{/* Native gRPC probes on the port that carries grpc.health.v1 for this role. */}}
+{{/* Native gRPC probes (grpc.health.v1, which needs no token) on the port that carries
+it; a TCP probe where that port speaks TLS (kubelet's gRPC probe cannot). */}}
 {{- define "kvgate.probes" -}}
 {{- $v := .root.Values -}}
 {{- $port := ternary (int $v.service.port) (int $v.internal.port) (has .component (list "serve" "router")) -}}
-startupProbe:
-  grpc:
+{{- $kind := ternary "tcpSocket" "grpc" (eq (include "kvgate.probedPortTls" .) "true") -}}
+{{- range $probe := list "startup" "liveness" "readiness" }}
+{{- $p := index $v.probes $probe }}
+{{ $probe }}Probe:
+  {{ $kind }}:
     port: {{ $port }}
-  periodSeconds: {{ int $v.probes.startup.periodSeconds }}
-  failureThreshold: {{ int $v.probes.startup.failureThreshold }}
-livenessProbe:
-  grpc:
-    port: {{ $port }}
-  periodSeconds: {{ int $v.probes.liveness.periodSeconds }}
-  failureThreshold: {{ int $v.probes.liveness.failureThreshold }}
-  timeoutSeconds: {{ int $v.probes.liveness.timeoutSeconds }}
-readinessProbe:
-  grpc:
-    port: {{ $port }}
-  periodSeconds: {{ int $v.probes.readiness.periodSeconds }}
-  failureThreshold: {{ int $v.probes.readiness.failureThreshold }}
-  timeoutSeconds: {{ int $v.probes.readiness.timeoutSeconds }}
+  periodSeconds: {{ int $p.periodSeconds }}
+  failureThreshold: {{ int $p.failureThreshold }}
+  {{- with $p.timeoutSeconds }}
+  timeoutSeconds: {{ int . }}
+  {{- end }}
+{{- end }}
 {{- end -}}
 
 {{/* Volume mounts and volumes: /tmp (the root filesystem is read-only), weights, secrets. */}}
@@ -180,9 +205,14 @@ readinessProbe:
   mountPath: {{ $v.model.mountPath }}
   readOnly: true
 {{- end }}
-{{- if and $v.tls.enabled (has .component (list "serve" "router")) }}
+{{- if eq (include "kvgate.publicTls" .) "true" }}
 - name: tls
   mountPath: /etc/kvgate/tls
+  readOnly: true
+{{- end }}
+{{- if and $v.clientToken.existingSecret (has .component (list "serve" "router")) }}
+- name: client-token
+  mountPath: /etc/kvgate/client-token
   readOnly: true
 {{- end }}
 {{- if ne .component "serve" }}
@@ -215,10 +245,16 @@ readinessProbe:
     sizeLimit: {{ $v.model.initContainer.sizeLimit }}
 {{- end }}
 {{- end }}
-{{- if and $v.tls.enabled (has .component (list "serve" "router")) }}
+{{- if eq (include "kvgate.publicTls" .) "true" }}
 - name: tls
   secret:
     secretName: {{ $v.tls.secretName }}
+    defaultMode: 0440
+{{- end }}
+{{- if and $v.clientToken.existingSecret (has .component (list "serve" "router")) }}
+- name: client-token
+  secret:
+    secretName: {{ $v.clientToken.existingSecret }}
     defaultMode: 0440
 {{- end }}
 {{- if ne .component "serve" }}
