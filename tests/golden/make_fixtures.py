@@ -47,7 +47,10 @@ MODEL_CASES = [
     "qwen3_qknorm",
 ]
 TINYSTORIES_CASE = "tinystories-656k"
-ALL_NAMES = TOKENIZER_NAMES + MODEL_CASES + [TINYSTORIES_CASE]
+# Our own trained model, in the repository (models/kvgate-tiny): a real checkpoint every clone has.
+KVGATE_TINY_CASE = "kvgate-tiny"
+REAL_CASES = [TINYSTORIES_CASE, KVGATE_TINY_CASE]
+ALL_NAMES = TOKENIZER_NAMES + MODEL_CASES + REAL_CASES
 
 VOCAB_TOTAL = 512           # total vocabulary (model vocab + added tokens) of every built tokenizer
 N_GREEDY = 32               # greedy tokens per prompt
@@ -1162,13 +1165,14 @@ def build_model_case(out, case, tok, tok_json_path, seed_tries, versions):
     finish(expected)
 
 
-def build_tinystories(out, ts_dir, seed_tries, versions):
+def build_tinystories(out, ts_dir, seed_tries, versions, case=TINYSTORIES_CASE):
+    """The reference of a real checkpoint (TinyStories, or kvgate-tiny with case=KVGATE_TINY_CASE)."""
     import torch
     from tokenizers import Tokenizer
     if not ts_dir:
-        fail("--tinystories is required for tinystories-656k")
+        fail(f"the model directory of {case} is required")
     if not os.path.isdir(ts_dir):
-        fail(f"--tinystories {ts_dir!r} is not a directory")
+        fail(f"{case}: {ts_dir!r} is not a directory")
     tok_path = os.path.join(ts_dir, "tokenizer.json")
     if not os.path.isfile(tok_path):
         fail(f"{tok_path} not found")
@@ -1229,7 +1233,7 @@ def build_tinystories(out, ts_dir, seed_tries, versions):
         if os.path.isfile(p) and (name.endswith(".json") or name.endswith(".safetensors") or name.endswith(".bin")):
             source[name] = sha256_file(p)
     expected = {
-        "case": TINYSTORIES_CASE,
+        "case": case,
         "architecture": arch,
         "model_type": getattr(cfg, "model_type", None),
         "stored_dtype": stored,
@@ -1242,10 +1246,10 @@ def build_tinystories(out, ts_dir, seed_tries, versions):
         "texts": list(TINYSTORIES_TEXTS),
         "prompts": prompts,
     }
-    d = os.path.join(out, TINYSTORIES_CASE)
+    d = os.path.join(out, case)
     os.makedirs(d, exist_ok=True)
     write_json(os.path.join(d, "expected.json"), expected)
-    log(f"  wrote {TINYSTORIES_CASE}/expected.json ({os.path.getsize(os.path.join(d, 'expected.json'))} bytes)")
+    log(f"  wrote {case}/expected.json ({os.path.getsize(os.path.join(d, 'expected.json'))} bytes)")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -1256,6 +1260,9 @@ def parse_args(argv):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", required=True, help="output directory (tests/golden)")
     ap.add_argument("--tinystories", help="directory of the tinystories-656k model (config, weights, tokenizer.json)")
+    ap.add_argument("--kvgate-tiny", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..",
+                                                          "models", "kvgate-tiny"),
+                    help="directory of models/kvgate-tiny (default: the one in this repository)")
     ap.add_argument("--text-dir", help="directory of plain .txt English text used to train the tokenizers")
     ap.add_argument("--only", nargs="+", metavar="NAME",
                     help="generate only these (any of: " + ", ".join(ALL_NAMES) + ", or 'tokenizers', 'models')")
@@ -1286,7 +1293,7 @@ def main(argv=None):
 
     import tokenizers
     versions = {"tokenizers_version": tokenizers.__version__, "python_version": sys.version.split()[0]}
-    need_torch = any(n in MODEL_CASES or n == TINYSTORIES_CASE for n in selected)
+    need_torch = any(n in MODEL_CASES or n in REAL_CASES for n in selected)
     if need_torch:
         import torch
         import transformers
@@ -1346,10 +1353,13 @@ def main(argv=None):
     if TINYSTORIES_CASE in selected:
         log(f"[{TINYSTORIES_CASE}]")
         build_tinystories(out, args.tinystories, args.seed_tries, versions)
+    if KVGATE_TINY_CASE in selected:
+        log(f"[{KVGATE_TINY_CASE}]")
+        build_tinystories(out, args.kvgate_tiny, args.seed_tries, versions, case=KVGATE_TINY_CASE)
 
     # Summary --------------------------------------------------------------------------------------
     log("\nsummary (bytes):")
-    for sub in ["tokenizers/" + n for n in TOKENIZER_NAMES] + ["models/" + c for c in MODEL_CASES] + [TINYSTORIES_CASE]:
+    for sub in ["tokenizers/" + n for n in TOKENIZER_NAMES] + ["models/" + c for c in MODEL_CASES] + REAL_CASES:
         p = os.path.join(out, sub)
         if os.path.isdir(p):
             log(f"  {sub:40s} {dir_bytes(p):>9d}")
