@@ -10,6 +10,7 @@ packages=(
   libabsl-dev libgtest-dev libgmock-dev libbenchmark-dev
   prometheus-cpp-dev nlohmann-json3-dev libopenblas-dev libpcre2-dev libutf8proc-dev
   python3 python3-numpy python3-torch openssl
+  python3-protobuf python3-grpcio
 )
 
 missing=()
