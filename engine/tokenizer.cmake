@@ -19,3 +19,7 @@ target_link_libraries(kvgate_tokenizer
 
 kvgate_add_test(tokenizer_test SOURCES ${CMAKE_CURRENT_LIST_DIR}/tokenizer_test.cc
                 LIBS kvgate_tokenizer LABELS unit)
+
+# HF tokenizers corpora in tests/golden/tokenizers/*/corpus.jsonl (make_tokenizer_corpus.py).
+kvgate_add_test(tokenizer_corpus_test SOURCES ${CMAKE_CURRENT_LIST_DIR}/tokenizer_corpus_test.cc
+                LIBS kvgate_tokenizer LABELS golden)

@@ -53,25 +53,56 @@ class ReplaceNormalizer : public Normalizer {
   std::string content_;
 };
 
+// HF normalizes with Unicode 9.0 tables (unicode-normalization-alignments 0.1.12), utf8proc
+// with newer ones. Normalization is stable for code points assigned in 9.0, and one
+// assigned later is, to HF, an unassigned starter that nothing reorders or composes
+// across. So the text is cut at such code points, which are kept as they are, and every
+// run between them is normalized by utf8proc.
 class UnicodeNormalizer : public Normalizer {
  public:
   explicit UnicodeNormalizer(int options) : options_(options) {}
   absl::Status Normalize(std::string& s) const override {
     if (s.empty()) return absl::OkStatus();
-    utf8proc_uint8_t* out = nullptr;
-    const utf8proc_ssize_t n = utf8proc_map(reinterpret_cast<const utf8proc_uint8_t*>(s.data()),
-                                            static_cast<utf8proc_ssize_t>(s.size()), &out,
+    std::string out;
+    out.reserve(s.size() + s.size() / 4);
+    size_t run_start = 0, i = 0;
+    while (i < s.size()) {
+      const size_t at = i;
+      const char32_t cp = DecodeUtf8(s, i);
+      if (!IsNewSinceUnicode9(cp)) continue;
+      if (absl::Status st = MapRun(std::string_view(s).substr(run_start, at - run_start), out);
+          !st.ok()) {
+        return st;
+      }
+      out.append(s, at, i - at);
+      run_start = i;
+    }
+    if (run_start == 0) {  // the common case: one run, the whole text
+      out.clear();
+      if (absl::Status st = MapRun(s, out); !st.ok()) return st;
+    } else if (absl::Status st = MapRun(std::string_view(s).substr(run_start), out); !st.ok()) {
+      return st;
+    }
+    s = std::move(out);
+    return absl::OkStatus();
+  }
+
+ private:
+  absl::Status MapRun(std::string_view run, std::string& out) const {
+    if (run.empty()) return absl::OkStatus();
+    utf8proc_uint8_t* mapped = nullptr;
+    const utf8proc_ssize_t n = utf8proc_map(reinterpret_cast<const utf8proc_uint8_t*>(run.data()),
+                                            static_cast<utf8proc_ssize_t>(run.size()), &mapped,
                                             static_cast<utf8proc_option_t>(options_));
     if (n < 0) {
       return absl::InvalidArgumentError(
           absl::StrCat("unicode normalization failed: ", utf8proc_errmsg(n)));
     }
-    s.assign(reinterpret_cast<const char*>(out), static_cast<size_t>(n));
-    std::free(out);
+    out.append(reinterpret_cast<const char*>(mapped), static_cast<size_t>(n));
+    std::free(mapped);
     return absl::OkStatus();
   }
 
- private:
   int options_;
 };
 
@@ -88,7 +119,7 @@ class LowercaseNormalizer : public Normalizer {
         out += "i\xCC\x87";
         continue;
       }
-      AppendUtf8(static_cast<char32_t>(utf8proc_tolower(static_cast<utf8proc_int32_t>(cp))), out);
+      AppendUtf8(ToLowerSimple(cp), out);
     }
     s = std::move(out);
     return absl::OkStatus();

@@ -30,7 +30,12 @@ fs::path SourceDir() {
   return dir != nullptr && *dir != '\0' ? fs::path(dir) : fs::current_path();
 }
 
+// The TinyStories tokenizer is copied into the repository (86 KB), so these tests need no
+// ../shared; the shared model directory is only a fallback for older checkouts.
 fs::path TinyStoriesPath() {
+  const fs::path in_repo =
+      SourceDir() / "tests" / "golden" / "tokenizers" / "tinystories" / "tokenizer.json";
+  if (fs::exists(in_repo)) return in_repo;
   return SourceDir() / ".." / "shared" / "models" / "tinystories-656k" / "tokenizer.json";
 }
 

@@ -163,6 +163,33 @@ bool IsWordChar(char32_t cp) {
   }
 }
 
+bool IsNewSinceUnicode9(char32_t cp) {
+  if (cp < 0x560) return false;
+  // Binary search in the sorted, disjoint ranges.
+  size_t lo = 0, hi = kNumNewSinceUnicode9;
+  while (lo < hi) {
+    const size_t mid = (lo + hi) / 2;
+    if (kNewSinceUnicode9[mid].last < cp) {
+      lo = mid + 1;
+    } else {
+      hi = mid;
+    }
+  }
+  if (lo < kNumNewSinceUnicode9 && kNewSinceUnicode9[lo].first <= cp) return true;
+  for (size_t i = 0; i < kNumUnicodeAdditions; ++i) {
+    if (cp >= kUnicodeAdditions[i].first && cp <= kUnicodeAdditions[i].last) return true;
+  }
+  return false;
+}
+
+char32_t ToLowerSimple(char32_t cp) {
+  for (size_t i = 0; i < kNumLowercaseAdditions; ++i) {
+    const LowercaseAddition& a = kLowercaseAdditions[i];
+    if (cp >= a.first && cp <= a.last) return static_cast<char32_t>(cp + a.delta);
+  }
+  return static_cast<char32_t>(utf8proc_tolower(static_cast<utf8proc_int32_t>(cp)));
+}
+
 std::string RegexEscape(std::string_view literal) {
   std::string out;
   out.reserve(literal.size() * 2);

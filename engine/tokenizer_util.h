@@ -91,6 +91,27 @@ struct UnicodeAddition {
 extern const UnicodeAddition kUnicodeAdditions[];
 extern const size_t kNumUnicodeAdditions;
 
+struct CodePointRange {
+  char32_t first, last;
+};
+// Code points assigned after Unicode 9.0 that utf8proc knows (tokenizer_unicode_data.cc).
+extern const CodePointRange kNewSinceUnicode9[];
+extern const size_t kNumNewSinceUnicode9;
+// True for a code point that HF's normalization tables (Unicode 9.0) leave unassigned but
+// utf8proc or a newer Unicode assigns: such a code point must pass through NFC/NFD/NFKC/NFKD
+// untouched and splits the text into independently normalized runs.
+bool IsNewSinceUnicode9(char32_t cp);
+
+struct LowercaseAddition {
+  char32_t first, last;
+  int32_t delta;
+};
+extern const LowercaseAddition kLowercaseAdditions[];
+extern const size_t kNumLowercaseAdditions;
+// Rust char::to_lowercase for one code point whose lowercase is one code point (every
+// code point but U+0130): utf8proc plus kLowercaseAdditions.
+char32_t ToLowerSimple(char32_t cp);
+
 // Splits `text` into contiguous (range, is_match) pieces covering it all, like HF's
 // Pattern::find_matches. An empty text gives one empty non-match.
 absl::Status FindMatches(const Regex& re, std::string_view text, bool invert,
