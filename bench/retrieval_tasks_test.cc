@@ -15,14 +15,14 @@
 namespace kvgate::bench {
 namespace {
 
-// The TinyStories tokenizer (512-token context) measures every length here.
+// The kvgate-tiny tokenizer (the model these tasks were made for) measures every length here.
 class RetrievalTasksTest : public ::testing::Test {
  protected:
   static void SetUpTestSuite() {
-    auto tokenizer = engine::Tokenizer::FromFile(testing::TinyStoriesDir() + "/tokenizer.json");
+    auto tokenizer = engine::Tokenizer::FromFile(testing::KvgateTinyDir() + "/tokenizer.json");
     ASSERT_TRUE(tokenizer.ok()) << tokenizer.status();
     tokenizer_ = std::move(*tokenizer).release();
-    auto config = engine::LoadModelConfig(testing::TinyStoriesDir());
+    auto config = engine::LoadModelConfig(testing::KvgateTinyDir());
     ASSERT_TRUE(config.ok()) << config.status();
     bos_ = config->bos_token_id;
   }
@@ -241,7 +241,7 @@ TEST_F(RetrievalTasksTest, SamplesAreDeterministicAndFitTheirContext) {
   ASSERT_TRUE(essay.ok());
   for (const Haystack* haystack : std::vector<const Haystack*>{&generated, &*essay}) {
     for (RetrievalTask task : AllTasks()) {
-      // kv_lookup's 24 pairs alone take about 600 TinyStories tokens (digits are single
+      // kv_lookup's 24 pairs alone take about 600 tokens (digits are single
       // tokens); the tokenizer itself has no context limit.
       const std::vector<int32_t> contexts =
           task == RetrievalTask::kKvLookup ? std::vector<int32_t>{700, 1024} : std::vector<int32_t>{256, 448};

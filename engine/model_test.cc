@@ -1,4 +1,4 @@
-// The engine on the real TinyStories checkpoint: equivalence chains (token-by-token
+// The engine on our bundled checkpoint (models/kvgate-tiny): equivalence chains (token-by-token
 // decode == one-shot prefill == chunked prefill), and every load/run error path.
 #include "engine/model.h"
 
@@ -7,6 +7,7 @@
 #include <filesystem>
 #include <fstream>
 
+#include "absl/strings/str_cat.h"
 #include "cuda/cpu/cpu_backend.h"
 #include "engine/generator.h"
 #include "engine/tokenizer.h"
@@ -17,19 +18,22 @@ namespace {
 
 namespace fs = std::filesystem;
 
-// float32 sums in different orders (one-shot vs incremental GEMM shapes) over 2 layers.
+// float32 sums in different orders (attention over 12 vs 1 query rows) over 8 layers.
 constexpr float kLogitAtol = 1e-4f;
 
 class ModelTest : public ::testing::Test {
  protected:
   void SetUp() override {
-    ASSERT_TRUE(fs::exists(testing::TinyStoriesDir())) << "missing " << testing::TinyStoriesDir();
-    auto model = Model::Load(testing::TinyStoriesDir(), backend_.get());
+    auto model = Model::Load(testing::KvgateTinyDir(), backend_.get());
     ASSERT_TRUE(model.ok()) << model.status();
     model_ = std::move(*model);
   }
   std::unique_ptr<ops::Backend> backend_ = ops::CreateCpuBackend(2);
   std::unique_ptr<Model> model_;
+  // A cache entry is one (layer, kv head) row of a token.
+  int64_t EntriesPerToken() const {
+    return static_cast<int64_t>(model_->config().num_layers) * model_->config().num_kv_heads;
+  }
   const std::vector<int32_t> prompt_ = {1, 500, 24, 300, 17, 1200, 88, 5, 640, 2000, 33, 42};
 };
 
@@ -52,7 +56,7 @@ TEST_F(ModelTest, IncrementalDecodeEqualsOneShotPrefill) {
     ExpectLogitsNear(step->data(), all->data() + t * vocab, vocab, "position " + std::to_string(t));
   }
   EXPECT_EQ(step_cache->length_tokens(), static_cast<int32_t>(prompt_.size()));
-  EXPECT_EQ(step_cache->num_entries(), 2 * 4 * static_cast<int64_t>(prompt_.size()));
+  EXPECT_EQ(step_cache->num_entries(), EntriesPerToken() * static_cast<int64_t>(prompt_.size()));
 }
 
 TEST_F(ModelTest, ChunkedPrefillEqualsOneShot) {
@@ -68,16 +72,18 @@ TEST_F(ModelTest, ChunkedPrefillEqualsOneShot) {
 
 TEST_F(ModelTest, RejectsBadTokensAndOverflow) {
   auto cache = *model_->NewCache(4);
-  std::vector<int32_t> bad = {1, 2048};
+  const int32_t vocab = model_->config().vocab_size;
+  std::vector<int32_t> bad = {1, vocab};
   auto status = model_->Forward(bad, cache.get()).status();
   EXPECT_EQ(status.code(), absl::StatusCode::kInvalidArgument);
-  EXPECT_NE(status.message().find("token id 2048"), std::string::npos) << status;
+  EXPECT_NE(status.message().find(absl::StrCat("token id ", vocab)), std::string::npos) << status;
   std::vector<int32_t> negative = {-1};
   EXPECT_EQ(model_->Forward(negative, cache.get()).status().code(), absl::StatusCode::kInvalidArgument);
   EXPECT_EQ(cache->length_tokens(), 0);  // a rejected call leaves the cache untouched
   std::vector<int32_t> five = {1, 2, 3, 4, 5};
   EXPECT_EQ(model_->Forward(five, cache.get()).status().code(), absl::StatusCode::kInvalidArgument);
-  EXPECT_EQ(model_->NewCache(513).status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(model_->NewCache(model_->config().max_context_tokens + 1).status().code(),
+            absl::StatusCode::kInvalidArgument);
 }
 
 class BrokenCheckpointTest : public ::testing::Test {
@@ -85,7 +91,7 @@ class BrokenCheckpointTest : public ::testing::Test {
   void SetUp() override {
     dir_ = testing::MakeTempDir("broken-checkpoint");
     for (const char* file : {"config.json", "model.safetensors", "tokenizer.json"}) {
-      fs::copy_file(fs::path(testing::TinyStoriesDir()) / file, dir_ / file);
+      fs::copy_file(fs::path(testing::KvgateTinyDir()) / file, dir_ / file);
       fs::permissions(dir_ / file, fs::perms::owner_read | fs::perms::owner_write, fs::perm_options::add);
     }
   }
@@ -119,18 +125,20 @@ TEST_F(BrokenCheckpointTest, ConfigThatDisagreesWithWeights) {
   std::ifstream in(dir_ / "config.json");
   std::string text((std::istreambuf_iterator<char>(in)), {});
   in.close();
-  text.replace(text.find("\"hidden_size\": 128"), 18, "\"hidden_size\": 256");
+  const size_t at = text.find("\"hidden_size\": 256");
+  ASSERT_NE(at, std::string::npos) << text;
+  text.replace(at, 18, "\"hidden_size\": 128");
   std::ofstream(dir_ / "config.json") << text;
   absl::Status status = Load();
   EXPECT_EQ(status.code(), absl::StatusCode::kInvalidArgument);
-  EXPECT_NE(status.message().find("has shape [2048, 128]"), std::string::npos) << status;
+  EXPECT_NE(status.message().find("has shape [4096, 256]"), std::string::npos) << status;
 }
 
 class GeneratorTest : public ModelTest {
  protected:
   void SetUp() override {
     ModelTest::SetUp();
-    auto tokenizer = Tokenizer::FromFile(testing::TinyStoriesDir() + "/tokenizer.json");
+    auto tokenizer = Tokenizer::FromFile(testing::KvgateTinyDir() + "/tokenizer.json");
     ASSERT_TRUE(tokenizer.ok()) << tokenizer.status();
     tokenizer_ = std::move(*tokenizer);
   }
@@ -156,7 +164,7 @@ TEST_F(GeneratorTest, GreedyGenerationIsDeterministicAndStreamsAllText) {
   EXPECT_EQ(streamed, result->text);
   auto again = generator.Generate(prompt_, options);
   EXPECT_EQ(again->token_ids, result->token_ids);
-  EXPECT_EQ(result->kv.kv_entries_full, 2 * 4 * static_cast<int64_t>(prompt_.size()));
+  EXPECT_EQ(result->kv.kv_entries_full, EntriesPerToken() * static_cast<int64_t>(prompt_.size()));
 }
 
 TEST_F(GeneratorTest, StopConditions) {
@@ -203,15 +211,16 @@ TEST_F(GeneratorTest, RejectsBadRequests) {
     EXPECT_NE(result.status().message().find(field), std::string::npos) << result.status();
   };
   expect_invalid({}, options, "prompt is empty");
-  std::vector<int32_t> out_of_range = {1, 4096};
+  const int32_t context = model_->config().max_context_tokens;
+  std::vector<int32_t> out_of_range = {1, model_->config().vocab_size};
   expect_invalid(out_of_range, options, "outside the vocabulary");
-  std::vector<int32_t> too_long(600, 5);
-  expect_invalid(too_long, options, "context is 512");
+  std::vector<int32_t> too_long(context + 88, 5);
+  expect_invalid(too_long, options, absl::StrCat("context is ", context));
   GenerateOptions zero = options;
   zero.max_tokens = 0;
   expect_invalid(prompt_, zero, "max_tokens");
   GenerateOptions huge = options;
-  huge.max_tokens = 1000;
+  huge.max_tokens = context;
   expect_invalid(prompt_, huge, "max_tokens");
   GenerateOptions hot = options;
   hot.sampling.temperature = -1;

@@ -1,5 +1,5 @@
 // KvHandoff: CRC-32C vectors, the layer wire format (exact bytes), validation, and the
-// round trip of a real TinyStories sequence out of one KV pool and into another (a second
+// round trip of a real kvgate-tiny sequence out of one KV pool and into another (a second
 // backend): decode continues bit-identically for every policy with decode-time state.
 #include "kv_manager/kv_handoff.h"
 

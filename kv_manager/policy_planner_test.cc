@@ -1,4 +1,4 @@
-// The eviction invariants on the real TinyStories model (GQA: 8 query / 4 kv heads):
+// The eviction invariants on our bundled kvgate-tiny (GQA: 8 query / 4 kv heads):
 //  1. `full`, and every policy asked to keep everything, is bit-identical to no eviction.
 //  2. Decoding over a compacted cache equals full attention with the evicted keys masked
 //     out (per kv head), for every policy whose selection is per kv head, at several ratios;
@@ -28,13 +28,15 @@ constexpr int kDecodeSteps = 8;
 class PolicyPlannerTest : public ::testing::Test {
  protected:
   void SetUp() override {
-    auto model = engine::Model::Load(testing::TinyStoriesDir(), backend_.get());
+    auto model = engine::Model::Load(testing::KvgateTinyDir(), backend_.get());
     ASSERT_TRUE(model.ok()) << model.status();
     model_ = std::move(*model);
-    auto tokenizer = engine::Tokenizer::FromFile(testing::TinyStoriesDir() + "/tokenizer.json");
+    auto tokenizer = engine::Tokenizer::FromFile(testing::KvgateTinyDir() + "/tokenizer.json");
     ASSERT_TRUE(tokenizer.ok()) << tokenizer.status();
     tokenizer_ = std::move(*tokenizer);
-    auto pool = KvPool::Create(backend_.get(), 2 * 4 * 64, 16, model_->config().head_dim);
+    // 64 pages of 16 rows per (layer, kv head): 1024 tokens, far more than any test holds.
+    auto pool = KvPool::Create(backend_.get(), model_->config().num_layers * model_->config().num_kv_heads * 64, 16,
+                               model_->config().head_dim);
     ASSERT_TRUE(pool.ok()) << pool.status();
     pool_ = std::move(*pool);
     // A prompt the model wrote itself, then tokens to teacher-force through decode.

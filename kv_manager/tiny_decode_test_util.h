@@ -1,5 +1,5 @@
-// File: test-only helpers for the handoff, decode-batch and transport tests: the real
-// TinyStories model on a CPU backend with its own KV pool, generated prompts, and one
+// File: test-only helpers for the handoff, decode-batch and transport tests: the
+// bundled kvgate-tiny model on a CPU backend with its own KV pool, generated prompts, and one
 // prefill + commit per eviction policy (with fixed random gates, so a second "worker"
 // can rebuild the same decode-time eviction).
 #pragma once
@@ -35,7 +35,7 @@ struct TinyWorker {
   static absl::StatusOr<std::unique_ptr<TinyWorker>> Create(int32_t num_pages, int32_t page_tokens = 16) {
     auto worker = std::make_unique<TinyWorker>();
     worker->backend = ops::CreateCpuBackend(2);
-    KVGATE_ASSIGN_OR_RETURN(worker->model, engine::Model::Load(kvgate::testing::TinyStoriesDir(), worker->backend.get()));
+    KVGATE_ASSIGN_OR_RETURN(worker->model, engine::Model::Load(kvgate::testing::KvgateTinyDir(), worker->backend.get()));
     KVGATE_ASSIGN_OR_RETURN(worker->pool, KvPool::Create(worker->backend.get(), num_pages, page_tokens,
                                                          worker->model->config().head_dim));
     return worker;
@@ -47,7 +47,7 @@ struct TinyWorker {
 };
 
 inline absl::StatusOr<std::unique_ptr<engine::Tokenizer>> LoadTinyTokenizer() {
-  return engine::Tokenizer::FromFile(kvgate::testing::TinyStoriesDir() + "/tokenizer.json");
+  return engine::Tokenizer::FromFile(kvgate::testing::KvgateTinyDir() + "/tokenizer.json");
 }
 
 // `opening` followed by `tokens` tokens the model sampled itself (deterministic in seed).

@@ -22,8 +22,8 @@ using ::testing::HasSubstr;
 using kvgate::v1::CompressionSpec;
 using kvgate::v1::GenerateRequest;
 
-// The real TinyStories model: context 512 tokens, vocabulary 2048, BOS 1.
-struct TinyStories {
+// Our bundled kvgate-tiny: context 4096 tokens, vocabulary 4096, BOS 1.
+struct TinyModel {
   engine::ModelConfig config;
   std::unique_ptr<engine::Tokenizer> tokenizer;
   kvgate::v1::ModelInfo info;
@@ -32,14 +32,14 @@ struct TinyStories {
 // Without the checkpoint nothing here can run: stop at once, saying why.
 void CheckOk(const absl::Status& status) {
   if (status.ok()) return;
-  std::cerr << "cannot load " << kvgate::testing::TinyStoriesDir() << ": " << status << "\n";
+  std::cerr << "cannot load " << kvgate::testing::KvgateTinyDir() << ": " << status << "\n";
   std::abort();
 }
 
-const TinyStories& Model() {
-  static const TinyStories* const model = [] {
-    auto* m = new TinyStories;
-    const std::string dir = kvgate::testing::TinyStoriesDir();
+const TinyModel& Model() {
+  static const TinyModel* const model = [] {
+    auto* m = new TinyModel;
+    const std::string dir = kvgate::testing::KvgateTinyDir();
     auto config = engine::LoadModelConfig(dir);
     CheckOk(config.status());
     m->config = *config;
@@ -63,9 +63,9 @@ GenerateRequest TokenPrompt(std::vector<int32_t> ids) {
   return r;
 }
 
-TEST(TinyStoriesTest, HasTheShapeTheTableAssumes) {
-  EXPECT_EQ(Model().config.max_context_tokens, 512);
-  EXPECT_EQ(Model().config.vocab_size, 2048);
+TEST(TinyModelTest, HasTheShapeTheTableAssumes) {
+  EXPECT_EQ(Model().config.max_context_tokens, 4096);
+  EXPECT_EQ(Model().config.vocab_size, 4096);
 }
 
 // --- the table of bad requests -----------------------------------------------------------
@@ -133,13 +133,13 @@ TEST(ValidateGenerateRequestTest, MessagesQuoteTheBadValue) {
   r.mutable_sampling()->set_top_p(1.5f);
   EXPECT_EQ(Validate(r).status().message(), "sampling.top_p must be in (0, 1], got 1.5");
 
-  r = TokenPrompt({1, 2048});
-  EXPECT_EQ(Validate(r).status().message(), "tokens.ids[1] = 2048 is outside the vocabulary [0, 2048)");
+  r = TokenPrompt({1, 4096});
+  EXPECT_EQ(Validate(r).status().message(), "tokens.ids[1] = 4096 is outside the vocabulary [0, 4096)");
 
-  r = TokenPrompt(std::vector<int32_t>(500, 1));
+  r = TokenPrompt(std::vector<int32_t>(4084, 1));
   r.mutable_sampling()->set_max_tokens(20);
   EXPECT_EQ(Validate(r).status().message(),
-            "sampling.max_tokens: the prompt (500 tokens) plus max_tokens (20) exceeds the model context of 512 "
+            "sampling.max_tokens: the prompt (4084 tokens) plus max_tokens (20) exceeds the model context of 4096 "
             "tokens (at most 12 can be generated)");
 
   r.Clear();
@@ -290,7 +290,7 @@ TEST(ValidateGenerateRequestTest, EdgeValuesAreAccepted) {
          for (int i = 0; i < 16; ++i) r->mutable_sampling()->add_stop(std::string(256, 'a' + i));
        }},
       {"request_id of printable ASCII", [](GenerateRequest* r) { r->set_request_id(" !~azAZ09-_:/"); }},
-      {"max_tokens fills the context", [](GenerateRequest* r) { r->mutable_sampling()->set_max_tokens(512 - 4); }},
+      {"max_tokens fills the context", [](GenerateRequest* r) { r->mutable_sampling()->set_max_tokens(4096 - 4); }},
       {"every policy by name", [](GenerateRequest* r) { r->mutable_compression()->set_policy("attention_gate"); }},
   };
   for (const Case& c : cases) {
@@ -328,12 +328,12 @@ TEST(ValidateGenerateRequestTest, EmptyPolicyTakesTheServerDefault) {
 }
 
 TEST(ValidateGenerateRequestTest, DefaultMaxTokensShrinksToTheRoomLeft) {
-  // 508 prompt tokens leave 4 in the 512-token context; the default 16 becomes 4.
-  const auto result = Validate(TokenPrompt(std::vector<int32_t>(508, 1)));
+  // 4092 prompt tokens leave 4 in the 4096-token context; the default 16 becomes 4.
+  const auto result = Validate(TokenPrompt(std::vector<int32_t>(4092, 1)));
   ASSERT_TRUE(result.ok()) << result.status();
   EXPECT_EQ(result->options.max_tokens, 4);
-  // 511 leave one.
-  const auto last = Validate(TokenPrompt(std::vector<int32_t>(511, 1)));
+  // 4095 leave one.
+  const auto last = Validate(TokenPrompt(std::vector<int32_t>(4095, 1)));
   ASSERT_TRUE(last.ok()) << last.status();
   EXPECT_EQ(last->options.max_tokens, 1);
 }

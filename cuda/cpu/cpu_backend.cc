@@ -14,8 +14,10 @@
 #include <vector>
 
 #include "absl/strings/str_cat.h"
+#include "cuda/cpu/flash_attention.h"
 #include "cuda/cpu/parallel_for.h"
 #include "cuda/cpu/reference_ops.h"
+#include "cuda/cpu/row_invariant_matmul.h"
 
 namespace kvgate::ops {
 namespace {
@@ -55,6 +57,10 @@ class CpuBackend final : public Backend {
   }
 
   absl::Status MatMul(const MatMulArgs& a) override {
+    if (a.m <= kRowInvariantMaxRows) {
+      RowInvariantMatMul(a, &pool_);
+      return absl::OkStatus();
+    }
     cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, a.m, a.n, a.k, 1.0f, a.x, a.k, a.w,
                 a.k, 0.0f, a.y, a.n);
     if (a.bias != nullptr) {
@@ -97,56 +103,9 @@ class CpuBackend final : public Backend {
     return absl::OkStatus();
   }
 
+  // Tiled on SGEMM calls, threaded over (kv head, query tile): cuda/cpu/flash_attention.h.
   absl::Status Attention(const AttentionArgs& a) override {
-    const int32_t group = a.num_q_heads / a.num_kv_heads;
-    const int64_t items = static_cast<int64_t>(a.num_tokens) * a.num_q_heads;
-    const int64_t work_per_item =
-        static_cast<int64_t>(a.q_start_row + a.num_tokens) * a.head_dim * 4;
-    ParallelRows(items, work_per_item, [&](int64_t begin, int64_t end) {
-      std::vector<float> scores;
-      for (int64_t item = begin; item < end; ++item) {
-        const int32_t t = static_cast<int32_t>(item / a.num_q_heads);
-        const int32_t h = static_cast<int32_t>(item % a.num_q_heads);
-        const int32_t last = a.q_start_row + t;
-        const int32_t first =
-            a.sliding_window > 0 ? std::max(0, last - a.sliding_window + 1) : 0;
-        const int64_t kv_base = static_cast<int64_t>(h / group) * a.capacity_tokens * a.head_dim;
-        const int32_t mask_row = a.key_mask_per_query_head ? h : h / group;
-        const uint8_t* mask = a.key_mask != nullptr
-                                  ? a.key_mask + static_cast<int64_t>(mask_row) * a.capacity_tokens
-                                  : nullptr;
-        // An evicted row gets score -inf, i.e. weight exactly 0, and is never read.
-        const auto visible = [&](int32_t r) { return mask == nullptr || r == last || mask[r] != 0; };
-        const float* q = a.q + item * a.head_dim;
-        scores.resize(last - first + 1);
-        float max_score = -INFINITY;
-        for (int32_t r = first; r <= last; ++r) {
-          if (!visible(r)) {
-            scores[r - first] = -INFINITY;
-            continue;
-          }
-          const float* k = a.k_cache + kv_base + static_cast<int64_t>(r) * a.head_dim;
-          float dot = 0.0f;
-          for (int32_t i = 0; i < a.head_dim; ++i) dot += q[i] * k[i];
-          scores[r - first] = dot * a.scale;
-          max_score = std::max(max_score, scores[r - first]);
-        }
-        float denom = 0.0f;
-        for (float& s : scores) {
-          s = std::exp(s - max_score);
-          denom += s;
-        }
-        float* out = a.out + item * a.head_dim;
-        std::fill(out, out + a.head_dim, 0.0f);
-        const float inv_denom = 1.0f / denom;
-        for (int32_t r = first; r <= last; ++r) {
-          if (!visible(r)) continue;
-          const float p = scores[r - first] * inv_denom;
-          const float* v = a.v_cache + kv_base + static_cast<int64_t>(r) * a.head_dim;
-          for (int32_t i = 0; i < a.head_dim; ++i) out[i] += p * v[i];
-        }
-      }
-    });
+    FlashAttention(a, pool_);
     return absl::OkStatus();
   }
 

@@ -47,6 +47,8 @@ std::vector<GoldenCase> FindCases() {
   }
   cases.push_back({"tinystories-656k", testing::TinyStoriesDir(),
                    testing::GoldenDir() / "tinystories-656k" / "expected.json", "cpu"});
+  cases.push_back({"kvgate-tiny", testing::KvgateTinyDir(), testing::GoldenDir() / "kvgate-tiny" / "expected.json",
+                   "cpu"});
   std::sort(cases.begin(), cases.end(), [](const auto& a, const auto& b) { return a.name < b.name; });
   const size_t cpu_cases = cases.size();
   for (size_t i = 0; i < cpu_cases; ++i) {
@@ -60,6 +62,7 @@ class GoldenModelTest : public ::testing::TestWithParam<GoldenCase> {};
 
 TEST_P(GoldenModelTest, LogitsAndGreedyMatchTransformers) {
   const GoldenCase& c = GetParam();
+  KVGATE_SKIP_UNLESS_EXISTS(c.model_dir);  // tinystories-656k lives in ../shared
   ASSERT_TRUE(fs::exists(c.expected_json)) << "golden fixture missing: " << c.expected_json
                                            << " (run tests/golden/make_fixtures.py, see tests/golden/README.md)";
   std::ifstream in(c.expected_json);

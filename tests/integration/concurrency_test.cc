@@ -19,9 +19,11 @@ constexpr int kStreams = 64;
 
 TEST(ConcurrencyTest, SixtyFourMixedStreamsLoseNothingAndReleaseEverything) {
   DeploymentOptions options;
+  // Room for all 64 at once: each holds at most ~340 tokens, 22 pages of 16 rows per
+  // (layer, kv head), 704 pages on kvgate-tiny (8 layers x 4 kv heads); 80 of them fit.
   // A short lease: the last prefills wait in the queue for several lease TTLs while the
   // router renews them (the decode side must keep waiting for their transfers).
-  options.extra_args = {"--kv-sequences", "80", "--lease-ttl-ms", "1000"};
+  options.extra_args = {"--kv-pages", "56320", "--lease-ttl-ms", "1000"};
   absl::StatusOr<std::unique_ptr<Deployment>> deployment = Deployment::Start(options);
   ASSERT_TRUE(deployment.ok()) << deployment.status();
   Deployment& d = **deployment;
@@ -94,9 +96,11 @@ TEST(ConcurrencyTest, SixtyFourMixedStreamsLoseNothingAndReleaseEverything) {
   EXPECT_GT(max_in_flight.load(), 8) << "the streams did not overlap; the test proves little";
 
   // Every page, lease and transfer back within 2 s (heartbeats every 250 ms).
+  std::vector<std::string> ids;
+  for (const Case& c : cases) ids.push_back(c.request_id);
   absl::StatusOr<v1::ServerInfo> after = WaitServerInfo(
       d.stub(), [&](const v1::ServerInfo& info) { return Idle(info) && info.kv_pages_free() == initial->kv_pages_free(); },
-      absl::Seconds(2));
+      absl::Seconds(2), "", ids);
   ASSERT_TRUE(after.ok()) << after.status();
   EXPECT_EQ(after->kv_pages_free(), initial->kv_pages_free()) << Describe(*after);
   EXPECT_EQ(after->leases_active(), 0) << Describe(*after);

@@ -10,7 +10,10 @@
 #include <csignal>
 #include <cstdio>
 #include <cstdlib>
+#include <filesystem>
+#include <fstream>
 #include <future>
+#include <random>
 #include <sstream>
 #include <thread>
 
@@ -34,7 +37,24 @@
 
 namespace kvgate::integration {
 
-std::string ModelDir() { return testing::TinyStoriesDir(); }
+std::string ModelDir() { return testing::KvgateTinyDir(); }
+
+const std::string& InternalToken() {
+  static const std::string* const token = [] {
+    std::random_device rd;
+    return new std::string(absl::StrCat("itok-", rd(), "-", rd(), "-", rd()));
+  }();
+  return *token;
+}
+
+const std::string& InternalTokenFile() {
+  static const std::string* const path = [] {
+    const std::filesystem::path file = testing::MakeTempDir("kvgate-internal-token") / "token";
+    std::ofstream(file) << InternalToken() << "\n";
+    return new std::string(file.string());
+  }();
+  return *path;
+}
 
 std::string ToString(const grpc::Status& status) {
   return absl::StrCat(absl::StatusCodeToString(static_cast<absl::StatusCode>(status.error_code())), ": ",
@@ -51,6 +71,7 @@ void Append(std::vector<std::string>* to, const std::vector<std::string>& more) 
 
 std::vector<std::string> Common(const DeploymentOptions& o) {
   std::vector<std::string> args = {"--host", "127.0.0.1", "--port", "0", "--shutdown-grace-ms", "300"};
+  if (o.split) Append(&args, {"--internal-token-file", InternalTokenFile()});
   if (o.metrics) Append(&args, {"--metrics-port", "0"});
   Append(&args, o.extra_args);
   return args;
@@ -121,6 +142,7 @@ absl::StatusOr<std::unique_ptr<Deployment>> Deployment::Start(const DeploymentOp
     }
     // The decode pool is visible once a heartbeat carried it.
     const std::string token = [&] {
+      if (!options.token.empty()) return options.token;
       for (size_t i = 0; i + 1 < options.extra_args.size(); ++i) {
         if (options.extra_args[i] == "--token") return options.extra_args[i + 1];
       }
@@ -255,12 +277,15 @@ StreamResult Generate(v1::Inference::Stub& stub, const v1::GenerateRequest& requ
   return result;
 }
 
-absl::StatusOr<v1::ServerInfo> GetServerInfo(v1::Inference::Stub& stub, const std::string& token) {
+absl::StatusOr<v1::ServerInfo> GetServerInfo(v1::Inference::Stub& stub, const std::string& token,
+                                             const std::vector<std::string>& request_ids) {
   grpc::ClientContext ctx;
   ctx.set_deadline(absl::ToChronoTime(absl::Now() + absl::Seconds(5)));
   AddToken(&ctx, token);
   v1::ServerInfo info;
-  grpc::Status s = stub.GetServerInfo(&ctx, v1::GetServerInfoRequest(), &info);
+  v1::GetServerInfoRequest request;
+  for (const std::string& id : request_ids) request.add_request_ids(id);
+  grpc::Status s = stub.GetServerInfo(&ctx, request, &info);
   if (!s.ok()) return absl::Status(static_cast<absl::StatusCode>(s.error_code()), s.error_message());
   return info;
 }
@@ -286,11 +311,12 @@ bool PollUntil(const std::function<bool()>& predicate, absl::Duration timeout) {
 
 absl::StatusOr<v1::ServerInfo> WaitServerInfo(v1::Inference::Stub& stub,
                                               const std::function<bool(const v1::ServerInfo&)>& predicate,
-                                              absl::Duration timeout, const std::string& token) {
+                                              absl::Duration timeout, const std::string& token,
+                                              const std::vector<std::string>& request_ids) {
   absl::StatusOr<v1::ServerInfo> last = absl::DeadlineExceededError("no ServerInfo yet");
   PollUntil(
       [&] {
-        last = GetServerInfo(stub, token);
+        last = GetServerInfo(stub, token, request_ids);
         return last.ok() && predicate(*last);
       },
       timeout);
@@ -348,12 +374,19 @@ absl::Status FromGrpc(const grpc::Status& s) {
 
 }  // namespace
 
-absl::StatusOr<int> HealthStatus(const std::shared_ptr<grpc::Channel>& channel, absl::Duration timeout) {
+absl::StatusOr<int> HealthStatus(const std::shared_ptr<grpc::Channel>& channel, absl::Duration timeout,
+                                 const std::string& service) {
   grpc::GenericStub stub(channel);
   grpc::ClientContext ctx;
   ctx.set_deadline(absl::ToChronoTime(absl::Now() + timeout));
-  // HealthCheckRequest{service = ""}: the empty message.
-  const grpc::ByteBuffer request = Bytes("");
+  // HealthCheckRequest{service = 1}: empty for the whole server.
+  std::string encoded;
+  if (!service.empty()) {
+    encoded.push_back('\x0a');
+    encoded.push_back(static_cast<char>(service.size()));  // names under 128 bytes
+    encoded += service;
+  }
+  const grpc::ByteBuffer request = Bytes(encoded);
   grpc::ByteBuffer response;
   std::promise<grpc::Status> done;
   stub.UnaryCall(&ctx, "/grpc.health.v1.Health/Check", grpc::StubOptions(), &request, &response,
@@ -371,13 +404,14 @@ absl::StatusOr<int> HealthStatus(const std::shared_ptr<grpc::Channel>& channel, 
   return 0;  // UNKNOWN (the default value is not on the wire)
 }
 
-absl::StatusOr<std::vector<std::string>> ReflectionServices(const std::shared_ptr<grpc::Channel>& channel) {
+absl::StatusOr<std::vector<std::string>> ReflectionServices(const std::shared_ptr<grpc::Channel>& channel,
+                                                            const std::string& version) {
   grpc::GenericStub stub(channel);
   grpc::CompletionQueue cq;
   grpc::ClientContext ctx;
   ctx.set_deadline(absl::ToChronoTime(absl::Now() + absl::Seconds(5)));
   std::unique_ptr<grpc::GenericClientAsyncReaderWriter> call =
-      stub.PrepareCall(&ctx, "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo", &cq);
+      stub.PrepareCall(&ctx, absl::StrCat("/grpc.reflection.", version, ".ServerReflection/ServerReflectionInfo"), &cq);
   if (!call) return absl::InternalError("PrepareCall failed");
   auto step = [&](auto&& start, const char* what) -> absl::Status {
     void* tag = nullptr;
