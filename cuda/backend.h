@@ -84,6 +84,23 @@ class Backend {
 
   // Waits for every op submitted so far; reports an asynchronous fault.
   virtual absl::Status Synchronize() = 0;
+
+  // The bf16 ops (cuda/ops.h; references in cuda/cpu/reference_bf16_ops.h). Optional: a
+  // backend that has them answers true here, and the engine then keeps its weights in
+  // bf16 (one copy) and runs its GEMMs and prefill attention through them. The CPU
+  // backend keeps fp32 and leaves them UNIMPLEMENTED.
+  virtual bool SupportsBf16() const { return false; }
+  virtual absl::Status EmbedBf16(const EmbedBf16Args& args) { return Bf16Unimplemented("EmbedBf16"); }
+  virtual absl::Status GemmBf16(const GemmBf16Args& args) { return Bf16Unimplemented("GemmBf16"); }
+  virtual absl::Status RmsNormBf16(const RmsNormBf16Args& args) { return Bf16Unimplemented("RmsNormBf16"); }
+  virtual absl::Status SiluMulBf16(const SiluMulBf16Args& args) { return Bf16Unimplemented("SiluMulBf16"); }
+  virtual absl::Status CastToBf16(const CastToBf16Args& args) { return Bf16Unimplemented("CastToBf16"); }
+  virtual absl::Status AttentionBf16(const AttentionArgs& args) { return Bf16Unimplemented("AttentionBf16"); }
+
+ private:
+  absl::Status Bf16Unimplemented(std::string_view op) const {
+    return absl::UnimplementedError(std::string(Name()) + ": no bf16 op " + std::string(op));
+  }
 };
 
 // Makes a backend by name: "cpu", "cuda" (= "cuda:0") or "cuda:N". A build without

@@ -147,4 +147,65 @@ struct AddArgs {
   int64_t n = 0;
 };
 
+// ---------------------------------------------------------------------------------------
+// bf16 ops: the device dtype of the CUDA backend (issue 10). The CPU backend keeps the
+// fp32 ops above; the references of these ops (cuda/cpu/reference_bf16_ops.h) define
+// them. Rounding to bf16 is round-to-nearest-even (cuda/bf16.h); accumulation is fp32 or
+// wider.
+
+// bfloat16 storage: the upper 16 bits of an IEEE float32 (conversions in cuda/bf16.h).
+using Bf16 = uint16_t;
+
+// out[t, :] = float(table[token_ids[t], :]). Ids are validated by the caller (engine).
+struct EmbedBf16Args {
+  const int32_t* token_ids = nullptr;  // [num_tokens], in, backend
+  const Bf16* table = nullptr;         // [vocab_size, dim], in, backend
+  float* out = nullptr;                // [num_tokens, dim], out, backend
+  int32_t num_tokens = 0, dim = 0, vocab_size = 0;
+};
+
+// y[m, n] = x[m, k] @ w[n, k]^T (+ bias[n]) with bf16 operands and fp32 accumulation
+// (cuBLASLt on the GPU); y is fp32, or bf16 (rounded once, at the end) when y_bf16.
+// With accumulate, y is fp32 and the product is added to it (fused residual add:
+// y += x @ w^T). Preconditions: bias only with an fp32 y; y does not alias x or w.
+struct GemmBf16Args {
+  const Bf16* x = nullptr;      // [m, k], in, backend
+  const Bf16* w = nullptr;      // [n, k], in, backend
+  const float* bias = nullptr;  // [n] or null, in, backend
+  void* y = nullptr;            // [m, n] float or Bf16, out (in/out with accumulate), backend
+  int32_t m = 0, n = 0, k = 0;
+  bool y_bf16 = false;
+  bool accumulate = false;
+};
+
+// out[r, :] = bf16(x[r, :] / sqrt(mean(x[r, :]^2) + eps) * weight[:]): RmsNormArgs with a
+// bf16 output, the input of the next bf16 GEMM.
+struct RmsNormBf16Args {
+  const float* x = nullptr;       // [rows, dim], in, backend
+  const float* weight = nullptr;  // [dim], in, backend
+  Bf16* out = nullptr;            // [rows, dim], out, backend
+  int32_t rows = 0, dim = 0;
+  float eps = 1e-6f;
+};
+
+// out[i] = bf16(silu(gate[i]) * up[i]) on bf16 inputs, computed in fp32 (SwiGLU).
+struct SiluMulBf16Args {
+  const Bf16* gate = nullptr;  // [n], in, backend
+  const Bf16* up = nullptr;    // [n], in, backend
+  Bf16* out = nullptr;         // [n], out, backend; may alias gate or up
+  int64_t n = 0;
+};
+
+// out[i] = bf16(x[i]).
+struct CastToBf16Args {
+  const float* x = nullptr;  // [n], in, backend
+  Bf16* out = nullptr;       // [n], out, backend
+  int64_t n = 0;
+};
+
+// AttentionBf16 takes AttentionArgs (same shapes, visible-row rule, key masks and
+// q_start_row past) and computes it on tensor cores: q, K and V are rounded to bf16,
+// scores and the softmax are fp32, the probabilities are rounded to bf16 before they
+// multiply V, and the sums are fp32. Its reference is AttentionBf16Ref.
+
 }  // namespace kvgate::ops

@@ -2,10 +2,13 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <random>
+#include <string_view>
 
 #include "absl/strings/str_cat.h"
 #include "common/status_macros.h"
+#include "cuda/bf16.h"
 #include "engine/safetensors.h"
 
 namespace kvgate::engine {
@@ -15,11 +18,12 @@ int64_t KvCache::num_entries() const {
 }
 
 absl::StatusOr<std::unique_ptr<Model>> Model::Load(const std::string& model_dir,
-                                                   ops::Backend* backend) {
+                                                   ops::Backend* backend, const LoadOptions& options) {
   KVGATE_ASSIGN_OR_RETURN(ModelConfig config, LoadModelConfig(model_dir));
   KVGATE_ASSIGN_OR_RETURN(std::unique_ptr<CheckpointTensors> tensors,
                           CheckpointTensors::Open(model_dir));
   auto model = std::unique_ptr<Model>(new Model(std::move(config), backend));
+  KVGATE_RETURN_IF_ERROR(model->ChooseWeightDType(options));
   const bool lm_head_present = tensors->Contains("lm_head.weight");
   if (!model->config_.tie_word_embeddings && !lm_head_present) {
     return absl::InvalidArgumentError(absl::StrCat(
@@ -36,8 +40,9 @@ absl::StatusOr<std::unique_ptr<Model>> Model::Load(const std::string& model_dir,
 }
 
 absl::StatusOr<std::unique_ptr<Model>> Model::CreateRandom(const ModelConfig& config, uint64_t seed,
-                                                           ops::Backend* backend) {
+                                                           ops::Backend* backend, const LoadOptions& options) {
   auto model = std::unique_ptr<Model>(new Model(config, backend));
+  KVGATE_RETURN_IF_ERROR(model->ChooseWeightDType(options));
   std::mt19937_64 rng(seed);
   TensorSource source = [&](const std::string& name, const std::vector<int64_t>& shape)
       -> absl::StatusOr<std::vector<float>> {
@@ -61,15 +66,53 @@ absl::StatusOr<ops::DeviceBuffer> Model::Upload(const TensorSource& source, cons
   return buffer;
 }
 
+absl::Status Model::ChooseWeightDType(const LoadOptions& options) {
+  WeightDType want = options.weights;
+  if (want == WeightDType::kBackendDefault) {
+    const char* env = std::getenv("KVGATE_WEIGHT_DTYPE");
+    const std::string name = env != nullptr ? env : "";
+    if (name == "fp32") {
+      want = WeightDType::kF32;
+    } else if (name == "bf16") {
+      want = WeightDType::kBf16;
+    } else if (name.empty()) {
+      want = backend_->SupportsBf16() ? WeightDType::kBf16 : WeightDType::kF32;
+    } else {
+      return absl::InvalidArgumentError(absl::StrCat("KVGATE_WEIGHT_DTYPE='", name, "': expected fp32 or bf16"));
+    }
+  }
+  if (want == WeightDType::kBf16 && !backend_->SupportsBf16()) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("bf16 weights asked for, but backend ", std::string(backend_->Name()), " has no bf16 ops"));
+  }
+  bf16_ = want == WeightDType::kBf16;
+  return absl::OkStatus();
+}
+
+absl::StatusOr<ops::DeviceBuffer> Model::UploadMatrix(const TensorSource& source, const std::string& name,
+                                                      const std::vector<int64_t>& shape) {
+  if (!bf16_) return Upload(source, name, shape);
+  KVGATE_ASSIGN_OR_RETURN(std::vector<float> host, source(name, shape));
+  // Exact for a bf16 checkpoint; round to nearest even for an fp32 one.
+  std::vector<ops::Bf16> bf16(host.size());
+  for (size_t i = 0; i < host.size(); ++i) bf16[i] = ops::F32ToBf16(host[i]);
+  host = {};
+  KVGATE_ASSIGN_OR_RETURN(ops::DeviceBuffer buffer, backend_->Alloc(bf16.size() * sizeof(ops::Bf16)));
+  KVGATE_RETURN_IF_ERROR(backend_->CopyToBackend(buffer.data(), bf16.data(), buffer.bytes()));
+  // The runtime stages pageable copies, but a later Synchronize keeps this obviously safe.
+  KVGATE_RETURN_IF_ERROR(backend_->Synchronize());
+  return buffer;
+}
+
 absl::Status Model::LoadWeights(const TensorSource& source, bool lm_head_present) {
   const ModelConfig& c = config_;
   const int64_t hidden = c.hidden_size, q_dim = int64_t{c.num_heads} * c.head_dim,
                 kv_dim = int64_t{c.num_kv_heads} * c.head_dim, inter = c.intermediate_size;
-  KVGATE_ASSIGN_OR_RETURN(embed_, Upload(source, "model.embed_tokens.weight", {c.vocab_size, hidden}));
+  KVGATE_ASSIGN_OR_RETURN(embed_, UploadMatrix(source, "model.embed_tokens.weight", {c.vocab_size, hidden}));
   KVGATE_ASSIGN_OR_RETURN(final_norm_, Upload(source, "model.norm.weight", {hidden}));
   // HF ties only when asked; a stored lm_head is used whenever the config does not tie.
   if (!c.tie_word_embeddings && lm_head_present) {
-    KVGATE_ASSIGN_OR_RETURN(lm_head_, Upload(source, "lm_head.weight", {c.vocab_size, hidden}));
+    KVGATE_ASSIGN_OR_RETURN(lm_head_, UploadMatrix(source, "lm_head.weight", {c.vocab_size, hidden}));
   }
   layers_.resize(c.num_layers);
   for (int i = 0; i < c.num_layers; ++i) {
@@ -78,10 +121,10 @@ absl::Status Model::LoadWeights(const TensorSource& source, bool lm_head_present
     KVGATE_ASSIGN_OR_RETURN(l.input_norm, Upload(source, p + "input_layernorm.weight", {hidden}));
     KVGATE_ASSIGN_OR_RETURN(l.post_attention_norm,
                             Upload(source, p + "post_attention_layernorm.weight", {hidden}));
-    KVGATE_ASSIGN_OR_RETURN(l.wq, Upload(source, p + "self_attn.q_proj.weight", {q_dim, hidden}));
-    KVGATE_ASSIGN_OR_RETURN(l.wk, Upload(source, p + "self_attn.k_proj.weight", {kv_dim, hidden}));
-    KVGATE_ASSIGN_OR_RETURN(l.wv, Upload(source, p + "self_attn.v_proj.weight", {kv_dim, hidden}));
-    KVGATE_ASSIGN_OR_RETURN(l.wo, Upload(source, p + "self_attn.o_proj.weight", {hidden, q_dim}));
+    KVGATE_ASSIGN_OR_RETURN(l.wq, UploadMatrix(source, p + "self_attn.q_proj.weight", {q_dim, hidden}));
+    KVGATE_ASSIGN_OR_RETURN(l.wk, UploadMatrix(source, p + "self_attn.k_proj.weight", {kv_dim, hidden}));
+    KVGATE_ASSIGN_OR_RETURN(l.wv, UploadMatrix(source, p + "self_attn.v_proj.weight", {kv_dim, hidden}));
+    KVGATE_ASSIGN_OR_RETURN(l.wo, UploadMatrix(source, p + "self_attn.o_proj.weight", {hidden, q_dim}));
     if (c.attention_bias) {
       KVGATE_ASSIGN_OR_RETURN(l.bq, Upload(source, p + "self_attn.q_proj.bias", {q_dim}));
       KVGATE_ASSIGN_OR_RETURN(l.bk, Upload(source, p + "self_attn.k_proj.bias", {kv_dim}));
@@ -91,9 +134,9 @@ absl::Status Model::LoadWeights(const TensorSource& source, bool lm_head_present
       KVGATE_ASSIGN_OR_RETURN(l.q_norm, Upload(source, p + "self_attn.q_norm.weight", {c.head_dim}));
       KVGATE_ASSIGN_OR_RETURN(l.k_norm, Upload(source, p + "self_attn.k_norm.weight", {c.head_dim}));
     }
-    KVGATE_ASSIGN_OR_RETURN(l.gate, Upload(source, p + "mlp.gate_proj.weight", {inter, hidden}));
-    KVGATE_ASSIGN_OR_RETURN(l.up, Upload(source, p + "mlp.up_proj.weight", {inter, hidden}));
-    KVGATE_ASSIGN_OR_RETURN(l.down, Upload(source, p + "mlp.down_proj.weight", {hidden, inter}));
+    KVGATE_ASSIGN_OR_RETURN(l.gate, UploadMatrix(source, p + "mlp.gate_proj.weight", {inter, hidden}));
+    KVGATE_ASSIGN_OR_RETURN(l.up, UploadMatrix(source, p + "mlp.up_proj.weight", {inter, hidden}));
+    KVGATE_ASSIGN_OR_RETURN(l.down, UploadMatrix(source, p + "mlp.down_proj.weight", {hidden, inter}));
   }
   std::vector<float> inv_freq = RopeInverseFrequencies(c);
   KVGATE_ASSIGN_OR_RETURN(inv_freq_, backend_->Alloc(inv_freq.size() * sizeof(float)));
@@ -131,8 +174,15 @@ absl::Status Model::EnsureScratch(int32_t n) {
   KVGATE_ASSIGN_OR_RETURN(k_, backend_->Alloc(kv_dim * n));
   KVGATE_ASSIGN_OR_RETURN(v_, backend_->Alloc(kv_dim * n));
   KVGATE_ASSIGN_OR_RETURN(attn_, backend_->Alloc(q_dim * n));
-  KVGATE_ASSIGN_OR_RETURN(gate_, backend_->Alloc(size_t{4} * n * c.intermediate_size));
-  KVGATE_ASSIGN_OR_RETURN(up_, backend_->Alloc(size_t{4} * n * c.intermediate_size));
+  if (bf16_) {
+    const size_t widest = std::max<size_t>(c.hidden_size, size_t{1} * c.num_heads * c.head_dim);
+    KVGATE_ASSIGN_OR_RETURN(hb_, backend_->Alloc(sizeof(ops::Bf16) * n * widest));
+    KVGATE_ASSIGN_OR_RETURN(gate_bf16_, backend_->Alloc(sizeof(ops::Bf16) * n * c.intermediate_size));
+    KVGATE_ASSIGN_OR_RETURN(up_bf16_, backend_->Alloc(sizeof(ops::Bf16) * n * c.intermediate_size));
+  } else {
+    KVGATE_ASSIGN_OR_RETURN(gate_, backend_->Alloc(size_t{4} * n * c.intermediate_size));
+    KVGATE_ASSIGN_OR_RETURN(up_, backend_->Alloc(size_t{4} * n * c.intermediate_size));
+  }
   KVGATE_ASSIGN_OR_RETURN(logits_, backend_->Alloc(size_t{4} * n * c.vocab_size));
   scratch_tokens_ = n;
   return absl::OkStatus();
@@ -176,6 +226,7 @@ absl::Status Model::CaptureLayer(int layer, int32_t n, const ForwardOptions& opt
 }
 
 absl::Status Model::FinishLayer(const Layer& l, int32_t n) {
+  if (bf16_) return FinishLayerBf16(l, n);
   const ModelConfig& c = config_;
   ops::Backend& b = *backend_;
   const int32_t q_dim = c.num_heads * c.head_dim;
@@ -191,11 +242,57 @@ absl::Status Model::FinishLayer(const Layer& l, int32_t n) {
   return b.Add({x, h, int64_t{n} * c.hidden_size});
 }
 
+// o_proj and down_proj add into the residual stream inside the GEMM (accumulate).
+absl::Status Model::FinishLayerBf16(const Layer& l, int32_t n) {
+  const ModelConfig& c = config_;
+  ops::Backend& b = *backend_;
+  const int32_t q_dim = c.num_heads * c.head_dim;
+  float* x = x_.as<float>();
+  ops::Bf16* hb = hb_.as<ops::Bf16>();
+  ops::Bf16* gate = gate_bf16_.as<ops::Bf16>();
+  ops::Bf16* up = up_bf16_.as<ops::Bf16>();
+  const auto gemm = [&](const ops::Bf16* in, const ops::DeviceBuffer& w, void* out, int32_t out_dim, int32_t in_dim,
+                        bool out_bf16, bool accumulate) {
+    ops::GemmBf16Args args;
+    args.x = in;
+    args.w = w.as<ops::Bf16>();
+    args.y = out;
+    args.m = n;
+    args.n = out_dim;
+    args.k = in_dim;
+    args.y_bf16 = out_bf16;
+    args.accumulate = accumulate;
+    return b.GemmBf16(args);
+  };
+  KVGATE_RETURN_IF_ERROR(b.CastToBf16({attn_.as<float>(), hb, int64_t{n} * q_dim}));
+  KVGATE_RETURN_IF_ERROR(gemm(hb, l.wo, x, c.hidden_size, q_dim, false, true));
+  KVGATE_RETURN_IF_ERROR(b.RmsNormBf16({x, l.post_attention_norm.as<float>(), hb, n, c.hidden_size, c.rms_norm_eps}));
+  KVGATE_RETURN_IF_ERROR(gemm(hb, l.gate, gate, c.intermediate_size, c.hidden_size, true, false));
+  KVGATE_RETURN_IF_ERROR(gemm(hb, l.up, up, c.intermediate_size, c.hidden_size, true, false));
+  KVGATE_RETURN_IF_ERROR(b.SiluMulBf16({gate, up, gate, int64_t{n} * c.intermediate_size}));
+  return gemm(gate, l.down, x, c.hidden_size, c.intermediate_size, false, true);
+}
+
 absl::StatusOr<std::vector<float>> Model::Logits(int32_t n, int32_t rows) {
   const ModelConfig& c = config_;
   ops::Backend& b = *backend_;
   // Only the rows whose logits are wanted go through the final norm and lm_head.
   const float* last_rows = x_.as<float>() + int64_t{n - rows} * c.hidden_size;
+  if (bf16_) {
+    ops::Bf16* hb = hb_.as<ops::Bf16>();
+    KVGATE_RETURN_IF_ERROR(b.RmsNormBf16({last_rows, final_norm_.as<float>(), hb, rows, c.hidden_size, c.rms_norm_eps}));
+    ops::GemmBf16Args args;
+    args.x = hb;
+    args.w = lm_head_.data() != nullptr ? lm_head_.as<ops::Bf16>() : embed_.as<ops::Bf16>();
+    args.y = logits_.data();
+    args.m = rows;
+    args.n = c.vocab_size;
+    args.k = c.hidden_size;
+    KVGATE_RETURN_IF_ERROR(b.GemmBf16(args));
+    std::vector<float> logits(size_t{1} * rows * c.vocab_size);
+    KVGATE_RETURN_IF_ERROR(b.CopyToHost(logits.data(), logits_.data(), logits.size() * sizeof(float)));
+    return logits;
+  }
   KVGATE_RETURN_IF_ERROR(b.RmsNorm({last_rows, final_norm_.as<float>(), h_.as<float>(), rows, c.hidden_size, c.rms_norm_eps}));
   const float* head = lm_head_.data() != nullptr ? lm_head_.as<float>() : embed_.as<float>();
   KVGATE_RETURN_IF_ERROR(b.MatMul({h_.as<float>(), head, nullptr, logits_.as<float>(), rows, c.vocab_size, c.hidden_size}));
@@ -256,10 +353,18 @@ absl::StatusOr<std::vector<float>> Model::Forward(absl::Span<const int32_t> toke
   KVGATE_RETURN_IF_ERROR(backend_->CopyToBackend(positions_.data(), positions.data(), size_t{4} * n));
 
   ops::Backend& b = *backend_;
-  KVGATE_RETURN_IF_ERROR(b.Embed({ids_.as<int32_t>(), embed_.as<float>(), x_.as<float>(), n, c.hidden_size, c.vocab_size}));
+  if (bf16_) {
+    KVGATE_RETURN_IF_ERROR(
+        b.EmbedBf16({ids_.as<int32_t>(), embed_.as<ops::Bf16>(), x_.as<float>(), n, c.hidden_size, c.vocab_size}));
+  } else {
+    KVGATE_RETURN_IF_ERROR(b.Embed({ids_.as<int32_t>(), embed_.as<float>(), x_.as<float>(), n, c.hidden_size, c.vocab_size}));
+  }
+  // With bf16 weights the fp32 normed hidden states are made only when someone reads them.
+  const bool want_hidden =
+      (capture != nullptr && options.capture_request.hidden_states) || static_cast<bool>(options.layer_key_mask);
   for (int i = 0; i < c.num_layers; ++i) {
     const Layer& l = layers_[i];
-    KVGATE_RETURN_IF_ERROR(ProjectQkv(l, n, positions_.as<int32_t>()));
+    KVGATE_RETURN_IF_ERROR(ProjectQkv(l, n, positions_.as<int32_t>(), want_hidden));
     if (capture != nullptr) KVGATE_RETURN_IF_ERROR(CaptureLayer(i, n, options));
     KVGATE_RETURN_IF_ERROR(b.StoreKv({k_.as<float>(), v_.as<float>(), cache->k(i), cache->v(i), n, c.num_kv_heads,
                                       c.head_dim, cache->capacity_tokens_, start}));
@@ -299,7 +404,7 @@ absl::StatusOr<std::vector<float>> Model::Forward(absl::Span<const int32_t> toke
       KVGATE_RETURN_IF_ERROR(b.CopyToBackend(key_mask_.data(), mask.data(), mask.size()));
       attention.key_mask = key_mask_.as<uint8_t>();
     }
-    KVGATE_RETURN_IF_ERROR(b.Attention(attention));
+    KVGATE_RETURN_IF_ERROR(bf16_ ? b.AttentionBf16(attention) : b.Attention(attention));
     KVGATE_RETURN_IF_ERROR(FinishLayer(l, n));
   }
   if (capture != nullptr && options.capture_request.keys) {
@@ -320,16 +425,38 @@ absl::StatusOr<std::vector<float>> Model::Forward(absl::Span<const int32_t> toke
   return logits;
 }
 
-absl::Status Model::ProjectQkv(const Layer& l, int32_t n, const int32_t* positions) {
+absl::Status Model::ProjectQkv(const Layer& l, int32_t n, const int32_t* positions, bool want_hidden) {
   const ModelConfig& c = config_;
   ops::Backend& b = *backend_;
   const int32_t q_dim = c.num_heads * c.head_dim, kv_dim = c.num_kv_heads * c.head_dim;
   float* x = x_.as<float>();
   float* h = h_.as<float>();
-  KVGATE_RETURN_IF_ERROR(b.RmsNorm({x, l.input_norm.as<float>(), h, n, c.hidden_size, c.rms_norm_eps}));
-  KVGATE_RETURN_IF_ERROR(b.MatMul({h, l.wq.as<float>(), l.bq.as<float>(), q_.as<float>(), n, q_dim, c.hidden_size}));
-  KVGATE_RETURN_IF_ERROR(b.MatMul({h, l.wk.as<float>(), l.bk.as<float>(), k_.as<float>(), n, kv_dim, c.hidden_size}));
-  KVGATE_RETURN_IF_ERROR(b.MatMul({h, l.wv.as<float>(), l.bv.as<float>(), v_.as<float>(), n, kv_dim, c.hidden_size}));
+  if (!bf16_ || want_hidden) {
+    KVGATE_RETURN_IF_ERROR(b.RmsNorm({x, l.input_norm.as<float>(), h, n, c.hidden_size, c.rms_norm_eps}));
+  }
+  if (bf16_) {
+    ops::Bf16* hb = hb_.as<ops::Bf16>();
+    KVGATE_RETURN_IF_ERROR(b.RmsNormBf16({x, l.input_norm.as<float>(), hb, n, c.hidden_size, c.rms_norm_eps}));
+    const auto project = [&](const ops::DeviceBuffer& w, const ops::DeviceBuffer& bias, ops::DeviceBuffer& out,
+                             int32_t out_dim) {
+      ops::GemmBf16Args args;
+      args.x = hb;
+      args.w = w.as<ops::Bf16>();
+      args.bias = bias.as<float>();
+      args.y = out.data();
+      args.m = n;
+      args.n = out_dim;
+      args.k = c.hidden_size;
+      return b.GemmBf16(args);
+    };
+    KVGATE_RETURN_IF_ERROR(project(l.wq, l.bq, q_, q_dim));
+    KVGATE_RETURN_IF_ERROR(project(l.wk, l.bk, k_, kv_dim));
+    KVGATE_RETURN_IF_ERROR(project(l.wv, l.bv, v_, kv_dim));
+  } else {
+    KVGATE_RETURN_IF_ERROR(b.MatMul({h, l.wq.as<float>(), l.bq.as<float>(), q_.as<float>(), n, q_dim, c.hidden_size}));
+    KVGATE_RETURN_IF_ERROR(b.MatMul({h, l.wk.as<float>(), l.bk.as<float>(), k_.as<float>(), n, kv_dim, c.hidden_size}));
+    KVGATE_RETURN_IF_ERROR(b.MatMul({h, l.wv.as<float>(), l.bv.as<float>(), v_.as<float>(), n, kv_dim, c.hidden_size}));
+  }
   if (c.qk_norm) {
     KVGATE_RETURN_IF_ERROR(b.RmsNorm({q_.as<float>(), l.q_norm.as<float>(), q_.as<float>(), n * c.num_heads,
                                       c.head_dim, c.rms_norm_eps}));
@@ -353,10 +480,15 @@ absl::StatusOr<std::vector<float>> Model::DecodeStep(absl::Span<const int32_t> t
   KVGATE_RETURN_IF_ERROR(backend_->CopyToBackend(positions_.data(), positions.data(), size_t{4} * n));
   KVGATE_RETURN_IF_ERROR(kv->BeginStep());
   ops::Backend& b = *backend_;
-  KVGATE_RETURN_IF_ERROR(b.Embed({ids_.as<int32_t>(), embed_.as<float>(), x_.as<float>(), n, c.hidden_size, c.vocab_size}));
+  if (bf16_) {
+    KVGATE_RETURN_IF_ERROR(
+        b.EmbedBf16({ids_.as<int32_t>(), embed_.as<ops::Bf16>(), x_.as<float>(), n, c.hidden_size, c.vocab_size}));
+  } else {
+    KVGATE_RETURN_IF_ERROR(b.Embed({ids_.as<int32_t>(), embed_.as<float>(), x_.as<float>(), n, c.hidden_size, c.vocab_size}));
+  }
   for (int i = 0; i < c.num_layers; ++i) {
     const Layer& l = layers_[i];
-    KVGATE_RETURN_IF_ERROR(ProjectQkv(l, n, positions_.as<int32_t>()));
+    KVGATE_RETURN_IF_ERROR(ProjectQkv(l, n, positions_.as<int32_t>(), kv->wants_layer_inputs()));
     if (kv->wants_layer_inputs()) {
       std::vector<float> hidden(size_t{1} * n * c.hidden_size);
       KVGATE_RETURN_IF_ERROR(b.CopyToHost(hidden.data(), h_.data(), hidden.size() * sizeof(float)));

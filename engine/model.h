@@ -40,6 +40,19 @@ class KvCache {
   std::vector<ops::DeviceBuffer> k_, v_;
 };
 
+// The dtype of the weights in backend memory. kBackendDefault: bf16 on a backend with
+// the bf16 ops (Backend::SupportsBf16: the CUDA backend), fp32 elsewhere; the
+// environment variable KVGATE_WEIGHT_DTYPE=fp32|bf16 overrides the default (A/B runs,
+// bit-exact cpu/cuda comparisons). bf16 keeps one bf16 copy of every matrix (fp32 norms
+// and biases), runs the GEMMs through GemmBf16 (fp32 accumulation, the residual add fused)
+// and prefill attention through AttentionBf16; the residual stream, q/k/v, RoPE and the
+// KV cache stay fp32.
+enum class WeightDType { kBackendDefault, kF32, kBf16 };
+
+struct LoadOptions {
+  WeightDType weights = WeightDType::kBackendDefault;
+};
+
 // Which logits Forward returns.
 enum class LogitsMode { kLastToken, kAllTokens };
 
@@ -69,12 +82,16 @@ class Model {
  public:
   // Loads DIR/config.json (+ generation_config.json) and the safetensors weights.
   static absl::StatusOr<std::unique_ptr<Model>> Load(const std::string& model_dir,
-                                                     ops::Backend* backend);
+                                                     ops::Backend* backend,
+                                                     const LoadOptions& options = {});
   // A model with seeded random weights (benchmarks); norms 1, other weights N(0, 0.02).
   static absl::StatusOr<std::unique_ptr<Model>> CreateRandom(const ModelConfig& config,
-                                                             uint64_t seed, ops::Backend* backend);
+                                                             uint64_t seed, ops::Backend* backend,
+                                                             const LoadOptions& options = {});
 
   const ModelConfig& config() const { return config_; }
+  // True when the weights live in bf16 (see WeightDType).
+  bool bf16_weights() const { return bf16_; }
   ops::Backend* backend() const { return backend_; }
 
   // A cache for up to capacity_tokens tokens (<= max context, unless the caller
@@ -105,16 +122,22 @@ class Model {
       const std::string& name, const std::vector<int64_t>& shape)>;
 
   Model(ModelConfig config, ops::Backend* backend) : config_(std::move(config)), backend_(backend) {}
+  absl::Status ChooseWeightDType(const LoadOptions& options);
   absl::Status LoadWeights(const TensorSource& source, bool lm_head_present);
   absl::StatusOr<ops::DeviceBuffer> Upload(const TensorSource& source, const std::string& name,
                                            const std::vector<int64_t>& shape);
+  // A matrix: bf16 when bf16_, else fp32.
+  absl::StatusOr<ops::DeviceBuffer> UploadMatrix(const TensorSource& source, const std::string& name,
+                                                 const std::vector<int64_t>& shape);
   absl::Status EnsureScratch(int32_t num_tokens);
   absl::Status CheckTokens(absl::Span<const int32_t> tokens) const;
-  // Input RMSNorm (into h_), q/k/v projections, q/k norms and RoPE of n tokens.
-  absl::Status ProjectQkv(const Layer& l, int32_t n, const int32_t* positions);
+  // Input RMSNorm (into h_; into hb_ with bf16 weights, and also h_ when want_hidden),
+  // q/k/v projections, q/k norms and RoPE of n tokens.
+  absl::Status ProjectQkv(const Layer& l, int32_t n, const int32_t* positions, bool want_hidden = true);
   absl::Status CaptureLayer(int layer, int32_t n, const ForwardOptions& options);
   // Everything after attention in one layer: o_proj, residual, MLP, residual.
   absl::Status FinishLayer(const Layer& l, int32_t n);
+  absl::Status FinishLayerBf16(const Layer& l, int32_t n);
   absl::StatusOr<std::vector<float>> Logits(int32_t n, int32_t rows);
 
   ModelConfig config_;
@@ -122,10 +145,14 @@ class Model {
   std::vector<Layer> layers_;
   ops::DeviceBuffer embed_, final_norm_, lm_head_;  // lm_head_ empty when tied
   ops::DeviceBuffer inv_freq_;
+  bool bf16_ = false;
 
   // Scratch sized for scratch_tokens_ tokens.
   int32_t scratch_tokens_ = 0;
   ops::DeviceBuffer ids_, positions_, x_, h_, q_, k_, v_, attn_, gate_, up_, logits_, key_mask_;
+  // bf16 weights only: bf16 GEMM inputs ([n, max(hidden, q_dim)]) and the MLP's gate/up
+  // ([n, intermediate]); gate_ and up_ stay empty then.
+  ops::DeviceBuffer hb_, gate_bf16_, up_bf16_;
   int32_t key_mask_bytes_ = 0;
 };
 

@@ -1,5 +1,5 @@
-// File: the CUDA backend: cuBLAS SGEMM for MatMul and the kernels of cuda/kernels/ for
-// the other ops, all on one non-blocking stream per backend instance, so ops run in
+// File: the CUDA backend: cuBLAS SGEMM for MatMul, cuBLASLt for the bf16 GEMMs and the
+// kernels of cuda/kernels/ for the other ops, all on one non-blocking stream per backend instance, so ops run in
 // submission order and return before the GPU is done.
 #include "cuda/cuda_backend.h"
 
@@ -19,14 +19,20 @@
 #include "cuda/backend.h"
 #include "cuda/kernels/add.cuh"
 #include "cuda/kernels/attention.cuh"
+#include "cuda/kernels/attention_bf16.cuh"
+#include "cuda/kernels/cast_bf16.cuh"
 #include "cuda/kernels/copy_rows.cuh"
 #include "cuda/kernels/cuda_check.h"
 #include "cuda/kernels/embed.cuh"
+#include "cuda/kernels/embed_bf16.cuh"
+#include "cuda/kernels/gemm_bf16.h"
 #include "cuda/kernels/head_paged_decode_attention.cuh"
 #include "cuda/kernels/matmul_bias.cuh"
 #include "cuda/kernels/rms_norm.cuh"
+#include "cuda/kernels/rms_norm_bf16.cuh"
 #include "cuda/kernels/rope.cuh"
 #include "cuda/kernels/silu_mul.cuh"
+#include "cuda/kernels/silu_mul_bf16.cuh"
 #include "cuda/kernels/store_kv.cuh"
 
 namespace kvgate::ops {
@@ -42,6 +48,8 @@ class CudaBackend final : public Backend {
     if (cublas_ != nullptr) cublasDestroy(cublas_);
     if (stream_ != nullptr) {
       (void)cudaStreamSynchronize(stream_);
+      gemm_bf16_.reset();
+      gemm_workspace_ = DeviceBuffer();
       attention_workspace_ = DeviceBuffer();
       (void)cudaStreamDestroy(stream_);
     }
@@ -59,7 +67,9 @@ class CudaBackend final : public Backend {
     KVGATE_CUBLAS_RETURN_IF_ERROR(cublasSetMathMode(cublas_, CUBLAS_DEFAULT_MATH));
     KVGATE_CUDA_RETURN_IF_ERROR(
         cudaDeviceGetAttribute(&num_sms_, cudaDevAttrMultiProcessorCount, device_));
-    return absl::OkStatus();
+    KVGATE_ASSIGN_OR_RETURN(gemm_workspace_, Alloc(kGemmBf16WorkspaceBytes));
+    gemm_bf16_ = std::make_unique<GemmBf16Runner>();
+    return gemm_bf16_->Init(gemm_workspace_.data());
   }
 
   std::string_view Name() const override { return name_; }
@@ -186,6 +196,41 @@ class CudaBackend final : public Backend {
     return LaunchAdd(args, stream_);
   }
 
+  bool SupportsBf16() const override { return true; }
+
+  absl::Status EmbedBf16(const EmbedBf16Args& args) override {
+    KVGATE_CUDA_RETURN_IF_ERROR(cudaSetDevice(device_));
+    return LaunchEmbedBf16(args, stream_);
+  }
+
+  absl::Status GemmBf16(const GemmBf16Args& args) override {
+    KVGATE_CUDA_RETURN_IF_ERROR(cudaSetDevice(device_));
+    return gemm_bf16_->Run(args, stream_);
+  }
+
+  absl::Status RmsNormBf16(const RmsNormBf16Args& args) override {
+    KVGATE_CUDA_RETURN_IF_ERROR(cudaSetDevice(device_));
+    return LaunchRmsNormBf16(args, stream_);
+  }
+
+  absl::Status SiluMulBf16(const SiluMulBf16Args& args) override {
+    KVGATE_CUDA_RETURN_IF_ERROR(cudaSetDevice(device_));
+    return LaunchSiluMulBf16(args, stream_);
+  }
+
+  absl::Status CastToBf16(const CastToBf16Args& args) override {
+    KVGATE_CUDA_RETURN_IF_ERROR(cudaSetDevice(device_));
+    return LaunchCastToBf16(args, stream_);
+  }
+
+  // Tensor cores where the kernel takes the args (head_dim 64/128, prefill-sized);
+  // otherwise the fp32 kernel, whose exact result is inside the bf16 tolerance.
+  absl::Status AttentionBf16(const AttentionArgs& args) override {
+    if (!AttentionBf16Supported(args)) return Attention(args);
+    KVGATE_CUDA_RETURN_IF_ERROR(cudaSetDevice(device_));
+    return LaunchAttentionBf16(args, stream_);
+  }
+
   absl::Status Synchronize() override {
     KVGATE_CUDA_RETURN_IF_ERROR(cudaSetDevice(device_));
     KVGATE_CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(stream_));
@@ -214,6 +259,8 @@ class CudaBackend final : public Backend {
   cublasHandle_t cublas_ = nullptr;
   int num_sms_ = 0;
   DeviceBuffer attention_workspace_;  // split partials of Attention and HeadPagedDecodeAttention
+  DeviceBuffer gemm_workspace_;       // cuBLASLt's, kGemmBf16WorkspaceBytes
+  std::unique_ptr<GemmBf16Runner> gemm_bf16_;
 };
 
 }  // namespace

@@ -1,21 +1,27 @@
-# kvgate_ops_cuda: the CUDA backend (cuda_backend.cc) with cuBLAS for MatMul and one
-# kernel file per op. Included from cuda/CMakeLists.txt when KVGATE_WITH_CUDA, so
+# kvgate_ops_cuda: the CUDA backend (cuda_backend.cc) with cuBLAS for MatMul, cuBLASLt
+# for GemmBf16 and one kernel file per op. Included from cuda/CMakeLists.txt when KVGATE_WITH_CUDA, so
 # CMAKE_CURRENT_SOURCE_DIR is cuda/.
 add_library(kvgate_ops_cuda STATIC
   ${CMAKE_CURRENT_SOURCE_DIR}/kernels/cuda_backend.cc
   ${CMAKE_CURRENT_SOURCE_DIR}/kernels/add.cu
   ${CMAKE_CURRENT_SOURCE_DIR}/kernels/attention.cu
+  ${CMAKE_CURRENT_SOURCE_DIR}/kernels/attention_bf16.cu
+  ${CMAKE_CURRENT_SOURCE_DIR}/kernels/cast_bf16.cu
   ${CMAKE_CURRENT_SOURCE_DIR}/kernels/copy_rows.cu
   ${CMAKE_CURRENT_SOURCE_DIR}/kernels/embed.cu
+  ${CMAKE_CURRENT_SOURCE_DIR}/kernels/embed_bf16.cu
+  ${CMAKE_CURRENT_SOURCE_DIR}/kernels/gemm_bf16.cc
   ${CMAKE_CURRENT_SOURCE_DIR}/kernels/head_paged_decode_attention.cu
   ${CMAKE_CURRENT_SOURCE_DIR}/kernels/matmul_bias.cu
   ${CMAKE_CURRENT_SOURCE_DIR}/kernels/rms_norm.cu
+  ${CMAKE_CURRENT_SOURCE_DIR}/kernels/rms_norm_bf16.cu
   ${CMAKE_CURRENT_SOURCE_DIR}/kernels/rope.cu
   ${CMAKE_CURRENT_SOURCE_DIR}/kernels/silu_mul.cu
+  ${CMAKE_CURRENT_SOURCE_DIR}/kernels/silu_mul_bf16.cu
   ${CMAKE_CURRENT_SOURCE_DIR}/kernels/store_kv.cu)
 add_library(kvgate::ops_cuda ALIAS kvgate_ops_cuda)
 target_include_directories(kvgate_ops_cuda PUBLIC ${PROJECT_SOURCE_DIR})
-target_link_libraries(kvgate_ops_cuda PUBLIC kvgate_common CUDA::cudart CUDA::cublas
+target_link_libraries(kvgate_ops_cuda PUBLIC kvgate_common CUDA::cudart CUDA::cublas CUDA::cublasLt
                       absl::status absl::statusor absl::strings)
 if(NOT KVGATE_CUDA_ARCHITECTURES)
   set(KVGATE_CUDA_ARCHITECTURES "90;80")
@@ -36,5 +42,9 @@ set_target_properties(kvgate_ops_cuda PROPERTIES
 # defined after this include: target names resolve at generate time, so this links.
 kvgate_add_test(cuda_backend_test
   SOURCES ${CMAKE_CURRENT_SOURCE_DIR}/kernels/cuda_backend_test.cc
+  LIBS kvgate_ops
+  LABELS gpu)
+kvgate_add_test(cuda_bf16_ops_test
+  SOURCES ${CMAKE_CURRENT_SOURCE_DIR}/kernels/cuda_bf16_ops_test.cc
   LIBS kvgate_ops
   LABELS gpu)

@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# The GPU engine benchmark in one call on the GPU machine, from the repository root:
+# parity tests of the bf16 ops and of the whole CUDA backend, then
+# bench/gpu_engine_bench.py (kvgate fp32 and bf16, pure PyTorch, transformers, floors).
+# BUNDLE is a folder or .tar.xz from scripts/pack-gpu-bundle.sh; logs and results go to
+# OUT_DIR; further arguments go to the .py (e.g. --prefill 2048,8192).
+#   bench/gpu_engine_bench.sh BUNDLE OUT_DIR [args...]
+set -uo pipefail
+bundle=${1:?bundle}
+out=${2:?out dir}
+shift 2
+mkdir -p "$out"
+if [[ "$bundle" == *.tar.xz ]]; then
+  tar -C /tmp -xJf "$bundle"
+  bundle=/tmp/$(basename "${bundle%.tar.xz}")
+fi
+bundle=$(realpath "$bundle")
+export LD_LIBRARY_PATH="$bundle/lib:/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}"
+export PYTHONUNBUFFERED=1
+export KVGATE_SOURCE_DIR=$(pwd)
+status=0
+nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.mem --format=csv,noheader | tee "$out/gpu.txt"
+for t in cuda_bf16_ops_test cuda_backend_test; do
+  [[ -x "$bundle/bin/$t" ]] || continue
+  echo "== $t"
+  "$bundle/bin/$t" > "$out/$t.log" 2>&1 || status=1
+  grep -E "^\[  (PASSED|FAILED|SKIPPED) |^\[  FAILED  \]" "$out/$t.log" | sort | uniq -c | head -30
+done
+echo "== bench"
+python3 bench/gpu_engine_bench.py --bench-bin "$bundle/bin/gpu_engine_bench" --out-dir "$out" \
+  --commit "$(cat "$bundle/COMMIT")" "$@" 2> "$out/bench.log" || status=1
+tail -5 "$out/bench.log"
+echo "== status $status"
+exit $status

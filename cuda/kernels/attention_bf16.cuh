@@ -1,0 +1,39 @@
+// File: AttentionBf16 on the GPU: flash-style prefill attention on tensor cores
+// (mma.sync m16n8k16, bf16 operands, fp32 accumulation) over the fp32 head-major
+// contiguous cache. Same function as LaunchAttention (AttentionArgs: causal, GQA,
+// sliding window, per-kv-head or per-query-head key masks, a past of q_start_row rows),
+// with q, K and V rounded to bf16 as they enter shared memory and the probabilities
+// rounded to bf16 before they multiply V.
+//
+// One block of 4 warps per (64 query tokens, query head); each warp owns 16 query rows
+// and keeps its scores, running max/sum (online softmax, exp2 with the scale folded in)
+// and output accumulator in registers. Key tiles of 64 rows are converted into shared
+// memory (V transposed), zeroed beyond the last visible row and where a key mask hides a
+// row of the past, so garbage or NaN in unwritten or evicted rows never reaches the sums.
+// The heaviest (last) query blocks are launched first.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include "absl/status/status.h"
+#include "cuda/ops.h"
+
+namespace kvgate::ops {
+
+constexpr int kAttentionBf16BlockM = 64;      // query tokens per block (16 per warp)
+constexpr int kAttentionBf16BlockN = 64;      // key rows per tile
+constexpr int kAttentionBf16BlockSize = 128;  // 4 warps
+// Fewer query tokens than this (decode) go to LaunchAttention's split-K kernel, which
+// fills the GPU better for one query row.
+constexpr int kAttentionBf16MinTokens = 16;
+
+// True when the tensor-core kernel takes these args: head_dim 64 or 128, pointers 16-byte
+// aligned, at least kAttentionBf16MinTokens queries. Otherwise the backend runs the fp32
+// kernel (exact fp32, inside the bf16 tolerances).
+bool AttentionBf16Supported(const AttentionArgs& args);
+
+// All pointers in args are device memory. Returns INVALID_ARGUMENT for args the fp32
+// kernel would reject, or that AttentionBf16Supported refuses; 0 tokens is a no-op.
+absl::Status LaunchAttentionBf16(const AttentionArgs& args, cudaStream_t stream);
+
+}  // namespace kvgate::ops
