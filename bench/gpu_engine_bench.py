@@ -384,7 +384,7 @@ def markdown(r):
     lines = [
         "# GPU engine benchmark (issue 10)", "",
         f"Device: {r['device']} (driver {r['driver']}), {r['date']}, commit `{r['commit']}`; "
-        f"PyTorch {r['torch']}, transformers {r['transformers'].get('version', '-')}.",
+        f"PyTorch {r['torch_version']}, transformers {r['transformers'].get('version', '-')}.",
         "Model: random Llama-3.1-8B shapes cut to 8 layers (bf16 checkpoint, vocab 1500, 1.76B parameters), "
         "written and loaded in the same run. kvgate = `bench/gpu_engine_bench.cc` over `engine::Model` on "
         "`--backend cuda`: *fp32* is the path before issue 10 (fp32 weights, cuBLAS SGEMM, fp32 attention), "
@@ -461,7 +461,7 @@ def main():
                             stdout=subprocess.PIPE, text=True).stdout.strip()
     r = {"device": torch.cuda.get_device_name(), "driver": driver,
          "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-         "commit": args.commit, "torch": torch.__version__,
+         "commit": args.commit, "torch_version": torch.__version__,
          "model": {"layers": LAYERS, "hidden": HIDDEN, "intermediate": INTER, "heads": HEADS, "kv_heads": KV_HEADS,
                    "head_dim": HEAD_DIM, "vocab": VOCAB, "dtype": "bf16"}}
     t0 = time.time()
