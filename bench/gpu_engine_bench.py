@@ -312,7 +312,7 @@ class GpuMemorySampler:
 
 
 def bench_kvgate(bench_bin, model_dir, weights, prefill, decode, out_dir):
-    path = os.path.join(out_dir, f"kvgate-{weights}.json")
+    path = os.path.join("/tmp", f"kvgate-{weights}.json")  # folded into gpu-engine.json
     cmd = [bench_bin, "--model", model_dir, "--backend", "cuda", "--weights", weights,
            "--prefill", ",".join(map(str, prefill)), "--decode", ",".join(map(str, decode)), "--json", path]
     log("$", " ".join(cmd))

@@ -19,7 +19,7 @@ export LD_LIBRARY_PATH="$bundle/lib:/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}"
 export PYTHONUNBUFFERED=1
 export KVGATE_SOURCE_DIR=$(pwd)
 status=0
-nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.mem --format=csv,noheader | tee "$out/gpu.txt"
+nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.mem --format=csv,noheader
 for t in cuda_bf16_ops_test cuda_backend_test; do
   [[ -x "$bundle/bin/$t" ]] || continue
   echo "== $t"
@@ -30,5 +30,16 @@ echo "== bench"
 python3 bench/gpu_engine_bench.py --bench-bin "$bundle/bin/gpu_engine_bench" --out-dir "$out" \
   --commit "$(cat "$bundle/COMMIT")" "$@" 2> "$out/bench.log" || status=1
 tail -5 "$out/bench.log"
+if [[ -n "${KVGATE_BENCH_PROFILE:-}" ]] && command -v ncu > /dev/null; then
+  # Kernel time of one bf16 prefill of $KVGATE_BENCH_PROFILE tokens (the second forward:
+  # the first warms up), summed per kernel name.
+  echo "== ncu: one bf16 prefill of $KVGATE_BENCH_PROFILE tokens"
+  timeout 240 ncu --clock-control none --metrics gpu__time_duration.sum --print-summary per-kernel \
+    --launch-skip 131 --launch-count 131 \
+    "$bundle/bin/gpu_engine_bench" --model /tmp/kvgate-llama31-8l --weights bf16 \
+    --prefill "$KVGATE_BENCH_PROFILE" --decode 16 --decode-steps 1 --repeats 1 > "$out/ncu.log" 2>&1 || true
+  grep -E "^  [A-Za-z_].*\(|gpu__time_duration.sum" "$out/ncu.log" | paste - - | \
+    awk '{print}' | cut -c1-200 | head -40
+fi
 echo "== status $status"
 exit $status

@@ -1,5 +1,6 @@
 #include <cuda_bf16.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 
@@ -14,16 +15,14 @@ constexpr int kM = kAttentionBf16BlockM;
 constexpr int kN = kAttentionBf16BlockN;
 constexpr int kWarps = kAttentionBf16BlockSize / 32;
 static_assert(kM == 16 * kWarps, "one warp per 16 query rows");
-constexpr int kVStride = kN + 8;  // bf16; 36 words a row: conflict-free fragment loads
-
 template <int D>
 __host__ __device__ constexpr int QkStride() {
-  return D + 8;  // bf16; (D + 8) / 2 words a row: conflict-free fragment loads
+  return D + 8;  // bf16; (D + 8) / 2 words a row: conflict-free fragment and ldmatrix loads
 }
 
 template <int D>
-constexpr size_t SharedBytes() {
-  return sizeof(__nv_bfloat16) * (size_t{kM} * QkStride<D>() + size_t{kN} * QkStride<D>() + size_t{D} * kVStride);
+constexpr size_t SharedBytes() {  // Q, then two stages of K and of V
+  return sizeof(__nv_bfloat16) * size_t{kM + 4 * kN} * QkStride<D>();
 }
 
 __device__ __forceinline__ uint32_t PackBf16(float lo, float hi) {
@@ -42,7 +41,21 @@ __device__ __forceinline__ void Mma(float (&d)[4], const uint32_t (&a)[4], uint3
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
 
-// Stores 4 floats as 4 bf16 at an 8-byte aligned shared address.
+// Four transposed 8x8 bf16 matrices; lane L gives the address of row L % 8 of matrix L / 8.
+__device__ __forceinline__ void LdMatrixX4Trans(uint32_t (&r)[4], const __nv_bfloat16* p) {
+  const unsigned address = static_cast<unsigned>(__cvta_generic_to_shared(p));
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(address));
+}
+
+// 16 bytes global -> shared, asynchronously; zeros instead when !keep (nothing is read).
+__device__ __forceinline__ void CpAsync16(__nv_bfloat16* dst, const __nv_bfloat16* src, bool keep) {
+  const unsigned address = static_cast<unsigned>(__cvta_generic_to_shared(dst));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(address), "l"(src), "r"(keep ? 16 : 0));
+}
+
+// Stores 4 floats as 4 bf16 at an 8-byte aligned address.
 __device__ __forceinline__ void Store4(__nv_bfloat16* dst, float4 v) {
   uint2 packed;
   packed.x = PackBf16(v.x, v.y);
@@ -52,19 +65,38 @@ __device__ __forceinline__ void Store4(__nv_bfloat16* dst, float4 v) {
 
 }  // namespace
 
+// Rows [0, rows) of every kv head of the fp32 cache, rounded to bf16, into
+// [num_kv_heads, rows, head_dim]: the K/V the tiles are copied from (half the bytes of
+// fp32, and a plain copy that cp.async can stage).
+static __global__ void KvToBf16Kernel(const float* k, const float* v, __nv_bfloat16* k_out, __nv_bfloat16* v_out,
+                                      int32_t num_kv_heads, int32_t capacity, int32_t rows, int32_t head_dim) {
+  const int64_t head_elems = static_cast<int64_t>(rows) * head_dim;
+  const int64_t total4 = num_kv_heads * head_elems / 4;
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < total4;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t e = i * 4;
+    const int64_t head = e / head_elems, rem = e % head_elems;
+    const int64_t src = head * capacity * head_dim + rem;
+    Store4(k_out + e, *reinterpret_cast<const float4*>(k + src));
+    Store4(v_out + e, *reinterpret_cast<const float4*>(v + src));
+  }
+}
+
 // Fragment layout of mma.m16n8k16 (g = lane / 4, q = lane % 4): A regs {row g, row g+8}
 // x {cols 2q..2q+1, cols 8+2q..}; B regs k rows {2q..2q+1, 8+2q..}, column g; C/D
 // {row g: cols 2q, 2q+1; row g+8: the same}. A score tile's C layout is the A layout of
-// the P @ V product, so the probabilities never leave registers.
+// the P @ V product, so the probabilities never leave registers. K and V tiles are
+// row-major (key row, dim) in shared memory, double-buffered by cp.async; V's B
+// fragments come from ldmatrix.trans.
 template <int D>
 static __global__ void __launch_bounds__(kAttentionBf16BlockSize)
-    AttentionBf16Kernel(AttentionArgs args) {
+    AttentionBf16Kernel(AttentionArgs args, const __nv_bfloat16* k_bf16, const __nv_bfloat16* v_bf16, int32_t kv_rows) {
   constexpr int kQs = QkStride<D>();
   extern __shared__ __align__(16) unsigned char shared_raw[];
   __nv_bfloat16* q_tile = reinterpret_cast<__nv_bfloat16*>(shared_raw);  // [kM][kQs]
-  __nv_bfloat16* k_tile = q_tile + kM * kQs;                              // [kN][kQs]
-  __nv_bfloat16* vt_tile = k_tile + kN * kQs;                             // [D][kVStride], V^T
-  __shared__ uint8_t row_visible[kN];  // key mask of the tile's rows (1 without a mask)
+  __nv_bfloat16* k_tiles = q_tile + kM * kQs;                             // [2][kN][kQs]
+  __nv_bfloat16* v_tiles = k_tiles + 2 * kN * kQs;                        // [2][kN][kQs]
+  __shared__ uint8_t row_visible[2][kN];  // key mask of each stage's rows (1 without a mask)
 
   const int m_block = gridDim.x - 1 - blockIdx.x;
   const int q_head = blockIdx.y;
@@ -76,13 +108,32 @@ static __global__ void __launch_bounds__(kAttentionBf16BlockSize)
   const int row_first = args.q_start_row + t0;  // cache row of the block's first query
   const int hi = args.q_start_row + t_end - 1;  // last key row any query of the block sees
   const int lo = args.sliding_window > 0 ? max(0, row_first - args.sliding_window + 1) : 0;
-  const int64_t head_offset = static_cast<int64_t>(kv_head) * args.capacity_tokens * D;
-  const float* k_head = args.k_cache + head_offset;
-  const float* v_head = args.v_cache + head_offset;
+  const int64_t head_offset = static_cast<int64_t>(kv_head) * kv_rows * D;
+  const __nv_bfloat16* k_head = k_bf16 + head_offset;
+  const __nv_bfloat16* v_head = v_bf16 + head_offset;
   const uint8_t* mask =
       args.key_mask != nullptr
           ? args.key_mask + static_cast<int64_t>(args.key_mask_per_query_head ? q_head : kv_head) * args.capacity_tokens
           : nullptr;
+
+  // Rows past hi, before lo, and of the past hidden by the key mask are zero-filled, so
+  // whatever they hold (NaN included) never reaches a sum.
+  const auto load_tile = [&](int j0, int stage) {
+    for (int i = threadIdx.x; i < kN * D / 8; i += kAttentionBf16BlockSize) {
+      const int r = i / (D / 8), c = (i % (D / 8)) * 8;
+      const int j = j0 + r;
+      const bool keep = j >= lo && j <= hi && (mask == nullptr || mask[j] != 0 || j >= row_first);
+      const int64_t src = static_cast<int64_t>(keep ? j : 0) * D + c;
+      CpAsync16(k_tiles + (stage * kN + r) * kQs + c, k_head + src, keep);
+      CpAsync16(v_tiles + (stage * kN + r) * kQs + c, v_head + src, keep);
+      if (c == 0) row_visible[stage][r] = (mask == nullptr || (j >= 0 && j <= hi && mask[j] != 0)) ? 1 : 0;
+    }
+    asm volatile("cp.async.commit_group;\n" ::);
+  };
+
+  const int first_j0 = lo / kN * kN;
+  const int num_tiles = (hi - first_j0) / kN + 1;
+  load_tile(first_j0, 0);
 
   // Q tile, rows past num_tokens zero.
   for (int i = threadIdx.x; i < kM * D / 4; i += kAttentionBf16BlockSize) {
@@ -114,100 +165,92 @@ static __global__ void __launch_bounds__(kAttentionBf16BlockSize)
   const int warp_row_first = row_first + warp * 16;
   const int my_row[2] = {warp_row_first + g, warp_row_first + g + 8};
   const float scale_log2 = args.scale * 1.4426950408889634f;
+  // ldmatrix.trans addresses: lane L reads row L % 8 (+8 for matrices 1 and 3) at column
+  // +8 for matrices 2 and 3.
+  const int ld_row = (lane % 8) + ((lane / 8) & 1) * 8, ld_col = (lane / 16) * 8;
 
-  for (int j0 = lo / kN * kN; j0 <= hi; j0 += kN) {
-    __syncthreads();  // the previous tile is no longer read
-    // K: 32 lanes along a row (coalesced, 8-byte conflict-free stores).
-    for (int i = threadIdx.x; i < kN * D / 4; i += kAttentionBf16BlockSize) {
-      const int r = i / (D / 4), c = (i % (D / 4)) * 4;
-      const int j = j0 + r;
-      const bool keep = j >= lo && j <= hi && (mask == nullptr || mask[j] != 0 || j >= row_first);
-      float4 v = make_float4(0.f, 0.f, 0.f, 0.f);
-      if (keep) v = *reinterpret_cast<const float4*>(k_head + static_cast<int64_t>(j) * D + c);
-      Store4(k_tile + r * kQs + c, v);
-      if (c == 0) row_visible[r] = (mask == nullptr || (j <= hi && mask[j] != 0)) ? 1 : 0;
+  for (int it = 0; it < num_tiles; ++it) {
+    const int j0 = first_j0 + it * kN;
+    const int stage = it & 1;
+    if (it + 1 < num_tiles) {
+      load_tile(j0 + kN, stage ^ 1);
+      asm volatile("cp.async.wait_group 1;\n" ::);
+    } else {
+      asm volatile("cp.async.wait_group 0;\n" ::);
     }
-    // V transposed: a warp covers 8 rows x 4 float4 columns (64-byte row segments; at
-    // most 2-way conflicts on the 2-byte transposed stores).
-    for (int i = threadIdx.x; i < kN * D / 4; i += kAttentionBf16BlockSize) {
-      const int r = (i % 8) + 8 * (i / (8 * (D / 4))), c = ((i / 8) % (D / 4)) * 4;
-      const int j = j0 + r;
-      const bool keep = j >= lo && j <= hi && (mask == nullptr || mask[j] != 0 || j >= row_first);
-      float4 v = make_float4(0.f, 0.f, 0.f, 0.f);
-      if (keep) v = *reinterpret_cast<const float4*>(v_head + static_cast<int64_t>(j) * D + c);
-      vt_tile[(c + 0) * kVStride + r] = __float2bfloat16_rn(v.x);
-      vt_tile[(c + 1) * kVStride + r] = __float2bfloat16_rn(v.y);
-      vt_tile[(c + 2) * kVStride + r] = __float2bfloat16_rn(v.z);
-      vt_tile[(c + 3) * kVStride + r] = __float2bfloat16_rn(v.w);
-    }
-    __syncthreads();
-    if (j0 > warp_row_first + 15) continue;  // every key of the tile is after this warp's queries
-
-    float s[kN / 8][4];
+    __syncthreads();  // tile `it` is in shared memory for every warp
+    if (j0 <= warp_row_first + 15) {  // else every key of the tile is after this warp's queries
+      const __nv_bfloat16* k_tile = k_tiles + stage * kN * kQs;
+      const __nv_bfloat16* v_tile = v_tiles + stage * kN * kQs;
+      float s[kN / 8][4];
 #pragma unroll
-    for (int nt = 0; nt < kN / 8; ++nt) s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = 0.f;
+      for (int nt = 0; nt < kN / 8; ++nt) s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = 0.f;
 #pragma unroll
-    for (int kk = 0; kk < D / 16; ++kk) {
+      for (int kk = 0; kk < D / 16; ++kk) {
 #pragma unroll
-      for (int nt = 0; nt < kN / 8; ++nt) {
-        const __nv_bfloat16* kr = k_tile + (nt * 8 + g) * kQs + kk * 16 + 2 * quad;
-        Mma(s[nt], qf[kk], Load32(kr), Load32(kr + 8));
-      }
-    }
-    const bool all_visible = mask == nullptr && args.sliding_window == 0 && j0 + kN - 1 <= warp_row_first;
-#pragma unroll
-    for (int nt = 0; nt < kN / 8; ++nt) {
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        float v = s[nt][e] * scale_log2;
-        if (!all_visible) {
-          const int row = my_row[e / 2];
-          const int j = j0 + nt * 8 + 2 * quad + (e & 1);
-          const bool visible = j <= row && (args.sliding_window == 0 || j > row - args.sliding_window) &&
-                               (row_visible[j - j0] != 0 || j == row);
-          if (!visible) v = -INFINITY;
+        for (int nt = 0; nt < kN / 8; ++nt) {
+          const __nv_bfloat16* kr = k_tile + (nt * 8 + g) * kQs + kk * 16 + 2 * quad;
+          Mma(s[nt], qf[kk], Load32(kr), Load32(kr + 8));
         }
-        s[nt][e] = v;
       }
-    }
-    // Online softmax over the 4 lanes that share a row.
-    float alpha[2];
-#pragma unroll
-    for (int h = 0; h < 2; ++h) {
-      float mx = m_run[h];
-#pragma unroll
-      for (int nt = 0; nt < kN / 8; ++nt) mx = fmaxf(mx, fmaxf(s[nt][2 * h], s[nt][2 * h + 1]));
-      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-      const float base = mx == -INFINITY ? 0.f : mx;  // a row that sees nothing yet
-      alpha[h] = exp2f(m_run[h] - base);
-      m_run[h] = mx;
-      float sum = 0.f;
+      const bool all_visible = mask == nullptr && args.sliding_window == 0 && j0 + kN - 1 <= warp_row_first;
 #pragma unroll
       for (int nt = 0; nt < kN / 8; ++nt) {
-        s[nt][2 * h] = exp2f(s[nt][2 * h] - base);
-        s[nt][2 * h + 1] = exp2f(s[nt][2 * h + 1] - base);
-        sum += s[nt][2 * h] + s[nt][2 * h + 1];
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          float v = s[nt][e] * scale_log2;
+          if (!all_visible) {
+            const int row = my_row[e / 2];
+            const int j = j0 + nt * 8 + 2 * quad + (e & 1);
+            const bool visible = j <= row && (args.sliding_window == 0 || j > row - args.sliding_window) &&
+                                 (row_visible[stage][j - j0] != 0 || j == row);
+            if (!visible) v = -INFINITY;
+          }
+          s[nt][e] = v;
+        }
       }
-      l_run[h] = l_run[h] * alpha[h] + sum;
-    }
+      // Online softmax over the 4 lanes that share a row.
+      float alpha[2];
 #pragma unroll
-    for (int dt = 0; dt < D / 8; ++dt) {
-      o[dt][0] *= alpha[0];
-      o[dt][1] *= alpha[0];
-      o[dt][2] *= alpha[1];
-      o[dt][3] *= alpha[1];
-    }
+      for (int h = 0; h < 2; ++h) {
+        float mx = m_run[h];
 #pragma unroll
-    for (int c = 0; c < kN / 16; ++c) {
-      const uint32_t p[4] = {PackBf16(s[2 * c][0], s[2 * c][1]), PackBf16(s[2 * c][2], s[2 * c][3]),
-                             PackBf16(s[2 * c + 1][0], s[2 * c + 1][1]), PackBf16(s[2 * c + 1][2], s[2 * c + 1][3])};
+        for (int nt = 0; nt < kN / 8; ++nt) mx = fmaxf(mx, fmaxf(s[nt][2 * h], s[nt][2 * h + 1]));
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+        const float base = mx == -INFINITY ? 0.f : mx;  // a row that sees nothing yet
+        alpha[h] = exp2f(m_run[h] - base);
+        m_run[h] = mx;
+        float sum = 0.f;
+#pragma unroll
+        for (int nt = 0; nt < kN / 8; ++nt) {
+          s[nt][2 * h] = exp2f(s[nt][2 * h] - base);
+          s[nt][2 * h + 1] = exp2f(s[nt][2 * h + 1] - base);
+          sum += s[nt][2 * h] + s[nt][2 * h + 1];
+        }
+        l_run[h] = l_run[h] * alpha[h] + sum;
+      }
 #pragma unroll
       for (int dt = 0; dt < D / 8; ++dt) {
-        const __nv_bfloat16* vr = vt_tile + (dt * 8 + g) * kVStride + c * 16 + 2 * quad;
-        Mma(o[dt], p, Load32(vr), Load32(vr + 8));
+        o[dt][0] *= alpha[0];
+        o[dt][1] *= alpha[0];
+        o[dt][2] *= alpha[1];
+        o[dt][3] *= alpha[1];
+      }
+#pragma unroll
+      for (int c = 0; c < kN / 16; ++c) {
+        const uint32_t p[4] = {PackBf16(s[2 * c][0], s[2 * c][1]), PackBf16(s[2 * c][2], s[2 * c][3]),
+                               PackBf16(s[2 * c + 1][0], s[2 * c + 1][1]), PackBf16(s[2 * c + 1][2], s[2 * c + 1][3])};
+#pragma unroll
+        for (int dt = 0; dt < D / 8; dt += 2) {
+          uint32_t b[4];  // {b0, b1} of dims dt*8.., then of dims (dt+1)*8..
+          LdMatrixX4Trans(b, v_tile + (c * 16 + ld_row) * kQs + dt * 8 + ld_col);
+          Mma(o[dt], p, b[0], b[1]);
+          Mma(o[dt + 1], p, b[2], b[3]);
+        }
       }
     }
+    __syncthreads();  // every warp is done with `stage` before it is refilled
   }
 
 #pragma unroll
@@ -232,18 +275,33 @@ bool AttentionBf16Supported(const AttentionArgs& args) {
          aligned(args.q) && aligned(args.k_cache) && aligned(args.v_cache) && aligned(args.out);
 }
 
+size_t AttentionBf16WorkspaceBytes(const AttentionArgs& args) {
+  const int64_t rows = static_cast<int64_t>(args.q_start_row) + args.num_tokens;
+  return rows <= 0 || args.num_kv_heads <= 0 || args.head_dim <= 0
+             ? 0
+             : static_cast<size_t>(2 * sizeof(__nv_bfloat16)) * args.num_kv_heads * rows * args.head_dim;
+}
+
 template <int D>
-static absl::Status Launch(const AttentionArgs& args, cudaStream_t stream) {
+static absl::Status Launch(const AttentionArgs& args, __nv_bfloat16* k_bf16, __nv_bfloat16* v_bf16,
+                           cudaStream_t stream) {
+  const int32_t rows = args.q_start_row + args.num_tokens;
+  const int64_t total4 = static_cast<int64_t>(args.num_kv_heads) * rows * D / 4;
+  const int64_t convert_blocks = std::min<int64_t>((total4 + 255) / 256, 4096);
+  KvToBf16Kernel<<<static_cast<unsigned>(convert_blocks), 256, 0, stream>>>(
+      args.k_cache, args.v_cache, k_bf16, v_bf16, args.num_kv_heads, args.capacity_tokens, rows, D);
+  KVGATE_CUDA_RETURN_IF_ERROR(cudaGetLastError());
   constexpr size_t kShared = SharedBytes<D>();
   KVGATE_CUDA_RETURN_IF_ERROR(
       cudaFuncSetAttribute(AttentionBf16Kernel<D>, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(kShared)));
   const dim3 grid(static_cast<unsigned>((args.num_tokens + kM - 1) / kM), static_cast<unsigned>(args.num_q_heads));
-  AttentionBf16Kernel<D><<<grid, kAttentionBf16BlockSize, kShared, stream>>>(args);
+  AttentionBf16Kernel<D><<<grid, kAttentionBf16BlockSize, kShared, stream>>>(args, k_bf16, v_bf16, rows);
   KVGATE_CUDA_RETURN_IF_ERROR(cudaGetLastError());
   return absl::OkStatus();
 }
 
-absl::Status LaunchAttentionBf16(const AttentionArgs& args, cudaStream_t stream) {
+absl::Status LaunchAttentionBf16(const AttentionArgs& args, void* workspace, size_t workspace_bytes,
+                                 cudaStream_t stream) {
   if (args.num_tokens < 0 || args.num_q_heads < 0 || args.num_kv_heads < 0 || args.capacity_tokens < 0 ||
       args.q_start_row < 0 || args.sliding_window < 0) {
     return absl::InvalidArgumentError("AttentionBf16: negative size, start row or window");
@@ -263,7 +321,13 @@ absl::Status LaunchAttentionBf16(const AttentionArgs& args, cudaStream_t stream)
     return absl::InvalidArgumentError(absl::StrCat("AttentionBf16: head_dim ", args.head_dim, ", ", args.num_tokens,
                                                    " tokens or unaligned pointers: not supported"));
   }
-  return args.head_dim == 64 ? Launch<64>(args, stream) : Launch<128>(args, stream);
+  const size_t need = AttentionBf16WorkspaceBytes(args);
+  if (workspace == nullptr || workspace_bytes < need || reinterpret_cast<uintptr_t>(workspace) % 16 != 0) {
+    return absl::InvalidArgumentError(absl::StrCat("AttentionBf16: a workspace of ", need, " bytes (16-byte aligned) is needed"));
+  }
+  __nv_bfloat16* k_bf16 = static_cast<__nv_bfloat16*>(workspace);
+  __nv_bfloat16* v_bf16 = k_bf16 + need / 2 / sizeof(__nv_bfloat16);
+  return args.head_dim == 64 ? Launch<64>(args, k_bf16, v_bf16, stream) : Launch<128>(args, k_bf16, v_bf16, stream);
 }
 
 }  // namespace kvgate::ops

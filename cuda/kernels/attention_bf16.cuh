@@ -5,12 +5,14 @@
 // with q, K and V rounded to bf16 as they enter shared memory and the probabilities
 // rounded to bf16 before they multiply V.
 //
-// One block of 4 warps per (64 query tokens, query head); each warp owns 16 query rows
-// and keeps its scores, running max/sum (online softmax, exp2 with the scale folded in)
-// and output accumulator in registers. Key tiles of 64 rows are converted into shared
-// memory (V transposed), zeroed beyond the last visible row and where a key mask hides a
-// row of the past, so garbage or NaN in unwritten or evicted rows never reaches the sums.
-// The heaviest (last) query blocks are launched first.
+// First the visible rows of K and V are rounded into a bf16 copy in a workspace (one
+// pass, a small fraction of the attention time). Then one block of 4 warps per (64 query
+// tokens, query head); each warp owns 16 query rows and keeps its scores, running
+// max/sum (online softmax, exp2 with the scale folded in) and output accumulator in
+// registers. Key tiles of 64 rows are double-buffered into shared memory by cp.async,
+// zero-filled beyond the last visible row and where a key mask hides a row of the past,
+// so garbage or NaN in unwritten or evicted rows never reaches the sums. The heaviest
+// (last) query blocks are launched first.
 #pragma once
 
 #include <cuda_runtime.h>
@@ -32,8 +34,15 @@ constexpr int kAttentionBf16MinTokens = 16;
 // kernel (exact fp32, inside the bf16 tolerances).
 bool AttentionBf16Supported(const AttentionArgs& args);
 
-// All pointers in args are device memory. Returns INVALID_ARGUMENT for args the fp32
-// kernel would reject, or that AttentionBf16Supported refuses; 0 tokens is a no-op.
-absl::Status LaunchAttentionBf16(const AttentionArgs& args, cudaStream_t stream);
+// Bytes of device workspace LaunchAttentionBf16 needs: bf16 K and V of the
+// q_start_row + num_tokens visible rows of every kv head.
+size_t AttentionBf16WorkspaceBytes(const AttentionArgs& args);
+
+// All pointers in args are device memory; `workspace` is device memory of at least
+// AttentionBf16WorkspaceBytes(args), 16-byte aligned, used by this launch in stream
+// order. Returns INVALID_ARGUMENT for args the fp32 kernel would reject, that
+// AttentionBf16Supported refuses, or a short workspace; 0 tokens is a no-op.
+absl::Status LaunchAttentionBf16(const AttentionArgs& args, void* workspace, size_t workspace_bytes,
+                                 cudaStream_t stream);
 
 }  // namespace kvgate::ops

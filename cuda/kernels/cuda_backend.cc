@@ -50,6 +50,7 @@ class CudaBackend final : public Backend {
       (void)cudaStreamSynchronize(stream_);
       gemm_bf16_.reset();
       gemm_workspace_ = DeviceBuffer();
+      attention_bf16_workspace_ = DeviceBuffer();
       attention_workspace_ = DeviceBuffer();
       (void)cudaStreamDestroy(stream_);
     }
@@ -228,7 +229,14 @@ class CudaBackend final : public Backend {
   absl::Status AttentionBf16(const AttentionArgs& args) override {
     if (!AttentionBf16Supported(args)) return Attention(args);
     KVGATE_CUDA_RETURN_IF_ERROR(cudaSetDevice(device_));
-    return LaunchAttentionBf16(args, stream_);
+    const size_t bytes = AttentionBf16WorkspaceBytes(args);
+    if (bytes > attention_bf16_workspace_.bytes()) {
+      attention_bf16_workspace_ = DeviceBuffer();  // freeing waits for the kernels using it
+      constexpr size_t kGranuleBytes = size_t{16} << 20;
+      KVGATE_ASSIGN_OR_RETURN(attention_bf16_workspace_,
+                              Alloc((bytes + kGranuleBytes - 1) / kGranuleBytes * kGranuleBytes));
+    }
+    return LaunchAttentionBf16(args, attention_bf16_workspace_.data(), attention_bf16_workspace_.bytes(), stream_);
   }
 
   absl::Status Synchronize() override {
@@ -260,6 +268,7 @@ class CudaBackend final : public Backend {
   int num_sms_ = 0;
   DeviceBuffer attention_workspace_;  // split partials of Attention and HeadPagedDecodeAttention
   DeviceBuffer gemm_workspace_;       // cuBLASLt's, kGemmBf16WorkspaceBytes
+  DeviceBuffer attention_bf16_workspace_;  // bf16 K/V rows of AttentionBf16
   std::unique_ptr<GemmBf16Runner> gemm_bf16_;
 };
 
