@@ -28,10 +28,10 @@ constexpr int kMaxReported = 12;  // mismatches printed in full per corpus
 // Named here, not listed from the directory: ctest discovers test names at build time.
 const std::vector<std::string>& KnownCorpora() {
   static const auto* names = new std::vector<std::string>{
-      "edge_added_flags",   "edge_metaspace_nfkc_lower", "edge_missing_bytes",
-      "edge_unk_fused",     "edge_unk_unfused",          "kvgate_tiny",
-      "llama3_bytelevel",   "qwen2_bytelevel",           "sentencepiece_bytefallback",
-      "tinystories"};
+      "edge_added_flags",      "edge_gpt2_bytelevel", "edge_metaspace_always",
+      "edge_metaspace_nfkc_lower", "edge_missing_bytes", "edge_unk_fused",
+      "edge_unk_unfused",      "kvgate_tiny",         "llama3_bytelevel",
+      "qwen2_bytelevel",       "sentencepiece_bytefallback", "tinystories"};
   return *names;
 }
 

@@ -339,6 +339,33 @@ def make_variants(repo):
     d["added_tokens"].append({"id": next_id, "content": "<sep>", "single_word": False, "lstrip": False,
                               "rstrip": False, "normalized": True, "special": True})
     variants["edge_metaspace_nfkc_lower"] = d
+
+    # 6. GPT-2/RoBERTa layout: ByteLevel pre-tokenizer with its own regex and a prefix space,
+    #    Strip + regex Replace normalizers, RobertaProcessing (<cls> $A <sep>).
+    d = load("llama3_bytelevel")
+    d["normalizer"] = {"type": "Sequence", "normalizers": [
+        {"type": "Strip", "strip_left": False, "strip_right": True},
+        {"type": "Replace", "pattern": {"Regex": "[0-9]{4,}"}, "content": "####"}]}
+    d["pre_tokenizer"] = {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": True,
+                          "use_regex": True}
+    d["post_processor"] = {"type": "RobertaProcessing", "sep": ["<|end_of_text|>", 510],
+                           "cls": ["<|begin_of_text|>", 509], "trim_offsets": True, "add_prefix_space": True}
+    d["model"]["ignore_merges"] = False
+    variants["edge_gpt2_bytelevel"] = d
+
+    # 7. Metaspace that always prepends and does not split, with a Strip normalizer in front and
+    #    a normalized added token; decoder Metaspace after ByteFallback and Fuse.
+    d = load("sentencepiece_bytefallback")
+    d["normalizer"] = {"type": "Strip", "strip_left": True, "strip_right": False}
+    d["pre_tokenizer"] = {"type": "Metaspace", "replacement": "\u2581", "prepend_scheme": "always",
+                          "split": False}
+    d["decoder"] = {"type": "Sequence", "decoders": [
+        {"type": "ByteFallback"}, {"type": "Fuse"},
+        {"type": "Metaspace", "replacement": "\u2581", "prepend_scheme": "always", "split": False}]}
+    next_id = max(d["model"]["vocab"].values()) + 1
+    d["added_tokens"].append({"id": next_id, "content": " <sep>", "single_word": False, "lstrip": False,
+                              "rstrip": True, "normalized": True, "special": False})
+    variants["edge_metaspace_always"] = d
     return variants
 
 
@@ -539,12 +566,19 @@ class NodeOracle:
 
 def write_corpus(path, header, texts, decode_ids, with_sp, plain, dec, dec_skip, max_bytes):
     """JSON lines: a header, then encode cases, then decode cases (format in README.md)."""
-    # The post-processor's fixed prefix/suffix, taken from the empty string's encoding if present.
+    # The post-processor's fixed prefix/suffix: the empty string's encoding is prefix + suffix,
+    # and the first non-empty encoding shows where the sequence goes between them.
     prefix, suffix = [], []
-    for t, w, p in zip(texts, with_sp, plain):
-        if not p:
-            prefix, suffix = w, []
-            break
+    empty = next((w for w, p in zip(with_sp, plain) if not p), None)
+    if empty is not None:
+        prefix = empty
+        for w, p in zip(with_sp, plain):
+            if p:
+                for k in range(len(empty) + 1):
+                    if w == empty[:k] + p + empty[k:]:
+                        prefix, suffix = empty[:k], empty[k:]
+                        break
+                break
     header = dict(header, special_prefix=prefix, special_suffix=suffix,
                   num_encode=len(texts), num_decode=len(decode_ids))
     lines = [json.dumps(header, ensure_ascii=False, separators=(",", ":"))]
