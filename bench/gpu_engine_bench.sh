@@ -26,6 +26,18 @@ for t in cuda_bf16_ops_test cuda_backend_test; do
   "$bundle/bin/$t" > "$out/$t.log" 2>&1 || status=1
   grep -E "^\[  (PASSED|FAILED|SKIPPED) |^\[  FAILED  \]" "$out/$t.log" | sort | uniq -c | head -30
 done
+if [[ -x "$bundle/bin/golden_model_test" ]]; then
+  # The CUDA backend now defaults to bf16 weights; the fp32 run is the path before.
+  for dtype in bf16 fp32; do
+    echo "== golden_model_test, cuda weights $dtype"
+    if [[ $dtype == fp32 ]]; then
+      KVGATE_WEIGHT_DTYPE=fp32 "$bundle/bin/golden_model_test" > "$out/golden_model_test_$dtype.log" 2>&1 || status=1
+    else
+      "$bundle/bin/golden_model_test" > "$out/golden_model_test_$dtype.log" 2>&1 || status=1
+    fi
+    grep -E "golden\]|^\[  (PASSED|FAILED|SKIPPED) " "$out/golden_model_test_$dtype.log" | head -20
+  done
+fi
 echo "== bench"
 python3 bench/gpu_engine_bench.py --bench-bin "$bundle/bin/gpu_engine_bench" --out-dir "$out" \
   --commit "$(cat "$bundle/COMMIT")" "$@" 2> "$out/bench.log" || status=1

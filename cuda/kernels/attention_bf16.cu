@@ -12,17 +12,23 @@ namespace kvgate::ops {
 namespace {
 
 constexpr int kM = kAttentionBf16BlockM;
-constexpr int kN = kAttentionBf16BlockN;
 constexpr int kWarps = kAttentionBf16BlockSize / 32;
-static_assert(kM == 16 * kWarps, "one warp per 16 query rows");
+static_assert(kM == 32 * kWarps, "one warp per 32 query rows (two m16 tiles)");
 template <int D>
 __host__ __device__ constexpr int QkStride() {
   return D + 8;  // bf16; (D + 8) / 2 words a row: conflict-free fragment and ldmatrix loads
 }
 
-template <int D>
+template <int D, int N>
 constexpr size_t SharedBytes() {  // Q, then two stages of K and of V
-  return sizeof(__nv_bfloat16) * size_t{kM + 4 * kN} * QkStride<D>();
+  return sizeof(__nv_bfloat16) * size_t{kM + 4 * N} * QkStride<D>();
+}
+
+// Key rows per tile: 32 for head_dim 128 keeps the two m16 tiles' scores and outputs in
+// registers without spills (64 spilled 180 bytes), 64 for head_dim 64.
+template <int D>
+constexpr int TileKeys() {
+  return D >= 128 ? 32 : 64;
 }
 
 __device__ __forceinline__ uint32_t PackBf16(float lo, float hi) {
@@ -39,6 +45,14 @@ __device__ __forceinline__ void Mma(float (&d)[4], const uint32_t (&a)[4], uint3
       "{%0,%1,%2,%3};\n"
       : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+// Four 8x8 bf16 matrices; lane L gives the address of row L % 8 of matrix L / 8.
+__device__ __forceinline__ void LdMatrixX4(uint32_t (&r)[4], const __nv_bfloat16* p) {
+  const unsigned address = static_cast<unsigned>(__cvta_generic_to_shared(p));
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(address));
 }
 
 // Four transposed 8x8 bf16 matrices; lane L gives the address of row L % 8 of matrix L / 8.
@@ -85,18 +99,22 @@ static __global__ void KvToBf16Kernel(const float* k, const float* v, __nv_bfloa
 // Fragment layout of mma.m16n8k16 (g = lane / 4, q = lane % 4): A regs {row g, row g+8}
 // x {cols 2q..2q+1, cols 8+2q..}; B regs k rows {2q..2q+1, 8+2q..}, column g; C/D
 // {row g: cols 2q, 2q+1; row g+8: the same}. A score tile's C layout is the A layout of
-// the P @ V product, so the probabilities never leave registers. K and V tiles are
-// row-major (key row, dim) in shared memory, double-buffered by cp.async; V's B
-// fragments come from ldmatrix.trans.
-template <int D>
+// the P @ V product, so the probabilities never leave registers. Each warp owns two
+// m16 tiles (32 query rows), so every K/V fragment it loads from shared memory feeds two
+// MMAs. K and V tiles are row-major (key row, dim), double-buffered by cp.async; their B
+// fragments come from ldmatrix (K) and ldmatrix.trans (V); Q's A fragments are re-read
+// from shared memory per tile (registers go to the accumulators).
+template <int D, int kN>
 static __global__ void __launch_bounds__(kAttentionBf16BlockSize)
     AttentionBf16Kernel(AttentionArgs args, const __nv_bfloat16* k_bf16, const __nv_bfloat16* v_bf16, int32_t kv_rows) {
   constexpr int kQs = QkStride<D>();
+  constexpr int kRowsPerWarp = kM / kWarps;  // 32: two m16 tiles
   extern __shared__ __align__(16) unsigned char shared_raw[];
   __nv_bfloat16* q_tile = reinterpret_cast<__nv_bfloat16*>(shared_raw);  // [kM][kQs]
   __nv_bfloat16* k_tiles = q_tile + kM * kQs;                             // [2][kN][kQs]
   __nv_bfloat16* v_tiles = k_tiles + 2 * kN * kQs;                        // [2][kN][kQs]
   __shared__ uint8_t row_visible[2][kN];  // key mask of each stage's rows (1 without a mask)
+  static_assert(kN % 16 == 0 && kN >= 16, "key tiles are whole k16 chunks");
 
   const int m_block = gridDim.x - 1 - blockIdx.x;
   const int q_head = blockIdx.y;
@@ -144,30 +162,23 @@ static __global__ void __launch_bounds__(kAttentionBf16BlockSize)
     }
     Store4(q_tile + r * kQs + c, v);
   }
-  __syncthreads();
-  uint32_t qf[D / 16][4];
-  {
-    const __nv_bfloat16* qw = q_tile + warp * 16 * kQs;
-#pragma unroll
-    for (int kk = 0; kk < D / 16; ++kk) {
-      qf[kk][0] = Load32(qw + g * kQs + kk * 16 + 2 * quad);
-      qf[kk][1] = Load32(qw + (g + 8) * kQs + kk * 16 + 2 * quad);
-      qf[kk][2] = Load32(qw + g * kQs + kk * 16 + 8 + 2 * quad);
-      qf[kk][3] = Load32(qw + (g + 8) * kQs + kk * 16 + 8 + 2 * quad);
-    }
-  }
+  const __nv_bfloat16* qw = q_tile + warp * kRowsPerWarp * kQs;
 
-  float o[D / 8][4];
+  float o[2][D / 8][4];
 #pragma unroll
-  for (int dt = 0; dt < D / 8; ++dt) o[dt][0] = o[dt][1] = o[dt][2] = o[dt][3] = 0.f;
-  float m_run[2] = {-INFINITY, -INFINITY};
-  float l_run[2] = {0.f, 0.f};  // this lane's partial row sums
-  const int warp_row_first = row_first + warp * 16;
-  const int my_row[2] = {warp_row_first + g, warp_row_first + g + 8};
+  for (int mt = 0; mt < 2; ++mt) {
+#pragma unroll
+    for (int dt = 0; dt < D / 8; ++dt) o[mt][dt][0] = o[mt][dt][1] = o[mt][dt][2] = o[mt][dt][3] = 0.f;
+  }
+  float m_run[2][2] = {{-INFINITY, -INFINITY}, {-INFINITY, -INFINITY}};
+  float l_run[2][2] = {{0.f, 0.f}, {0.f, 0.f}};  // this lane's partial row sums
+  const int warp_row_first = row_first + warp * kRowsPerWarp;
   const float scale_log2 = args.scale * 1.4426950408889634f;
-  // ldmatrix.trans addresses: lane L reads row L % 8 (+8 for matrices 1 and 3) at column
-  // +8 for matrices 2 and 3.
-  const int ld_row = (lane % 8) + ((lane / 8) & 1) * 8, ld_col = (lane / 16) * 8;
+  // ldmatrix addresses (lane L gives a row of matrix L / 8). K, plain: matrices {rows
+  // +0, dims +0}, {+0, +8}, {+8, +0}, {+8, +8}; V, transposed: {+0, +0}, {+8, +0},
+  // {+0, +8}, {+8, +8}.
+  const int k_ld_row = (lane % 8) + (lane / 16) * 8, k_ld_col = ((lane / 8) & 1) * 8;
+  const int v_ld_row = (lane % 8) + ((lane / 8) & 1) * 8, v_ld_col = (lane / 16) * 8;
 
   for (int it = 0; it < num_tiles; ++it) {
     const int j0 = first_j0 + it * kN;
@@ -178,75 +189,107 @@ static __global__ void __launch_bounds__(kAttentionBf16BlockSize)
     } else {
       asm volatile("cp.async.wait_group 0;\n" ::);
     }
-    __syncthreads();  // tile `it` is in shared memory for every warp
-    if (j0 <= warp_row_first + 15) {  // else every key of the tile is after this warp's queries
+    __syncthreads();  // tile `it` (and, the first time, Q) is in shared memory for every warp
+    if (j0 <= warp_row_first + kRowsPerWarp - 1) {  // else every key is after this warp's queries
       const __nv_bfloat16* k_tile = k_tiles + stage * kN * kQs;
       const __nv_bfloat16* v_tile = v_tiles + stage * kN * kQs;
-      float s[kN / 8][4];
+      float s[2][kN / 8][4];
 #pragma unroll
-      for (int nt = 0; nt < kN / 8; ++nt) s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = 0.f;
+      for (int mt = 0; mt < 2; ++mt) {
+#pragma unroll
+        for (int nt = 0; nt < kN / 8; ++nt) s[mt][nt][0] = s[mt][nt][1] = s[mt][nt][2] = s[mt][nt][3] = 0.f;
+      }
 #pragma unroll
       for (int kk = 0; kk < D / 16; ++kk) {
+        uint32_t a[2][4];
 #pragma unroll
-        for (int nt = 0; nt < kN / 8; ++nt) {
-          const __nv_bfloat16* kr = k_tile + (nt * 8 + g) * kQs + kk * 16 + 2 * quad;
-          Mma(s[nt], qf[kk], Load32(kr), Load32(kr + 8));
+        for (int mt = 0; mt < 2; ++mt) {
+          const __nv_bfloat16* qr = qw + (mt * 16 + g) * kQs + kk * 16 + 2 * quad;
+          a[mt][0] = Load32(qr);
+          a[mt][1] = Load32(qr + 8 * kQs);
+          a[mt][2] = Load32(qr + 8);
+          a[mt][3] = Load32(qr + 8 * kQs + 8);
+        }
+#pragma unroll
+        for (int nt = 0; nt < kN / 8; nt += 2) {
+          uint32_t b[4];  // {b0, b1} of key rows nt*8.., then of (nt+1)*8..
+          LdMatrixX4(b, k_tile + (nt * 8 + k_ld_row) * kQs + kk * 16 + k_ld_col);
+#pragma unroll
+          for (int mt = 0; mt < 2; ++mt) {
+            Mma(s[mt][nt], a[mt], b[0], b[1]);
+            Mma(s[mt][nt + 1], a[mt], b[2], b[3]);
+          }
         }
       }
       const bool all_visible = mask == nullptr && args.sliding_window == 0 && j0 + kN - 1 <= warp_row_first;
 #pragma unroll
-      for (int nt = 0; nt < kN / 8; ++nt) {
+      for (int mt = 0; mt < 2; ++mt) {
 #pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          float v = s[nt][e] * scale_log2;
-          if (!all_visible) {
-            const int row = my_row[e / 2];
-            const int j = j0 + nt * 8 + 2 * quad + (e & 1);
-            const bool visible = j <= row && (args.sliding_window == 0 || j > row - args.sliding_window) &&
-                                 (row_visible[stage][j - j0] != 0 || j == row);
-            if (!visible) v = -INFINITY;
+        for (int nt = 0; nt < kN / 8; ++nt) {
+#pragma unroll
+          for (int e = 0; e < 4; ++e) {
+            float v = s[mt][nt][e] * scale_log2;
+            if (!all_visible) {
+              const int row = warp_row_first + mt * 16 + g + 8 * (e / 2);
+              const int j = j0 + nt * 8 + 2 * quad + (e & 1);
+              const bool visible = j <= row && (args.sliding_window == 0 || j > row - args.sliding_window) &&
+                                   (row_visible[stage][j - j0] != 0 || j == row);
+              if (!visible) v = -INFINITY;
+            }
+            s[mt][nt][e] = v;
           }
-          s[nt][e] = v;
         }
       }
       // Online softmax over the 4 lanes that share a row.
-      float alpha[2];
 #pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        float mx = m_run[h];
+      for (int mt = 0; mt < 2; ++mt) {
+        float alpha[2];
 #pragma unroll
-        for (int nt = 0; nt < kN / 8; ++nt) mx = fmaxf(mx, fmaxf(s[nt][2 * h], s[nt][2 * h + 1]));
-        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-        const float base = mx == -INFINITY ? 0.f : mx;  // a row that sees nothing yet
-        alpha[h] = exp2f(m_run[h] - base);
-        m_run[h] = mx;
-        float sum = 0.f;
+        for (int h = 0; h < 2; ++h) {
+          float mx = m_run[mt][h];
 #pragma unroll
-        for (int nt = 0; nt < kN / 8; ++nt) {
-          s[nt][2 * h] = exp2f(s[nt][2 * h] - base);
-          s[nt][2 * h + 1] = exp2f(s[nt][2 * h + 1] - base);
-          sum += s[nt][2 * h] + s[nt][2 * h + 1];
+          for (int nt = 0; nt < kN / 8; ++nt) mx = fmaxf(mx, fmaxf(s[mt][nt][2 * h], s[mt][nt][2 * h + 1]));
+          mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+          mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+          const float base = mx == -INFINITY ? 0.f : mx;  // a row that sees nothing yet
+          alpha[h] = exp2f(m_run[mt][h] - base);
+          m_run[mt][h] = mx;
+          float sum = 0.f;
+#pragma unroll
+          for (int nt = 0; nt < kN / 8; ++nt) {
+            s[mt][nt][2 * h] = exp2f(s[mt][nt][2 * h] - base);
+            s[mt][nt][2 * h + 1] = exp2f(s[mt][nt][2 * h + 1] - base);
+            sum += s[mt][nt][2 * h] + s[mt][nt][2 * h + 1];
+          }
+          l_run[mt][h] = l_run[mt][h] * alpha[h] + sum;
         }
-        l_run[h] = l_run[h] * alpha[h] + sum;
-      }
 #pragma unroll
-      for (int dt = 0; dt < D / 8; ++dt) {
-        o[dt][0] *= alpha[0];
-        o[dt][1] *= alpha[0];
-        o[dt][2] *= alpha[1];
-        o[dt][3] *= alpha[1];
+        for (int dt = 0; dt < D / 8; ++dt) {
+          o[mt][dt][0] *= alpha[0];
+          o[mt][dt][1] *= alpha[0];
+          o[mt][dt][2] *= alpha[1];
+          o[mt][dt][3] *= alpha[1];
+        }
       }
 #pragma unroll
       for (int c = 0; c < kN / 16; ++c) {
-        const uint32_t p[4] = {PackBf16(s[2 * c][0], s[2 * c][1]), PackBf16(s[2 * c][2], s[2 * c][3]),
-                               PackBf16(s[2 * c + 1][0], s[2 * c + 1][1]), PackBf16(s[2 * c + 1][2], s[2 * c + 1][3])};
+        uint32_t p[2][4];
+#pragma unroll
+        for (int mt = 0; mt < 2; ++mt) {
+          p[mt][0] = PackBf16(s[mt][2 * c][0], s[mt][2 * c][1]);
+          p[mt][1] = PackBf16(s[mt][2 * c][2], s[mt][2 * c][3]);
+          p[mt][2] = PackBf16(s[mt][2 * c + 1][0], s[mt][2 * c + 1][1]);
+          p[mt][3] = PackBf16(s[mt][2 * c + 1][2], s[mt][2 * c + 1][3]);
+        }
 #pragma unroll
         for (int dt = 0; dt < D / 8; dt += 2) {
           uint32_t b[4];  // {b0, b1} of dims dt*8.., then of dims (dt+1)*8..
-          LdMatrixX4Trans(b, v_tile + (c * 16 + ld_row) * kQs + dt * 8 + ld_col);
-          Mma(o[dt], p, b[0], b[1]);
-          Mma(o[dt + 1], p, b[2], b[3]);
+          LdMatrixX4Trans(b, v_tile + (c * 16 + v_ld_row) * kQs + dt * 8 + v_ld_col);
+#pragma unroll
+          for (int mt = 0; mt < 2; ++mt) {
+            Mma(o[mt][dt], p[mt], b[0], b[1]);
+            Mma(o[mt][dt + 1], p[mt], b[2], b[3]);
+          }
         }
       }
     }
@@ -254,17 +297,21 @@ static __global__ void __launch_bounds__(kAttentionBf16BlockSize)
   }
 
 #pragma unroll
-  for (int h = 0; h < 2; ++h) {
-    float l = l_run[h];
-    l += __shfl_xor_sync(0xffffffffu, l, 1);
-    l += __shfl_xor_sync(0xffffffffu, l, 2);
-    const float inv = l > 0.f ? 1.f / l : 0.f;
-    const int t = t0 + warp * 16 + g + 8 * h;
-    if (t >= args.num_tokens) continue;
-    float* out = args.out + (static_cast<int64_t>(t) * args.num_q_heads + q_head) * D;
+  for (int mt = 0; mt < 2; ++mt) {
 #pragma unroll
-    for (int dt = 0; dt < D / 8; ++dt) {
-      *reinterpret_cast<float2*>(out + dt * 8 + 2 * quad) = make_float2(o[dt][2 * h] * inv, o[dt][2 * h + 1] * inv);
+    for (int h = 0; h < 2; ++h) {
+      float l = l_run[mt][h];
+      l += __shfl_xor_sync(0xffffffffu, l, 1);
+      l += __shfl_xor_sync(0xffffffffu, l, 2);
+      const float inv = l > 0.f ? 1.f / l : 0.f;
+      const int t = t0 + warp * kRowsPerWarp + mt * 16 + g + 8 * h;
+      if (t >= args.num_tokens) continue;
+      float* out = args.out + (static_cast<int64_t>(t) * args.num_q_heads + q_head) * D;
+#pragma unroll
+      for (int dt = 0; dt < D / 8; ++dt) {
+        *reinterpret_cast<float2*>(out + dt * 8 + 2 * quad) =
+            make_float2(o[mt][dt][2 * h] * inv, o[mt][dt][2 * h + 1] * inv);
+      }
     }
   }
 }
@@ -291,11 +338,13 @@ static absl::Status Launch(const AttentionArgs& args, __nv_bfloat16* k_bf16, __n
   KvToBf16Kernel<<<static_cast<unsigned>(convert_blocks), 256, 0, stream>>>(
       args.k_cache, args.v_cache, k_bf16, v_bf16, args.num_kv_heads, args.capacity_tokens, rows, D);
   KVGATE_CUDA_RETURN_IF_ERROR(cudaGetLastError());
-  constexpr size_t kShared = SharedBytes<D>();
-  KVGATE_CUDA_RETURN_IF_ERROR(
-      cudaFuncSetAttribute(AttentionBf16Kernel<D>, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(kShared)));
+  constexpr int kN = TileKeys<D>();
+  constexpr size_t kShared = SharedBytes<D, kN>();
+  KVGATE_CUDA_RETURN_IF_ERROR(cudaFuncSetAttribute(AttentionBf16Kernel<D, kN>,
+                                                   cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                                   static_cast<int>(kShared)));
   const dim3 grid(static_cast<unsigned>((args.num_tokens + kM - 1) / kM), static_cast<unsigned>(args.num_q_heads));
-  AttentionBf16Kernel<D><<<grid, kAttentionBf16BlockSize, kShared, stream>>>(args, k_bf16, v_bf16, rows);
+  AttentionBf16Kernel<D, kN><<<grid, kAttentionBf16BlockSize, kShared, stream>>>(args, k_bf16, v_bf16, rows);
   KVGATE_CUDA_RETURN_IF_ERROR(cudaGetLastError());
   return absl::OkStatus();
 }

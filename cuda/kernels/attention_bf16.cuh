@@ -6,10 +6,11 @@
 // rounded to bf16 before they multiply V.
 //
 // First the visible rows of K and V are rounded into a bf16 copy in a workspace (one
-// pass, a small fraction of the attention time). Then one block of 4 warps per (64 query
-// tokens, query head); each warp owns 16 query rows and keeps its scores, running
+// pass, a small fraction of the attention time). Then one block of 4 warps per (128 query
+// tokens, query head); each warp owns 32 query rows and keeps its scores, running
 // max/sum (online softmax, exp2 with the scale folded in) and output accumulator in
-// registers. Key tiles of 64 rows are double-buffered into shared memory by cp.async,
+// registers. Key tiles (32 rows at head_dim 128, 64 at 64) are double-buffered into
+// shared memory by cp.async,
 // zero-filled beyond the last visible row and where a key mask hides a row of the past,
 // so garbage or NaN in unwritten or evicted rows never reaches the sums. The heaviest
 // (last) query blocks are launched first.
@@ -22,8 +23,7 @@
 
 namespace kvgate::ops {
 
-constexpr int kAttentionBf16BlockM = 64;      // query tokens per block (16 per warp)
-constexpr int kAttentionBf16BlockN = 64;      // key rows per tile
+constexpr int kAttentionBf16BlockM = 128;     // query tokens per block (32 per warp)
 constexpr int kAttentionBf16BlockSize = 128;  // 4 warps
 // Fewer query tokens than this (decode) go to LaunchAttention's split-K kernel, which
 // fills the GPU better for one query row.

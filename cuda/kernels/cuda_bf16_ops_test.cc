@@ -257,7 +257,8 @@ TEST(CudaBf16OpsTest, RmsNormBf16) {
 
 TEST(CudaBf16OpsTest, SiluMulBf16AndCastToBf16) {
   KVGATE_SKIP_WITHOUT_GPU(backend);
-  for (const int64_t n : {int64_t{1}, int64_t{97}, int64_t{100003}}) {
+  // 97 and 100003 take the scalar kernel, 100000 the 4-wide one.
+  for (const int64_t n : {int64_t{1}, int64_t{97}, int64_t{100003}, int64_t{100000}}) {
     SCOPED_TRACE(absl::StrCat("n ", n));
     std::mt19937 rng(static_cast<uint32_t>(n));
     const std::vector<Bf16> gate = RandomBf16(rng, n, -6, 6);
