@@ -28,10 +28,13 @@ constexpr int kMaxReported = 12;  // mismatches printed in full per corpus
 // Named here, not listed from the directory: ctest discovers test names at build time.
 const std::vector<std::string>& KnownCorpora() {
   static const auto* names = new std::vector<std::string>{
-      "edge_added_flags",      "edge_gpt2_bytelevel", "edge_metaspace_always",
-      "edge_metaspace_nfkc_lower", "edge_missing_bytes", "edge_unk_fused",
-      "edge_unk_unfused",      "kvgate_tiny",         "llama3_bytelevel",
-      "qwen2_bytelevel",       "sentencepiece_bytefallback", "tinystories"};
+      "edge_added_flags",           "edge_gpt2_bytelevel",
+      "edge_metaspace_always",      "edge_metaspace_nfkc_lower",
+      "edge_missing_bytes",         "edge_unk_fused",
+      "edge_unk_unfused",           "kvgate_tiny",
+      "llama3_bytelevel",           "qwen2_bytelevel",
+      "sentencepiece_bytefallback", "tinystories",
+  };
   return *names;
 }
 
@@ -63,8 +66,28 @@ std::string Fnv1a64(std::string_view data) {
   return buf;
 }
 
-// ASCII-only JSON string, so control characters and invisible code points show.
-std::string Escaped(const std::string& s) { return Json(s).dump(-1, ' ', /*ensure_ascii=*/true); }
+// The text in quotes with every non-printable-ASCII code point as \u{XXXX}, so control
+// characters, spaces other than U+0020 and invisible code points show.
+std::string Escaped(const std::string& s) {
+  std::string out = "\"";
+  for (size_t i = 0; i < s.size();) {
+    const unsigned char c = static_cast<unsigned char>(s[i]);
+    const size_t len = c < 0x80 ? 1 : (c >> 5) == 0x6 ? 2 : (c >> 4) == 0xE ? 3 : 4;
+    uint32_t cp = len == 1 ? c : len == 2 ? (c & 0x1F) : len == 3 ? (c & 0x0F) : (c & 0x07);
+    for (size_t k = 1; k < len && i + k < s.size(); ++k) {
+      cp = (cp << 6) | (static_cast<unsigned char>(s[i + k]) & 0x3F);
+    }
+    i += len;
+    if (cp >= 0x20 && cp < 0x7F && cp != '"' && cp != '\\') {
+      out.push_back(static_cast<char>(cp));
+    } else {
+      char buf[16];
+      std::snprintf(buf, sizeof(buf), "\\u{%X}", cp);
+      out += buf;
+    }
+  }
+  return out + "\"";
+}
 
 std::string Ids(const std::vector<int32_t>& ids) {
   return absl::StrCat("[", absl::StrJoin(ids, ","), "]");
@@ -135,14 +158,15 @@ TEST_P(TokenizerCorpusTest, EqualsHuggingFace) {
       }
       auto got_plain = t.Encode(text, false);
       auto got_sp = t.Encode(text, true);
-      const bool ok = got_plain.ok() && got_sp.ok() && *got_plain == want_plain && *got_sp == want_sp;
+      const bool ok =
+          got_plain.ok() && got_sp.ok() && *got_plain == want_plain && *got_sp == want_sp;
       if (!ok) {
         ++encode_bad;
-        report(absl::StrCat(
-            "line ", line_no, " encode text=", Escaped(text), "\n  want ", Ids(want_plain),
-            "\n  got  ", got_plain.ok() ? Ids(*got_plain) : got_plain.status().ToString(),
-            "\n  want (special) ", Ids(want_sp), "\n  got  (special) ",
-            got_sp.ok() ? Ids(*got_sp) : got_sp.status().ToString()));
+        report(absl::StrCat("line ", line_no, " encode text=", Escaped(text), "\n  want ",
+                            Ids(want_plain), "\n  got  ",
+                            got_plain.ok() ? Ids(*got_plain) : got_plain.status().ToString(),
+                            "\n  want (special) ", Ids(want_sp), "\n  got  (special) ",
+                            got_sp.ok() ? Ids(*got_sp) : got_sp.status().ToString()));
       }
       ids = std::move(want_sp);  // decode HF's ids, so decode checks stand alone
       where = absl::StrCat("line ", line_no, " decode of text=", Escaped(text));
