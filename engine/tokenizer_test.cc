@@ -510,6 +510,31 @@ TEST(TokenizerTest, NfcNormalizer) {
   EXPECT_THAT(MustEncode(*nfc, "e\xCC\x81", false), ElementsAre(0));
 }
 
+// HF normalizes with Unicode 9.0 tables: U+0EBA (Unicode 12, combining class 9) is an
+// unassigned starter there, so NFC must not move it before U+0318 (class 220) as
+// Unicode 15's canonical ordering would, while U+0301 after e still composes.
+TEST(TokenizerTest, NfcKeepsHuggingFaceUnicode9Tables) {
+  Json vocab = {{"\xCC\x98", 0}, {"\xE0\xBA\xBA", 1}, {"\xC3\xA9", 2}};
+  Json j = Skeleton(BpeModel(vocab, Json::array()));
+  j["normalizer"] = Json{{"type", "NFC"}};
+  auto nfc = MustLoad(j);
+  ASSERT_NE(nfc, nullptr);
+  EXPECT_THAT(MustEncode(*nfc, "\xCC\x98\xE0\xBA\xBA", false), ElementsAre(0, 1));
+  EXPECT_THAT(MustEncode(*nfc, "e\xCC\x81\xE0\xBA\xBA\xCC\x98", false), ElementsAre(2, 1, 0));
+}
+
+// Rust's char::to_lowercase (HF Lowercase) knows Unicode 16/17 case pairs that utf8proc
+// 2.8 does not: U+1C89 -> U+1C8A, U+A7CB -> U+0264, U+10D50 -> U+10D70.
+TEST(TokenizerTest, LowercaseKnowsNewerCasePairs) {
+  Json vocab = {{"\xE1\xB2\x8A", 0}, {"\xC9\xA4", 1}, {"\xF0\x90\xB5\xB0", 2}};
+  Json j = Skeleton(BpeModel(vocab, Json::array()));
+  j["normalizer"] = Json{{"type", "Lowercase"}};
+  auto lower = MustLoad(j);
+  ASSERT_NE(lower, nullptr);
+  EXPECT_THAT(MustEncode(*lower, "\xE1\xB2\x89\xEA\x9F\x8B\xF0\x90\xB5\x90", false),
+              ElementsAre(0, 1, 2));
+}
+
 TEST(TokenizerTest, MetaspacePreTokenizerAndDecoder) {
   Json vocab = {{"<unk>", 0},
                 {"\xE2\x96\x81", 1},
