@@ -26,6 +26,11 @@ import subprocess
 import sys
 import tempfile
 
+# This script's folder holds tokenizers/, which Python would otherwise import as a namespace
+# package when the real `tokenizers` is missing.
+_HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path = [p for p in sys.path if os.path.abspath(p or ".") != _HERE]
+
 FORMAT = "kvgate-tokenizer-corpus/1"
 SEED = 20261204
 MAX_FILE_BYTES = 1024 * 1024
@@ -497,7 +502,10 @@ def build_corpus(tok_json, name, seed=SEED, scale=1):
 
 class PythonOracle:
     def __init__(self):
-        import tokenizers
+        try:
+            import tokenizers
+        except ImportError:
+            fatal("the Python package `tokenizers` is not installed (or use --oracle node)")
         self.tokenizers = tokenizers
         self.version = tokenizers.__version__
         self.label = "python tokenizers " + self.version
