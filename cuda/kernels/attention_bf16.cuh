@@ -6,14 +6,19 @@
 // rounded to bf16 before they multiply V.
 //
 // First the visible rows of K and V are rounded into a bf16 copy in a workspace (one
-// pass, a small fraction of the attention time). Then one block of 4 warps per (128 query
-// tokens, query head); each warp owns 32 query rows and keeps its scores, running
-// max/sum (online softmax, exp2 with the scale folded in) and output accumulator in
-// registers. Key tiles (32 rows at head_dim 128, 64 at 64) are double-buffered into
-// shared memory by cp.async,
-// zero-filled beyond the last visible row and where a key mask hides a row of the past,
-// so garbage or NaN in unwritten or evicted rows never reaches the sums. The heaviest
-// (last) query blocks are launched first.
+// pass, under 1% of the attention time at 8k tokens). Then one block of 4 warps per (128
+// query tokens, query head); each warp owns 32 query rows (two m16 tiles, so every K/V
+// fragment feeds two MMAs) and keeps its scores, running max/sum (online softmax, exp2
+// with the scale folded in) and output accumulator in registers. Key tiles (32 rows at
+// head_dim 128, 64 at 64) are double-buffered into shared memory by cp.async, zero-filled
+// beyond the last visible row and where a key mask hides a row of the past, so garbage
+// or NaN in unwritten or evicted rows never reaches the sums. The heaviest (last) query
+// blocks are launched first.
+//
+// Measured on an H200 (ncu, 8,192 tokens, 32 q / 8 kv heads, head_dim 128): 3.57 ms a
+// layer, about 154 TFLOP/s: about half the rate of PyTorch's SDPA on the same shapes.
+// Next: wgmma (sm_90a) or larger tiles with fewer rescales, and bf16 KV pages so the
+// conversion pass goes away.
 #pragma once
 
 #include <cuda_runtime.h>
