@@ -205,10 +205,12 @@ TEST(KvHandoffTest, ParamsRoundTripAndMissingGates) {
 class KvHandoffPoolTest : public ::testing::Test {
  protected:
   void SetUp() override {
-    auto worker = testing::TinyWorker::Create(256);
+    // A ~130-token prompt plus decode takes 10 pages of 16 rows in each of kvgate-tiny's
+    // 32 (layer, kv head) lists: 320 pages; 1024 leave room for the decode steps.
+    auto worker = testing::TinyWorker::Create(1024);
     ASSERT_TRUE(worker.ok()) << worker.status();
     prefill_ = std::move(*worker);
-    worker = testing::TinyWorker::Create(256);
+    worker = testing::TinyWorker::Create(1024);
     ASSERT_TRUE(worker.ok()) << worker.status();
     decode_ = std::move(*worker);
     auto tokenizer = testing::LoadTinyTokenizer();
