@@ -49,30 +49,46 @@ inline float ExpInline(float x) {
 // (resolved once at load time). Each returns what its row needs; none allocates.
 #define KVGATE_VECTOR_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
 
-// max(s[0..n)), -inf for an all-masked row. Eight partial maxima so the loop vectorizes.
+// Rows are walked in chunks of kLanes with kLanes partial results, a shape the vectorizer
+// maps onto one AVX-512 register (two AVX2, four SSE); the partials combine in a fixed
+// tree at the end. Clones may still differ in the last bit (FMA contraction in ExpInline);
+// the parity test's error bound covers any of them.
+constexpr int kLanes = 16;
+
+// max(s[0..n)), -inf for an all-masked row.
 KVGATE_VECTOR_CLONES float RowMax(const float* s, int n) {
-  float m[8];
+  float m[kLanes];
   for (float& x : m) x = -INFINITY;
   int c = 0;
-  for (; c + 8 <= n; c += 8) {
-    for (int j = 0; j < 8; ++j) m[j] = s[c + j] > m[j] ? s[c + j] : m[j];
+  for (; c + kLanes <= n; c += kLanes) {
+    for (int j = 0; j < kLanes; ++j) m[j] = s[c + j] > m[j] ? s[c + j] : m[j];
   }
   for (; c < n; ++c) m[0] = s[c] > m[0] ? s[c] : m[0];
   float out = m[0];
-  for (int j = 1; j < 8; ++j) out = m[j] > out ? m[j] : out;
+  for (int j = 1; j < kLanes; ++j) out = m[j] > out ? m[j] : out;
   return out;
 }
 
-// s[c] <- exp(s[c] - max) in place; returns the sum (eight partial sums, fixed order).
+// s[c] <- exp(s[c] - max) in place; returns the sum (kLanes partial sums, fixed order).
 KVGATE_VECTOR_CLONES float ExpShiftAndSum(float* s, int n, float max) {
-  for (int c = 0; c < n; ++c) s[c] = ExpInline(s[c] - max);
-  float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  float acc[kLanes];
+  for (float& x : acc) x = 0.0f;
   int c = 0;
-  for (; c + 8 <= n; c += 8) {
-    for (int j = 0; j < 8; ++j) acc[j] += s[c + j];
+  for (; c + kLanes <= n; c += kLanes) {
+    for (int j = 0; j < kLanes; ++j) {
+      const float e = ExpInline(s[c + j] - max);
+      s[c + j] = e;
+      acc[j] += e;
+    }
   }
-  for (; c < n; ++c) acc[0] += s[c];
-  return ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
+  for (; c < n; ++c) {
+    s[c] = ExpInline(s[c] - max);
+    acc[0] += s[c];
+  }
+  for (int width = kLanes / 2; width > 0; width /= 2) {
+    for (int j = 0; j < width; ++j) acc[j] += acc[j + width];
+  }
+  return acc[0];
 }
 
 KVGATE_VECTOR_CLONES void ScaleRow(float* x, int n, float factor) {
