@@ -52,6 +52,13 @@ if [[ -n "${KVGATE_BENCH_PROFILE:-}" ]] && command -v ncu > /dev/null; then
     --prefill "$KVGATE_BENCH_PROFILE" --decode 16 --decode-steps 1 --repeats 1 > "$out/ncu.log" 2>&1 || true
   grep -E "^  [A-Za-z_].*\(|gpu__time_duration.sum" "$out/ncu.log" | paste - - | \
     awk '{print}' | cut -c1-200 | head -40
+  # Speed of light, compute, memory and occupancy of one attention launch (layer 2).
+  echo "== ncu: one AttentionBf16 launch"
+  timeout 120 ncu --clock-control none --section SpeedOfLight --section ComputeWorkloadAnalysis \
+    --section MemoryWorkloadAnalysis --section Occupancy -k regex:AttentionBf16Kernel --launch-skip 9 \
+    --launch-count 1 "$bundle/bin/gpu_engine_bench" --model /tmp/kvgate-llama31-8l --weights bf16 \
+    --prefill "$KVGATE_BENCH_PROFILE" --decode 16 --decode-steps 1 --repeats 1 >> "$out/ncu.log" 2>&1 || true
+  grep -E "Throughput|Pipe|Occupancy|Registers|Duration|Issue|Bank" "$out/ncu.log" | tail -30
 fi
 echo "== status $status"
 exit $status

@@ -36,8 +36,6 @@ __device__ __forceinline__ uint32_t PackBf16(float lo, float hi) {
   return *reinterpret_cast<uint32_t*>(&v);
 }
 
-__device__ __forceinline__ uint32_t Load32(const __nv_bfloat16* p) { return *reinterpret_cast<const uint32_t*>(p); }
-
 // d += a (16x16, row) * b (16x8, col); bf16 operands, fp32 accumulators.
 __device__ __forceinline__ void Mma(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
   asm volatile(
@@ -103,7 +101,7 @@ static __global__ void KvToBf16Kernel(const float* k, const float* v, __nv_bfloa
 // m16 tiles (32 query rows), so every K/V fragment it loads from shared memory feeds two
 // MMAs. K and V tiles are row-major (key row, dim), double-buffered by cp.async; their B
 // fragments come from ldmatrix (K) and ldmatrix.trans (V); Q's A fragments are re-read
-// from shared memory per tile (registers go to the accumulators).
+// from shared memory by ldmatrix per tile (registers go to the accumulators).
 template <int D, int kN>
 static __global__ void __launch_bounds__(kAttentionBf16BlockSize)
     AttentionBf16Kernel(AttentionArgs args, const __nv_bfloat16* k_bf16, const __nv_bfloat16* v_bf16, int32_t kv_rows) {
@@ -201,15 +199,10 @@ static __global__ void __launch_bounds__(kAttentionBf16BlockSize)
       }
 #pragma unroll
       for (int kk = 0; kk < D / 16; ++kk) {
-        uint32_t a[2][4];
+        uint32_t a[2][4];  // A fragments of the two m16 tiles: matrices {rows +0, k +0},
+                           // {+8, +0}, {+0, +8}, {+8, +8}, the V addressing pattern
 #pragma unroll
-        for (int mt = 0; mt < 2; ++mt) {
-          const __nv_bfloat16* qr = qw + (mt * 16 + g) * kQs + kk * 16 + 2 * quad;
-          a[mt][0] = Load32(qr);
-          a[mt][1] = Load32(qr + 8 * kQs);
-          a[mt][2] = Load32(qr + 8);
-          a[mt][3] = Load32(qr + 8 * kQs + 8);
-        }
+        for (int mt = 0; mt < 2; ++mt) LdMatrixX4(a[mt], qw + (mt * 16 + v_ld_row) * kQs + kk * 16 + v_ld_col);
 #pragma unroll
         for (int nt = 0; nt < kN / 8; nt += 2) {
           uint32_t b[4];  // {b0, b1} of key rows nt*8.., then of (nt+1)*8..
@@ -263,12 +256,16 @@ static __global__ void __launch_bounds__(kAttentionBf16BlockSize)
           }
           l_run[mt][h] = l_run[mt][h] * alpha[h] + sum;
         }
+        // Most tiles leave every running max of the warp unchanged (alpha == 1): skip the
+        // rescale of the accumulators then (a warp-uniform branch).
+        if (__any_sync(0xffffffffu, alpha[0] != 1.f || alpha[1] != 1.f)) {
 #pragma unroll
-        for (int dt = 0; dt < D / 8; ++dt) {
-          o[mt][dt][0] *= alpha[0];
-          o[mt][dt][1] *= alpha[0];
-          o[mt][dt][2] *= alpha[1];
-          o[mt][dt][3] *= alpha[1];
+          for (int dt = 0; dt < D / 8; ++dt) {
+            o[mt][dt][0] *= alpha[0];
+            o[mt][dt][1] *= alpha[0];
+            o[mt][dt][2] *= alpha[1];
+            o[mt][dt][3] *= alpha[1];
+          }
         }
       }
 #pragma unroll
