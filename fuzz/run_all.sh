@@ -51,6 +51,9 @@ if [ "$do_build" = 1 ]; then
     { tail -50 "$work/build.log"; exit 1; }
 fi
 
+export LSAN_OPTIONS=${LSAN_OPTIONS:-suppressions=$src/sanitizers/lsan.supp}
+export UBSAN_OPTIONS=${UBSAN_OPTIONS:-print_stacktrace=1:halt_on_error=1}
+
 # One line per target: name execs seconds execs_per_s cov ft corpus_files corpus_bytes status
 results=()
 failed=0
@@ -66,15 +69,17 @@ for t in "${targets[@]}"; do
   echo "run_all: $t ${runs:+$runs runs}${runs:-$seconds s}"
   start=$(date +%s)
   status=ok
-  "$bin" "${args[@]}" "$corpus" "$src/fuzz/${t}_corpus" > "$work/$t.log" 2>&1 || status=FAILED
+  seeds=()
+  [ -d "$src/fuzz/${t}_corpus" ] && seeds=("$src/fuzz/${t}_corpus")
+  "$bin" "${args[@]}" "$corpus" "${seeds[@]}" > "$work/$t.log" 2>&1 || status=FAILED
   elapsed=$(( $(date +%s) - start ))
   done_line=$(grep -E "^#[0-9]+.*(DONE|cov:)" "$work/$t.log" | tail -1 || true)
   execs=$(grep -oE "stat::number_of_executed_units: [0-9]+" "$work/$t.log" | grep -oE "[0-9]+$" || echo 0)
   eps=$(grep -oE "stat::average_exec_per_sec: [0-9]+" "$work/$t.log" | grep -oE "[0-9]+$" || echo 0)
   cov=$(echo "$done_line" | grep -oE "cov: [0-9]+" | grep -oE "[0-9]+" || echo 0)
   ft=$(echo "$done_line" | grep -oE "ft: [0-9]+" | grep -oE "[0-9]+" || echo 0)
-  files=$(find "$corpus" "$src/fuzz/${t}_corpus" -type f | wc -l)
-  bytes=$(cat "$corpus"/* "$src/fuzz/${t}_corpus"/* 2>/dev/null | wc -c)
+  files=$(find "$corpus" "${seeds[@]}" -type f | wc -l)
+  bytes=$(find "$corpus" "${seeds[@]}" -type f -exec cat {} + | wc -c)
   results+=("$t $execs $elapsed $eps $cov $ft $files $bytes $status")
   echo "run_all: $t $status: $execs execs in ${elapsed}s ($eps/s), cov $cov, ft $ft, corpus $files files"
   if [ "$status" != ok ]; then

@@ -11,6 +11,7 @@ packages=(
   prometheus-cpp-dev nlohmann-json3-dev libopenblas-dev libpcre2-dev libutf8proc-dev
   python3 python3-numpy python3-torch openssl
   python3-protobuf python3-grpcio
+  clang libclang-rt-14-dev
 )
 
 missing=()
