@@ -12,6 +12,7 @@
 #                 the fuzz targets and the libraries they link into --build-dir
 #   --build-dir   default: build-fuzz
 #   --seconds N   per target (default 60); --runs N: executions per target instead
+#   --only A,B    these targets only
 #   --no-record   do not write bench/results/fuzz.{md,json} (CI's smoke run)
 # The committed corpora are read, never written: each run grows a copy under WORK.
 set -euo pipefail
@@ -40,7 +41,7 @@ while [ $# -gt 0 ]; do
 done
 targets=(tokenizer_fuzz safetensors_fuzz model_config_fuzz handoff_fuzz chunk_stream_fuzz
          proto_convert_fuzz generate_request_fuzz)
-if [ -n "$only" ]; then targets=("$only"); fi
+if [ -n "$only" ]; then IFS=, read -r -a targets <<< "$only"; fi
 work=${work:-$(mktemp -d /tmp/kvgate-fuzz.XXXXXX)}
 mkdir -p "$work/artifacts"
 

@@ -1,0 +1,50 @@
+#!/usr/bin/env bash
+# ThreadSanitizer run of the service tests (issue 17): builds kvgate and the integration
+# tests with -DKVGATE_SANITIZE=thread (no CUDA) and runs the tests that stress threads
+# (64 concurrent streams, cancel, deadline, a killed worker, shutdown, the 400-request
+# burst). The spawned `kvgate` processes inherit TSAN_OPTIONS, so every process writes
+# its reports to WORK/tsan.<pid>; the summary goes to bench/results/tsan.md.
+#   scripts/tsan-service-tests.sh [--build-dir DIR] [--filter REGEX] [--work DIR]
+set -euo pipefail
+src=$(cd "$(dirname "$0")/.." && pwd)
+build="$src/build-tsan"
+filter='ConcurrencyTest|CancelTest|WorkerFailureTest|ManagerFailureTest|ShutdownTest|BurstTest'
+work=""
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --build-dir) build=$2; shift 2 ;;
+    --filter) filter=$2; shift 2 ;;
+    --work) work=$2; shift 2 ;;
+    *) echo "tsan-service-tests: unknown argument $1" >&2; exit 2 ;;
+  esac
+done
+work=${work:-$(mktemp -d /tmp/kvgate-tsan.XXXXXX)}
+cmake -S "$src" -B "$build" -G Ninja -DCMAKE_BUILD_TYPE=RelWithDebInfo -DKVGATE_WITH_CUDA=OFF \
+  -DKVGATE_SANITIZE=thread > "$work/configure.log"
+cmake --build "$build" -j "$(nproc)" --target kvgate integration_test > "$work/build.log" ||
+  { tail -50 "$work/build.log"; exit 1; }
+# Reports do not stop the process (all of them are collected); sanitizers/tsan.supp holds
+# only system-library entries, each with why.
+export TSAN_OPTIONS="log_path=$work/tsan halt_on_error=0 second_deadlock_stack=1 suppressions=$src/sanitizers/tsan.supp"
+start=$(date +%s)
+status=0
+(cd "$build" && ctest --output-on-failure -L integration -R "$filter" --timeout 600) > "$work/ctest.log" 2>&1 || status=$?
+elapsed=$(( $(date +%s) - start ))
+reports=$(cat "$work"/tsan.* 2>/dev/null | grep -c "WARNING: ThreadSanitizer" || true)
+summary=$(grep -E "tests passed|tests failed" "$work/ctest.log" | tail -1)
+mkdir -p "$src/bench/results"
+{
+  echo "# ThreadSanitizer: service tests (scripts/tsan-service-tests.sh)"
+  echo
+  echo "Run $(date -u +%Y-%m-%dT%H:%M:%SZ) at $(git -C "$src" rev-parse --short HEAD) on $(nproc) cores;"
+  echo "tests matching \`$filter\`, ${elapsed} s: $summary; ThreadSanitizer reports: $reports."
+  echo
+  if [ "$reports" -gt 0 ]; then
+    echo "First lines of each distinct report:"
+    echo '```'
+    cat "$work"/tsan.* | grep -A3 "WARNING: ThreadSanitizer" | head -80
+    echo '```'
+  fi
+} > "$src/bench/results/tsan.md"
+echo "tsan-service-tests: $summary; $reports reports (logs in $work)"
+[ "$status" = 0 ] && [ "$reports" = 0 ]
