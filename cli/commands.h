@@ -10,6 +10,8 @@ namespace kvgate::cli {
 int RunGenerate(const std::vector<std::string>& args);
 int RunTokenize(const std::vector<std::string>& args);
 int RunEval(const std::vector<std::string>& args);
+// Load generator for the streaming Generate (cli/bench_command.cc).
+int RunBench(const std::vector<std::string>& args);
 // Servers (cli/server_command.cc): every role in one process, or one role each.
 int RunServe(const std::vector<std::string>& args);
 int RunRouter(const std::vector<std::string>& args);

@@ -13,6 +13,7 @@ constexpr char kUsage[] =
     "  generate   offline generation with a Hugging Face checkpoint (--help for flags)\n"
     "  tokenize   print the token ids of a text\n"
     "  eval       retrieval accuracy of eviction policies\n"
+    "  bench      load generator for a server's streaming Generate (--help for flags)\n"
     "  serve      every service in one process (router, kv-manager, prefill, decode)\n"
     "  router | kv-manager | prefill | decode   one service per process\n";
 
@@ -28,6 +29,7 @@ int main(int argc, char** argv) {
   if (command == "generate") return kvgate::cli::RunGenerate(args);
   if (command == "tokenize") return kvgate::cli::RunTokenize(args);
   if (command == "eval") return kvgate::cli::RunEval(args);
+  if (command == "bench") return kvgate::cli::RunBench(args);
   if (command == "serve") return kvgate::cli::RunServe(args);
   if (command == "router") return kvgate::cli::RunRouter(args);
   if (command == "kv-manager") return kvgate::cli::RunKvManager(args);
