@@ -6,7 +6,7 @@
 # leaves the input in WORK/artifacts/.
 #
 #   fuzz/run_all.sh [--build] [--build-dir DIR] [--seconds N | --runs N] [--only TARGET]
-#                   [--work DIR] [--no-record] [--jobs N]
+#                   [--work DIR] [--no-record | --append] [--jobs N]
 #
 #   --build       configure (clang, -DKVGATE_FUZZ=ON, ASan+UBSan, no CUDA) and build only
 #                 the fuzz targets and the libraries they link into --build-dir
@@ -14,6 +14,7 @@
 #   --seconds N   per target (default 60); --runs N: executions per target instead
 #   --only A,B    these targets only
 #   --no-record   do not write bench/results/fuzz.{md,json} (CI's smoke run)
+#   --append      add this run to fuzz.md / fuzz.json instead of replacing them
 # The committed corpora are read, never written: each run grows a copy under WORK.
 set -euo pipefail
 src=$(cd "$(dirname "$0")/.." && pwd)
@@ -23,6 +24,7 @@ runs=""
 only=""
 work=""
 record=1
+append=0
 do_build=0
 jobs=$(nproc)
 while [ $# -gt 0 ]; do
@@ -34,6 +36,7 @@ while [ $# -gt 0 ]; do
     --only) only=$2; shift ;;
     --work) work=$2; shift ;;
     --no-record) record=0 ;;
+    --append) append=1 ;;
     --jobs) jobs=$2; shift ;;
     *) echo "run_all: unknown argument $1" >&2; exit 2 ;;
   esac
@@ -75,8 +78,8 @@ for t in "${targets[@]}"; do
   "$bin" "${args[@]}" "$corpus" "${seeds[@]}" > "$work/$t.log" 2>&1 || status=FAILED
   elapsed=$(( $(date +%s) - start ))
   done_line=$(grep -E "^#[0-9]+.*(DONE|cov:)" "$work/$t.log" | tail -1 || true)
-  execs=$(grep -oE "stat::number_of_executed_units: [0-9]+" "$work/$t.log" | grep -oE "[0-9]+$" || echo 0)
-  eps=$(grep -oE "stat::average_exec_per_sec: [0-9]+" "$work/$t.log" | grep -oE "[0-9]+$" || echo 0)
+  execs=$(grep -oE "stat::number_of_executed_units: +[0-9]+" "$work/$t.log" | grep -oE "[0-9]+$" || echo 0)
+  eps=$(grep -oE "stat::average_exec_per_sec: +[0-9]+" "$work/$t.log" | grep -oE "[0-9]+$" || echo 0)
   cov=$(echo "$done_line" | grep -oE "cov: [0-9]+" | grep -oE "[0-9]+" || echo 0)
   ft=$(echo "$done_line" | grep -oE "ft: [0-9]+" | grep -oE "[0-9]+" || echo 0)
   files=$(find "$corpus" "${seeds[@]}" -type f | wc -l)
@@ -92,39 +95,41 @@ done
 if [ "$record" = 1 ]; then
   out="$src/bench/results"
   mkdir -p "$out"
-  date_utc=$(date -u +%Y-%m-%dT%H:%M:%SZ)
   commit=$(git -C "$src" rev-parse --short HEAD)
-  dirty=$(git -C "$src" status --porcelain --untracked-files=no | grep -q . && echo " (+ uncommitted changes)" || true)
-  machine="$(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ //'), $(clang --version | head -1)"
-  budget=${runs:+$runs executions}${runs:-$seconds s}
-  {
-    echo "# Fuzzing: fuzz/run_all.sh"
-    echo
-    echo "Run $date_utc at $commit$dirty on $machine; libFuzzer, ASan + UBSan,"
-    echo "one process per target, $budget per target from the committed seed corpus"
-    echo "(\`fuzz/run_all.sh ${runs:+--runs $runs}${runs:---seconds $seconds}\`). cov = covered edges, ft = libFuzzer features,"
-    echo "corpus = seeds + what this run kept."
-    echo
-    echo "| target | result | execs | seconds | execs/s | cov | ft | corpus files | corpus bytes |"
-    echo "|---|---|---:|---:|---:|---:|---:|---:|---:|"
-    for r in "${results[@]}"; do
-      set -- $r
-      echo "| $1 | $9 | $2 | $3 | $4 | $5 | $6 | $7 | $8 |"
-    done
-  } > "$out/fuzz.md"
-  {
-    echo "{\"date\": \"$date_utc\", \"commit\": \"$commit\", \"dirty\": $([ -n "$dirty" ] && echo true || echo false),"
-    echo " \"machine\": \"$machine\", \"budget\": \"$budget\", \"targets\": ["
-    sep=""
-    for r in "${results[@]}"; do
-      set -- $r
-      printf '%s  {"target": "%s", "result": "%s", "execs": %s, "seconds": %s, "execs_per_s": %s, "cov": %s, "ft": %s, "corpus_files": %s, "corpus_bytes": %s}' \
-        "$sep" "$1" "$9" "$2" "$3" "$4" "$5" "$6" "$7" "$8"
-      sep=$',\n'
-    done
-    echo
-    echo "]}"
-  } > "$out/fuzz.json"
+  dirty=$(git -C "$src" status --porcelain --untracked-files=no | grep -q . && echo true || echo false)
+  machine="$(nproc) cores ($(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ //'), load $(cut -d' ' -f1 /proc/loadavg)), $(clang --version | head -1)"
+  printf '%s\n' "${results[@]}" | python3 - "$out" "$commit" "$dirty" "$machine" \
+      "${runs:+--runs $runs}${runs:---seconds $seconds}" "$append" <<'PY'
+import datetime, json, os, sys
+out, commit, dirty, machine, budget, append = sys.argv[1:7]
+rows = []
+for line in sys.stdin.read().split("\n"):
+    if not line.strip():
+        continue
+    t, execs, secs, eps, cov, ft, files, size, result = line.split()
+    rows.append(dict(target=t, result=result, execs=int(execs), seconds=int(secs), execs_per_s=int(eps),
+                     cov=int(cov), ft=int(ft), corpus_files=int(files), corpus_bytes=int(size)))
+run = dict(date=datetime.datetime.utcnow().strftime("%Y-%m-%dT%H:%M:%SZ"), commit=commit,
+           dirty=dirty == "true", machine=machine, budget=budget, targets=rows)
+jpath, mpath = os.path.join(out, "fuzz.json"), os.path.join(out, "fuzz.md")
+runs = []
+if append == "1" and os.path.exists(jpath):
+    runs = json.load(open(jpath))["runs"]
+runs.append(run)
+json.dump({"runs": runs}, open(jpath, "w"), indent=1)
+md = ["# Fuzzing: fuzz/run_all.sh", "",
+      "libFuzzer with ASan + UBSan (+ LeakSanitizer), one process per target, from the committed",
+      "seed corpus. cov = covered edges, ft = libFuzzer features, corpus = seeds + inputs kept.",
+      "Raw numbers: `fuzz.json`."]
+for r in runs:
+    md += ["", "## %s at %s%s" % (r["date"], r["commit"], " (+ uncommitted changes)" if r["dirty"] else ""), "",
+           "`fuzz/run_all.sh %s` on %s." % (r["budget"], r["machine"]), "",
+           "| target | result | execs | seconds | execs/s | cov | ft | corpus files | corpus bytes |",
+           "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    md += ["| %(target)s | %(result)s | %(execs)d | %(seconds)d | %(execs_per_s)d | %(cov)d | %(ft)d | %(corpus_files)d | %(corpus_bytes)d |" % t
+           for t in r["targets"]]
+open(mpath, "w").write("\n".join(md) + "\n")
+PY
   echo "run_all: wrote $out/fuzz.md and fuzz.json"
 fi
 exit $failed
