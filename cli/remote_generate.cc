@@ -3,6 +3,7 @@
 #include <grpcpp/grpcpp.h>
 
 #include <chrono>
+#include <cstdlib>
 #include <fstream>
 #include <iostream>
 #include <limits>
@@ -10,6 +11,7 @@
 #include <set>
 #include <sstream>
 
+#include "absl/strings/ascii.h"
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
@@ -30,8 +32,9 @@ constexpr char kUsage[] =
     "         [--stop STRING] [--stop-ids 1,2] [--ignore-eos]\n"
     "         [--policy NAME] [--keep-ratio R] [--budget-tokens N] [--sink-tokens N] [--recent-tokens N]\n"
     "         [--head-budget uniform|adaptive] [--request-id ID] [--timeout-ms N]\n"
-    "         [--tls-ca FILE [--tls-cert FILE --tls-key FILE]] [--token TOKEN] [--json]\n"
-    "       Unset flags take the server's defaults (its seed is random unless --seed is given).\n";
+    "         [--tls-ca FILE [--tls-cert FILE --tls-key FILE]] [--token-file FILE] [--json]\n"
+    "       Unset flags take the server's defaults (its seed is random unless --seed is given).\n"
+    "       The bearer token: --token-file FILE or $KVGATE_TOKEN (--token T shows in ps).\n";
 
 // Every flag `generate` takes with a value, offline ones included (so UsesServer can skip
 // their values), and the switches.
@@ -40,7 +43,7 @@ const std::set<std::string>& ValueFlags() {
       "server",   "prompt",      "prompt-ids", "max-tokens", "temperature",   "top-p",         "top-k",
       "min-p",    "seed",        "stop",       "stop-ids",   "policy",        "keep-ratio",    "budget-tokens",
       "sink-tokens", "recent-tokens", "head-budget", "request-id", "timeout-ms", "tls-ca", "tls-cert",
-      "tls-key",  "token",       "model",      "backend",    "gates"};
+      "tls-key",  "token",       "token-file", "model",      "backend",    "gates"};
   return *kFlags;
 }
 const std::set<std::string>& SwitchFlags() {
@@ -191,7 +194,21 @@ absl::StatusOr<RemoteGenerateCommand> ParseRemoteGenerate(const std::vector<std:
   if (!command.tls_cert_file.empty() && command.tls_ca_file.empty()) {
     return absl::InvalidArgumentError("--tls-cert/--tls-key need --tls-ca (the CA that signed the server)");
   }
-  command.token = flags.String("token").value_or("");
+  if (flags.Has("token") && flags.Has("token-file")) {
+    return absl::InvalidArgumentError("give the token once: --token-file or --token");
+  }
+  if (auto file = flags.String("token-file")) {
+    std::ifstream in(*file, std::ios::binary);
+    if (!in) return absl::NotFoundError(absl::StrCat("--token-file: cannot read '", *file, "'"));
+    std::stringstream buffer;
+    buffer << in.rdbuf();
+    command.token = std::string(absl::StripAsciiWhitespace(buffer.str()));
+    if (command.token.empty()) return absl::InvalidArgumentError(absl::StrCat("--token-file: '", *file, "' is empty"));
+  } else if (auto token = flags.String("token")) {
+    command.token = *token;
+  } else if (const char* env = std::getenv("KVGATE_TOKEN"); env != nullptr) {
+    command.token = env;
+  }
   KVGATE_ASSIGN_OR_RETURN(const std::optional<int64_t> timeout_ms, flags.Int("timeout-ms"));
   if (timeout_ms) {
     if (*timeout_ms <= 0) return absl::InvalidArgumentError(absl::StrCat("--timeout-ms must be positive, got ", *timeout_ms));

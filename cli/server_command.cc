@@ -1,13 +1,24 @@
 // `kvgate serve` (every role in one process: the embedded default) and the single-role
-// commands `kvgate router`, `kvgate kv-manager`, `kvgate prefill`, `kvgate decode`. All of
-// them assemble the same services on one gRPC server; they differ only in which roles run
-// here and how the roles reach each other (in-process channel and inproc KV transport,
-// or host:port and the tcp transport).
+// commands `kvgate router`, `kvgate kv-manager`, `kvgate prefill`, `kvgate decode`. They
+// differ in which roles run here and how the roles reach each other (in-process channel
+// and inproc KV transport, or host:port and the tcp transport).
+//
+// Only the router's kvgate.v1.Inference faces clients. `serve` puts the internal services
+// (KvManager, PrefillWorker, DecodeWorker, KvTransfer) on a second gRPC server: one with
+// no listener at all (reached through its in-process channel) for --transport inproc, or
+// one on a random loopback port guarded by a random internal token for --transport tcp.
+// The split roles kv-manager, prefill and decode serve only internal services on their
+// --port, and every call between components carries the internal token
+// (--internal-token-file or $KVGATE_INTERNAL_TOKEN) unless mutual TLS (--tls-ca) guards
+// them; without either they refuse to start (--insecure-internal overrides, for a
+// trusted network only).
 #include <condition_variable>
 #include <csignal>
+#include <cstdlib>
 #include <deque>
 #include <iostream>
 #include <mutex>
+#include <optional>
 #include <set>
 #include <thread>
 
@@ -38,11 +49,16 @@ constexpr char kUsage[] =
     "         [--transport inproc|tcp] [--backend cpu|cuda[:N]] [--metrics-port N]\n"
     "         [--kv-pages N | --kv-sequences N=8] [--page-tokens N=16] [--default-policy NAME]\n"
     "         [--fast-kvzip-gate PATH] [--attention-gate PATH] [--random-gates SEED]\n"
-    "         [--tls-cert F --tls-key F [--tls-ca F]] [--token TOKEN] [--shutdown-grace-ms N=5000]\n"
+    "         [--tls-cert F --tls-key F [--tls-ca F]] [--token-file F] [--shutdown-grace-ms N=5000]\n"
     "         [--heartbeat-ms N=250] [--worker-timeout-ms N=2000] [--lease-ttl-ms N=3000]\n"
+    "         [--metrics-host ADDR=127.0.0.1] [--transfer-ttl-ms N=60000]\n"
+    "         [--max-in-flight N=64] [--max-queued N=4096] [--queue-timeout-ms N=30000]\n"
     "       kvgate kv-manager [--port N] [...manager flags]\n"
     "       kvgate prefill|decode --model DIR --kv-manager HOST:PORT [--port N] [--advertise HOST:PORT]\n"
-    "       kvgate router --model DIR --kv-manager HOST:PORT [--port N]\n";
+    "       kvgate router --model DIR --kv-manager HOST:PORT [--port N]\n"
+    "  The client token: --token-file F or $KVGATE_TOKEN (--token T still works but shows in ps).\n"
+    "  Split roles: --internal-token-file F or $KVGATE_INTERNAL_TOKEN (the same on every\n"
+    "  component), or mutual TLS (--tls-ca); --insecure-internal runs them unguarded.\n";
 
 enum class Role { kRouter, kManager, kPrefill, kDecode };
 
@@ -56,10 +72,18 @@ struct ServerConfig {
   std::string manager_address;   // when the manager is elsewhere
   std::string transport = "inproc";
   std::optional<int32_t> metrics_port;
+  std::string metrics_host = "127.0.0.1";
   kv::WorkerRuntimeOptions runtime;
   kv::ManagerConfig manager;
   TlsOptions tls;
-  std::string token;
+  std::string token;           // the clients' bearer token; empty: none
+  std::string internal_token;  // between components of split roles; empty: none
+  bool insecure_internal = false;
+  int32_t transfer_ttl_ms = 60000;
+  // The router's admission (router/router_service.h).
+  int32_t max_in_flight = 64;
+  int32_t max_queued = 4096;
+  int32_t queue_timeout_ms = 30000;
   int32_t shutdown_grace_ms = 5000;
   std::string worker_id;
 };
@@ -71,9 +95,10 @@ absl::StatusOr<ServerConfig> ParseServer(const std::string& command, std::set<Ro
                                 {"model", "port", "host", "advertise", "kv-manager", "transport", "backend",
                                  "metrics-port", "kv-pages", "kv-sequences", "page-tokens", "default-policy",
                                  "default-keep-ratio", "fast-kvzip-gate", "attention-gate", "random-gates",
-                                 "tls-cert", "tls-key", "tls-ca", "token", "shutdown-grace-ms", "heartbeat-ms",
+                                 "tls-cert", "tls-key", "tls-ca", "token", "token-file", "internal-token-file",
+                                 "metrics-host", "transfer-ttl-ms", "max-in-flight", "max-queued", "queue-timeout-ms", "shutdown-grace-ms", "heartbeat-ms",
                                  "worker-timeout-ms", "lease-ttl-ms", "worker-id"},
-                                {}));
+                                {"insecure-internal"}));
   ServerConfig c;
   c.command = command;
   c.roles = std::move(roles);
@@ -95,6 +120,11 @@ absl::StatusOr<ServerConfig> ParseServer(const std::string& command, std::set<Ro
   KVGATE_RETURN_IF_ERROR(int_flag("kv-sequences", 1, 1 << 20, &c.runtime.kv_pool_sequences));
   KVGATE_RETURN_IF_ERROR(int_flag("page-tokens", 1, 1 << 16, &c.runtime.page_tokens));
   KVGATE_RETURN_IF_ERROR(int_flag("shutdown-grace-ms", 0, 3600000, &c.shutdown_grace_ms));
+  KVGATE_RETURN_IF_ERROR(int_flag("transfer-ttl-ms", 100, 3600000, &c.transfer_ttl_ms));
+  KVGATE_RETURN_IF_ERROR(int_flag("max-in-flight", 1, 1 << 20, &c.max_in_flight));
+  KVGATE_RETURN_IF_ERROR(int_flag("max-queued", 0, 1 << 24, &c.max_queued));
+  KVGATE_RETURN_IF_ERROR(int_flag("queue-timeout-ms", 0, 3600000, &c.queue_timeout_ms));
+  if (auto host = flags.String("metrics-host")) c.metrics_host = *host;
   c.manager.heartbeat_interval_ms = 250;
   c.manager.worker_timeout_ms = 2000;
   c.manager.lease_ttl_ms = 3000;
@@ -129,7 +159,30 @@ absl::StatusOr<ServerConfig> ParseServer(const std::string& command, std::set<Ro
   // Components present their own certificate to each other (mTLS when a CA is given).
   c.tls.client_cert_file = c.tls.ca_file.empty() ? "" : c.tls.cert_file;
   c.tls.client_key_file = c.tls.ca_file.empty() ? "" : c.tls.key_file;
-  if (auto token = flags.String("token")) c.token = *token;
+  // The client token: a file or the environment (argv is visible to every local user).
+  if (flags.Has("token") && flags.Has("token-file")) {
+    return absl::InvalidArgumentError("give the client token once: --token-file or --token");
+  }
+  if (auto file = flags.String("token-file")) {
+    KVGATE_ASSIGN_OR_RETURN(c.token, ReadTokenFile(*file));
+  } else if (auto token = flags.String("token")) {
+    c.token = *token;
+  } else if (const char* env = std::getenv("KVGATE_TOKEN"); env != nullptr && *env != '\0') {
+    c.token = env;
+  }
+  if (auto file = flags.String("internal-token-file")) {
+    KVGATE_ASSIGN_OR_RETURN(c.internal_token, ReadTokenFile(*file));
+  } else if (const char* env = std::getenv("KVGATE_INTERNAL_TOKEN"); env != nullptr && *env != '\0') {
+    c.internal_token = env;
+  }
+  c.insecure_internal = flags.Has("insecure-internal");
+  const bool split = c.roles.size() < 4;
+  if (split && c.internal_token.empty() && c.tls.ca_file.empty() && !c.insecure_internal) {
+    return absl::InvalidArgumentError(
+        "the internal services of a split deployment need credentials: --internal-token-file F or "
+        "$KVGATE_INTERNAL_TOKEN (the same on every component), or mutual TLS (--tls-cert, --tls-key, --tls-ca); "
+        "--insecure-internal runs them unguarded (a trusted network only)");
+  }
   if (auto id = flags.String("worker-id")) c.worker_id = *id;
   return c;
 }
@@ -210,18 +263,27 @@ absl::Status RunServer(const ServerConfig& c) {
   sigset_t stop = StopSignals();
   pthread_sigmask(SIG_BLOCK, &stop, nullptr);
   Metrics metrics;
-  if (c.metrics_port) KVGATE_RETURN_IF_ERROR(metrics.Serve(absl::StrCat(c.host, ":", *c.metrics_port)));
+  if (c.metrics_port) KVGATE_RETURN_IF_ERROR(metrics.Serve(absl::StrCat(c.metrics_host, ":", *c.metrics_port)));
   KVGATE_ASSIGN_OR_RETURN(std::shared_ptr<grpc::ChannelCredentials> credentials, MakeChannelCredentials(c.tls));
-  ChannelPool channels(credentials);
   const bool local_manager = c.roles.count(Role::kManager) > 0;
   const bool inproc = c.transport == "inproc";
+  const bool serve = c.roles.size() == 4;
+  // `serve` over tcp: its internal listener (loopback) takes a token of its own unless
+  // one was configured; in-process needs none (there is no listener).
+  const std::string internal_token =
+      !c.internal_token.empty() ? c.internal_token : (serve && !inproc ? RandomToken() : std::string());
+  ChannelPool channels(credentials, internal_token);
   const std::string manager_address = local_manager ? (inproc ? kInprocAddress : "") : c.manager_address;
 
-  std::vector<grpc::Service*> services;
+  // Internal services never share the clients' server (see the file comment).
+  std::vector<grpc::Service*> services;           // the internal services
+  std::vector<grpc::Service*> public_services;    // kvgate.v1.Inference
   std::unique_ptr<kv::KvManagerService> manager_service;
   if (local_manager) {
     KVGATE_ASSIGN_OR_RETURN(std::unique_ptr<kv::ManagerState> state, kv::ManagerState::Create(c.manager));
-    manager_service = std::make_unique<kv::KvManagerService>(std::move(state), channels.AsFactory());
+    kv::KvManagerServiceOptions manager_options;
+    manager_options.internal_token = internal_token;
+    manager_service = std::make_unique<kv::KvManagerService>(std::move(state), channels.AsFactory(), manager_options);
     services.push_back(manager_service.get());
   }
   // Progress reports go to the manager through the registration's client (set below),
@@ -248,14 +310,17 @@ absl::Status RunServer(const ServerConfig& c) {
     prefill_engine = std::make_unique<prefill::PrefillEngine>(prefill_runtime.get(), sender.get());
     prefill_service = std::make_unique<prefill::PrefillService>(prefill_engine.get(), id_prefix + "/prefill",
                                                                  reporter(&prefill_registration), &metrics);
+    prefill_service->set_internal_token(internal_token);
     services.push_back(prefill_service.get());
   }
   if (c.roles.count(Role::kDecode)) {
     KVGATE_ASSIGN_OR_RETURN(decode_runtime, kv::WorkerRuntime::Load(c.runtime));
     decode_engine = std::make_unique<decode::DecodeEngine>(decode_runtime.get(), int64_t{1} << 30);
+    decode_engine->inbox().set_unclaimed_ttl(absl::Milliseconds(c.transfer_ttl_ms));
     decode_service = std::make_unique<decode::DecodeService>(decode_engine.get(), id_prefix + "/decode",
                                                               reporter(&decode_registration), &metrics);
-    transfer_service = kv::MakeKvTransferService(&decode_engine->inbox());
+    decode_service->set_internal_token(internal_token);
+    transfer_service = kv::MakeKvTransferService(&decode_engine->inbox(), internal_token);
     services.push_back(decode_service.get());
     services.push_back(transfer_service.get());
     if (inproc) kv::RegisterInprocInbox(kInprocAddress, &decode_engine->inbox());
@@ -265,6 +330,9 @@ absl::Status RunServer(const ServerConfig& c) {
     router::RouterOptions options;
     options.model_dir = c.model_dir;
     options.bearer_token = c.token;
+    options.max_in_flight = c.max_in_flight;
+    options.max_queued = c.max_queued;
+    options.queue_timeout = absl::Milliseconds(c.queue_timeout_ms);
     options.limits.default_policy = c.manager.default_policy;
     options.backend = c.runtime.backend;
     options.roles.clear();
@@ -274,12 +342,29 @@ absl::Status RunServer(const ServerConfig& c) {
     }
     options.manager_address = manager_address;
     KVGATE_ASSIGN_OR_RETURN(router_service, router::RouterService::Create(options, &channels, &metrics));
-    services.push_back(router_service.get());
+    public_services.push_back(router_service.get());
   }
-  KVGATE_ASSIGN_OR_RETURN(StartedServer server,
-                          StartServer({absl::StrCat(c.host, ":", c.port), c.tls, services}));
-  channels.SetInprocServer(server.server.get());
-  const std::string self_address = absl::StrCat("127.0.0.1:", server.port);
+  // `server` listens on --host:--port: the router's public server, or (split kv-manager,
+  // prefill, decode) the internal services. `inner`: serve's internal services.
+  const std::string listen = absl::StrCat(c.host, ":", c.port);
+  std::vector<std::string> internal_names;
+  if (manager_service) internal_names.push_back("kvgate.v1.KvManager");
+  if (prefill_service) internal_names.push_back("kvgate.v1.PrefillWorker");
+  if (decode_service) internal_names.push_back("kvgate.v1.DecodeWorker");
+  if (transfer_service) internal_names.push_back("kvgate.v1.KvTransfer");
+  ServerSpec main_spec{listen, c.tls, router_service ? public_services : services,
+                       router_service ? std::vector<std::string>{"kvgate.v1.Inference"} : internal_names};
+  KVGATE_ASSIGN_OR_RETURN(StartedServer server, StartServer(main_spec));
+  // Health per service name too (Kubernetes gRPC probes may name kvgate.v1.Inference).
+  const std::vector<std::string> health_names = server.service_names;
+  std::optional<StartedServer> inner;
+  if (router_service && !services.empty()) {
+    ServerSpec inner_spec{inproc ? std::string() : std::string("127.0.0.1:0"), c.tls, services, internal_names};
+    KVGATE_ASSIGN_OR_RETURN(inner, StartServer(inner_spec));
+  }
+  grpc::Server* internal_server = inner ? inner->server.get() : server.server.get();
+  channels.SetInprocServer(internal_server);
+  const std::string self_address = absl::StrCat("127.0.0.1:", inner ? inner->port : server.port);
   // With tcp between roles of one process, they still reach each other over the socket.
   const std::string manager_target = manager_address.empty() ? self_address : manager_address;
   if (router_service && manager_address.empty()) router_service->SetManagerAddress(manager_target);
@@ -334,25 +419,35 @@ absl::Status RunServer(const ServerConfig& c) {
     while (!stopping.load()) {
       const bool ready = router_ok.load() && (!prefill_registration || prefill_registration->registered()) &&
                          (!decode_registration || decode_registration->registered());
-      if (first || ready != last) SetServing(server.server.get(), ready);
+      if (first || ready != last) SetServing(server.server.get(), ready, health_names);
       first = false;
       last = ready;
       std::this_thread::sleep_for(std::chrono::milliseconds(50));
     }
   });
   std::cout << "kvgate " << c.command << ": listening on " << c.host << ":" << server.port;
-  if (c.metrics_port) std::cout << ", metrics on " << c.host << ":" << metrics.bound_port() << "/metrics";
+  if (c.metrics_port) std::cout << ", metrics on " << c.metrics_host << ":" << metrics.bound_port() << "/metrics";
   std::cout << std::endl;
 
   int signal = 0;
   sigwait(&stop, &signal);
+  // A second SIGTERM/SIGINT (Kubernetes, a supervisor) must not kill the drain: threads
+  // that libraries started before main (OpenBLAS) do not block the signals. The grace
+  // period bounds the shutdown; SIGKILL still ends it at once.
+  std::signal(SIGTERM, SIG_IGN);
+  std::signal(SIGINT, SIG_IGN);
   std::cerr << "kvgate " << c.command << ": signal " << signal << ", shutting down (grace " << c.shutdown_grace_ms
             << " ms)\n";
   const absl::Time deadline = absl::Now() + absl::Milliseconds(c.shutdown_grace_ms);
   stopping.store(true);
   health.join();
-  SetServing(server.server.get(), false);
+  SetServing(server.server.get(), false, health_names);
   if (router_service) router_service->Shutdown(deadline);
+  // The clients' server has nothing left to serve: its streams ended above (cut ones with
+  // UNAVAILABLE). A moment more lets those final statuses reach the clients instead of
+  // a CANCELLED from the server's own shutdown; no stream produces anything after the
+  // grace period.
+  if (inner) server.server->Shutdown(absl::ToChronoTime(std::max(deadline, absl::Now() + absl::Seconds(1))));
   if (manager_address == kInprocAddress) {
     // Every call between the roles goes through the server's in-process channel, and
     // gRPC crashes creating a call on it once the server is shut down: heartbeats,
@@ -362,7 +457,8 @@ absl::Status RunServer(const ServerConfig& c) {
     progress.Stop();
     if (manager_service) manager_service->Shutdown(deadline);
   }
-  server.server->Shutdown(absl::ToChronoTime(deadline));
+  internal_server->Shutdown(absl::ToChronoTime(
+      router_service && !inner ? std::max(deadline, absl::Now() + absl::Seconds(1)) : deadline));
   if (prefill_registration) prefill_registration->Stop();
   if (decode_registration) decode_registration->Stop();
   if (prefill_engine) prefill_engine->Shutdown();
@@ -370,6 +466,7 @@ absl::Status RunServer(const ServerConfig& c) {
   progress.Stop();  // the engines' last reports are out (dropped after an earlier Stop)
   if (inproc && decode_engine) kv::UnregisterInprocInbox(kInprocAddress);
   if (manager_service) manager_service->Shutdown(deadline);
+  if (inner) inner->server->Wait();
   server.server->Wait();
   return absl::OkStatus();
 }

@@ -1,13 +1,19 @@
 #include "common/grpc_edge.h"
 
 #include <fstream>
+#include <random>
 #include <sstream>
+
+#include <grpcpp/support/client_interceptor.h>
 
 #include <grpcpp/ext/proto_server_reflection_plugin.h>
 #include <grpcpp/health_check_service_interface.h>
 
 #include "absl/strings/match.h"
+#include "absl/strings/ascii.h"
 #include "absl/strings/str_cat.h"
+#include "common/auth.h"
+#include "common/reflection_v1.h"
 #include "common/status_macros.h"
 
 namespace kvgate {
@@ -25,22 +31,58 @@ absl::StatusOr<std::string> ReadPem(const std::string& path, const char* what) {
   return text;
 }
 
-template <typename Context>
-grpc::Status CheckToken(const Context& context, const std::string& token) {
-  if (token.empty()) return grpc::Status::OK;
-  const auto& metadata = context.client_metadata();
-  auto it = metadata.find("authorization");
-  if (it == metadata.end()) {
-    return grpc::Status(grpc::StatusCode::UNAUTHENTICATED, "missing 'authorization: Bearer <token>' metadata");
+// Adds one metadata entry to every call of a channel.
+class AddMetadataInterceptor final : public grpc::experimental::Interceptor {
+ public:
+  AddMetadataInterceptor(const std::string* key, const std::string* value) : key_(key), value_(value) {}
+  void Intercept(grpc::experimental::InterceptorBatchMethods* methods) override {
+    if (methods->QueryInterceptionHookPoint(grpc::experimental::InterceptionHookPoints::PRE_SEND_INITIAL_METADATA)) {
+      methods->GetSendInitialMetadata()->insert({*key_, *value_});
+    }
+    methods->Proceed();
   }
-  const std::string value(it->second.data(), it->second.size());
-  if (value != "Bearer " + token) {
-    return grpc::Status(grpc::StatusCode::UNAUTHENTICATED, "the bearer token is not valid");
+
+ private:
+  const std::string* key_;
+  const std::string* value_;
+};
+
+class AddMetadataFactory final : public grpc::experimental::ClientInterceptorFactoryInterface {
+ public:
+  AddMetadataFactory(std::string key, std::string value) : key_(std::move(key)), value_(std::move(value)) {}
+  grpc::experimental::Interceptor* CreateClientInterceptor(grpc::experimental::ClientRpcInfo*) override {
+    return new AddMetadataInterceptor(&key_, &value_);
   }
-  return grpc::Status::OK;
+
+ private:
+  const std::string key_, value_;
+};
+
+std::vector<std::unique_ptr<grpc::experimental::ClientInterceptorFactoryInterface>> TokenInterceptors(
+    const std::string& token) {
+  std::vector<std::unique_ptr<grpc::experimental::ClientInterceptorFactoryInterface>> out;
+  if (!token.empty()) out.push_back(std::make_unique<AddMetadataFactory>(kInternalTokenKey, token));
+  return out;
 }
 
 }  // namespace
+
+absl::StatusOr<std::string> ReadTokenFile(const std::string& path) {
+  std::ifstream in(path, std::ios::binary);
+  if (!in) return absl::NotFoundError(absl::StrCat("cannot read token file '", path, "'"));
+  std::stringstream buffer;
+  buffer << in.rdbuf();
+  std::string token(absl::StripAsciiWhitespace(buffer.str()));
+  if (token.empty()) return absl::InvalidArgumentError(absl::StrCat("token file '", path, "' is empty"));
+  return token;
+}
+
+std::string RandomToken() {
+  std::random_device rd;
+  std::string out;
+  for (int i = 0; i < 8; ++i) absl::StrAppend(&out, absl::Hex(rd(), absl::kZeroPad8));
+  return out;
+}
 
 absl::StatusOr<std::shared_ptr<grpc::ServerCredentials>> MakeServerCredentials(const TlsOptions& tls) {
   if (!tls.server_enabled()) return grpc::InsecureServerCredentials();
@@ -77,7 +119,10 @@ std::shared_ptr<grpc::Channel> ChannelPool::Get(const std::string& address) {
   std::lock_guard<std::mutex> lock(mu_);
   if (address == kInprocAddress) {
     if (inproc_server_ == nullptr) return nullptr;
-    if (!inproc_channel_) inproc_channel_ = inproc_server_->InProcessChannel(grpc::ChannelArguments());
+    if (!inproc_channel_) {
+      inproc_channel_ = inproc_server_->experimental().InProcessChannelWithInterceptors(grpc::ChannelArguments(),
+                                                                                      TokenInterceptors(internal_token_));
+    }
     return inproc_channel_;
   }
   auto it = channels_.find(address);
@@ -91,16 +136,17 @@ std::shared_ptr<grpc::Channel> ChannelPool::Get(const std::string& address) {
   args.SetInt(GRPC_ARG_INITIAL_RECONNECT_BACKOFF_MS, 100);
   args.SetInt(GRPC_ARG_MIN_RECONNECT_BACKOFF_MS, 100);
   args.SetInt(GRPC_ARG_MAX_RECONNECT_BACKOFF_MS, 1000);
-  auto channel = grpc::CreateCustomChannel(address, credentials_, args);
+  auto channel = grpc::experimental::CreateCustomChannelWithInterceptors(address, credentials_, args,
+                                                                         TokenInterceptors(internal_token_));
   channels_[address] = channel;
   return channel;
 }
 
 grpc::Status CheckBearerToken(const grpc::ServerContext& context, const std::string& token) {
-  return CheckToken(context, token);
+  return CheckClientToken(context, token);
 }
 grpc::Status CheckBearerToken(const grpc::CallbackServerContext& context, const std::string& token) {
-  return CheckToken(context, token);
+  return CheckClientToken(context, token);
 }
 
 absl::StatusOr<StartedServer> StartServer(const ServerSpec& spec) {
@@ -109,24 +155,34 @@ absl::StatusOr<StartedServer> StartServer(const ServerSpec& spec) {
   KVGATE_ASSIGN_OR_RETURN(std::shared_ptr<grpc::ServerCredentials> credentials, MakeServerCredentials(spec.tls));
   grpc::ServerBuilder builder;
   StartedServer started;
-  builder.AddListeningPort(spec.listen_address, credentials, &started.port);
+  const bool listens = !spec.listen_address.empty();
+  if (listens) builder.AddListeningPort(spec.listen_address, credentials, &started.port);
   builder.SetMaxReceiveMessageSize(spec.max_receive_message_bytes);
   // Clients that ping to detect dead peers are welcome.
   builder.AddChannelArgument(GRPC_ARG_HTTP2_MIN_RECV_PING_INTERVAL_WITHOUT_DATA_MS, 500);
   builder.AddChannelArgument(GRPC_ARG_HTTP2_MAX_PING_STRIKES, 0);
   builder.AddChannelArgument(GRPC_ARG_KEEPALIVE_PERMIT_WITHOUT_CALLS, 1);
   for (grpc::Service* service : spec.services) builder.RegisterService(service);
+  std::vector<std::string> listed = spec.service_names;
+  for (const char* name : {"grpc.health.v1.Health", "grpc.reflection.v1alpha.ServerReflection",
+                           "grpc.reflection.v1.ServerReflection"}) {
+    listed.push_back(name);
+  }
+  started.reflection_v1 = MakeReflectionV1Service(std::move(listed));
+  builder.RegisterService(started.reflection_v1.get());
+  started.service_names = spec.service_names;
   started.server = builder.BuildAndStart();
-  if (started.server == nullptr || started.port == 0) {
+  if (started.server == nullptr || (listens && started.port == 0)) {
     return absl::UnavailableError(absl::StrCat("cannot listen on ", spec.listen_address));
   }
-  SetServing(started.server.get(), false);
+  SetServing(started.server.get(), false, started.service_names);
   return started;
 }
 
-void SetServing(grpc::Server* server, bool serving) {
+void SetServing(grpc::Server* server, bool serving, const std::vector<std::string>& service_names) {
   if (server == nullptr || server->GetHealthCheckService() == nullptr) return;
   server->GetHealthCheckService()->SetServingStatus(serving);
+  for (const std::string& name : service_names) server->GetHealthCheckService()->SetServingStatus(name, serving);
 }
 
 }  // namespace kvgate

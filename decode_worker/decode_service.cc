@@ -1,6 +1,7 @@
 #include "decode_worker/decode_service.h"
 
 #include "absl/strings/str_cat.h"
+#include "common/auth.h"
 #include "common/grpc_status.h"
 #include "common/stream_writer.h"
 #include "kv_manager/proto_convert.h"
@@ -22,6 +23,10 @@ v1::GenerateComplete::FinishReason ToProto(engine::FinishReason reason) {
 grpc::ServerWriteReactor<v1::DecodeResponse>* DecodeService::Decode(grpc::CallbackServerContext* context,
                                                                      const v1::DecodeRequest* request) {
   auto* stream = new QueuedStreamWriter<v1::DecodeResponse>();
+  if (grpc::Status auth = CheckInternalToken(*context, internal_token_); !auth.ok()) {
+    stream->Complete(auth);
+    return stream;
+  }
   const v1::Ticket& ticket = request->ticket();
   if (ticket.request_id().empty() || ticket.transfer_id().empty()) {
     stream->Complete(grpc::Status(grpc::StatusCode::INVALID_ARGUMENT, "ticket: request_id and transfer_id are required"));
@@ -94,6 +99,10 @@ grpc::ServerUnaryReactor* DecodeService::AbortRequest(grpc::CallbackServerContex
                                                       const v1::WorkerAbortRequest* request,
                                                       v1::WorkerAbortResponse* response) {
   grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
+  if (grpc::Status auth = CheckInternalToken(*context, internal_token_); !auth.ok()) {
+    reactor->Finish(auth);
+    return reactor;
+  }
   if (request->request_id().empty()) {
     reactor->Finish(grpc::Status(grpc::StatusCode::INVALID_ARGUMENT, "request_id is required"));
     return reactor;

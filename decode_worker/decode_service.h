@@ -18,6 +18,10 @@ class DecodeService final : public v1::DecodeWorker::CallbackService {
   DecodeService(DecodeEngine* engine, std::string worker_id, ProgressReporter report, Metrics* metrics)
       : engine_(engine), worker_id_(std::move(worker_id)), report_(std::move(report)), metrics_(metrics) {}
 
+  // Calls must carry this internal token (common/auth.h); empty: no check (an in-process
+  // server, or mutual TLS in front).
+  void set_internal_token(std::string token) { internal_token_ = std::move(token); }
+
   grpc::ServerWriteReactor<v1::DecodeResponse>* Decode(grpc::CallbackServerContext* context,
                                                         const v1::DecodeRequest* request) override;
   grpc::ServerUnaryReactor* AbortRequest(grpc::CallbackServerContext* context, const v1::WorkerAbortRequest* request,
@@ -28,6 +32,7 @@ class DecodeService final : public v1::DecodeWorker::CallbackService {
   std::string worker_id_;
   ProgressReporter report_;
   Metrics* metrics_;
+  std::string internal_token_;
 };
 
 }  // namespace kvgate::decode

@@ -1,6 +1,7 @@
 #include "prefill_worker/prefill_service.h"
 
 #include "absl/strings/str_cat.h"
+#include "common/auth.h"
 #include "common/grpc_status.h"
 #include "kv_manager/manager/plan_proto.h"
 #include "kv_manager/proto_convert.h"
@@ -10,6 +11,10 @@ namespace kvgate::prefill {
 grpc::ServerUnaryReactor* PrefillService::Prefill(grpc::CallbackServerContext* context,
                                                   const v1::PrefillRequest* request, v1::PrefillResponse* response) {
   grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
+  if (grpc::Status auth = CheckInternalToken(*context, internal_token_); !auth.ok()) {
+    reactor->Finish(auth);
+    return reactor;
+  }
   const v1::Ticket& ticket = request->ticket();
   if (ticket.request_id().empty() || ticket.transfer_id().empty() || ticket.decode().address().empty()) {
     reactor->Finish(grpc::Status(grpc::StatusCode::INVALID_ARGUMENT,
@@ -93,6 +98,10 @@ grpc::ServerUnaryReactor* PrefillService::AbortRequest(grpc::CallbackServerConte
                                                        const v1::WorkerAbortRequest* request,
                                                        v1::WorkerAbortResponse* response) {
   grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
+  if (grpc::Status auth = CheckInternalToken(*context, internal_token_); !auth.ok()) {
+    reactor->Finish(auth);
+    return reactor;
+  }
   if (request->request_id().empty()) {
     reactor->Finish(grpc::Status(grpc::StatusCode::INVALID_ARGUMENT, "request_id is required"));
     return reactor;

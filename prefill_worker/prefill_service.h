@@ -19,6 +19,10 @@ class PrefillService final : public v1::PrefillWorker::CallbackService {
   PrefillService(PrefillEngine* engine, std::string worker_id, ProgressReporter report, Metrics* metrics)
       : engine_(engine), worker_id_(std::move(worker_id)), report_(std::move(report)), metrics_(metrics) {}
 
+  // Calls must carry this internal token (common/auth.h); empty: no check (an in-process
+  // server, or mutual TLS in front).
+  void set_internal_token(std::string token) { internal_token_ = std::move(token); }
+
   grpc::ServerUnaryReactor* Prefill(grpc::CallbackServerContext* context, const v1::PrefillRequest* request,
                                     v1::PrefillResponse* response) override;
   grpc::ServerUnaryReactor* AbortRequest(grpc::CallbackServerContext* context, const v1::WorkerAbortRequest* request,
@@ -29,6 +33,7 @@ class PrefillService final : public v1::PrefillWorker::CallbackService {
   std::string worker_id_;
   ProgressReporter report_;
   Metrics* metrics_;
+  std::string internal_token_;
 };
 
 }  // namespace kvgate::prefill

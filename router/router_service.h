@@ -3,10 +3,23 @@
 // decode workers concurrently, relays the decode stream and keeps the lease alive. It
 // holds no model weights (tokenizer and config only) and no per-request state beyond the
 // calls in flight, so routers scale out.
+//
+// Concurrency: no thread per request. Every call is a callback reactor; the calls to the
+// KV manager and the workers are asynchronous (callback stubs, a ClientReadReactor
+// relaying the decode stream), so a burst of clients holds no threads and cannot starve
+// the internal calls. One ticker thread renews leases and runs the admission queue's
+// timers; one health thread probes the KV manager.
+//
+// Admission: at most max_in_flight admitted requests run at once; the rest wait in a
+// FIFO queue (at most max_queued). A request the KV manager refuses for capacity
+// (RESOURCE_EXHAUSTED) goes back to the head of the queue and is retried when a request
+// ends (or every admission_retry); it sheds with RESOURCE_EXHAUSTED only once it waited
+// queue_timeout (or its own deadline passed). A full queue is RESOURCE_EXHAUSTED at once.
 #pragma once
 
 #include <atomic>
 #include <condition_variable>
+#include <deque>
 #include <map>
 #include <memory>
 #include <mutex>
@@ -33,6 +46,12 @@ struct RouterOptions {
   std::string backend;            // reported by GetServerInfo (the workers' backend)
   std::string version = "0.4.0";
   int32_t health_interval_ms = 250;
+  // Admission (file comment).
+  int32_t max_in_flight = 64;      // admitted requests running at once
+  int32_t max_queued = 4096;       // requests waiting for admission
+  absl::Duration queue_timeout = absl::Seconds(30);     // longest wait for admission
+  absl::Duration admission_retry = absl::Milliseconds(100);  // retry after RESOURCE_EXHAUSTED
+  absl::Duration manager_timeout = absl::Seconds(5);    // deadline of one KV manager call
 };
 
 class RouterService final : public v1::Inference::CallbackService {
@@ -45,10 +64,13 @@ class RouterService final : public v1::Inference::CallbackService {
   // Where the KV manager is, when only known after this server bound its port (a `serve`
   // whose roles talk over tcp). Call before StartHealth.
   void SetManagerAddress(std::string address) { options_.manager_address = std::move(address); }
-  // Starts probing the KV manager; `set_serving` gets the router's health on changes.
+  // Starts probing the KV manager and the ticker; `set_serving` gets the router's health
+  // on changes: SERVING while the manager answers and knows a live prefill and decode
+  // worker.
   void StartHealth(std::function<void(bool)> set_serving);
-  // Fails new requests with UNAVAILABLE, ends the streams in flight by `deadline`
-  // (cancelling them after it) and stops the health probe.
+  // Fails new and queued requests with UNAVAILABLE, lets the streams in flight finish
+  // until `deadline` and ends the rest then with UNAVAILABLE (a hard limit), and stops
+  // the threads.
   void Shutdown(absl::Time deadline = absl::Now());
   bool manager_reachable() const { return manager_reachable_.load(); }
 
@@ -62,12 +84,36 @@ class RouterService final : public v1::Inference::CallbackService {
                                           const v1::GetServerInfoRequest* request, v1::ServerInfo* response) override;
 
  private:
-  struct InFlight;
+  struct Call;
+  class DecodeRelay;
   RouterService(RouterOptions options, ChannelPool* channels, Metrics* metrics)
       : options_(std::move(options)), channels_(channels), metrics_(metrics) {}
-  void Serve(std::shared_ptr<InFlight> call);
-  grpc::Status Run(const std::shared_ptr<InFlight>& call);
-  kv::KvManagerClient Manager() const;
+
+  std::unique_ptr<v1::KvManager::Stub> ManagerStub() const;
+  // Admission queue.
+  void Enqueue(const std::shared_ptr<Call>& call);
+  void Dispatch();
+  void StartAdmit(const std::shared_ptr<Call>& call);
+  void OnAdmitted(const std::shared_ptr<Call>& call, grpc::Status status);
+  void StartWorkers(const std::shared_ptr<Call>& call);
+  // Ends the call once both worker calls are done.
+  void MaybeFinish(const std::shared_ptr<Call>& call);
+  // Completes the client stream with `status` and forgets the call.
+  void Complete(const std::shared_ptr<Call>& call, grpc::Status status, bool was_running);
+  void OnClientGone(const std::shared_ptr<Call>& call);
+  // Fire-and-forget KV manager calls (Finish, Abort, RenewLease), counted so that
+  // Shutdown waits for them.
+  void SideFinish(const std::string& request_id, v1::RequestState::Phase phase);
+  void SideAbort(const std::string& request_id);
+  void SideRenew(const std::string& lease_id);
+  struct SideCalls {
+    std::mutex mu;
+    std::condition_variable idle;
+    int32_t count = 0;
+    void Add();
+    void Done();
+  };
+  void Tick();
 
   RouterOptions options_;
   ChannelPool* channels_;
@@ -75,13 +121,19 @@ class RouterService final : public v1::Inference::CallbackService {
   std::unique_ptr<engine::Tokenizer> tokenizer_;
   engine::ModelConfig config_;
   std::atomic<bool> manager_reachable_{false};
+
   std::mutex mu_;
   std::condition_variable changed_;
   bool stopping_ = false;
-  std::map<std::string, std::shared_ptr<InFlight>> in_flight_;  // by request id
-  int32_t running_ = 0;  // request threads alive (detached; counted for Shutdown)
+  bool threads_stopped_ = false;
+  std::map<std::string, std::shared_ptr<Call>> in_flight_;  // by request id: queued and running
+  std::deque<std::shared_ptr<Call>> queue_;                  // waiting for admission, FIFO
+  int32_t running_ = 0;        // calls past the queue (admitting or running)
+  bool capacity_blocked_ = false;  // the manager refused for capacity; wait for a release
+  absl::Time blocked_since_;
+  const std::shared_ptr<SideCalls> side_ = std::make_shared<SideCalls>();  // fire-and-forget calls in flight
   std::thread health_;
-  std::atomic<int64_t> next_id_{0};
+  std::thread ticker_;
 };
 
 }  // namespace kvgate::router

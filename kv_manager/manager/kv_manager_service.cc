@@ -4,6 +4,7 @@
 #include <utility>
 #include <vector>
 
+#include "common/auth.h"
 #include "common/grpc_status.h"
 #include "kvgate/v1/worker.grpc.pb.h"
 
@@ -44,6 +45,10 @@ grpc::ServerUnaryReactor* KvManagerService::RegisterWorker(grpc::CallbackServerC
                                                            const v1::RegisterWorkerRequest* request,
                                                            v1::RegisterWorkerResponse* response) {
   grpc::ServerUnaryReactor* reactor = ctx->DefaultReactor();
+  if (grpc::Status auth = CheckInternalToken(*ctx, options_.internal_token); !auth.ok()) {
+    reactor->Finish(auth);
+    return reactor;
+  }
   absl::StatusOr<v1::RegisterWorkerResponse> r = state_->RegisterWorker(*request);
   if (r.ok()) *response = *std::move(r);
   reactor->Finish(ToGrpcStatus(r.status()));
@@ -54,6 +59,10 @@ grpc::ServerUnaryReactor* KvManagerService::Heartbeat(grpc::CallbackServerContex
                                                       const v1::HeartbeatRequest* request,
                                                       v1::HeartbeatResponse* response) {
   grpc::ServerUnaryReactor* reactor = ctx->DefaultReactor();
+  if (grpc::Status auth = CheckInternalToken(*ctx, options_.internal_token); !auth.ok()) {
+    reactor->Finish(auth);
+    return reactor;
+  }
   absl::StatusOr<v1::HeartbeatResponse> r = state_->Heartbeat(*request);
   if (r.ok()) *response = *std::move(r);
   reactor->Finish(ToGrpcStatus(r.status()));
@@ -63,6 +72,10 @@ grpc::ServerUnaryReactor* KvManagerService::Heartbeat(grpc::CallbackServerContex
 grpc::ServerUnaryReactor* KvManagerService::Admit(grpc::CallbackServerContext* ctx, const v1::AdmitRequest* request,
                                                   v1::Ticket* response) {
   grpc::ServerUnaryReactor* reactor = ctx->DefaultReactor();
+  if (grpc::Status auth = CheckInternalToken(*ctx, options_.internal_token); !auth.ok()) {
+    reactor->Finish(auth);
+    return reactor;
+  }
   absl::StatusOr<v1::Ticket> r = state_->Admit(*request);
   if (r.ok()) *response = *std::move(r);
   reactor->Finish(ToGrpcStatus(r.status()));
@@ -73,6 +86,10 @@ grpc::ServerUnaryReactor* KvManagerService::RenewLease(grpc::CallbackServerConte
                                                        const v1::RenewLeaseRequest* request,
                                                        v1::RenewLeaseResponse* response) {
   grpc::ServerUnaryReactor* reactor = ctx->DefaultReactor();
+  if (grpc::Status auth = CheckInternalToken(*ctx, options_.internal_token); !auth.ok()) {
+    reactor->Finish(auth);
+    return reactor;
+  }
   absl::StatusOr<v1::RenewLeaseResponse> r = state_->RenewLease(*request);
   if (r.ok()) *response = *std::move(r);
   reactor->Finish(ToGrpcStatus(r.status()));
@@ -83,6 +100,10 @@ grpc::ServerUnaryReactor* KvManagerService::ReportProgress(grpc::CallbackServerC
                                                            const v1::ProgressReport* request,
                                                            v1::ProgressAck* response) {
   grpc::ServerUnaryReactor* reactor = ctx->DefaultReactor();
+  if (grpc::Status auth = CheckInternalToken(*ctx, options_.internal_token); !auth.ok()) {
+    reactor->Finish(auth);
+    return reactor;
+  }
   absl::StatusOr<ManagerState::ProgressResult> r = state_->ReportProgress(*request);
   if (r.ok()) {
     *response = r->ack;
@@ -95,6 +116,10 @@ grpc::ServerUnaryReactor* KvManagerService::ReportProgress(grpc::CallbackServerC
 grpc::ServerUnaryReactor* KvManagerService::Finish(grpc::CallbackServerContext* ctx, const v1::FinishRequest* request,
                                                    v1::FinishResponse* response) {
   grpc::ServerUnaryReactor* reactor = ctx->DefaultReactor();
+  if (grpc::Status auth = CheckInternalToken(*ctx, options_.internal_token); !auth.ok()) {
+    reactor->Finish(auth);
+    return reactor;
+  }
   absl::StatusOr<ManagerState::FinishResult> r = state_->Finish(*request);
   if (r.ok() && r->abort.has_value()) Enqueue(*r->abort);
   reactor->Finish(ToGrpcStatus(r.status()));
@@ -104,6 +129,10 @@ grpc::ServerUnaryReactor* KvManagerService::Finish(grpc::CallbackServerContext* 
 grpc::ServerUnaryReactor* KvManagerService::Abort(grpc::CallbackServerContext* ctx, const v1::AbortRequest* request,
                                                   v1::AbortResponse* response) {
   grpc::ServerUnaryReactor* reactor = ctx->DefaultReactor();
+  if (grpc::Status auth = CheckInternalToken(*ctx, options_.internal_token); !auth.ok()) {
+    reactor->Finish(auth);
+    return reactor;
+  }
   absl::StatusOr<ManagerState::AbortResult> r = state_->Abort(*request);
   if (r.ok()) {
     response->set_was_running(r->was_running);
@@ -117,6 +146,10 @@ grpc::ServerUnaryReactor* KvManagerService::GetServerInfo(grpc::CallbackServerCo
                                                           const v1::GetServerInfoRequest* request,
                                                           v1::ServerInfo* response) {
   grpc::ServerUnaryReactor* reactor = ctx->DefaultReactor();
+  if (grpc::Status auth = CheckInternalToken(*ctx, options_.internal_token); !auth.ok()) {
+    reactor->Finish(auth);
+    return reactor;
+  }
   *response = state_->GetServerInfo();
   reactor->Finish(grpc::Status::OK);
   return reactor;

@@ -45,6 +45,9 @@ struct KvManagerServiceOptions {
   // spaced by abort_retry_backoff (doubling).
   int32_t abort_attempts = 3;
   absl::Duration abort_retry_backoff = absl::Milliseconds(200);
+  // Every call must carry this internal token (common/auth.h); empty: no check (the
+  // in-process server of `kvgate serve`, or mutual TLS in front).
+  std::string internal_token;
 };
 
 struct FanoutStats {

@@ -147,7 +147,12 @@ bool ManagerState::Live(const Worker& w, absl::Time now) const {
 }
 
 std::string ManagerState::NextId(const char* kind) {
-  return absl::StrCat(instance_id_, "-", kind, ++next_id_);
+  // 128 random bits: a transfer or lease id is a capability (whoever knows it may renew
+  // the lease or push the transfer), so it must not be guessable from earlier ones.
+  ++next_id_;
+  std::string out = absl::StrCat(instance_id_, "-", kind, "-");
+  for (int i = 0; i < 4; ++i) absl::StrAppend(&out, absl::Hex(random_(), absl::kZeroPad8));
+  return out;
 }
 
 void ManagerState::Count(Phase phase) {
@@ -637,6 +642,14 @@ v1::ServerInfo ManagerState::GetServerInfo() const {
   info.add_roles("kv_manager");
   const std::map<std::string, int64_t> outstanding = OutstandingByDecodeWorker();
   int64_t pages_total = 0, pages_free = 0;
+  int32_t prefill_workers = 0, decode_workers = 0;
+  for (const auto& [id, w] : workers_) {
+    if (!Live(w, now) || !w.info.capacity().serving()) continue;
+    if (w.info.role() == v1::PREFILL) ++prefill_workers;
+    if (w.info.role() == v1::DECODE) ++decode_workers;
+  }
+  info.set_prefill_workers(prefill_workers);
+  info.set_decode_workers(decode_workers);
   for (const auto& [id, w] : workers_) {
     if (w.info.role() != v1::DECODE || !Live(w, now)) continue;
     pages_total += w.info.capacity().kv_pages_total();

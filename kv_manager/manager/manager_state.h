@@ -33,6 +33,7 @@
 #include <memory>
 #include <mutex>
 #include <optional>
+#include <random>
 #include <string>
 #include <vector>
 
@@ -256,6 +257,7 @@ class ManagerState {
   // the request on its live workers except `skip_worker_id`.
   AbortOrder End(Request& r, v1::RequestState::Phase phase, const std::string& reason,
                  const std::string& skip_worker_id, absl::Time now);
+  // "<instance>-<kind>-<128 random bits in hex>"; mu_ held.
   std::string NextId(const char* kind);
   void Count(v1::RequestState::Phase phase);
 
@@ -268,6 +270,7 @@ class ManagerState {
   std::map<std::string, Request> requests_;
   std::map<std::string, std::string> leases_;  // lease_id -> request_id
   int64_t next_id_ = 0;
+  std::random_device random_;  // the OS's generator (getrandom), for ids
   int64_t next_order_ = 0;
   ManagerTotals totals_;
 };

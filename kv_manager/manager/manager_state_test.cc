@@ -16,6 +16,8 @@
 
 #include <gtest/gtest.h>
 
+#include <regex>
+
 namespace kvgate::kv {
 namespace {
 
@@ -185,8 +187,9 @@ TEST_F(ManagerStateTest, CompressedRequestFitsWhereFullDoesNot) {
   EXPECT_EQ(t.lease_ttl_ms(), 2000);
   EXPECT_EQ(t.prompt_tokens(), 1000);
   EXPECT_EQ(t.max_tokens(), 24);
-  EXPECT_FALSE(t.transfer_id().empty());
-  EXPECT_FALSE(t.lease_id().empty());
+  // Unguessable: the instance, the kind, then 128 random bits (32 hex digits).
+  EXPECT_TRUE(std::regex_match(t.transfer_id(), std::regex("test-t-[0-9a-f]{32}"))) << t.transfer_id();
+  EXPECT_TRUE(std::regex_match(t.lease_id(), std::regex("test-l-[0-9a-f]{32}"))) << t.lease_id();
   EXPECT_EQ(EffectiveFree("d1"), 200 - kSnapkvPages);
   EXPECT_EQ(state_->totals().rejected, 1);
   EXPECT_EQ(state_->totals().admitted, 1);

@@ -12,6 +12,7 @@
 #include <vector>
 
 #include "absl/strings/str_cat.h"
+#include "common/auth.h"
 #include "common/grpc_status.h"
 #include "kv_manager/transport/handoff_proto.h"
 #include "kv_manager/transport/tcp_transport.h"
@@ -93,6 +94,10 @@ class PushReactor final : public grpc::ServerReadReactor<v1::KvTransferChunk> {
 
   absl::Status OnLayer(const v1::KvLayerChunk& chunk) {
     if (!have_header_) return absl::InvalidArgumentError("kv transfer chunk before the header");
+    if (absl::Status alive = inbox_->Touch(transfer_id_); !alive.ok()) {
+      reserved_ = false;
+      return alive;
+    }
     const int32_t layer = chunk.layer();
     if (layer < 0 || layer >= handoff_.num_layers) {
       return absl::InvalidArgumentError(
@@ -176,23 +181,33 @@ class PushReactor final : public grpc::ServerReadReactor<v1::KvTransferChunk> {
   int64_t total_received_ = 0;
 };
 
+// Refuses a stream that lacks the internal token, before reading anything.
+class RefusedPush final : public grpc::ServerReadReactor<v1::KvTransferChunk> {
+ public:
+  explicit RefusedPush(grpc::Status status) { Finish(std::move(status)); }
+  void OnDone() override { delete this; }
+};
+
 class KvTransferService final : public v1::KvTransfer::CallbackService {
  public:
-  explicit KvTransferService(KvInbox* inbox) : inbox_(inbox) {}
+  KvTransferService(KvInbox* inbox, std::string internal_token)
+      : inbox_(inbox), internal_token_(std::move(internal_token)) {}
 
   grpc::ServerReadReactor<v1::KvTransferChunk>* Push(grpc::CallbackServerContext* context,
                                                      v1::KvTransferAck* ack) override {
+    if (grpc::Status auth = CheckInternalToken(*context, internal_token_); !auth.ok()) return new RefusedPush(auth);
     return new PushReactor(inbox_, context, ack);
   }
 
  private:
   KvInbox* const inbox_;
+  const std::string internal_token_;
 };
 
 }  // namespace
 
-std::unique_ptr<grpc::Service> MakeKvTransferService(KvInbox* inbox) {
-  return std::make_unique<KvTransferService>(inbox);
+std::unique_ptr<grpc::Service> MakeKvTransferService(KvInbox* inbox, std::string internal_token) {
+  return std::make_unique<KvTransferService>(inbox, std::move(internal_token));
 }
 
 }  // namespace kvgate::kv

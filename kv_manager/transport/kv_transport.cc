@@ -18,11 +18,35 @@ void KvInbox::RecentIds::Add(const std::string& id) {
   }
 }
 
+void KvInbox::ExpireLocked() const {
+  if (unclaimed_ttl_ == absl::InfiniteDuration() || since_.empty()) return;
+  const absl::Time now = clock_();
+  for (auto it = since_.begin(); it != since_.end();) {
+    const std::string& id = it->first;
+    if (now - it->second < unclaimed_ttl_ || waiters_.count(id) > 0) {
+      ++it;
+      continue;
+    }
+    if (auto d = delivered_.find(id); d != delivered_.end()) {
+      bytes_ -= d->second.PayloadBytes();
+      delivered_.erase(d);
+    }
+    if (auto r = reserved_.find(id); r != reserved_.end()) {
+      bytes_ -= r->second;
+      reserved_.erase(r);
+    }
+    cancelled_.Add(id);
+    ++expired_;
+    it = since_.erase(it);
+  }
+}
+
 absl::Status KvInbox::Deliver(KvHandoff handoff) {
   const std::string id = handoff.transfer_id;
   if (id.empty()) return absl::InvalidArgumentError("kv transfer without a transfer id");
   const int64_t bytes = handoff.PayloadBytes();
   std::lock_guard<std::mutex> lock(mu_);
+  ExpireLocked();
   if (cancelled_.contains(id)) return absl::CancelledError(absl::StrCat("kv transfer ", id, " was cancelled"));
   if (delivered_.count(id) > 0 || taken_.contains(id)) {
     return absl::AlreadyExistsError(absl::StrCat("kv transfer ", id, " was delivered before"));
@@ -36,6 +60,7 @@ absl::Status KvInbox::Deliver(KvHandoff handoff) {
   bytes_ += bytes - held;
   if (reservation != reserved_.end()) reserved_.erase(reservation);
   delivered_.emplace(id, std::move(handoff));
+  since_[id] = clock_();
   changed_.notify_all();
   return absl::OkStatus();
 }
@@ -44,6 +69,7 @@ absl::Status KvInbox::Reserve(const std::string& transfer_id, int64_t bytes) {
   if (transfer_id.empty()) return absl::InvalidArgumentError("kv transfer without a transfer id");
   if (bytes < 0) return absl::InvalidArgumentError(absl::StrCat("reservation of ", bytes, " bytes"));
   std::lock_guard<std::mutex> lock(mu_);
+  ExpireLocked();
   if (cancelled_.contains(transfer_id)) {
     return absl::CancelledError(absl::StrCat("kv transfer ", transfer_id, " was cancelled"));
   }
@@ -56,8 +82,25 @@ absl::Status KvInbox::Reserve(const std::string& transfer_id, int64_t bytes) {
                                                      " bytes held"));
   }
   reserved_.emplace(transfer_id, bytes);
+  since_[transfer_id] = clock_();
   bytes_ += bytes;
   return absl::OkStatus();
+}
+
+absl::Status KvInbox::Touch(const std::string& transfer_id) {
+  std::lock_guard<std::mutex> lock(mu_);
+  ExpireLocked();
+  if (reserved_.count(transfer_id) == 0) {
+    return absl::CancelledError(absl::StrCat("kv transfer ", transfer_id, " was cancelled or expired unclaimed"));
+  }
+  since_[transfer_id] = clock_();
+  return absl::OkStatus();
+}
+
+int64_t KvInbox::expired() const {
+  std::lock_guard<std::mutex> lock(mu_);
+  ExpireLocked();
+  return expired_;
 }
 
 void KvInbox::Unreserve(const std::string& transfer_id) {
@@ -66,6 +109,7 @@ void KvInbox::Unreserve(const std::string& transfer_id) {
   if (it == reserved_.end()) return;
   bytes_ -= it->second;
   reserved_.erase(it);
+  since_.erase(transfer_id);
 }
 
 absl::StatusOr<KvHandoff> KvInbox::Await(const std::string& transfer_id, absl::Time deadline) {
@@ -86,6 +130,7 @@ absl::StatusOr<KvHandoff> KvInbox::Await(const std::string& transfer_id, absl::T
     if (it != delivered_.end()) {
       KvHandoff handoff = std::move(it->second);
       delivered_.erase(it);
+      since_.erase(transfer_id);
       bytes_ -= handoff.PayloadBytes();
       taken_.Add(transfer_id);
       return handoff;
@@ -113,6 +158,7 @@ bool KvInbox::Cancel(const std::string& transfer_id) {
     held = true;
   }
   if (waiters_.count(transfer_id) > 0) held = true;
+  since_.erase(transfer_id);
   cancelled_.Add(transfer_id);
   changed_.notify_all();
   return held;
@@ -120,11 +166,13 @@ bool KvInbox::Cancel(const std::string& transfer_id) {
 
 int32_t KvInbox::pending() const {
   std::lock_guard<std::mutex> lock(mu_);
+  ExpireLocked();
   return static_cast<int32_t>(delivered_.size());
 }
 
 int64_t KvInbox::pending_bytes() const {
   std::lock_guard<std::mutex> lock(mu_);
+  ExpireLocked();
   return bytes_;
 }
 

@@ -11,6 +11,7 @@
 #include <condition_variable>
 #include <cstdint>
 #include <deque>
+#include <functional>
 #include <map>
 #include <memory>
 #include <mutex>
@@ -26,10 +27,21 @@ namespace kvgate::kv {
 
 // Transfers that have arrived at a decode worker, waiting for their Decode call.
 // Thread-safe. Memory is bounded: handoffs held at once may total at most
-// max_pending_bytes (payload bytes).
+// max_pending_bytes (payload bytes). Unclaimed transfers expire: a delivered handoff that
+// no Await took within unclaimed_ttl of its delivery, and a reservation whose stream made
+// no progress (Touch) for unclaimed_ttl, are dropped and their id refused from then on
+// (as if cancelled). Expiry is checked on every Deliver, Reserve, Touch and pending*().
 class KvInbox {
  public:
-  explicit KvInbox(int64_t max_pending_bytes) : max_pending_bytes_(max_pending_bytes) {}
+  static constexpr absl::Duration kDefaultUnclaimedTtl = absl::Seconds(60);
+  explicit KvInbox(int64_t max_pending_bytes, absl::Duration unclaimed_ttl = kDefaultUnclaimedTtl,
+                   std::function<absl::Time()> clock = &absl::Now)
+      : max_pending_bytes_(max_pending_bytes), unclaimed_ttl_(unclaimed_ttl), clock_(std::move(clock)) {}
+
+  void set_unclaimed_ttl(absl::Duration ttl) {
+    std::lock_guard<std::mutex> lock(mu_);
+    unclaimed_ttl_ = ttl;
+  }
 
   // Takes a complete, validated handoff. ALREADY_EXISTS for a transfer id delivered
   // before (held, or already taken by Await: ids are remembered for the most recent
@@ -45,6 +57,9 @@ class KvInbox {
   absl::Status Reserve(const std::string& transfer_id, int64_t bytes);
   // Gives back a reservation whose data never completed; a no-op when none is held.
   void Unreserve(const std::string& transfer_id);
+  // The reservation's stream made progress: its expiry starts again. CANCELLED when the
+  // reservation is gone (cancelled, or expired unclaimed): the stream should end.
+  absl::Status Touch(const std::string& transfer_id);
   // Waits for the transfer and removes it from the inbox. DEADLINE_EXCEEDED at
   // `deadline`; CANCELLED when Cancel was called for it (before or while waiting).
   absl::StatusOr<KvHandoff> Await(const std::string& transfer_id, absl::Time deadline);
@@ -55,13 +70,23 @@ class KvInbox {
   int32_t pending() const;         // handoffs delivered and not yet awaited
   int64_t pending_bytes() const;   // their payload bytes plus reservations
   int32_t waiting() const;         // Await calls in progress
+  int64_t expired() const;         // transfers and reservations dropped unclaimed so far
 
  private:
+  // Drops what expired; mu_ held.
+  void ExpireLocked() const;
+
   const int64_t max_pending_bytes_;
+  absl::Duration unclaimed_ttl_;
+  const std::function<absl::Time()> clock_;
   mutable std::mutex mu_;
   std::condition_variable changed_;
-  std::map<std::string, KvHandoff> delivered_;
-  std::map<std::string, int64_t> reserved_;
+  // Mutable: the const views expire entries too.
+  mutable std::map<std::string, KvHandoff> delivered_;
+  mutable std::map<std::string, int64_t> reserved_;
+  // When each delivered handoff arrived / each reservation last made progress.
+  mutable std::map<std::string, absl::Time> since_;
+  mutable int64_t expired_ = 0;
   // Transfer ids that must not be taken again, remembered for the most recent
   // kRememberedIds each: the oldest are forgotten.
   struct RecentIds {
@@ -71,10 +96,10 @@ class KvInbox {
     void Add(const std::string& id);
   };
   static constexpr size_t kRememberedIds = 4096;
-  RecentIds cancelled_;  // Cancel was called
+  mutable RecentIds cancelled_;  // Cancel was called, or the transfer expired
   RecentIds taken_;      // delivered and awaited: a later delivery is a duplicate
   std::map<std::string, int> waiters_;
-  int64_t bytes_ = 0;
+  mutable int64_t bytes_ = 0;
 };
 
 class KvSender {

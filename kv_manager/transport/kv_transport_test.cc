@@ -159,6 +159,32 @@ TEST(KvInboxTest, ReservationFlow) {
   EXPECT_EQ(inbox.Deliver(late).code(), absl::StatusCode::kCancelled);
 }
 
+// A transfer nobody claims (a Push with no Decode behind it) and a reservation whose
+// stream stalls are dropped after the TTL, their bytes freed and their ids refused; a
+// transfer somebody waits for never expires. The clock is moved by hand.
+TEST(KvInboxTest, UnclaimedTransfersExpire) {
+  absl::Time now = absl::FromUnixSeconds(1000);
+  const KvHandoff stray = CodedTransfer("stray", 5, /*masks=*/false, /*scores=*/false);
+  const int64_t bytes = stray.PayloadBytes();
+  KvInbox inbox(2 * bytes + 10, absl::Seconds(60), [&now] { return now; });
+  ASSERT_TRUE(inbox.Deliver(stray).ok());
+  ASSERT_TRUE(inbox.Reserve("stalled", bytes).ok());
+  // Full: a third transfer does not fit.
+  EXPECT_EQ(inbox.Reserve("real", bytes).code(), absl::StatusCode::kResourceExhausted);
+  now += absl::Seconds(59);
+  EXPECT_TRUE(inbox.Touch("stalled").ok());  // progress restarts its clock
+  now += absl::Seconds(2);              // "stray" is 61 s old, "stalled" 2 s since progress
+  ASSERT_TRUE(inbox.Reserve("real", bytes).ok()) << "the unclaimed transfer still holds its bytes";
+  EXPECT_EQ(inbox.pending(), 0);
+  EXPECT_EQ(inbox.expired(), 1);
+  EXPECT_EQ(inbox.Await("stray", absl::InfiniteFuture()).status().code(), absl::StatusCode::kCancelled);
+  EXPECT_EQ(inbox.Deliver(stray).code(), absl::StatusCode::kCancelled) << "an expired id came back";
+  now += absl::Seconds(60);
+  EXPECT_EQ(inbox.Touch("stalled").code(), absl::StatusCode::kCancelled) << "a stalled reservation outlived the TTL";
+  EXPECT_EQ(inbox.expired(), 3);  // "real" made no progress either
+  EXPECT_EQ(inbox.pending_bytes(), 0);
+}
+
 TEST(KvInboxTest, ManyThreadsDeliverAndAwait) {
   KvInbox inbox(int64_t{1} << 30);
   constexpr int kTransfers = 64;

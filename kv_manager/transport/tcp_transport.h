@@ -40,7 +40,8 @@ std::unique_ptr<KvSender> MakeTcpSender(ChannelFactory channels, int64_t chunk_b
 // offset out of range or out of order, a malformed header or handoff are
 // INVALID_ARGUMENT; a CRC mismatch or data missing at the trailer is DATA_LOSS; the
 // inbox's RESOURCE_EXHAUSTED / CANCELLED / ALREADY_EXISTS pass through. Any error or a
-// cancelled stream gives the reservation back.
-std::unique_ptr<grpc::Service> MakeKvTransferService(KvInbox* inbox);
+// cancelled stream gives the reservation back. A non-empty `internal_token` is required on
+// every stream (common/auth.h; UNAUTHENTICATED before anything is reserved).
+std::unique_ptr<grpc::Service> MakeKvTransferService(KvInbox* inbox, std::string internal_token = "");
 
 }  // namespace kvgate::kv

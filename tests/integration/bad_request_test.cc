@@ -164,7 +164,7 @@ TEST_F(BadRequestTest, AbortOfARunningRequestEndsItsStreamWithAborted) {
   grpc::Status second = Abort(c.request_id, &again);
   EXPECT_TRUE(second.ok()) << ToString(second);
   EXPECT_FALSE(again);
-  absl::StatusOr<v1::ServerInfo> info = WaitServerInfo(stub(), Idle, absl::Seconds(1), kToken);
+  absl::StatusOr<v1::ServerInfo> info = WaitServerInfo(stub(), Idle, absl::Seconds(1), kToken, {c.request_id});
   ASSERT_TRUE(info.ok()) << info.status();
   EXPECT_TRUE(Idle(*info)) << Describe(*info);
   EXPECT_EQ(PhaseOf(*info, c.request_id), v1::RequestState::ABORTED) << Describe(*info);

@@ -42,7 +42,7 @@ class CancelTest : public ::testing::Test {
         [&](const v1::ServerInfo& i) {
           return Idle(i) && i.kv_pages_free() == initial_.kv_pages_free() && Ended(PhaseOf(i, request_id));
         },
-        std::max(absl::ZeroDuration(), since + absl::Seconds(1) - absl::Now()));
+        std::max(absl::ZeroDuration(), since + absl::Seconds(1) - absl::Now()), "", {request_id});
     EXPECT_TRUE(info.ok()) << info.status();
     return info.ok() ? *info : v1::ServerInfo();
   }

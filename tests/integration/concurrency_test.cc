@@ -67,6 +67,9 @@ TEST(ConcurrencyTest, SixtyFourMixedStreamsLoseNothingAndReleaseEverything) {
       // Half the streams share the deployment's channel (HTTP/2 streams of one
       // connection), half open their own connection.
       std::shared_ptr<grpc::Channel> channel = i % 2 == 0 ? d.channel() : Connect(d.address());
+      // Connected before the streams start: the test's channels give up on a handshake
+      // after 100 ms, which a CPU saturated by 64 streams can miss.
+      (void)channel->WaitForConnected(absl::ToChronoTime(absl::Now() + absl::Seconds(20)));
       auto stub = v1::Inference::NewStub(channel);
       ready.fetch_add(1);
       while (ready.load() < kStreams) std::this_thread::yield();

@@ -33,6 +33,7 @@ Case ShortCase(const std::string& request_id) {
 absl::StatusOr<v1::ServerInfo> ManagerServerInfo(v1::KvManager::Stub& manager) {
   grpc::ClientContext ctx;
   ctx.set_deadline(absl::ToChronoTime(absl::Now() + absl::Seconds(2)));
+  ctx.AddMetadata("kvgate-internal-token", InternalToken());  // the manager is internal
   v1::ServerInfo info;
   grpc::Status s = manager.GetServerInfo(&ctx, v1::GetServerInfoRequest(), &info);
   if (!s.ok()) return absl::UnavailableError(ToString(s));
@@ -98,6 +99,18 @@ TEST(WorkerFailureTest, KilledDecodeWorkerFailsTheStreamAndReleasesTheLease) {
   EXPECT_TRUE(drained) << "prefill pages used: " << (prefill_pages ? std::to_string(*prefill_pages) : "absent");
   EXPECT_FALSE(d.prefill()->Exited()) << d.Logs();
   EXPECT_FALSE(d.router().Exited()) << d.Logs();
+
+  // Requests cannot be served without a decode worker: the router says so (once the
+  // manager drops the worker, after --worker-timeout-ms 2 s).
+  absl::StatusOr<int> health;
+  const bool not_serving = PollUntil(
+      [&] {
+        health = HealthStatus(d.channel(), absl::Milliseconds(500), "kvgate.v1.Inference");
+        return health.ok() && *health == kNotServing;
+      },
+      absl::Seconds(6));
+  EXPECT_TRUE(not_serving) << "router health with its only decode worker dead: "
+                           << (health.ok() ? std::to_string(*health) : health.status().ToString());
 }
 
 TEST(ManagerFailureTest, RouterTurnsNotServingAndRecoversWhenTheManagerReturns) {

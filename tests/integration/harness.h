@@ -33,6 +33,11 @@ inline constexpr uint64_t kGateSeed = 7;
 
 std::string ModelDir();  // the TinyStories checkpoint
 
+// The components' internal token of split deployments (written to InternalTokenFile(),
+// passed as --internal-token-file to every process of a split deployment).
+const std::string& InternalToken();
+const std::string& InternalTokenFile();
+
 // ---- Deployments ----------------------------------------------------------------------
 
 struct DeploymentOptions {
@@ -48,6 +53,8 @@ struct DeploymentOptions {
   std::shared_ptr<grpc::ChannelCredentials> credentials;
   // Wait until every process's health is SERVING and the decode pool is visible.
   bool wait_ready = true;
+  // The client token the readiness poll sends (else the value of a --token flag above).
+  std::string token;
 };
 
 class Deployment {
@@ -111,7 +118,9 @@ CallOptions Within(absl::Duration timeout, std::string token = "");
 // One Generate call read to its end.
 StreamResult Generate(v1::Inference::Stub& stub, const v1::GenerateRequest& request, const CallOptions& options = {});
 
-absl::StatusOr<v1::ServerInfo> GetServerInfo(v1::Inference::Stub& stub, const std::string& token = "");
+// `request_ids`: the requests whose state ServerInfo.requests should carry.
+absl::StatusOr<v1::ServerInfo> GetServerInfo(v1::Inference::Stub& stub, const std::string& token = "",
+                                             const std::vector<std::string>& request_ids = {});
 absl::StatusOr<v1::ModelInfo> GetModelInfo(v1::Inference::Stub& stub, const std::string& token = "");
 
 // Polls `predicate` every 20 ms until it holds (true) or `timeout` passed (false).
@@ -121,7 +130,8 @@ bool PollUntil(const std::function<bool()>& predicate, absl::Duration timeout);
 // one seen (or the last error).
 absl::StatusOr<v1::ServerInfo> WaitServerInfo(v1::Inference::Stub& stub,
                                               const std::function<bool(const v1::ServerInfo&)>& predicate,
-                                              absl::Duration timeout, const std::string& token = "");
+                                              absl::Duration timeout, const std::string& token = "",
+                                              const std::vector<std::string>& request_ids = {});
 
 // A request's phase in ServerInfo.requests (PHASE_UNSPECIFIED when absent).
 v1::RequestState::Phase PhaseOf(const v1::ServerInfo& info, const std::string& request_id);
@@ -129,14 +139,16 @@ v1::RequestState::Phase PhaseOf(const v1::ServerInfo& info, const std::string& r
 bool Idle(const v1::ServerInfo& info);
 std::string Describe(const v1::ServerInfo& info);  // counters and request phases
 
-// grpc.health.v1.Health/Check of the whole server (""): 1 SERVING, 2 NOT_SERVING; a
-// failed call returns its status.
-absl::StatusOr<int> HealthStatus(const std::shared_ptr<grpc::Channel>& channel, absl::Duration timeout);
+// grpc.health.v1.Health/Check of the whole server ("") or of `service`: 1 SERVING,
+// 2 NOT_SERVING; a failed call returns its status (NOT_FOUND for an unknown service).
+absl::StatusOr<int> HealthStatus(const std::shared_ptr<grpc::Channel>& channel, absl::Duration timeout,
+                                 const std::string& service = "");
 inline constexpr int kServing = 1;
 inline constexpr int kNotServing = 2;
 
-// grpc.reflection.v1alpha.ServerReflection list_services.
-absl::StatusOr<std::vector<std::string>> ReflectionServices(const std::shared_ptr<grpc::Channel>& channel);
+// ServerReflection list_services through grpc.reflection.<version> ("v1alpha", "v1").
+absl::StatusOr<std::vector<std::string>> ReflectionServices(const std::shared_ptr<grpc::Channel>& channel,
+                                                            const std::string& version = "v1alpha");
 
 // GET http://127.0.0.1:port/path over a raw socket; the response body.
 absl::StatusOr<std::string> HttpGet(int port, const std::string& path);
