@@ -23,6 +23,7 @@
 #include <string>
 #include <vector>
 
+#include "common/crc32c.h"
 #include "fuzz/fuzz_util.h"
 #include "fuzz/handoff_fuzz_util.h"
 #include "kv_manager/kv_handoff.h"
@@ -73,7 +74,7 @@ std::string Stream(const kvgate::kv::KvHandoff& handoff, size_t chunk_bytes, boo
       c.mutable_layer()->set_layer(l);
       c.mutable_layer()->set_offset(static_cast<int64_t>(at));
       c.mutable_layer()->set_data(payload.substr(at, chunk_bytes));
-      c.mutable_layer()->set_crc32c(kvgate::kv::Crc32c(c.layer().data()));
+      c.mutable_layer()->set_crc32c(kvgate::Crc32c(c.layer().data()));
       AppendRecord(c, &out);
     }
   }
@@ -123,7 +124,7 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
       if (transfer_id.empty()) transfer_id = chunk.header().transfer_id();
     }
     if (chunk.has_layer() && chunk.layer().crc32c() != 0xFFFFFFFFu) {
-      chunk.mutable_layer()->set_crc32c(kvgate::kv::Crc32c(chunk.layer().data()));
+      chunk.mutable_layer()->set_crc32c(kvgate::Crc32c(chunk.layer().data()));
     }
     chunks.push_back(std::move(chunk));
   }

@@ -98,12 +98,14 @@ if [ "$record" = 1 ]; then
   commit=$(git -C "$src" rev-parse --short HEAD)
   dirty=$(git -C "$src" status --porcelain --untracked-files=no | grep -q . && echo true || echo false)
   machine="$(nproc) cores ($(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ //'), load $(cut -d' ' -f1 /proc/loadavg)), $(clang --version | head -1)"
-  printf '%s\n' "${results[@]}" | python3 - "$out" "$commit" "$dirty" "$machine" \
-      "${runs:+--runs $runs}${runs:---seconds $seconds}" "$append" <<'PY'
+  # The rows go through a file: python's stdin carries the script itself.
+  printf '%s\n' "${results[@]}" > "$work/results.txt"
+  python3 - "$out" "$commit" "$dirty" "$machine" "${runs:+--runs $runs}${runs:---seconds $seconds}" "$append" \
+      "$work/results.txt" <<'PY'
 import datetime, json, os, sys
-out, commit, dirty, machine, budget, append = sys.argv[1:7]
+out, commit, dirty, machine, budget, append, results = sys.argv[1:8]
 rows = []
-for line in sys.stdin.read().split("\n"):
+for line in open(results).read().split("\n"):
     if not line.strip():
         continue
     t, execs, secs, eps, cov, ft, files, size, result = line.split()

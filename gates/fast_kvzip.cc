@@ -4,12 +4,16 @@
 #include <cmath>
 #include <random>
 
+#include <cblas.h>
+
 #include "absl/strings/str_cat.h"
 #include "common/status_macros.h"
 #include "gates/gate_weights.h"
 
 namespace kvgate::gates {
 namespace {
+
+constexpr int32_t kScoreRowBlock = 64;
 
 std::string LayerName(int32_t layer, const char* tensor) { return absl::StrCat("layers.", layer, ".", tensor); }
 
@@ -118,47 +122,53 @@ absl::StatusOr<std::vector<float>> FastKvzipGate::Score(int32_t layer, absl::Spa
   const int32_t n = static_cast<int32_t>(hidden.size() / D);
   const Layer& w = layers_[layer];
   const float inv_sqrt_rank = 1.0f / std::sqrt(static_cast<float>(R));
+  const int32_t q_width = H * G * R, k_width = H * R;
   std::vector<float> out(static_cast<size_t>(H) * n);
-  std::vector<float> q(static_cast<size_t>(H) * G * R), k(static_cast<size_t>(H) * R), sinks(S);
-  for (int32_t t = 0; t < n; ++t) {
-    const float* x = hidden.data() + static_cast<size_t>(t) * D;
-    for (size_t o = 0; o < q.size(); ++o) {
-      const float* row = w.q_proj_weight.data() + o * D;
-      float acc = 0.0f;
-      for (int32_t i = 0; i < D; ++i) acc += row[i] * x[i];
-      q[o] = acc + w.q_proj_bias[o];
-    }
-    for (size_t o = 0; o < k.size(); ++o) {
-      const float* row = w.k_proj_weight.data() + o * D;
-      float acc = 0.0f;
-      for (int32_t i = 0; i < D; ++i) acc += row[i] * x[i];
-      k[o] = acc;
-    }
-    for (int32_t c = 0; c < H * G; ++c) RmsNorm(q.data() + static_cast<size_t>(c) * R, w.q_norm_weight.data(), R, norm_eps_);
-    for (int32_t h = 0; h < H; ++h) RmsNorm(k.data() + static_cast<size_t>(h) * R, w.k_norm_weight.data(), R, norm_eps_);
-    for (int32_t h = 0; h < H; ++h) {
-      const float* kh = k.data() + static_cast<size_t>(h) * R;
-      float sum = 0.0f;
-      for (int32_t g = 0; g < G; ++g) {
-        const float* qg = q.data() + (static_cast<size_t>(h) * G + g) * R;
-        float logit = 0.0f;
-        for (int32_t i = 0; i < R; ++i) logit += kh[i] * qg[i];
-        logit = logit * inv_sqrt_rank + w.b[static_cast<size_t>(h) * G + g];
-        float m = logit;
-        for (int32_t r = 0; r < S; ++r) {
-          const float* base = w.k_base.data() + (static_cast<size_t>(h) * S + r) * R;
-          float s = 0.0f;
-          for (int32_t i = 0; i < R; ++i) s += base[i] * qg[i];
-          sinks[r] = s * inv_sqrt_rank;
-          m = std::max(m, sinks[r]);
+  // The projections run as GEMMs over blocks of exactly kScoreRowBlock tokens (the last
+  // one zero-padded): every call has the same shape, so OpenBLAS takes the same kernel
+  // and a token's score does not depend on how many tokens are scored with it (chunked
+  // prefill scores equal whole-prompt scores bit for bit).
+  std::vector<float> x(static_cast<size_t>(kScoreRowBlock) * D);
+  std::vector<float> q(static_cast<size_t>(kScoreRowBlock) * q_width), k(static_cast<size_t>(kScoreRowBlock) * k_width);
+  std::vector<float> sinks(S);
+  for (int32_t block = 0; block < n; block += kScoreRowBlock) {
+    const int32_t rows = std::min(kScoreRowBlock, n - block);
+    std::copy_n(hidden.data() + static_cast<size_t>(block) * D, static_cast<size_t>(rows) * D, x.begin());
+    std::fill(x.begin() + static_cast<size_t>(rows) * D, x.end(), 0.0f);
+    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, kScoreRowBlock, q_width, D, 1.0f, x.data(), D,
+                w.q_proj_weight.data(), D, 0.0f, q.data(), q_width);
+    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, kScoreRowBlock, k_width, D, 1.0f, x.data(), D,
+                w.k_proj_weight.data(), D, 0.0f, k.data(), k_width);
+    for (int32_t r = 0; r < rows; ++r) {
+      float* qt = q.data() + static_cast<size_t>(r) * q_width;
+      float* kt = k.data() + static_cast<size_t>(r) * k_width;
+      for (int32_t o = 0; o < q_width; ++o) qt[o] += w.q_proj_bias[o];
+      for (int32_t c = 0; c < H * G; ++c) RmsNorm(qt + static_cast<size_t>(c) * R, w.q_norm_weight.data(), R, norm_eps_);
+      for (int32_t h = 0; h < H; ++h) RmsNorm(kt + static_cast<size_t>(h) * R, w.k_norm_weight.data(), R, norm_eps_);
+      for (int32_t h = 0; h < H; ++h) {
+        const float* kh = kt + static_cast<size_t>(h) * R;
+        float sum = 0.0f;
+        for (int32_t g = 0; g < G; ++g) {
+          const float* qg = qt + (static_cast<size_t>(h) * G + g) * R;
+          float logit = 0.0f;
+          for (int32_t i = 0; i < R; ++i) logit += kh[i] * qg[i];
+          logit = logit * inv_sqrt_rank + w.b[static_cast<size_t>(h) * G + g];
+          float m = logit;
+          for (int32_t j = 0; j < S; ++j) {
+            const float* base = w.k_base.data() + (static_cast<size_t>(h) * S + j) * R;
+            float s = 0.0f;
+            for (int32_t i = 0; i < R; ++i) s += base[i] * qg[i];
+            sinks[j] = s * inv_sqrt_rank;
+            m = std::max(m, sinks[j]);
+          }
+          // sigmoid(l - logsumexp_j s_j), as the softmax weight of the own key, shifted by m.
+          const float own = std::exp(logit - m);
+          float denom = own;
+          for (int32_t j = 0; j < S; ++j) denom += std::exp(sinks[j] - m);
+          sum += own / denom;
         }
-        // sigmoid(l - logsumexp_r s_r), as the softmax weight of the own key, shifted by m.
-        const float own = std::exp(logit - m);
-        float denom = own;
-        for (int32_t r = 0; r < S; ++r) denom += std::exp(sinks[r] - m);
-        sum += own / denom;
+        out[static_cast<size_t>(h) * n + block + r] = sum / static_cast<float>(G);
       }
-      out[static_cast<size_t>(h) * n + t] = sum / static_cast<float>(G);
     }
   }
   return out;

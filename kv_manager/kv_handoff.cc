@@ -28,26 +28,6 @@ void Take(size_t count, const char** in, std::vector<T>* values) {
   *in += count * sizeof(T);
 }
 
-// CRC-32C tables for slicing-by-8: kCrcTables[0] is the classic byte-at-a-time table of
-// the reflected Castagnoli polynomial; kCrcTables[k][b] advances b through k more zero
-// bytes.
-constexpr uint32_t kCastagnoliReflected = 0x82F63B78u;
-
-constexpr std::array<std::array<uint32_t, 256>, 8> MakeCrcTables() {
-  std::array<std::array<uint32_t, 256>, 8> t{};
-  for (uint32_t b = 0; b < 256; ++b) {
-    uint32_t crc = b;
-    for (int i = 0; i < 8; ++i) crc = (crc >> 1) ^ ((crc & 1u) ? kCastagnoliReflected : 0u);
-    t[0][b] = crc;
-  }
-  for (size_t k = 1; k < 8; ++k) {
-    for (uint32_t b = 0; b < 256; ++b) t[k][b] = (t[k - 1][b] >> 8) ^ t[0][t[k - 1][b] & 0xFFu];
-  }
-  return t;
-}
-
-constexpr std::array<std::array<uint32_t, 256>, 8> kCrcTables = MakeCrcTables();
-
 }  // namespace
 
 int64_t HeadPayloadBytes(int64_t rows, int32_t head_dim, bool has_query_masks, bool has_scores) {
@@ -236,25 +216,6 @@ absl::Status ParseLayer(std::string_view bytes, absl::Span<const int32_t> length
     }
   }
   return absl::OkStatus();
-}
-
-uint32_t Crc32c(std::string_view data) {
-  const auto& t = kCrcTables;
-  uint32_t crc = 0xFFFFFFFFu;
-  const unsigned char* p = reinterpret_cast<const unsigned char*>(data.data());
-  size_t n = data.size();
-  while (n >= 8) {
-    uint32_t lo, hi;
-    std::memcpy(&lo, p, 4);
-    std::memcpy(&hi, p + 4, 4);
-    lo ^= crc;
-    crc = t[7][lo & 0xFF] ^ t[6][(lo >> 8) & 0xFF] ^ t[5][(lo >> 16) & 0xFF] ^ t[4][lo >> 24] ^
-          t[3][hi & 0xFF] ^ t[2][(hi >> 8) & 0xFF] ^ t[1][(hi >> 16) & 0xFF] ^ t[0][hi >> 24];
-    p += 8;
-    n -= 8;
-  }
-  while (n-- > 0) crc = (crc >> 8) ^ t[0][(crc ^ *p++) & 0xFF];
-  return crc ^ 0xFFFFFFFFu;
 }
 
 absl::StatusOr<KvHandoff> ExportSequence(const KvPool& pool, const SequenceLayout& layout) {

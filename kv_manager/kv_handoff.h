@@ -91,10 +91,6 @@ std::string SerializeLayer(const KvHandoff& handoff, int32_t layer);
 absl::Status ParseLayer(std::string_view bytes, absl::Span<const int32_t> lengths, int32_t layer,
                         KvHandoff* handoff);
 
-// CRC-32C (Castagnoli, reflected 0x82F63B78; crc32c("123456789") = 0xE3069283) of
-// `data`, as carried by KvLayerChunk.crc32c. Software, slicing-by-8 tables.
-uint32_t Crc32c(std::string_view data);
-
 // Host copy of a sequence held in `pool` (every row of every head, with masks and
 // scores when the layout carries them; waits for the backend). Decode state fields other
 // than the shape and next_pos are left default: the caller sets transfer_id, first_token,

@@ -1,4 +1,4 @@
-// KvHandoff: CRC-32C vectors, the layer wire format (exact bytes), validation, and the
+// KvHandoff: the layer wire format (exact bytes), validation, and the
 // round trip of a real kvgate-tiny sequence out of one KV pool and into another (a second
 // backend): decode continues bit-identically for every policy with decode-time state.
 #include "kv_manager/kv_handoff.h"
@@ -20,40 +20,6 @@ using testing::CodedV;
 using testing::CodedValue;
 
 constexpr int kDecodeSteps = 8;
-
-// Bit-at-a-time CRC-32C, the definition the table-driven one must match.
-uint32_t BitwiseCrc32c(std::string_view data) {
-  uint32_t crc = 0xFFFFFFFFu;
-  for (unsigned char byte : data) {
-    crc ^= byte;
-    for (int i = 0; i < 8; ++i) crc = (crc >> 1) ^ ((crc & 1u) ? 0x82F63B78u : 0u);
-  }
-  return ~crc;
-}
-
-TEST(Crc32cTest, KnownVectors) {
-  EXPECT_EQ(Crc32c("123456789"), 0xE3069283u);
-  EXPECT_EQ(Crc32c(""), 0u);
-  // RFC 3720 (iSCSI) appendix B.4.
-  EXPECT_EQ(Crc32c(std::string(32, '\0')), 0x8A9136AAu);
-  EXPECT_EQ(Crc32c(std::string(32, '\xFF')), 0x62A8AB43u);
-  std::string ascending(32, '\0'), descending(32, '\0');
-  for (int i = 0; i < 32; ++i) ascending[i] = static_cast<char>(i), descending[i] = static_cast<char>(31 - i);
-  EXPECT_EQ(Crc32c(ascending), 0x46DD794Eu);
-  EXPECT_EQ(Crc32c(descending), 0x113FDB5Cu);
-}
-
-TEST(Crc32cTest, MatchesBitwiseDefinitionAtEveryLengthAndAlignment) {
-  std::mt19937 rng(7);
-  std::string data(300, '\0');
-  for (char& c : data) c = static_cast<char>(rng());
-  for (size_t begin = 0; begin < 9; ++begin) {
-    for (size_t size = 0; begin + size <= data.size(); size += 1 + size / 8) {
-      const std::string_view part = std::string_view(data).substr(begin, size);
-      ASSERT_EQ(Crc32c(part), BitwiseCrc32c(part)) << "begin " << begin << " size " << size;
-    }
-  }
-}
 
 // A handoff with position-coded rows: every head a different length (0 included),
 // optional masks and scores.

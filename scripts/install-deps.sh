@@ -9,6 +9,7 @@ packages=(
   libgrpc++-dev protobuf-compiler-grpc libprotobuf-dev protobuf-compiler
   libabsl-dev libgtest-dev libgmock-dev libbenchmark-dev
   prometheus-cpp-dev nlohmann-json3-dev libopenblas-dev libpcre2-dev libutf8proc-dev
+  libcrcutil-dev
   python3 python3-numpy python3-torch openssl
   python3-protobuf python3-grpcio
   clang libclang-rt-14-dev

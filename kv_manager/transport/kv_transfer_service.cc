@@ -13,6 +13,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "common/auth.h"
+#include "common/crc32c.h"
 #include "common/grpc_status.h"
 #include "kv_manager/transport/handoff_proto.h"
 #include "kv_manager/transport/tcp_transport.h"

@@ -12,6 +12,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/time/clock.h"
+#include "common/crc32c.h"
 #include "common/grpc_status.h"
 #include "kv_manager/transport/handoff_proto.h"
 #include "kvgate/v1/worker.grpc.pb.h"

@@ -11,6 +11,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/time/clock.h"
+#include "common/crc32c.h"
 #include "kv_manager/tiny_decode_test_util.h"
 #include "kv_manager/transport/handoff_proto.h"
 #include "kv_manager/transport/transport_test_util.h"
