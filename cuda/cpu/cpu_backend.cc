@@ -25,10 +25,15 @@ namespace {
 // Below this many float operations a loop runs on one thread: waking the pool costs
 // more than it saves (decode-time RMSNorm of one row, say).
 constexpr int64_t kMinParallelWork = 1 << 15;
+// Below this a GEMM is not worth waking the pool for (about 50 us on one core).
+constexpr int64_t kMinParallelGemmFlops = int64_t{1} << 21;
 
 class CpuBackend final : public Backend {
  public:
-  explicit CpuBackend(int num_threads) : pool_(num_threads) {}
+  // OpenBLAS runs single-threaded: its own pool of spinning threads competed with ours for
+  // the cores (sched_yield took a fifth of a prefill). Large GEMMs are split over our pool
+  // instead (MatMul); flash attention's per-tile GEMMs already run inside it.
+  explicit CpuBackend(int num_threads) : pool_(num_threads) { openblas_set_num_threads(1); }
 
   std::string_view Name() const override { return "cpu"; }
 
@@ -61,13 +66,29 @@ class CpuBackend final : public Backend {
       RowInvariantMatMul(a, &pool_);
       return absl::OkStatus();
     }
-    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, a.m, a.n, a.k, 1.0f, a.x, a.k, a.w,
-                a.k, 0.0f, a.y, a.n);
-    if (a.bias != nullptr) {
-      for (int32_t i = 0; i < a.m; ++i) {
-        float* row = a.y + static_cast<int64_t>(i) * a.n;
-        for (int32_t j = 0; j < a.n; ++j) row[j] += a.bias[j];
+    // Each thread takes a slice of output columns (rows of w), a multiple of 16 wide.
+    const int64_t parts = pool_.num_threads();
+    const int64_t flops = int64_t{2} * a.m * a.n * a.k;
+    const int32_t width = parts > 1 && flops >= kMinParallelGemmFlops
+                              ? static_cast<int32_t>((a.n + parts * 16 - 1) / (parts * 16) * 16)
+                              : a.n;
+    const int64_t slices = (a.n + width - 1) / width;
+    const auto run_slices = [&](int64_t begin, int64_t end) {
+      for (int64_t slice = begin; slice < end; ++slice) {
+        const int32_t n0 = static_cast<int32_t>(slice * width), n1 = std::min(a.n, n0 + width);
+        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, a.m, n1 - n0, a.k, 1.0f, a.x, a.k,
+                    a.w + static_cast<int64_t>(n0) * a.k, a.k, 0.0f, a.y + n0, a.n);
+        if (a.bias == nullptr) continue;
+        for (int32_t i = 0; i < a.m; ++i) {
+          float* row = a.y + static_cast<int64_t>(i) * a.n;
+          for (int32_t j = n0; j < n1; ++j) row[j] += a.bias[j];
+        }
       }
+    };
+    if (slices == 1) {
+      run_slices(0, 1);
+    } else {
+      pool_.ParallelFor(slices, run_slices);
     }
     return absl::OkStatus();
   }
