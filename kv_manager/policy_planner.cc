@@ -133,11 +133,16 @@ class PolicyPlanner final : public engine::KvPlanner {
       engine::ForwardOptions forward;
       forward.capture_request.hidden_states = true;
       forward.capture = &recorded;
-      forward.key_masks.assign(c.num_layers, std::vector<uint8_t>(size_t{1} * c.num_kv_heads * cache->capacity_tokens(), 1));
-      for (int32_t l = 0; l < c.num_layers; ++l) {
-        for (int32_t h = 0; h < c.num_kv_heads; ++h) {
-          std::copy_n(visible[l].begin() + size_t{1} * h * n, chunk.begin,
-                      forward.key_masks[l].begin() + size_t{1} * h * cache->capacity_tokens());
+      // Until a chunk has evicted something every key is visible: no mask, so attention
+      // takes its unmasked path (a prompt shorter than one chunk never pays for masking).
+      if (judged_until > context_begin) {
+        forward.key_masks.assign(c.num_layers,
+                                 std::vector<uint8_t>(size_t{1} * c.num_kv_heads * cache->capacity_tokens(), 1));
+        for (int32_t l = 0; l < c.num_layers; ++l) {
+          for (int32_t h = 0; h < c.num_kv_heads; ++h) {
+            std::copy_n(visible[l].begin() + size_t{1} * h * n, chunk.begin,
+                        forward.key_masks[l].begin() + size_t{1} * h * cache->capacity_tokens());
+          }
         }
       }
       KVGATE_ASSIGN_OR_RETURN(logits, model_.Forward(prompt.subspan(chunk.begin, m), cache, forward));

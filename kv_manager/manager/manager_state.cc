@@ -234,7 +234,10 @@ absl::StatusOr<v1::RegisterWorkerResponse> ManagerState::RegisterWorker(
 
   std::lock_guard<std::mutex> lock(mu_);
   const absl::Time now = clock_();
-  for (const auto& [id, w] : workers_) {
+  for (const auto& entry : workers_) {
+    // Not a structured binding: clang 14 cannot capture one in the lambda below.
+    const std::string& id = entry.first;
+    const auto& w = entry.second;
     if (id == request.worker_id() || !Live(w, now)) continue;
     const v1::RegisterWorkerRequest& o = w.info;
     const auto differs = [&](const char* field, const auto& mine, const auto& theirs) {
