@@ -98,8 +98,11 @@ std::vector<Outcome> AttackManager(const std::shared_ptr<grpc::Channel>& manager
     Prepare(&ctx, bearer);
     out.push_back({name, rpc(&ctx)});
   };
-  for (const auto& [id, role] : {std::pair<std::string, v1::WorkerRole>{"evil/prefill", v1::PREFILL},
-                                 std::pair<std::string, v1::WorkerRole>{"evil/decode", v1::DECODE}}) {
+  // Not a structured binding: clang 14 cannot capture one in the lambda below.
+  for (const auto& fake : {std::pair<std::string, v1::WorkerRole>{"evil/prefill", v1::PREFILL},
+                           std::pair<std::string, v1::WorkerRole>{"evil/decode", v1::DECODE}}) {
+    const std::string& id = fake.first;
+    const v1::WorkerRole role = fake.second;
     call("KvManager.RegisterWorker " + id, [&](grpc::ClientContext* ctx) {
       v1::RegisterWorkerResponse r;
       return stub->RegisterWorker(ctx, FakeWorker(id, role, "127.0.0.1:9"), &r);
