@@ -219,7 +219,8 @@ class PodReader {
   bool ReadFloats(size_t count, std::vector<float>* out) {
     if (count > bytes_.size() / sizeof(float)) return false;
     out->resize(count);
-    std::memcpy(out->data(), bytes_.data(), count * sizeof(float));
+    // An empty vector's data() may be null, which memcpy may not be given even for 0 bytes.
+    if (count > 0) std::memcpy(out->data(), bytes_.data(), count * sizeof(float));
     bytes_.remove_prefix(count * sizeof(float));
     return true;
   }
