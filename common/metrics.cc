@@ -6,33 +6,19 @@
 #include <prometheus/registry.h>
 #include <prometheus/text_serializer.h>
 
-#include <prometheus/exposer.h>
-
-#include <CivetServer.h>
 #include <arpa/inet.h>
+#include <netinet/in.h>
+#include <sys/socket.h>
+#include <sys/time.h>
+#include <unistd.h>
 
 #include <exception>
-#include <string_view>
 
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 
 namespace kvgate {
 namespace {
-
-// civetweb reports why mg_start failed only through its log callback (prometheus-cpp then
-// throws "null context when constructing CivetServer", which says nothing). Start-up
-// runs on the calling thread, so its messages are collected per thread.
-thread_local std::string civetweb_startup_log;
-
-int CollectCivetwebLog(const mg_connection* /*connection*/, const char* message) {
-  if (!civetweb_startup_log.empty()) civetweb_startup_log += "; ";
-  civetweb_startup_log += message;
-  return 1;  // handled: civetweb prints nothing itself
-}
-
-// A scrape that sends nothing cannot hold a civetweb worker for longer than this.
-constexpr std::string_view kRequestTimeoutMs = "10000";
 
 prometheus::Histogram::BucketBoundaries SecondsBuckets() {
   return {0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30};
@@ -70,7 +56,14 @@ Metrics::Metrics() : registry_(std::make_shared<prometheus::Registry>()) {
   pages_free_ = &prometheus::BuildGauge().Name("kvgate_kv_pages_free").Help("KV pages free").Register(r);
 }
 
-Metrics::~Metrics() = default;
+Metrics::~Metrics() {
+  if (listen_fd_ >= 0) {
+    stopping_.store(true);
+    shutdown(listen_fd_, SHUT_RDWR);  // wakes accept()
+    if (server_.joinable()) server_.join();
+    close(listen_fd_);
+  }
+}
 
 absl::Status Metrics::Serve(const std::string& host_port) {
   const size_t colon = host_port.rfind(':');
@@ -78,29 +71,53 @@ absl::Status Metrics::Serve(const std::string& host_port) {
   if (colon == std::string::npos || !absl::SimpleAtoi(host_port.substr(colon + 1), &port) || port < 0 || port > 65535) {
     return absl::InvalidArgumentError(absl::StrCat("metrics: '", host_port, "' is not host:port"));
   }
-  const std::string host = colon == 0 ? "0.0.0.0" : host_port.substr(0, colon);
-  in_addr parsed{};
-  if (inet_pton(AF_INET, host.c_str(), &parsed) != 1) {
+  const std::string host = host_port.substr(0, colon);
+  const int fd = socket(AF_INET, SOCK_STREAM, 0);
+  if (fd < 0) return absl::UnavailableError("metrics: cannot create a socket");
+  const int one = 1;
+  setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof(one));
+  sockaddr_in address{};
+  address.sin_family = AF_INET;
+  address.sin_port = htons(static_cast<uint16_t>(port));
+  if (inet_pton(AF_INET, host.empty() ? "0.0.0.0" : host.c_str(), &address.sin_addr) != 1) {
+    close(fd);
     return absl::InvalidArgumentError(absl::StrCat("metrics: '", host, "' is not an IPv4 address"));
   }
-  static const CivetCallbacks callbacks = [] {
-    CivetCallbacks c{};
-    c.log_message = CollectCivetwebLog;
-    return c;
-  }();
-  civetweb_startup_log.clear();
-  try {
-    exposer_ = std::make_unique<prometheus::Exposer>(
-        std::vector<std::string>{"listening_ports", absl::StrCat(host, ":", port), "num_threads", "2",
-                                 "request_timeout_ms", std::string(kRequestTimeoutMs)},
-        &callbacks);
-  } catch (const std::exception& e) {
-    return absl::UnavailableError(absl::StrCat("metrics: cannot listen on ", host_port, ": ",
-                                               civetweb_startup_log.empty() ? e.what() : civetweb_startup_log));
+  socklen_t length = sizeof(address);
+  if (bind(fd, reinterpret_cast<sockaddr*>(&address), sizeof(address)) != 0 || listen(fd, 64) != 0 ||
+      getsockname(fd, reinterpret_cast<sockaddr*>(&address), &length) != 0) {
+    close(fd);
+    return absl::UnavailableError(absl::StrCat("metrics: cannot listen on ", host_port));
   }
-  exposer_->RegisterCollectable(registry_);
-  const std::vector<int> ports = exposer_->GetListeningPorts();
-  bound_port_ = ports.empty() ? port : ports.front();
+  bound_port_ = ntohs(address.sin_port);
+  listen_fd_ = fd;
+  // A minimal HTTP/1.1 responder: every request gets the text exposition (Prometheus
+  // scrapes GET /metrics); one connection at a time is plenty for scrapes.
+  server_ = std::thread([this] {
+    while (true) {
+      const int client = accept(listen_fd_, nullptr, nullptr);
+      if (client < 0) {
+        if (stopping_.load()) return;
+        continue;
+      }
+      // A client that connects and sends nothing holds the responder for at most this long.
+      const timeval timeout{2, 0};
+      setsockopt(client, SOL_SOCKET, SO_RCVTIMEO, &timeout, sizeof(timeout));
+      setsockopt(client, SOL_SOCKET, SO_SNDTIMEO, &timeout, sizeof(timeout));
+      char request[4096];
+      (void)recv(client, request, sizeof(request), 0);
+      const std::string body = Render();
+      const std::string response = absl::StrCat("HTTP/1.1 200 OK\r\nContent-Type: text/plain; version=0.0.4\r\n",
+                                                "Content-Length: ", body.size(), "\r\nConnection: close\r\n\r\n", body);
+      size_t sent = 0;
+      while (sent < response.size()) {
+        const ssize_t n = send(client, response.data() + sent, response.size() - sent, MSG_NOSIGNAL);
+        if (n <= 0) break;
+        sent += static_cast<size_t>(n);
+      }
+      close(client);
+    }
+  });
   return absl::OkStatus();
 }
 

@@ -1,16 +1,20 @@
 // File: the Prometheus metrics of a kvgate process (one registry per process, shared by
 // every role it runs), served over HTTP at /metrics. Times in seconds, sizes in bytes
-// (Prometheus base units). /metrics is served by prometheus-cpp's Exposer (civetweb).
+// (Prometheus base units). The /metrics endpoint is a small HTTP responder of our own:
+// prometheus-cpp's civetweb Exposer fails to start at times under load (civetweb cannot
+// create its worker threads: "Cannot create threads: error 0", which prometheus-cpp
+// reports as "null context when constructing CivetServer"; bench/results/sanitizers.md).
 #pragma once
 
 #include <cstdint>
+#include <atomic>
 #include <memory>
 #include <string>
+#include <thread>
 
 #include "absl/status/statusor.h"
 
 namespace prometheus {
-class Exposer;
 class Registry;
 class Histogram;
 class Counter;
@@ -27,8 +31,7 @@ class Metrics {
   ~Metrics();
 
   // Serves /metrics on host:port (port 0 picks one; bound_port() says which).
-  // INVALID_ARGUMENT for a malformed address; UNAVAILABLE with civetweb's own reason when
-  // it cannot listen.
+  // UNAVAILABLE when it cannot bind.
   absl::Status Serve(const std::string& host_port);
   int bound_port() const { return bound_port_; }
   // Text exposition of every metric (what /metrics returns).
@@ -46,7 +49,9 @@ class Metrics {
 
  private:
   std::shared_ptr<prometheus::Registry> registry_;
-  std::unique_ptr<prometheus::Exposer> exposer_;
+  int listen_fd_ = -1;
+  std::atomic<bool> stopping_{false};
+  std::thread server_;
   int bound_port_ = 0;
   prometheus::Histogram *ttft_, *tpot_, *queue_, *prefill_, *transfer_, *keep_fraction_;
   prometheus::Counter *transfer_bytes_, *transfer_bytes_full_;
