@@ -1,9 +1,12 @@
 // File: the Prometheus metrics of a kvgate process (one registry per process, shared by
 // every role it runs), served over HTTP at /metrics. Times in seconds, sizes in bytes
-// (Prometheus base units). The /metrics endpoint is a small HTTP responder of our own:
-// prometheus-cpp's civetweb Exposer fails to start at times under load (civetweb cannot
-// create its worker threads: "Cannot create threads: error 0", which prometheus-cpp
-// reports as "null context when constructing CivetServer"; bench/results/sanitizers.md).
+// (Prometheus base units). The /metrics endpoint is a small HTTP responder of our own,
+// not prometheus-cpp's civetweb Exposer: Debian's civetweb gives its threads a fixed
+// 100 KiB stack (USE_STACK_SIZE 0x19000), and a CUDA-enabled kvgate carries about 170 KiB
+// of static TLS (cuBLASLt 92 KiB, OpenBLAS 60 KiB, cuBLAS 12 KiB, cudart 4 KiB), which
+// glibc must fit into every thread's stack. pthread_create then refuses, civetweb logs
+// "Cannot create threads: error 0", and prometheus-cpp throws "null context when
+// constructing CivetServer" (bench/results/sanitizers.md).
 #pragma once
 
 #include <cstdint>
