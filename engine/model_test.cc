@@ -88,9 +88,13 @@ TEST_F(ModelTest, RejectsBadTokensAndOverflow) {
 
 class BrokenCheckpointTest : public ::testing::Test {
  protected:
+  static constexpr const char* kFirstShard = "model-00001-of-00002.safetensors";
+  static constexpr const char* kSecondShard = "model-00002-of-00002.safetensors";
   void SetUp() override {
     dir_ = testing::MakeTempDir("broken-checkpoint");
-    for (const char* file : {"config.json", "model.safetensors", "tokenizer.json"}) {
+    // kvgate-tiny is stored in two shards (model.safetensors.index.json names them).
+    for (const char* file : {"config.json", "model.safetensors.index.json", kFirstShard, kSecondShard,
+                             "tokenizer.json"}) {
       fs::copy_file(fs::path(testing::KvgateTinyDir()) / file, dir_ / file);
       fs::permissions(dir_ / file, fs::perms::owner_read | fs::perms::owner_write, fs::perm_options::add);
     }
@@ -104,14 +108,14 @@ class BrokenCheckpointTest : public ::testing::Test {
 };
 
 TEST_F(BrokenCheckpointTest, TruncatedWeights) {
-  fs::resize_file(dir_ / "model.safetensors", fs::file_size(dir_ / "model.safetensors") / 2);
+  fs::resize_file(dir_ / kFirstShard, fs::file_size(dir_ / kFirstShard) / 2);
   absl::Status status = Load();
   EXPECT_EQ(status.code(), absl::StatusCode::kInvalidArgument);
   EXPECT_NE(status.message().find("exceed"), std::string::npos) << status;
 }
 
 TEST_F(BrokenCheckpointTest, MissingFilesAndUnknownArchitecture) {
-  fs::remove(dir_ / "model.safetensors");
+  fs::remove(dir_ / "model.safetensors.index.json");
   EXPECT_EQ(Load().code(), absl::StatusCode::kNotFound);
   std::ofstream(dir_ / "config.json") << R"({"architectures": ["BertModel"]})";
   absl::Status status = Load();
