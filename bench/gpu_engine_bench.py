@@ -311,13 +311,14 @@ class GpuMemorySampler:
         return (self.peak - self.base) / 2 ** 30
 
 
-def bench_kvgate(bench_bin, model_dir, weights, prefill, decode, out_dir):
-    path = os.path.join("/tmp", f"kvgate-{weights}.json")  # folded into gpu-engine.json
+def bench_kvgate(bench_bin, model_dir, weights, prefill, decode, out_dir, env=None, label=None):
+    path = os.path.join("/tmp", f"kvgate-{label or weights}.json")  # folded into gpu-engine.json
     cmd = [bench_bin, "--model", model_dir, "--backend", "cuda", "--weights", weights,
            "--prefill", ",".join(map(str, prefill)), "--decode", ",".join(map(str, decode)), "--json", path]
-    log("$", " ".join(cmd))
+    log("$", " ".join(f"{k}={v}" for k, v in (env or {}).items()), " ".join(cmd))
     with GpuMemorySampler() as mem:
-        proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              env={**os.environ, **(env or {})})
     log(proc.stderr)
     if proc.returncode != 0:
         return {"error": proc.stderr[-2000:], "weights": weights}
@@ -381,6 +382,7 @@ def markdown(r):
         return "-" if x is None else f"{x:,.{digits}f}"
 
     k32, k16 = r["kvgate_fp32"], r["kvgate_bf16"]
+    klt = r.get("kvgate_bf16_step_before", {})
     lines = [
         "# GPU engine benchmark (issue 10)", "",
         f"Device: {r['device']} (driver {r['driver']}), {r['date']}, commit `{r['commit']}`; "
@@ -391,19 +393,23 @@ def markdown(r):
         "*bf16* the new one (bf16 weights, cuBLASLt, tensor-core prefill attention). Prefill: one shot, "
         "last-token logits to the host, median of 3. Decode: batch 1, one token over the contiguous cache, "
         "median of 32 steps. Peers: pure PyTorch bf16 (matmuls + SDPA; decode CUDA-graphed over a static "
-        "cache) and transformers eager (sdpa), medians by CUDA events.",
+        "cache) and transformers eager (sdpa), medians by CUDA events. *bf16, step before* is the bf16 "
+        "path with `KVGATE_GEMV_BF16=0 KVGATE_GROUPED_DECODE_ATTENTION=0`: products of at most 8 rows on "
+        "cuBLASLt instead of the weight-streaming kernel (cuda/kernels/gemv_bf16.cuh), and decode attention "
+        "per query head (attention.cu) instead of per GQA group (grouped_decode_attention.cuh).",
         f"Floors from the same run: bf16 GEMM {r['floors']['gemm_tflop_per_s']:.0f} TFLOP/s (torch.matmul "
         f"8192^3, random), device copy {r['floors']['copy_tb_per_s']:.2f} TB/s (read + write). Prefill floor = "
         "GEMM FLOPs / GEMM rate (with attention FLOPs in brackets); decode floor = (bf16 weights + bf16 KV) / "
         "copy bandwidth.", "",
-        "| figure | kvgate fp32 (before) | kvgate bf16 (after) | pure PyTorch | transformers | floor | after / PyTorch | after / floor |",
-        "|---|---|---|---|---|---|---|---|",
+        "| figure | kvgate fp32 (before) | kvgate bf16, step before | kvgate bf16 (now) | pure PyTorch | transformers | floor | now / PyTorch | now / floor |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for row in r["floors_table"]["prefill"]:
         n = row["tokens"]
         after, torch_ms = find(k16.get("prefill"), "tokens", n), find(r["torch"].get("prefill"), "tokens", n)
         lines.append(
-            f"| prefill {n:,} tokens (ms) | {fmt(find(k32.get('prefill'), 'tokens', n))} | {fmt(after)} | "
+            f"| prefill {n:,} tokens (ms) | {fmt(find(k32.get('prefill'), 'tokens', n))} | "
+            f"{fmt(find(klt.get('prefill'), 'tokens', n))} | {fmt(after)} | "
             f"{fmt(torch_ms)} | {fmt(find(r['transformers'].get('prefill'), 'tokens', n))} | "
             f"{fmt(row['floor_ms'])} ({fmt(row['floor_with_attention_ms'])}) | "
             f"{fmt(after / torch_ms if after and torch_ms else None, 2)}x | "
@@ -413,11 +419,11 @@ def markdown(r):
         after, torch_ms = find(k16.get("decode_batch1"), "context", c), find(r["torch"].get("decode_batch1"), "context", c)
         lines.append(
             f"| decode batch 1 at {c:,} (ms/token) | {fmt(find(k32.get('decode_batch1'), 'context', c), 2)} | "
-            f"{fmt(after, 2)} | {fmt(torch_ms, 2)} | {fmt(find(r['transformers'].get('decode_batch1'), 'context', c), 2)} | "
+            f"{fmt(find(klt.get('decode_batch1'), 'context', c), 2)} | {fmt(after, 2)} | {fmt(torch_ms, 2)} | {fmt(find(r['transformers'].get('decode_batch1'), 'context', c), 2)} | "
             f"{fmt(row['floor_ms'], 2)} | {fmt(after / torch_ms if after and torch_ms else None, 2)}x | "
             f"{fmt(after / row['floor_ms'] if after else None, 2)}x |")
     lines.append(f"| peak GPU memory of the kvgate process (GiB) | {fmt(k32.get('peak_gpu_memory_gib'), 1)} | "
-                 f"{fmt(k16.get('peak_gpu_memory_gib'), 1)} | - | - | 3.3 (bf16 weights) | | |")
+                 f"{fmt(klt.get('peak_gpu_memory_gib'), 1)} | {fmt(k16.get('peak_gpu_memory_gib'), 1)} | - | - | 3.3 (bf16 weights) | | |")
     chk = r.get("end_to_end_check", {})
     if "torch_bf16" in chk:
         lines += ["", f"End-to-end check, last-token logits of a {chk['tokens']}-token prompt against a float32 "
@@ -426,7 +432,7 @@ def markdown(r):
             if key in chk:
                 e = chk[key]
                 lines.append(f"- {key}: {e['rel_l2']:.2e}, {e['max_abs']:.2e}, {e['argmax_equal']}")
-    for name, res in (("fp32", k32), ("bf16", k16)):
+    for name, res in (("fp32", k32), ("bf16", k16), ("bf16 step before", klt)):
         if "error" in res:
             lines += ["", f"kvgate {name} failed: `{res['error'][-500:]}`"]
     return "\n".join(lines) + "\n"
@@ -449,7 +455,7 @@ def main():
     ap.add_argument("--out-dir", required=True)
     ap.add_argument("--model-dir", default="/tmp/kvgate-llama31-8l")
     ap.add_argument("--prefill", default="2048,8192,32768")
-    ap.add_argument("--decode", default="1024,8192")
+    ap.add_argument("--decode", default="1024,8192,32768")
     ap.add_argument("--baseline-prefill", default="2048,8192", help="fp32 (before) prefill sizes")
     ap.add_argument("--commit", default=os.environ.get("KVGATE_COMMIT", "unknown"))
     ap.add_argument("--skip-transformers", action="store_true")
@@ -478,6 +484,11 @@ def main():
     del weights
     torch.cuda.empty_cache()
     r["kvgate_bf16"] = bench_kvgate(args.bench_bin, args.model_dir, "bf16", prefill, decode, args.out_dir)
+    # The same bf16 path as it was before the decode kernels (cuBLASLt for products of
+    # m <= 8 rows, per-query-head decode attention); prefill is the same code in both.
+    r["kvgate_bf16_step_before"] = bench_kvgate(args.bench_bin, args.model_dir, "bf16", [], decode, args.out_dir,
+                                             env={"KVGATE_GEMV_BF16": "0", "KVGATE_GROUPED_DECODE_ATTENTION": "0"},
+                                             label="bf16-step-before")
     r["kvgate_fp32"] = bench_kvgate(args.bench_bin, args.model_dir, "fp32", ints(args.baseline_prefill), decode,
                                     args.out_dir)
     log(f"kvgate done {time.time() - t0:.0f}s")

@@ -60,5 +60,29 @@ if [[ -n "${KVGATE_BENCH_PROFILE:-}" ]] && command -v ncu > /dev/null; then
     --prefill "$KVGATE_BENCH_PROFILE" --decode 16 --decode-steps 1 --repeats 1 >> "$out/ncu.log" 2>&1 || true
   grep -E "Throughput|Pipe|Occupancy|Registers|Duration|Issue|Bank" "$out/ncu.log" | tail -30
 fi
+if [[ -n "${KVGATE_BENCH_PROFILE_DECODE:-}" ]] && command -v ncu > /dev/null; then
+  # Kernel times of one bf16 decode step at a context of $KVGATE_BENCH_PROFILE_DECODE
+  # tokens: every launch of the run (the context's prefill, then 3 steps) is timed, and
+  # the launches after the last EmbedBf16 (the last step) are listed in order.
+  echo "== ncu: one bf16 decode step at $KVGATE_BENCH_PROFILE_DECODE"
+  timeout 300 ncu --clock-control none --metrics gpu__time_duration.sum --csv \
+    "$bundle/bin/gpu_engine_bench" --model /tmp/kvgate-llama31-8l --weights bf16 --prefill "" \
+    --decode "$KVGATE_BENCH_PROFILE_DECODE" --decode-steps 1 --repeats 1 > "$out/ncu_decode.csv" 2>&1 || true
+  python3 - "$out/ncu_decode.csv" <<'PY'
+import csv, sys, collections
+rows = [r for r in csv.reader(open(sys.argv[1])) if len(r) > 10 and r[0].strip('"').isdigit()]
+header_name, value = 4, -1
+last = max(i for i, r in enumerate(rows) if "Embed" in r[header_name])
+step = rows[last:]
+total = collections.OrderedDict()
+for r in step:
+    name = r[header_name].split("(")[0].split("<")[0][-60:]
+    scale = {"nsecond": 1.0, "usecond": 1e3, "msecond": 1e6}.get(r[value - 1], 1.0)
+    total[name] = total.get(name, 0.0) + float(r[value].replace(",", "")) * scale
+print(f"launches in the step: {len(step)}; kernel time {sum(total.values()) / 1e3:.1f} us")
+for name, t in sorted(total.items(), key=lambda kv: -kv[1]):
+    print(f"  {t / 1e3:9.1f} us  {name}")
+PY
+fi
 echo "== status $status"
 exit $status

@@ -10,16 +10,8 @@
 namespace kvgate::ops {
 namespace {
 
-// The visible rows [lo, hi] of query token t, before key_mask.
-struct VisibleRows {
-  int32_t lo, hi;
-};
-__host__ __device__ inline VisibleRows Visible(const AttentionArgs& args, int32_t t) {
-  const int32_t hi = args.q_start_row + t;
-  const int32_t window_lo = hi - args.sliding_window + 1;
-  const int32_t lo = args.sliding_window > 0 && window_lo > 0 ? window_lo : 0;
-  return {lo, hi};
-}
+using attention_core::Visible;
+using attention_core::VisibleRows;
 
 // Row j of one kv head of the contiguous cache; key_mask (the [capacity_tokens] bytes of
 // that kv head, or of the query head with key_mask_per_query_head, or null) hides evicted

@@ -18,6 +18,18 @@ constexpr int kWarps = kAttentionBlockSize / 32;
 constexpr int kDimsPerLane = kAttentionMaxHeadDim / 32;
 constexpr int kRows = kAttentionRowsPerStep;
 
+// The visible rows [lo, hi] of query token t of a contiguous-cache attention, before
+// key_mask (AttentionArgs' rule).
+struct VisibleRows {
+  int32_t lo, hi;
+};
+__host__ __device__ inline VisibleRows Visible(const AttentionArgs& args, int32_t t) {
+  const int32_t hi = args.q_start_row + t;
+  const int32_t window_lo = hi - args.sliding_window + 1;
+  const int32_t lo = args.sliding_window > 0 && window_lo > 0 ? window_lo : 0;
+  return {lo, hi};
+}
+
 // Floats of one split partial: (max, sum, accumulator[head_dim]).
 __host__ __device__ inline int64_t PartialFloats(int head_dim) { return head_dim + 2; }
 

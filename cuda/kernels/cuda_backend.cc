@@ -7,6 +7,8 @@
 #include <cuda_runtime.h>
 
 #include <cstddef>
+#include <cstdlib>
+#include <cstring>
 #include <memory>
 #include <string>
 #include <string_view>
@@ -26,6 +28,7 @@
 #include "cuda/kernels/embed.cuh"
 #include "cuda/kernels/embed_bf16.cuh"
 #include "cuda/kernels/gemm_bf16.h"
+#include "cuda/kernels/grouped_decode_attention.cuh"
 #include "cuda/kernels/head_paged_decode_attention.cuh"
 #include "cuda/kernels/matmul_bias.cuh"
 #include "cuda/kernels/rms_norm.cuh"
@@ -68,6 +71,9 @@ class CudaBackend final : public Backend {
     KVGATE_CUBLAS_RETURN_IF_ERROR(cublasSetMathMode(cublas_, CUBLAS_DEFAULT_MATH));
     KVGATE_CUDA_RETURN_IF_ERROR(
         cudaDeviceGetAttribute(&num_sms_, cudaDevAttrMultiProcessorCount, device_));
+    // KVGATE_GROUPED_DECODE_ATTENTION=0 keeps decode on attention.cu (benchmark A/B runs).
+    const char* grouped = std::getenv("KVGATE_GROUPED_DECODE_ATTENTION");
+    use_grouped_decode_ = grouped == nullptr || std::strcmp(grouped, "0") != 0;
     KVGATE_ASSIGN_OR_RETURN(gemm_workspace_, Alloc(kGemmBf16WorkspaceBytes));
     gemm_bf16_ = std::make_unique<GemmBf16Runner>();
     return gemm_bf16_->Init(gemm_workspace_.data());
@@ -166,8 +172,15 @@ class CudaBackend final : public Backend {
 
   // Decode-sized grids split the visible rows across blocks (see attention.cuh); the
   // split partials go to a workspace that grows on demand and is reused in stream order.
+  // A few query tokens (decode) go to the grouped kernel, which reads each K/V row once
+  // for all query heads of its GQA group (grouped_decode_attention.cuh).
   absl::Status Attention(const AttentionArgs& args) override {
     KVGATE_CUDA_RETURN_IF_ERROR(cudaSetDevice(device_));
+    if (use_grouped_decode_ && GroupedDecodeAttentionSupported(args)) {
+      const AttentionPlan plan = PlanGroupedDecodeAttention(args, num_sms_);
+      KVGATE_RETURN_IF_ERROR(ReserveAttentionWorkspace(plan.workspace_floats));
+      return LaunchGroupedDecodeAttention(args, plan, attention_workspace_.as<float>(), stream_);
+    }
     const AttentionPlan plan = PlanAttention(args, num_sms_);
     KVGATE_RETURN_IF_ERROR(ReserveAttentionWorkspace(plan.workspace_floats));
     return LaunchAttention(args, plan, attention_workspace_.as<float>(), stream_);
@@ -266,6 +279,7 @@ class CudaBackend final : public Backend {
   cudaStream_t stream_ = nullptr;
   cublasHandle_t cublas_ = nullptr;
   int num_sms_ = 0;
+  bool use_grouped_decode_ = true;
   DeviceBuffer attention_workspace_;  // split partials of Attention and HeadPagedDecodeAttention
   DeviceBuffer gemm_workspace_;       // cuBLASLt's, kGemmBf16WorkspaceBytes
   DeviceBuffer attention_bf16_workspace_;  // bf16 K/V rows of AttentionBf16

@@ -234,7 +234,17 @@ INSTANTIATE_TEST_SUITE_P(Shapes, GemmBf16Test,
                                            GemmCase{257, 1024, 4096, false, true, false},
                                            GemmCase{300, 1500, 4096, false, false, false},
                                            GemmCase{64, 14336, 4096, true, false, false},
-                                           GemmCase{97, 4096, 14336, false, true, false}),
+                                           GemmCase{97, 4096, 14336, false, true, false},
+                                           // m <= 8 with k % 8 == 0: the weight-streaming kernel
+                                           // (gemv_bf16.cuh); odd n leaves a partial last block.
+                                           GemmCase{1, 4096, 4096, false, true, false},
+                                           GemmCase{1, 14336, 4096, true, false, false},
+                                           GemmCase{2, 1027, 4096, false, false, true},
+                                           GemmCase{4, 4096, 14336, false, true, false},
+                                           GemmCase{5, 1500, 4104, false, true, true},
+                                           GemmCase{7, 33, 2056, true, false, false},
+                                           GemmCase{8, 1024, 4096, false, false, false},
+                                           GemmCase{8, 14336, 4096, true, false, false}),
                          [](const auto& info) { return info.param.Name(); });
 
 TEST(CudaBf16OpsTest, RmsNormBf16) {

@@ -3,8 +3,12 @@
 #include <cublasLt.h>
 #include <cuda_runtime.h>
 
+#include <cstdlib>
+#include <cstring>
+
 #include "absl/strings/str_cat.h"
 #include "cuda/kernels/cuda_check.h"
+#include "cuda/kernels/gemv_bf16.cuh"
 #include "cuda/kernels/matmul_bias.cuh"
 
 namespace kvgate::ops {
@@ -27,6 +31,8 @@ GemmBf16Runner::~GemmBf16Runner() {
 
 absl::Status GemmBf16Runner::Init(void* workspace) {
   workspace_ = workspace;
+  const char* gemv = std::getenv("KVGATE_GEMV_BF16");
+  use_gemv_ = gemv == nullptr || std::strcmp(gemv, "0") != 0;
   KVGATE_CUBLAS_RETURN_IF_ERROR(cublasLtCreate(&handle_));
   return absl::OkStatus();
 }
@@ -71,6 +77,7 @@ absl::Status GemmBf16Runner::Run(const GemmBf16Args& args, cudaStream_t stream) 
     return absl::InvalidArgumentError("GemmBf16: bias and accumulate need an fp32 output");
   }
   if (args.m == 0 || args.n == 0) return absl::OkStatus();
+  if (use_gemv_ && GemvBf16Supported(args)) return LaunchGemvBf16(args, stream);
   if (args.k == 0) {
     // An empty sum; cuBLASLt would reject a leading dimension of 0.
     if (!args.accumulate) {

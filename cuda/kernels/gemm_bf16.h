@@ -3,7 +3,9 @@
 // Row-major y[m, n] = x[m, k] w[n, k]^T is cuBLAS's column-major y^T = op(w) x with
 // op = transpose on the k x n column-major view of w. The matmul descriptor, layouts and
 // the heuristic's algorithm are made once per (m, n, k, output) and reused, so a decode
-// step pays no heuristic query.
+// step pays no heuristic query. A product of at most kGemvBf16MaxRows rows (decode) goes
+// to the weight-streaming kernel of gemv_bf16.cuh instead, unless the environment sets
+// KVGATE_GEMV_BF16=0 (A/B runs of the benchmark).
 #pragma once
 
 #include <cublasLt.h>
@@ -48,6 +50,7 @@ class GemmBf16Runner {
 
   cublasLtHandle_t handle_ = nullptr;
   void* workspace_ = nullptr;
+  bool use_gemv_ = true;
   std::map<std::tuple<int32_t, int32_t, int32_t, bool>, Plan> plans_;
 };
 

@@ -11,6 +11,8 @@ add_library(kvgate_ops_cuda STATIC
   ${CMAKE_CURRENT_SOURCE_DIR}/kernels/embed.cu
   ${CMAKE_CURRENT_SOURCE_DIR}/kernels/embed_bf16.cu
   ${CMAKE_CURRENT_SOURCE_DIR}/kernels/gemm_bf16.cc
+  ${CMAKE_CURRENT_SOURCE_DIR}/kernels/gemv_bf16.cu
+  ${CMAKE_CURRENT_SOURCE_DIR}/kernels/grouped_decode_attention.cu
   ${CMAKE_CURRENT_SOURCE_DIR}/kernels/head_paged_decode_attention.cu
   ${CMAKE_CURRENT_SOURCE_DIR}/kernels/matmul_bias.cu
   ${CMAKE_CURRENT_SOURCE_DIR}/kernels/rms_norm.cu
