@@ -1,6 +1,8 @@
 #include "prefill_worker/prefill_engine.h"
 
+#include <algorithm>
 #include <chrono>
+#include <iostream>
 
 #include "absl/strings/str_cat.h"
 #include "common/status_macros.h"
@@ -14,8 +16,9 @@ double MillisBetween(absl::Time from, absl::Time to) { return absl::ToDoubleMill
 
 }  // namespace
 
-PrefillEngine::PrefillEngine(kv::WorkerRuntime* runtime, kv::KvSender* sender, int32_t max_queue)
-    : runtime_(runtime), sender_(sender), max_queue_(max_queue) {
+PrefillEngine::PrefillEngine(kv::WorkerRuntime* runtime, kv::KvSender* sender, int32_t max_queue,
+                             int32_t warmup_tokens)
+    : runtime_(runtime), sender_(sender), max_queue_(max_queue), warmup_tokens_(warmup_tokens) {
   thread_ = std::thread([this] { Loop(); });
 }
 
@@ -35,7 +38,7 @@ void PrefillEngine::Submit(PrefillJob job, PrefillDone done) {
   }
   aborted_.erase(job.request_id);
   queue_.push_back({std::move(job), std::move(done), absl::Now()});
-  wake_.notify_one();
+  wake_.notify_all();  // the loop and WaitUntilWarm share wake_
 }
 
 bool PrefillEngine::Abort(const std::string& request_id) {
@@ -90,7 +93,36 @@ int32_t PrefillEngine::running() const {
 int32_t PrefillEngine::pages_used() const { return pages_used_.load(); }
 int32_t PrefillEngine::pages_total() const { return runtime_->pool().num_pages(); }
 
+void PrefillEngine::Warmup() {
+  engine::Model& model = runtime_->model();
+  const engine::ModelConfig& c = model.config();
+  const int32_t n = std::min(warmup_tokens_, c.max_context_tokens);
+  if (n <= 0) return;
+  std::vector<int32_t> tokens(n);
+  for (int32_t i = 0; i < n; ++i) tokens[i] = i % c.vocab_size;
+  const absl::Time start = absl::Now();
+  absl::StatusOr<std::unique_ptr<engine::KvCache>> cache = model.NewCache(n);
+  absl::Status status = cache.status();
+  if (status.ok()) status = model.Forward(tokens, cache->get()).status();
+  if (!status.ok()) {
+    std::cerr << "prefill warm-up of " << n << " tokens failed (serving goes on): " << status << "\n";
+    return;
+  }
+  std::cerr << "prefill warm-up: " << n << " tokens in " << MillisBetween(start, absl::Now()) << " ms\n";
+}
+
+void PrefillEngine::WaitUntilWarm() {
+  std::unique_lock<std::mutex> lock(mu_);
+  wake_.wait(lock, [this] { return warm_ || stopping_; });
+}
+
 void PrefillEngine::Loop() {
+  if (warmup_tokens_ > 0) Warmup();
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    warm_ = true;
+  }
+  wake_.notify_all();
   while (true) {
     Queued next;
     {

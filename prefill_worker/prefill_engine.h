@@ -51,9 +51,15 @@ using PrefillDone = std::function<void(absl::StatusOr<PrefillResult>)>;
 
 class PrefillEngine {
  public:
+  static constexpr int32_t kDefaultMaxQueue = 256;
   // `sender` carries handoffs (not owned, outlives the engine). max_queue: jobs waiting
-  // beyond it are refused with RESOURCE_EXHAUSTED.
-  PrefillEngine(kv::WorkerRuntime* runtime, kv::KvSender* sender, int32_t max_queue = 256);
+  // beyond it are refused with RESOURCE_EXHAUSTED. warmup_tokens > 0: before its first job
+  // the engine thread runs one prefill of min(warmup_tokens, max context) dummy tokens, so
+  // that the model's scratch, the BLAS buffers and the allocator's arenas reach their
+  // working size outside any request's time to first token (jobs submitted meanwhile
+  // wait in the queue; a failed warm-up is reported on stderr and serving goes on).
+  PrefillEngine(kv::WorkerRuntime* runtime, kv::KvSender* sender, int32_t max_queue = kDefaultMaxQueue,
+                int32_t warmup_tokens = 0);
   ~PrefillEngine();  // Shutdown()
 
   // Queues the job; `done` runs exactly once, on the engine thread (or inline for a
@@ -64,6 +70,10 @@ class PrefillEngine {
   bool Abort(const std::string& request_id);
   // Stops taking jobs, fails the queued ones with UNAVAILABLE and joins the thread.
   void Shutdown();
+
+  // Blocks until the start-up warm-up is over (at once without one): `serve` registers
+  // the worker with the KV manager only then, so no request waits behind it.
+  void WaitUntilWarm();
 
   int32_t queued() const;
   int32_t running() const;
@@ -77,12 +87,15 @@ class PrefillEngine {
     absl::Time enqueued;
   };
   void Loop();
+  void Warmup();
   absl::StatusOr<PrefillResult> Run(const PrefillJob& job);
   bool Aborted(const std::string& request_id);
 
   kv::WorkerRuntime* runtime_;
   kv::KvSender* sender_;
   const int32_t max_queue_;
+  const int32_t warmup_tokens_;
+  bool warm_ = false;  // guarded by mu_; signalled on wake_
   mutable std::mutex mu_;
   std::condition_variable wake_;
   std::deque<Queued> queue_;
