@@ -249,7 +249,7 @@ INSTANTIATE_TEST_SUITE_P(Shapes, GemmBf16Test,
 
 TEST(CudaBf16OpsTest, RmsNormBf16) {
   KVGATE_SKIP_WITHOUT_GPU(backend);
-  for (const auto& [rows, dim] : std::vector<std::pair<int32_t, int32_t>>{{1, 64}, {3, 97}, {54, 4096}, {129, 128}}) {
+  for (const auto& [rows, dim] : std::vector<std::pair<int32_t, int32_t>>{{1, 64}, {3, 97}, {54, 4096}, {129, 128}, {2, 8192}, {1, 5120}}) {
     SCOPED_TRACE(absl::StrCat("rows ", rows, " dim ", dim));
     std::mt19937 rng(rows * 31 + dim);
     const std::vector<float> x = RandomFloats(rng, size_t{1} * rows * dim, -3, 3);

@@ -21,7 +21,7 @@ namespace kvgate::ops {
 constexpr int kGroupedDecodeMaxTokens = 8;
 constexpr int kGroupedDecodeMaxGroup = 8;       // query heads per kv head
 constexpr int kGroupedDecodeBlockSize = 128;    // 4 warps
-constexpr int kGroupedDecodeMinRowsPerSplit = 256;
+constexpr int kGroupedDecodeMinRowsPerSplit = 128;
 
 // True when args are valid Attention arguments this kernel takes: 1 to
 // kGroupedDecodeMaxTokens tokens, head_dim 64 or 128, at most kGroupedDecodeMaxGroup query
