@@ -183,8 +183,17 @@ absl::Status Model::EnsureScratch(int32_t n) {
     KVGATE_ASSIGN_OR_RETURN(gate_, backend_->Alloc(size_t{4} * n * c.intermediate_size));
     KVGATE_ASSIGN_OR_RETURN(up_, backend_->Alloc(size_t{4} * n * c.intermediate_size));
   }
-  KVGATE_ASSIGN_OR_RETURN(logits_, backend_->Alloc(size_t{4} * n * c.vocab_size));
   scratch_tokens_ = n;
+  return absl::OkStatus();
+}
+
+// Sized by the rows whose logits are wanted, not by the tokens of the forward: a
+// 32k-token prompt of a 128k-vocabulary model would otherwise hold 16 GiB of fp32 logits
+// to return one row.
+absl::Status Model::EnsureLogitRows(int32_t rows) {
+  if (rows <= logit_rows_) return absl::OkStatus();
+  KVGATE_ASSIGN_OR_RETURN(logits_, backend_->Alloc(size_t{4} * rows * config_.vocab_size));
+  logit_rows_ = rows;
   return absl::OkStatus();
 }
 
@@ -278,6 +287,7 @@ absl::StatusOr<std::vector<float>> Model::Logits(int32_t n, int32_t rows) {
   ops::Backend& b = *backend_;
   // Only the rows whose logits are wanted go through the final norm and lm_head.
   const float* last_rows = x_.as<float>() + int64_t{n - rows} * c.hidden_size;
+  KVGATE_RETURN_IF_ERROR(EnsureLogitRows(rows));
   if (bf16_) {
     ops::Bf16* hb = hb_.as<ops::Bf16>();
     KVGATE_RETURN_IF_ERROR(b.RmsNormBf16({last_rows, final_norm_.as<float>(), hb, rows, c.hidden_size, c.rms_norm_eps}));

@@ -130,6 +130,8 @@ class Model {
   absl::StatusOr<ops::DeviceBuffer> UploadMatrix(const TensorSource& source, const std::string& name,
                                                  const std::vector<int64_t>& shape);
   absl::Status EnsureScratch(int32_t num_tokens);
+  // logits_ for `rows` rows of the vocabulary.
+  absl::Status EnsureLogitRows(int32_t rows);
   absl::Status CheckTokens(absl::Span<const int32_t> tokens) const;
   // Input RMSNorm (into h_; into hb_ with bf16 weights, and also h_ when want_hidden),
   // q/k/v projections, q/k norms and RoPE of n tokens.
@@ -147,8 +149,9 @@ class Model {
   ops::DeviceBuffer inv_freq_;
   bool bf16_ = false;
 
-  // Scratch sized for scratch_tokens_ tokens.
+  // Scratch sized for scratch_tokens_ tokens; logits_ for logit_rows_ rows.
   int32_t scratch_tokens_ = 0;
+  int32_t logit_rows_ = 0;
   ops::DeviceBuffer ids_, positions_, x_, h_, q_, k_, v_, attn_, gate_, up_, logits_, key_mask_;
   // bf16 weights only: bf16 GEMM inputs ([n, max(hidden, q_dim)]) and the MLP's gate/up
   // ([n, intermediate]); gate_ and up_ stay empty then.

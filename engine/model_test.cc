@@ -4,6 +4,7 @@
 
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <filesystem>
 #include <fstream>
 
@@ -57,6 +58,61 @@ TEST_F(ModelTest, IncrementalDecodeEqualsOneShotPrefill) {
   }
   EXPECT_EQ(step_cache->length_tokens(), static_cast<int32_t>(prompt_.size()));
   EXPECT_EQ(step_cache->num_entries(), EntriesPerToken() * static_cast<int64_t>(prompt_.size()));
+}
+
+// A backend that runs on the CPU backend and records the size of every allocation.
+class AllocRecordingBackend final : public ops::Backend {
+ public:
+  explicit AllocRecordingBackend(std::unique_ptr<ops::Backend> inner) : inner_(std::move(inner)) {}
+  std::string_view Name() const override { return inner_->Name(); }
+  absl::StatusOr<ops::DeviceBuffer> Alloc(size_t bytes) override {
+    sizes.push_back(bytes);
+    return inner_->Alloc(bytes);
+  }
+  absl::Status CopyToBackend(void* dst, const void* src, size_t bytes) override { return inner_->CopyToBackend(dst, src, bytes); }
+  absl::Status CopyToHost(void* dst, const void* src, size_t bytes) override { return inner_->CopyToHost(dst, src, bytes); }
+  absl::Status Embed(const ops::EmbedArgs& a) override { return inner_->Embed(a); }
+  absl::Status MatMul(const ops::MatMulArgs& a) override { return inner_->MatMul(a); }
+  absl::Status RmsNorm(const ops::RmsNormArgs& a) override { return inner_->RmsNorm(a); }
+  absl::Status Rope(const ops::RopeArgs& a) override { return inner_->Rope(a); }
+  absl::Status StoreKv(const ops::StoreKvArgs& a) override { return inner_->StoreKv(a); }
+  absl::Status Attention(const ops::AttentionArgs& a) override { return inner_->Attention(a); }
+  absl::Status SiluMul(const ops::SiluMulArgs& a) override { return inner_->SiluMul(a); }
+  absl::Status Add(const ops::AddArgs& a) override { return inner_->Add(a); }
+  absl::Status CopyRows(const ops::CopyRowsArgs& a) override { return inner_->CopyRows(a); }
+  absl::Status HeadPagedDecodeAttention(const ops::HeadPagedDecodeAttentionArgs& a) override {
+    return inner_->HeadPagedDecodeAttention(a);
+  }
+  absl::Status Synchronize() override { return inner_->Synchronize(); }
+  std::vector<size_t> sizes;
+
+ private:
+  std::unique_ptr<ops::Backend> inner_;
+};
+
+// A long prompt with last-token logits allocates one row of logits, not one per token
+// (a 32k-token prompt of a 128k vocabulary would need 16 GiB); all-token logits still work.
+TEST(ModelScratchTest, LastTokenLogitsAllocateOneRow) {
+  AllocRecordingBackend backend(ops::CreateCpuBackend(2));
+  auto model = Model::Load(testing::KvgateTinyDir(), &backend);
+  ASSERT_TRUE(model.ok()) << model.status();
+  const size_t row_bytes = size_t{4} * (*model)->config().vocab_size;
+  constexpr int32_t kTokens = 300;
+  std::vector<int32_t> prompt(kTokens);
+  for (int32_t i = 0; i < kTokens; ++i) prompt[i] = (7 * i + 1) % (*model)->config().vocab_size;
+  auto cache = *(*model)->NewCache(kTokens + 8);
+  backend.sizes.clear();
+  auto last = (*model)->Forward(prompt, cache.get());
+  ASSERT_TRUE(last.ok()) << last.status();
+  EXPECT_EQ(last->size(), row_bytes / 4);
+  EXPECT_EQ(std::count(backend.sizes.begin(), backend.sizes.end(), row_bytes), 1);
+  for (size_t bytes : backend.sizes) EXPECT_LT(bytes, kTokens * row_bytes / 4) << "an allocation of " << bytes;
+  auto all_cache = *(*model)->NewCache(8);
+  auto all = (*model)->Forward({prompt.data(), 5}, all_cache.get(), LogitsMode::kAllTokens);
+  ASSERT_TRUE(all.ok()) << all.status();
+  EXPECT_EQ(all->size(), 5 * row_bytes / 4);
+  EXPECT_NEAR((*all)[4 * row_bytes / 4], (*(*model)->Forward({prompt.data(), 5}, (*(*model)->NewCache(8)).get()))[0],
+              kLogitAtol);
 }
 
 TEST_F(ModelTest, ChunkedPrefillEqualsOneShot) {
