@@ -335,7 +335,8 @@ absl::Status RunServer(const ServerConfig& c) {
     services.push_back(prefill_service.get());
   }
   if (c.roles.count(Role::kDecode)) {
-    KVGATE_ASSIGN_OR_RETURN(decode_runtime, kv::WorkerRuntime::Load(c.runtime));
+    // In one process (serve) the decode role runs on the prefill role's weights.
+    KVGATE_ASSIGN_OR_RETURN(decode_runtime, kv::WorkerRuntime::Load(c.runtime, prefill_runtime.get()));
     decode_engine = std::make_unique<decode::DecodeEngine>(decode_runtime.get(), int64_t{1} << 30);
     decode_engine->inbox().set_unclaimed_ttl(absl::Milliseconds(c.transfer_ttl_ms));
     decode_service = std::make_unique<decode::DecodeService>(decode_engine.get(), id_prefix + "/decode",

@@ -104,20 +104,31 @@ absl::StatusOr<ops::DeviceBuffer> Model::UploadMatrix(const TensorSource& source
   return buffer;
 }
 
+absl::StatusOr<std::unique_ptr<Model>> Model::ShareWeights(const Model& other, ops::Backend* backend) {
+  if (backend == nullptr || backend->Name() != other.backend_->Name()) {
+    return absl::InvalidArgumentError(absl::StrCat("cannot share weights held by backend ", std::string(other.backend_->Name()),
+                                                   " with backend ", backend == nullptr ? std::string("(none)") : std::string(backend->Name())));
+  }
+  auto model = std::unique_ptr<Model>(new Model(other.config_, backend));
+  model->weights_ = other.weights_;
+  model->bf16_ = other.bf16_;
+  return model;
+}
+
 absl::Status Model::LoadWeights(const TensorSource& source, bool lm_head_present) {
   const ModelConfig& c = config_;
   const int64_t hidden = c.hidden_size, q_dim = int64_t{c.num_heads} * c.head_dim,
                 kv_dim = int64_t{c.num_kv_heads} * c.head_dim, inter = c.intermediate_size;
-  KVGATE_ASSIGN_OR_RETURN(embed_, UploadMatrix(source, "model.embed_tokens.weight", {c.vocab_size, hidden}));
-  KVGATE_ASSIGN_OR_RETURN(final_norm_, Upload(source, "model.norm.weight", {hidden}));
+  KVGATE_ASSIGN_OR_RETURN(weights_->embed, UploadMatrix(source, "model.embed_tokens.weight", {c.vocab_size, hidden}));
+  KVGATE_ASSIGN_OR_RETURN(weights_->final_norm, Upload(source, "model.norm.weight", {hidden}));
   // HF ties only when asked; a stored lm_head is used whenever the config does not tie.
   if (!c.tie_word_embeddings && lm_head_present) {
-    KVGATE_ASSIGN_OR_RETURN(lm_head_, UploadMatrix(source, "lm_head.weight", {c.vocab_size, hidden}));
+    KVGATE_ASSIGN_OR_RETURN(weights_->lm_head, UploadMatrix(source, "lm_head.weight", {c.vocab_size, hidden}));
   }
-  layers_.resize(c.num_layers);
+  weights_->layers.resize(c.num_layers);
   for (int i = 0; i < c.num_layers; ++i) {
     const std::string p = absl::StrCat("model.layers.", i, ".");
-    Layer& l = layers_[i];
+    Layer& l = weights_->layers[i];
     KVGATE_ASSIGN_OR_RETURN(l.input_norm, Upload(source, p + "input_layernorm.weight", {hidden}));
     KVGATE_ASSIGN_OR_RETURN(l.post_attention_norm,
                             Upload(source, p + "post_attention_layernorm.weight", {hidden}));
@@ -139,8 +150,8 @@ absl::Status Model::LoadWeights(const TensorSource& source, bool lm_head_present
     KVGATE_ASSIGN_OR_RETURN(l.down, UploadMatrix(source, p + "mlp.down_proj.weight", {hidden, inter}));
   }
   std::vector<float> inv_freq = RopeInverseFrequencies(c);
-  KVGATE_ASSIGN_OR_RETURN(inv_freq_, backend_->Alloc(inv_freq.size() * sizeof(float)));
-  return backend_->CopyToBackend(inv_freq_.data(), inv_freq.data(), inv_freq_.bytes());
+  KVGATE_ASSIGN_OR_RETURN(weights_->inv_freq, backend_->Alloc(inv_freq.size() * sizeof(float)));
+  return backend_->CopyToBackend(weights_->inv_freq.data(), inv_freq.data(), weights_->inv_freq.bytes());
 }
 
 absl::StatusOr<std::unique_ptr<KvCache>> Model::NewCache(int32_t capacity_tokens,
@@ -290,10 +301,10 @@ absl::StatusOr<std::vector<float>> Model::Logits(int32_t n, int32_t rows) {
   KVGATE_RETURN_IF_ERROR(EnsureLogitRows(rows));
   if (bf16_) {
     ops::Bf16* hb = hb_.as<ops::Bf16>();
-    KVGATE_RETURN_IF_ERROR(b.RmsNormBf16({last_rows, final_norm_.as<float>(), hb, rows, c.hidden_size, c.rms_norm_eps}));
+    KVGATE_RETURN_IF_ERROR(b.RmsNormBf16({last_rows, weights_->final_norm.as<float>(), hb, rows, c.hidden_size, c.rms_norm_eps}));
     ops::GemmBf16Args args;
     args.x = hb;
-    args.w = lm_head_.data() != nullptr ? lm_head_.as<ops::Bf16>() : embed_.as<ops::Bf16>();
+    args.w = weights_->lm_head.data() != nullptr ? weights_->lm_head.as<ops::Bf16>() : weights_->embed.as<ops::Bf16>();
     args.y = logits_.data();
     args.m = rows;
     args.n = c.vocab_size;
@@ -303,8 +314,8 @@ absl::StatusOr<std::vector<float>> Model::Logits(int32_t n, int32_t rows) {
     KVGATE_RETURN_IF_ERROR(b.CopyToHost(logits.data(), logits_.data(), logits.size() * sizeof(float)));
     return logits;
   }
-  KVGATE_RETURN_IF_ERROR(b.RmsNorm({last_rows, final_norm_.as<float>(), h_.as<float>(), rows, c.hidden_size, c.rms_norm_eps}));
-  const float* head = lm_head_.data() != nullptr ? lm_head_.as<float>() : embed_.as<float>();
+  KVGATE_RETURN_IF_ERROR(b.RmsNorm({last_rows, weights_->final_norm.as<float>(), h_.as<float>(), rows, c.hidden_size, c.rms_norm_eps}));
+  const float* head = weights_->lm_head.data() != nullptr ? weights_->lm_head.as<float>() : weights_->embed.as<float>();
   KVGATE_RETURN_IF_ERROR(b.MatMul({h_.as<float>(), head, nullptr, logits_.as<float>(), rows, c.vocab_size, c.hidden_size}));
   std::vector<float> logits(size_t{1} * rows * c.vocab_size);
   KVGATE_RETURN_IF_ERROR(b.CopyToHost(logits.data(), logits_.data(), logits.size() * sizeof(float)));
@@ -365,15 +376,15 @@ absl::StatusOr<std::vector<float>> Model::Forward(absl::Span<const int32_t> toke
   ops::Backend& b = *backend_;
   if (bf16_) {
     KVGATE_RETURN_IF_ERROR(
-        b.EmbedBf16({ids_.as<int32_t>(), embed_.as<ops::Bf16>(), x_.as<float>(), n, c.hidden_size, c.vocab_size}));
+        b.EmbedBf16({ids_.as<int32_t>(), weights_->embed.as<ops::Bf16>(), x_.as<float>(), n, c.hidden_size, c.vocab_size}));
   } else {
-    KVGATE_RETURN_IF_ERROR(b.Embed({ids_.as<int32_t>(), embed_.as<float>(), x_.as<float>(), n, c.hidden_size, c.vocab_size}));
+    KVGATE_RETURN_IF_ERROR(b.Embed({ids_.as<int32_t>(), weights_->embed.as<float>(), x_.as<float>(), n, c.hidden_size, c.vocab_size}));
   }
   // With bf16 weights the fp32 normed hidden states are made only when someone reads them.
   const bool want_hidden =
       (capture != nullptr && options.capture_request.hidden_states) || static_cast<bool>(options.layer_key_mask);
   for (int i = 0; i < c.num_layers; ++i) {
-    const Layer& l = layers_[i];
+    const Layer& l = weights_->layers[i];
     KVGATE_RETURN_IF_ERROR(ProjectQkv(l, n, positions_.as<int32_t>(), want_hidden));
     if (capture != nullptr) KVGATE_RETURN_IF_ERROR(CaptureLayer(i, n, options));
     KVGATE_RETURN_IF_ERROR(b.StoreKv({k_.as<float>(), v_.as<float>(), cache->k(i), cache->v(i), n, c.num_kv_heads,
@@ -473,8 +484,8 @@ absl::Status Model::ProjectQkv(const Layer& l, int32_t n, const int32_t* positio
     KVGATE_RETURN_IF_ERROR(b.RmsNorm({k_.as<float>(), l.k_norm.as<float>(), k_.as<float>(), n * c.num_kv_heads,
                                       c.head_dim, c.rms_norm_eps}));
   }
-  KVGATE_RETURN_IF_ERROR(b.Rope({q_.as<float>(), positions, inv_freq_.as<float>(), n, c.num_heads, c.head_dim}));
-  return b.Rope({k_.as<float>(), positions, inv_freq_.as<float>(), n, c.num_kv_heads, c.head_dim});
+  KVGATE_RETURN_IF_ERROR(b.Rope({q_.as<float>(), positions, weights_->inv_freq.as<float>(), n, c.num_heads, c.head_dim}));
+  return b.Rope({k_.as<float>(), positions, weights_->inv_freq.as<float>(), n, c.num_kv_heads, c.head_dim});
 }
 
 absl::StatusOr<std::vector<float>> Model::DecodeStep(absl::Span<const int32_t> tokens, PagedKvBatch* kv) {
@@ -492,12 +503,12 @@ absl::StatusOr<std::vector<float>> Model::DecodeStep(absl::Span<const int32_t> t
   ops::Backend& b = *backend_;
   if (bf16_) {
     KVGATE_RETURN_IF_ERROR(
-        b.EmbedBf16({ids_.as<int32_t>(), embed_.as<ops::Bf16>(), x_.as<float>(), n, c.hidden_size, c.vocab_size}));
+        b.EmbedBf16({ids_.as<int32_t>(), weights_->embed.as<ops::Bf16>(), x_.as<float>(), n, c.hidden_size, c.vocab_size}));
   } else {
-    KVGATE_RETURN_IF_ERROR(b.Embed({ids_.as<int32_t>(), embed_.as<float>(), x_.as<float>(), n, c.hidden_size, c.vocab_size}));
+    KVGATE_RETURN_IF_ERROR(b.Embed({ids_.as<int32_t>(), weights_->embed.as<float>(), x_.as<float>(), n, c.hidden_size, c.vocab_size}));
   }
   for (int i = 0; i < c.num_layers; ++i) {
-    const Layer& l = layers_[i];
+    const Layer& l = weights_->layers[i];
     KVGATE_RETURN_IF_ERROR(ProjectQkv(l, n, positions_.as<int32_t>(), kv->wants_layer_inputs()));
     if (kv->wants_layer_inputs()) {
       std::vector<float> hidden(size_t{1} * n * c.hidden_size);

@@ -89,6 +89,14 @@ class Model {
                                                              uint64_t seed, ops::Backend* backend,
                                                              const LoadOptions& options = {});
 
+  // A model over the same weights as `other` (no copy: one copy of the weights per
+  // process, whatever roles it runs) with scratch of its own, running its ops on
+  // `backend`; its Forward and DecodeStep may run concurrently with other's. `backend`
+  // must address other.backend()'s memory (the same device: equal names, else
+  // INVALID_ARGUMENT). The weights are freed with the last model that shares them, by
+  // other.backend(), which must outlive them.
+  static absl::StatusOr<std::unique_ptr<Model>> ShareWeights(const Model& other, ops::Backend* backend);
+
   const ModelConfig& config() const { return config_; }
   // True when the weights live in bf16 (see WeightDType).
   bool bf16_weights() const { return bf16_; }
@@ -121,7 +129,15 @@ class Model {
   using TensorSource = std::function<absl::StatusOr<std::vector<float>>(
       const std::string& name, const std::vector<int64_t>& shape)>;
 
-  Model(ModelConfig config, ops::Backend* backend) : config_(std::move(config)), backend_(backend) {}
+  // Immutable after loading; shared by the models of ShareWeights.
+  struct Weights {
+    std::vector<Layer> layers;
+    ops::DeviceBuffer embed, final_norm, lm_head;  // lm_head empty when tied
+    ops::DeviceBuffer inv_freq;
+  };
+
+  Model(ModelConfig config, ops::Backend* backend)
+      : config_(std::move(config)), backend_(backend), weights_(std::make_shared<Weights>()) {}
   absl::Status ChooseWeightDType(const LoadOptions& options);
   absl::Status LoadWeights(const TensorSource& source, bool lm_head_present);
   absl::StatusOr<ops::DeviceBuffer> Upload(const TensorSource& source, const std::string& name,
@@ -144,9 +160,7 @@ class Model {
 
   ModelConfig config_;
   ops::Backend* backend_;
-  std::vector<Layer> layers_;
-  ops::DeviceBuffer embed_, final_norm_, lm_head_;  // lm_head_ empty when tied
-  ops::DeviceBuffer inv_freq_;
+  std::shared_ptr<Weights> weights_;
   bool bf16_ = false;
 
   // Scratch sized for scratch_tokens_ tokens; logits_ for logit_rows_ rows.

@@ -6,6 +6,8 @@
 
 #include <algorithm>
 #include <filesystem>
+#include <thread>
+#include <cstring>
 #include <fstream>
 
 #include "absl/strings/str_cat.h"
@@ -63,8 +65,9 @@ TEST_F(ModelTest, IncrementalDecodeEqualsOneShotPrefill) {
 // A backend that runs on the CPU backend and records the size of every allocation.
 class AllocRecordingBackend final : public ops::Backend {
  public:
-  explicit AllocRecordingBackend(std::unique_ptr<ops::Backend> inner) : inner_(std::move(inner)) {}
-  std::string_view Name() const override { return inner_->Name(); }
+  explicit AllocRecordingBackend(std::unique_ptr<ops::Backend> inner, std::string name = "")
+      : inner_(std::move(inner)), name_(std::move(name)) {}
+  std::string_view Name() const override { return name_.empty() ? inner_->Name() : name_; }
   absl::StatusOr<ops::DeviceBuffer> Alloc(size_t bytes) override {
     sizes.push_back(bytes);
     return inner_->Alloc(bytes);
@@ -88,6 +91,7 @@ class AllocRecordingBackend final : public ops::Backend {
 
  private:
   std::unique_ptr<ops::Backend> inner_;
+  std::string name_;
 };
 
 // A long prompt with last-token logits allocates one row of logits, not one per token
@@ -113,6 +117,47 @@ TEST(ModelScratchTest, LastTokenLogitsAllocateOneRow) {
   EXPECT_EQ(all->size(), 5 * row_bytes / 4);
   EXPECT_NEAR((*all)[4 * row_bytes / 4], (*(*model)->Forward({prompt.data(), 5}, (*(*model)->NewCache(8)).get()))[0],
               kLogitAtol);
+}
+
+// A second model over the same weights allocates only scratch, gives bit-identical
+// logits, and runs at the same time as the first without disturbing it.
+TEST(ModelShareWeightsTest, SecondModelAllocatesNoWeightsAndComputesTheSame) {
+  AllocRecordingBackend owner(ops::CreateCpuBackend(1));
+  auto first = Model::Load(testing::KvgateTinyDir(), &owner);
+  ASSERT_TRUE(first.ok()) << first.status();
+  size_t weight_bytes = 0;
+  for (size_t bytes : owner.sizes) weight_bytes += bytes;
+  AllocRecordingBackend other(ops::CreateCpuBackend(1));
+  auto second = Model::ShareWeights(**first, &other);
+  ASSERT_TRUE(second.ok()) << second.status();
+  EXPECT_TRUE(other.sizes.empty());
+  const std::vector<int32_t> prompt = {1, 500, 24, 300, 17, 1200, 88, 5, 640, 2000, 33, 42};
+  std::vector<float> a, b;
+  std::thread run_first([&] {
+    for (int repeat = 0; repeat < 3; ++repeat) a = *(*first)->Forward(prompt, (*(*first)->NewCache(32)).get());
+  });
+  for (int repeat = 0; repeat < 3; ++repeat) b = *(*second)->Forward(prompt, (*(*second)->NewCache(32)).get());
+  run_first.join();
+  ASSERT_EQ(a.size(), b.size());
+  EXPECT_EQ(0, std::memcmp(a.data(), b.data(), a.size() * sizeof(float)));
+  size_t scratch_bytes = 0;
+  for (size_t bytes : other.sizes) scratch_bytes += bytes;
+  EXPECT_LT(scratch_bytes, weight_bytes / 2) << "the second model allocated weights";
+  // The first model may go first: the weights live on with the second.
+  first->reset();
+  auto again = (*second)->Forward(prompt, (*(*second)->NewCache(32)).get());
+  ASSERT_TRUE(again.ok());
+  EXPECT_EQ(0, std::memcmp(again->data(), b.data(), b.size() * sizeof(float)));
+}
+
+TEST(ModelShareWeightsTest, AnotherDeviceIsInvalidArgument) {
+  std::unique_ptr<ops::Backend> cpu = ops::CreateCpuBackend(1);
+  auto model = Model::Load(testing::KvgateTinyDir(), cpu.get());
+  ASSERT_TRUE(model.ok()) << model.status();
+  AllocRecordingBackend elsewhere(ops::CreateCpuBackend(1), "cuda:1");
+  auto shared = Model::ShareWeights(**model, &elsewhere);
+  EXPECT_EQ(shared.status().code(), absl::StatusCode::kInvalidArgument) << shared.status();
+  EXPECT_EQ(Model::ShareWeights(**model, nullptr).status().code(), absl::StatusCode::kInvalidArgument);
 }
 
 TEST_F(ModelTest, ChunkedPrefillEqualsOneShot) {

@@ -7,7 +7,8 @@
 
 namespace kvgate::kv {
 
-absl::StatusOr<std::unique_ptr<WorkerRuntime>> WorkerRuntime::Load(const WorkerRuntimeOptions& options) {
+absl::StatusOr<std::unique_ptr<WorkerRuntime>> WorkerRuntime::Load(const WorkerRuntimeOptions& options,
+                                                                   const WorkerRuntime* share_weights_with) {
   namespace fs = std::filesystem;
   std::error_code ec;
   if (!fs::is_directory(options.model_dir, ec)) {
@@ -17,7 +18,17 @@ absl::StatusOr<std::unique_ptr<WorkerRuntime>> WorkerRuntime::Load(const WorkerR
   auto runtime = std::unique_ptr<WorkerRuntime>(new WorkerRuntime());
   runtime->options_ = options;
   KVGATE_ASSIGN_OR_RETURN(runtime->backend_, ops::CreateBackend(options.backend));
-  KVGATE_ASSIGN_OR_RETURN(runtime->model_, engine::Model::Load(options.model_dir, runtime->backend_.get()));
+  if (share_weights_with != nullptr) {
+    if (fs::path(share_weights_with->options_.model_dir).lexically_normal() != fs::path(options.model_dir).lexically_normal()) {
+      return absl::InvalidArgumentError(absl::StrCat("cannot share the weights of '", share_weights_with->options_.model_dir,
+                                                     "' with a runtime of '", options.model_dir, "'"));
+    }
+    KVGATE_ASSIGN_OR_RETURN(runtime->model_,
+                            engine::Model::ShareWeights(*share_weights_with->model_, runtime->backend_.get()));
+    runtime->weights_backend_ = share_weights_with->backend_;
+  } else {
+    KVGATE_ASSIGN_OR_RETURN(runtime->model_, engine::Model::Load(options.model_dir, runtime->backend_.get()));
+  }
   KVGATE_ASSIGN_OR_RETURN(runtime->tokenizer_,
                           engine::Tokenizer::FromFile((fs::path(options.model_dir) / "tokenizer.json").string()));
   const engine::ModelConfig& c = runtime->model_->config();

@@ -38,8 +38,13 @@ struct WorkerRuntimeOptions {
 
 class WorkerRuntime {
  public:
-  // NOT_FOUND for a missing model directory; load errors pass through.
-  static absl::StatusOr<std::unique_ptr<WorkerRuntime>> Load(const WorkerRuntimeOptions& options);
+  // NOT_FOUND for a missing model directory; load errors pass through. With
+  // `share_weights_with` (another role of this process, loaded from the same model
+  // directory on the same backend name), the model's weights are that runtime's, not a
+  // second copy (engine::Model::ShareWeights); this runtime keeps the other's backend
+  // alive for as long as it uses them. INVALID_ARGUMENT when the two disagree.
+  static absl::StatusOr<std::unique_ptr<WorkerRuntime>> Load(const WorkerRuntimeOptions& options,
+                                                             const WorkerRuntime* share_weights_with = nullptr);
 
   const WorkerRuntimeOptions& options() const { return options_; }
   ops::Backend& backend() { return *backend_; }
@@ -55,7 +60,10 @@ class WorkerRuntime {
 
  private:
   WorkerRuntimeOptions options_;
-  std::unique_ptr<ops::Backend> backend_;
+  // The backend that allocated shared weights (another runtime's); declared before
+  // model_ so that it outlives the weights model_ may hold the last reference to.
+  std::shared_ptr<ops::Backend> weights_backend_;
+  std::shared_ptr<ops::Backend> backend_;
   std::unique_ptr<engine::Model> model_;
   std::unique_ptr<engine::Tokenizer> tokenizer_;
   std::shared_ptr<const gates::FastKvzipGate> fast_kvzip_gate_;
