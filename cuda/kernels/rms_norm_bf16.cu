@@ -7,18 +7,11 @@
 
 namespace kvgate::ops {
 
-// One block per row: sum of squares by warp shuffles, then one pass to scale and round.
-static __global__ void RmsNormBf16Kernel(const float* x, const float* weight, __nv_bfloat16* out,
-                                         int dim, float eps) {
-  __shared__ float warp_sums[kRmsNormBf16BlockSize / 32];
-  const int64_t row = blockIdx.x;
-  const float* xr = x + row * dim;
-  __nv_bfloat16* outr = out + row * dim;
+// Sums `sum` over the block (warp shuffles, then warp 0 over the warps' sums) into
+// warp_sums[0], visible to every thread on return.
+__device__ __forceinline__ void BlockSumInto(float sum, float (&warp_sums)[kRmsNormBf16BlockSize / 32]) {
   const int lane = threadIdx.x % 32;
   const int warp = threadIdx.x / 32;
-
-  float sum = 0.0f;
-  for (int i = threadIdx.x; i < dim; i += blockDim.x) sum += xr[i] * xr[i];
   for (int offset = 16; offset > 0; offset /= 2) sum += __shfl_xor_sync(0xffffffffu, sum, offset);
   if (lane == 0) warp_sums[warp] = sum;
   __syncthreads();
@@ -28,6 +21,19 @@ static __global__ void RmsNormBf16Kernel(const float* x, const float* weight, __
     if (lane == 0) warp_sums[0] = sum;
   }
   __syncthreads();
+}
+
+// One block per row: sum of squares by warp shuffles, then one pass to scale and round.
+static __global__ void RmsNormBf16Kernel(const float* x, const float* weight, __nv_bfloat16* out,
+                                         int dim, float eps) {
+  __shared__ float warp_sums[kRmsNormBf16BlockSize / 32];
+  const int64_t row = blockIdx.x;
+  const float* xr = x + row * dim;
+  __nv_bfloat16* outr = out + row * dim;
+
+  float sum = 0.0f;
+  for (int i = threadIdx.x; i < dim; i += blockDim.x) sum += xr[i] * xr[i];
+  BlockSumInto(sum, warp_sums);
   const float inv_rms = 1.0f / sqrtf(warp_sums[0] / static_cast<float>(dim) + eps);
   for (int i = threadIdx.x; i < dim; i += blockDim.x) {
     outr[i] = __float2bfloat16_rn(weight[i] * (xr[i] * inv_rms));
@@ -45,8 +51,6 @@ __global__ void __launch_bounds__(kRmsNormBf16BlockSize)
   const int64_t row = blockIdx.x;
   const float4* xr = x + row * dim4;
   uint2* outr = out + row * dim4;
-  const int lane = threadIdx.x % 32;
-  const int warp = threadIdx.x / 32;
   float4 v[kVec];
   float4 w[kVec];
   float sum = 0.0f;
@@ -58,15 +62,7 @@ __global__ void __launch_bounds__(kRmsNormBf16BlockSize)
   }
 #pragma unroll
   for (int j = 0; j < kVec; ++j) sum += v[j].x * v[j].x + v[j].y * v[j].y + v[j].z * v[j].z + v[j].w * v[j].w;
-  for (int offset = 16; offset > 0; offset /= 2) sum += __shfl_xor_sync(0xffffffffu, sum, offset);
-  if (lane == 0) warp_sums[warp] = sum;
-  __syncthreads();
-  if (warp == 0) {
-    sum = lane < kRmsNormBf16BlockSize / 32 ? warp_sums[lane] : 0.0f;
-    for (int offset = 16; offset > 0; offset /= 2) sum += __shfl_xor_sync(0xffffffffu, sum, offset);
-    if (lane == 0) warp_sums[0] = sum;
-  }
-  __syncthreads();
+  BlockSumInto(sum, warp_sums);
   const float inv_rms = 1.0f / sqrtf(warp_sums[0] / static_cast<float>(4 * dim4) + eps);
 #pragma unroll
   for (int j = 0; j < kVec; ++j) {
