@@ -105,6 +105,22 @@ def write_checkpoint(weights, model_dir):
     with open(os.path.join(model_dir, "generation_config.json"), "w") as f:
         json.dump({"bos_token_id": 1, "eos_token_id": 2}, f)
     save_file({k: v.cpu() for k, v in weights.items()}, os.path.join(model_dir, "model.safetensors"))
+    write_tokenizer(model_dir)
+
+
+def write_tokenizer(model_dir):
+    """A tokenizer.json of VOCAB ids for `kvgate serve` (which decodes every token it
+    streams): the golden llama_gqa_untied SentencePiece-style BPE (512 ids, byte
+    fallback), its vocabulary extended by whole-word pieces up to VOCAB."""
+    source = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests", "golden", "models",
+                          "llama_gqa_untied", "tokenizer.json")
+    with open(source) as f:
+        tokenizer = json.load(f)
+    vocab = tokenizer["model"]["vocab"]
+    for i in range(len(vocab), VOCAB):
+        vocab[f"\u2581w{i}"] = i
+    with open(os.path.join(model_dir, "tokenizer.json"), "w") as f:
+        json.dump(tokenizer, f, ensure_ascii=False)
 
 
 # ---- floors ------------------------------------------------------------------------------

@@ -76,7 +76,8 @@ last = max(i for i, r in enumerate(rows) if "Embed" in r[header_name])
 step = rows[last:]
 total = collections.OrderedDict()
 for r in step:
-    name = r[header_name].split("(")[0].split("<")[0][-60:]
+    name = r[header_name].replace("void ", "").replace("(anonymous namespace)::", "")
+    name = name.split("(")[0].split("<")[0][-60:]
     scale = {"nsecond": 1.0, "usecond": 1e3, "msecond": 1e6}.get(r[value - 1], 1.0)
     total[name] = total.get(name, 0.0) + float(r[value].replace(",", "")) * scale
 print(f"launches in the step: {len(step)}; kernel time {sum(total.values()) / 1e3:.1f} us")

@@ -202,6 +202,9 @@ class AddressedSender final : public kv::KvSender {
   absl::StatusOr<int64_t> Send(const std::string& address, const kv::KvHandoff& handoff, absl::Time deadline) override {
     return (address == kInprocAddress ? inproc_ : tcp_)->Send(address, handoff, deadline);
   }
+  std::string BackendRowsFor(const std::string& address) const override {
+    return (address == kInprocAddress ? inproc_ : tcp_)->BackendRowsFor(address);
+  }
 
  private:
   std::unique_ptr<kv::KvSender> inproc_, tcp_;

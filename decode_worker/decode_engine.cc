@@ -9,6 +9,7 @@ namespace kvgate::decode {
 
 DecodeEngine::DecodeEngine(kv::WorkerRuntime* runtime, int64_t max_pending_transfer_bytes)
     : runtime_(runtime), inbox_(max_pending_transfer_bytes), pages_total_(runtime->pool().num_pages()) {
+  inbox_.set_rows_backend(std::string(runtime->backend().Name()));
   loop_ = std::thread([this] { Loop(); });
 }
 

@@ -127,7 +127,7 @@ absl::Status KvHandoff::Validate() const {
       const HeadRows& head = at(l, h);
       const std::string where = absl::StrCat(what, "layer ", l, " kv head ", h, ": ");
       const size_t n = head.positions.size();
-      const size_t floats = n * static_cast<size_t>(head_dim);
+      const size_t floats = backend_rows != nullptr ? 0 : n * static_cast<size_t>(head_dim);
       if (head.k.size() != floats || head.v.size() != floats) {
         return absl::InvalidArgumentError(absl::StrCat(where, head.k.size(), " K and ", head.v.size(),
                                                        " V floats for ", n, " rows of ", head_dim));
@@ -148,6 +148,18 @@ absl::Status KvHandoff::Validate() const {
                                                          next_pos, ")"));
         }
       }
+    }
+  }
+  if (backend_rows != nullptr) {
+    int64_t total = 0;
+    for (const HeadRows& head : heads) total += static_cast<int64_t>(head.positions.size());
+    const size_t need = static_cast<size_t>(total) * head_dim * sizeof(float);
+    if (backend_rows->rows != total || backend_rows->head_dim != head_dim || backend_rows->k.bytes() < need ||
+        backend_rows->v.bytes() < need) {
+      return absl::InvalidArgumentError(absl::StrCat(what, backend_rows->rows, " backend rows of ",
+                                                     backend_rows->head_dim, " (", backend_rows->k.bytes(), " / ",
+                                                     backend_rows->v.bytes(), " bytes) for ", total, " rows of ",
+                                                     head_dim));
     }
   }
   switch (eviction.kind) {
@@ -218,19 +230,32 @@ absl::Status ParseLayer(std::string_view bytes, absl::Span<const int32_t> length
   return absl::OkStatus();
 }
 
-absl::StatusOr<KvHandoff> ExportSequence(const KvPool& pool, const SequenceLayout& layout) {
+absl::StatusOr<KvHandoff> ExportSequence(KvPool* pool, const SequenceLayout& layout, RowsIn rows_in) {
   if (layout.heads.empty()) return absl::InvalidArgumentError("export of an empty sequence");
   KvHandoff handoff;
   handoff.num_layers = layout.num_layers;
   handoff.num_kv_heads = layout.num_kv_heads;
-  handoff.head_dim = pool.head_dim();
+  handoff.head_dim = pool->head_dim();
   handoff.next_pos = layout.next_pos;
   handoff.has_query_masks = layout.has_query_masks;
   handoff.has_scores = layout.has_scores;
   handoff.heads.reserve(layout.heads.size());
+  if (rows_in == RowsIn::kBackend) {
+    KVGATE_ASSIGN_OR_RETURN(BackendRows rows, pool->GatherRows(layout));
+    handoff.backend_rows = std::make_shared<const BackendRows>(std::move(rows));
+    // The layout's host copies of positions, masks and scores are what the pool holds.
+    for (const HeadPages& hp : layout.heads) {
+      HeadRows head;
+      head.positions = hp.positions;
+      if (layout.has_query_masks) head.query_mask = hp.query_mask;
+      head.scores = hp.scores;
+      handoff.heads.push_back(std::move(head));
+    }
+    return handoff;
+  }
   for (int32_t l = 0; l < layout.num_layers; ++l) {
     for (int32_t h = 0; h < layout.num_kv_heads; ++h) {
-      KVGATE_ASSIGN_OR_RETURN(HeadRows rows, pool.ReadRows(layout, l, h));
+      KVGATE_ASSIGN_OR_RETURN(HeadRows rows, pool->ReadRows(layout, l, h));
       // The pool keeps 0xFF mask bytes for a layout without masks; they do not travel.
       if (!layout.has_query_masks) rows.query_mask.clear();
       handoff.heads.push_back(std::move(rows));
@@ -253,7 +278,8 @@ absl::StatusOr<SequenceLayout> ImportSequence(KvPool* pool, const KvHandoff& han
     plan.heads[i].scores = handoff.heads[i].scores;
   }
   SequenceLayout layout;
-  absl::Status s = pool->CommitHostRows(plan, handoff.heads, &layout);
+  absl::Status s = handoff.backend_rows != nullptr ? pool->CommitBackendRows(plan, *handoff.backend_rows, &layout)
+                                                   : pool->CommitHostRows(plan, handoff.heads, &layout);
   if (!s.ok()) return absl::Status(s.code(), absl::StrCat("kv handoff ", handoff.transfer_id, ": ", s.message()));
   // PlanCommit derives the flags from the rows; a sequence whose heads are all empty
   // keeps the handoff's.

@@ -218,7 +218,7 @@ TEST_F(KvHandoffPoolTest, ImportExportRoundTripsExactRows) {
   EXPECT_TRUE(layout->has_query_masks);
   EXPECT_TRUE(layout->has_scores);
   EXPECT_EQ(pool.pages_free(), free_before - layout->NumPages());
-  auto back = ExportSequence(pool, *layout);
+  auto back = ExportSequence(&pool, *layout);
   ASSERT_TRUE(back.ok()) << back.status();
   ExpectSameRows(h, *back);
   // The mask bytes past each head's last row stay 0xFF (kv_pool.h invariant).
@@ -251,7 +251,7 @@ TEST_F(KvHandoffPoolTest, ImportExportRoundTripsExactRows) {
       for (uint8_t byte : rows->query_mask) EXPECT_EQ(byte, kAllQueryHeads) << "layer " << l << " kv head " << kv;
     }
   }
-  back = ExportSequence(pool, *layout);
+  back = ExportSequence(&pool, *layout);
   ASSERT_TRUE(back.ok());
   ExpectSameRows(plain, *back);
   ASSERT_TRUE(pool.Release(&*layout).ok());
@@ -307,7 +307,7 @@ TEST_F(KvHandoffPoolTest, SmallPoolIsResourceExhaustedAndLeaksNothing) {
   const testing::PolicyCase full = testing::DecodePolicyCases(gates)[0];
   auto prefilled = testing::PrefillAndCommit(*prefill_->model, prefill_->pool.get(), full, prompt_);
   ASSERT_TRUE(prefilled.ok()) << prefilled.status();
-  auto handoff = ExportSequence(*prefill_->pool, prefilled->sequence->layout());
+  auto handoff = ExportSequence(prefill_->pool.get(), prefilled->sequence->layout());
   ASSERT_TRUE(handoff.ok()) << handoff.status();
   // Hold a page so the pool is not pristine: the failed import must leave it as it was.
   KvHandoff one = *handoff;
@@ -325,19 +325,21 @@ TEST_F(KvHandoffPoolTest, SmallPoolIsResourceExhaustedAndLeaksNothing) {
   EXPECT_EQ((*small)->pages_free(), 8);
 }
 
-// Prefill + commit with each policy on one worker, export, the wire format per layer,
-// import into a second worker's pool (its own backend and model) with the eviction
-// rebuilt from its params: both copies decode the same tokens to bit-identical logits,
-// and their decode-time eviction keeps the same rows step by step.
+// Prefill + commit with each policy on one worker, export, the wire format per layer
+// (host rows) or the rows left in backend memory (the in-process path), import into a
+// second worker's pool (its own backend instance and model) with the eviction rebuilt
+// from its params: both copies decode the same tokens to bit-identical logits, and
+// their decode-time eviction keeps the same rows step by step.
 TEST_F(KvHandoffPoolTest, HandoffContinuesDecodeBitIdenticallyForEveryPolicy) {
   testing::TinyGates gates(prefill_->shape());
   const int32_t prefill_free = prefill_->pool->pages_free(), decode_free = decode_->pool->pages_free();
+  for (const RowsIn rows_in : {RowsIn::kHost, RowsIn::kBackend}) {
   for (const testing::PolicyCase& c : testing::DecodePolicyCases(gates)) {
-    SCOPED_TRACE(c.name);
+    SCOPED_TRACE(c.name + (rows_in == RowsIn::kHost ? " host rows" : " backend rows"));
     auto prefilled = testing::PrefillAndCommit(*prefill_->model, prefill_->pool.get(), c, prompt_);
     ASSERT_TRUE(prefilled.ok()) << prefilled.status();
     SequenceBatch& original = *prefilled->sequence;
-    auto exported = ExportSequence(*prefill_->pool, original.layout());
+    auto exported = ExportSequence(prefill_->pool.get(), original.layout(), rows_in);
     ASSERT_TRUE(exported.ok()) << exported.status();
     exported->transfer_id = "xfer-" + c.name;
     exported->first_token = testing::Argmax(prefilled->logits);
@@ -356,7 +358,27 @@ TEST_F(KvHandoffPoolTest, HandoffContinuesDecodeBitIdenticallyForEveryPolicy) {
     }
     ASSERT_TRUE(exported->Validate().ok()) << exported->Validate();
 
-    // Over the wire: the header fields, then every layer's bytes.
+    if (rows_in == RowsIn::kBackend) {
+      // The same rows as the host export, in GatherRows order.
+      ASSERT_NE(exported->backend_rows, nullptr);
+      auto host = ExportSequence(prefill_->pool.get(), original.layout(), RowsIn::kHost);
+      ASSERT_TRUE(host.ok()) << host.status();
+      const BackendRows& rows = *exported->backend_rows;
+      EXPECT_EQ(rows.backend, "cpu");
+      size_t at = 0;
+      for (size_t i = 0; i < host->heads.size(); ++i) {
+        const HeadRows& want = host->heads[i];
+        EXPECT_EQ(exported->heads[i].positions, want.positions);
+        EXPECT_EQ(exported->heads[i].query_mask, want.query_mask);
+        EXPECT_EQ(exported->heads[i].scores, want.scores);
+        EXPECT_TRUE(exported->heads[i].k.empty() && exported->heads[i].v.empty());
+        ASSERT_EQ(0, std::memcmp(rows.k.as<float>() + at, want.k.data(), want.k.size() * sizeof(float))) << i;
+        ASSERT_EQ(0, std::memcmp(rows.v.as<float>() + at, want.v.data(), want.v.size() * sizeof(float))) << i;
+        at += want.k.size();
+      }
+      EXPECT_EQ(static_cast<int64_t>(at), rows.rows * rows.head_dim);
+    }
+    // Over the wire: the header fields, then every layer's bytes; or the backend rows.
     KvHandoff received;
     received.transfer_id = exported->transfer_id;
     received.num_layers = exported->num_layers;
@@ -368,8 +390,12 @@ TEST_F(KvHandoffPoolTest, HandoffContinuesDecodeBitIdenticallyForEveryPolicy) {
     received.first_token = exported->first_token;
     received.eviction = exported->eviction;
     const std::vector<int32_t> lengths = exported->Lengths();
-    for (int32_t l = 0; l < exported->num_layers; ++l) {
-      ASSERT_TRUE(ParseLayer(SerializeLayer(*exported, l), lengths, l, &received).ok());
+    if (rows_in == RowsIn::kHost) {
+      for (int32_t l = 0; l < exported->num_layers; ++l) {
+        ASSERT_TRUE(ParseLayer(SerializeLayer(*exported, l), lengths, l, &received).ok());
+      }
+    } else {
+      received = *exported;
     }
     auto layout = ImportSequence(decode_->pool.get(), received);
     ASSERT_TRUE(layout.ok()) << layout.status();
@@ -404,8 +430,62 @@ TEST_F(KvHandoffPoolTest, HandoffContinuesDecodeBitIdenticallyForEveryPolicy) {
           << "decode-time eviction never ran";
     }
   }
+  }
   EXPECT_EQ(prefill_->pool->pages_free(), prefill_free);
   EXPECT_EQ(decode_->pool->pages_free(), decode_free);
+}
+
+// Backend rows that do not fit the handoff, or live in another backend's memory, are
+// refused before any page is taken.
+TEST_F(KvHandoffPoolTest, MismatchedBackendRowsAreRefusedAndLeakNothing) {
+  testing::TinyGates gates(prefill_->shape());
+  const testing::PolicyCase full = testing::DecodePolicyCases(gates)[0];
+  auto prefilled = testing::PrefillAndCommit(*prefill_->model, prefill_->pool.get(), full, prompt_);
+  ASSERT_TRUE(prefilled.ok()) << prefilled.status();
+  auto exported = ExportSequence(prefill_->pool.get(), prefilled->sequence->layout(), RowsIn::kBackend);
+  ASSERT_TRUE(exported.ok()) << exported.status();
+  ASSERT_TRUE(exported->Validate().ok()) << exported->Validate();
+  KvPool& pool = *decode_->pool;
+  const int32_t free_before = pool.pages_free();
+
+  auto with_rows = [&](int64_t rows, int32_t head_dim, size_t bytes, std::string backend) {
+    auto replaced = std::make_shared<BackendRows>();
+    replaced->backend = std::move(backend);
+    replaced->rows = rows;
+    replaced->head_dim = head_dim;
+    replaced->k = *decode_->backend->Alloc(bytes);
+    replaced->v = *decode_->backend->Alloc(bytes);
+    KvHandoff h = *exported;
+    h.backend_rows = std::move(replaced);
+    return h;
+  };
+  const BackendRows& good = *exported->backend_rows;
+  const size_t bytes = good.k.bytes();
+  const std::vector<std::pair<std::string, KvHandoff>> invalid = {
+      {"one row short", with_rows(good.rows - 1, good.head_dim, bytes, "cpu")},
+      {"other width", with_rows(good.rows, good.head_dim / 2, bytes, "cpu")},
+      {"short buffers", with_rows(good.rows, good.head_dim, bytes / 2, "cpu")},
+  };
+  for (const auto& [name, bad] : invalid) {
+    EXPECT_EQ(bad.Validate().code(), absl::StatusCode::kInvalidArgument) << name;
+    auto layout = ImportSequence(&pool, bad);
+    EXPECT_EQ(layout.status().code(), absl::StatusCode::kInvalidArgument) << name << ": " << layout.status();
+    EXPECT_EQ(pool.pages_free(), free_before) << name;
+  }
+  KvHandoff host_rows_too = *exported;
+  host_rows_too.at(0, 0).k.assign(host_rows_too.at(0, 0).positions.size() * host_rows_too.head_dim, 1.0f);
+  host_rows_too.at(0, 0).v = host_rows_too.at(0, 0).k;
+  EXPECT_EQ(host_rows_too.Validate().code(), absl::StatusCode::kInvalidArgument);
+
+  const KvHandoff elsewhere = with_rows(good.rows, good.head_dim, bytes, "cuda:3");
+  auto layout = ImportSequence(&pool, elsewhere);
+  EXPECT_EQ(layout.status().code(), absl::StatusCode::kFailedPrecondition) << layout.status();
+  EXPECT_EQ(pool.pages_free(), free_before);
+
+  layout = ImportSequence(&pool, *exported);
+  ASSERT_TRUE(layout.ok()) << layout.status();
+  ASSERT_TRUE(pool.Release(&*layout).ok());
+  EXPECT_EQ(pool.pages_free(), free_before);
 }
 
 }  // namespace

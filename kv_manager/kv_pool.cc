@@ -358,4 +358,88 @@ absl::Status KvPool::CommitHostRows(const gates::KeepPlan& plan, absl::Span<cons
   return absl::OkStatus();
 }
 
+absl::StatusOr<BackendRows> KvPool::GatherRows(const SequenceLayout& layout) {
+  if (layout.heads.empty() || layout.page_tokens != page_tokens_) {
+    return absl::InvalidArgumentError(absl::StrCat("gather of a layout of ", layout.heads.size(),
+                                                   " heads, page_tokens ", layout.page_tokens, " (pool ",
+                                                   page_tokens_, ")"));
+  }
+  int64_t total = 0;
+  for (const HeadPages& hp : layout.heads) total += hp.length;
+  if (total > std::numeric_limits<int32_t>::max()) {
+    return absl::InvalidArgumentError(absl::StrCat("gather of ", total, " rows overflows int32 row ids"));
+  }
+  BackendRows out;
+  out.backend = std::string(backend_->Name());
+  out.rows = total;
+  out.head_dim = head_dim_;
+  const size_t bytes = static_cast<size_t>(std::max<int64_t>(total, 1)) * head_dim_ * sizeof(float);
+  KVGATE_ASSIGN_OR_RETURN(out.k, backend_->Alloc(bytes));
+  KVGATE_ASSIGN_OR_RETURN(out.v, backend_->Alloc(bytes));
+  if (total == 0) return out;
+  RowCopies copies;
+  copies.src_rows.reserve(static_cast<size_t>(total));
+  for (const HeadPages& hp : layout.heads) {
+    for (int32_t r = 0; r < hp.length; ++r) {
+      copies.src_rows.push_back(hp.page_ids[r / page_tokens_] * page_tokens_ + r % page_tokens_);
+    }
+  }
+  copies.dst_rows.resize(copies.src_rows.size());
+  for (size_t i = 0; i < copies.dst_rows.size(); ++i) copies.dst_rows[i] = static_cast<int32_t>(i);
+  std::vector<int32_t> host(std::move(copies.src_rows));
+  host.insert(host.end(), copies.dst_rows.begin(), copies.dst_rows.end());
+  KVGATE_ASSIGN_OR_RETURN(const int32_t* rows, Upload(host, &copy_scratch_));
+  ops::CopyRowsArgs args;
+  args.src_rows = rows;
+  args.dst_rows = rows + total;
+  args.num_rows = static_cast<int32_t>(total);
+  args.row_elements = head_dim_;
+  args.src = k_pages_.as<float>();
+  args.dst = out.k.as<float>();
+  KVGATE_RETURN_IF_ERROR(WithContext(backend_->CopyRows(args), "gather K"));
+  args.src = v_pages_.as<float>();
+  args.dst = out.v.as<float>();
+  KVGATE_RETURN_IF_ERROR(WithContext(backend_->CopyRows(args), "gather V"));
+  KVGATE_RETURN_IF_ERROR(WithContext(backend_->Synchronize(), "gather"));
+  return out;
+}
+
+absl::Status KvPool::CommitBackendRows(const gates::KeepPlan& plan, const BackendRows& rows, SequenceLayout* out) {
+  if (!out->heads.empty()) {
+    return absl::FailedPreconditionError("import into a layout that already holds pages; release it first");
+  }
+  if (rows.backend != backend_->Name()) {
+    return absl::FailedPreconditionError(absl::StrCat("import of rows in the memory of backend ", rows.backend,
+                                                      " into a pool on ", std::string(backend_->Name())));
+  }
+  int64_t total = 0;
+  for (const gates::HeadKeep& head : plan.heads) total += static_cast<int64_t>(head.positions.size());
+  const size_t need = static_cast<size_t>(total) * head_dim_ * sizeof(float);
+  if (rows.rows != total || rows.head_dim != head_dim_ || rows.k.bytes() < need || rows.v.bytes() < need) {
+    return absl::InvalidArgumentError(absl::StrCat("import of ", rows.rows, " backend rows of ", rows.head_dim,
+                                                   " (", rows.k.bytes(), " / ", rows.v.bytes(),
+                                                   " bytes) for a plan of ", total, " rows of ", head_dim_));
+  }
+  auto committed = PlanCommit(plan, plan.prompt_tokens, page_tokens_, &pages_);
+  if (!committed.ok()) return WithContext(committed.status(), "import");
+  // PlanCommit's source rows index a per-layer cache; ours run on across the layers in
+  // the same (kv head, kept row) order.
+  int32_t first = 0;
+  for (RowCopies& copies : committed->copies) {
+    for (int32_t i = 0; i < copies.size(); ++i) copies.src_rows[i] = first + i;
+    first += copies.size();
+  }
+  const float* k = rows.k.as<float>();
+  const float* v = rows.v.as<float>();
+  absl::Status s = RunCopies(committed->copies, [k](int32_t) { return k; }, [v](int32_t) { return v; });
+  if (s.ok()) s = WriteMasks(committed->layout, committed->layout.AllPages());
+  if (s.ok()) s = backend_->Synchronize();
+  if (!s.ok()) {
+    (void)kv::Release(&committed->layout, &pages_);
+    return WithContext(s, "import");
+  }
+  *out = std::move(committed->layout);
+  return absl::OkStatus();
+}
+
 }  // namespace kvgate::kv

@@ -21,6 +21,7 @@
 
 #include <cstdint>
 #include <memory>
+#include <string>
 #include <vector>
 
 #include "absl/status/status.h"
@@ -42,6 +43,17 @@ struct HeadRows {
   std::vector<int32_t> positions;   // [length]
   std::vector<uint8_t> query_mask;  // [length], read back from the backend mask buffer
   std::vector<float> scores;        // [length] when the layout carries scores, else empty
+};
+
+// A sequence's K and V rows outside the pages, in backend memory: how a sequence moves
+// between two pools of one process on one device without a host copy (kv_handoff.h).
+// Every (layer, kv head)'s rows in row order, heads layer-major, one after another.
+// The buffers free themselves (DeviceBuffer) and may outlive the pool that made them.
+struct BackendRows {
+  std::string backend;  // ops::Backend::Name() of the memory's owner
+  int64_t rows = 0;
+  int32_t head_dim = 0;
+  ops::DeviceBuffer k, v;  // [rows, head_dim] float32, backend
 };
 
 class KvPool {
@@ -118,6 +130,20 @@ class KvPool {
   // are INVALID_ARGUMENT; a short pool is RESOURCE_EXHAUSTED. On any error *out is
   // unchanged and no page stays allocated.
   absl::Status CommitHostRows(const gates::KeepPlan& plan, absl::Span<const HeadRows> rows, SequenceLayout* out);
+
+  // Copies every row of `layout` into fresh BackendRows (one CopyRows for K and one for
+  // V, no host copy) and waits for the copies, so that another backend instance of the
+  // same device (another role's pool) may read them. INVALID_ARGUMENT for an empty
+  // layout, one of another page size, or more than 2^31 - 1 rows; allocation failures
+  // (RESOURCE_EXHAUSTED) pass through.
+  absl::StatusOr<BackendRows> GatherRows(const SequenceLayout& layout);
+
+  // CommitHostRows with the rows already in backend memory: `rows` (GatherRows of a pool
+  // on a backend of the same Name()) holds the rows of head i = layer * num_kv_heads +
+  // kv_head after those of every head before it. FAILED_PRECONDITION for rows of another
+  // backend; INVALID_ARGUMENT when their count or width does not match the plan; errors
+  // otherwise as CommitHostRows. Waits for the copies: `rows` may be freed on return.
+  absl::Status CommitBackendRows(const gates::KeepPlan& plan, const BackendRows& rows, SequenceLayout* out);
 
   // [num_pages, page_tokens, head_dim] / [num_pages, page_tokens], backend.
   const float* k_pages() const { return k_pages_.as<float>(); }

@@ -174,7 +174,12 @@ absl::StatusOr<PrefillResult> PrefillEngine::Run(const PrefillJob& job) {
   auto* sequence = dynamic_cast<kv::SequenceBatch*>(batch.get());
   if (sequence == nullptr) return absl::InternalError("the policy planner returned a batch that is not a SequenceBatch");
   pages_used_.store(runtime_->pool().pages_used());
-  KVGATE_ASSIGN_OR_RETURN(kv::KvHandoff handoff, kv::ExportSequence(runtime_->pool(), sequence->layout()));
+  // A decode worker of this process on the same device takes the rows where they are.
+  const kv::RowsIn rows_in = sender_->BackendRowsFor(job.decode_address) == runtime_->backend().Name()
+                                 ? kv::RowsIn::kBackend
+                                 : kv::RowsIn::kHost;
+  KVGATE_ASSIGN_OR_RETURN(kv::KvHandoff handoff,
+                          kv::ExportSequence(&runtime_->pool(), sequence->layout(), rows_in));
   handoff.transfer_id = job.transfer_id;
   handoff.request_id = job.request_id;
   handoff.first_token = result.first_token;

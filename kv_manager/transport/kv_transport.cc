@@ -212,8 +212,23 @@ class InprocSender final : public KvSender {
     if (it == registry.inboxes.end()) {
       return absl::UnavailableError(absl::StrCat("no in-process decode worker at ", address));
     }
+    if (copy.backend_rows != nullptr && copy.backend_rows->backend != it->second->rows_backend()) {
+      return absl::FailedPreconditionError(absl::StrCat("kv transfer ", handoff.transfer_id, " holds rows in ",
+                                                        copy.backend_rows->backend, " memory; the worker at ",
+                                                        address, " takes ",
+                                                        it->second->rows_backend().empty()
+                                                            ? std::string("host rows only")
+                                                            : it->second->rows_backend() + " rows"));
+    }
     KVGATE_RETURN_IF_ERROR(it->second->Deliver(std::move(copy)));
     return bytes;
+  }
+
+  std::string BackendRowsFor(const std::string& address) const override {
+    InprocRegistry& registry = Registry();
+    std::lock_guard<std::mutex> lock(registry.mu);
+    auto it = registry.inboxes.find(address);
+    return it == registry.inboxes.end() ? std::string() : it->second->rows_backend();
   }
 };
 

@@ -2,7 +2,7 @@
 // a prefill worker to a decode worker. A transfer is keyed by its globally unique
 // transfer id. The decode side owns a KvInbox; transports deliver into it:
 //   inproc  same process: the sender finds the inbox by address and copies the handoff
-//           in (one copy)
+//           in (one copy of host rows; none of backend rows, which are shared)
 //   tcp     a chunked, checksummed client stream to the decode worker's KvTransfer
 //           service (tcp_transport.h), which delivers into its inbox
 //   nccl    GPU to GPU (a later issue), behind the same KvSender
@@ -41,6 +41,17 @@ class KvInbox {
   void set_unclaimed_ttl(absl::Duration ttl) {
     std::lock_guard<std::mutex> lock(mu_);
     unclaimed_ttl_ = ttl;
+  }
+  // The backend (ops::Backend::Name()) of the pool that imports what arrives here:
+  // in-process senders may then hand over rows in that backend's memory
+  // (KvHandoff::backend_rows) instead of host rows. Empty (the default): host rows only.
+  void set_rows_backend(std::string backend) {
+    std::lock_guard<std::mutex> lock(mu_);
+    rows_backend_ = std::move(backend);
+  }
+  std::string rows_backend() const {
+    std::lock_guard<std::mutex> lock(mu_);
+    return rows_backend_;
   }
 
   // Takes a complete, validated handoff. ALREADY_EXISTS for a transfer id delivered
@@ -100,6 +111,7 @@ class KvInbox {
   RecentIds taken_;      // delivered and awaited: a later delivery is a duplicate
   std::map<std::string, int> waiters_;
   mutable int64_t bytes_ = 0;
+  std::string rows_backend_;
 };
 
 class KvSender {
@@ -111,6 +123,10 @@ class KvSender {
   // CANCELLED, DATA_LOSS).
   virtual absl::StatusOr<int64_t> Send(const std::string& address, const KvHandoff& handoff,
                                        absl::Time deadline) = 0;
+  // The backend (ops::Backend::Name()) in whose memory the receiver at `address` takes
+  // K and V rows (ExportSequence with RowsIn::kBackend: no host copy on either side);
+  // empty when it takes host rows only, as every receiver in another process does.
+  virtual std::string BackendRowsFor(const std::string& address) const { return ""; }
 };
 
 // The in-process transport: decode workers register their inbox under their address

@@ -17,6 +17,7 @@ namespace {
 
 using testing::CodedTransfer;
 using testing::ExpectSameHandoff;
+using testing::WithBackendRows;
 
 absl::Time In(absl::Duration d) { return absl::Now() + d; }
 
@@ -243,6 +244,43 @@ TEST(InprocTransportTest, SendsIntoTheRegisteredInbox) {
   EXPECT_EQ(sender->Send("inproc://decode-0", CodedTransfer("x6", 1), In(absl::Seconds(5))).status().code(),
             absl::StatusCode::kUnavailable);
   EXPECT_EQ(inbox.pending(), 0);
+}
+
+// Rows left in backend memory cross in-process only to an inbox whose pool is on that
+// backend, and cross shared, not copied.
+TEST(InprocTransportTest, BackendRowsGoOnlyToAnInboxOnTheirBackend) {
+  auto backend = ops::CreateBackend("cpu");
+  ASSERT_TRUE(backend.ok()) << backend.status();
+  KvInbox host_only(1 << 20);
+  KvInbox on_cpu(1 << 20);
+  on_cpu.set_rows_backend("cpu");
+  RegisterInprocInbox("inproc://host-only", &host_only);
+  RegisterInprocInbox("inproc://cpu", &on_cpu);
+  std::unique_ptr<KvSender> sender = MakeInprocSender();
+  EXPECT_EQ(sender->BackendRowsFor("inproc://host-only"), "");
+  EXPECT_EQ(sender->BackendRowsFor("inproc://cpu"), "cpu");
+  EXPECT_EQ(sender->BackendRowsFor("inproc://nobody"), "");
+
+  const KvHandoff host = CodedTransfer("b1", 6, /*masks=*/true);
+  const KvHandoff sent = WithBackendRows(host, backend->get());
+  ASSERT_TRUE(sent.Validate().ok()) << sent.Validate();
+  auto refused = sender->Send("inproc://host-only", sent, In(absl::Seconds(5)));
+  EXPECT_EQ(refused.status().code(), absl::StatusCode::kFailedPrecondition) << refused.status();
+  EXPECT_EQ(host_only.pending(), 0);
+
+  auto bytes = sender->Send("inproc://cpu", sent, In(absl::Seconds(5)));
+  ASSERT_TRUE(bytes.ok()) << bytes.status();
+  EXPECT_EQ(*bytes, host.PayloadBytes());
+  auto got = on_cpu.Await("b1", absl::InfinitePast());
+  ASSERT_TRUE(got.ok()) << got.status();
+  EXPECT_EQ(got->backend_rows.get(), sent.backend_rows.get());
+  EXPECT_EQ(got->Lengths(), host.Lengths());
+  for (size_t i = 0; i < host.heads.size(); ++i) {
+    EXPECT_EQ(got->heads[i].positions, host.heads[i].positions);
+    EXPECT_EQ(got->heads[i].query_mask, host.heads[i].query_mask);
+  }
+  UnregisterInprocInbox("inproc://host-only");
+  UnregisterInprocInbox("inproc://cpu");
 }
 
 }  // namespace

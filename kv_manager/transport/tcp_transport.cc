@@ -28,6 +28,10 @@ class TcpSender final : public KvSender {
   absl::StatusOr<int64_t> Send(const std::string& address, const KvHandoff& handoff, absl::Time deadline) override {
     const std::string what = absl::StrCat("kv transfer ", handoff.transfer_id, " to ", address, ": ");
     if (absl::Status s = handoff.Validate(); !s.ok()) return s;
+    if (handoff.backend_rows != nullptr) {
+      return absl::FailedPreconditionError(
+          absl::StrCat(what, "its rows are in ", handoff.backend_rows->backend, " memory; tcp carries host rows"));
+    }
     std::shared_ptr<grpc::Channel> channel = Channel(address);
     if (channel == nullptr) return absl::UnavailableError(absl::StrCat(what, "no channel"));
     auto stub = v1::KvTransfer::NewStub(channel);

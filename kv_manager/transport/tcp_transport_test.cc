@@ -22,6 +22,7 @@ namespace {
 
 using testing::CodedTransfer;
 using testing::ExpectSameHandoff;
+using testing::WithBackendRows;
 
 absl::Time In(absl::Duration d) { return absl::Now() + d; }
 
@@ -123,7 +124,7 @@ TEST_F(TcpTransportTest, RealSnapkvHandoffArrivesIdentical) {
   ASSERT_EQ(snapkv.name, "snapkv");
   auto prefilled = testing::PrefillAndCommit(*(*worker)->model, (*worker)->pool.get(), snapkv, *prompt);
   ASSERT_TRUE(prefilled.ok()) << prefilled.status();
-  auto handoff = ExportSequence(*(*worker)->pool, prefilled->sequence->layout());
+  auto handoff = ExportSequence((*worker)->pool.get(), prefilled->sequence->layout());
   ASSERT_TRUE(handoff.ok()) << handoff.status();
   handoff->transfer_id = "snapkv-1";
   handoff->request_id = "req-7";
@@ -143,6 +144,19 @@ TEST_F(TcpTransportTest, RealSnapkvHandoffArrivesIdentical) {
   // A second send of the same transfer id is refused at the header.
   EXPECT_EQ(sender->Send(address_, *handoff, In(absl::Seconds(20))).status().code(),
             absl::StatusCode::kAlreadyExists);
+  ExpectInboxEmpty();
+}
+
+// tcp carries host rows; a handoff whose rows stayed in backend memory is refused
+// before anything is sent.
+TEST_F(TcpTransportTest, BackendRowsAreRefused) {
+  auto backend = ops::CreateBackend("cpu");
+  ASSERT_TRUE(backend.ok()) << backend.status();
+  const KvHandoff sent = WithBackendRows(CodedTransfer("backend-rows", 5), backend->get());
+  std::unique_ptr<KvSender> sender = MakeTcpSender(Insecure);
+  EXPECT_EQ(sender->BackendRowsFor(address_), "");
+  auto bytes = sender->Send(address_, sent, In(absl::Seconds(20)));
+  EXPECT_EQ(bytes.status().code(), absl::StatusCode::kFailedPrecondition) << bytes.status();
   ExpectInboxEmpty();
 }
 

@@ -4,9 +4,12 @@
 
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cstdint>
+#include <memory>
 #include <string>
 
+#include "cuda/backend.h"
 #include "kv_manager/kv_handoff.h"
 
 namespace kvgate::kv::testing {
@@ -74,6 +77,28 @@ inline void ExpectSameHandoff(const KvHandoff& want, const KvHandoff& got) {
     EXPECT_EQ(got.heads[i].query_mask, want.heads[i].query_mask) << "head " << i;
     EXPECT_EQ(got.heads[i].scores, want.heads[i].scores) << "head " << i;
   }
+}
+
+// `h` with its K and V rows moved into backend memory of `backend` (GatherRows order),
+// as ExportSequence(..., RowsIn::kBackend) leaves them.
+inline KvHandoff WithBackendRows(KvHandoff h, ops::Backend* backend) {
+  auto rows = std::make_shared<BackendRows>();
+  rows->backend = std::string(backend->Name());
+  rows->head_dim = h.head_dim;
+  for (const HeadRows& head : h.heads) rows->rows += static_cast<int64_t>(head.positions.size());
+  const size_t bytes = std::max<size_t>(static_cast<size_t>(rows->rows) * h.head_dim * sizeof(float), 4);
+  rows->k = *backend->Alloc(bytes);
+  rows->v = *backend->Alloc(bytes);
+  size_t at = 0;
+  for (HeadRows& head : h.heads) {
+    EXPECT_TRUE(backend->CopyToBackend(rows->k.as<float>() + at, head.k.data(), head.k.size() * sizeof(float)).ok());
+    EXPECT_TRUE(backend->CopyToBackend(rows->v.as<float>() + at, head.v.data(), head.v.size() * sizeof(float)).ok());
+    at += head.k.size();
+    head.k.clear();
+    head.v.clear();
+  }
+  h.backend_rows = std::move(rows);
+  return h;
 }
 
 }  // namespace kvgate::kv::testing
