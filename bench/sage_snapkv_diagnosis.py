@@ -487,6 +487,23 @@ def render_tables(runs):
                 lines.append("| %s | %s | all | | | | %.2f (%d samples) | %.2f / %.2f |" % (
                     tmpl, rule, _mean(x <= 0.3 + 1e-9 for x in per_sample), len(rs),
                     _pct(per_sample, 0.5), _pct(per_sample, 0.9)))
+    # Per-sample correctness against the C++ `kvgate eval` (CUDA, bf16; same seed and prompts).
+    from query_policy_probe import compare_cpp
+    flat = []
+    for r in recs:
+        for k, v in r["accuracy"].items():
+            pol, keep = k.split("@")
+            flat.append(dict(template=r["template"], policy=pol, keep_ratio=float(keep), context=r["context"],
+                             task=r["task"], index=r["index"], correct=v["correct"]))
+    cpp = compare_cpp(flat, os.path.join(HERE, "results", "quality-kvgate-tiny.json"))
+    if cpp and "note" not in cpp:
+        lines.append("\n### Same prompts in the C++ `kvgate eval` (quality-kvgate-tiny.json), template colon\n")
+        lines.append("| policy, keep, context | samples | same correctness | C++ correct | here correct |")
+        lines.append("|---|---:|---:|---:|---:|")
+        for key in sorted(cpp):
+            e = cpp[key]
+            lines.append("| %s | %d | %d | %d | %d |" % (key.replace("|", ", "), e["samples"], e["agree"],
+                                                       e["cpp_correct"], e["py_correct"]))
     agree = [v for r in recs for v in r.get("probe_rules_agree", {}).values()]
     if agree:
         lines.append("\nThis script's rules vs bench/query_policy_probe.py's: identical keep sets in %d of %d "
@@ -520,6 +537,8 @@ def main(argv=None):
     dg.add_argument("--json")
     tb = sub.add_parser("tables")
     tb.add_argument("paths", nargs="+")
+    tb.add_argument("--markdown", help="also write the tables here")
+    tb.add_argument("--summary-json", help="write the runs' records, compacted, to this JSON")
     args = ap.parse_args(argv)
     if args.mode == "fixture":
         return make_fixture(args)
@@ -529,7 +548,23 @@ def main(argv=None):
     for p in args.paths:
         with open(p) as f:
             runs.append(json.load(f))
-    print(render_tables(runs))
+    text = render_tables(runs)
+    print(text)
+    if args.markdown:
+        with open(args.markdown, "w") as f:
+            f.write(text + "\n")
+    if args.summary_json:
+        out = dict(runs=[{k: v for k, v in run.items() if k != "records"} for run in runs], records=[])
+        for run in runs:
+            for r in run["records"]:
+                r = dict(r)
+                per_layer = r.pop("last_top_key_category")
+                cats = [c for l in (5, 6, 7) for c in per_layer[l]]
+                r["last_top_key_category_l5_7"] = {c: cats.count(c) for c in sorted(set(cats))}
+                out["records"].append(r)
+        with open(args.summary_json, "w") as f:
+            json.dump(out, f, separators=(",", ":"))
+            f.write("\n")
     return 0
 
 
