@@ -284,6 +284,95 @@ def classify(pos, sample, n_body_end, value_set):
     return "haystack"
 
 
+def question_queries(args):
+    """Could ANY ending of the question make SAGE-KV keep the later digit groups? For every
+    query position of the question (from its first token to the prompt's last, i.e. every
+    place a template could end), score the middle keys as SAGE-KV scores them with the last
+    query, and ask whether the copied token of group g survives in its copy head at the keep
+    ratio. An upper bound for any template that ends on one of the question's own tokens."""
+    import torch
+    from query_policy_probe import Prefill, make_sample, value_positions
+    if not os.path.isdir(args.haystack):
+        print("sage_snapkv_diagnosis: skipped: the essay haystack %s is absent (../shared)" % args.haystack)
+        return 0
+    tok, sentences, source, model, cfg = load(args.model, args.haystack, args.threads)
+    L, Hq, Hkv = cfg.num_hidden_layers, cfg.num_attention_heads, cfg.num_key_value_heads
+    G = Hq // Hkv
+    stats = {}
+    records = []
+    for ctx in [int(c) for c in args.contexts.split(",")]:
+        for task in SINGLE_VALUE_TASKS:
+            for idx in range(args.first_sample, args.first_sample + args.samples):
+                s = make_sample(sentences, tok, task, ctx, args.seed, idx)
+                pids, aids = s["prompt_ids"], s["answer_ids"]
+                na, full_ids = len(pids), s["prompt_ids"] + s["answer_ids"]
+                vpos = value_positions(s, tok)
+                alnum = lambda i: any(c.isalnum() for c in tok.decode([i]))  # noqa: E731
+                reading = [p for p in range(na - 1, na + len(aids) - 1) if alnum(full_ids[p + 1])]
+                if len(vpos) != len(reading):
+                    continue
+                qt = tok.encode("Question:")
+                hits = [i for i in range(na - len(qt), -1, -1) if pids[i:i + len(qt)] == qt]
+                q_begin = hits[0] if hits else na - 1
+                pre = Prefill(model, full_ids, reading)
+                n = na
+                B = int(math.floor(args.keep_ratio * n + 0.5))
+                shared, free = sage_kv_shared(n, B)
+                k = free // G
+                mid = (~shared).nonzero()[:, 0]
+                for g, (r, p) in enumerate(zip(reading, vpos)):
+                    for l in range(L):
+                        for h in (pre.probs[l][:, reading.index(r), p] > 0.5).nonzero()[:, 0].tolist():
+                            keys = pre.k[l][h // G, :n].double()
+                            q = pre.q[l][h, q_begin:n].double()                       # [R, d]
+                            sc = (q @ keys.T)[:, mid]                                  # [R, |mid|]
+                            if shared[p]:
+                                kept_rows = [True] * sc.shape[0]
+                            else:
+                                j = int((mid == p).nonzero()[0, 0])
+                                better = (sc > sc[:, j:j + 1]).sum(1)
+                                kept_rows = (better < k).tolist()
+                            rec = dict(context=ctx, task=task, index=idx, group=g, layer=l, head=h,
+                                       question_tokens=n - q_begin, kept_by_last=bool(kept_rows[-1]),
+                                       kept_by_any=any(kept_rows),
+                                       kept_by_rows=sum(kept_rows), kept_rows=[bool(x) for x in kept_rows],
+                                       question_token_texts=[tok.decode([t]) for t in pids[q_begin:n]])
+                            records.append(rec)
+                            e = stats.setdefault((ctx, g), dict(heads=0, last=0, any=0))
+                            e["heads"] += 1
+                            e["last"] += rec["kept_by_last"]
+                            e["any"] += rec["kept_by_any"]
+                print("ctx %d %s #%d done" % (ctx, task, idx), flush=True)
+    lines = ["Per group: copy heads, the share kept when the last query scores, and the share kept when the",
+             "best single question position scores (chosen per task after the fact: an upper bound for any",
+             "template ending on a question token; `any` = best position per head and sample, chance-level",
+             "for ~20 positions).", "",
+             "| context | group | copy heads | kept by the last query | best fixed question position: kept (task: token) | any position |",
+             "|---:|---:|---:|---:|---|---:|"]
+    for (ctx, g), e in sorted(stats.items()):
+        # A template fixes the ending: the same offset from the question's end for every prompt of a task.
+        best = []
+        for task in SINGLE_VALUE_TASKS:
+            rs = [r for r in records if r["context"] == ctx and r["group"] == g and r["task"] == task]
+            if not rs:
+                continue
+            width = min(len(r["kept_rows"]) for r in rs)
+            rate = [(_mean(r["kept_rows"][len(r["kept_rows"]) - 1 - o] for r in rs), o) for o in range(width)]
+            top, o = max(rate)
+            txt = rs[0]["question_token_texts"][len(rs[0]["kept_rows"]) - 1 - o]
+            best.append("%s %.2f at %r" % (task, top, txt))
+        lines.append("| %d | %d | %d | %.2f | %s | %.2f |" % (ctx, g, e["heads"], e["last"] / e["heads"],
+                                                            "; ".join(best), e["any"] / e["heads"]))
+    text = "\n".join(lines)
+    print(text)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(dict(script="bench/sage_snapkv_diagnosis.py question", argv=sys.argv[1:],
+                           date=datetime.datetime.utcnow().strftime("%Y-%m-%dT%H:%MZ"), commit=git_commit(),
+                           keep_ratio=args.keep_ratio, table=text, records=records), f)
+    return 0
+
+
 def diagnose(args):
     import torch
     from query_policy_probe import (Prefill, greedy_decode, make_sample, normalize_answer,
@@ -515,7 +604,7 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="mode", required=True)
-    for name in ("fixture", "diagnose"):
+    for name in ("fixture", "diagnose", "question"):
         p = sub.add_parser(name)
         p.add_argument("--model", default=os.path.join(ROOT, "models", "kvgate-tiny"))
         p.add_argument("--haystack", default=os.path.join(ROOT, "..", "shared", "data", "pg-essays"))
@@ -535,6 +624,12 @@ def main(argv=None):
     dg.add_argument("--templates", default="colon,space")
     dg.add_argument("--no-readers", dest="readers", action="store_false")
     dg.add_argument("--json")
+    qq = sub.choices["question"]
+    qq.add_argument("--contexts", default="1024")
+    qq.add_argument("--samples", type=int, default=10)
+    qq.add_argument("--first-sample", type=int, default=0)
+    qq.add_argument("--keep-ratio", type=float, default=0.3)
+    qq.add_argument("--json")
     tb = sub.add_parser("tables")
     tb.add_argument("paths", nargs="+")
     tb.add_argument("--markdown", help="also write the tables here")
@@ -544,6 +639,8 @@ def main(argv=None):
         return make_fixture(args)
     if args.mode == "diagnose":
         return diagnose(args)
+    if args.mode == "question":
+        return question_queries(args)
     runs = []
     for p in args.paths:
         with open(p) as f:
