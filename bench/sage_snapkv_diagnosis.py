@@ -335,7 +335,7 @@ def question_queries(args):
                             rec = dict(context=ctx, task=task, index=idx, group=g, layer=l, head=h,
                                        question_tokens=n - q_begin, kept_by_last=bool(kept_rows[-1]),
                                        kept_by_any=any(kept_rows),
-                                       kept_by_rows=sum(kept_rows), kept_rows=[bool(x) for x in kept_rows],
+                                       kept_by_rows=sum(kept_rows), shared=bool(shared[p]), kept_rows=[bool(x) for x in kept_rows],
                                        question_token_texts=[tok.decode([t]) for t in pids[q_begin:n]])
                             records.append(rec)
                             e = stats.setdefault((ctx, g), dict(heads=0, last=0, any=0))
@@ -363,6 +363,25 @@ def question_queries(args):
             best.append("%s %.2f at %r" % (task, top, txt))
         lines.append("| %d | %d | %d | %.2f | %s | %.2f |" % (ctx, g, e["heads"], e["last"] / e["heads"],
                                                             "; ".join(best), e["any"] / e["heads"]))
+    # What a template needs: ONE ending whose query keeps every copy head of every group.
+    lines += ["", "Samples whose every copy head of every group is kept, when one fixed question position",
+              "scores (best position per task), and when the last one does; `sink/recent` = samples whose",
+              "copied tokens all lie in SAGE-KV's shared sink/recent rows (kept whatever the query).", "",
+              "| context | task | samples | best fixed position: all kept (token) | last position: all kept | sink/recent |",
+              "|---:|---|---:|---|---:|---:|"]
+    for ctx in sorted({r["context"] for r in records}):
+        for task in SINGLE_VALUE_TASKS:
+            rs = [r for r in records if r["context"] == ctx and r["task"] == task]
+            if not rs:
+                continue
+            idxs = sorted({r["index"] for r in rs})
+            width = min(len(r["kept_rows"]) for r in rs)
+            joint = lambda o: _mean(all(r["kept_rows"][len(r["kept_rows"]) - 1 - o]  # noqa: E731
+                                        for r in rs if r["index"] == i) for i in idxs)
+            top, o = max((joint(o), o) for o in range(width))
+            txt = rs[0]["question_token_texts"][len(rs[0]["kept_rows"]) - 1 - o]
+            base = _mean(all(r["shared"] for r in rs if r["index"] == i) for i in idxs)
+            lines.append("| %d | %s | %d | %.2f (%r) | %.2f | %.2f |" % (ctx, task, len(idxs), top, txt, joint(0), base))
     text = "\n".join(lines)
     print(text)
     if args.json:
