@@ -5,6 +5,7 @@
 #pragma once
 
 #include <algorithm>
+#include <cstdlib>
 #include <cstdint>
 #include <memory>
 #include <string>
@@ -14,6 +15,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/types/span.h"
 #include "common/status_macros.h"
+#include "cuda/backend.h"
 #include "cuda/cpu/cpu_backend.h"
 #include "engine/generator.h"
 #include "engine/model.h"
@@ -26,7 +28,9 @@
 
 namespace kvgate::kv::testing {
 
-// One "worker": a backend, the model on it, and a KV pool in its memory.
+// One "worker": a backend, the model on it, and a KV pool in its memory. The backend is the
+// CPU one unless KVGATE_TEST_BACKEND names another (the GPU machine runs these tests with
+// "cuda": the handoff and batch invariants hold on every backend, against itself).
 struct TinyWorker {
   std::unique_ptr<ops::Backend> backend;
   std::unique_ptr<engine::Model> model;
@@ -34,7 +38,12 @@ struct TinyWorker {
 
   static absl::StatusOr<std::unique_ptr<TinyWorker>> Create(int32_t num_pages, int32_t page_tokens = 16) {
     auto worker = std::make_unique<TinyWorker>();
-    worker->backend = ops::CreateCpuBackend(2);
+    const char* backend_name = std::getenv("KVGATE_TEST_BACKEND");
+    if (backend_name == nullptr || std::string(backend_name).empty()) {
+      worker->backend = ops::CreateCpuBackend(2);
+    } else {
+      KVGATE_ASSIGN_OR_RETURN(worker->backend, ops::CreateBackend(backend_name));
+    }
     KVGATE_ASSIGN_OR_RETURN(worker->model, engine::Model::Load(kvgate::testing::KvgateTinyDir(), worker->backend.get()));
     KVGATE_ASSIGN_OR_RETURN(worker->pool, KvPool::Create(worker->backend.get(), num_pages, page_tokens,
                                                          worker->model->config().head_dim));
