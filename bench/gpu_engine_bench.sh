@@ -26,6 +26,13 @@ for t in cuda_bf16_ops_test cuda_backend_test; do
   "$bundle/bin/$t" > "$out/$t.log" 2>&1 || status=1
   grep -E "^\[  (PASSED|FAILED|SKIPPED) |^\[  FAILED  \]" "$out/$t.log" | sort | uniq -c | head -30
 done
+# The handoff, batch and transport invariants of the pool, on the cuda backend against itself.
+for t in kv_handoff_test decode_batch_test tcp_transport_test; do
+  [[ -x "$bundle/bin/$t" ]] || continue
+  echo "== $t (KVGATE_TEST_BACKEND=cuda)"
+  KVGATE_TEST_BACKEND=cuda "$bundle/bin/$t" > "$out/${t}_cuda.log" 2>&1 || status=1
+  grep -E "^\[  (PASSED|FAILED|SKIPPED) |^\[  FAILED  \]" "$out/${t}_cuda.log" | sort | uniq -c | head -30
+done
 if [[ -x "$bundle/bin/golden_model_test" ]]; then
   # The CUDA backend now defaults to bf16 weights; the fp32 run is the path before.
   for dtype in bf16 fp32; do
