@@ -364,7 +364,11 @@ TEST_F(KvHandoffPoolTest, HandoffContinuesDecodeBitIdenticallyForEveryPolicy) {
       auto host = ExportSequence(prefill_->pool.get(), original.layout(), RowsIn::kHost);
       ASSERT_TRUE(host.ok()) << host.status();
       const BackendRows& rows = *exported->backend_rows;
-      EXPECT_EQ(rows.backend, "cpu");
+      EXPECT_EQ(rows.backend, std::string(prefill_->backend->Name()));
+      // The rows live in the backend's memory (the GPU's under KVGATE_TEST_BACKEND=cuda).
+      std::vector<float> rows_k(static_cast<size_t>(rows.rows) * rows.head_dim), rows_v(rows_k.size());
+      ASSERT_TRUE(prefill_->backend->CopyToHost(rows_k.data(), rows.k.data(), rows_k.size() * sizeof(float)).ok());
+      ASSERT_TRUE(prefill_->backend->CopyToHost(rows_v.data(), rows.v.data(), rows_v.size() * sizeof(float)).ok());
       size_t at = 0;
       for (size_t i = 0; i < host->heads.size(); ++i) {
         const HeadRows& want = host->heads[i];
@@ -372,8 +376,9 @@ TEST_F(KvHandoffPoolTest, HandoffContinuesDecodeBitIdenticallyForEveryPolicy) {
         EXPECT_EQ(exported->heads[i].query_mask, want.query_mask);
         EXPECT_EQ(exported->heads[i].scores, want.scores);
         EXPECT_TRUE(exported->heads[i].k.empty() && exported->heads[i].v.empty());
-        ASSERT_EQ(0, std::memcmp(rows.k.as<float>() + at, want.k.data(), want.k.size() * sizeof(float))) << i;
-        ASSERT_EQ(0, std::memcmp(rows.v.as<float>() + at, want.v.data(), want.v.size() * sizeof(float))) << i;
+        ASSERT_LE(at + want.k.size(), rows_k.size()) << i;
+        ASSERT_EQ(0, std::memcmp(rows_k.data() + at, want.k.data(), want.k.size() * sizeof(float))) << i;
+        ASSERT_EQ(0, std::memcmp(rows_v.data() + at, want.v.data(), want.v.size() * sizeof(float))) << i;
         at += want.k.size();
       }
       EXPECT_EQ(static_cast<int64_t>(at), rows.rows * rows.head_dim);
@@ -461,10 +466,12 @@ TEST_F(KvHandoffPoolTest, MismatchedBackendRowsAreRefusedAndLeakNothing) {
   };
   const BackendRows& good = *exported->backend_rows;
   const size_t bytes = good.k.bytes();
+  const std::string own(decode_->backend->Name());
+  const std::string other = own == "cpu" ? "cuda:3" : "cpu";
   const std::vector<std::pair<std::string, KvHandoff>> invalid = {
-      {"one row short", with_rows(good.rows - 1, good.head_dim, bytes, "cpu")},
-      {"other width", with_rows(good.rows, good.head_dim / 2, bytes, "cpu")},
-      {"short buffers", with_rows(good.rows, good.head_dim, bytes / 2, "cpu")},
+      {"one row short", with_rows(good.rows - 1, good.head_dim, bytes, own)},
+      {"other width", with_rows(good.rows, good.head_dim / 2, bytes, own)},
+      {"short buffers", with_rows(good.rows, good.head_dim, bytes / 2, own)},
   };
   for (const auto& [name, bad] : invalid) {
     EXPECT_EQ(bad.Validate().code(), absl::StatusCode::kInvalidArgument) << name;
@@ -477,7 +484,7 @@ TEST_F(KvHandoffPoolTest, MismatchedBackendRowsAreRefusedAndLeakNothing) {
   host_rows_too.at(0, 0).v = host_rows_too.at(0, 0).k;
   EXPECT_EQ(host_rows_too.Validate().code(), absl::StatusCode::kInvalidArgument);
 
-  const KvHandoff elsewhere = with_rows(good.rows, good.head_dim, bytes, "cuda:3");
+  const KvHandoff elsewhere = with_rows(good.rows, good.head_dim, bytes, other);
   auto layout = ImportSequence(&pool, elsewhere);
   EXPECT_EQ(layout.status().code(), absl::StatusCode::kFailedPrecondition) << layout.status();
   EXPECT_EQ(pool.pages_free(), free_before);
