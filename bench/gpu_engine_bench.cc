@@ -2,12 +2,14 @@
 // or bf16 weights and times, through engine::Model, a one-shot prefill of N tokens
 // (Forward of the whole prompt into a fresh cache, last-token logits on the host) and
 // batch-1 decode at a context of C tokens (Forward of one token over the contiguous
-// cache, the path of `kvgate generate` without a policy). Writes JSON; the peers,
-// floors and the report come from bench/gpu_engine_bench.py, which runs this.
+// cache, the path of `kvgate generate` without a policy), and batched decode: B
+// sequences of C tokens each in the head-paged KV pool, one Model::DecodeStep for all
+// of them (the decode worker's continuous-batching step, policy "full"). Writes JSON;
+// the peers, floors and the report come from bench/gpu_engine_bench.py, which runs this.
 //
 //   gpu_engine_bench --model DIR [--backend cuda] [--weights fp32|bf16]
 //       [--prefill 2048,8192] [--decode 1024,8192] [--decode-steps 32] [--repeats 3]
-//       [--json PATH]
+//       [--decode-batch 32,64] [--batch-context 8192] [--json PATH]
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
@@ -24,6 +26,10 @@
 #include "absl/strings/str_cat.h"
 #include "cuda/backend.h"
 #include "engine/model.h"
+#include "gates/eviction_spec.h"
+#include "kv_manager/decode_batch.h"
+#include "kv_manager/kv_pool.h"
+#include "kv_manager/policy_planner.h"
 #include "nlohmann/json.hpp"
 
 namespace kvgate::bench {
@@ -59,10 +65,65 @@ std::vector<int32_t> RandomTokens(int32_t n, int32_t vocab, uint32_t seed) {
   return tokens;
 }
 
+// `batch_size` sequences of `context` random tokens, each prefilled and committed to
+// one pool under policy "full", then `steps` decode steps of all of them at once.
+absl::StatusOr<json> BatchedDecode(engine::Model& m, ops::Backend* backend, int32_t batch_size, int32_t context,
+                                   int32_t steps) {
+  constexpr int32_t kPageTokens = 16;
+  const engine::ModelConfig& c = m.config();
+  const int32_t pages_per_head = (context + steps + 4 + kPageTokens - 1) / kPageTokens + 1;
+  const int64_t pages = int64_t{batch_size} * c.num_layers * c.num_kv_heads * pages_per_head;
+  if (pages > (int64_t{1} << 30)) return absl::InvalidArgumentError("--decode-batch x --batch-context too large");
+  absl::StatusOr<std::unique_ptr<kv::KvPool>> pool =
+      kv::KvPool::Create(backend, static_cast<int32_t>(pages), kPageTokens, c.head_dim);
+  if (!pool.ok()) return pool.status();
+  const gates::EvictionSpec spec;  // the default: keep every entry
+  std::vector<std::unique_ptr<kv::SequenceBatch>> sequences;
+  std::vector<int32_t> last_tokens;
+  const auto fill_start = Clock::now();
+  for (int32_t b = 0; b < batch_size; ++b) {
+    absl::StatusOr<std::unique_ptr<engine::KvPlanner>> planner =
+        kv::CreatePolicyPlanner(m, pool->get(), spec, gates::PolicyOptions{});
+    if (!planner.ok()) return planner.status();
+    const std::vector<int32_t> prompt = RandomTokens(context, c.vocab_size, 7000u + b);
+    absl::StatusOr<std::unique_ptr<engine::KvCache>> cache = m.NewCache(context);
+    if (!cache.ok()) return cache.status();
+    engine::PrefillCapture capture;
+    absl::StatusOr<std::vector<float>> logits = (*planner)->Prefill(m, prompt, cache->get(), &capture);
+    if (!logits.ok()) return logits.status();
+    engine::KvAccounting accounting;
+    absl::StatusOr<std::unique_ptr<engine::PagedKvBatch>> committed =
+        (*planner)->Commit(prompt, **cache, capture, &accounting);
+    if (!committed.ok()) return committed.status();
+    sequences.emplace_back(static_cast<kv::SequenceBatch*>(committed->release()));
+    last_tokens.push_back(static_cast<int32_t>(std::max_element(logits->begin(), logits->end()) - logits->begin()));
+  }
+  const double fill_ms = MillisSince(fill_start);
+  std::vector<kv::SequenceBatch*> members;
+  for (auto& sequence : sequences) members.push_back(sequence.get());
+  std::vector<double> times;
+  for (int32_t s = 0; s < steps + 2; ++s) {  // two warm-up steps
+    kv::DecodeBatch batch(pool->get());
+    batch.SetSequences(members);
+    const auto start = Clock::now();
+    absl::StatusOr<std::vector<float>> logits = m.DecodeStep(last_tokens, &batch);
+    if (!logits.ok()) return logits.status();
+    if (s >= 2) times.push_back(MillisSince(start));
+    for (int32_t b = 0; b < batch_size; ++b) {  // greedy, as the worker's host sampler does
+      const float* row = logits->data() + int64_t{b} * c.vocab_size;
+      last_tokens[b] = static_cast<int32_t>(std::max_element(row, row + c.vocab_size) - row);
+    }
+  }
+  return json{{"batch", batch_size}, {"context", context}, {"median_ms", Median(times)},
+              {"min_ms", *std::min_element(times.begin(), times.end())}, {"steps", steps},
+              {"pool_pages", pages}, {"page_tokens", kPageTokens}, {"kv_bytes_per_entry", sizeof(float)},
+              {"fill_ms", fill_ms}};
+}
+
 absl::StatusOr<json> Run(int argc, char** argv) {
   std::string model_dir, backend_name = "cuda", weights = "bf16", json_path;
-  std::vector<int32_t> prefill = {2048, 8192}, decode = {1024, 8192};
-  int decode_steps = 32, repeats = 3;
+  std::vector<int32_t> prefill = {2048, 8192}, decode = {1024, 8192}, decode_batch;
+  int decode_steps = 32, repeats = 3, batch_context = 8192;
   for (int i = 1; i < argc; ++i) {
     const std::string flag = argv[i];
     if (i + 1 >= argc) return absl::InvalidArgumentError(absl::StrCat(flag, " needs a value"));
@@ -74,6 +135,8 @@ absl::StatusOr<json> Run(int argc, char** argv) {
     else if (flag == "--decode") decode = ParseList(value);
     else if (flag == "--decode-steps") decode_steps = std::stoi(value);
     else if (flag == "--repeats") repeats = std::stoi(value);
+    else if (flag == "--decode-batch") decode_batch = ParseList(value);
+    else if (flag == "--batch-context") batch_context = std::stoi(value);
     else if (flag == "--json") json_path = value;
     else return absl::InvalidArgumentError(absl::StrCat("unknown flag ", flag));
   }
@@ -142,6 +205,16 @@ absl::StatusOr<json> Run(int argc, char** argv) {
                            {"min_ms", *std::min_element(times.begin(), times.end())}, {"steps", decode_steps}});
   }
   result["decode_batch1"] = decode_rows;
+
+  json batch_rows = json::array();
+  for (const int32_t batch_size : decode_batch) {
+    absl::StatusOr<json> row = BatchedDecode(m, backend->get(), batch_size, batch_context, decode_steps);
+    if (!row.ok()) return row.status();
+    std::fprintf(stderr, "[%s] decode batch %d at %d: %.3f ms/step\n", weights.c_str(), batch_size, batch_context,
+                 (*row)["median_ms"].get<double>());
+    batch_rows.push_back(*row);
+  }
+  result["decode_batched"] = batch_rows;
   if (!json_path.empty()) std::ofstream(json_path) << result.dump(2) << "\n";
   return result;
 }

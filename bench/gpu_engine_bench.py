@@ -7,6 +7,8 @@ Builds a random Llama-3.1-8B-shaped checkpoint cut to 8 layers (bf16, vocab 1500
   - kvgate (bench/gpu_engine_bench.cc over engine::Model, --backend cuda) with fp32
     weights (the path before issue 10: the baseline) and bf16 weights: prefill of N
     tokens (one shot, last-token logits) and batch-1 decode at a context of C tokens;
+    bf16 also batched decode: B sequences of C tokens in the head-paged pool, one step
+    for all (the decode worker's continuous-batching step);
   - a pure-PyTorch bf16 forward (torch matmuls + scaled_dot_product_attention; decode
     CUDA-graphed over a static cache);
   - transformers eager (LlamaForCausalLM, attn_implementation="sdpa", bf16);
@@ -210,6 +212,52 @@ class TorchLlama:
         u = h @ w[p + "mlp.up_proj.weight"].T
         return x + (F.silu(g) * u) @ w[p + "mlp.down_proj.weight"].T
 
+    def decode_layer(self, i, x, position, k_cache, v_cache):
+        """One decode token per sequence (row of x), all at `position`; caches [B, kv, ctx, d]."""
+        p = f"model.layers.{i}."
+        w = self.w
+        b = x.shape[0]
+        positions = torch.full((1,), position, device="cuda")
+        h = self.norm(x, w[p + "input_layernorm.weight"])
+        q = (h @ w[p + "self_attn.q_proj.weight"].T).view(b, HEADS, 1, HEAD_DIM)
+        k = (h @ w[p + "self_attn.k_proj.weight"].T).view(b, KV_HEADS, 1, HEAD_DIM)
+        v = (h @ w[p + "self_attn.v_proj.weight"].T).view(b, KV_HEADS, 1, HEAD_DIM)
+        q, k = self.rope(q, positions), self.rope(k, positions)
+        k_cache[:, :, position:position + 1] = k
+        v_cache[:, :, position:position + 1] = v
+        group = HEADS // KV_HEADS
+        a = F.scaled_dot_product_attention(q.view(b, KV_HEADS, group, HEAD_DIM), k_cache[:, :, :position + 1],
+                                           v_cache[:, :, :position + 1])
+        x = x + a.reshape(b, HEADS * HEAD_DIM) @ w[p + "self_attn.o_proj.weight"].T
+        h = self.norm(x, w[p + "post_attention_layernorm.weight"])
+        g = h @ w[p + "mlp.gate_proj.weight"].T
+        u = h @ w[p + "mlp.up_proj.weight"].T
+        return x + (F.silu(g) * u) @ w[p + "mlp.down_proj.weight"].T
+
+    def decode_batch_graph(self, batch, context):
+        """A CUDA graph of one decode step of `batch` sequences at position `context`."""
+        k_caches = [torch.randn(batch, KV_HEADS, context + 1, HEAD_DIM, device="cuda", dtype=torch.bfloat16)
+                    for _ in range(LAYERS)]
+        v_caches = [torch.randn_like(k) for k in k_caches]
+        tok = torch.zeros(batch, dtype=torch.long, device="cuda")
+
+        def step():
+            x = self.w["model.embed_tokens.weight"][tok]
+            for i in range(LAYERS):
+                x = self.decode_layer(i, x, context, k_caches[i], v_caches[i])
+            return self.norm(x, self.w["model.norm.weight"]) @ self.w["lm_head.weight"].T
+
+        s = torch.cuda.Stream()
+        s.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(s):
+            for _ in range(3):
+                step()
+        torch.cuda.current_stream().wait_stream(s)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            step()
+        return graph, (k_caches, v_caches)
+
     def prefill(self, ids):
         positions = torch.arange(ids.shape[0], device="cuda")
         x = self.w["model.embed_tokens.weight"][ids]
@@ -243,9 +291,9 @@ class TorchLlama:
         return graph, (k_caches, v_caches)
 
 
-def bench_torch(weights, prefill, decode):
+def bench_torch(weights, prefill, decode, batches=(), batch_context=8192):
     model = TorchLlama(weights)
-    out = {"prefill": [], "decode_batch1": []}
+    out = {"prefill": [], "decode_batch1": [], "decode_batched": []}
     with torch.inference_mode():
         for n in prefill:
             ids = torch.randint(0, VOCAB, (n,), device="cuda")
@@ -258,6 +306,13 @@ def bench_torch(weights, prefill, decode):
             log(f"[torch] decode at {c}: {ms:.3f} ms/token (CUDA graph)")
             out["decode_batch1"].append({"context": c, "median_ms": ms})
             del graph, keep
+        for b in batches:
+            graph, keep = model.decode_batch_graph(b, batch_context)
+            ms = time_ms(graph.replay, warmup=5, repeats=30)
+            log(f"[torch] decode batch {b} at {batch_context}: {ms:.3f} ms/step (CUDA graph)")
+            out["decode_batched"].append({"batch": b, "context": batch_context, "median_ms": ms})
+            del graph, keep
+            torch.cuda.empty_cache()
     torch.cuda.empty_cache()
     return out
 
@@ -327,10 +382,13 @@ class GpuMemorySampler:
         return (self.peak - self.base) / 2 ** 30
 
 
-def bench_kvgate(bench_bin, model_dir, weights, prefill, decode, out_dir, env=None, label=None):
+def bench_kvgate(bench_bin, model_dir, weights, prefill, decode, out_dir, env=None, label=None, batches=(),
+                 batch_context=8192):
     path = os.path.join("/tmp", f"kvgate-{label or weights}.json")  # folded into gpu-engine.json
     cmd = [bench_bin, "--model", model_dir, "--backend", "cuda", "--weights", weights,
            "--prefill", ",".join(map(str, prefill)), "--decode", ",".join(map(str, decode)), "--json", path]
+    if batches:
+        cmd += ["--decode-batch", ",".join(map(str, batches)), "--batch-context", str(batch_context)]
     log("$", " ".join(f"{k}={v}" for k, v in (env or {}).items()), " ".join(cmd))
     with GpuMemorySampler() as mem:
         proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
@@ -370,9 +428,9 @@ def end_to_end_check(weights, kvgate_results):
     return out
 
 
-def floors(fl, prefill, decode):
+def floors(fl, prefill, decode, batches=(), batch_context=8192):
     matrix_params = LAYERS * (HIDDEN * HEADS * HEAD_DIM * 2 + HIDDEN * KV_HEADS * HEAD_DIM * 2 + 3 * HIDDEN * INTER)
-    rows = {"prefill": [], "decode_batch1": []}
+    rows = {"prefill": [], "decode_batch1": [], "decode_batched": []}
     for n in prefill:
         gemm_flops = 2 * n * matrix_params + 2 * VOCAB * HIDDEN
         attn_flops = LAYERS * HEADS * 4 * HEAD_DIM * n * (n + 1) / 2
@@ -384,6 +442,14 @@ def floors(fl, prefill, decode):
         kv_bytes = LAYERS * 2 * KV_HEADS * HEAD_DIM * (c + 1) * 2  # bf16 K and V
         rows["decode_batch1"].append({"context": c, "weight_bytes": weight_bytes, "kv_bytes": kv_bytes,
                                       "floor_ms": (weight_bytes + kv_bytes) / (fl["copy_tb_per_s"] * 1e12) * 1e3})
+    for b in batches:
+        weight_bytes = 2 * (matrix_params + VOCAB * HIDDEN)
+        kv_bytes = b * LAYERS * 2 * KV_HEADS * HEAD_DIM * (batch_context + 1) * 2  # bf16 K and V
+        rows["decode_batched"].append({
+            "batch": b, "context": batch_context, "weight_bytes": weight_bytes, "kv_bytes": kv_bytes,
+            "floor_ms": (weight_bytes + kv_bytes) / (fl["copy_tb_per_s"] * 1e12) * 1e3,
+            # kvgate's pages hold fp32 today: the floor of the bytes it actually reads
+            "floor_fp32_pages_ms": (weight_bytes + 2 * kv_bytes) / (fl["copy_tb_per_s"] * 1e12) * 1e3})
     return rows
 
 
@@ -438,6 +504,15 @@ def markdown(r):
             f"{fmt(find(klt.get('decode_batch1'), 'context', c), 2)} | {fmt(after, 2)} | {fmt(torch_ms, 2)} | {fmt(find(r['transformers'].get('decode_batch1'), 'context', c), 2)} | "
             f"{fmt(row['floor_ms'], 2)} | {fmt(after / torch_ms if after and torch_ms else None, 2)}x | "
             f"{fmt(after / row['floor_ms'] if after else None, 2)}x |")
+    for row in r["floors_table"].get("decode_batched", []):
+        b, c = row["batch"], row["context"]
+        after = find([x for x in k16.get("decode_batched", []) if x.get("batch") == b], "context", c)
+        torch_ms = find([x for x in r["torch"].get("decode_batched", []) if x.get("batch") == b], "context", c)
+        lines.append(
+            f"| decode batch {b} at {c:,} (ms/step, head-paged pool) | - | - | {fmt(after, 2)} | {fmt(torch_ms, 2)} | - | "
+            f"{fmt(row['floor_ms'], 2)} (fp32 pages {fmt(row['floor_fp32_pages_ms'], 2)}) | "
+            f"{fmt(after / torch_ms if after and torch_ms else None, 2)}x | "
+            f"{fmt(after / row['floor_ms'] if after else None, 2)}x |")
     lines.append(f"| peak GPU memory of the kvgate process (GiB) | {fmt(k32.get('peak_gpu_memory_gib'), 1)} | "
                  f"{fmt(klt.get('peak_gpu_memory_gib'), 1)} | {fmt(k16.get('peak_gpu_memory_gib'), 1)} | - | - | 3.3 (bf16 weights) | | |")
     chk = r.get("end_to_end_check", {})
@@ -475,9 +550,11 @@ def main():
     ap.add_argument("--baseline-prefill", default="2048,8192", help="fp32 (before) prefill sizes")
     ap.add_argument("--commit", default=os.environ.get("KVGATE_COMMIT", "unknown"))
     ap.add_argument("--skip-transformers", action="store_true")
+    ap.add_argument("--decode-batch", default="32,64", help="batched decode sizes (kvgate bf16 and PyTorch)")
+    ap.add_argument("--batch-context", type=int, default=8192, help="context of every batched-decode sequence")
     args = ap.parse_args()
     os.makedirs(args.out_dir, exist_ok=True)
-    prefill, decode = ints(args.prefill), ints(args.decode)
+    prefill, decode, batches = ints(args.prefill), ints(args.decode), ints(args.decode_batch)
     import transformers
     driver = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
                             stdout=subprocess.PIPE, text=True).stdout.strip()
@@ -492,14 +569,15 @@ def main():
     weights = make_weights()
     write_checkpoint(weights, args.model_dir)
     log(f"checkpoint written {time.time() - t0:.0f}s")
-    r["torch"] = guarded("torch", bench_torch, weights, prefill, decode)
+    r["torch"] = guarded("torch", bench_torch, weights, prefill, decode, batches, args.batch_context)
     log(f"torch done {time.time() - t0:.0f}s")
     r["transformers"] = {} if args.skip_transformers else guarded("transformers", bench_transformers, args.model_dir,
                                                                   weights, prefill, decode)
     log(f"transformers done {time.time() - t0:.0f}s")
     del weights
     torch.cuda.empty_cache()
-    r["kvgate_bf16"] = bench_kvgate(args.bench_bin, args.model_dir, "bf16", prefill, decode, args.out_dir)
+    r["kvgate_bf16"] = bench_kvgate(args.bench_bin, args.model_dir, "bf16", prefill, decode, args.out_dir,
+                                    batches=batches, batch_context=args.batch_context)
     # The same bf16 path as it was before the decode kernels (cuBLASLt for products of
     # m <= 8 rows, per-query-head decode attention); prefill is the same code in both.
     r["kvgate_bf16_step_before"] = bench_kvgate(args.bench_bin, args.model_dir, "bf16", [], decode, args.out_dir,
@@ -512,7 +590,7 @@ def main():
     r["end_to_end_check"] = guarded("check", end_to_end_check, weights, [r["kvgate_fp32"], r["kvgate_bf16"]])
     del weights
     torch.cuda.empty_cache()
-    r["floors_table"] = floors(r["floors"], prefill, decode)
+    r["floors_table"] = floors(r["floors"], prefill, decode, batches, args.batch_context)
     with open(os.path.join(args.out_dir, "gpu-engine.json"), "w") as f:
         json.dump(r, f, indent=1)
     md = markdown(r)
