@@ -2,7 +2,10 @@
 # `kvgate serve --backend cuda` under concurrent streams, measured with the project's own
 # client (`kvgate bench`): the issue-10 figure "48 concurrent 2k-token prompts, 128 new
 # tokens" on the 8-layer Llama-3.1-8B-shaped random checkpoint of gpu_engine_bench.py
-# (written here when absent). Also samples the GPU memory of the server process.
+# (written here when absent). Also samples the GPU memory of the server process, and
+# bench/serve_gpu_report.py measures the floors in the same run and writes
+# serve-gpu.md/.json (the prefill worker stages prompts of at most prompt + 256 tokens:
+# --max-prompt-tokens, instead of one whole 128k-token context).
 # Run from the repository root on the GPU machine; BUNDLE as in gpu_engine_bench.sh.
 #   bench/serve_gpu_bench.sh BUNDLE OUT_DIR [--concurrency N=48] [--requests N=96]
 #       [--prompt-tokens N=2048] [--max-tokens N=128] [--policy-mix MIX=full:1]
@@ -40,7 +43,8 @@ port=18000
 # --kv-sequences would size the pool for 128k-token sequences).
 kv_pages=$(( (concurrency + 2) * ((prompt_tokens + max_tokens + 15) / 16) * 64 * 11 / 10 ))
 "$bundle/bin/kvgate" serve --model "$model" --backend cuda --port $port --host 127.0.0.1 \
-  --kv-pages "$kv_pages" --max-in-flight $((concurrency + 8)) > "$out/serve.log" 2>&1 &
+  --kv-pages "$kv_pages" --max-in-flight $((concurrency + 8)) --max-prompt-tokens $((prompt_tokens + 256)) \
+  > "$out/serve.log" 2>&1 &
 server=$!
 for _ in $(seq 1 240); do
   python3 -c "import socket; socket.create_connection(('127.0.0.1', $port), 1)" 2> /dev/null && break
@@ -66,4 +70,12 @@ wait $server 2> /dev/null
 kill $sampler 2> /dev/null
 peak=$(sort -n "$out/serve-memory-mib.txt" | tail -1)
 echo "peak GPU memory of serve: ${peak:-?} MiB"
+if [[ $status -eq 0 ]]; then
+  python3 bench/serve_gpu_report.py "$out" --commit "$(cat "$bundle/COMMIT")" --concurrency "$concurrency" \
+    --requests "$requests" --prompt-tokens "$prompt_tokens" --max-tokens "$max_tokens" --policy-mix "$policy_mix" \
+    ${peak:+--peak-mib "$peak"} \
+    --serve-flags "--kv-pages $kv_pages --max-in-flight $((concurrency + 8)) --max-prompt-tokens $((prompt_tokens + 256))" \
+    > /dev/null || status=1
+  cat "$out/serve-gpu.md"
+fi
 exit $status

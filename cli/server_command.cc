@@ -57,6 +57,7 @@ constexpr char kUsage[] =
     "         [--metrics-host ADDR=127.0.0.1] [--transfer-ttl-ms N=60000]\n"
     "         [--max-in-flight N=64] [--max-queued N=4096] [--queue-timeout-ms N=30000]\n"
     "         [--warmup-tokens N=2048 (a start-up prefill of N tokens; 0 = none)]\n"
+    "         [--max-prompt-tokens N (0 = the model context; sizes the prefill worker's staging pool)]\n"
     "       kvgate kv-manager [--port N] [...manager flags]\n"
     "       kvgate prefill|decode --model DIR --kv-manager HOST:PORT [--port N] [--advertise HOST:PORT]\n"
     "       kvgate router --model DIR --kv-manager HOST:PORT [--port N]\n"
@@ -92,6 +93,9 @@ struct ServerConfig {
   std::string worker_id;
   // The prefill worker's start-up prefill (prefill/prefill_engine.h); 0 = none.
   int32_t warmup_tokens = 2048;
+  // The longest prompt, tokens (0 = the model context): the prefill worker's staging
+  // pool holds one prompt of this many tokens, and the router refuses longer ones.
+  int32_t max_prompt_tokens = 0;
 };
 
 absl::StatusOr<ServerConfig> ParseServer(const std::string& command, std::set<Role> roles,
@@ -103,7 +107,7 @@ absl::StatusOr<ServerConfig> ParseServer(const std::string& command, std::set<Ro
                                  "default-keep-ratio", "fast-kvzip-gate", "attention-gate", "random-gates",
                                  "tls-cert", "tls-key", "tls-ca", "token", "token-file", "internal-token-file",
                                  "metrics-host", "transfer-ttl-ms", "max-in-flight", "max-queued", "queue-timeout-ms", "shutdown-grace-ms", "heartbeat-ms",
-                                 "worker-timeout-ms", "lease-ttl-ms", "worker-id", "warmup-tokens"},
+                                 "worker-timeout-ms", "lease-ttl-ms", "worker-id", "warmup-tokens", "max-prompt-tokens"},
                                 {"insecure-internal"}));
   ServerConfig c;
   c.command = command;
@@ -131,6 +135,7 @@ absl::StatusOr<ServerConfig> ParseServer(const std::string& command, std::set<Ro
   KVGATE_RETURN_IF_ERROR(int_flag("max-queued", 0, 1 << 24, &c.max_queued));
   KVGATE_RETURN_IF_ERROR(int_flag("queue-timeout-ms", 0, 3600000, &c.queue_timeout_ms));
   KVGATE_RETURN_IF_ERROR(int_flag("warmup-tokens", 0, 1 << 20, &c.warmup_tokens));
+  KVGATE_RETURN_IF_ERROR(int_flag("max-prompt-tokens", 0, 1 << 30, &c.max_prompt_tokens));
   if (auto host = flags.String("metrics-host")) c.metrics_host = *host;
   c.manager.heartbeat_interval_ms = 250;
   c.manager.worker_timeout_ms = 2000;
@@ -328,6 +333,7 @@ absl::Status RunServer(const ServerConfig& c) {
     kv::WorkerRuntimeOptions options = c.runtime;
     options.kv_pool_sequences = 1;  // one prompt at a time; its pages leave with the transfer
     options.kv_pool_pages = 0;
+    options.kv_pool_sequence_tokens = c.max_prompt_tokens;
     KVGATE_ASSIGN_OR_RETURN(prefill_runtime, kv::WorkerRuntime::Load(options));
     sender = std::make_unique<AddressedSender>(channels.AsFactory());
     prefill_engine = std::make_unique<prefill::PrefillEngine>(prefill_runtime.get(), sender.get(),
@@ -359,6 +365,7 @@ absl::Status RunServer(const ServerConfig& c) {
     options.max_queued = c.max_queued;
     options.queue_timeout = absl::Milliseconds(c.queue_timeout_ms);
     options.limits.default_policy = c.manager.default_policy;
+    options.limits.max_prompt_tokens = c.max_prompt_tokens;
     options.backend = c.runtime.backend;
     options.roles.clear();
     for (Role role : c.roles) {

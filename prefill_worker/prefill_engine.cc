@@ -31,6 +31,13 @@ void PrefillEngine::Submit(PrefillJob job, PrefillDone done) {
     done(absl::UnavailableError("prefill worker is shutting down"));
     return;
   }
+  if (static_cast<int64_t>(job.prompt.size()) > runtime_->max_sequence_tokens()) {
+    lock.unlock();
+    done(absl::InvalidArgumentError(absl::StrCat("prompt of ", job.prompt.size(), " tokens is longer than the ",
+                                                 runtime_->max_sequence_tokens(),
+                                                 " this prefill worker stages (--max-prompt-tokens)")));
+    return;
+  }
   if (static_cast<int32_t>(queue_.size()) >= max_queue_) {
     lock.unlock();
     done(absl::ResourceExhaustedError(absl::StrCat("prefill queue is full (", max_queue_, " jobs)")));
@@ -96,7 +103,7 @@ int32_t PrefillEngine::pages_total() const { return runtime_->pool().num_pages()
 void PrefillEngine::Warmup() {
   engine::Model& model = runtime_->model();
   const engine::ModelConfig& c = model.config();
-  const int32_t n = std::min(warmup_tokens_, c.max_context_tokens);
+  const int32_t n = std::min(warmup_tokens_, runtime_->max_sequence_tokens());
   if (n <= 0) return;
   std::vector<int32_t> tokens(n);
   for (int32_t i = 0; i < n; ++i) tokens[i] = i % c.vocab_size;

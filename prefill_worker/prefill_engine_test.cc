@@ -47,6 +47,31 @@ TEST(PrefillEngineWarmupTest, ZeroTokensMeansNoWarmup) {
   EXPECT_EQ(::testing::internal::GetCapturedStderr().find("warm-up"), std::string::npos);
 }
 
+// A prompt longer than the staging pool is refused at once (nothing queued, no page
+// taken), naming the flag; the warm-up shrinks to fit the pool instead of failing.
+TEST(PrefillEngineTest, PromptLongerThanTheStagingPoolIsInvalidArgument) {
+  kv::WorkerRuntimeOptions options;
+  options.model_dir = kvgate::testing::KvgateTinyDir();
+  options.kv_pool_sequences = 1;
+  options.kv_pool_sequence_tokens = 64;
+  absl::StatusOr<std::unique_ptr<kv::WorkerRuntime>> runtime = kv::WorkerRuntime::Load(options);
+  ASSERT_TRUE(runtime.ok()) << runtime.status();
+  ::testing::internal::CaptureStderr();
+  PrefillEngine engine(runtime->get(), nullptr, PrefillEngine::kDefaultMaxQueue, /*warmup_tokens=*/512);
+  engine.WaitUntilWarm();
+  const std::string log = ::testing::internal::GetCapturedStderr();
+  EXPECT_NE(log.find("prefill warm-up: 64 tokens in"), std::string::npos) << log;
+  PrefillJob job;
+  job.request_id = "too-long";
+  job.prompt.assign(65, 7);
+  absl::Status status;
+  engine.Submit(std::move(job), [&](absl::StatusOr<PrefillResult> result) { status = result.status(); });
+  EXPECT_EQ(status.code(), absl::StatusCode::kInvalidArgument) << status;
+  EXPECT_NE(status.message().find("--max-prompt-tokens"), std::string::npos) << status;
+  EXPECT_EQ(engine.queued(), 0);
+  EXPECT_EQ((*runtime)->pool().pages_used(), 0);
+}
+
 TEST(PrefillEngineWarmupTest, ShutdownReleasesAWaiter) {
   std::unique_ptr<kv::WorkerRuntime> runtime = LoadTiny();
   ASSERT_NE(runtime, nullptr);

@@ -132,6 +132,10 @@ absl::StatusOr<int32_t> ResolveMaxTokens(int32_t requested, int64_t prompt_token
     return Invalid(absl::StrCat(prompt_field, ": the prompt has ", prompt_tokens, " tokens; the model context is ",
                                 context, " tokens, which leaves no room to generate"));
   }
+  if (limits.max_prompt_tokens > 0 && prompt_tokens > limits.max_prompt_tokens) {
+    return Invalid(absl::StrCat(prompt_field, ": the prompt has ", prompt_tokens, " tokens; this server accepts at most ",
+                                limits.max_prompt_tokens, " (--max-prompt-tokens)"));
+  }
   const int64_t room = context - prompt_tokens;
   if (requested < 0) {
     return Invalid(absl::StrCat("sampling.max_tokens must be >= 0 (0 = the default ", limits.default_max_tokens,

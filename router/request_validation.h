@@ -34,6 +34,9 @@ struct ValidationLimits {
   // What SamplingParams.max_tokens = 0 means, in tokens (the contract says 16). When the
   // prompt leaves less room than this in the context, the default shrinks to that room.
   int32_t default_max_tokens = 16;
+  // Longest prompt accepted, in tokens; 0 = only the model context limits it (the
+  // prefill workers' --max-prompt-tokens).
+  int32_t max_prompt_tokens = 0;
   // What an empty CompressionSpec.policy means.
   std::string default_policy = "full";
   // Policies this server accepts (e.g. without gate weights, fast_kvzip and

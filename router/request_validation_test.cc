@@ -128,6 +128,16 @@ TEST(ValidateGenerateRequestTest, PolicyNotEnabledOnThisServer) {
             "compression.policy: policy 'fast_kvzip' is not enabled on this server (valid: full, snapkv)");
 }
 
+TEST(ValidateGenerateRequestTest, PromptOverTheServersLimitNamesTheFlag) {
+  ValidationLimits limits;
+  limits.max_prompt_tokens = 8;
+  EXPECT_TRUE(Validate(TokenPrompt(std::vector<int32_t>(8, 1)), limits).ok());
+  const auto result = Validate(TokenPrompt(std::vector<int32_t>(9, 1)), limits);
+  EXPECT_EQ(result.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(result.status().message(),
+            "tokens.ids: the prompt has 9 tokens; this server accepts at most 8 (--max-prompt-tokens)");
+}
+
 TEST(ValidateGenerateRequestTest, MessagesQuoteTheBadValue) {
   GenerateRequest r = TokenPrompt({1, 2});
   r.mutable_sampling()->set_top_p(1.5f);

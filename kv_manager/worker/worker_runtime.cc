@@ -1,5 +1,6 @@
 #include "kv_manager/worker/worker_runtime.h"
 
+#include <algorithm>
 #include <filesystem>
 
 #include "absl/strings/str_cat.h"
@@ -45,13 +46,19 @@ absl::StatusOr<std::unique_ptr<WorkerRuntime>> WorkerRuntime::Load(const WorkerR
   }
   int32_t pages = options.kv_pool_pages;
   if (pages <= 0) {
-    const int32_t pages_per_head = (c.max_context_tokens + options.page_tokens - 1) / options.page_tokens + 1;
+    const int32_t pages_per_head = (runtime->max_sequence_tokens() + options.page_tokens - 1) / options.page_tokens + 1;
     const int64_t total = int64_t{std::max(1, options.kv_pool_sequences)} * c.num_layers * c.num_kv_heads * pages_per_head;
     if (total > (int64_t{1} << 30)) return absl::InvalidArgumentError("KV pool too large: lower kv_pool_sequences");
     pages = static_cast<int32_t>(total);
   }
   KVGATE_ASSIGN_OR_RETURN(runtime->pool_, KvPool::Create(runtime->backend_.get(), pages, options.page_tokens, c.head_dim));
   return runtime;
+}
+
+int32_t WorkerRuntime::max_sequence_tokens() const {
+  const int32_t context = model_->config().max_context_tokens;
+  const int32_t asked = options_.kv_pool_sequence_tokens;
+  return asked > 0 ? std::min(asked, context) : context;
 }
 
 std::string WorkerRuntime::model_name() const {

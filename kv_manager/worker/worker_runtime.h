@@ -27,6 +27,9 @@ struct WorkerRuntimeOptions {
   // KV pool size in pages; 0 = room for kv_pool_sequences full-context sequences.
   int32_t kv_pool_pages = 0;
   int32_t kv_pool_sequences = 8;
+  // Tokens each of those sequences may hold; 0 = the model's context. The prefill worker
+  // stages one prompt at a time, so this is its longest prompt (--max-prompt-tokens).
+  int32_t kv_pool_sequence_tokens = 0;
   // Gate weight files (gates/README.md formats); empty = the policy is refused unless
   // random_gate_seed is set.
   std::string fast_kvzip_gate_path;
@@ -52,6 +55,9 @@ class WorkerRuntime {
   const engine::ModelConfig& config() const { return model_->config(); }
   const engine::Tokenizer& tokenizer() const { return *tokenizer_; }
   KvPool& pool() { return *pool_; }
+  // The longest sequence the pool was sized for (kv_pool_sequence_tokens, else the
+  // model's context), tokens.
+  int32_t max_sequence_tokens() const;
   std::string model_name() const;
   // The policy options of a request: the loaded gates attached.
   gates::PolicyOptions policy_options() const;

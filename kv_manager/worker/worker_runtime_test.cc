@@ -38,6 +38,29 @@ TEST(WorkerRuntimeTest, SecondRoleRunsOnTheFirstRolesWeights) {
   EXPECT_EQ(0, std::memcmp(a->data(), b->data(), a->size() * sizeof(float)));
 }
 
+// A pool for sequences of at most N tokens holds N tokens per (layer, kv head), not the
+// model's whole context; 0 and anything above the context mean the context.
+TEST(WorkerRuntimeTest, SequenceTokensSizeThePool) {
+  auto full = WorkerRuntime::Load(TinyOptions());
+  ASSERT_TRUE(full.ok()) << full.status();
+  const engine::ModelConfig& c = (*full)->model().config();
+  EXPECT_EQ((*full)->max_sequence_tokens(), c.max_context_tokens);
+  const int32_t heads = c.num_layers * c.num_kv_heads;
+  EXPECT_EQ((*full)->pool().num_pages(), heads * ((c.max_context_tokens + 15) / 16 + 1));
+
+  WorkerRuntimeOptions short_prompts = TinyOptions();
+  short_prompts.kv_pool_sequence_tokens = 100;
+  auto small = WorkerRuntime::Load(short_prompts);
+  ASSERT_TRUE(small.ok()) << small.status();
+  EXPECT_EQ((*small)->max_sequence_tokens(), 100);
+  EXPECT_EQ((*small)->pool().num_pages(), heads * ((100 + 15) / 16 + 1));
+
+  short_prompts.kv_pool_sequence_tokens = c.max_context_tokens * 4;
+  auto capped = WorkerRuntime::Load(short_prompts);
+  ASSERT_TRUE(capped.ok()) << capped.status();
+  EXPECT_EQ((*capped)->max_sequence_tokens(), c.max_context_tokens);
+}
+
 TEST(WorkerRuntimeTest, AnotherModelDirectoryCannotShare) {
   auto first = WorkerRuntime::Load(TinyOptions());
   ASSERT_TRUE(first.ok()) << first.status();
