@@ -478,7 +478,10 @@ def markdown(r):
         "cache) and transformers eager (sdpa), medians by CUDA events. *bf16, step before* is the bf16 "
         "path with `KVGATE_GEMV_BF16=0 KVGATE_GROUPED_DECODE_ATTENTION=0`: products of at most 8 rows on "
         "cuBLASLt instead of the weight-streaming kernel (cuda/kernels/gemv_bf16.cuh), and decode attention "
-        "per query head (attention.cu) instead of per GQA group (grouped_decode_attention.cuh).",
+        "per query head (attention.cu, head_paged_decode_attention.cu's first kernel) instead of per GQA group "
+        "(grouped_decode_core.cuh). Batched decode: B sequences of C random tokens prefilled into the "
+        "head-paged pool (fp32 pages, policy full), then one DecodeStep for all, median of 32 steps; PyTorch "
+        "runs the same batch CUDA-graphed over a static [B, kv, C, d] bf16 cache.",
         f"Floors from the same run: bf16 GEMM {r['floors']['gemm_tflop_per_s']:.0f} TFLOP/s (torch.matmul "
         f"8192^3, random), device copy {r['floors']['copy_tb_per_s']:.2f} TB/s (read + write). Prefill floor = "
         "GEMM FLOPs / GEMM rate (with attention FLOPs in brackets); decode floor = (bf16 weights + bf16 KV) / "
@@ -508,8 +511,9 @@ def markdown(r):
         b, c = row["batch"], row["context"]
         after = find([x for x in k16.get("decode_batched", []) if x.get("batch") == b], "context", c)
         torch_ms = find([x for x in r["torch"].get("decode_batched", []) if x.get("batch") == b], "context", c)
+        before = find([x for x in klt.get("decode_batched", []) if x.get("batch") == b], "context", c)
         lines.append(
-            f"| decode batch {b} at {c:,} (ms/step, head-paged pool) | - | - | {fmt(after, 2)} | {fmt(torch_ms, 2)} | - | "
+            f"| decode batch {b} at {c:,} (ms/step, head-paged pool) | - | {fmt(before, 2)} | {fmt(after, 2)} | {fmt(torch_ms, 2)} | - | "
             f"{fmt(row['floor_ms'], 2)} (fp32 pages {fmt(row['floor_fp32_pages_ms'], 2)}) | "
             f"{fmt(after / torch_ms if after and torch_ms else None, 2)}x | "
             f"{fmt(after / row['floor_ms'] if after else None, 2)}x |")
@@ -582,7 +586,8 @@ def main():
     # m <= 8 rows, per-query-head decode attention); prefill is the same code in both.
     r["kvgate_bf16_step_before"] = bench_kvgate(args.bench_bin, args.model_dir, "bf16", [], decode, args.out_dir,
                                              env={"KVGATE_GEMV_BF16": "0", "KVGATE_GROUPED_DECODE_ATTENTION": "0"},
-                                             label="bf16-step-before")
+                                             label="bf16-step-before", batches=batches,
+                                             batch_context=args.batch_context)
     r["kvgate_fp32"] = bench_kvgate(args.bench_bin, args.model_dir, "fp32", ints(args.baseline_prefill), decode,
                                     args.out_dir)
     log(f"kvgate done {time.time() - t0:.0f}s")

@@ -192,9 +192,15 @@ class CudaBackend final : public Backend {
   }
 
   // Small batches split each head's rows across blocks, as Attention does, sharing its
-  // workspace (ops run in stream order, so they never use it at the same time).
+  // workspace (ops run in stream order, so they never use it at the same time). The
+  // grouped kernel reads each K/V row once for its whole GQA group, as Attention's does.
   absl::Status HeadPagedDecodeAttention(const HeadPagedDecodeAttentionArgs& args) override {
     KVGATE_CUDA_RETURN_IF_ERROR(cudaSetDevice(device_));
+    if (use_grouped_decode_ && HeadPagedGroupedSupported(args)) {
+      const HeadPagedDecodePlan plan = PlanHeadPagedGroupedDecodeAttention(args, num_sms_);
+      KVGATE_RETURN_IF_ERROR(ReserveAttentionWorkspace(plan.workspace_floats));
+      return LaunchHeadPagedGroupedDecodeAttention(args, plan, attention_workspace_.as<float>(), stream_);
+    }
     const HeadPagedDecodePlan plan = PlanHeadPagedDecodeAttention(args, num_sms_);
     KVGATE_RETURN_IF_ERROR(ReserveAttentionWorkspace(plan.workspace_floats));
     return LaunchHeadPagedDecodeAttention(args, plan, attention_workspace_.as<float>(), stream_);

@@ -12,6 +12,7 @@
 #include <bit>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <iomanip>
 #include <limits>
@@ -874,6 +875,23 @@ TEST_P(HeadPagedDecodeAttentionTest, MatchesReference) {
   std::vector<float> out;
   ASSERT_TRUE(d_out.Download(backend(), &out));
   ExpectAllClose(ref, out, kAtolF32, kRtolF32);
+
+  // The per-query-head kernel as well: the backend prefers the grouped one (head_dim 64 or
+  // 128, at most 8 query heads per kv head), so without this those shapes would test
+  // only it. A backend built with KVGATE_GROUPED_DECODE_ATTENTION=0 always takes the other.
+  ::setenv("KVGATE_GROUPED_DECODE_ATTENTION", "0", 1);
+  absl::StatusOr<std::unique_ptr<Backend>> per_head = CreateCudaBackend(0);
+  ::unsetenv("KVGATE_GROUPED_DECODE_ATTENTION");
+  KVGATE_ASSERT_OK(per_head.status());
+  KVGATE_ASSERT_OK_AND_ASSIGN(GuardedBuffer d_out_per_head,
+                              GuardedBuffer::Create(backend(), std::vector<float>(q.size(), 0.0f)));
+  KVGATE_ASSERT_OK((*per_head)->HeadPagedDecodeAttention({d_q.as<float>(), d_layout.View(),
+                                                          d_out_per_head.data(), c.num_seqs,
+                                                          c.num_q_heads, c.num_kv_heads, scale}));
+  KVGATE_ASSERT_OK((*per_head)->Synchronize());
+  std::vector<float> out_per_head;
+  ASSERT_TRUE(d_out_per_head.Download(backend(), &out_per_head));
+  ExpectAllClose(ref, out_per_head, kAtolF32, kRtolF32);
 }
 
 // On a 132-SM H100/H200 fewer than 132 (sequence, q head) blocks split each head's rows
@@ -897,7 +915,13 @@ INSTANTIATE_TEST_SUITE_P(
         HeadPagedCase{"split_long", 1, 2, 1, 128, 16, {4000}, true, 242},
         HeadPagedCase{"split_long_pt128", 1, 4, 1, 64, 128, {4095}, false, 243},
         HeadPagedCase{"split_ragged", 2, 4, 2, 128, 16, {1000, 1, 129, 3}, true, 244},
-        HeadPagedCase{"split_gqa7_hd256", 1, 7, 1, 256, 16, {2500}, true, 245}),
+        HeadPagedCase{"split_gqa7_hd256", 1, 7, 1, 256, 16, {2500}, true, 245},
+        // The grouped kernel's own shapes: a serving batch (no split), a few long heads
+        // (split, with empty later splits), a ragged page size, and a head with no row.
+        HeadPagedCase{"grouped_batch_gqa4", 48, 32, 8, 128, 16, {2100, 1, 700, 2047}, true, 246},
+        HeadPagedCase{"grouped_batch_gqa4", 48, 32, 8, 128, 16, {2100, 1, 700, 2047}, false, 247},
+        HeadPagedCase{"grouped_split_gqa8", 2, 16, 2, 64, 16, {5000, 17, 129, 0}, true, 248},
+        HeadPagedCase{"grouped_pt7_gqa3", 5, 6, 2, 128, 7, {300, 1, 45, 1000, 6}, true, 249}),
     CaseName<HeadPagedCase>);
 
 // The equivalence chain: paged decode over pages holding exactly rows [0, L) of every

@@ -8,36 +8,39 @@
 #include "cuda/kernels/attention_core.cuh"
 #include "cuda/kernels/cuda_check.h"
 #include "cuda/kernels/grouped_decode_attention.cuh"
+#include "cuda/kernels/grouped_decode_core.cuh"
 
 namespace kvgate::ops {
 namespace {
 
-constexpr int kWarps = kGroupedDecodeBlockSize / 32;
-// Rows a team loads before it scores them: 2 x kRowsPerTeamStep 16-byte loads in flight
-// per lane.
-constexpr int kRowsPerTeamStep = 4;
+static_assert(kGroupedDecodeBlockSize == grouped_decode::kBlockSize, "one block size for the grouped core");
 
-__device__ __forceinline__ float Dot4(const float4& a, const float4& b) {
-  return fmaf(a.w, b.w, fmaf(a.z, b.z, fmaf(a.y, b.y, a.x * b.x)));
-}
+// Rows of one kv head of the contiguous cache: every query head of the group sees the
+// last visible row; before it, the key mask (shared or per query head) decides.
+template <int G>
+struct ContiguousGroupRows {
+  int64_t head_row0;  // kv * capacity_tokens
+  const uint8_t* mask;  // null, or the kv head's (or its first query head's) mask row
+  int64_t capacity_tokens;
+  int32_t always_visible;  // visible.hi
+  bool per_query_head;
+  __device__ __forceinline__ uint32_t Locate(int32_t j, int64_t* row) const {
+    constexpr uint32_t kAllHeads = (1u << G) - 1;
+    *row = head_row0 + j;
+    if (mask == nullptr || j == always_visible) return kAllHeads;
+    if (!per_query_head) return mask[j] != 0 ? kAllHeads : 0u;
+    uint32_t bits = 0;
+#pragma unroll
+    for (int g = 0; g < G; ++g) bits |= static_cast<uint32_t>(mask[static_cast<int64_t>(g) * capacity_tokens + j] != 0) << g;
+    return bits;
+  }
+};
 
 // blockIdx.x = kv head, blockIdx.y = split of the visible rows, blockIdx.z = query token.
-// A team of D / 4 lanes holds one K/V row (one float4 per lane); a warp has 32 / (D / 4)
-// teams, each walking kRowsPerTeamStep consecutive rows per step. Every lane keeps, for
-// each of the G query heads of the group, its 4 dims of q, of the accumulator, and the
-// running max and sum (equal across its team). The teams merge in shared memory.
 template <int D, int G>
 __global__ void __launch_bounds__(kGroupedDecodeBlockSize)
     GroupedDecodeAttentionKernel(AttentionArgs args, int32_t rows_per_split, float* partials) {
-  constexpr int kTeamLanes = D / 4;
-  constexpr int kTeamsPerWarp = 32 / kTeamLanes;
-  constexpr int kTeams = kWarps * kTeamsPerWarp;
-  constexpr int kRows = kRowsPerTeamStep;
   const int32_t kv = blockIdx.x, split = blockIdx.y, t = blockIdx.z;
-  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
-  const int team_in_warp = lane / kTeamLanes, part = lane % kTeamLanes;
-  const int team = warp * kTeamsPerWarp + team_in_warp;
-
   const attention_core::VisibleRows visible = attention_core::Visible(args, t);
   const int64_t first64 = static_cast<int64_t>(visible.lo) + static_cast<int64_t>(split) * rows_per_split;
   const int64_t split_end = first64 + rows_per_split - 1;
@@ -45,139 +48,15 @@ __global__ void __launch_bounds__(kGroupedDecodeBlockSize)
   const int32_t first = static_cast<int32_t>(first64 <= last ? first64 : last + 1);
 
   const int64_t head0 = static_cast<int64_t>(t) * args.num_q_heads + static_cast<int64_t>(kv) * G;
-  float4 q[G];
-#pragma unroll
-  for (int g = 0; g < G; ++g) q[g] = reinterpret_cast<const float4*>(args.q + (head0 + g) * D)[part];
-  const int64_t head_offset = static_cast<int64_t>(kv) * args.capacity_tokens * D;
-  const float4* k = reinterpret_cast<const float4*>(args.k_cache + head_offset);
-  const float4* v = reinterpret_cast<const float4*>(args.v_cache + head_offset);
   const bool per_query_head = args.key_mask_per_query_head;
-  const uint8_t* mask =
+  const ContiguousGroupRows<G> rows{
+      static_cast<int64_t>(kv) * args.capacity_tokens,
       args.key_mask == nullptr
           ? nullptr
-          : args.key_mask + static_cast<int64_t>(per_query_head ? kv * G : kv) * args.capacity_tokens;
-  constexpr uint32_t kAllHeads = (1u << G) - 1;
-
-  float m[G], l[G];
-  float4 acc[G];
-#pragma unroll
-  for (int g = 0; g < G; ++g) {
-    m[g] = -INFINITY;
-    l[g] = 0.0f;
-    acc[g] = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
-  }
-  // The loop bounds are the same for every lane of a warp (the shuffles need that);
-  // rows past `last` are dead lanes of the step.
-  for (int32_t base = first + warp * kTeamsPerWarp * kRows; base <= last; base += kTeams * kRows) {
-    float4 kr[kRows], vr[kRows];
-    uint32_t sees[kRows];  // bit g: query head g of the group sees the row
-#pragma unroll
-    for (int r = 0; r < kRows; ++r) {
-      const int32_t j = base + team_in_warp * kRows + r;
-      uint32_t bits = 0;
-      if (j <= last) {
-        if (mask == nullptr || j == visible.hi) {
-          bits = kAllHeads;
-        } else if (!per_query_head) {
-          bits = mask[j] != 0 ? kAllHeads : 0u;
-        } else {
-#pragma unroll
-          for (int g = 0; g < G; ++g) bits |= static_cast<uint32_t>(mask[static_cast<int64_t>(g) * args.capacity_tokens + j] != 0) << g;
-        }
-      }
-      sees[r] = bits;
-      const float4 zero = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
-      kr[r] = bits != 0 ? k[static_cast<int64_t>(j) * kTeamLanes + part] : zero;
-      vr[r] = bits != 0 ? v[static_cast<int64_t>(j) * kTeamLanes + part] : zero;
-    }
-    float s[G][kRows];
-#pragma unroll
-    for (int g = 0; g < G; ++g) {
-#pragma unroll
-      for (int r = 0; r < kRows; ++r) {
-        float dot = Dot4(q[g], kr[r]);
-#pragma unroll
-        for (int offset = kTeamLanes / 2; offset > 0; offset /= 2) dot += __shfl_xor_sync(0xffffffffu, dot, offset);
-        s[g][r] = (sees[r] >> g) & 1u ? dot * args.scale : -INFINITY;
-      }
-    }
-#pragma unroll
-    for (int g = 0; g < G; ++g) {
-      float step_max = m[g];
-#pragma unroll
-      for (int r = 0; r < kRows; ++r) step_max = fmaxf(step_max, s[g][r]);
-      if (step_max == -INFINITY) continue;  // nothing seen yet by this head
-      const float correction = expf(m[g] - step_max);  // 0 while m[g] is -inf
-      l[g] *= correction;
-      acc[g].x *= correction;
-      acc[g].y *= correction;
-      acc[g].z *= correction;
-      acc[g].w *= correction;
-#pragma unroll
-      for (int r = 0; r < kRows; ++r) {
-        // A hidden row contributes nothing, and its V (maybe NaN) is never multiplied.
-        if (s[g][r] == -INFINITY) continue;
-        const float p = expf(s[g][r] - step_max);
-        l[g] += p;
-        acc[g].x = fmaf(p, vr[r].x, acc[g].x);
-        acc[g].y = fmaf(p, vr[r].y, acc[g].y);
-        acc[g].z = fmaf(p, vr[r].z, acc[g].z);
-        acc[g].w = fmaf(p, vr[r].w, acc[g].w);
-      }
-      m[g] = step_max;
-    }
-  }
-
-  __shared__ float team_max[kTeams][G];
-  __shared__ float team_sum[kTeams][G];
-  __shared__ float4 team_acc[kTeams][G][kTeamLanes];
-#pragma unroll
-  for (int g = 0; g < G; ++g) {
-    if (part == 0) {
-      team_max[team][g] = m[g];
-      team_sum[team][g] = l[g];
-    }
-    team_acc[team][g][part] = acc[g];
-  }
-  __syncthreads();
-  for (int idx = threadIdx.x; idx < G * kTeamLanes; idx += blockDim.x) {
-    const int g = idx / kTeamLanes, c = idx % kTeamLanes;
-    float block_max = -INFINITY;
-#pragma unroll
-    for (int i = 0; i < kTeams; ++i) block_max = fmaxf(block_max, team_max[i][g]);
-    float total = 0.0f;
-    float4 o = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
-#pragma unroll
-    for (int i = 0; i < kTeams; ++i) {
-      if (team_max[i][g] == -INFINITY) continue;  // a team that saw no row
-      const float w = expf(team_max[i][g] - block_max);
-      total += team_sum[i][g] * w;
-      const float4 a = team_acc[i][g][c];
-      o.x = fmaf(a.x, w, o.x);
-      o.y = fmaf(a.y, w, o.y);
-      o.z = fmaf(a.z, w, o.z);
-      o.w = fmaf(a.w, w, o.w);
-    }
-    const int64_t token_head = head0 + g;
-    if (partials == nullptr) {
-      float* out = args.out + token_head * D + 4 * c;
-      // Divide (not multiply by the inverse): the reference divides.
-      out[0] = total > 0.0f ? o.x / total : 0.0f;
-      out[1] = total > 0.0f ? o.y / total : 0.0f;
-      out[2] = total > 0.0f ? o.z / total : 0.0f;
-      out[3] = total > 0.0f ? o.w / total : 0.0f;
-    } else {
-      float* partial = partials + (token_head * gridDim.y + split) * attention_core::PartialFloats(D);
-      if (c == 0) {
-        partial[0] = block_max;
-        partial[1] = total;
-      }
-      partial[2 + 4 * c] = o.x;
-      partial[3 + 4 * c] = o.y;
-      partial[4 + 4 * c] = o.z;
-      partial[5 + 4 * c] = o.w;
-    }
-  }
+          : args.key_mask + static_cast<int64_t>(per_query_head ? kv * G : kv) * args.capacity_tokens,
+      args.capacity_tokens, visible.hi, per_query_head};
+  grouped_decode::AttendGroupRows<D, G>(rows, args.k_cache, args.v_cache, args.q + head0 * D, args.scale, first,
+                                        last, args.out + head0 * D, partials, head0);
 }
 
 template <int D>

@@ -5,6 +5,7 @@
 #include "absl/strings/str_cat.h"
 #include "cuda/kernels/attention_core.cuh"
 #include "cuda/kernels/cuda_check.h"
+#include "cuda/kernels/grouped_decode_core.cuh"
 #include "cuda/kernels/head_paged_decode_attention.cuh"
 
 namespace kvgate::ops {
@@ -26,7 +27,122 @@ struct PagedRows {
   }
 };
 
+// Rows of one seq head for all G query heads of its group: bit g of a row's mask byte
+// says query head g sees it (every bit without masks).
+template <int G>
+struct PagedGroupRows {
+  const int32_t* page_ids;  // the seq head's pages
+  const uint8_t* query_masks;
+  int32_t page_tokens;
+  __device__ __forceinline__ uint32_t Locate(int32_t j, int64_t* row) const {
+    constexpr uint32_t kAllHeads = (1u << G) - 1;
+    *row = static_cast<int64_t>(page_ids[j / page_tokens]) * page_tokens + j % page_tokens;
+    return query_masks == nullptr ? kAllHeads : static_cast<uint32_t>(query_masks[*row]) & kAllHeads;
+  }
+};
+
+// blockIdx.x = sequence * num_kv_heads + kv head, blockIdx.y = split of its rows (shares
+// of at least kHeadPagedDecodeMinRowsPerSplit rows; later splits of short heads are empty).
+template <int D, int G>
+__global__ void __launch_bounds__(grouped_decode::kBlockSize)
+    HeadPagedGroupedDecodeKernel(HeadPagedDecodeAttentionArgs args, float* partials) {
+  const HeadPagedKvView& kv = args.kv;
+  const int64_t seq_head = blockIdx.x;
+  const int64_t seq = seq_head / args.num_kv_heads;
+  const int32_t kv_head = static_cast<int32_t>(seq_head % args.num_kv_heads);
+  const int64_t length = max(kv.lengths[seq_head], 0);
+  const int64_t num_splits = gridDim.y;
+  const int64_t share =
+      max((length + num_splits - 1) / num_splits, int64_t{kHeadPagedDecodeMinRowsPerSplit});
+  const int64_t first = min(static_cast<int64_t>(blockIdx.y) * share, length);
+  const int64_t end = min(first + share, length);
+  const PagedGroupRows<G> rows{kv.page_ids + kv.page_indptr[seq_head], kv.query_masks, kv.page_tokens};
+  const int64_t head0 = seq * args.num_q_heads + static_cast<int64_t>(kv_head) * G;
+  grouped_decode::AttendGroupRows<D, G>(rows, kv.k_pages, kv.v_pages, args.q + head0 * D, args.scale,
+                                        static_cast<int32_t>(first), static_cast<int32_t>(end - 1),
+                                        args.out + head0 * D, partials, head0);
+}
+
+template <int D>
+void LaunchGroupedForDim(const HeadPagedDecodeAttentionArgs& args, const dim3& grid, float* partials,
+                         cudaStream_t stream) {
+  switch (args.num_q_heads / args.num_kv_heads) {
+#define KVGATE_PAGED_GROUPED_CASE(G)                                                                  \
+  case G:                                                                                             \
+    HeadPagedGroupedDecodeKernel<D, G><<<grid, grouped_decode::kBlockSize, 0, stream>>>(args, partials); \
+    break;
+    KVGATE_PAGED_GROUPED_CASE(1)
+    KVGATE_PAGED_GROUPED_CASE(2)
+    KVGATE_PAGED_GROUPED_CASE(3)
+    KVGATE_PAGED_GROUPED_CASE(4)
+    KVGATE_PAGED_GROUPED_CASE(5)
+    KVGATE_PAGED_GROUPED_CASE(6)
+    KVGATE_PAGED_GROUPED_CASE(7)
+    KVGATE_PAGED_GROUPED_CASE(8)
+#undef KVGATE_PAGED_GROUPED_CASE
+    default:
+      break;  // excluded by HeadPagedGroupedSupported
+  }
+}
+
 }  // namespace
+
+bool HeadPagedGroupedSupported(const HeadPagedDecodeAttentionArgs& args) {
+  const auto aligned16 = [](const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; };
+  const HeadPagedKvView& kv = args.kv;
+  return args.num_seqs > 0 && args.num_kv_heads > 0 && args.num_q_heads > 0 &&
+         args.num_q_heads % args.num_kv_heads == 0 && args.num_q_heads / args.num_kv_heads <= kHeadPagedGroupedMaxGroup &&
+         (kv.head_dim == 64 || kv.head_dim == 128) && kv.page_tokens >= 1 &&
+         static_cast<int64_t>(args.num_seqs) * args.num_kv_heads <= std::numeric_limits<int32_t>::max() &&
+         aligned16(args.q) && aligned16(kv.k_pages) && aligned16(kv.v_pages) && aligned16(args.out);
+}
+
+HeadPagedDecodePlan PlanHeadPagedGroupedDecodeAttention(const HeadPagedDecodeAttentionArgs& args, int num_sms) {
+  HeadPagedDecodePlan plan;
+  const int64_t blocks = static_cast<int64_t>(args.num_seqs) * args.num_kv_heads;
+  if (num_sms <= 0 || blocks <= 0 || blocks >= 4 * static_cast<int64_t>(num_sms)) return plan;
+  const int64_t splits = std::min<int64_t>((4 * static_cast<int64_t>(num_sms) + blocks - 1) / blocks,
+                                           kHeadPagedDecodeMaxSplits);
+  if (splits <= 1) return plan;
+  plan.num_splits = static_cast<int32_t>(splits);
+  plan.workspace_floats = static_cast<int64_t>(args.num_seqs) * args.num_q_heads * splits *
+                          attention_core::PartialFloats(args.kv.head_dim);
+  return plan;
+}
+
+absl::Status LaunchHeadPagedGroupedDecodeAttention(const HeadPagedDecodeAttentionArgs& args,
+                                                   const HeadPagedDecodePlan& plan, float* workspace,
+                                                   cudaStream_t stream) {
+  if (!HeadPagedGroupedSupported(args)) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "HeadPagedGroupedDecodeAttention: needs head_dim 64 or 128, at most ", kHeadPagedGroupedMaxGroup,
+        " query heads per kv head and 16-byte aligned tensors; got head_dim ", args.kv.head_dim, ", ",
+        args.num_q_heads, "/", args.num_kv_heads, " heads, ", args.num_seqs, " sequences"));
+  }
+  const int64_t q_heads = static_cast<int64_t>(args.num_seqs) * args.num_q_heads;
+  if (plan.num_splits < 1 || plan.num_splits > kHeadPagedDecodeMaxSplits ||
+      (plan.num_splits > 1 && (workspace == nullptr || plan.workspace_floats < q_heads * plan.num_splits *
+                                                                                 attention_core::PartialFloats(args.kv.head_dim)))) {
+    return absl::InvalidArgumentError(absl::StrCat("HeadPagedGroupedDecodeAttention: plan of ", plan.num_splits,
+                                                   " splits with ", plan.workspace_floats,
+                                                   " workspace floats does not fit ", q_heads, " query heads"));
+  }
+  const dim3 grid(static_cast<unsigned>(static_cast<int64_t>(args.num_seqs) * args.num_kv_heads),
+                  static_cast<unsigned>(plan.num_splits));
+  float* partials = plan.num_splits > 1 ? workspace : nullptr;
+  if (args.kv.head_dim == 64) {
+    LaunchGroupedForDim<64>(args, grid, partials, stream);
+  } else {
+    LaunchGroupedForDim<128>(args, grid, partials, stream);
+  }
+  KVGATE_CUDA_RETURN_IF_ERROR(cudaGetLastError());
+  if (plan.num_splits > 1) {
+    attention_core::AttentionMergeKernel<<<static_cast<unsigned>(q_heads), kAttentionCombineBlockSize, 0, stream>>>(
+        workspace, args.out, plan.num_splits, args.kv.head_dim);
+    KVGATE_CUDA_RETURN_IF_ERROR(cudaGetLastError());
+  }
+  return absl::OkStatus();
+}
 
 // blockIdx.x = sequence * num_q_heads + q head, blockIdx.y = split of the seq head's
 // rows. With partials == null the block writes the normalised output; otherwise (max,

@@ -11,7 +11,8 @@
 // only the split count; block z of seq head i takes rows [z * share, (z + 1) * share) with
 // share = max(ceil(lengths[i] / num_splits), kHeadPagedDecodeMinRowsPerSplit), so short
 // heads leave their later splits empty (they exit at once), and a merge kernel combines
-// the partials. A head with no visible row gets zeros (see cuda/ops.h).
+// the partials. A head with no visible row gets zeros (see cuda/ops.h). A second,
+// grouped kernel (below) serves the common shapes with one block per (sequence, kv head).
 #pragma once
 
 #include <cuda_runtime.h>
@@ -48,6 +49,20 @@ HeadPagedDecodePlan PlanHeadPagedDecodeAttention(const HeadPagedDecodeAttentionA
 absl::Status LaunchHeadPagedDecodeAttention(const HeadPagedDecodeAttentionArgs& args,
                                             const HeadPagedDecodePlan& plan, float* workspace,
                                             cudaStream_t stream);
+
+// The grouped kernel: one block per (sequence, kv head) serves all query heads of its GQA
+// group (grouped_decode_core.cuh), so each K/V row is read once, not once per query
+// head, in 16-byte vectors; the rows are split across blocks when the grid would not put
+// about 4 blocks on every SM. It takes head_dim 64 or 128, at most
+// kHeadPagedGroupedMaxGroup query heads per kv head, and 16-byte aligned q, pages and out
+// (HeadPagedGroupedSupported); the backend sends everything else to the kernel above.
+constexpr int kHeadPagedGroupedMaxGroup = 8;
+bool HeadPagedGroupedSupported(const HeadPagedDecodeAttentionArgs& args);
+HeadPagedDecodePlan PlanHeadPagedGroupedDecodeAttention(const HeadPagedDecodeAttentionArgs& args, int num_sms);
+// INVALID_ARGUMENT when !HeadPagedGroupedSupported(args) or the plan does not fit.
+absl::Status LaunchHeadPagedGroupedDecodeAttention(const HeadPagedDecodeAttentionArgs& args,
+                                                   const HeadPagedDecodePlan& plan, float* workspace,
+                                                   cudaStream_t stream);
 
 // The default grid: one block per (sequence, q head), no workspace.
 absl::Status LaunchHeadPagedDecodeAttention(const HeadPagedDecodeAttentionArgs& args,
