@@ -15,7 +15,10 @@ absl::Status ForSequence(const absl::Status& s, size_t index) {
 
 }  // namespace
 
-void DecodeBatch::SetSequences(std::vector<SequenceBatch*> sequences) { sequences_ = std::move(sequences); }
+void DecodeBatch::SetSequences(std::vector<SequenceBatch*> sequences) {
+  sequences_ = std::move(sequences);
+  views_.clear();
+}
 
 int32_t DecodeBatch::num_sequences() const { return static_cast<int32_t>(sequences_.size()); }
 
@@ -32,6 +35,7 @@ absl::Status DecodeBatch::BeginStep() {
       return ForSequence(absl::InvalidArgumentError("the sequence lives in another KV pool"), s);
     }
   }
+  views_.clear();
   for (size_t s = 0; s < sequences_.size(); ++s) KVGATE_RETURN_IF_ERROR(ForSequence(sequences_[s]->BeginStep(), s));
   return absl::OkStatus();
 }
@@ -49,12 +53,19 @@ absl::StatusOr<ops::HeadPagedKvView> DecodeBatch::View(int32_t layer) {
   std::vector<const SequenceLayout*> layouts;
   layouts.reserve(sequences_.size());
   for (const SequenceBatch* seq : sequences_) layouts.push_back(&seq->layout());
-  return pool_->BuildView(layouts, layer);
+  if (views_.empty()) {
+    // Every layer's tables in one upload: an upload of this size waits for the stream, so
+    // one per step instead of one per layer keeps the host ahead of the GPU.
+    KVGATE_ASSIGN_OR_RETURN(views_, pool_->BuildViews(layouts));
+  }
+  if (layer < 0 || layer >= static_cast<int32_t>(views_.size())) return pool_->BuildView(layouts, layer);  // its error
+  return views_[layer];
 }
 
 absl::Status DecodeBatch::EndStep() {
   // Every sequence ends its step (next_pos already advanced at BeginStep); the first
   // failure is reported after all have run.
+  views_.clear();  // decode-time eviction changes the layouts
   absl::Status first;
   for (size_t s = 0; s < sequences_.size(); ++s) {
     absl::Status st = sequences_[s]->EndStep();

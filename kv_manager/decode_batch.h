@@ -32,6 +32,8 @@ class DecodeBatch final : public engine::PagedKvBatch {
   // Rows of the step go to the pool in one KvPool::AppendDecodeRows per layer (one
   // CopyRows per tensor for the whole batch).
   absl::Status AppendLayer(int32_t layer, const float* k_new, const float* v_new) override;
+  // The first View of a step uploads the tables of every layer (KvPool::BuildViews): the
+  // layouts change only in BeginStep and EndStep.
   absl::StatusOr<ops::HeadPagedKvView> View(int32_t layer) override;
   // Every sequence ends its step (decode-time eviction), even after one fails; the
   // first error is returned, naming the sequence index.
@@ -44,6 +46,7 @@ class DecodeBatch final : public engine::PagedKvBatch {
  private:
   KvPool* pool_;
   std::vector<SequenceBatch*> sequences_;
+  std::vector<ops::HeadPagedKvView> views_;  // this step's, once built
 };
 
 }  // namespace kvgate::kv

@@ -213,29 +213,34 @@ absl::StatusOr<int32_t> KvPool::Compact(SequenceLayout* layout, const gates::Kee
 
 absl::Status KvPool::Release(SequenceLayout* layout) { return kv::Release(layout, &pages_); }
 
-absl::StatusOr<ops::HeadPagedKvView> KvPool::BuildView(absl::Span<const SequenceLayout* const> seqs,
-                                                       int32_t layer) {
+namespace {
+
+// Appends layer `layer`'s [page_indptr (seq heads + 1) | page_ids | lengths] to `host`;
+// `*any_masks` |= a sequence carries query masks. INVALID_ARGUMENT for a sequence that
+// does not fit the batch (see KvPool::BuildView).
+absl::Status AppendViewTables(absl::Span<const SequenceLayout* const> seqs, int32_t layer, int32_t page_tokens,
+                              std::vector<int32_t>* host, bool* any_masks) {
   const int32_t heads = seqs.empty() ? 0 : seqs[0]->num_kv_heads;
-  bool any_masks = false;
   size_t num_ids = 0;
   for (size_t s = 0; s < seqs.size(); ++s) {
     const SequenceLayout& seq = *seqs[s];
-    if (seq.heads.empty() || seq.page_tokens != page_tokens_ || seq.num_kv_heads != heads || layer < 0 ||
+    if (seq.heads.empty() || seq.page_tokens != page_tokens || seq.num_kv_heads != heads || layer < 0 ||
         layer >= seq.num_layers) {
       return absl::InvalidArgumentError(absl::StrCat("view of layer ", layer, ": sequence ", s, " of the batch has ",
                                                      seq.num_layers, " layers x ", seq.num_kv_heads,
                                                      " kv heads, page_tokens ", seq.page_tokens, " (pool ",
-                                                     page_tokens_, ", batch kv heads ", heads, ")"));
+                                                     page_tokens, ", batch kv heads ", heads, ")"));
     }
-    any_masks |= seq.has_query_masks;
+    *any_masks |= seq.has_query_masks;
     for (int32_t h = 0; h < heads; ++h) num_ids += seq.at(layer, h).page_ids.size();
   }
   const size_t num_seq_heads = seqs.size() * heads;
-  // [page_indptr (num_seq_heads + 1) | page_ids (num_ids) | lengths (num_seq_heads)]
-  std::vector<int32_t> host(num_seq_heads + 1 + num_ids + num_seq_heads);
-  int32_t* indptr = host.data();
+  const size_t begin = host->size();
+  host->resize(begin + num_seq_heads + 1 + num_ids + num_seq_heads);
+  int32_t* indptr = host->data() + begin;
   int32_t* ids = indptr + num_seq_heads + 1;
   int32_t* lengths = ids + num_ids;
+  indptr[0] = 0;
   size_t i = 0;
   for (const SequenceLayout* seq : seqs) {
     for (int32_t h = 0; h < heads; ++h, ++i) {
@@ -245,13 +250,49 @@ absl::StatusOr<ops::HeadPagedKvView> KvPool::BuildView(absl::Span<const Sequence
       lengths[i] = hp.length;
     }
   }
+  return absl::OkStatus();
+}
+
+}  // namespace
+
+absl::StatusOr<ops::HeadPagedKvView> KvPool::BuildView(absl::Span<const SequenceLayout* const> seqs,
+                                                       int32_t layer) {
+  std::vector<int32_t> host;
+  bool any_masks = false;
+  KVGATE_RETURN_IF_ERROR(AppendViewTables(seqs, layer, page_tokens_, &host, &any_masks));
   KVGATE_ASSIGN_OR_RETURN(const int32_t* base, Upload(host, &view_scratch_));
+  return ViewAt(base, seqs.size() * (seqs.empty() ? 0 : seqs[0]->num_kv_heads), host, any_masks);
+}
+
+absl::StatusOr<std::vector<ops::HeadPagedKvView>> KvPool::BuildViews(absl::Span<const SequenceLayout* const> seqs) {
+  const int32_t layers = seqs.empty() ? 0 : seqs[0]->num_layers;
+  std::vector<int32_t> host;
+  std::vector<size_t> offsets;
+  bool any_masks = false;
+  for (int32_t l = 0; l < layers; ++l) {
+    offsets.push_back(host.size());
+    KVGATE_RETURN_IF_ERROR(AppendViewTables(seqs, l, page_tokens_, &host, &any_masks));
+  }
+  offsets.push_back(host.size());
+  KVGATE_ASSIGN_OR_RETURN(const int32_t* base, Upload(host, &view_scratch_));
+  const size_t num_seq_heads = seqs.size() * (seqs.empty() ? 0 : seqs[0]->num_kv_heads);
+  std::vector<ops::HeadPagedKvView> views;
+  for (int32_t l = 0; l < layers; ++l) {
+    const absl::Span<const int32_t> tables(host.data() + offsets[l], offsets[l + 1] - offsets[l]);
+    views.push_back(ViewAt(base + offsets[l], num_seq_heads, tables, any_masks));
+  }
+  return views;
+}
+
+ops::HeadPagedKvView KvPool::ViewAt(const int32_t* device_tables, size_t num_seq_heads,
+                                    absl::Span<const int32_t> host_tables, bool any_masks) const {
+  const size_t num_ids = host_tables.size() - 2 * num_seq_heads - 1;
   ops::HeadPagedKvView view;
   view.k_pages = k_pages_.as<float>();
   view.v_pages = v_pages_.as<float>();
-  view.page_indptr = base;
-  view.page_ids = base + num_seq_heads + 1;
-  view.lengths = base + num_seq_heads + 1 + num_ids;
+  view.page_indptr = device_tables;
+  view.page_ids = device_tables + num_seq_heads + 1;
+  view.lengths = device_tables + num_seq_heads + 1 + num_ids;
   view.query_masks = any_masks ? query_masks_.as<uint8_t>() : nullptr;
   view.page_tokens = page_tokens_;
   view.head_dim = head_dim_;

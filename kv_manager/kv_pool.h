@@ -113,6 +113,10 @@ class KvPool {
   // share num_kv_heads and page_tokens() and have more than `layer` layers
   // (INVALID_ARGUMENT).
   absl::StatusOr<ops::HeadPagedKvView> BuildView(absl::Span<const SequenceLayout* const> seqs, int32_t layer);
+  // The views of every layer at once (views[l] = BuildView(seqs, l)), in one upload: a
+  // decode step builds them after its BeginStep, since the layouts change only at step
+  // boundaries. Valid until the next BuildView or BuildViews.
+  absl::StatusOr<std::vector<ops::HeadPagedKvView>> BuildViews(absl::Span<const SequenceLayout* const> seqs);
 
   // Host copies of the rows of (layer, kv_head), in row order; scores from the layout.
   // Waits for prior work.
@@ -173,7 +177,12 @@ class KvPool {
   PagePool pages_;
   ops::DeviceBuffer k_pages_, v_pages_, query_masks_;
   ops::DeviceBuffer copy_scratch_;  // int32 row lists of the copies in flight
-  ops::DeviceBuffer view_scratch_;  // int32 indptr / ids / lengths of the last view
+  // The view whose tables (one layer's, as AppendViewTables lays them out: host_tables on
+  // the host) were uploaded to device_tables.
+  ops::HeadPagedKvView ViewAt(const int32_t* device_tables, size_t num_seq_heads,
+                              absl::Span<const int32_t> host_tables, bool any_masks) const;
+
+  ops::DeviceBuffer view_scratch_;  // int32 indptr / ids / lengths of the last view(s)
   ops::DeviceBuffer stage_k_, stage_v_;  // CommitHostRows: one layer's host rows
 };
 

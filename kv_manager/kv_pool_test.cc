@@ -288,6 +288,24 @@ TEST_F(KvPoolTest, BuildViewUploadsIndptrIdsLengths) {
   SequenceLayout empty;
   const SequenceLayout* with_empty[] = {&a, &empty};
   EXPECT_EQ(pool->BuildView(with_empty, 0).status().code(), absl::StatusCode::kInvalidArgument);
+
+  // Every layer in one upload: the same tables as the views of one layer each.
+  auto views = pool->BuildViews(batch);
+  ASSERT_TRUE(views.ok()) << views.status();
+  ASSERT_EQ(views->size(), static_cast<size_t>(kLayers));
+  EXPECT_THAT(read((*views)[0].page_indptr, 5), ElementsAre(0, 2, 3, 3, 6));
+  EXPECT_THAT(read((*views)[0].page_ids, 6), ElementsAre(0, 1, 2, 4, 5, 6));
+  EXPECT_THAT(read((*views)[0].lengths, 4), ElementsAre(3, 1, 0, 5));
+  EXPECT_THAT(read((*views)[1].page_indptr, 5), ElementsAre(0, 1, 1, 2, 3));
+  EXPECT_THAT(read((*views)[1].page_ids, 3), ElementsAre(3, 7, 8));
+  EXPECT_THAT(read((*views)[1].lengths, 4), ElementsAre(1, 0, 2, 1));
+  for (const ops::HeadPagedKvView& v : *views) {
+    EXPECT_EQ(v.k_pages, pool->k_pages());
+    EXPECT_EQ(v.query_masks, pool->query_masks());
+    EXPECT_EQ(v.page_tokens, 2);
+    EXPECT_EQ(v.head_dim, kDim);
+  }
+  EXPECT_EQ(pool->BuildViews(with_empty).status().code(), absl::StatusCode::kInvalidArgument);
 }
 
 TEST_F(KvPoolTest, BatchedAppendMatchesPerSequence) {
