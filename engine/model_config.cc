@@ -166,6 +166,13 @@ absl::StatusOr<ModelConfig> ParseModelConfig(const std::string& text) {
     out.head_dim = out.hidden_size / out.num_heads;
   }
   if (out.head_dim % 2 != 0) return Invalid("head_dim", "must be even for rotary embeddings");
+  // Real models use 64-256; the bound keeps a hostile config from sizing per-head tables
+  // (RoPE frequencies, attention scratch) in gigabytes (a fuzz finding: head_dim 2^30 took
+  // 20 s and 2.4 GB before any weight was read).
+  constexpr int32_t kMaxHeadDim = 1024;
+  if (out.head_dim > kMaxHeadDim) {
+    return Invalid("head_dim", absl::StrCat(out.head_dim, " is larger than the supported ", kMaxHeadDim));
+  }
   KVGATE_ASSIGN_OR_RETURN(out.max_context_tokens, PositiveInt(config, "max_position_embeddings"));
   KVGATE_ASSIGN_OR_RETURN(double eps, OptionalNumber(config, "rms_norm_eps", 1e-6, ""));
   out.rms_norm_eps = static_cast<float>(eps);

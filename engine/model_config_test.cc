@@ -56,6 +56,8 @@ TEST(ModelConfigTest, ErrorsNameTheField) {
       {"vocab_size", -5, "vocab_size"},
       {"rope_scaling", {{"rope_type", "yarn"}, {"factor", 4.0}}, "rope_scaling.rope_type: 'yarn'"},
       {"tie_word_embeddings", "yes", "tie_word_embeddings"},
+      // fuzz finding (model_config_fuzz timed out): 2^29 RoPE frequencies before any weight.
+      {"head_dim", 1 << 30, "head_dim: 1073741824 is larger than the supported 1024"},
   };
   for (const Case& c : cases) {
     json config = BaseConfig("LlamaForCausalLM");
@@ -65,6 +67,11 @@ TEST(ModelConfigTest, ErrorsNameTheField) {
     EXPECT_EQ(parsed.status().code(), absl::StatusCode::kInvalidArgument);
     EXPECT_NE(parsed.status().message().find(c.expected), std::string::npos) << parsed.status();
   }
+  json wide = BaseConfig("LlamaForCausalLM");  // the same bound when head_dim is derived
+  wide["hidden_size"] = 1 << 22;
+  wide["num_attention_heads"] = 2;
+  wide["num_key_value_heads"] = 2;
+  EXPECT_NE(ParseModelConfig(wide.dump()).status().message().find("head_dim: 2097152 is larger"), std::string::npos);
   json missing = BaseConfig("LlamaForCausalLM");
   missing.erase("hidden_size");
   EXPECT_NE(ParseModelConfig(missing.dump()).status().message().find("hidden_size: missing"), std::string::npos);

@@ -47,12 +47,13 @@ class CpuBackend final : public Backend {
     return DeviceBuffer(data, bytes, [](void* p) { std::free(p); });
   }
 
+  // An empty copy may name a null pointer (an empty vector's data()); memcpy may not.
   absl::Status CopyToBackend(void* dst, const void* src, size_t bytes) override {
-    std::memcpy(dst, src, bytes);
+    if (bytes > 0) std::memcpy(dst, src, bytes);
     return absl::OkStatus();
   }
   absl::Status CopyToHost(void* dst, const void* src, size_t bytes) override {
-    std::memcpy(dst, src, bytes);
+    if (bytes > 0) std::memcpy(dst, src, bytes);
     return absl::OkStatus();
   }
 
