@@ -3,6 +3,12 @@
 // seed; every (policy, keep ratio) run answers the same prompts (greedy, at most 48 new
 // tokens, stop at EOS or a newline) and is scored by exact match. Writes a report that
 // reads in a terminal and as Markdown, and optionally JSON for bench/plot_quality.py.
+//
+// With --server HOST:PORT the same prompts go to a running kvgate service
+// (kvgate.v1.Inference/Generate, --concurrency at a time), so what is scored is the
+// deployed path: router, KV manager, transport, batched decode. Only the model's
+// config.json and tokenizer.json are read locally, to build the prompts.
+#include <atomic>
 #include <chrono>
 #include <cmath>
 #include <cstdio>
@@ -25,6 +31,7 @@
 #include "bench/retrieval_tasks.h"
 #include "cli/commands.h"
 #include "cli/flags.h"
+#include "cli/inference_client.h"
 #include "common/status_macros.h"
 #include "cuda/backend.h"
 #include "cuda/cpu/cpu_backend.h"
@@ -55,10 +62,16 @@ constexpr char kUsage[] =
     "         [--samples N=20] [--seed S=1234] [--haystack FILE|DIR] [--depths 0,0.25,0.5,0.75,1]\n"
     "         [--gates PATH | --gates fast_kvzip=PATH,attention_gate=PATH] [--random-gates]\n"
     "         [--backend cpu|cuda[:N]] [--threads N] [--json OUT] [--markdown OUT] [--quiet]\n"
+    "         [--server HOST:PORT [--concurrency N=8] [--timeout-ms MS] [--token T]\n"
+    "          [--tls-ca PEM [--tls-cert PEM --tls-key PEM]]]\n"
     "  Tasks and scoring: bench/retrieval_tasks.md. Default policies: full, streaming_llm, snapkv,\n"
     "  sage_kv, kvzip, plus fast_kvzip / attention_gate when --gates names them (or --random-gates).\n"
     "  --depths sweeps niah_single over exact needle depths (every depth gets --samples samples);\n"
-    "  --random-gates uses untrained random gates (machinery tests only, not a quality number).\n";
+    "  --random-gates uses untrained random gates (machinery tests only, not a quality number).\n"
+    "  --server: the prompts go to a running kvgate service, --concurrency requests in flight;\n"
+    "  --model then only supplies config.json and tokenizer.json, and the server's own gates\n"
+    "  answer for fast_kvzip / attention_gate (so --gates, --random-gates, --backend, --threads\n"
+    "  do not apply).\n";
 
 struct EvalCommand {
   std::string model_dir;
@@ -76,6 +89,11 @@ struct EvalCommand {
   std::optional<int32_t> threads;
   std::string json_path, markdown_path;
   bool quiet = false;
+  // --server: empty means the engine in this process answers.
+  std::string server;
+  int32_t concurrency = 8;
+  int64_t timeout_ms = 0;  // per request; 0: none
+  ClientSecurity security;
 };
 
 bool IsLearned(const std::string& policy) { return policy == "fast_kvzip" || policy == "attention_gate"; }
@@ -119,7 +137,8 @@ absl::StatusOr<EvalCommand> ParseEval(const std::vector<std::string>& args) {
   KVGATE_ASSIGN_OR_RETURN(Flags flags, Flags::Parse(args,
                                                     {"model", "tasks", "contexts", "policies", "keep-ratios", "samples",
                                                      "seed", "haystack", "depths", "gates", "backend", "threads",
-                                                     "json", "markdown"},
+                                                     "json", "markdown", "server", "concurrency", "timeout-ms",
+                                                     "token", "tls-ca", "tls-cert", "tls-key"},
                                                     {"random-gates", "quiet"}));
   EvalCommand command;
   auto model = flags.String("model");
@@ -170,6 +189,43 @@ absl::StatusOr<EvalCommand> ParseEval(const std::vector<std::string>& args) {
   command.haystack_path = flags.String("haystack");
   command.random_gates = flags.Has("random-gates");
   command.quiet = flags.Has("quiet");
+  if (auto server = flags.String("server")) {
+    if (server->empty()) return absl::InvalidArgumentError("--server needs HOST:PORT");
+    command.server = *server;
+    for (const char* local : {"gates", "random-gates", "backend", "threads"}) {
+      if (flags.Has(local)) {
+        return absl::InvalidArgumentError(absl::StrCat("--", local,
+                                                       " is for the engine in this process; with --server the "
+                                                       "server's own configuration answers"));
+      }
+    }
+    KVGATE_ASSIGN_OR_RETURN(auto concurrency, flags.Int("concurrency"));
+    if (concurrency) {
+      if (*concurrency < 1 || *concurrency > 1024) {
+        return absl::InvalidArgumentError(absl::StrCat("--concurrency must be in [1, 1024], got ", *concurrency));
+      }
+      command.concurrency = static_cast<int32_t>(*concurrency);
+    }
+    KVGATE_ASSIGN_OR_RETURN(auto timeout_ms, flags.Int("timeout-ms"));
+    if (timeout_ms) {
+      if (*timeout_ms < 0) return absl::InvalidArgumentError(absl::StrCat("--timeout-ms must be >= 0, got ", *timeout_ms));
+      command.timeout_ms = *timeout_ms;
+    }
+    command.security.token = flags.String("token").value_or("");
+    command.security.tls_ca_file = flags.String("tls-ca").value_or("");
+    command.security.tls_cert_file = flags.String("tls-cert").value_or("");
+    command.security.tls_key_file = flags.String("tls-key").value_or("");
+    if (command.security.tls_cert_file.empty() != command.security.tls_key_file.empty()) {
+      return absl::InvalidArgumentError("--tls-cert and --tls-key go together");
+    }
+    if (!command.security.tls_cert_file.empty() && command.security.tls_ca_file.empty()) {
+      return absl::InvalidArgumentError("--tls-cert needs --tls-ca (the server's CA)");
+    }
+  } else {
+    for (const char* remote : {"concurrency", "timeout-ms", "token", "tls-ca", "tls-cert", "tls-key"}) {
+      if (flags.Has(remote)) return absl::InvalidArgumentError(absl::StrCat("--", remote, " needs --server HOST:PORT"));
+    }
+  }
 
   // --gates: one path, or policy=path pairs.
   std::optional<std::string> single_gate_path;
@@ -230,7 +286,7 @@ absl::StatusOr<EvalCommand> ParseEval(const std::vector<std::string>& args) {
     }
   }
   for (const std::string& p : learned) {
-    if (!command.gate_paths.count(p) && !command.random_gates) {
+    if (!command.gate_paths.count(p) && !command.random_gates && command.server.empty()) {
       return absl::InvalidArgumentError(absl::StrCat(
           "--policies ", p, " needs trained gate weights: --gates ", p,
           "=PATH (format in gates/README.md), or --random-gates for a machinery test"));
@@ -390,16 +446,23 @@ absl::Status Eval(const EvalCommand& command, int* exit_code) {
                                                       "/config.json)"));
     }
   }
+  const bool remote = !command.server.empty();
   std::unique_ptr<ops::Backend> backend;
-  if (command.backend == "cpu") {
-    backend = ops::CreateCpuBackend(command.threads.value_or(0));
+  std::unique_ptr<engine::Model> model;
+  std::unique_ptr<InferenceClient> client;
+  if (remote) {
+    KVGATE_ASSIGN_OR_RETURN(client, InferenceClient::Connect(command.server, command.security));
   } else {
-    KVGATE_ASSIGN_OR_RETURN(backend, ops::CreateBackend(command.backend));
+    if (command.backend == "cpu") {
+      backend = ops::CreateCpuBackend(command.threads.value_or(0));
+    } else {
+      KVGATE_ASSIGN_OR_RETURN(backend, ops::CreateBackend(command.backend));
+    }
+    KVGATE_ASSIGN_OR_RETURN(model, engine::Model::Load(command.model_dir, backend.get()));
   }
-  KVGATE_ASSIGN_OR_RETURN(std::unique_ptr<engine::Model> model, engine::Model::Load(command.model_dir, backend.get()));
   KVGATE_ASSIGN_OR_RETURN(std::unique_ptr<engine::Tokenizer> tokenizer,
                           engine::Tokenizer::FromFile((fs::path(command.model_dir) / "tokenizer.json").string()));
-  const engine::ModelConfig& c = model->config();
+  const engine::ModelConfig& c = remote ? config : model->config();
   bench::Haystack haystack = bench::Haystack::Generated();
   if (command.haystack_path) {
     KVGATE_ASSIGN_OR_RETURN(haystack, bench::Haystack::FromPath(*command.haystack_path));
@@ -412,6 +475,10 @@ absl::Status Eval(const EvalCommand& command, int* exit_code) {
   for (const std::string& p : command.policies) {
     gates::PolicyOptions& options = policy_options[p];
     if (!IsLearned(p)) continue;
+    if (remote) {
+      gates_json[p] = "the server's";
+      continue;
+    }
     auto it = command.gate_paths.find(p);
     if (p == "fast_kvzip") {
       if (it != command.gate_paths.end()) {
@@ -462,9 +529,44 @@ absl::Status Eval(const EvalCommand& command, int* exit_code) {
   }
   max_rows = std::min(max_rows, c.max_context_tokens);
   const int32_t pages = c.num_layers * c.num_kv_heads * (2 * ((max_rows + kPageTokens - 1) / kPageTokens) + 1);
-  KVGATE_ASSIGN_OR_RETURN(std::unique_ptr<kv::KvPool> pool,
-                          kv::KvPool::Create(backend.get(), pages, kPageTokens, c.head_dim));
-  engine::Generator generator(model.get(), tokenizer.get());
+  std::unique_ptr<kv::KvPool> pool;
+  std::unique_ptr<engine::Generator> generator;
+  if (!remote) {
+    KVGATE_ASSIGN_OR_RETURN(pool, kv::KvPool::Create(backend.get(), pages, kPageTokens, c.head_dim));
+    generator = std::make_unique<engine::Generator>(model.get(), tokenizer.get());
+  }
+
+  // One sample's answer, from the engine here or from the server. Greedy, at most
+  // kMaxAnswerTokens, stop at EOS or a newline, in both.
+  struct Answer {
+    std::string text;
+    int64_t entries_full = 0, entries_kept = 0;
+  };
+  auto max_answer_tokens = [&](const bench::TaskSample& s) {
+    return std::min<int32_t>(bench::kMaxAnswerTokens, c.max_context_tokens - static_cast<int32_t>(s.prompt_ids.size()));
+  };
+  auto answer_here = [&](const bench::TaskSample& s, const gates::EvictionSpec& spec,
+                         const gates::PolicyOptions& options) -> absl::StatusOr<Answer> {
+    KVGATE_ASSIGN_OR_RETURN(std::unique_ptr<engine::KvPlanner> planner,
+                            kv::CreatePolicyPlanner(*model, pool.get(), spec, options, tokenizer.get()));
+    engine::GenerateOptions generate;
+    generate.max_tokens = max_answer_tokens(s);
+    generate.sampling.temperature = 0.0f;
+    generate.stop = {"\n"};
+    KVGATE_ASSIGN_OR_RETURN(auto result, generator->Generate(s.prompt_ids, generate, nullptr, planner.get()));
+    return Answer{result.text, result.kv.kv_entries_full, result.kv.kv_entries_kept};
+  };
+  auto answer_remotely = [&](const bench::TaskSample& s, const gates::EvictionSpec& spec) -> absl::StatusOr<Answer> {
+    kvgate::v1::GenerateRequest request;
+    request.mutable_tokens()->mutable_ids()->Add(s.prompt_ids.begin(), s.prompt_ids.end());
+    request.mutable_sampling()->set_max_tokens(max_answer_tokens(s));
+    request.mutable_sampling()->set_temperature(0.0f);
+    request.mutable_sampling()->add_stop("\n");
+    request.mutable_compression()->set_policy(spec.policy);
+    request.mutable_compression()->set_keep_ratio(spec.keep_ratio);  // 0: unset, as in the spec
+    KVGATE_ASSIGN_OR_RETURN(RemoteCompletion completion, client->Complete(request, command.timeout_ms));
+    return Answer{completion.text, completion.complete.kv().kv_entries_full(), completion.complete.kv().kv_entries_kept()};
+  };
 
   // full keeps everything whatever the ratio: it runs once, reported at keep ratio 1.
   std::vector<Run> runs;
@@ -486,27 +588,35 @@ absl::Status Eval(const EvalCommand& command, int* exit_code) {
     gates::EvictionSpec spec;
     spec.policy = run.policy;
     if (run.policy != "full") spec.keep_ratio = static_cast<float>(run.keep_ratio);
-    for (const bench::TaskSample& s : samples) {
-      KVGATE_ASSIGN_OR_RETURN(std::unique_ptr<engine::KvPlanner> planner,
-                              kv::CreatePolicyPlanner(*model, pool.get(), spec, policy_options[run.policy],
-                                                      tokenizer.get()));
-      engine::GenerateOptions options;
-      options.max_tokens = std::min<int32_t>(bench::kMaxAnswerTokens,
-                                             c.max_context_tokens - static_cast<int32_t>(s.prompt_ids.size()));
-      options.sampling.temperature = 0.0f;
-      options.stop = {"\n"};
-      auto result = generator.Generate(s.prompt_ids, options, nullptr, planner.get());
-      if (!result.ok()) {
-        return absl::Status(result.status().code(),
-                            absl::StrCat(run.policy, " keep ", run.keep_ratio, " on ", bench::TaskName(s.task), " context ",
-                                         s.context_tokens, " sample ", s.index, ": ", result.status().message()));
+    std::vector<absl::StatusOr<Answer>> answers(samples.size(), absl::UnknownError("not answered"));
+    if (remote) {
+      // --concurrency requests in flight, so the server batches them as it would a user's.
+      std::atomic<size_t> next{0};
+      std::vector<std::thread> senders;
+      const size_t threads = std::min<size_t>(static_cast<size_t>(command.concurrency), samples.size());
+      for (size_t t = 0; t < threads; ++t) {
+        senders.emplace_back([&] {
+          for (size_t i = next++; i < samples.size(); i = next++) answers[i] = answer_remotely(samples[i], spec);
+        });
       }
-      run.correct.push_back(bench::IsExactMatch(result->text, s.content.answer) ? 1 : 0);
-      run.outputs.push_back(result->text);
-      run.sample_full.push_back(result->kv.kv_entries_full);
-      run.sample_kept.push_back(result->kv.kv_entries_kept);
-      run.entries_full += result->kv.kv_entries_full;
-      run.entries_kept += result->kv.kv_entries_kept;
+      for (std::thread& sender : senders) sender.join();
+    } else {
+      for (size_t i = 0; i < samples.size(); ++i) answers[i] = answer_here(samples[i], spec, policy_options[run.policy]);
+    }
+    for (size_t i = 0; i < samples.size(); ++i) {
+      const bench::TaskSample& s = samples[i];
+      const absl::StatusOr<Answer>& answer = answers[i];
+      if (!answer.ok()) {
+        return absl::Status(answer.status().code(),
+                            absl::StrCat(run.policy, " keep ", run.keep_ratio, " on ", bench::TaskName(s.task), " context ",
+                                         s.context_tokens, " sample ", s.index, ": ", answer.status().message()));
+      }
+      run.correct.push_back(bench::IsExactMatch(answer->text, s.content.answer) ? 1 : 0);
+      run.outputs.push_back(answer->text);
+      run.sample_full.push_back(answer->entries_full);
+      run.sample_kept.push_back(answer->entries_kept);
+      run.entries_full += answer->entries_full;
+      run.entries_kept += answer->entries_kept;
     }
     run.seconds = seconds_since(run_start);
     int32_t correct = 0;
@@ -547,11 +657,14 @@ absl::Status Eval(const EvalCommand& command, int* exit_code) {
   };
 
   const double elapsed = seconds_since(t0);
-  std::string device(backend->Name());
-  if (device == "cpu") {
+  std::string device;
+  if (remote) {
+    device = absl::StrCat("the kvgate server at ", command.server, ", ", command.concurrency, " requests in flight");
+  } else if (backend->Name() == "cpu") {
     device = absl::StrCat("cpu (", CpuModel(), ", ",
                           command.threads.value_or(static_cast<int32_t>(std::thread::hardware_concurrency())), " threads)");
   } else {
+    device = std::string(backend->Name());
     const std::string index = device.find(':') != std::string::npos ? device.substr(device.find(':') + 1) : "0";
     const std::string gpu = CommandLine(
         absl::StrCat("nvidia-smi --query-gpu=name --format=csv,noheader -i ", index, " 2>/dev/null"), "");
@@ -654,7 +767,7 @@ absl::Status Eval(const EvalCommand& command, int* exit_code) {
           {"max_context_tokens", c.max_context_tokens},
           {"parameters", c.NumParameters()}}},
         {"device", device},
-        {"backend", std::string(backend->Name())},
+        {"backend", remote ? std::string("server") : std::string(backend->Name())},
         {"date", date},
         {"commit", commit},
         {"seed", command.seed},
@@ -675,6 +788,10 @@ absl::Status Eval(const EvalCommand& command, int* exit_code) {
         {"elapsed_s", elapsed},
     };
     if (command.threads) out["threads"] = *command.threads;
+    if (remote) {
+      out["server"] = command.server;
+      out["concurrency"] = command.concurrency;
+    }
     json sample_list = json::array();
     for (size_t i = 0; i < samples.size(); ++i) {
       const bench::TaskSample& s = samples[i];
