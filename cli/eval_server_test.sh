@@ -31,7 +31,7 @@ for _ in $(seq 1 600); do  # up to 60 s for the weights and the workers' registr
 done
 [[ -n "$port" ]] || { cat "$work/serve.log"; echo "FAIL serve did not print its port"; exit 1; }
 
-common=(--model "$model" --tasks niah_single,kv_lookup --contexts 256 --samples 3
+common=(--model "$model" --tasks niah_single,kv_lookup --contexts 512 --samples 3
         --policies full,snapkv,sage_kv,streaming_llm --keep-ratios 0.5 --quiet)
 "$kvgate" eval "${common[@]}" --backend cpu --json "$work/offline.json" >/dev/null
 "$kvgate" eval "${common[@]}" --server "127.0.0.1:$port" --concurrency 1 --json "$work/one.json" >/dev/null
