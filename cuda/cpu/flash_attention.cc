@@ -47,7 +47,19 @@ inline float ExpInline(float x) {
 
 // The per-element loops of the softmax, built for the widest vector unit present
 // (resolved once at load time). Each returns what its row needs; none allocates.
+// Not under ThreadSanitizer: a clone's ifunc resolver runs while the dynamic loader
+// relocates, before the TSan runtime is up, and the instrumented resolver segfaults
+// (every TSan binary died before main; scripts/tsan-service-tests.sh).
+#if defined(__SANITIZE_THREAD__)
+#define KVGATE_VECTOR_CLONES
+#elif defined(__has_feature)
+#if __has_feature(thread_sanitizer)
+#define KVGATE_VECTOR_CLONES
+#endif
+#endif
+#ifndef KVGATE_VECTOR_CLONES
 #define KVGATE_VECTOR_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#endif
 
 // Rows are walked in chunks of kLanes with kLanes partial results, a shape the vectorizer
 // maps onto one AVX-512 register (two AVX2, four SSE); the partials combine in a fixed
