@@ -19,20 +19,10 @@ flags=("$@")
 policies=full,streaming_llm,snapkv,sage_kv,kvzip,fast_kvzip,attention_gate
 gates=(--fast-kvzip-gate "$model/gates/fast_kvzip.safetensors" --attention-gate "$model/gates/attention_gate.safetensors")
 work=$(mktemp -d /tmp/kvgate-served-quality.XXXXXX)
-server_pid=""
-trap '[ -n "$server_pid" ] && kill -TERM "$server_pid" 2>/dev/null; wait 2>/dev/null || true' EXIT
-
-"$kvgate" serve --model "$model" --host 127.0.0.1 --port 0 --backend "$backend" --kv-sequences "$concurrency" \
-    "${gates[@]}" >"$work/serve.log" 2>&1 &
-server_pid=$!
-port=""
-for _ in $(seq 1 1200); do
-  port="$(sed -n 's/.*listening on [^ ]*:\([0-9][0-9]*\).*/\1/p' "$work/serve.log" | head -n1)"
-  [ -n "$port" ] && break
-  kill -0 "$server_pid" 2>/dev/null || { cat "$work/serve.log"; exit 1; }
-  sleep 0.1
-done
-[ -n "$port" ] || { cat "$work/serve.log"; echo "serve did not print its port" >&2; exit 1; }
+source "$src/tests/testing/serve_on_loopback.sh"
+trap stop_kvgate_serve EXIT
+start_kvgate_serve "$kvgate" "$work/serve.log" --model "$model" --backend "$backend" --kv-sequences "$concurrency" \
+    "${gates[@]}"
 
 "$kvgate" eval --model "$model" --policies "$policies" "${flags[@]}" --server "127.0.0.1:$port" \
     --concurrency "$concurrency" --quiet --json "$work/served.json" >/dev/null

@@ -11,25 +11,12 @@ set -euo pipefail
 kvgate="$1"
 src="$2"
 work="$(mktemp -d)"
-server_pid=""
-cleanup() {
-  if [[ -n "$server_pid" ]]; then kill -TERM "$server_pid" 2>/dev/null || true; wait "$server_pid" 2>/dev/null || true; fi
-  rm -rf "$work"
-}
-trap cleanup EXIT
+source "$src/tests/testing/serve_on_loopback.sh"
+trap 'stop_kvgate_serve; rm -rf "$work"' EXIT
 
 model="$src/models/kvgate-tiny"
-"$kvgate" serve --model "$model" --host 127.0.0.1 --port 0 --backend cpu --kv-sequences 8 \
-    --shutdown-grace-ms 1000 >"$work/serve.log" 2>&1 &
-server_pid=$!
-port=""
-for _ in $(seq 1 600); do  # up to 60 s for the weights and the workers' registration
-  port="$(sed -n 's/.*listening on [^ ]*:\([0-9][0-9]*\).*/\1/p' "$work/serve.log" | head -n1)"
-  [[ -n "$port" ]] && break
-  kill -0 "$server_pid" 2>/dev/null || { cat "$work/serve.log"; echo "FAIL serve exited"; exit 1; }
-  sleep 0.1
-done
-[[ -n "$port" ]] || { cat "$work/serve.log"; echo "FAIL serve did not print its port"; exit 1; }
+start_kvgate_serve "$kvgate" "$work/serve.log" --model "$model" --backend cpu --kv-sequences 8 \
+    --shutdown-grace-ms 1000
 
 common=(--model "$model" --tasks niah_single,kv_lookup --contexts 512 --samples 3
         --policies full,snapkv,sage_kv,streaming_llm --keep-ratios 0.5 --quiet)
