@@ -55,6 +55,7 @@
 #include "absl/strings/strip.h"
 #include "cli/commands.h"
 #include "cli/flags.h"
+#include "cli/inference_client.h"
 #include "common/status_macros.h"
 #include "kvgate/v1/inference.grpc.pb.h"
 #include "nlohmann/json.hpp"
@@ -428,16 +429,8 @@ class Bench {
   explicit Bench(BenchConfig config) : config_(std::move(config)), rng_(config_.seed) {}
 
   absl::Status Run() {
-    std::shared_ptr<grpc::ChannelCredentials> credentials = grpc::InsecureChannelCredentials();
-    if (!config_.tls_ca.empty()) {
-      grpc::SslCredentialsOptions options;
-      KVGATE_ASSIGN_OR_RETURN(options.pem_root_certs, ReadWholeFile("tls-ca", config_.tls_ca));
-      if (!config_.tls_cert.empty()) {
-        KVGATE_ASSIGN_OR_RETURN(options.pem_cert_chain, ReadWholeFile("tls-cert", config_.tls_cert));
-        KVGATE_ASSIGN_OR_RETURN(options.pem_private_key, ReadWholeFile("tls-key", config_.tls_key));
-      }
-      credentials = grpc::SslCredentials(options);
-    }
+    KVGATE_ASSIGN_OR_RETURN(std::shared_ptr<grpc::ChannelCredentials> credentials,
+                            ChannelCredentialsFor({config_.tls_ca, config_.tls_cert, config_.tls_key, ""}));
     // A few channels so that many streams do not share one HTTP/2 connection's limits.
     const int channels = std::clamp(Workers() / 64 + 1, 1, 8);
     for (int i = 0; i < channels; ++i) {

@@ -58,18 +58,20 @@ class GrpcInferenceClient final : public InferenceClient {
 
 }  // namespace
 
+absl::StatusOr<std::shared_ptr<grpc::ChannelCredentials>> ChannelCredentialsFor(const ClientSecurity& security) {
+  if (security.tls_ca_file.empty()) return grpc::InsecureChannelCredentials();
+  grpc::SslCredentialsOptions options;
+  KVGATE_ASSIGN_OR_RETURN(options.pem_root_certs, ReadPem("--tls-ca", security.tls_ca_file));
+  if (!security.tls_cert_file.empty()) {
+    KVGATE_ASSIGN_OR_RETURN(options.pem_cert_chain, ReadPem("--tls-cert", security.tls_cert_file));
+    KVGATE_ASSIGN_OR_RETURN(options.pem_private_key, ReadPem("--tls-key", security.tls_key_file));
+  }
+  return grpc::SslCredentials(options);
+}
+
 absl::StatusOr<std::unique_ptr<InferenceClient>> InferenceClient::Connect(const std::string& server,
                                                                            const ClientSecurity& security) {
-  std::shared_ptr<grpc::ChannelCredentials> credentials = grpc::InsecureChannelCredentials();
-  if (!security.tls_ca_file.empty()) {
-    grpc::SslCredentialsOptions options;
-    KVGATE_ASSIGN_OR_RETURN(options.pem_root_certs, ReadPem("--tls-ca", security.tls_ca_file));
-    if (!security.tls_cert_file.empty()) {
-      KVGATE_ASSIGN_OR_RETURN(options.pem_cert_chain, ReadPem("--tls-cert", security.tls_cert_file));
-      KVGATE_ASSIGN_OR_RETURN(options.pem_private_key, ReadPem("--tls-key", security.tls_key_file));
-    }
-    credentials = grpc::SslCredentials(options);
-  }
+  KVGATE_ASSIGN_OR_RETURN(std::shared_ptr<grpc::ChannelCredentials> credentials, ChannelCredentialsFor(security));
   return std::make_unique<GrpcInferenceClient>(
       kvgate::v1::Inference::NewStub(grpc::CreateChannel(server, credentials)), security.token);
 }

@@ -12,6 +12,10 @@
 #include "absl/status/statusor.h"
 #include "kvgate/v1/inference.pb.h"
 
+namespace grpc {
+class ChannelCredentials;
+}
+
 namespace kvgate::cli {
 
 // Plaintext when tls_ca_file is empty; else TLS trusting that CA (PEM), and mTLS when the
@@ -21,6 +25,11 @@ struct ClientSecurity {
   std::string tls_ca_file, tls_cert_file, tls_key_file;
   std::string token;
 };
+
+// The channel credentials `security` asks for (its token travels per call, not here).
+// NOT_FOUND naming the flag (--tls-ca, --tls-cert, --tls-key) for an unreadable file.
+// Shared by every client command: generate --server, bench, eval --server.
+absl::StatusOr<std::shared_ptr<grpc::ChannelCredentials>> ChannelCredentialsFor(const ClientSecurity& security);
 
 struct RemoteCompletion {
   std::string text;  // every chunk's text, in order (the stop string is not in it)

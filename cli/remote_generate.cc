@@ -16,6 +16,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "common/grpc_status.h"
+#include "cli/inference_client.h"
 #include "common/status_macros.h"
 #include "kvgate/v1/inference.grpc.pb.h"
 
@@ -64,25 +65,6 @@ absl::StatusOr<std::optional<float>> FloatFlag(const Flags& flags, const std::st
   KVGATE_ASSIGN_OR_RETURN(std::optional<double> value, flags.Double(name));
   if (!value) return std::optional<float>();
   return std::optional<float>(static_cast<float>(*value));
-}
-
-absl::StatusOr<std::string> ReadFile(const std::string& flag, const std::string& path) {
-  std::ifstream in(path, std::ios::binary);
-  if (!in) return absl::NotFoundError(absl::StrCat("--", flag, ": cannot read '", path, "'"));
-  std::ostringstream text;
-  text << in.rdbuf();
-  return text.str();
-}
-
-absl::StatusOr<std::shared_ptr<grpc::ChannelCredentials>> Credentials(const RemoteGenerateCommand& command) {
-  if (command.tls_ca_file.empty()) return grpc::InsecureChannelCredentials();
-  grpc::SslCredentialsOptions options;
-  KVGATE_ASSIGN_OR_RETURN(options.pem_root_certs, ReadFile("tls-ca", command.tls_ca_file));
-  if (!command.tls_cert_file.empty()) {
-    KVGATE_ASSIGN_OR_RETURN(options.pem_cert_chain, ReadFile("tls-cert", command.tls_cert_file));
-    KVGATE_ASSIGN_OR_RETURN(options.pem_private_key, ReadFile("tls-key", command.tls_key_file));
-  }
-  return grpc::SslCredentials(options);
 }
 
 std::string FinishReasonName(GenerateComplete::FinishReason reason) {
@@ -251,7 +233,8 @@ nlohmann::json CompletionJson(const std::string& text, const std::vector<int32_t
 }
 
 absl::Status RemoteGenerate(const RemoteGenerateCommand& command, std::ostream& out, std::ostream& err) {
-  KVGATE_ASSIGN_OR_RETURN(std::shared_ptr<grpc::ChannelCredentials> credentials, Credentials(command));
+  KVGATE_ASSIGN_OR_RETURN(std::shared_ptr<grpc::ChannelCredentials> credentials,
+                          ChannelCredentialsFor({command.tls_ca_file, command.tls_cert_file, command.tls_key_file, ""}));
   std::unique_ptr<kvgate::v1::Inference::Stub> stub =
       kvgate::v1::Inference::NewStub(grpc::CreateChannel(command.server, credentials));
   grpc::ClientContext context;
