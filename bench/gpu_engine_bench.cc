@@ -9,13 +9,15 @@
 //
 //   gpu_engine_bench --model DIR [--backend cuda] [--weights fp32|bf16]
 //       [--prefill 2048,8192] [--decode 1024,8192] [--decode-steps 32] [--repeats 3]
-//       [--decode-batch 32,64] [--batch-context 8192] [--json PATH]
+//       [--decode-batch 32,64] [--batch-context 8192] [--kv-dtype auto|float32|bf16] [--json PATH]
+// --kv-dtype is the element type of the batched decode's KV pages (auto: bf16 on cuda).
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
 #include <fstream>
 #include <iostream>
+#include <optional>
 #include <random>
 #include <sstream>
 #include <string>
@@ -68,14 +70,14 @@ std::vector<int32_t> RandomTokens(int32_t n, int32_t vocab, uint32_t seed) {
 // `batch_size` sequences of `context` random tokens, each prefilled and committed to
 // one pool under policy "full", then `steps` decode steps of all of them at once.
 absl::StatusOr<json> BatchedDecode(engine::Model& m, ops::Backend* backend, int32_t batch_size, int32_t context,
-                                   int32_t steps) {
+                                   int32_t steps, ops::KvDtype kv_dtype) {
   constexpr int32_t kPageTokens = 16;
   const engine::ModelConfig& c = m.config();
   const int32_t pages_per_head = (context + steps + 4 + kPageTokens - 1) / kPageTokens + 1;
   const int64_t pages = int64_t{batch_size} * c.num_layers * c.num_kv_heads * pages_per_head;
   if (pages > (int64_t{1} << 30)) return absl::InvalidArgumentError("--decode-batch x --batch-context too large");
   absl::StatusOr<std::unique_ptr<kv::KvPool>> pool =
-      kv::KvPool::Create(backend, static_cast<int32_t>(pages), kPageTokens, c.head_dim);
+      kv::KvPool::Create(backend, static_cast<int32_t>(pages), kPageTokens, c.head_dim, kv_dtype);
   if (!pool.ok()) return pool.status();
   const gates::EvictionSpec spec;  // the default: keep every entry
   std::vector<std::unique_ptr<kv::SequenceBatch>> sequences;
@@ -116,12 +118,13 @@ absl::StatusOr<json> BatchedDecode(engine::Model& m, ops::Backend* backend, int3
   }
   return json{{"batch", batch_size}, {"context", context}, {"median_ms", Median(times)},
               {"min_ms", *std::min_element(times.begin(), times.end())}, {"steps", steps},
-              {"pool_pages", pages}, {"page_tokens", kPageTokens}, {"kv_bytes_per_entry", sizeof(float)},
+              {"pool_pages", pages}, {"page_tokens", kPageTokens},
+              {"kv_dtype", ops::KvDtypeName(kv_dtype)}, {"kv_bytes_per_entry", ops::KvDtypeBytes(kv_dtype)},
               {"fill_ms", fill_ms}};
 }
 
 absl::StatusOr<json> Run(int argc, char** argv) {
-  std::string model_dir, backend_name = "cuda", weights = "bf16", json_path;
+  std::string model_dir, backend_name = "cuda", weights = "bf16", json_path, kv_dtype_name = "auto";
   std::vector<int32_t> prefill = {2048, 8192}, decode = {1024, 8192}, decode_batch;
   int decode_steps = 32, repeats = 3, batch_context = 8192;
   for (int i = 1; i < argc; ++i) {
@@ -138,6 +141,7 @@ absl::StatusOr<json> Run(int argc, char** argv) {
     else if (flag == "--decode-batch") decode_batch = ParseList(value);
     else if (flag == "--batch-context") batch_context = std::stoi(value);
     else if (flag == "--json") json_path = value;
+    else if (flag == "--kv-dtype") kv_dtype_name = value;
     else return absl::InvalidArgumentError(absl::StrCat("unknown flag ", flag));
   }
   if (model_dir.empty()) return absl::InvalidArgumentError("--model DIR is required");
@@ -146,8 +150,11 @@ absl::StatusOr<json> Run(int argc, char** argv) {
   else if (weights == "bf16") options.weights = engine::WeightDType::kBf16;
   else return absl::InvalidArgumentError("--weights must be fp32 or bf16");
 
+  absl::StatusOr<std::optional<ops::KvDtype>> kv_dtype_flag = kv::ParseKvCacheDtype(kv_dtype_name);
+  if (!kv_dtype_flag.ok()) return kv_dtype_flag.status();
   absl::StatusOr<std::unique_ptr<ops::Backend>> backend = ops::CreateBackend(backend_name);
   if (!backend.ok()) return backend.status();
+  const ops::KvDtype kv_dtype = kv_dtype_flag->value_or(kv::KvPool::AutoDtype(**backend));
   const auto load_start = Clock::now();
   absl::StatusOr<std::unique_ptr<engine::Model>> model = engine::Model::Load(model_dir, backend->get(), options);
   if (!model.ok()) return model.status();
@@ -208,10 +215,10 @@ absl::StatusOr<json> Run(int argc, char** argv) {
 
   json batch_rows = json::array();
   for (const int32_t batch_size : decode_batch) {
-    absl::StatusOr<json> row = BatchedDecode(m, backend->get(), batch_size, batch_context, decode_steps);
+    absl::StatusOr<json> row = BatchedDecode(m, backend->get(), batch_size, batch_context, decode_steps, kv_dtype);
     if (!row.ok()) return row.status();
-    std::fprintf(stderr, "[%s] decode batch %d at %d: %.3f ms/step\n", weights.c_str(), batch_size, batch_context,
-                 (*row)["median_ms"].get<double>());
+    std::fprintf(stderr, "[%s, %s KV] decode batch %d at %d: %.3f ms/step\n", weights.c_str(),
+                 ops::KvDtypeName(kv_dtype), batch_size, batch_context, (*row)["median_ms"].get<double>());
     batch_rows.push_back(*row);
   }
   result["decode_batched"] = batch_rows;

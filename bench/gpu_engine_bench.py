@@ -383,12 +383,13 @@ class GpuMemorySampler:
 
 
 def bench_kvgate(bench_bin, model_dir, weights, prefill, decode, out_dir, env=None, label=None, batches=(),
-                 batch_context=8192):
+                 batch_context=8192, kv_dtype="auto"):
     path = os.path.join("/tmp", f"kvgate-{label or weights}.json")  # folded into gpu-engine.json
     cmd = [bench_bin, "--model", model_dir, "--backend", "cuda", "--weights", weights,
            "--prefill", ",".join(map(str, prefill)), "--decode", ",".join(map(str, decode)), "--json", path]
     if batches:
-        cmd += ["--decode-batch", ",".join(map(str, batches)), "--batch-context", str(batch_context)]
+        cmd += ["--decode-batch", ",".join(map(str, batches)), "--batch-context", str(batch_context),
+                "--kv-dtype", kv_dtype]
     log("$", " ".join(f"{k}={v}" for k, v in (env or {}).items()), " ".join(cmd))
     with GpuMemorySampler() as mem:
         proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
@@ -448,7 +449,7 @@ def floors(fl, prefill, decode, batches=(), batch_context=8192):
         rows["decode_batched"].append({
             "batch": b, "context": batch_context, "weight_bytes": weight_bytes, "kv_bytes": kv_bytes,
             "floor_ms": (weight_bytes + kv_bytes) / (fl["copy_tb_per_s"] * 1e12) * 1e3,
-            # kvgate's pages hold fp32 today: the floor of the bytes it actually reads
+            # the floor of fp32 pages (--kv-dtype float32, the pages before bf16)
             "floor_fp32_pages_ms": (weight_bytes + 2 * kv_bytes) / (fl["copy_tb_per_s"] * 1e12) * 1e3})
     return rows
 
@@ -465,6 +466,7 @@ def markdown(r):
 
     k32, k16 = r["kvgate_fp32"], r["kvgate_bf16"]
     klt = r.get("kvgate_bf16_step_before", {})
+    kfp = r.get("kvgate_bf16_fp32_kv", {})
     lines = [
         "# GPU engine benchmark (issue 10)", "",
         f"Device: {r['device']} (driver {r['driver']}), {r['date']}, commit `{r['commit']}`; "
@@ -480,7 +482,8 @@ def markdown(r):
         "cuBLASLt instead of the weight-streaming kernel (cuda/kernels/gemv_bf16.cuh), and decode attention "
         "per query head (attention.cu, head_paged_decode_attention.cu's first kernel) instead of per GQA group "
         "(grouped_decode_core.cuh). Batched decode: B sequences of C random tokens prefilled into the "
-        "head-paged pool (fp32 pages, policy full), then one DecodeStep for all, median of 32 steps; PyTorch "
+        "head-paged pool (bf16 pages, policy full; *before*: the same binary with `--kv-dtype float32`, the "
+        "fp32 pages of the code before), then one DecodeStep for all, median of 32 steps; PyTorch "
         "runs the same batch CUDA-graphed over a static [B, kv, C, d] bf16 cache.",
         f"Floors from the same run: bf16 GEMM {r['floors']['gemm_tflop_per_s']:.0f} TFLOP/s (torch.matmul "
         f"8192^3, random), device copy {r['floors']['copy_tb_per_s']:.2f} TB/s (read + write). Prefill floor = "
@@ -511,9 +514,9 @@ def markdown(r):
         b, c = row["batch"], row["context"]
         after = find([x for x in k16.get("decode_batched", []) if x.get("batch") == b], "context", c)
         torch_ms = find([x for x in r["torch"].get("decode_batched", []) if x.get("batch") == b], "context", c)
-        before = find([x for x in klt.get("decode_batched", []) if x.get("batch") == b], "context", c)
+        before = find([x for x in kfp.get("decode_batched", []) if x.get("batch") == b], "context", c)
         lines.append(
-            f"| decode batch {b} at {c:,} (ms/step, head-paged pool) | - | {fmt(before, 2)} | {fmt(after, 2)} | {fmt(torch_ms, 2)} | - | "
+            f"| decode batch {b} at {c:,} (ms/step, head-paged pool; before = fp32 pages) | - | {fmt(before, 2)} | {fmt(after, 2)} | {fmt(torch_ms, 2)} | - | "
             f"{fmt(row['floor_ms'], 2)} (fp32 pages {fmt(row['floor_fp32_pages_ms'], 2)}) | "
             f"{fmt(after / torch_ms if after and torch_ms else None, 2)}x | "
             f"{fmt(after / row['floor_ms'] if after else None, 2)}x |")
@@ -527,7 +530,7 @@ def markdown(r):
             if key in chk:
                 e = chk[key]
                 lines.append(f"- {key}: {e['rel_l2']:.2e}, {e['max_abs']:.2e}, {e['argmax_equal']}")
-    for name, res in (("fp32", k32), ("bf16", k16), ("bf16 step before", klt)):
+    for name, res in (("fp32", k32), ("bf16", k16), ("bf16 step before", klt), ("bf16 fp32 KV", kfp)):
         if "error" in res:
             lines += ["", f"kvgate {name} failed: `{res['error'][-500:]}`"]
     return "\n".join(lines) + "\n"
@@ -556,6 +559,8 @@ def main():
     ap.add_argument("--skip-transformers", action="store_true")
     ap.add_argument("--decode-batch", default="32,64", help="batched decode sizes (kvgate bf16 and PyTorch)")
     ap.add_argument("--batch-context", type=int, default=8192, help="context of every batched-decode sequence")
+    ap.add_argument("--step-before", action="store_true",
+                    help="also the bf16 step without the decode kernels (KVGATE_GEMV_BF16=0 ...)")
     args = ap.parse_args()
     os.makedirs(args.out_dir, exist_ok=True)
     prefill, decode, batches = ints(args.prefill), ints(args.decode), ints(args.decode_batch)
@@ -582,12 +587,18 @@ def main():
     torch.cuda.empty_cache()
     r["kvgate_bf16"] = bench_kvgate(args.bench_bin, args.model_dir, "bf16", prefill, decode, args.out_dir,
                                     batches=batches, batch_context=args.batch_context)
-    # The same bf16 path as it was before the decode kernels (cuBLASLt for products of
-    # m <= 8 rows, per-query-head decode attention); prefill is the same code in both.
-    r["kvgate_bf16_step_before"] = bench_kvgate(args.bench_bin, args.model_dir, "bf16", [], decode, args.out_dir,
-                                             env={"KVGATE_GEMV_BF16": "0", "KVGATE_GROUPED_DECODE_ATTENTION": "0"},
-                                             label="bf16-step-before", batches=batches,
-                                             batch_context=args.batch_context)
+    # The batched step over the fp32 pages of the code before bf16 pages (same binary).
+    if batches:
+        r["kvgate_bf16_fp32_kv"] = bench_kvgate(args.bench_bin, args.model_dir, "bf16", [], [], args.out_dir,
+                                                label="bf16-fp32-kv", batches=batches,
+                                                batch_context=args.batch_context, kv_dtype="float32")
+    if args.step_before:
+        # The bf16 path as it was before the decode kernels (cuBLASLt for products of m <= 8
+        # rows, per-query-head decode attention); prefill is the same code in both.
+        r["kvgate_bf16_step_before"] = bench_kvgate(
+            args.bench_bin, args.model_dir, "bf16", [], decode, args.out_dir,
+            env={"KVGATE_GEMV_BF16": "0", "KVGATE_GROUPED_DECODE_ATTENTION": "0"}, label="bf16-step-before",
+            batches=batches, batch_context=args.batch_context)
     r["kvgate_fp32"] = bench_kvgate(args.bench_bin, args.model_dir, "fp32", ints(args.baseline_prefill), decode,
                                     args.out_dir)
     log(f"kvgate done {time.time() - t0:.0f}s")

@@ -9,11 +9,12 @@
 # Run from the repository root on the GPU machine; BUNDLE as in gpu_engine_bench.sh.
 #   bench/serve_gpu_bench.sh BUNDLE OUT_DIR [--concurrency N=48] [--requests N=96]
 #       [--prompt-tokens N=2048] [--max-tokens N=128] [--policy-mix MIX=full:1]
+#       [--kv-cache-dtype auto|float32|bf16 (serve's flag; auto = bf16 on cuda)]
 set -uo pipefail
 bundle=${1:?bundle}
 out=${2:?out dir}
 shift 2
-concurrency=48 requests=96 prompt_tokens=2048 max_tokens=128 policy_mix="full:1"
+concurrency=48 requests=96 prompt_tokens=2048 max_tokens=128 policy_mix="full:1" kv_dtype=auto
 while [ $# -gt 0 ]; do
   case "$1" in
     --concurrency) concurrency=$2; shift 2 ;;
@@ -21,6 +22,7 @@ while [ $# -gt 0 ]; do
     --prompt-tokens) prompt_tokens=$2; shift 2 ;;
     --max-tokens) max_tokens=$2; shift 2 ;;
     --policy-mix) policy_mix=$2; shift 2 ;;
+    --kv-cache-dtype) kv_dtype=$2; shift 2 ;;
     *) echo "serve_gpu_bench: unknown flag $1" >&2; exit 2 ;;
   esac
 done
@@ -44,7 +46,7 @@ port=18000
 kv_pages=$(( (concurrency + 2) * ((prompt_tokens + max_tokens + 15) / 16) * 64 * 11 / 10 ))
 "$bundle/bin/kvgate" serve --model "$model" --backend cuda --port $port --host 127.0.0.1 \
   --kv-pages "$kv_pages" --max-in-flight $((concurrency + 8)) --max-prompt-tokens $((prompt_tokens + 256)) \
-  > "$out/serve.log" 2>&1 &
+  --kv-cache-dtype "$kv_dtype" > "$out/serve.log" 2>&1 &
 server=$!
 for _ in $(seq 1 240); do
   python3 -c "import socket; socket.create_connection(('127.0.0.1', $port), 1)" 2> /dev/null && break
@@ -74,7 +76,7 @@ if [[ $status -eq 0 ]]; then
   python3 bench/serve_gpu_report.py "$out" --commit "$(cat "$bundle/COMMIT")" --concurrency "$concurrency" \
     --requests "$requests" --prompt-tokens "$prompt_tokens" --max-tokens "$max_tokens" --policy-mix "$policy_mix" \
     ${peak:+--peak-mib "$peak"} \
-    --serve-flags "--kv-pages $kv_pages --max-in-flight $((concurrency + 8)) --max-prompt-tokens $((prompt_tokens + 256))" \
+    --serve-flags "--kv-pages $kv_pages --max-in-flight $((concurrency + 8)) --max-prompt-tokens $((prompt_tokens + 256)) --kv-cache-dtype $kv_dtype" \
     > /dev/null || status=1
   cat "$out/serve-gpu.md"
 fi

@@ -532,7 +532,7 @@ absl::Status Eval(const EvalCommand& command, int* exit_code) {
   std::unique_ptr<kv::KvPool> pool;
   std::unique_ptr<engine::Generator> generator;
   if (!remote) {
-    KVGATE_ASSIGN_OR_RETURN(pool, kv::KvPool::Create(backend.get(), pages, kPageTokens, c.head_dim));
+    KVGATE_ASSIGN_OR_RETURN(pool, kv::KvPool::Create(backend.get(), pages, kPageTokens, c.head_dim, kv::KvPool::AutoDtype(*backend)));
     generator = std::make_unique<engine::Generator>(model.get(), tokenizer.get());
   }
 

@@ -165,7 +165,8 @@ absl::Status Generate(const GenerateCommand& command) {
   const engine::ModelConfig& c = model->config();
   const int32_t max_rows = static_cast<int32_t>(prompt.size()) + command.options.max_tokens;
   const int32_t pages = c.num_layers * c.num_kv_heads * ((max_rows + kPageTokens - 1) / kPageTokens + 1);
-  KVGATE_ASSIGN_OR_RETURN(std::unique_ptr<kv::KvPool> pool, kv::KvPool::Create(backend.get(), pages, kPageTokens, c.head_dim));
+  KVGATE_ASSIGN_OR_RETURN(std::unique_ptr<kv::KvPool> pool, kv::KvPool::Create(backend.get(), pages, kPageTokens, c.head_dim,
+                                                                                          kv::KvPool::AutoDtype(*backend)));
   KVGATE_ASSIGN_OR_RETURN(std::unique_ptr<engine::KvPlanner> planner,
                           kv::CreatePolicyPlanner(*model, pool.get(), command.eviction, command.policy_options,
                                                   tokenizer.get()));

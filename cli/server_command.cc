@@ -51,6 +51,7 @@ constexpr char kUsage[] =
     "usage: kvgate serve --model DIR [--port N=8000 (0 = any free port)] [--host ADDR=0.0.0.0]\n"
     "         [--transport inproc|tcp] [--backend cpu|cuda[:N]] [--metrics-port N]\n"
     "         [--kv-pages N | --kv-sequences N=8] [--page-tokens N=16] [--default-policy NAME]\n"
+    "         [--kv-cache-dtype auto|float32|bf16 (auto: bf16 on cuda, float32 on cpu)]\n"
     "         [--fast-kvzip-gate PATH] [--attention-gate PATH] [--random-gates SEED]\n"
     "         [--tls-cert F --tls-key F [--tls-ca F]] [--token-file F] [--shutdown-grace-ms N=5000]\n"
     "         [--heartbeat-ms N=250] [--worker-timeout-ms N=2000] [--lease-ttl-ms N=3000]\n"
@@ -107,7 +108,8 @@ absl::StatusOr<ServerConfig> ParseServer(const std::string& command, std::set<Ro
                                  "default-keep-ratio", "fast-kvzip-gate", "attention-gate", "random-gates",
                                  "tls-cert", "tls-key", "tls-ca", "token", "token-file", "internal-token-file",
                                  "metrics-host", "transfer-ttl-ms", "max-in-flight", "max-queued", "queue-timeout-ms", "shutdown-grace-ms", "heartbeat-ms",
-                                 "worker-timeout-ms", "lease-ttl-ms", "worker-id", "warmup-tokens", "max-prompt-tokens"},
+                                 "worker-timeout-ms", "lease-ttl-ms", "worker-id", "warmup-tokens", "max-prompt-tokens",
+                                 "kv-cache-dtype"},
                                 {"insecure-internal"}));
   ServerConfig c;
   c.command = command;
@@ -157,6 +159,9 @@ absl::StatusOr<ServerConfig> ParseServer(const std::string& command, std::set<Ro
   if (c.roles.size() < 4) c.transport = "tcp";  // roles in other processes
   c.runtime.model_dir = c.model_dir;
   if (auto backend = flags.String("backend")) c.runtime.backend = *backend;
+  if (auto dtype = flags.String("kv-cache-dtype")) {
+    KVGATE_ASSIGN_OR_RETURN(c.runtime.kv_dtype, kv::ParseKvCacheDtype(*dtype));
+  }
   if (auto path = flags.String("fast-kvzip-gate")) c.runtime.fast_kvzip_gate_path = *path;
   if (auto path = flags.String("attention-gate")) c.runtime.attention_gate_path = *path;
   KVGATE_ASSIGN_OR_RETURN(auto seed, flags.Int("random-gates"));

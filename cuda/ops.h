@@ -2,12 +2,25 @@
 // cuda/cpu/reference_ops.h), the threaded CPU backend and the CUDA launchers
 // (Launch<Op> in cuda/kernels/). Pointers are raw and live in the memory of the backend
 // that runs the op ("backend memory": host for cpu, device for cuda); shapes travel
-// here. All tensors are float32, row-major, contiguous.
+// here. All tensors are float32, row-major, contiguous, except where a field says
+// otherwise (the bf16 ops below; KV rows, whose element type is a KvDtype).
 #pragma once
 
+#include <cstddef>
 #include <cstdint>
 
 namespace kvgate::ops {
+
+// bfloat16 storage: the upper 16 bits of an IEEE float32 (conversions in cuda/bf16.h).
+using Bf16 = uint16_t;
+
+// The element type of stored KV rows (KV pages, rows in transit between pools). float32
+// is the CPU backend's, so that its results stay bit for bit those of the reference;
+// bf16 halves the bytes every decode step reads and every transfer moves.
+enum class KvDtype : uint8_t { kFloat32 = 0, kBf16 = 1 };
+
+inline constexpr size_t KvDtypeBytes(KvDtype dtype) { return dtype == KvDtype::kBf16 ? 2 : 4; }
+inline constexpr const char* KvDtypeName(KvDtype dtype) { return dtype == KvDtype::kBf16 ? "bf16" : "float32"; }
 
 // out[t, :] = table[token_ids[t], :]. Ids are validated by the caller (engine).
 struct EmbedArgs {
@@ -86,17 +99,21 @@ struct AttentionArgs {
   bool key_mask_per_query_head = false;
 };
 
-// Copies float rows: dst[dst_rows[i], :] = src[src_rows[i], :], i < num_rows. Moves KV
-// rows from the contiguous prefill cache into pages, and between pages in compaction.
-// Destination rows must be distinct and must not be read as sources in the same call.
-// Row indices are validated by the caller (kv_manager); src and dst may be one buffer.
+// Copies rows: dst[dst_rows[i], :] = src[src_rows[i], :], i < num_rows, converting the
+// elements from src_dtype to dst_dtype (float32 -> bf16 rounds to nearest even; bf16 ->
+// float32 and same-type copies are exact). Moves KV rows from the contiguous prefill
+// cache into pages, and between pages in compaction. Destination rows must be distinct
+// and must not be read as sources in the same call. Row indices are validated by the
+// caller (kv_manager); src and dst may be one buffer only when the dtypes are equal.
 struct CopyRowsArgs {
-  const float* src = nullptr;          // [*, row_elements], in, backend
-  float* dst = nullptr;                // [*, row_elements], out, backend
+  const void* src = nullptr;           // [*, row_elements] of src_dtype, in, backend
+  void* dst = nullptr;                 // [*, row_elements] of dst_dtype, out, backend
   const int32_t* src_rows = nullptr;   // [num_rows], in, backend
   const int32_t* dst_rows = nullptr;   // [num_rows], in, backend
   int32_t num_rows = 0;
   int32_t row_elements = 0;
+  KvDtype src_dtype = KvDtype::kFloat32;
+  KvDtype dst_dtype = KvDtype::kFloat32;
 };
 
 // A head-paged KV cache: a page holds page_tokens rows of K and of V for ONE
@@ -104,8 +121,8 @@ struct CopyRowsArgs {
 // being attended. Row r of seq head i lives at page page_ids[page_indptr[i] + r /
 // page_tokens], slot r % page_tokens.
 struct HeadPagedKvView {
-  const float* k_pages = nullptr;       // [num_pages, page_tokens, head_dim], in, backend
-  const float* v_pages = nullptr;       // [num_pages, page_tokens, head_dim], in, backend
+  const void* k_pages = nullptr;        // [num_pages, page_tokens, head_dim] of dtype, in, backend
+  const void* v_pages = nullptr;        // [num_pages, page_tokens, head_dim] of dtype, in, backend
   const int32_t* page_indptr = nullptr; // [num_seq_heads + 1], in, backend
   const int32_t* page_ids = nullptr;    // [page_indptr[num_seq_heads]], in, backend
   const int32_t* lengths = nullptr;     // [num_seq_heads] rows kept, in, backend
@@ -114,6 +131,10 @@ struct HeadPagedKvView {
   const uint8_t* query_masks = nullptr;
   int32_t page_tokens = 0;
   int32_t head_dim = 0;
+  // bf16 rows are widened to float32 as they are read; scores, softmax and the sums stay
+  // float32, so a bf16 view computes exactly what a float32 view of the same (rounded)
+  // values computes.
+  KvDtype dtype = KvDtype::kFloat32;
 };
 
 // Decode attention of one new token per sequence over its own head-paged rows (which
@@ -152,9 +173,6 @@ struct AddArgs {
 // fp32 ops above; the references of these ops (cuda/cpu/reference_bf16_ops.h) define
 // them. Rounding to bf16 is round-to-nearest-even (cuda/bf16.h); accumulation is fp32 or
 // wider.
-
-// bfloat16 storage: the upper 16 bits of an IEEE float32 (conversions in cuda/bf16.h).
-using Bf16 = uint16_t;
 
 // out[t, :] = float(table[token_ids[t], :]). Ids are validated by the caller (engine).
 struct EmbedBf16Args {

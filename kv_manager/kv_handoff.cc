@@ -153,10 +153,15 @@ absl::Status KvHandoff::Validate() const {
   if (backend_rows != nullptr) {
     int64_t total = 0;
     for (const HeadRows& head : heads) total += static_cast<int64_t>(head.positions.size());
-    const size_t need = static_cast<size_t>(total) * head_dim * sizeof(float);
+    if (backend_rows->dtype != ops::KvDtype::kFloat32 && backend_rows->dtype != ops::KvDtype::kBf16) {
+      return absl::InvalidArgumentError(
+          absl::StrCat(what, "backend rows of unknown dtype ", static_cast<int>(backend_rows->dtype)));
+    }
+    const size_t need = static_cast<size_t>(total) * head_dim * ops::KvDtypeBytes(backend_rows->dtype);
     if (backend_rows->rows != total || backend_rows->head_dim != head_dim || backend_rows->k.bytes() < need ||
         backend_rows->v.bytes() < need) {
-      return absl::InvalidArgumentError(absl::StrCat(what, backend_rows->rows, " backend rows of ",
+      return absl::InvalidArgumentError(absl::StrCat(what, backend_rows->rows, " ",
+                                                     ops::KvDtypeName(backend_rows->dtype), " backend rows of ",
                                                      backend_rows->head_dim, " (", backend_rows->k.bytes(), " / ",
                                                      backend_rows->v.bytes(), " bytes) for ", total, " rows of ",
                                                      head_dim));

@@ -7,9 +7,11 @@
 
 #include <cstring>
 #include <functional>
+#include <optional>
 #include <random>
 
 #include "absl/strings/str_cat.h"
+#include "cuda/bf16.h"
 #include "kv_manager/kv_test_util.h"
 #include "kv_manager/tiny_decode_test_util.h"
 
@@ -62,6 +64,16 @@ void ExpectSameRows(const KvHandoff& a, const KvHandoff& b) {
     EXPECT_EQ(a.heads[i].query_mask, b.heads[i].query_mask) << "head " << i;
     EXPECT_EQ(a.heads[i].scores, b.heads[i].scores) << "head " << i;
   }
+}
+
+// `h` as a pool of `pool`'s dtype holds it: K and V rounded to bf16 for a bf16 pool.
+KvHandoff AsStoredIn(const KvPool& pool, KvHandoff h) {
+  if (pool.dtype() != ops::KvDtype::kBf16) return h;
+  for (HeadRows& rows : h.heads) {
+    for (float& x : rows.k) x = ops::RoundToBf16(x);
+    for (float& x : rows.v) x = ops::RoundToBf16(x);
+  }
+  return h;
 }
 
 TEST(KvHandoffTest, LayerWireFormatIsExact) {
@@ -220,7 +232,7 @@ TEST_F(KvHandoffPoolTest, ImportExportRoundTripsExactRows) {
   EXPECT_EQ(pool.pages_free(), free_before - layout->NumPages());
   auto back = ExportSequence(&pool, *layout);
   ASSERT_TRUE(back.ok()) << back.status();
-  ExpectSameRows(h, *back);
+  ExpectSameRows(AsStoredIn(pool, h), *back);
   // The mask bytes past each head's last row stay 0xFF (kv_pool.h invariant).
   for (const HeadPages& head : layout->heads) {
     if (head.page_ids.empty()) continue;
@@ -253,7 +265,7 @@ TEST_F(KvHandoffPoolTest, ImportExportRoundTripsExactRows) {
   }
   back = ExportSequence(&pool, *layout);
   ASSERT_TRUE(back.ok());
-  ExpectSameRows(plain, *back);
+  ExpectSameRows(AsStoredIn(pool, plain), *back);
   ASSERT_TRUE(pool.Release(&*layout).ok());
 }
 
@@ -366,9 +378,25 @@ TEST_F(KvHandoffPoolTest, HandoffContinuesDecodeBitIdenticallyForEveryPolicy) {
       const BackendRows& rows = *exported->backend_rows;
       EXPECT_EQ(rows.backend, std::string(prefill_->backend->Name()));
       // The rows live in the backend's memory (the GPU's under KVGATE_TEST_BACKEND=cuda).
+      // They are the pool's dtype; the host export widened them.
+      EXPECT_EQ(rows.dtype, prefill_->pool->dtype());
       std::vector<float> rows_k(static_cast<size_t>(rows.rows) * rows.head_dim), rows_v(rows_k.size());
-      ASSERT_TRUE(prefill_->backend->CopyToHost(rows_k.data(), rows.k.data(), rows_k.size() * sizeof(float)).ok());
-      ASSERT_TRUE(prefill_->backend->CopyToHost(rows_v.data(), rows.v.data(), rows_v.size() * sizeof(float)).ok());
+      const size_t stored_bytes = rows_k.size() * ops::KvDtypeBytes(rows.dtype);
+      std::vector<uint8_t> stored_k(stored_bytes), stored_v(stored_bytes);
+      ASSERT_TRUE(prefill_->backend->CopyToHost(stored_k.data(), rows.k.data(), stored_bytes).ok());
+      ASSERT_TRUE(prefill_->backend->CopyToHost(stored_v.data(), rows.v.data(), stored_bytes).ok());
+      for (size_t e = 0; e < rows_k.size(); ++e) {
+        if (rows.dtype == ops::KvDtype::kBf16) {
+          ops::Bf16 k16, v16;
+          std::memcpy(&k16, stored_k.data() + 2 * e, 2);
+          std::memcpy(&v16, stored_v.data() + 2 * e, 2);
+          rows_k[e] = ops::Bf16ToF32(k16);
+          rows_v[e] = ops::Bf16ToF32(v16);
+        } else {
+          std::memcpy(&rows_k[e], stored_k.data() + 4 * e, 4);
+          std::memcpy(&rows_v[e], stored_v.data() + 4 * e, 4);
+        }
+      }
       size_t at = 0;
       for (size_t i = 0; i < host->heads.size(); ++i) {
         const HeadRows& want = host->heads[i];
@@ -453,11 +481,13 @@ TEST_F(KvHandoffPoolTest, MismatchedBackendRowsAreRefusedAndLeakNothing) {
   KvPool& pool = *decode_->pool;
   const int32_t free_before = pool.pages_free();
 
-  auto with_rows = [&](int64_t rows, int32_t head_dim, size_t bytes, std::string backend) {
+  auto with_rows = [&](int64_t rows, int32_t head_dim, size_t bytes, std::string backend,
+                       std::optional<ops::KvDtype> dtype = std::nullopt) {
     auto replaced = std::make_shared<BackendRows>();
     replaced->backend = std::move(backend);
     replaced->rows = rows;
     replaced->head_dim = head_dim;
+    replaced->dtype = dtype.value_or(exported->backend_rows->dtype);
     replaced->k = *decode_->backend->Alloc(bytes);
     replaced->v = *decode_->backend->Alloc(bytes);
     KvHandoff h = *exported;
@@ -472,6 +502,7 @@ TEST_F(KvHandoffPoolTest, MismatchedBackendRowsAreRefusedAndLeakNothing) {
       {"one row short", with_rows(good.rows - 1, good.head_dim, bytes, own)},
       {"other width", with_rows(good.rows, good.head_dim / 2, bytes, own)},
       {"short buffers", with_rows(good.rows, good.head_dim, bytes / 2, own)},
+      {"unknown dtype", with_rows(good.rows, good.head_dim, bytes, own, static_cast<ops::KvDtype>(5))},
   };
   for (const auto& [name, bad] : invalid) {
     EXPECT_EQ(bad.Validate().code(), absl::StatusCode::kInvalidArgument) << name;

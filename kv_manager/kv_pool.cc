@@ -8,6 +8,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/string_view.h"
 #include "common/status_macros.h"
+#include "cuda/bf16.h"
 
 namespace kvgate::kv {
 namespace {
@@ -22,9 +23,24 @@ constexpr size_t kMinScratchEntries = 1024;
 
 }  // namespace
 
+absl::StatusOr<std::optional<ops::KvDtype>> ParseKvCacheDtype(std::string_view name) {
+  if (name == "auto") return std::optional<ops::KvDtype>();
+  if (name == "float32") return std::optional<ops::KvDtype>(ops::KvDtype::kFloat32);
+  if (name == "bf16") return std::optional<ops::KvDtype>(ops::KvDtype::kBf16);
+  return absl::InvalidArgumentError(
+      absl::StrCat("--kv-cache-dtype must be auto, float32 or bf16, got '", std::string(name), "'"));
+}
+
+ops::KvDtype KvPool::AutoDtype(const ops::Backend& backend) {
+  return backend.SupportsBf16() ? ops::KvDtype::kBf16 : ops::KvDtype::kFloat32;
+}
+
 absl::StatusOr<std::unique_ptr<KvPool>> KvPool::Create(ops::Backend* backend, int32_t num_pages,
-                                                       int32_t page_tokens, int32_t head_dim) {
+                                                       int32_t page_tokens, int32_t head_dim, ops::KvDtype dtype) {
   if (backend == nullptr) return absl::InvalidArgumentError("KvPool needs a backend");
+  if (dtype != ops::KvDtype::kFloat32 && dtype != ops::KvDtype::kBf16) {
+    return absl::InvalidArgumentError(absl::StrCat("KvPool of unknown dtype ", static_cast<int>(dtype)));
+  }
   if (num_pages <= 0 || page_tokens <= 0 || head_dim <= 0) {
     return absl::InvalidArgumentError(absl::StrCat("KvPool of ", num_pages, " pages x ", page_tokens,
                                                    " tokens x ", head_dim, " dims"));
@@ -33,8 +49,8 @@ absl::StatusOr<std::unique_ptr<KvPool>> KvPool::Create(ops::Backend* backend, in
   if (rows > std::numeric_limits<int32_t>::max()) {
     return absl::InvalidArgumentError(absl::StrCat("KvPool of ", rows, " rows overflows int32 row ids"));
   }
-  auto pool = std::unique_ptr<KvPool>(new KvPool(backend, num_pages, page_tokens, head_dim));
-  const size_t kv_bytes = static_cast<size_t>(rows) * head_dim * sizeof(float);
+  auto pool = std::unique_ptr<KvPool>(new KvPool(backend, num_pages, page_tokens, head_dim, dtype));
+  const size_t kv_bytes = static_cast<size_t>(rows) * pool->row_bytes();
   KVGATE_ASSIGN_OR_RETURN(pool->k_pages_, backend->Alloc(kv_bytes));
   KVGATE_ASSIGN_OR_RETURN(pool->v_pages_, backend->Alloc(kv_bytes));
   KVGATE_ASSIGN_OR_RETURN(pool->query_masks_, backend->Alloc(static_cast<size_t>(rows)));
@@ -52,7 +68,8 @@ absl::StatusOr<int32_t*> KvPool::Upload(absl::Span<const int32_t> host, ops::Dev
 }
 
 template <typename SrcK, typename SrcV>
-absl::Status KvPool::RunCopies(absl::Span<const RowCopies> copies, SrcK k_src, SrcV v_src) {
+absl::Status KvPool::RunCopies(absl::Span<const RowCopies> copies, ops::KvDtype src_dtype, SrcK k_src,
+                               SrcV v_src) {
   std::vector<int32_t> host;
   for (const RowCopies& c : copies) {
     host.insert(host.end(), c.src_rows.begin(), c.src_rows.end());
@@ -68,11 +85,13 @@ absl::Status KvPool::RunCopies(absl::Span<const RowCopies> copies, SrcK k_src, S
     args.dst_rows = rows + n;
     args.num_rows = n;
     args.row_elements = head_dim_;
+    args.src_dtype = src_dtype;
+    args.dst_dtype = dtype_;
     args.src = k_src(static_cast<int32_t>(l));
-    args.dst = k_pages_.as<float>();
+    args.dst = k_pages_.data();
     KVGATE_RETURN_IF_ERROR(backend_->CopyRows(args));
     args.src = v_src(static_cast<int32_t>(l));
-    args.dst = v_pages_.as<float>();
+    args.dst = v_pages_.data();
     KVGATE_RETURN_IF_ERROR(backend_->CopyRows(args));
     rows += 2 * n;
   }
@@ -138,7 +157,8 @@ absl::Status KvPool::CommitPrefill(const engine::KvCache& cache, const gates::Ke
   auto committed = PlanCommit(plan, cache.capacity_tokens(), page_tokens_, &pages_);
   if (!committed.ok()) return WithContext(committed.status(), "commit prefill");
   absl::Status s = RunCopies(
-      committed->copies, [&](int32_t l) { return cache.k(l); }, [&](int32_t l) { return cache.v(l); });
+      committed->copies, ops::KvDtype::kFloat32, [&](int32_t l) { return cache.k(l); },
+      [&](int32_t l) { return cache.v(l); });
   if (s.ok()) s = WriteMasks(committed->layout, committed->layout.AllPages());
   if (!s.ok()) {
     (void)kv::Release(&committed->layout, &pages_);
@@ -189,11 +209,12 @@ absl::Status KvPool::AppendDecodeRows(absl::Span<const AppendPlan* const> steps,
   args.dst_rows = rows + n;
   args.num_rows = n;
   args.row_elements = head_dim_;
+  args.dst_dtype = dtype_;
   args.src = k_new;
-  args.dst = k_pages_.as<float>();
+  args.dst = k_pages_.data();
   KVGATE_RETURN_IF_ERROR(WithContext(backend_->CopyRows(args), "decode append K"));
   args.src = v_new;
-  args.dst = v_pages_.as<float>();
+  args.dst = v_pages_.data();
   return WithContext(backend_->CopyRows(args), "decode append V");
 }
 
@@ -203,10 +224,10 @@ absl::StatusOr<int32_t> KvPool::Compact(SequenceLayout* layout, const gates::Kee
   }
   auto plan = PlanCompaction(layout, keep, &pages_);
   if (!plan.ok()) return WithContext(plan.status(), "compaction");
-  const float* k = k_pages_.as<float>();
-  const float* v = v_pages_.as<float>();
+  const void* k = k_pages_.data();
+  const void* v = v_pages_.data();
   KVGATE_RETURN_IF_ERROR(WithContext(
-      RunCopies(plan->copies, [k](int32_t) { return k; }, [v](int32_t) { return v; }), "compaction"));
+      RunCopies(plan->copies, dtype_, [k](int32_t) { return k; }, [v](int32_t) { return v; }), "compaction"));
   KVGATE_RETURN_IF_ERROR(WithContext(WriteMasks(*layout, plan->mask_pages), "compaction"));
   return plan->pages_freed();
 }
@@ -288,14 +309,15 @@ ops::HeadPagedKvView KvPool::ViewAt(const int32_t* device_tables, size_t num_seq
                                     absl::Span<const int32_t> host_tables, bool any_masks) const {
   const size_t num_ids = host_tables.size() - 2 * num_seq_heads - 1;
   ops::HeadPagedKvView view;
-  view.k_pages = k_pages_.as<float>();
-  view.v_pages = v_pages_.as<float>();
+  view.k_pages = k_pages_.data();
+  view.v_pages = v_pages_.data();
   view.page_indptr = device_tables;
   view.page_ids = device_tables + num_seq_heads + 1;
   view.lengths = device_tables + num_seq_heads + 1 + num_ids;
   view.query_masks = any_masks ? query_masks_.as<uint8_t>() : nullptr;
   view.page_tokens = page_tokens_;
   view.head_dim = head_dim_;
+  view.dtype = dtype_;
   return view;
 }
 
@@ -314,6 +336,18 @@ absl::StatusOr<HeadRows> KvPool::ReadRows(const SequenceLayout& layout, int32_t 
   out.positions = hp.positions;
   out.scores = hp.scores;
   // One copy per run of consecutive page ids (a commit hands a head consecutive ids).
+  // bf16 rows land in a host staging vector and are widened there.
+  const bool narrow = dtype_ == ops::KvDtype::kBf16;
+  std::vector<ops::Bf16> stage_k, stage_v;
+  if (narrow) {
+    stage_k.resize(out.k.size());
+    stage_v.resize(out.v.size());
+  }
+  const size_t element_bytes = ops::KvDtypeBytes(dtype_);
+  char* k_dst = narrow ? reinterpret_cast<char*>(stage_k.data()) : reinterpret_cast<char*>(out.k.data());
+  char* v_dst = narrow ? reinterpret_cast<char*>(stage_v.data()) : reinterpret_cast<char*>(out.v.data());
+  const char* k_src = static_cast<const char*>(k_pages_.data());
+  const char* v_src = static_cast<const char*>(v_pages_.data());
   size_t p = 0;
   while (p < hp.page_ids.size()) {
     size_t end = p + 1;
@@ -321,15 +355,18 @@ absl::StatusOr<HeadRows> KvPool::ReadRows(const SequenceLayout& layout, int32_t 
     const size_t first = p * page_tokens_;
     const size_t rows = std::min<size_t>((end - p) * page_tokens_, hp.length - first);
     const size_t pool_row = static_cast<size_t>(hp.page_ids[p]) * page_tokens_;
-    KVGATE_RETURN_IF_ERROR(backend_->CopyToHost(out.k.data() + first * row_floats,
-                                                k_pages_.as<float>() + pool_row * row_floats,
-                                                rows * row_floats * sizeof(float)));
-    KVGATE_RETURN_IF_ERROR(backend_->CopyToHost(out.v.data() + first * row_floats,
-                                                v_pages_.as<float>() + pool_row * row_floats,
-                                                rows * row_floats * sizeof(float)));
+    const size_t bytes = rows * row_floats * element_bytes;
+    KVGATE_RETURN_IF_ERROR(backend_->CopyToHost(k_dst + first * row_floats * element_bytes,
+                                                k_src + pool_row * row_floats * element_bytes, bytes));
+    KVGATE_RETURN_IF_ERROR(backend_->CopyToHost(v_dst + first * row_floats * element_bytes,
+                                                v_src + pool_row * row_floats * element_bytes, bytes));
     KVGATE_RETURN_IF_ERROR(
         backend_->CopyToHost(out.query_mask.data() + first, query_masks_.as<uint8_t>() + pool_row, rows));
     p = end;
+  }
+  if (narrow) {
+    for (size_t i = 0; i < stage_k.size(); ++i) out.k[i] = ops::Bf16ToF32(stage_k[i]);
+    for (size_t i = 0; i < stage_v.size(); ++i) out.v[i] = ops::Bf16ToF32(stage_v[i]);
   }
   return out;
 }
@@ -385,8 +422,8 @@ absl::Status KvPool::CommitHostRows(const gates::KeepPlan& plan, absl::Span<cons
       }
       const float* k = stage_k_.as<float>();
       const float* v = stage_v_.as<float>();
-      KVGATE_RETURN_IF_ERROR(RunCopies(
-          absl::MakeConstSpan(&copies, 1), [k](int32_t) { return k; }, [v](int32_t) { return v; }));
+      KVGATE_RETURN_IF_ERROR(RunCopies(absl::MakeConstSpan(&copies, 1), ops::KvDtype::kFloat32,
+                                       [k](int32_t) { return k; }, [v](int32_t) { return v; }));
     }
     return WriteMasks(committed->layout, committed->layout.AllPages());
   };
@@ -414,7 +451,8 @@ absl::StatusOr<BackendRows> KvPool::GatherRows(const SequenceLayout& layout) {
   out.backend = std::string(backend_->Name());
   out.rows = total;
   out.head_dim = head_dim_;
-  const size_t bytes = static_cast<size_t>(std::max<int64_t>(total, 1)) * head_dim_ * sizeof(float);
+  out.dtype = dtype_;
+  const size_t bytes = static_cast<size_t>(std::max<int64_t>(total, 1)) * row_bytes();
   KVGATE_ASSIGN_OR_RETURN(out.k, backend_->Alloc(bytes));
   KVGATE_ASSIGN_OR_RETURN(out.v, backend_->Alloc(bytes));
   if (total == 0) return out;
@@ -435,11 +473,13 @@ absl::StatusOr<BackendRows> KvPool::GatherRows(const SequenceLayout& layout) {
   args.dst_rows = rows + total;
   args.num_rows = static_cast<int32_t>(total);
   args.row_elements = head_dim_;
-  args.src = k_pages_.as<float>();
-  args.dst = out.k.as<float>();
+  args.src_dtype = dtype_;
+  args.dst_dtype = dtype_;
+  args.src = k_pages_.data();
+  args.dst = out.k.data();
   KVGATE_RETURN_IF_ERROR(WithContext(backend_->CopyRows(args), "gather K"));
-  args.src = v_pages_.as<float>();
-  args.dst = out.v.as<float>();
+  args.src = v_pages_.data();
+  args.dst = out.v.data();
   KVGATE_RETURN_IF_ERROR(WithContext(backend_->CopyRows(args), "gather V"));
   KVGATE_RETURN_IF_ERROR(WithContext(backend_->Synchronize(), "gather"));
   return out;
@@ -455,7 +495,11 @@ absl::Status KvPool::CommitBackendRows(const gates::KeepPlan& plan, const Backen
   }
   int64_t total = 0;
   for (const gates::HeadKeep& head : plan.heads) total += static_cast<int64_t>(head.positions.size());
-  const size_t need = static_cast<size_t>(total) * head_dim_ * sizeof(float);
+  if (rows.dtype != ops::KvDtype::kFloat32 && rows.dtype != ops::KvDtype::kBf16) {
+    return absl::InvalidArgumentError(absl::StrCat("import of backend rows of unknown dtype ",
+                                                   static_cast<int>(rows.dtype)));
+  }
+  const size_t need = static_cast<size_t>(total) * head_dim_ * ops::KvDtypeBytes(rows.dtype);
   if (rows.rows != total || rows.head_dim != head_dim_ || rows.k.bytes() < need || rows.v.bytes() < need) {
     return absl::InvalidArgumentError(absl::StrCat("import of ", rows.rows, " backend rows of ", rows.head_dim,
                                                    " (", rows.k.bytes(), " / ", rows.v.bytes(),
@@ -470,9 +514,10 @@ absl::Status KvPool::CommitBackendRows(const gates::KeepPlan& plan, const Backen
     for (int32_t i = 0; i < copies.size(); ++i) copies.src_rows[i] = first + i;
     first += copies.size();
   }
-  const float* k = rows.k.as<float>();
-  const float* v = rows.v.as<float>();
-  absl::Status s = RunCopies(committed->copies, [k](int32_t) { return k; }, [v](int32_t) { return v; });
+  const void* k = rows.k.data();
+  const void* v = rows.v.data();
+  absl::Status s =
+      RunCopies(committed->copies, rows.dtype, [k](int32_t) { return k; }, [v](int32_t) { return v; });
   if (s.ok()) s = WriteMasks(committed->layout, committed->layout.AllPages());
   if (s.ok()) s = backend_->Synchronize();
   if (!s.ok()) {

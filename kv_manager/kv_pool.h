@@ -2,8 +2,8 @@
 // 3) and the executor of the plans in sequence_layout.h.
 //
 // Memory, all in backend memory and shared by every layer and sequence:
-//   k_pages, v_pages  [num_pages, page_tokens, head_dim] float32; a page holds the rows
-//                     of ONE (sequence, layer, kv head)
+//   k_pages, v_pages  [num_pages, page_tokens, head_dim] of the pool's KvDtype (float32
+//                     or bf16); a page holds the rows of ONE (sequence, layer, kv head)
 //   query_masks       [num_pages, page_tokens] uint8, one byte per row (bit g = visible
 //                     to query head g of the kv head's group)
 // plus the PagePool of ids and small index scratch buffers. Data moves only through
@@ -21,7 +21,9 @@
 
 #include <cstdint>
 #include <memory>
+#include <optional>
 #include <string>
+#include <string_view>
 #include <vector>
 
 #include "absl/status/status.h"
@@ -36,7 +38,8 @@
 
 namespace kvgate::kv {
 
-// Host copies of the kept rows of one (layer, kv head), for tests and transfer.
+// Host copies of the kept rows of one (layer, kv head), for tests and transfer. Always
+// float32: a bf16 pool widens its rows exactly, and narrows float32 rows on import.
 struct HeadRows {
   std::vector<float> k;             // [length, head_dim]
   std::vector<float> v;             // [length, head_dim]
@@ -53,16 +56,26 @@ struct BackendRows {
   std::string backend;  // ops::Backend::Name() of the memory's owner
   int64_t rows = 0;
   int32_t head_dim = 0;
-  ops::DeviceBuffer k, v;  // [rows, head_dim] float32, backend
+  ops::KvDtype dtype = ops::KvDtype::kFloat32;  // the gathering pool's
+  ops::DeviceBuffer k, v;  // [rows, head_dim] of dtype, backend
 };
+
+// The value of --kv-cache-dtype: "auto" (nullopt: KvPool::AutoDtype of the backend),
+// "float32" or "bf16"; anything else is INVALID_ARGUMENT naming the flag.
+absl::StatusOr<std::optional<ops::KvDtype>> ParseKvCacheDtype(std::string_view name);
 
 class KvPool {
  public:
   // num_pages, page_tokens, head_dim > 0 and num_pages * page_tokens < 2^31 (pool rows
   // are int32), else INVALID_ARGUMENT; allocation failures pass through. `backend`
-  // must outlive the pool.
+  // must outlive the pool. Rows are stored as `dtype`; rows that arrive as float32 (the
+  // prefill cache, decode K/V, host imports) are rounded to it once, as they land.
   static absl::StatusOr<std::unique_ptr<KvPool>> Create(ops::Backend* backend, int32_t num_pages,
-                                                        int32_t page_tokens, int32_t head_dim);
+                                                        int32_t page_tokens, int32_t head_dim,
+                                                        ops::KvDtype dtype = ops::KvDtype::kFloat32);
+  // The dtype a pool on `backend` stores by default ("auto"): bf16 where the backend
+  // runs its model in bf16 (SupportsBf16), else float32.
+  static ops::KvDtype AutoDtype(const ops::Backend& backend);
 
   KvPool(const KvPool&) = delete;
   KvPool& operator=(const KvPool&) = delete;
@@ -70,6 +83,9 @@ class KvPool {
   int32_t num_pages() const { return num_pages_; }
   int32_t page_tokens() const { return page_tokens_; }
   int32_t head_dim() const { return head_dim_; }
+  ops::KvDtype dtype() const { return dtype_; }
+  // Bytes of one K (or V) row: head_dim x the dtype's size.
+  size_t row_bytes() const { return static_cast<size_t>(head_dim_) * ops::KvDtypeBytes(dtype_); }
   int32_t pages_used() const { return pages_.num_used(); }
   int32_t pages_free() const { return pages_.num_free(); }
   const PagePool& page_pool() const { return pages_; }
@@ -143,28 +159,28 @@ class KvPool {
   absl::StatusOr<BackendRows> GatherRows(const SequenceLayout& layout);
 
   // CommitHostRows with the rows already in backend memory: `rows` (GatherRows of a pool
-  // on a backend of the same Name()) holds the rows of head i = layer * num_kv_heads +
-  // kv_head after those of every head before it. FAILED_PRECONDITION for rows of another
+  // on a backend of the same Name(), of any dtype: they are converted to the pool's) holds
+  // the rows of head i = layer * num_kv_heads + kv_head after those of every head before it. FAILED_PRECONDITION for rows of another
   // backend; INVALID_ARGUMENT when their count or width does not match the plan; errors
   // otherwise as CommitHostRows. Waits for the copies: `rows` may be freed on return.
   absl::Status CommitBackendRows(const gates::KeepPlan& plan, const BackendRows& rows, SequenceLayout* out);
 
-  // [num_pages, page_tokens, head_dim] / [num_pages, page_tokens], backend.
-  const float* k_pages() const { return k_pages_.as<float>(); }
-  const float* v_pages() const { return v_pages_.as<float>(); }
+  // [num_pages, page_tokens, head_dim] of dtype() / [num_pages, page_tokens] uint8, backend.
+  const void* k_pages() const { return k_pages_.data(); }
+  const void* v_pages() const { return v_pages_.data(); }
   const uint8_t* query_masks() const { return query_masks_.as<uint8_t>(); }
 
  private:
-  KvPool(ops::Backend* backend, int32_t num_pages, int32_t page_tokens, int32_t head_dim)
-      : backend_(backend), num_pages_(num_pages), page_tokens_(page_tokens), head_dim_(head_dim),
+  KvPool(ops::Backend* backend, int32_t num_pages, int32_t page_tokens, int32_t head_dim, ops::KvDtype dtype)
+      : backend_(backend), num_pages_(num_pages), page_tokens_(page_tokens), head_dim_(head_dim), dtype_(dtype),
         pages_(num_pages) {}
 
   // Uploads `host` into *scratch, growing it as needed; returns its backend address.
   absl::StatusOr<int32_t*> Upload(absl::Span<const int32_t> host, ops::DeviceBuffer* scratch);
-  // Runs `copies` from k_src/v_src into the K/V pools, one upload for every layer.
-  // k_src(l)/v_src(l) give layer l's source.
+  // Runs `copies` from k_src/v_src (rows of src_dtype) into the K/V pools, one upload
+  // for every layer. k_src(l)/v_src(l) give layer l's source.
   template <typename SrcK, typename SrcV>
-  absl::Status RunCopies(absl::Span<const RowCopies> copies, SrcK k_src, SrcV v_src);
+  absl::Status RunCopies(absl::Span<const RowCopies> copies, ops::KvDtype src_dtype, SrcK k_src, SrcV v_src);
   // Rewrites the mask bytes of `pages` (all held by `layout`) from the layout: each
   // row's byte, 0xFF past the head's length. Coalesces consecutive page ids.
   absl::Status WriteMasks(const SequenceLayout& layout, absl::Span<const int32_t> pages);
@@ -174,6 +190,7 @@ class KvPool {
 
   ops::Backend* backend_;
   int32_t num_pages_, page_tokens_, head_dim_;
+  ops::KvDtype dtype_;
   PagePool pages_;
   ops::DeviceBuffer k_pages_, v_pages_, query_masks_;
   ops::DeviceBuffer copy_scratch_;  // int32 row lists of the copies in flight
@@ -183,7 +200,7 @@ class KvPool {
                               absl::Span<const int32_t> host_tables, bool any_masks) const;
 
   ops::DeviceBuffer view_scratch_;  // int32 indptr / ids / lengths of the last view(s)
-  ops::DeviceBuffer stage_k_, stage_v_;  // CommitHostRows: one layer's host rows
+  ops::DeviceBuffer stage_k_, stage_v_;  // CommitHostRows: one layer's host rows (float32)
 };
 
 }  // namespace kvgate::kv

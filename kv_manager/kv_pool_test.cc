@@ -2,7 +2,10 @@
 // (layer * 1e6 + kv_head * 1e4 + position * 10 + dim, exact in float32) is committed,
 // appended to and compacted, and every row read back must hold exactly the value of its
 // position; views carry the right indptr / ids / lengths; a randomised sequence over
-// several sequences is checked against a std::map model.
+// several sequences is checked against a std::map model. A bf16 pool is checked
+// against a float32 pool run through the same operations: every row it holds is the
+// float32 pool's row rounded to bf16, and its paged attention equals the float32 pool's
+// over rows that were bf16 already.
 #include "kv_manager/kv_pool.h"
 
 #include <gmock/gmock.h>
@@ -15,6 +18,7 @@
 #include <set>
 #include <tuple>
 
+#include "cuda/bf16.h"
 #include "cuda/cpu/cpu_backend.h"
 #include "engine/model.h"
 #include "engine/model_config.h"
@@ -54,8 +58,9 @@ class KvPoolTest : public ::testing::Test {
   }
 
   // A prefill cache of `prompt` tokens (run through the model, so its length is right)
-  // whose rows are then overwritten: coded values, or seeded random ones.
-  std::unique_ptr<engine::KvCache> MakeCache(int32_t prompt, std::mt19937* random = nullptr) {
+  // whose rows are then overwritten: coded values, or seeded random ones (rounded to bf16
+  // with `bf16_exact`).
+  std::unique_ptr<engine::KvCache> MakeCache(int32_t prompt, std::mt19937* random = nullptr, bool bf16_exact = false) {
     auto cache = model_->NewCache(kCapacity);
     EXPECT_TRUE(cache.ok()) << cache.status();
     if (prompt > 0) {
@@ -72,6 +77,10 @@ class KvPoolTest : public ::testing::Test {
             const size_t i = (static_cast<size_t>(h) * kCapacity + p) * kDim + d;
             k[i] = random ? dist(*random) : CodedValue(l, h, p, d);
             v[i] = random ? dist(*random) : CodedV(l, h, p, d);
+            if (bf16_exact) {
+              k[i] = ops::RoundToBf16(k[i]);
+              v[i] = ops::RoundToBf16(v[i]);
+            }
           }
         }
       }
@@ -81,8 +90,9 @@ class KvPoolTest : public ::testing::Test {
     return std::move(*cache);
   }
 
-  std::unique_ptr<KvPool> MakePool(int32_t num_pages, int32_t page_tokens) {
-    auto pool = KvPool::Create(backend_.get(), num_pages, page_tokens, kDim);
+  std::unique_ptr<KvPool> MakePool(int32_t num_pages, int32_t page_tokens,
+                                   ops::KvDtype dtype = ops::KvDtype::kFloat32) {
+    auto pool = KvPool::Create(backend_.get(), num_pages, page_tokens, kDim, dtype);
     EXPECT_TRUE(pool.ok()) << pool.status();
     return std::move(*pool);
   }
@@ -528,6 +538,157 @@ TEST_F(KvPoolTest, RandomOpsMatchMapModel) {
     EXPECT_GT(ok_ops, 60);
     EXPECT_GT(failed_ops, 0);
   }
+}
+
+// Every (layer, kv head) of `narrow` holds `wide`'s rows rounded to bf16, with the same
+// positions and mask bytes.
+void ExpectRoundedRows(const KvPool& wide, const SequenceLayout& wide_layout, const KvPool& narrow,
+                       const SequenceLayout& narrow_layout) {
+  ASSERT_EQ(wide_layout.num_layers, narrow_layout.num_layers);
+  for (int32_t l = 0; l < wide_layout.num_layers; ++l) {
+    for (int32_t h = 0; h < wide_layout.num_kv_heads; ++h) {
+      SCOPED_TRACE(::testing::Message() << "layer " << l << " kv head " << h);
+      auto want = wide.ReadRows(wide_layout, l, h);
+      auto got = narrow.ReadRows(narrow_layout, l, h);
+      ASSERT_TRUE(want.ok() && got.ok());
+      ASSERT_EQ(got->positions, want->positions);
+      ASSERT_EQ(got->query_mask, want->query_mask);
+      ASSERT_EQ(got->k.size(), want->k.size());
+      for (size_t i = 0; i < want->k.size(); ++i) {
+        ASSERT_EQ(got->k[i], ops::RoundToBf16(want->k[i])) << "K element " << i;
+        ASSERT_EQ(got->v[i], ops::RoundToBf16(want->v[i])) << "V element " << i;
+      }
+    }
+  }
+}
+
+// Commit (with masks), decode appends across page boundaries, compaction, gather and the
+// two imports, on a bf16 pool and a float32 pool side by side.
+TEST_F(KvPoolTest, Bf16PoolHoldsTheRoundedRowsOfAFloat32Pool) {
+  constexpr int32_t kPrompt = 13;
+  std::mt19937 rng(21);
+  auto cache = MakeCache(kPrompt, &rng);
+  auto wide = MakePool(64, 3);
+  auto narrow = MakePool(64, 3, ops::KvDtype::kBf16);
+  EXPECT_EQ(narrow->dtype(), ops::KvDtype::kBf16);
+  EXPECT_EQ(narrow->row_bytes(), kDim * 2u);
+  EXPECT_EQ(wide->row_bytes(), kDim * 4u);
+  gates::KeepPlan plan = PlanOf(kLayers, kHeads, kPrompt, {{0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12}, {2, 9, 12},
+                                                          {12}, {0, 5, 7, 8, 12}});
+  plan.at(1, 1).query_mask = {0x1, 0x3, 0x2, 0x0, 0xF};
+  SequenceLayout wide_layout, narrow_layout;
+  ASSERT_TRUE(wide->CommitPrefill(*cache, plan, &wide_layout).ok());
+  ASSERT_TRUE(narrow->CommitPrefill(*cache, plan, &narrow_layout).ok());
+  ExpectRoundedRows(*wide, wide_layout, *narrow, narrow_layout);
+  for (int step = 0; step < 5; ++step) {
+    DecodeStep(wide.get(), &wide_layout);
+    DecodeStep(narrow.get(), &narrow_layout);
+  }
+  ExpectRoundedRows(*wide, wide_layout, *narrow, narrow_layout);
+  std::vector<std::vector<int32_t>> current;
+  for (const HeadPages& hp : wide_layout.heads) current.push_back(hp.positions);
+  const gates::KeepPlan keep = testing::RandomKeep(kLayers, kHeads, wide_layout.next_pos, current, 0.5, rng);
+  ASSERT_TRUE(wide->Compact(&wide_layout, keep).ok());
+  ASSERT_TRUE(narrow->Compact(&narrow_layout, keep).ok());
+  ExpectRoundedRows(*wide, wide_layout, *narrow, narrow_layout);
+
+  // Gathered bf16 rows land in a float32 pool widened, and in a bf16 pool unchanged.
+  auto gathered = narrow->GatherRows(narrow_layout);
+  ASSERT_TRUE(gathered.ok()) << gathered.status();
+  EXPECT_EQ(gathered->dtype, ops::KvDtype::kBf16);
+  gates::KeepPlan import_plan{kLayers, kHeads, narrow_layout.next_pos, {}};
+  std::vector<HeadRows> host_rows;
+  for (int32_t l = 0; l < kLayers; ++l) {
+    for (int32_t h = 0; h < kHeads; ++h) {
+      const HeadPages& hp = narrow_layout.at(l, h);
+      import_plan.heads.push_back({hp.positions, hp.query_mask, {}});
+      auto rows = wide->ReadRows(wide_layout, l, h);
+      ASSERT_TRUE(rows.ok());
+      host_rows.push_back(*std::move(rows));
+    }
+  }
+  auto other_wide = MakePool(64, 3);
+  auto other_narrow = MakePool(64, 3, ops::KvDtype::kBf16);
+  SequenceLayout from_backend_wide, from_backend_narrow, from_host_narrow;
+  ASSERT_TRUE(other_wide->CommitBackendRows(import_plan, *gathered, &from_backend_wide).ok());
+  ASSERT_TRUE(other_narrow->CommitBackendRows(import_plan, *gathered, &from_backend_narrow).ok());
+  ExpectRoundedRows(*wide, wide_layout, *other_wide, from_backend_wide);
+  ExpectRoundedRows(*wide, wide_layout, *other_narrow, from_backend_narrow);
+  ASSERT_TRUE(other_narrow->Release(&from_backend_narrow).ok());
+  // Host (float32) rows are rounded as they land.
+  ASSERT_TRUE(other_narrow->CommitHostRows(import_plan, host_rows, &from_host_narrow).ok());
+  ExpectRoundedRows(*wide, wide_layout, *other_narrow, from_host_narrow);
+  // Backend rows too short for the plan in their own dtype are refused.
+  BackendRows short_rows;
+  short_rows.backend = gathered->backend;
+  short_rows.rows = gathered->rows;
+  short_rows.head_dim = gathered->head_dim;
+  short_rows.dtype = ops::KvDtype::kFloat32;  // claims 4 bytes an element over 2-byte buffers
+  short_rows.k = std::move(gathered->k);
+  short_rows.v = std::move(gathered->v);
+  SequenceLayout refused;
+  EXPECT_EQ(other_wide->CommitBackendRows(import_plan, short_rows, &refused).code(),
+            absl::StatusCode::kInvalidArgument);
+  EXPECT_TRUE(refused.heads.empty());
+  for (auto [pool, layout] : {std::pair{wide.get(), &wide_layout}, {narrow.get(), &narrow_layout},
+                              {other_wide.get(), &from_backend_wide}, {other_narrow.get(), &from_host_narrow}}) {
+    ASSERT_TRUE(pool->Release(layout).ok());
+    EXPECT_EQ(pool->pages_used(), 0);
+  }
+}
+
+// Paged decode attention over a bf16 pool equals it over a float32 pool, bit for bit,
+// when the rows were bf16 values to begin with (the widening is exact).
+TEST_F(KvPoolTest, Bf16PagedAttentionEqualsFloat32OverBf16ExactRows) {
+  constexpr int32_t kPrompt = 11;
+  std::mt19937 rng(6);
+  auto cache = MakeCache(kPrompt, &rng, /*bf16_exact=*/true);
+  auto wide = MakePool(64, 3);
+  auto narrow = MakePool(64, 3, ops::KvDtype::kBf16);
+  SequenceLayout wide_layout, narrow_layout;
+  gates::KeepPlan plan = PlanOf(kLayers, kHeads, kPrompt, {{0, 3, 4, 10}, {1, 2, 3, 4, 5, 6, 7, 8, 9, 10}, {10},
+                                                          {0, 9, 10}});
+  plan.at(0, 1).query_mask = {0x1, 0x3, 0x2, 0xC, 0x5, 0x1, 0x2, 0x4, 0x8, 0xF};
+  ASSERT_TRUE(wide->CommitPrefill(*cache, plan, &wide_layout).ok());
+  ASSERT_TRUE(narrow->CommitPrefill(*cache, plan, &narrow_layout).ok());
+  std::normal_distribution<float> dist(0.0f, 1.0f);
+  std::vector<float> q(kQHeads * kDim);
+  for (float& x : q) x = dist(rng);
+  auto qb = backend_->Alloc(q.size() * 4);
+  ASSERT_TRUE(qb.ok());
+  ASSERT_TRUE(backend_->CopyToBackend(qb->data(), q.data(), q.size() * 4).ok());
+  for (int32_t l = 0; l < kLayers; ++l) {
+    std::vector<float> outs[2];
+    for (int i = 0; i < 2; ++i) {
+      KvPool* pool = i == 0 ? wide.get() : narrow.get();
+      const SequenceLayout* batch[] = {i == 0 ? &wide_layout : &narrow_layout};
+      auto view = pool->BuildView(batch, l);
+      ASSERT_TRUE(view.ok()) << view.status();
+      EXPECT_EQ(view->dtype, pool->dtype());
+      auto out = backend_->Alloc(q.size() * 4);
+      ASSERT_TRUE(out.ok());
+      ASSERT_TRUE(backend_->HeadPagedDecodeAttention({qb->as<float>(), *view, out->as<float>(), 1, kQHeads, kHeads, 0.5f})
+                      .ok());
+      outs[i].resize(q.size());
+      ASSERT_TRUE(backend_->CopyToHost(outs[i].data(), out->data(), q.size() * 4).ok());
+    }
+    EXPECT_EQ(outs[0], outs[1]) << "layer " << l;
+  }
+  ASSERT_TRUE(wide->Release(&wide_layout).ok());
+  ASSERT_TRUE(narrow->Release(&narrow_layout).ok());
+}
+
+TEST(KvPoolCreateTest, ParsesKvCacheDtype) {
+  EXPECT_EQ(*ParseKvCacheDtype("auto"), std::nullopt);
+  EXPECT_EQ(*ParseKvCacheDtype("float32"), ops::KvDtype::kFloat32);
+  EXPECT_EQ(*ParseKvCacheDtype("bf16"), ops::KvDtype::kBf16);
+  const auto bad = ParseKvCacheDtype("fp8");
+  EXPECT_EQ(bad.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(std::string(bad.status().message()), ::testing::HasSubstr("--kv-cache-dtype"));
+  auto cpu = ops::CreateCpuBackend(1);
+  EXPECT_EQ(KvPool::AutoDtype(*cpu), ops::KvDtype::kFloat32);  // the CPU stays bit for bit float32
+  EXPECT_EQ(KvPool::Create(cpu.get(), 8, 4, 2, static_cast<ops::KvDtype>(9)).status().code(),
+            absl::StatusCode::kInvalidArgument);
 }
 
 TEST(KvPoolCreateTest, RejectsBadShapes) {

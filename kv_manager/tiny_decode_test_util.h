@@ -8,6 +8,7 @@
 #include <cstdlib>
 #include <cstdint>
 #include <memory>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -30,7 +31,8 @@ namespace kvgate::kv::testing {
 
 // One "worker": a backend, the model on it, and a KV pool in its memory. The backend is the
 // CPU one unless KVGATE_TEST_BACKEND names another (the GPU machine runs these tests with
-// "cuda": the handoff and batch invariants hold on every backend, against itself).
+// "cuda": the handoff and batch invariants hold on every backend, against itself), and
+// the pool's pages are float32 unless KVGATE_TEST_KV_DTYPE names another type.
 struct TinyWorker {
   std::unique_ptr<ops::Backend> backend;
   std::unique_ptr<engine::Model> model;
@@ -45,8 +47,14 @@ struct TinyWorker {
       KVGATE_ASSIGN_OR_RETURN(worker->backend, ops::CreateBackend(backend_name));
     }
     KVGATE_ASSIGN_OR_RETURN(worker->model, engine::Model::Load(kvgate::testing::KvgateTinyDir(), worker->backend.get()));
-    KVGATE_ASSIGN_OR_RETURN(worker->pool, KvPool::Create(worker->backend.get(), num_pages, page_tokens,
-                                                         worker->model->config().head_dim));
+    // KVGATE_TEST_KV_DTYPE (auto, float32, bf16; float32 when unset) picks the pages' type.
+    const char* dtype_name = std::getenv("KVGATE_TEST_KV_DTYPE");
+    KVGATE_ASSIGN_OR_RETURN(std::optional<ops::KvDtype> dtype,
+                            ParseKvCacheDtype(dtype_name == nullptr || *dtype_name == '\0' ? "float32" : dtype_name));
+    KVGATE_ASSIGN_OR_RETURN(worker->pool,
+                            KvPool::Create(worker->backend.get(), num_pages, page_tokens,
+                                           worker->model->config().head_dim,
+                                           dtype.value_or(KvPool::AutoDtype(*worker->backend))));
     return worker;
   }
   gates::ModelShape shape() const {

@@ -14,6 +14,7 @@
 #include <vector>
 
 #include "absl/strings/str_cat.h"
+#include "cuda/bf16.h"
 #include "cuda/cpu/flash_attention.h"
 #include "cuda/cpu/parallel_for.h"
 #include "cuda/cpu/reference_ops.h"
@@ -25,6 +26,52 @@ namespace {
 // Below this many float operations a loop runs on one thread: waking the pool costs
 // more than it saves (decode-time RMSNorm of one row, say).
 constexpr int64_t kMinParallelWork = 1 << 15;
+
+inline float Widen(float x) { return x; }
+inline float Widen(Bf16 x) { return Bf16ToF32(x); }
+
+bool KnownKvDtype(KvDtype dtype) { return dtype == KvDtype::kFloat32 || dtype == KvDtype::kBf16; }
+
+// One (sequence, query head) of HeadPagedDecodeAttention over rows of element type T,
+// widened to float as they are read (so a bf16 view computes what a float32 view of the
+// same values computes, bit for bit). `scores` and `rows` are the caller's scratch.
+template <typename T>
+void AttendPagedItem(const HeadPagedDecodeAttentionArgs& a, int64_t item, std::vector<float>* scores,
+                     std::vector<int64_t>* rows) {
+  const HeadPagedKvView& kv = a.kv;
+  const int32_t group = a.num_q_heads / a.num_kv_heads;
+  const int32_t h = static_cast<int32_t>(item % a.num_q_heads);
+  const int64_t seq_head = item / a.num_q_heads * a.num_kv_heads + h / group;
+  const int32_t* pages = kv.page_ids + kv.page_indptr[seq_head];
+  const float* q = a.q + item * kv.head_dim;
+  const T* k_pages = static_cast<const T*>(kv.k_pages);
+  const T* v_pages = static_cast<const T*>(kv.v_pages);
+  rows->clear();
+  scores->clear();
+  float max_score = -INFINITY;
+  for (int32_t r = 0; r < kv.lengths[seq_head]; ++r) {
+    const int64_t row = static_cast<int64_t>(pages[r / kv.page_tokens]) * kv.page_tokens + r % kv.page_tokens;
+    if (kv.query_masks != nullptr && ((kv.query_masks[row] >> (h % group)) & 1) == 0) continue;
+    const T* k = k_pages + row * kv.head_dim;
+    float dot = 0.0f;
+    for (int32_t i = 0; i < kv.head_dim; ++i) dot += q[i] * Widen(k[i]);
+    rows->push_back(row);
+    scores->push_back(dot * a.scale);
+    max_score = std::max(max_score, scores->back());
+  }
+  float denom = 0.0f;
+  for (float& s : *scores) {
+    s = std::exp(s - max_score);
+    denom += s;
+  }
+  float* out = a.out + item * kv.head_dim;
+  std::fill(out, out + kv.head_dim, 0.0f);  // also the answer when no row is visible
+  for (size_t j = 0; j < rows->size(); ++j) {
+    const float p = (*scores)[j] / denom;
+    const T* v = v_pages + (*rows)[j] * kv.head_dim;
+    for (int32_t i = 0; i < kv.head_dim; ++i) out[i] += p * Widen(v[i]);
+  }
+}
 // Below this a GEMM is not worth waking the pool for (about 50 us on one core).
 constexpr int64_t kMinParallelGemmFlops = int64_t{1} << 21;
 
@@ -152,11 +199,39 @@ class CpuBackend final : public Backend {
     if (a.num_rows < 0 || a.row_elements < 0) {
       return absl::InvalidArgumentError("CopyRows: negative size");
     }
-    const size_t row_bytes = static_cast<size_t>(a.row_elements) * sizeof(float);
+    if (!KnownKvDtype(a.src_dtype) || !KnownKvDtype(a.dst_dtype)) {
+      return absl::InvalidArgumentError(absl::StrCat("CopyRows: unknown dtype ", static_cast<int>(a.src_dtype),
+                                                     " -> ", static_cast<int>(a.dst_dtype)));
+    }
+    if (a.src_dtype != a.dst_dtype && a.src == a.dst && a.num_rows > 0) {
+      return absl::InvalidArgumentError("CopyRows: a converting copy within one buffer");
+    }
+    if (a.src_dtype == a.dst_dtype) {
+      const size_t element_bytes = KvDtypeBytes(a.src_dtype);
+      const size_t row_bytes = static_cast<size_t>(a.row_elements) * element_bytes;
+      const char* src = static_cast<const char*>(a.src);
+      char* dst = static_cast<char*>(a.dst);
+      ParallelRows(a.num_rows, a.row_elements, [&](int64_t begin, int64_t end) {
+        for (int64_t i = begin; i < end; ++i) {
+          std::memmove(dst + static_cast<int64_t>(a.dst_rows[i]) * row_bytes,
+                       src + static_cast<int64_t>(a.src_rows[i]) * row_bytes, row_bytes);
+        }
+      });
+      return absl::OkStatus();
+    }
     ParallelRows(a.num_rows, a.row_elements, [&](int64_t begin, int64_t end) {
       for (int64_t i = begin; i < end; ++i) {
-        std::memmove(a.dst + static_cast<int64_t>(a.dst_rows[i]) * a.row_elements,
-                     a.src + static_cast<int64_t>(a.src_rows[i]) * a.row_elements, row_bytes);
+        const int64_t src = static_cast<int64_t>(a.src_rows[i]) * a.row_elements;
+        const int64_t dst = static_cast<int64_t>(a.dst_rows[i]) * a.row_elements;
+        if (a.dst_dtype == KvDtype::kBf16) {
+          const float* from = static_cast<const float*>(a.src) + src;
+          Bf16* to = static_cast<Bf16*>(a.dst) + dst;
+          for (int32_t e = 0; e < a.row_elements; ++e) to[e] = F32ToBf16(from[e]);
+        } else {
+          const Bf16* from = static_cast<const Bf16*>(a.src) + src;
+          float* to = static_cast<float*>(a.dst) + dst;
+          for (int32_t e = 0; e < a.row_elements; ++e) to[e] = Bf16ToF32(from[e]);
+        }
       }
     });
     return absl::OkStatus();
@@ -170,11 +245,11 @@ class CpuBackend final : public Backend {
     }
     if (a.num_seqs == 0 || a.num_q_heads == 0) return absl::OkStatus();
     if (a.num_kv_heads == 0 || a.num_q_heads % a.num_kv_heads != 0 || kv.page_tokens < 1 ||
-        (kv.query_masks != nullptr && a.num_q_heads / a.num_kv_heads > 8)) {
+        (kv.query_masks != nullptr && a.num_q_heads / a.num_kv_heads > 8) || !KnownKvDtype(kv.dtype)) {
       return absl::InvalidArgumentError(absl::StrCat(
           "HeadPagedDecodeAttention: ", a.num_q_heads, " q heads over ", a.num_kv_heads,
           " kv heads (masks ", kv.query_masks != nullptr, ", at most 8 per group), page_tokens ",
-          kv.page_tokens));
+          kv.page_tokens, ", dtype ", static_cast<int>(kv.dtype)));
     }
     const int32_t group = a.num_q_heads / a.num_kv_heads;
     const int64_t items = static_cast<int64_t>(a.num_seqs) * a.num_q_heads;
@@ -187,37 +262,10 @@ class CpuBackend final : public Backend {
       std::vector<float> scores;
       std::vector<int64_t> rows;
       for (int64_t item = begin; item < end; ++item) {
-        const int32_t h = static_cast<int32_t>(item % a.num_q_heads);
-        const int64_t seq_head = item / a.num_q_heads * a.num_kv_heads + h / group;
-        const int32_t* pages = kv.page_ids + kv.page_indptr[seq_head];
-        const float* q = a.q + item * kv.head_dim;
-        rows.clear();
-        scores.clear();
-        float max_score = -INFINITY;
-        for (int32_t r = 0; r < kv.lengths[seq_head]; ++r) {
-          const int64_t row =
-              static_cast<int64_t>(pages[r / kv.page_tokens]) * kv.page_tokens + r % kv.page_tokens;
-          if (kv.query_masks != nullptr && ((kv.query_masks[row] >> (h % group)) & 1) == 0) {
-            continue;
-          }
-          const float* k = kv.k_pages + row * kv.head_dim;
-          float dot = 0.0f;
-          for (int32_t i = 0; i < kv.head_dim; ++i) dot += q[i] * k[i];
-          rows.push_back(row);
-          scores.push_back(dot * a.scale);
-          max_score = std::max(max_score, scores.back());
-        }
-        float denom = 0.0f;
-        for (float& s : scores) {
-          s = std::exp(s - max_score);
-          denom += s;
-        }
-        float* out = a.out + item * kv.head_dim;
-        std::fill(out, out + kv.head_dim, 0.0f);  // also the answer when no row is visible
-        for (size_t j = 0; j < rows.size(); ++j) {
-          const float p = scores[j] / denom;
-          const float* v = kv.v_pages + rows[j] * kv.head_dim;
-          for (int32_t i = 0; i < kv.head_dim; ++i) out[i] += p * v[i];
+        if (kv.dtype == KvDtype::kBf16) {
+          AttendPagedItem<Bf16>(a, item, &scores, &rows);
+        } else {
+          AttendPagedItem<float>(a, item, &scores, &rows);
         }
       }
     });

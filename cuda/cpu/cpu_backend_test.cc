@@ -407,6 +407,70 @@ TEST_F(CpuBackendTest, CopyRowsIsExact) {
   }
 }
 
+// float32 -> bf16 rounds each element to nearest even (F32ToBf16), bf16 -> float32 widens
+// exactly, bf16 -> bf16 moves the bits; the backend and the reference agree bit for bit,
+// and untouched rows keep their old contents.
+TEST_F(CpuBackendTest, CopyRowsConvertsBetweenFloat32AndBf16) {
+  const int num_rows = 300, row_elements = 128, pool_rows = 700;
+  std::mt19937 rng(43);
+  std::vector<int32_t> order(pool_rows);
+  std::iota(order.begin(), order.end(), 0);
+  std::shuffle(order.begin(), order.end(), rng);
+  const std::vector<int32_t> src_rows(order.begin(), order.begin() + num_rows);
+  std::shuffle(order.begin(), order.end(), rng);
+  const std::vector<int32_t> dst_rows(order.begin(), order.begin() + num_rows);
+  const size_t n = static_cast<size_t>(pool_rows) * row_elements;
+  std::vector<float> src_f32 = RandomVector(n, 44);
+  src_f32[5] = std::numeric_limits<float>::quiet_NaN();
+  src_f32[6] = std::numeric_limits<float>::infinity();
+  const std::vector<Bf16> src_bf16 = paged_testing::ToBf16Bits(RandomVector(n, 45));
+  const std::vector<float> dst_f32_before = RandomVector(n, 46);
+  const std::vector<Bf16> dst_bf16_before = paged_testing::ToBf16Bits(RandomVector(n, 47));
+
+  std::vector<Bf16> expect_narrow = dst_bf16_before, expect_same = dst_bf16_before;
+  std::vector<float> expect_wide = dst_f32_before;
+  for (int i = 0; i < num_rows; ++i) {
+    for (int e = 0; e < row_elements; ++e) {
+      const size_t from = static_cast<size_t>(src_rows[i]) * row_elements + e;
+      const size_t to = static_cast<size_t>(dst_rows[i]) * row_elements + e;
+      expect_narrow[to] = F32ToBf16(src_f32[from]);
+      expect_same[to] = src_bf16[from];
+      expect_wide[to] = Bf16ToF32(src_bf16[from]);
+    }
+  }
+  for (bool use_backend : {false, true}) {
+    const std::string who = use_backend ? "cpu" : "ref";
+    auto run = [&](const void* src, KvDtype src_dtype, void* dst, KvDtype dst_dtype) {
+      CopyRowsArgs args{src, dst, src_rows.data(), dst_rows.data(), num_rows, row_elements, src_dtype, dst_dtype};
+      if (use_backend) {
+        ASSERT_TRUE(backend_->CopyRows(args).ok());
+      } else {
+        CopyRowsRef(args);
+      }
+    };
+    std::vector<Bf16> narrow = dst_bf16_before, same = dst_bf16_before;
+    std::vector<float> wide = dst_f32_before;
+    run(src_f32.data(), KvDtype::kFloat32, narrow.data(), KvDtype::kBf16);
+    run(src_bf16.data(), KvDtype::kBf16, same.data(), KvDtype::kBf16);
+    run(src_bf16.data(), KvDtype::kBf16, wide.data(), KvDtype::kFloat32);
+    EXPECT_EQ(narrow, expect_narrow) << who << " float32 -> bf16";
+    EXPECT_EQ(same, expect_same) << who << " bf16 -> bf16";
+    EXPECT_EQ(std::memcmp(wide.data(), expect_wide.data(), n * sizeof(float)), 0) << who << " bf16 -> float32";
+  }
+  // A converting copy cannot run within one buffer; unknown dtypes are refused.
+  std::vector<float> buffer = dst_f32_before;
+  EXPECT_EQ(backend_
+                ->CopyRows({buffer.data(), buffer.data(), src_rows.data(), dst_rows.data(), num_rows, row_elements,
+                            KvDtype::kFloat32, KvDtype::kBf16})
+                .code(),
+            absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(backend_
+                ->CopyRows({src_f32.data(), buffer.data(), src_rows.data(), dst_rows.data(), num_rows, row_elements,
+                            static_cast<KvDtype>(7), KvDtype::kFloat32})
+                .code(),
+            absl::StatusCode::kInvalidArgument);
+}
+
 // ------------------------------------------------------ HeadPagedDecodeAttention
 
 struct HeadPagedCase {
@@ -450,6 +514,32 @@ TEST_F(CpuBackendTest, HeadPagedDecodeAttentionMatchesReference) {
     args.out = out.data();
     ASSERT_TRUE(backend_->HeadPagedDecodeAttention(args).ok());
     ExpectAllClose(ref, out, n, c.Name());
+
+    // bf16 pages: the same computation as float32 pages holding the rounded values, bit
+    // for bit, in the backend and in the reference.
+    const paged_testing::HeadPagedLayout rounded = paged_testing::RoundedToBf16(layout);
+    const std::vector<Bf16> k16 = paged_testing::ToBf16Bits(layout.k_pages);
+    const std::vector<Bf16> v16 = paged_testing::ToBf16Bits(layout.v_pages);
+    HeadPagedKvView view16 = rounded.HostView();
+    view16.k_pages = k16.data();
+    view16.v_pages = v16.data();
+    view16.dtype = KvDtype::kBf16;
+    for (bool use_backend : {false, true}) {
+      auto from_f32 = Guarded(n), from_bf16 = Guarded(n);
+      HeadPagedDecodeAttentionArgs a32 = args, a16 = args;
+      a32.kv = rounded.HostView();
+      a32.out = from_f32.data();
+      a16.kv = view16;
+      a16.out = from_bf16.data();
+      if (use_backend) {
+        ASSERT_TRUE(backend_->HeadPagedDecodeAttention(a32).ok());
+        ASSERT_TRUE(backend_->HeadPagedDecodeAttention(a16).ok());
+      } else {
+        HeadPagedDecodeAttentionRef(a32);
+        HeadPagedDecodeAttentionRef(a16);
+      }
+      ExpectBitEqual(from_f32, from_bf16, n + kGuard, (use_backend ? "cpu bf16 " : "ref bf16 ") + c.Name());
+    }
   }
 }
 

@@ -4,7 +4,17 @@
 #include <cmath>
 #include <vector>
 
+#include "cuda/bf16.h"
+
 namespace kvgate::ops {
+namespace {
+
+// Element e of a row of KV rows of `dtype`, widened to float.
+float KvElement(const void* base, KvDtype dtype, int64_t e) {
+  return dtype == KvDtype::kBf16 ? Bf16ToF32(static_cast<const Bf16*>(base)[e]) : static_cast<const float*>(base)[e];
+}
+
+}  // namespace
 
 void EmbedRef(const EmbedArgs& a) {
   for (int32_t t = 0; t < a.num_tokens; ++t) {
@@ -116,8 +126,20 @@ void AttentionRef(const AttentionArgs& a) {
 
 void CopyRowsRef(const CopyRowsArgs& a) {
   for (int32_t i = 0; i < a.num_rows; ++i) {
-    const float* src = a.src + static_cast<int64_t>(a.src_rows[i]) * a.row_elements;
-    std::copy(src, src + a.row_elements, a.dst + static_cast<int64_t>(a.dst_rows[i]) * a.row_elements);
+    const int64_t src = static_cast<int64_t>(a.src_rows[i]) * a.row_elements;
+    const int64_t dst = static_cast<int64_t>(a.dst_rows[i]) * a.row_elements;
+    for (int32_t e = 0; e < a.row_elements; ++e) {
+      if (a.src_dtype == KvDtype::kBf16 && a.dst_dtype == KvDtype::kBf16) {
+        static_cast<Bf16*>(a.dst)[dst + e] = static_cast<const Bf16*>(a.src)[src + e];  // NaN bits too
+        continue;
+      }
+      const float value = KvElement(a.src, a.src_dtype, src + e);
+      if (a.dst_dtype == KvDtype::kBf16) {
+        static_cast<Bf16*>(a.dst)[dst + e] = F32ToBf16(value);
+      } else {
+        static_cast<float*>(a.dst)[dst + e] = value;
+      }
+    }
   }
 }
 
@@ -141,7 +163,7 @@ void HeadPagedDecodeAttentionRef(const HeadPagedDecodeAttentionArgs& a) {
         if (kv.query_masks != nullptr && ((kv.query_masks[row] >> (h % group)) & 1) == 0) continue;
         double dot = 0.0;
         for (int32_t i = 0; i < kv.head_dim; ++i) {
-          dot += static_cast<double>(q[i]) * kv.k_pages[row * kv.head_dim + i];
+          dot += static_cast<double>(q[i]) * KvElement(kv.k_pages, kv.dtype, row * kv.head_dim + i);
         }
         rows.push_back(row);
         scores.push_back(dot * a.scale);
@@ -156,7 +178,9 @@ void HeadPagedDecodeAttentionRef(const HeadPagedDecodeAttentionArgs& a) {
       std::fill(acc.begin(), acc.end(), 0.0);
       for (size_t j = 0; j < rows.size(); ++j) {
         const double p = scores[j] / denom;
-        for (int32_t i = 0; i < kv.head_dim; ++i) acc[i] += p * kv.v_pages[rows[j] * kv.head_dim + i];
+        for (int32_t i = 0; i < kv.head_dim; ++i) {
+          acc[i] += p * KvElement(kv.v_pages, kv.dtype, rows[j] * kv.head_dim + i);
+        }
       }
       float* out = a.out + (static_cast<int64_t>(s) * a.num_q_heads + h) * kv.head_dim;
       for (int32_t i = 0; i < kv.head_dim; ++i) out[i] = static_cast<float>(acc[i]);

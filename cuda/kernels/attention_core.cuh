@@ -35,17 +35,23 @@ __host__ __device__ inline int64_t PartialFloats(int head_dim) { return head_dim
 
 // One block (kAttentionBlockSize threads) attends query `q` ([head_dim], device) over
 // rows [first, last] (empty when first > last). `rows.Locate(j, &offset)` returns
-// whether row j is visible and sets the offset in floats of its K/V row within k/v; it
+// whether row j is visible and sets the offset in elements of its K/V row within k/v
+// (float, or bf16 as uint16_t, widened to float as read: KvElement); it
 // must give the same answer on every lane. Lane `lane` owns dims lane + 32 * i; warp w
 // walks rows first + kRows * w, stepping kRows * kWarps, with a running max, sum and
 // accumulator, and the block merges its warps at the end. With partial == null it writes
 // the normalised output to out[head_dim] (zeros when no row was visible); otherwise
 // (max, sum, accumulator) to partial[PartialFloats(head_dim)]: max -inf, sum 0,
 // accumulator 0 when no row was visible.
-template <typename Rows>
+__device__ __forceinline__ float KvElement(const float* row, int d) { return row[d]; }
+__device__ __forceinline__ float KvElement(const uint16_t* row, int d) {
+  return __uint_as_float(static_cast<uint32_t>(row[d]) << 16);
+}
+
+template <typename Rows, typename T>
 __device__ __forceinline__ void AttendRows(const Rows& rows, const float* __restrict__ q,
-                                           const float* __restrict__ k,
-                                           const float* __restrict__ v, int head_dim, float scale,
+                                           const T* __restrict__ k,
+                                           const T* __restrict__ v, int head_dim, float scale,
                                            int32_t first, int32_t last, float* out,
                                            float* partial) {
   __shared__ float warp_max[kWarps];
@@ -75,11 +81,11 @@ __device__ __forceinline__ void AttendRows(const Rows& rows, const float* __rest
       offset[r] = 0;
       live[r] = j0 + r <= last && rows.Locate(j0 + r, &offset[r]);
       if (live[r]) {
-        const float* k_row = k + offset[r];
+        const T* k_row = k + offset[r];
 #pragma unroll
         for (int i = 0; i < kDimsPerLane; ++i) {
           const int d = lane + 32 * i;
-          if (d < head_dim) score[r] += q_reg[i] * k_row[d];
+          if (d < head_dim) score[r] += q_reg[i] * KvElement(k_row, d);
         }
       }
     }
@@ -106,11 +112,11 @@ __device__ __forceinline__ void AttendRows(const Rows& rows, const float* __rest
 #pragma unroll
     for (int r = 0; r < kRows; ++r) {
       if (live[r]) {
-        const float* v_row = v + offset[r];
+        const T* v_row = v + offset[r];
 #pragma unroll
         for (int i = 0; i < kDimsPerLane; ++i) {
           const int d = lane + 32 * i;
-          if (d < head_dim) acc[i] += p[r] * v_row[d];
+          if (d < head_dim) acc[i] += p[r] * KvElement(v_row, d);
         }
       }
     }

@@ -794,6 +794,73 @@ INSTANTIATE_TEST_SUITE_P(
                       CopyRowsCase{300, 2048, 1000, false, 229}),
     CaseName<CopyRowsCase>);
 
+// The converting copies (float32 -> bf16 rounding, bf16 -> float32, bf16 -> bf16 in and
+// out of place) against CopyRowsRef, bit for bit; rows not named keep their old bits.
+TEST(CopyRowsDtypeTest, ConvertingCopiesMatchReferenceBits) {
+  if (CudaDeviceCount() == 0) GTEST_SKIP() << "no CUDA device visible";
+  KVGATE_ASSERT_OK_AND_ASSIGN(std::unique_ptr<Backend> backend, CreateCudaBackend(0));
+  for (const int32_t row_elements : {128, 64, 3, 1}) {
+    const int32_t num_rows = 1000, pool_rows = 2500;
+    SCOPED_TRACE(absl::StrCat("row_elements ", row_elements));
+    std::mt19937 rng(260 + row_elements);
+    std::vector<int32_t> order(pool_rows);
+    std::iota(order.begin(), order.end(), 0);
+    std::shuffle(order.begin(), order.end(), rng);
+    const std::vector<int32_t> src_rows(order.begin(), order.begin() + num_rows);
+    const std::vector<int32_t> inplace_dst(order.begin() + num_rows, order.begin() + 2 * num_rows);
+    std::shuffle(order.begin(), order.end(), rng);
+    const std::vector<int32_t> dst_rows(order.begin(), order.begin() + num_rows);
+    const size_t n = static_cast<size_t>(pool_rows) * row_elements;
+    std::vector<float> src32 = RandomFloats(rng, n, -3.0f, 3.0f);
+    src32[1] = std::numeric_limits<float>::quiet_NaN();
+    src32[2] = -std::numeric_limits<float>::infinity();
+    const std::vector<Bf16> src16 = paged_testing::ToBf16Bits(RandomFloats(rng, n, -3.0f, 3.0f));
+    const std::vector<Bf16> dst16 = paged_testing::ToBf16Bits(RandomFloats(rng, n, -3.0f, 3.0f));
+    const std::vector<float> dst32 = RandomFloats(rng, n, -3.0f, 3.0f);
+    KVGATE_ASSERT_OK_AND_ASSIGN(DeviceBuffer d_src32, Upload(*backend, src32));
+    KVGATE_ASSERT_OK_AND_ASSIGN(DeviceBuffer d_src16, Upload(*backend, src16));
+    KVGATE_ASSERT_OK_AND_ASSIGN(DeviceBuffer d_src_rows, Upload(*backend, src_rows));
+    KVGATE_ASSERT_OK_AND_ASSIGN(DeviceBuffer d_dst_rows, Upload(*backend, dst_rows));
+    KVGATE_ASSERT_OK_AND_ASSIGN(DeviceBuffer d_inplace_dst, Upload(*backend, inplace_dst));
+    struct Run {
+      const char* what;
+      KvDtype src_dtype, dst_dtype;
+      bool in_place;
+    };
+    for (const Run& run : {Run{"float32->bf16", KvDtype::kFloat32, KvDtype::kBf16, false},
+                           Run{"bf16->float32", KvDtype::kBf16, KvDtype::kFloat32, false},
+                           Run{"bf16->bf16", KvDtype::kBf16, KvDtype::kBf16, false},
+                           Run{"bf16->bf16 in place", KvDtype::kBf16, KvDtype::kBf16, true}}) {
+      SCOPED_TRACE(run.what);
+      const bool wide_out = run.dst_dtype == KvDtype::kFloat32;
+      std::vector<float> ref32 = dst32;
+      std::vector<Bf16> ref16 = run.in_place ? src16 : dst16;
+      const void* host_src = run.src_dtype == KvDtype::kBf16 ? static_cast<const void*>(src16.data())
+                                                             : static_cast<const void*>(src32.data());
+      void* host_dst = wide_out ? static_cast<void*>(ref32.data()) : static_cast<void*>(ref16.data());
+      const std::vector<int32_t>& rows_to = run.in_place ? inplace_dst : dst_rows;
+      CopyRowsRef({run.in_place ? host_dst : host_src, host_dst, src_rows.data(), rows_to.data(), num_rows,
+                   row_elements, run.src_dtype, run.dst_dtype});
+      KVGATE_ASSERT_OK_AND_ASSIGN(DeviceBuffer d_dst, wide_out ? Upload(*backend, dst32)
+                                                               : Upload(*backend, run.in_place ? src16 : dst16));
+      const void* d_src = run.in_place ? d_dst.data() : run.src_dtype == KvDtype::kBf16 ? d_src16.data() : d_src32.data();
+      KVGATE_ASSERT_OK(backend->CopyRows({d_src, d_dst.data(), d_src_rows.as<int32_t>(),
+                                          (run.in_place ? d_inplace_dst : d_dst_rows).as<int32_t>(), num_rows,
+                                          row_elements, run.src_dtype, run.dst_dtype}));
+      const size_t bytes = n * KvDtypeBytes(run.dst_dtype);
+      std::vector<uint8_t> got(bytes);
+      KVGATE_ASSERT_OK(backend->CopyToHost(got.data(), d_dst.data(), bytes));
+      EXPECT_EQ(std::memcmp(got.data(), host_dst, bytes), 0);
+    }
+    // A converting copy within one buffer is refused.
+    EXPECT_EQ(backend
+                  ->CopyRows({d_src32.data(), d_src32.data(), d_src_rows.as<int32_t>(), d_inplace_dst.as<int32_t>(),
+                              num_rows, row_elements, KvDtype::kFloat32, KvDtype::kBf16})
+                  .code(),
+              absl::StatusCode::kInvalidArgument);
+  }
+}
+
 // ---------------------------------------------------------- HeadPagedDecodeAttention
 
 // A head-paged layout (cuda/testing/head_paged_layout.h) copied to the device.
@@ -801,21 +868,27 @@ struct DeviceLayout {
   DeviceBuffer k_pages, v_pages, page_indptr, page_ids, lengths, query_masks;
   bool with_masks = false;
   int32_t page_tokens = 0, head_dim = 0;
+  KvDtype dtype = KvDtype::kFloat32;
   HeadPagedKvView View() const {
-    return {k_pages.as<float>(),       v_pages.as<float>(),
+    return {k_pages.data(),            v_pages.data(),
             page_indptr.as<int32_t>(), page_ids.as<int32_t>(),
             lengths.as<int32_t>(),     with_masks ? query_masks.as<uint8_t>() : nullptr,
-            page_tokens,               head_dim};
+            page_tokens,               head_dim,
+            dtype};
   }
 };
 
-absl::StatusOr<DeviceLayout> UploadLayout(Backend& backend, const paged_testing::HeadPagedLayout& host) {
+// With dtype bf16 the pages hold the bf16 bits of the layout's values.
+absl::StatusOr<DeviceLayout> UploadLayout(Backend& backend, const paged_testing::HeadPagedLayout& host,
+                                          KvDtype dtype = KvDtype::kFloat32) {
   DeviceLayout d;
   d.with_masks = !host.query_masks.empty();
   d.page_tokens = host.page_tokens;
   d.head_dim = host.head_dim;
+  d.dtype = dtype;
   for (auto [dst, src] : {std::pair{&d.k_pages, &host.k_pages}, {&d.v_pages, &host.v_pages}}) {
-    absl::StatusOr<DeviceBuffer> b = Upload(backend, *src);
+    absl::StatusOr<DeviceBuffer> b =
+        dtype == KvDtype::kBf16 ? Upload(backend, paged_testing::ToBf16Bits(*src)) : Upload(backend, *src);
     if (!b.ok()) return b.status();
     *dst = std::move(*b);
   }
@@ -892,6 +965,33 @@ TEST_P(HeadPagedDecodeAttentionTest, MatchesReference) {
   std::vector<float> out_per_head;
   ASSERT_TRUE(d_out_per_head.Download(backend(), &out_per_head));
   ExpectAllClose(ref, out_per_head, kAtolF32, kRtolF32);
+
+  // bf16 pages, on both kernels: the result of float32 pages holding the rounded values,
+  // bit for bit (rows are widened as loaded; the arithmetic is the float32 kernel's).
+  const paged_testing::HeadPagedLayout rounded = paged_testing::RoundedToBf16(layout);
+  KVGATE_ASSERT_OK_AND_ASSIGN(DeviceLayout d_rounded, UploadLayout(backend(), rounded));
+  KVGATE_ASSERT_OK_AND_ASSIGN(DeviceLayout d_bf16, UploadLayout(backend(), layout, KvDtype::kBf16));
+  for (Backend* b : {&backend(), per_head->get()}) {
+    SCOPED_TRACE(b == &backend() ? "bf16, preferred kernel" : "bf16, per-query-head kernel");
+    KVGATE_ASSERT_OK_AND_ASSIGN(GuardedBuffer d_from_f32,
+                                GuardedBuffer::Create(backend(), std::vector<float>(q.size(), 0.0f)));
+    KVGATE_ASSERT_OK_AND_ASSIGN(GuardedBuffer d_from_bf16,
+                                GuardedBuffer::Create(backend(), std::vector<float>(q.size(), 0.0f)));
+    KVGATE_ASSERT_OK(b->HeadPagedDecodeAttention(
+        {d_q.as<float>(), d_rounded.View(), d_from_f32.data(), c.num_seqs, c.num_q_heads, c.num_kv_heads, scale}));
+    KVGATE_ASSERT_OK(b->HeadPagedDecodeAttention(
+        {d_q.as<float>(), d_bf16.View(), d_from_bf16.data(), c.num_seqs, c.num_q_heads, c.num_kv_heads, scale}));
+    KVGATE_ASSERT_OK(b->Synchronize());
+    std::vector<float> from_f32, from_bf16;
+    ASSERT_TRUE(d_from_f32.Download(backend(), &from_f32));
+    ASSERT_TRUE(d_from_bf16.Download(backend(), &from_bf16));
+    EXPECT_EQ(std::memcmp(from_f32.data(), from_bf16.data(), from_f32.size() * sizeof(float)), 0);
+    // And the CPU reference over the rounded values, within the float32 tolerance.
+    std::vector<float> rounded_ref(q.size());
+    HeadPagedDecodeAttentionRef(
+        {q.data(), rounded.HostView(), rounded_ref.data(), c.num_seqs, c.num_q_heads, c.num_kv_heads, scale});
+    ExpectAllClose(rounded_ref, from_bf16, kAtolF32, kRtolF32);
+  }
 }
 
 // On a 132-SM H100/H200 fewer than 132 (sequence, q head) blocks split each head's rows

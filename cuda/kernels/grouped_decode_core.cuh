@@ -24,7 +24,22 @@ __device__ __forceinline__ float Dot4(const float4& a, const float4& b) {
   return fmaf(a.w, b.w, fmaf(a.z, b.z, fmaf(a.y, b.y, a.x * b.x)));
 }
 
-// `rows.Locate(j, &row)` gives the storage row of row j (K at k + row * D) and returns
+// Elements [4 * part, 4 * part + 4) of row `row` of D-wide rows, widened to float: one
+// 16-byte load of float32 rows, one 8-byte load of bf16 rows (uint16_t storage; a bf16
+// is the upper half of a float32, so widening is a shift).
+template <int D>
+__device__ __forceinline__ float4 LoadRow4(const float* base, int64_t row, int part) {
+  return reinterpret_cast<const float4*>(base)[row * (D / 4) + part];
+}
+template <int D>
+__device__ __forceinline__ float4 LoadRow4(const uint16_t* base, int64_t row, int part) {
+  const uint2 w = reinterpret_cast<const uint2*>(base)[row * (D / 4) + part];
+  return make_float4(__uint_as_float(w.x << 16), __uint_as_float(w.x & 0xffff0000u), __uint_as_float(w.y << 16),
+                     __uint_as_float(w.y & 0xffff0000u));
+}
+
+// `rows.Locate(j, &row)` gives the storage row of row j (K at k + row * D elements of T,
+// float or bf16 as uint16_t, widened to float as loaded) and returns
 // the bits of the group's query heads that see it (bit g = query head g; 0 = skip the
 // row without loading it). Query head g's query is q[g * D ..], its output out[g * D ..].
 // With partials == null the block writes normalised outputs; otherwise, for each g,
@@ -35,9 +50,9 @@ __device__ __forceinline__ float Dot4(const float4& a, const float4& b) {
 // teams, each walking kRowsPerTeamStep consecutive rows per step. Every lane keeps, for
 // each of the G query heads of the group, its 4 dims of q, of the accumulator, and the
 // running max and sum (equal across its team). The teams merge in shared memory.
-template <int D, int G, class Rows>
-__device__ __forceinline__ void AttendGroupRows(const Rows& rows, const float* __restrict__ k_base,
-                                                const float* __restrict__ v_base, const float* q_group, float scale,
+template <int D, int G, class Rows, typename T>
+__device__ __forceinline__ void AttendGroupRows(const Rows& rows, const T* __restrict__ k_base,
+                                                const T* __restrict__ v_base, const float* q_group, float scale,
                                                 int32_t first, int32_t last, float* out_group, float* partials,
                                                 int64_t head0) {
   constexpr int kTeamLanes = D / 4;
@@ -51,8 +66,6 @@ __device__ __forceinline__ void AttendGroupRows(const Rows& rows, const float* _
   float4 q[G];
 #pragma unroll
   for (int g = 0; g < G; ++g) q[g] = reinterpret_cast<const float4*>(q_group + g * D)[part];
-  const float4* k = reinterpret_cast<const float4*>(k_base);
-  const float4* v = reinterpret_cast<const float4*>(v_base);
 
   float m[G], l[G];
   float4 acc[G];
@@ -74,8 +87,8 @@ __device__ __forceinline__ void AttendGroupRows(const Rows& rows, const float* _
       const uint32_t bits = j <= last ? rows.Locate(j, &row) : 0u;
       sees[r] = bits;
       const float4 zero = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
-      kr[r] = bits != 0 ? k[row * kTeamLanes + part] : zero;
-      vr[r] = bits != 0 ? v[row * kTeamLanes + part] : zero;
+      kr[r] = bits != 0 ? LoadRow4<D>(k_base, row, part) : zero;
+      vr[r] = bits != 0 ? LoadRow4<D>(v_base, row, part) : zero;
     }
     float s[G][kRows];
 #pragma unroll

@@ -43,7 +43,7 @@ struct PagedGroupRows {
 
 // blockIdx.x = sequence * num_kv_heads + kv head, blockIdx.y = split of its rows (shares
 // of at least kHeadPagedDecodeMinRowsPerSplit rows; later splits of short heads are empty).
-template <int D, int G>
+template <int D, int G, typename T>
 __global__ void __launch_bounds__(grouped_decode::kBlockSize)
     HeadPagedGroupedDecodeKernel(HeadPagedDecodeAttentionArgs args, float* partials) {
   const HeadPagedKvView& kv = args.kv;
@@ -58,18 +58,19 @@ __global__ void __launch_bounds__(grouped_decode::kBlockSize)
   const int64_t end = min(first + share, length);
   const PagedGroupRows<G> rows{kv.page_ids + kv.page_indptr[seq_head], kv.query_masks, kv.page_tokens};
   const int64_t head0 = seq * args.num_q_heads + static_cast<int64_t>(kv_head) * G;
-  grouped_decode::AttendGroupRows<D, G>(rows, kv.k_pages, kv.v_pages, args.q + head0 * D, args.scale,
+  grouped_decode::AttendGroupRows<D, G>(rows, static_cast<const T*>(kv.k_pages), static_cast<const T*>(kv.v_pages),
+                                        args.q + head0 * D, args.scale,
                                         static_cast<int32_t>(first), static_cast<int32_t>(end - 1),
                                         args.out + head0 * D, partials, head0);
 }
 
-template <int D>
+template <int D, typename T>
 void LaunchGroupedForDim(const HeadPagedDecodeAttentionArgs& args, const dim3& grid, float* partials,
                          cudaStream_t stream) {
   switch (args.num_q_heads / args.num_kv_heads) {
 #define KVGATE_PAGED_GROUPED_CASE(G)                                                                  \
   case G:                                                                                             \
-    HeadPagedGroupedDecodeKernel<D, G><<<grid, grouped_decode::kBlockSize, 0, stream>>>(args, partials); \
+    HeadPagedGroupedDecodeKernel<D, G, T><<<grid, grouped_decode::kBlockSize, 0, stream>>>(args, partials); \
     break;
     KVGATE_PAGED_GROUPED_CASE(1)
     KVGATE_PAGED_GROUPED_CASE(2)
@@ -93,6 +94,7 @@ bool HeadPagedGroupedSupported(const HeadPagedDecodeAttentionArgs& args) {
   return args.num_seqs > 0 && args.num_kv_heads > 0 && args.num_q_heads > 0 &&
          args.num_q_heads % args.num_kv_heads == 0 && args.num_q_heads / args.num_kv_heads <= kHeadPagedGroupedMaxGroup &&
          (kv.head_dim == 64 || kv.head_dim == 128) && kv.page_tokens >= 1 &&
+         (kv.dtype == KvDtype::kFloat32 || kv.dtype == KvDtype::kBf16) &&
          static_cast<int64_t>(args.num_seqs) * args.num_kv_heads <= std::numeric_limits<int32_t>::max() &&
          aligned16(args.q) && aligned16(kv.k_pages) && aligned16(kv.v_pages) && aligned16(args.out);
 }
@@ -130,10 +132,13 @@ absl::Status LaunchHeadPagedGroupedDecodeAttention(const HeadPagedDecodeAttentio
   const dim3 grid(static_cast<unsigned>(static_cast<int64_t>(args.num_seqs) * args.num_kv_heads),
                   static_cast<unsigned>(plan.num_splits));
   float* partials = plan.num_splits > 1 ? workspace : nullptr;
+  const bool bf16 = args.kv.dtype == KvDtype::kBf16;
   if (args.kv.head_dim == 64) {
-    LaunchGroupedForDim<64>(args, grid, partials, stream);
+    bf16 ? LaunchGroupedForDim<64, uint16_t>(args, grid, partials, stream)
+         : LaunchGroupedForDim<64, float>(args, grid, partials, stream);
   } else {
-    LaunchGroupedForDim<128>(args, grid, partials, stream);
+    bf16 ? LaunchGroupedForDim<128, uint16_t>(args, grid, partials, stream)
+         : LaunchGroupedForDim<128, float>(args, grid, partials, stream);
   }
   KVGATE_CUDA_RETURN_IF_ERROR(cudaGetLastError());
   if (plan.num_splits > 1) {
@@ -147,8 +152,8 @@ absl::Status LaunchHeadPagedGroupedDecodeAttention(const HeadPagedDecodeAttentio
 // blockIdx.x = sequence * num_q_heads + q head, blockIdx.y = split of the seq head's
 // rows. With partials == null the block writes the normalised output; otherwise (max,
 // sum, accumulator[head_dim]) for its split.
-static __global__ void HeadPagedDecodeAttentionKernel(HeadPagedDecodeAttentionArgs args,
-                                                      float* partials) {
+template <typename T>
+__global__ void HeadPagedDecodeAttentionKernel(HeadPagedDecodeAttentionArgs args, float* partials) {
   const HeadPagedKvView& kv = args.kv;
   const int64_t seq_q_head = blockIdx.x;
   const int32_t q_head = static_cast<int32_t>(seq_q_head % args.num_q_heads);
@@ -167,7 +172,8 @@ static __global__ void HeadPagedDecodeAttentionKernel(HeadPagedDecodeAttentionAr
                        ? partials + (seq_q_head * num_splits + blockIdx.y) *
                                         attention_core::PartialFloats(kv.head_dim)
                        : nullptr;
-  attention_core::AttendRows(rows, args.q + seq_q_head * kv.head_dim, kv.k_pages, kv.v_pages,
+  attention_core::AttendRows(rows, args.q + seq_q_head * kv.head_dim, static_cast<const T*>(kv.k_pages),
+                             static_cast<const T*>(kv.v_pages),
                              kv.head_dim, args.scale, static_cast<int32_t>(min(first, end)),
                              static_cast<int32_t>(end - 1), args.out + seq_q_head * kv.head_dim,
                              partial);
@@ -204,6 +210,10 @@ absl::Status LaunchHeadPagedDecodeAttention(const HeadPagedDecodeAttentionArgs& 
         absl::StrCat("HeadPagedDecodeAttention: num_q_heads ", args.num_q_heads,
                      " is not a multiple of num_kv_heads ", args.num_kv_heads));
   }
+  if (kv.dtype != KvDtype::kFloat32 && kv.dtype != KvDtype::kBf16) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("HeadPagedDecodeAttention: unknown dtype ", static_cast<int>(kv.dtype)));
+  }
   if (kv.page_tokens < 1) {
     return absl::InvalidArgumentError(
         absl::StrCat("HeadPagedDecodeAttention: page_tokens ", kv.page_tokens, " < 1"));
@@ -226,8 +236,12 @@ absl::Status LaunchHeadPagedDecodeAttention(const HeadPagedDecodeAttentionArgs& 
                      plan.workspace_floats, " workspace floats does not fit ", blocks, " blocks"));
   }
   const dim3 grid(static_cast<unsigned>(blocks), static_cast<unsigned>(plan.num_splits));
-  HeadPagedDecodeAttentionKernel<<<grid, kAttentionBlockSize, 0, stream>>>(
-      args, plan.num_splits > 1 ? workspace : nullptr);
+  float* partials = plan.num_splits > 1 ? workspace : nullptr;
+  if (kv.dtype == KvDtype::kBf16) {
+    HeadPagedDecodeAttentionKernel<uint16_t><<<grid, kAttentionBlockSize, 0, stream>>>(args, partials);
+  } else {
+    HeadPagedDecodeAttentionKernel<float><<<grid, kAttentionBlockSize, 0, stream>>>(args, partials);
+  }
   KVGATE_CUDA_RETURN_IF_ERROR(cudaGetLastError());
   if (plan.num_splits > 1) {
     attention_core::AttentionMergeKernel<<<static_cast<unsigned>(blocks),

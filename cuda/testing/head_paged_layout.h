@@ -12,6 +12,7 @@
 #include <random>
 #include <vector>
 
+#include "cuda/bf16.h"
 #include "cuda/ops.h"
 
 namespace kvgate::ops::paged_testing {
@@ -85,6 +86,21 @@ inline HeadPagedLayout MakeHeadPagedLayout(std::mt19937& rng, const std::vector<
       }
     }
   }
+  return layout;
+}
+
+// The bf16 bits of every value (NaN stays NaN).
+inline std::vector<Bf16> ToBf16Bits(const std::vector<float>& values) {
+  std::vector<Bf16> out(values.size());
+  for (size_t i = 0; i < values.size(); ++i) out[i] = F32ToBf16(values[i]);
+  return out;
+}
+
+// The layout with every K/V value rounded to bf16 and kept as float32: what a bf16 view
+// of ToBf16Bits(k_pages) / ToBf16Bits(v_pages) must compute, bit for bit.
+inline HeadPagedLayout RoundedToBf16(HeadPagedLayout layout) {
+  for (float& x : layout.k_pages) x = RoundToBf16(x);
+  for (float& x : layout.v_pages) x = RoundToBf16(x);
   return layout;
 }
 

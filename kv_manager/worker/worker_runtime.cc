@@ -51,7 +51,9 @@ absl::StatusOr<std::unique_ptr<WorkerRuntime>> WorkerRuntime::Load(const WorkerR
     if (total > (int64_t{1} << 30)) return absl::InvalidArgumentError("KV pool too large: lower kv_pool_sequences");
     pages = static_cast<int32_t>(total);
   }
-  KVGATE_ASSIGN_OR_RETURN(runtime->pool_, KvPool::Create(runtime->backend_.get(), pages, options.page_tokens, c.head_dim));
+  const ops::KvDtype dtype = options.kv_dtype.value_or(KvPool::AutoDtype(*runtime->backend_));
+  KVGATE_ASSIGN_OR_RETURN(runtime->pool_,
+                          KvPool::Create(runtime->backend_.get(), pages, options.page_tokens, c.head_dim, dtype));
   return runtime;
 }
 

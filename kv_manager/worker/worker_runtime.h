@@ -24,6 +24,8 @@ struct WorkerRuntimeOptions {
   std::string model_dir;
   std::string backend = "cpu";  // cpu, cuda[:N]
   int32_t page_tokens = 16;     // rows per KV page, tokens
+  // The KV pages' element type; nullopt = KvPool::AutoDtype (bf16 on cuda, float32 on cpu).
+  std::optional<ops::KvDtype> kv_dtype;
   // KV pool size in pages; 0 = room for kv_pool_sequences full-context sequences.
   int32_t kv_pool_pages = 0;
   int32_t kv_pool_sequences = 8;

@@ -78,6 +78,7 @@ app.kubernetes.io/managed-by: {{ .root.Release.Service }}
 - --kv-sequences={{ int $v.kvPool.sequences }}
 {{- end }}
 - --page-tokens={{ int $v.kvPool.pageTokens }}
+- --kv-cache-dtype={{ $v.kvPool.dtype | default "auto" }}
 {{- with $v.model.gates.fastKvzip }}
 - --fast-kvzip-gate={{ . }}
 {{- end }}
