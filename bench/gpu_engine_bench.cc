@@ -4,7 +4,8 @@
 // batch-1 decode at a context of C tokens (Forward of one token over the contiguous
 // cache, the path of `kvgate generate` without a policy), and batched decode: B
 // sequences of C tokens each in the head-paged KV pool, one Model::DecodeStep for all
-// of them (the decode worker's continuous-batching step, policy "full"). Writes JSON;
+// of them (the decode worker's continuous-batching step, policy "full", greedy on the
+// device: Model::DecodeStepGreedy). Writes JSON;
 // the peers, floors and the report come from bench/gpu_engine_bench.py, which runs this.
 //
 //   gpu_engine_bench --model DIR [--backend cuda] [--weights fp32|bf16]
@@ -108,13 +109,11 @@ absl::StatusOr<json> BatchedDecode(engine::Model& m, ops::Backend* backend, int3
     kv::DecodeBatch batch(pool->get());
     batch.SetSequences(members);
     const auto start = Clock::now();
-    absl::StatusOr<std::vector<float>> logits = m.DecodeStep(last_tokens, &batch);
-    if (!logits.ok()) return logits.status();
+    // Greedy on the device, as the decode worker does for a greedy batch: ids come back.
+    absl::StatusOr<std::vector<int32_t>> ids = m.DecodeStepGreedy(last_tokens, &batch);
+    if (!ids.ok()) return ids.status();
     if (s >= 2) times.push_back(MillisSince(start));
-    for (int32_t b = 0; b < batch_size; ++b) {  // greedy, as the worker's host sampler does
-      const float* row = logits->data() + int64_t{b} * c.vocab_size;
-      last_tokens[b] = static_cast<int32_t>(std::max_element(row, row + c.vocab_size) - row);
-    }
+    last_tokens = *std::move(ids);
   }
   return json{{"batch", batch_size}, {"context", context}, {"median_ms", Median(times)},
               {"min_ms", *std::min_element(times.begin(), times.end())}, {"steps", steps},

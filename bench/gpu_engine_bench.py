@@ -482,8 +482,9 @@ def markdown(r):
         "cuBLASLt instead of the weight-streaming kernel (cuda/kernels/gemv_bf16.cuh), and decode attention "
         "per query head (attention.cu, head_paged_decode_attention.cu's first kernel) instead of per GQA group "
         "(grouped_decode_core.cuh). Batched decode: B sequences of C random tokens prefilled into the "
-        "head-paged pool (bf16 pages, policy full; *before*: the same binary with `--kv-dtype float32`, the "
-        "fp32 pages of the code before), then one DecodeStep for all, median of 32 steps; PyTorch "
+        "head-paged pool (bf16 pages, policy full; *before*: the same binary with `--kv-dtype float32` and "
+        "`KVGATE_PINNED_UPLOADS=0`, the fp32 pages and pageable uploads of the code before), then one "
+        "DecodeStepGreedy for all (argmax on the device), median of 32 steps; PyTorch "
         "runs the same batch CUDA-graphed over a static [B, kv, C, d] bf16 cache.",
         f"Floors from the same run: bf16 GEMM {r['floors']['gemm_tflop_per_s']:.0f} TFLOP/s (torch.matmul "
         f"8192^3, random), device copy {r['floors']['copy_tb_per_s']:.2f} TB/s (read + write). Prefill floor = "
@@ -590,7 +591,8 @@ def main():
     # The batched step over the fp32 pages of the code before bf16 pages (same binary).
     if batches:
         r["kvgate_bf16_fp32_kv"] = bench_kvgate(args.bench_bin, args.model_dir, "bf16", [], [], args.out_dir,
-                                                label="bf16-fp32-kv", batches=batches,
+                                                env={"KVGATE_PINNED_UPLOADS": "0"}, label="bf16-fp32-kv",
+                                                batches=batches,
                                                 batch_context=args.batch_context, kv_dtype="float32")
     if args.step_before:
         # The bf16 path as it was before the decode kernels (cuBLASLt for products of m <= 8

@@ -81,6 +81,7 @@ class Backend {
   virtual absl::Status Add(const AddArgs& args) = 0;
   virtual absl::Status CopyRows(const CopyRowsArgs& args) = 0;
   virtual absl::Status HeadPagedDecodeAttention(const HeadPagedDecodeAttentionArgs& args) = 0;
+  virtual absl::Status ArgMaxRows(const ArgMaxRowsArgs& args) = 0;
 
   // Waits for every op submitted so far; reports an asynchronous fault.
   virtual absl::Status Synchronize() = 0;

@@ -153,6 +153,16 @@ struct HeadPagedDecodeAttentionArgs {
   float scale = 1.0f;
 };
 
+// out[r] = the column of row r's largest value, ties to the lowest column: greedy
+// sampling on the backend, so a decode step returns token ids instead of logits. The
+// rule is engine::ArgMax's (best = column 0, then each column strictly greater than the
+// best so far): NaN never wins, except that a NaN in column 0 makes the answer 0.
+struct ArgMaxRowsArgs {
+  const float* x = nullptr;  // [rows, cols], in, backend
+  int32_t* out = nullptr;    // [rows], out, backend
+  int32_t rows = 0, cols = 0;
+};
+
 // out[i] = silu(gate[i]) * up[i], silu(x) = x / (1 + exp(-x)).
 struct SiluMulArgs {
   const float* gate = nullptr;  // [n], in, backend

@@ -1,11 +1,23 @@
 #include "decode_worker/decode_engine.h"
 
 #include <algorithm>
+#include <cstdlib>
+#include <cstring>
 
 #include "absl/strings/str_cat.h"
 #include "common/status_macros.h"
 
 namespace kvgate::decode {
+namespace {
+
+// KVGATE_DEVICE_GREEDY=0 brings a greedy batch's logits to the host sampler, as before
+// Model::DecodeStepGreedy (benchmark A/B runs); the tokens are the same either way.
+bool DeviceGreedyEnabled() {
+  const char* value = std::getenv("KVGATE_DEVICE_GREEDY");
+  return value == nullptr || std::strcmp(value, "0") != 0;
+}
+
+}  // namespace
 
 DecodeEngine::DecodeEngine(kv::WorkerRuntime* runtime, int64_t max_pending_transfer_bytes)
     : runtime_(runtime), inbox_(max_pending_transfer_bytes), pages_total_(runtime->pool().num_pages()) {
@@ -175,23 +187,35 @@ void DecodeEngine::Loop() {
     if (!active.empty()) {
       std::vector<kv::SequenceBatch*> members;
       std::vector<int32_t> tokens;
+      static const bool device_greedy = DeviceGreedyEnabled();
+      bool all_greedy = device_greedy;
       for (Sequence& seq : active) {
         members.push_back(seq.kv.get());
         tokens.push_back(seq.last_token);
+        all_greedy = all_greedy && seq.sampler->greedy();
       }
       kv::DecodeBatch batch(&runtime_->pool());
       batch.SetSequences(members);
-      absl::StatusOr<std::vector<float>> logits = model.DecodeStep(tokens, &batch);
+      // A greedy batch takes its argmax on the backend: token ids, not logits, come back.
+      absl::StatusOr<std::vector<float>> logits;
+      absl::StatusOr<std::vector<int32_t>> greedy_ids;
+      if (all_greedy) {
+        greedy_ids = model.DecodeStepGreedy(tokens, &batch);
+      } else {
+        logits = model.DecodeStep(tokens, &batch);
+      }
+      const absl::Status stepped = all_greedy ? greedy_ids.status() : logits.status();
       steps_.fetch_add(1);
-      if (!logits.ok()) {
+      if (!stepped.ok()) {
         const absl::Status failed = absl::InternalError(
-            absl::StrCat("decode step over ", active.size(), " sequences failed: ", logits.status().message()));
+            absl::StrCat("decode step over ", active.size(), " sequences failed: ", stepped.message()));
         for (Sequence& seq : active) Finish(seq, failed);
         active.clear();
       } else {
         for (size_t s = 0; s < active.size(); ++s) {
           Sequence& seq = active[s];
-          const int32_t token = seq.sampler->Sample(absl::MakeConstSpan(*logits).subspan(s * vocab, vocab));
+          const int32_t token = all_greedy ? (*greedy_ids)[s]
+                                           : seq.sampler->Sample(absl::MakeConstSpan(*logits).subspan(s * vocab, vocab));
           absl::StatusOr<engine::TokenOutcome> outcome = seq.output->Push(token);
           if (!outcome.ok()) {
             Finish(seq, outcome.status());

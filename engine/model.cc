@@ -204,6 +204,7 @@ absl::Status Model::EnsureScratch(int32_t n) {
 absl::Status Model::EnsureLogitRows(int32_t rows) {
   if (rows <= logit_rows_) return absl::OkStatus();
   KVGATE_ASSIGN_OR_RETURN(logits_, backend_->Alloc(size_t{4} * rows * config_.vocab_size));
+  KVGATE_ASSIGN_OR_RETURN(greedy_ids_, backend_->Alloc(size_t{4} * rows));
   logit_rows_ = rows;
   return absl::OkStatus();
 }
@@ -294,6 +295,13 @@ absl::Status Model::FinishLayerBf16(const Layer& l, int32_t n) {
 }
 
 absl::StatusOr<std::vector<float>> Model::Logits(int32_t n, int32_t rows) {
+  KVGATE_RETURN_IF_ERROR(ComputeLogits(n, rows));
+  std::vector<float> logits(size_t{1} * rows * config_.vocab_size);
+  KVGATE_RETURN_IF_ERROR(backend_->CopyToHost(logits.data(), logits_.data(), logits.size() * sizeof(float)));
+  return logits;
+}
+
+absl::Status Model::ComputeLogits(int32_t n, int32_t rows) {
   const ModelConfig& c = config_;
   ops::Backend& b = *backend_;
   // Only the rows whose logits are wanted go through the final norm and lm_head.
@@ -309,17 +317,11 @@ absl::StatusOr<std::vector<float>> Model::Logits(int32_t n, int32_t rows) {
     args.m = rows;
     args.n = c.vocab_size;
     args.k = c.hidden_size;
-    KVGATE_RETURN_IF_ERROR(b.GemmBf16(args));
-    std::vector<float> logits(size_t{1} * rows * c.vocab_size);
-    KVGATE_RETURN_IF_ERROR(b.CopyToHost(logits.data(), logits_.data(), logits.size() * sizeof(float)));
-    return logits;
+    return b.GemmBf16(args);
   }
   KVGATE_RETURN_IF_ERROR(b.RmsNorm({last_rows, weights_->final_norm.as<float>(), h_.as<float>(), rows, c.hidden_size, c.rms_norm_eps}));
   const float* head = weights_->lm_head.data() != nullptr ? weights_->lm_head.as<float>() : weights_->embed.as<float>();
-  KVGATE_RETURN_IF_ERROR(b.MatMul({h_.as<float>(), head, nullptr, logits_.as<float>(), rows, c.vocab_size, c.hidden_size}));
-  std::vector<float> logits(size_t{1} * rows * c.vocab_size);
-  KVGATE_RETURN_IF_ERROR(b.CopyToHost(logits.data(), logits_.data(), logits.size() * sizeof(float)));
-  return logits;
+  return b.MatMul({h_.as<float>(), head, nullptr, logits_.as<float>(), rows, c.vocab_size, c.hidden_size});
 }
 
 absl::StatusOr<std::vector<float>> Model::Forward(absl::Span<const int32_t> tokens, KvCache* cache,
@@ -489,6 +491,22 @@ absl::Status Model::ProjectQkv(const Layer& l, int32_t n, const int32_t* positio
 }
 
 absl::StatusOr<std::vector<float>> Model::DecodeStep(absl::Span<const int32_t> tokens, PagedKvBatch* kv) {
+  KVGATE_RETURN_IF_ERROR(RunDecodeLayers(tokens, kv));
+  const int32_t n = static_cast<int32_t>(tokens.size());
+  return Logits(n, n);
+}
+
+absl::StatusOr<std::vector<int32_t>> Model::DecodeStepGreedy(absl::Span<const int32_t> tokens, PagedKvBatch* kv) {
+  KVGATE_RETURN_IF_ERROR(RunDecodeLayers(tokens, kv));
+  const int32_t n = static_cast<int32_t>(tokens.size());
+  KVGATE_RETURN_IF_ERROR(ComputeLogits(n, n));
+  KVGATE_RETURN_IF_ERROR(backend_->ArgMaxRows({logits_.as<float>(), greedy_ids_.as<int32_t>(), n, config_.vocab_size}));
+  std::vector<int32_t> ids(n);
+  KVGATE_RETURN_IF_ERROR(backend_->CopyToHost(ids.data(), greedy_ids_.data(), ids.size() * sizeof(int32_t)));
+  return ids;
+}
+
+absl::Status Model::RunDecodeLayers(absl::Span<const int32_t> tokens, PagedKvBatch* kv) {
   const ModelConfig& c = config_;
   KVGATE_RETURN_IF_ERROR(CheckTokens(tokens));
   const int32_t n = static_cast<int32_t>(tokens.size());
@@ -528,8 +546,7 @@ absl::StatusOr<std::vector<float>> Model::DecodeStep(absl::Span<const int32_t> t
     KVGATE_RETURN_IF_ERROR(b.HeadPagedDecodeAttention(attention));
     KVGATE_RETURN_IF_ERROR(FinishLayer(l, n));
   }
-  KVGATE_RETURN_IF_ERROR(kv->EndStep());
-  return Logits(n, n);
+  return kv->EndStep();
 }
 
 }  // namespace kvgate::engine

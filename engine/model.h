@@ -118,6 +118,10 @@ class Model {
   // One decode step of a batch over a head-paged cache: tokens[s] is sequence s's new
   // token. Returns logits [num_sequences, vocab].
   absl::StatusOr<std::vector<float>> DecodeStep(absl::Span<const int32_t> tokens, PagedKvBatch* kv);
+  // DecodeStep for a batch whose every sequence samples greedily: the argmax of each row
+  // of logits is taken on the backend (ties to the lowest id, engine::ArgMax's rule) and
+  // only the [num_sequences] token ids reach the host.
+  absl::StatusOr<std::vector<int32_t>> DecodeStepGreedy(absl::Span<const int32_t> tokens, PagedKvBatch* kv);
 
  private:
   struct Layer {
@@ -156,6 +160,10 @@ class Model {
   // Everything after attention in one layer: o_proj, residual, MLP, residual.
   absl::Status FinishLayer(const Layer& l, int32_t n);
   absl::Status FinishLayerBf16(const Layer& l, int32_t n);
+  // The layers of a decode step; leaves the final hidden states in x_.
+  absl::Status RunDecodeLayers(absl::Span<const int32_t> tokens, PagedKvBatch* kv);
+  // Logits of the last `rows` of n rows into logits_ (backend memory).
+  absl::Status ComputeLogits(int32_t n, int32_t rows);
   absl::StatusOr<std::vector<float>> Logits(int32_t n, int32_t rows);
 
   ModelConfig config_;
@@ -167,6 +175,7 @@ class Model {
   int32_t scratch_tokens_ = 0;
   int32_t logit_rows_ = 0;
   ops::DeviceBuffer ids_, positions_, x_, h_, q_, k_, v_, attn_, gate_, up_, logits_, key_mask_;
+  ops::DeviceBuffer greedy_ids_;  // [logit_rows_] int32, DecodeStepGreedy's answers
   // bf16 weights only: bf16 GEMM inputs ([n, max(hidden, q_dim)]) and the MLP's gate/up
   // ([n, intermediate]); gate_ and up_ stay empty then.
   ops::DeviceBuffer hb_, gate_bf16_, up_bf16_;

@@ -86,6 +86,7 @@ class AllocRecordingBackend final : public ops::Backend {
   absl::Status HeadPagedDecodeAttention(const ops::HeadPagedDecodeAttentionArgs& a) override {
     return inner_->HeadPagedDecodeAttention(a);
   }
+  absl::Status ArgMaxRows(const ops::ArgMaxRowsArgs& a) override { return inner_->ArgMaxRows(a); }
   absl::Status Synchronize() override { return inner_->Synchronize(); }
   std::vector<size_t> sizes;
 

@@ -31,6 +31,9 @@ class Sampler {
   // Picks a token. Greedy ties go to the lowest id (as torch.argmax). Filters apply in
   // the order temperature, top-k, top-p, min-p (Hugging Face's warper order).
   int32_t Sample(absl::Span<const float> logits);
+  // Temperature 0: Sample is ArgMax and draws nothing from the generator, so a caller
+  // may take the argmax elsewhere (Model::DecodeStepGreedy) without changing the stream.
+  bool greedy() const { return options_.temperature == 0.0f; }
 
   // The generator's state, so that a sequence sampled on one worker continues on
   // another exactly as it would have in one process (opaque text of std::mt19937_64).

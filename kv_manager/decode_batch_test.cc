@@ -162,6 +162,53 @@ TEST_F(DecodeBatchTest, BatchedDecodeEqualsDecodingEachAlone) {
   }
 }
 
+// DecodeStepGreedy (argmax on the backend, ids to the host) picks, step after step, the
+// tokens the host argmax of DecodeStep's logits picks: two copies of the same six
+// sequences decode side by side, one each way.
+TEST_F(DecodeBatchTest, GreedyStepOnTheBackendPicksTheHostArgmax) {
+  testing::TinyGates gates(worker_->shape());
+  const std::vector<testing::PolicyCase> cases = testing::DecodePolicyCases(gates);
+  KvPool& pool = *worker_->pool;
+  engine::Model& model = *worker_->model;
+  const int32_t vocab = model.config().vocab_size;
+  std::vector<std::unique_ptr<SequenceBatch>> host_side, device_side;
+  std::vector<int32_t> host_tokens, device_tokens;
+  for (size_t s = 0; s < cases.size(); ++s) {
+    const std::vector<int32_t> prompt(texts_[s % texts_.size()].begin(),
+                                      texts_[s % texts_.size()].begin() + 40 + 11 * static_cast<int32_t>(s));
+    for (auto* side : {&host_side, &device_side}) {
+      auto prefilled = testing::PrefillAndCommit(model, &pool, cases[s], prompt);
+      ASSERT_TRUE(prefilled.ok()) << cases[s].name << ": " << prefilled.status();
+      (side == &host_side ? host_tokens : device_tokens).push_back(testing::Argmax(prefilled->logits));
+      side->push_back(std::move(prefilled->sequence));
+    }
+  }
+  auto members = [](const std::vector<std::unique_ptr<SequenceBatch>>& side) {
+    std::vector<SequenceBatch*> out;
+    for (const auto& s : side) out.push_back(s.get());
+    return out;
+  };
+  DecodeBatch host_batch(&pool), device_batch(&pool);
+  host_batch.SetSequences(members(host_side));
+  device_batch.SetSequences(members(device_side));
+  for (int step = 0; step < 12; ++step) {
+    SCOPED_TRACE(::testing::Message() << "step " << step);
+    ASSERT_EQ(device_tokens, host_tokens);
+    auto logits = model.DecodeStep(host_tokens, &host_batch);
+    ASSERT_TRUE(logits.ok()) << logits.status();
+    for (size_t s = 0; s < host_tokens.size(); ++s) {
+      host_tokens[s] = testing::Argmax(absl::MakeConstSpan(logits->data() + s * vocab, vocab));
+    }
+    auto ids = model.DecodeStepGreedy(device_tokens, &device_batch);
+    ASSERT_TRUE(ids.ok()) << ids.status();
+    device_tokens = *ids;
+  }
+  EXPECT_EQ(device_tokens, host_tokens);
+  host_side.clear();
+  device_side.clear();
+  EXPECT_EQ(pool.pages_free(), kPages);
+}
+
 TEST_F(DecodeBatchTest, RejectsASequenceOfAnotherPool) {
   auto other = KvPool::Create(worker_->backend.get(), 64, 16, worker_->model->config().head_dim);
   ASSERT_TRUE(other.ok());

@@ -272,6 +272,20 @@ class CpuBackend final : public Backend {
     return absl::OkStatus();
   }
 
+  absl::Status ArgMaxRows(const ArgMaxRowsArgs& a) override {
+    if (a.rows < 0 || a.cols < 1) {
+      return absl::InvalidArgumentError(absl::StrCat("ArgMaxRows of ", a.rows, " rows x ", a.cols, " columns"));
+    }
+    ParallelRows(a.rows, a.cols, [&](int64_t begin, int64_t end) {
+      ArgMaxRowsArgs part = a;
+      part.x = a.x + begin * a.cols;
+      part.out = a.out + begin;
+      part.rows = static_cast<int32_t>(end - begin);
+      ArgMaxRowsRef(part);
+    });
+    return absl::OkStatus();
+  }
+
   absl::Status Synchronize() override { return absl::OkStatus(); }
 
  private:

@@ -471,6 +471,37 @@ TEST_F(CpuBackendTest, CopyRowsConvertsBetweenFloat32AndBf16) {
             absl::StatusCode::kInvalidArgument);
 }
 
+// ------------------------------------------------------------------- ArgMaxRows
+
+// engine::ArgMax's rule on hand-made rows (ties, NaN in and out of column 0, -inf, one
+// column), then random rows against the reference.
+TEST_F(CpuBackendTest, ArgMaxRowsFollowsTheHostRule) {
+  const float nan = std::numeric_limits<float>::quiet_NaN(), inf = std::numeric_limits<float>::infinity();
+  const std::vector<std::pair<std::vector<float>, int32_t>> rows = {
+      {{1, 3, 2, 3}, 1},      {{nan, 5, 7}, 0},       {{1, nan, 0.5f}, 0},  {{-inf, -inf, -1}, 2},
+      {{nan, nan, nan}, 0},   {{-inf, nan, -inf}, 0}, {{0.0f, -0.0f}, 0},   {{2, inf, inf}, 1},
+      {{-1, -2, nan, -0.5f}, 3},
+  };
+  for (const auto& [row, want] : rows) {
+    int32_t ref = -1, cpu = -1;
+    const ArgMaxRowsArgs args{row.data(), &ref, 1, static_cast<int32_t>(row.size())};
+    ArgMaxRowsRef(args);
+    ASSERT_TRUE(backend_->ArgMaxRows({row.data(), &cpu, 1, static_cast<int32_t>(row.size())}).ok());
+    EXPECT_EQ(ref, want) << "row of " << row.size();
+    EXPECT_EQ(cpu, want) << "row of " << row.size();
+  }
+  std::mt19937 rng(71);
+  const int32_t num_rows = 37, cols = 50000;
+  std::vector<float> x = RandomVector(static_cast<size_t>(num_rows) * cols, 72);
+  for (int32_t r = 0; r < num_rows; r += 3) x[static_cast<size_t>(r) * cols + rng() % cols] = 5.0f;  // ties
+  for (int32_t r = 0; r < num_rows; r += 3) x[static_cast<size_t>(r) * cols + rng() % cols] = 5.0f;
+  std::vector<int32_t> ref(num_rows, -1), cpu(num_rows, -1);
+  ArgMaxRowsRef({x.data(), ref.data(), num_rows, cols});
+  ASSERT_TRUE(backend_->ArgMaxRows({x.data(), cpu.data(), num_rows, cols}).ok());
+  EXPECT_EQ(cpu, ref);
+  EXPECT_EQ(backend_->ArgMaxRows({x.data(), cpu.data(), 1, 0}).code(), absl::StatusCode::kInvalidArgument);
+}
+
 // ------------------------------------------------------ HeadPagedDecodeAttention
 
 struct HeadPagedCase {

@@ -188,6 +188,17 @@ void HeadPagedDecodeAttentionRef(const HeadPagedDecodeAttentionArgs& a) {
   }
 }
 
+void ArgMaxRowsRef(const ArgMaxRowsArgs& a) {
+  for (int32_t r = 0; r < a.rows; ++r) {
+    const float* x = a.x + static_cast<int64_t>(r) * a.cols;
+    int32_t best = 0;
+    for (int32_t i = 1; i < a.cols; ++i) {
+      if (x[i] > x[best]) best = i;
+    }
+    a.out[r] = best;
+  }
+}
+
 void SiluMulRef(const SiluMulArgs& a) {
   for (int64_t i = 0; i < a.n; ++i) {
     const float g = a.gate[i];

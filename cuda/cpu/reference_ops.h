@@ -18,5 +18,6 @@ void SiluMulRef(const SiluMulArgs& args);
 void AddRef(const AddArgs& args);
 void CopyRowsRef(const CopyRowsArgs& args);
 void HeadPagedDecodeAttentionRef(const HeadPagedDecodeAttentionArgs& args);
+void ArgMaxRowsRef(const ArgMaxRowsArgs& args);
 
 }  // namespace kvgate::ops

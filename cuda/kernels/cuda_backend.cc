@@ -20,6 +20,7 @@
 #include "common/status_macros.h"
 #include "cuda/backend.h"
 #include "cuda/kernels/add.cuh"
+#include "cuda/kernels/argmax_rows.cuh"
 #include "cuda/kernels/attention.cuh"
 #include "cuda/kernels/attention_bf16.cuh"
 #include "cuda/kernels/cast_bf16.cuh"
@@ -31,6 +32,7 @@
 #include "cuda/kernels/grouped_decode_attention.cuh"
 #include "cuda/kernels/head_paged_decode_attention.cuh"
 #include "cuda/kernels/matmul_bias.cuh"
+#include "cuda/kernels/pinned_upload_ring.h"
 #include "cuda/kernels/rms_norm.cuh"
 #include "cuda/kernels/rms_norm_bf16.cuh"
 #include "cuda/kernels/rope.cuh"
@@ -74,6 +76,9 @@ class CudaBackend final : public Backend {
     // KVGATE_GROUPED_DECODE_ATTENTION=0 keeps decode on attention.cu (benchmark A/B runs).
     const char* grouped = std::getenv("KVGATE_GROUPED_DECODE_ATTENTION");
     use_grouped_decode_ = grouped == nullptr || std::strcmp(grouped, "0") != 0;
+    // KVGATE_PINNED_UPLOADS=0 leaves every upload to cudaMemcpyAsync (benchmark A/B runs).
+    const char* pinned = std::getenv("KVGATE_PINNED_UPLOADS");
+    if (pinned == nullptr || std::strcmp(pinned, "0") != 0) KVGATE_RETURN_IF_ERROR(uploads_.Init());
     KVGATE_ASSIGN_OR_RETURN(gemm_workspace_, Alloc(kGemmBf16WorkspaceBytes));
     gemm_bf16_ = std::make_unique<GemmBf16Runner>();
     return gemm_bf16_->Init(gemm_workspace_.data());
@@ -108,11 +113,15 @@ class CudaBackend final : public Backend {
     });
   }
 
-  // The host source may be reused as soon as this returns for pageable memory (the
-  // runtime stages it); a pinned source must stay alive until Synchronize().
+  // The host source may be reused as soon as this returns: small copies are staged in
+  // pinned slots, large pageable ones by the runtime (a large pinned source must stay
+  // alive until Synchronize()).
   absl::Status CopyToBackend(void* dst, const void* host_src, size_t bytes) override {
     if (bytes == 0) return absl::OkStatus();
     KVGATE_CUDA_RETURN_IF_ERROR(cudaSetDevice(device_));
+    // Small uploads (a step's ids, positions, page tables, row lists) never wait for the
+    // stream; large ones (weights, imports) are the runtime's.
+    if (bytes <= uploads_.slot_bytes()) return uploads_.Upload(dst, host_src, bytes, stream_);
     KVGATE_CUDA_RETURN_IF_ERROR(
         cudaMemcpyAsync(dst, host_src, bytes, cudaMemcpyHostToDevice, stream_));
     return absl::OkStatus();
@@ -206,6 +215,11 @@ class CudaBackend final : public Backend {
     return LaunchHeadPagedDecodeAttention(args, plan, attention_workspace_.as<float>(), stream_);
   }
 
+  absl::Status ArgMaxRows(const ArgMaxRowsArgs& args) override {
+    KVGATE_CUDA_RETURN_IF_ERROR(cudaSetDevice(device_));
+    return LaunchArgMaxRows(args, stream_);
+  }
+
   absl::Status SiluMul(const SiluMulArgs& args) override {
     KVGATE_CUDA_RETURN_IF_ERROR(cudaSetDevice(device_));
     return LaunchSiluMul(args, stream_);
@@ -290,6 +304,7 @@ class CudaBackend final : public Backend {
   DeviceBuffer gemm_workspace_;       // cuBLASLt's, kGemmBf16WorkspaceBytes
   DeviceBuffer attention_bf16_workspace_;  // bf16 K/V rows of AttentionBf16
   std::unique_ptr<GemmBf16Runner> gemm_bf16_;
+  PinnedUploadRing uploads_;  // small host-to-device copies
 };
 
 }  // namespace

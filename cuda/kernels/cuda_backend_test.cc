@@ -794,6 +794,66 @@ INSTANTIATE_TEST_SUITE_P(
                       CopyRowsCase{300, 2048, 1000, false, 229}),
     CaseName<CopyRowsCase>);
 
+// ArgMaxRows against the reference on rows of a 128k vocabulary (random, with planted
+// ties) and on the hand-made rows of the rule (NaN in and out of column 0, -inf, ties).
+TEST(ArgMaxRowsTest, MatchesReference) {
+  if (CudaDeviceCount() == 0) GTEST_SKIP() << "no CUDA device visible";
+  KVGATE_ASSERT_OK_AND_ASSIGN(std::unique_ptr<Backend> backend, CreateCudaBackend(0));
+  const float nan = std::numeric_limits<float>::quiet_NaN(), inf = std::numeric_limits<float>::infinity();
+  std::mt19937 rng(270);
+  for (const int32_t cols : {128256, 1500, 255, 3, 1}) {
+    SCOPED_TRACE(absl::StrCat(cols, " columns"));
+    const int32_t rows = 48;
+    std::vector<float> x = RandomFloats(rng, static_cast<size_t>(rows) * cols, -10.0f, 10.0f);
+    for (int32_t r = 0; r < rows; ++r) {
+      float* row = x.data() + static_cast<int64_t>(r) * cols;
+      switch (r % 6) {
+        case 0: row[rng() % cols] = 20.0f; row[rng() % cols] = 20.0f; break;  // a tie, maybe
+        case 1: row[0] = nan; break;
+        case 2: row[rng() % cols] = nan; row[cols - 1] = 30.0f; break;
+        case 3: std::fill(row, row + cols, -inf); break;
+        case 4: std::fill(row, row + cols, nan); break;
+        default: break;
+      }
+    }
+    std::vector<int32_t> ref(rows, -1);
+    ArgMaxRowsRef({x.data(), ref.data(), rows, cols});
+    KVGATE_ASSERT_OK_AND_ASSIGN(DeviceBuffer d_x, Upload(*backend, x));
+    KVGATE_ASSERT_OK_AND_ASSIGN(DeviceBuffer d_out, backend->Alloc(rows * sizeof(int32_t)));
+    KVGATE_ASSERT_OK(backend->ArgMaxRows({d_x.as<float>(), d_out.as<int32_t>(), rows, cols}));
+    std::vector<int32_t> got(rows, -2);
+    KVGATE_ASSERT_OK(backend->CopyToHost(got.data(), d_out.data(), rows * sizeof(int32_t)));
+    EXPECT_EQ(got, ref);
+  }
+}
+
+// Small uploads go through the backend's pinned slots: the host buffer is overwritten as
+// soon as each call returns, the ring wraps many times, sizes straddle the slot size,
+// and every upload must still land with the bytes it was given.
+TEST(CopyToBackendTest, HostBufferMayBeReusedAtOnce) {
+  if (CudaDeviceCount() == 0) GTEST_SKIP() << "no CUDA device visible";
+  KVGATE_ASSERT_OK_AND_ASSIGN(std::unique_ptr<Backend> backend, CreateCudaBackend(0));
+  for (const size_t n : {size_t{1}, size_t{1000}, size_t{1} << 20, (size_t{1} << 20) + 1, size_t{3} << 20}) {
+    SCOPED_TRACE(absl::StrCat(n, " int32 per upload"));
+    constexpr int kUploads = 40;
+    KVGATE_ASSERT_OK_AND_ASSIGN(DeviceBuffer device, backend->Alloc(n * kUploads * sizeof(int32_t)));
+    std::vector<int32_t> host(n);
+    for (int i = 0; i < kUploads; ++i) {
+      for (size_t e = 0; e < n; ++e) host[e] = static_cast<int32_t>(i * 7919 + e);
+      KVGATE_ASSERT_OK(backend->CopyToBackend(device.as<int32_t>() + i * n, host.data(), n * sizeof(int32_t)));
+    }
+    std::fill(host.begin(), host.end(), -1);
+    std::vector<int32_t> back(n * kUploads);
+    KVGATE_ASSERT_OK(backend->CopyToHost(back.data(), device.data(), back.size() * sizeof(int32_t)));
+    for (int i = 0; i < kUploads; ++i) {
+      for (size_t e = 0; e < n; e += std::max<size_t>(1, n / 97)) {
+        ASSERT_EQ(back[i * n + e], static_cast<int32_t>(i * 7919 + e)) << "upload " << i << " element " << e;
+      }
+      ASSERT_EQ(back[i * n + n - 1], static_cast<int32_t>(i * 7919 + n - 1)) << "upload " << i;
+    }
+  }
+}
+
 // The converting copies (float32 -> bf16 rounding, bf16 -> float32, bf16 -> bf16 in and
 // out of place) against CopyRowsRef, bit for bit; rows not named keep their old bits.
 TEST(CopyRowsDtypeTest, ConvertingCopiesMatchReferenceBits) {

@@ -4,6 +4,7 @@
 add_library(kvgate_ops_cuda STATIC
   ${CMAKE_CURRENT_SOURCE_DIR}/kernels/cuda_backend.cc
   ${CMAKE_CURRENT_SOURCE_DIR}/kernels/add.cu
+  ${CMAKE_CURRENT_SOURCE_DIR}/kernels/argmax_rows.cu
   ${CMAKE_CURRENT_SOURCE_DIR}/kernels/attention.cu
   ${CMAKE_CURRENT_SOURCE_DIR}/kernels/attention_bf16.cu
   ${CMAKE_CURRENT_SOURCE_DIR}/kernels/cast_bf16.cu
@@ -15,6 +16,7 @@ add_library(kvgate_ops_cuda STATIC
   ${CMAKE_CURRENT_SOURCE_DIR}/kernels/grouped_decode_attention.cu
   ${CMAKE_CURRENT_SOURCE_DIR}/kernels/head_paged_decode_attention.cu
   ${CMAKE_CURRENT_SOURCE_DIR}/kernels/matmul_bias.cu
+  ${CMAKE_CURRENT_SOURCE_DIR}/kernels/pinned_upload_ring.cc
   ${CMAKE_CURRENT_SOURCE_DIR}/kernels/rms_norm.cu
   ${CMAKE_CURRENT_SOURCE_DIR}/kernels/rms_norm_bf16.cu
   ${CMAKE_CURRENT_SOURCE_DIR}/kernels/rope.cu
