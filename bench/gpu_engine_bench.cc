@@ -12,6 +12,8 @@
 //       [--prefill 2048,8192] [--decode 1024,8192] [--decode-steps 32] [--repeats 3]
 //       [--decode-batch 32,64] [--batch-context 8192] [--kv-dtype auto|float32|bf16] [--json PATH]
 // --kv-dtype is the element type of the batched decode's KV pages (auto: bf16 on cuda).
+#include <dlfcn.h>
+
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
@@ -68,6 +70,16 @@ std::vector<int32_t> RandomTokens(int32_t n, int32_t vocab, uint32_t seed) {
   return tokens;
 }
 
+// With KVGATE_PROFILE_DECODE_STEPS=1, the timed decode steps run between
+// cudaProfilerStart and cudaProfilerStop (looked up at run time, so the bench needs no
+// CUDA at build time), for `ncu --profile-from-start off`.
+void ProfilerRange(bool start) {
+  const char* wanted = std::getenv("KVGATE_PROFILE_DECODE_STEPS");
+  if (wanted == nullptr || std::string(wanted) != "1") return;
+  using Fn = int (*)();
+  if (auto fn = reinterpret_cast<Fn>(dlsym(RTLD_DEFAULT, start ? "cudaProfilerStart" : "cudaProfilerStop"))) fn();
+}
+
 // `batch_size` sequences of `context` random tokens, each prefilled and committed to
 // one pool under policy "full", then `steps` decode steps of all of them at once.
 absl::StatusOr<json> BatchedDecode(engine::Model& m, ops::Backend* backend, int32_t batch_size, int32_t context,
@@ -106,6 +118,7 @@ absl::StatusOr<json> BatchedDecode(engine::Model& m, ops::Backend* backend, int3
   for (auto& sequence : sequences) members.push_back(sequence.get());
   std::vector<double> times;
   for (int32_t s = 0; s < steps + 2; ++s) {  // two warm-up steps
+    if (s == 2) ProfilerRange(true);
     kv::DecodeBatch batch(pool->get());
     batch.SetSequences(members);
     const auto start = Clock::now();
@@ -115,6 +128,7 @@ absl::StatusOr<json> BatchedDecode(engine::Model& m, ops::Backend* backend, int3
     if (s >= 2) times.push_back(MillisSince(start));
     last_tokens = *std::move(ids);
   }
+  ProfilerRange(false);
   return json{{"batch", batch_size}, {"context", context}, {"median_ms", Median(times)},
               {"min_ms", *std::min_element(times.begin(), times.end())}, {"steps", steps},
               {"pool_pages", pages}, {"page_tokens", kPageTokens},

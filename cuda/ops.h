@@ -100,8 +100,9 @@ struct AttentionArgs {
 };
 
 // Copies rows: dst[dst_rows[i], :] = src[src_rows[i], :], i < num_rows, converting the
-// elements from src_dtype to dst_dtype (float32 -> bf16 rounds to nearest even; bf16 ->
-// float32 and same-type copies are exact). Moves KV rows from the contiguous prefill
+// elements from src_dtype to dst_dtype (float32 -> bf16 rounds to nearest even, a NaN
+// stays a NaN with an unspecified payload; bf16 -> float32 and same-type copies are
+// exact). Moves KV rows from the contiguous prefill
 // cache into pages, and between pages in compaction. Destination rows must be distinct
 // and must not be read as sources in the same call. Row indices are validated by the
 // caller (kv_manager); src and dst may be one buffer only when the dtypes are equal.

@@ -910,7 +910,23 @@ TEST(CopyRowsDtypeTest, ConvertingCopiesMatchReferenceBits) {
       const size_t bytes = n * KvDtypeBytes(run.dst_dtype);
       std::vector<uint8_t> got(bytes);
       KVGATE_ASSERT_OK(backend->CopyToHost(got.data(), d_dst.data(), bytes));
-      EXPECT_EQ(std::memcmp(got.data(), host_dst, bytes), 0);
+      if (wide_out) {
+        EXPECT_EQ(std::memcmp(got.data(), host_dst, bytes), 0);
+      } else {
+        // Bit for bit, except that a NaN only has to stay a NaN (the device's canonical
+        // NaN and the host's quieted payload differ).
+        const auto is_nan = [](Bf16 b) { return (b & 0x7F80u) == 0x7F80u && (b & 0x007Fu) != 0; };
+        for (size_t e = 0; e < n; ++e) {
+          Bf16 g, w;
+          std::memcpy(&g, got.data() + 2 * e, 2);
+          std::memcpy(&w, static_cast<const uint8_t*>(host_dst) + 2 * e, 2);
+          if (is_nan(w)) {
+            ASSERT_TRUE(is_nan(g)) << "element " << e << " got 0x" << std::hex << g;
+          } else {
+            ASSERT_EQ(g, w) << "element " << e;
+          }
+        }
+      }
     }
     // A converting copy within one buffer is refused.
     EXPECT_EQ(backend

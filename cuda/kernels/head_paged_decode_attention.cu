@@ -1,11 +1,14 @@
 #include <algorithm>
 #include <cstdint>
+#include <cstdlib>
+#include <cstring>
 #include <limits>
 
 #include "absl/strings/str_cat.h"
 #include "cuda/kernels/attention_core.cuh"
 #include "cuda/kernels/cuda_check.h"
 #include "cuda/kernels/grouped_decode_core.cuh"
+#include "cuda/kernels/grouped_decode_tiled_core.cuh"
 #include "cuda/kernels/head_paged_decode_attention.cuh"
 
 namespace kvgate::ops {
@@ -43,7 +46,9 @@ struct PagedGroupRows {
 
 // blockIdx.x = sequence * num_kv_heads + kv head, blockIdx.y = split of its rows (shares
 // of at least kHeadPagedDecodeMinRowsPerSplit rows; later splits of short heads are empty).
-template <int D, int G, typename T>
+// kTiled: the tiled core (grouped_decode_tiled_core.cuh), else the warp-per-row core of
+// grouped_decode_core.cuh (KVGATE_TILED_DECODE=0, for A/B runs).
+template <int D, int G, typename T, bool kTiled>
 __global__ void __launch_bounds__(grouped_decode::kBlockSize)
     HeadPagedGroupedDecodeKernel(HeadPagedDecodeAttentionArgs args, float* partials) {
   const HeadPagedKvView& kv = args.kv;
@@ -58,19 +63,25 @@ __global__ void __launch_bounds__(grouped_decode::kBlockSize)
   const int64_t end = min(first + share, length);
   const PagedGroupRows<G> rows{kv.page_ids + kv.page_indptr[seq_head], kv.query_masks, kv.page_tokens};
   const int64_t head0 = seq * args.num_q_heads + static_cast<int64_t>(kv_head) * G;
-  grouped_decode::AttendGroupRows<D, G>(rows, static_cast<const T*>(kv.k_pages), static_cast<const T*>(kv.v_pages),
-                                        args.q + head0 * D, args.scale,
-                                        static_cast<int32_t>(first), static_cast<int32_t>(end - 1),
-                                        args.out + head0 * D, partials, head0);
+  if constexpr (kTiled) {
+    grouped_decode::AttendGroupRowsTiled<D, G>(rows, static_cast<const T*>(kv.k_pages),
+                                               static_cast<const T*>(kv.v_pages), args.q + head0 * D, args.scale,
+                                               static_cast<int32_t>(first), static_cast<int32_t>(end - 1),
+                                               args.out + head0 * D, partials, head0);
+  } else {
+    grouped_decode::AttendGroupRows<D, G>(rows, static_cast<const T*>(kv.k_pages), static_cast<const T*>(kv.v_pages),
+                                          args.q + head0 * D, args.scale, static_cast<int32_t>(first),
+                                          static_cast<int32_t>(end - 1), args.out + head0 * D, partials, head0);
+  }
 }
 
-template <int D, typename T>
+template <int D, typename T, bool kTiled>
 void LaunchGroupedForDim(const HeadPagedDecodeAttentionArgs& args, const dim3& grid, float* partials,
                          cudaStream_t stream) {
   switch (args.num_q_heads / args.num_kv_heads) {
 #define KVGATE_PAGED_GROUPED_CASE(G)                                                                  \
   case G:                                                                                             \
-    HeadPagedGroupedDecodeKernel<D, G, T><<<grid, grouped_decode::kBlockSize, 0, stream>>>(args, partials); \
+    HeadPagedGroupedDecodeKernel<D, G, T, kTiled><<<grid, grouped_decode::kBlockSize, 0, stream>>>(args, partials); \
     break;
     KVGATE_PAGED_GROUPED_CASE(1)
     KVGATE_PAGED_GROUPED_CASE(2)
@@ -132,13 +143,25 @@ absl::Status LaunchHeadPagedGroupedDecodeAttention(const HeadPagedDecodeAttentio
   const dim3 grid(static_cast<unsigned>(static_cast<int64_t>(args.num_seqs) * args.num_kv_heads),
                   static_cast<unsigned>(plan.num_splits));
   float* partials = plan.num_splits > 1 ? workspace : nullptr;
+  static const bool tiled = [] {
+    const char* value = std::getenv("KVGATE_TILED_DECODE");
+    return value == nullptr || std::strcmp(value, "0") != 0;
+  }();
   const bool bf16 = args.kv.dtype == KvDtype::kBf16;
-  if (args.kv.head_dim == 64) {
-    bf16 ? LaunchGroupedForDim<64, uint16_t>(args, grid, partials, stream)
-         : LaunchGroupedForDim<64, float>(args, grid, partials, stream);
+  if (tiled) {
+    if (args.kv.head_dim == 64) {
+      bf16 ? LaunchGroupedForDim<64, uint16_t, true>(args, grid, partials, stream)
+           : LaunchGroupedForDim<64, float, true>(args, grid, partials, stream);
+    } else {
+      bf16 ? LaunchGroupedForDim<128, uint16_t, true>(args, grid, partials, stream)
+           : LaunchGroupedForDim<128, float, true>(args, grid, partials, stream);
+    }
+  } else if (args.kv.head_dim == 64) {
+    bf16 ? LaunchGroupedForDim<64, uint16_t, false>(args, grid, partials, stream)
+         : LaunchGroupedForDim<64, float, false>(args, grid, partials, stream);
   } else {
-    bf16 ? LaunchGroupedForDim<128, uint16_t>(args, grid, partials, stream)
-         : LaunchGroupedForDim<128, float>(args, grid, partials, stream);
+    bf16 ? LaunchGroupedForDim<128, uint16_t, false>(args, grid, partials, stream)
+         : LaunchGroupedForDim<128, float, false>(args, grid, partials, stream);
   }
   KVGATE_CUDA_RETURN_IF_ERROR(cudaGetLastError());
   if (plan.num_splits > 1) {
