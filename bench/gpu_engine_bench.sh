@@ -26,11 +26,11 @@ for t in cuda_bf16_ops_test cuda_backend_test; do
   "$bundle/bin/$t" > "$out/$t.log" 2>&1 || status=1
   grep -E "^\[  (PASSED|FAILED|SKIPPED) |^\[  FAILED  \]" "$out/$t.log" | sort | uniq -c | head -30
 done
-# The tiled head-paged decode core (opt-in, KVGATE_TILED_DECODE=1) against the same references.
+# The previous head-paged decode core (KVGATE_TILED_DECODE=0) against the same references.
 if [[ -x "$bundle/bin/cuda_backend_test" ]]; then
-  echo "== cuda_backend_test, KVGATE_TILED_DECODE=1"
-  KVGATE_TILED_DECODE=1 "$bundle/bin/cuda_backend_test" --gtest_filter='*HeadPaged*' > "$out/cuda_backend_test_tiled.log" 2>&1 || status=1
-  grep -E "^\[  (PASSED|FAILED|SKIPPED) |^\[  FAILED  \]" "$out/cuda_backend_test_tiled.log" | sort | uniq -c | head -30
+  echo "== cuda_backend_test, KVGATE_TILED_DECODE=0"
+  KVGATE_TILED_DECODE=0 "$bundle/bin/cuda_backend_test" --gtest_filter='*HeadPaged*' > "$out/cuda_backend_test_untiled.log" 2>&1 || status=1
+  grep -E "^\[  (PASSED|FAILED|SKIPPED) |^\[  FAILED  \]" "$out/cuda_backend_test_untiled.log" | sort | uniq -c | head -30
 fi
 # The handoff, batch and transport invariants of the pool, on the cuda backend against itself.
 for t in kv_handoff_test decode_batch_test tcp_transport_test; do

@@ -11,7 +11,8 @@
 //      of every head from one coalesced V row, with the probabilities from shared memory.
 // The core of grouped_decode_core.cuh reduces each row's G dot products across a warp
 // (5 dependent shuffles each) and repeats the softmax on every lane; at batch 32, 8k
-// context, that kernel ran at about a sixth of the H100's bandwidth (ncu, 2026-12-06).
+// context, bf16 pages, one layer took 930 us with it and 603 us with this core on an H100
+// (ncu, 2026-12-06; bench/results/gpu-engine-batched.md).
 // Device code only; included by head_paged_decode_attention.cu.
 #pragma once
 

@@ -46,9 +46,8 @@ struct PagedGroupRows {
 
 // blockIdx.x = sequence * num_kv_heads + kv head, blockIdx.y = split of its rows (shares
 // of at least kHeadPagedDecodeMinRowsPerSplit rows; later splits of short heads are empty).
-// kTiled: the tiled core (grouped_decode_tiled_core.cuh, KVGATE_TILED_DECODE=1), else
-// the warp-per-row core of grouped_decode_core.cuh (the default until the tiled core has
-// passed its parity tests and benchmark on a GPU).
+// kTiled: the tiled core (grouped_decode_tiled_core.cuh), else the warp-per-row core of
+// grouped_decode_core.cuh (KVGATE_TILED_DECODE=0, for A/B runs).
 template <int D, int G, typename T, bool kTiled>
 __global__ void __launch_bounds__(grouped_decode::kBlockSize)
     HeadPagedGroupedDecodeKernel(HeadPagedDecodeAttentionArgs args, float* partials) {
@@ -146,7 +145,7 @@ absl::Status LaunchHeadPagedGroupedDecodeAttention(const HeadPagedDecodeAttentio
   float* partials = plan.num_splits > 1 ? workspace : nullptr;
   static const bool tiled = [] {
     const char* value = std::getenv("KVGATE_TILED_DECODE");
-    return value != nullptr && std::strcmp(value, "1") == 0;
+    return value == nullptr || std::strcmp(value, "0") != 0;
   }();
   const bool bf16 = args.kv.dtype == KvDtype::kBf16;
   if (tiled) {
