@@ -100,7 +100,8 @@ if [ "$record" = 1 ]; then
   machine="$(nproc) cores ($(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ //'), load $(cut -d' ' -f1 /proc/loadavg)), $(clang --version | head -1)"
   # The rows go through a file: python's stdin carries the script itself.
   printf '%s\n' "${results[@]}" > "$work/results.txt"
-  python3 - "$out" "$commit" "$dirty" "$machine" "${runs:+--runs $runs}${runs:---seconds $seconds}" "$append" \
+  if [ -n "$runs" ]; then budget="--runs $runs"; else budget="--seconds $seconds"; fi
+  python3 - "$out" "$commit" "$dirty" "$machine" "$budget" "$append" \
       "$work/results.txt" <<'PY'
 import datetime, json, os, sys
 out, commit, dirty, machine, budget, append, results = sys.argv[1:8]
