@@ -38,6 +38,33 @@ __device__ __forceinline__ float4 LoadRow4(const uint16_t* base, int64_t row, in
                      __uint_as_float(w.y & 0xffff0000u));
 }
 
+// Dims [4c, 4c + 4) of query head g's result: the normalised output o / total (zeros when
+// no row was seen) at out_group + g * D, or, with partials, (max, total, o) at partials +
+// ((head0 + g) * gridDim.y + blockIdx.y) * PartialFloats(D), the layout
+// attention_core::AttentionMergeKernel combines.
+template <int D>
+__device__ __forceinline__ void WriteGroupOutput(const float4& o, float max, float total, int g, int c,
+                                                 float* out_group, float* partials, int64_t head0) {
+  if (partials == nullptr) {
+    float* out = out_group + g * D + 4 * c;
+    // Divide (not multiply by the inverse): the reference divides.
+    out[0] = total > 0.0f ? o.x / total : 0.0f;
+    out[1] = total > 0.0f ? o.y / total : 0.0f;
+    out[2] = total > 0.0f ? o.z / total : 0.0f;
+    out[3] = total > 0.0f ? o.w / total : 0.0f;
+    return;
+  }
+  float* partial = partials + ((head0 + g) * gridDim.y + blockIdx.y) * attention_core::PartialFloats(D);
+  if (c == 0) {
+    partial[0] = max;
+    partial[1] = total;
+  }
+  partial[2 + 4 * c] = o.x;
+  partial[3 + 4 * c] = o.y;
+  partial[4 + 4 * c] = o.z;
+  partial[5 + 4 * c] = o.w;
+}
+
 // `rows.Locate(j, &row)` gives the storage row of row j (K at k + row * D elements of T,
 // float or bf16 as uint16_t, widened to float as loaded) and returns
 // the bits of the group's query heads that see it (bit g = query head g; 0 = skip the
@@ -158,24 +185,7 @@ __device__ __forceinline__ void AttendGroupRows(const Rows& rows, const T* __res
       o.z = fmaf(a.z, w, o.z);
       o.w = fmaf(a.w, w, o.w);
     }
-    if (partials == nullptr) {
-      float* out = out_group + g * D + 4 * c;
-      // Divide (not multiply by the inverse): the reference divides.
-      out[0] = total > 0.0f ? o.x / total : 0.0f;
-      out[1] = total > 0.0f ? o.y / total : 0.0f;
-      out[2] = total > 0.0f ? o.z / total : 0.0f;
-      out[3] = total > 0.0f ? o.w / total : 0.0f;
-    } else {
-      float* partial = partials + ((head0 + g) * gridDim.y + blockIdx.y) * attention_core::PartialFloats(D);
-      if (c == 0) {
-        partial[0] = block_max;
-        partial[1] = total;
-      }
-      partial[2 + 4 * c] = o.x;
-      partial[3 + 4 * c] = o.y;
-      partial[4 + 4 * c] = o.z;
-      partial[5 + 4 * c] = o.w;
-    }
+    WriteGroupOutput<D>(o, block_max, total, g, c, out_group, partials, head0);
   }
 }
 

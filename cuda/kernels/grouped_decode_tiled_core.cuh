@@ -202,24 +202,7 @@ __device__ __forceinline__ void AttendGroupRowsTiled(const Rows& rows, const T* 
       o.z += a.z;
       o.w += a.w;
     }
-    const float total = l[g];
-    if (partials == nullptr) {
-      float* out = out_group + g * D + 4 * c;
-      out[0] = total > 0.0f ? o.x / total : 0.0f;
-      out[1] = total > 0.0f ? o.y / total : 0.0f;
-      out[2] = total > 0.0f ? o.z / total : 0.0f;
-      out[3] = total > 0.0f ? o.w / total : 0.0f;
-    } else {
-      float* partial = partials + ((head0 + g) * gridDim.y + blockIdx.y) * attention_core::PartialFloats(D);
-      if (c == 0) {
-        partial[0] = m[g];
-        partial[1] = total;
-      }
-      partial[2 + 4 * c] = o.x;
-      partial[3 + 4 * c] = o.y;
-      partial[4 + 4 * c] = o.z;
-      partial[5 + 4 * c] = o.w;
-    }
+    WriteGroupOutput<D>(o, m[g], l[g], g, c, out_group, partials, head0);
   }
 }
 
