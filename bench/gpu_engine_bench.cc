@@ -117,10 +117,11 @@ absl::StatusOr<json> BatchedDecode(engine::Model& m, ops::Backend* backend, int3
   std::vector<kv::SequenceBatch*> members;
   for (auto& sequence : sequences) members.push_back(sequence.get());
   std::vector<double> times;
-  for (int32_t s = 0; s < steps + 2; ++s) {  // two warm-up steps
+  kv::DecodeBatch batch(pool->get());
+  batch.SetSequences(members);
+  const engine::Model::DecodeGraphStats graphs_before = m.decode_graph_stats();
+  for (int32_t s = 0; s < steps + 2; ++s) {  // two warm-up steps (the first runs op by op, the second records)
     if (s == 2) ProfilerRange(true);
-    kv::DecodeBatch batch(pool->get());
-    batch.SetSequences(members);
     const auto start = Clock::now();
     // Greedy on the device, as the decode worker does for a greedy batch: ids come back.
     absl::StatusOr<std::vector<int32_t>> ids = m.DecodeStepGreedy(last_tokens, &batch);
@@ -129,7 +130,11 @@ absl::StatusOr<json> BatchedDecode(engine::Model& m, ops::Backend* backend, int3
     last_tokens = *std::move(ids);
   }
   ProfilerRange(false);
+  const engine::Model::DecodeGraphStats& graphs = m.decode_graph_stats();
   return json{{"batch", batch_size}, {"context", context}, {"median_ms", Median(times)},
+              {"graph_steps", graphs.replayed - graphs_before.replayed},
+              {"op_by_op_steps", graphs.op_by_op - graphs_before.op_by_op},
+              {"graph_record_error", graphs.last_record_error},
               {"min_ms", *std::min_element(times.begin(), times.end())}, {"steps", steps},
               {"pool_pages", pages}, {"page_tokens", kPageTokens},
               {"kv_dtype", ops::KvDtypeName(kv_dtype)}, {"kv_bytes_per_entry", ops::KvDtypeBytes(kv_dtype)},

@@ -482,9 +482,9 @@ def markdown(r):
         "cuBLASLt instead of the weight-streaming kernel (cuda/kernels/gemv_bf16.cuh), and decode attention "
         "per query head (attention.cu, head_paged_decode_attention.cu's first kernel) instead of per GQA group "
         "(grouped_decode_core.cuh). Batched decode: B sequences of C random tokens prefilled into the "
-        "head-paged pool (bf16 pages, policy full; *before*: the same binary with `--kv-dtype float32` and "
-        "`KVGATE_PINNED_UPLOADS=0`, the fp32 pages and pageable uploads of the code before), then one "
-        "DecodeStepGreedy for all (argmax on the device), median of 32 steps; PyTorch "
+        "head-paged pool (bf16 pages, policy full; *before*: " + r.get("batched_before", "-") + "), then one "
+        "DecodeStepGreedy for all (argmax on the device, the step replayed as a CUDA graph), median of 32 "
+        "steps; PyTorch "
         "runs the same batch CUDA-graphed over a static [B, kv, C, d] bf16 cache.",
         f"Floors from the same run: bf16 GEMM {r['floors']['gemm_tflop_per_s']:.0f} TFLOP/s (torch.matmul "
         f"8192^3, random), device copy {r['floors']['copy_tb_per_s']:.2f} TB/s (read + write). Prefill floor = "
@@ -517,12 +517,17 @@ def markdown(r):
         torch_ms = find([x for x in r["torch"].get("decode_batched", []) if x.get("batch") == b], "context", c)
         before = find([x for x in kfp.get("decode_batched", []) if x.get("batch") == b], "context", c)
         lines.append(
-            f"| decode batch {b} at {c:,} (ms/step, head-paged pool; before = fp32 pages) | - | {fmt(before, 2)} | {fmt(after, 2)} | {fmt(torch_ms, 2)} | - | "
+            f"| decode batch {b} at {c:,} (ms/step, head-paged pool; step before = batched before) | - | {fmt(before, 2)} | {fmt(after, 2)} | {fmt(torch_ms, 2)} | - | "
             f"{fmt(row['floor_ms'], 2)} (fp32 pages {fmt(row['floor_fp32_pages_ms'], 2)}) | "
             f"{fmt(after / torch_ms if after and torch_ms else None, 2)}x | "
             f"{fmt(after / row['floor_ms'] if after else None, 2)}x |")
     lines.append(f"| peak GPU memory of the kvgate process (GiB) | {fmt(k32.get('peak_gpu_memory_gib'), 1)} | "
                  f"{fmt(klt.get('peak_gpu_memory_gib'), 1)} | {fmt(k16.get('peak_gpu_memory_gib'), 1)} | - | - | 3.3 (bf16 weights) | | |")
+    graphed = [f"batch {x['batch']}: {x.get('graph_steps', '-')} graph-replayed, {x.get('op_by_op_steps', '-')} op by op"
+               + (f" (recording failed: {x['graph_record_error']})" if x.get("graph_record_error") else "")
+               for x in k16.get("decode_batched", [])]
+    if graphed:
+        lines += ["", "Batched steps of the kvgate bf16 run, warm-ups included: " + "; ".join(graphed) + "."]
     chk = r.get("end_to_end_check", {})
     if "torch_bf16" in chk:
         lines += ["", f"End-to-end check, last-token logits of a {chk['tokens']}-token prompt against a float32 "
@@ -560,6 +565,8 @@ def main():
     ap.add_argument("--skip-transformers", action="store_true")
     ap.add_argument("--decode-batch", default="32,64", help="batched decode sizes (kvgate bf16 and PyTorch)")
     ap.add_argument("--batch-context", type=int, default=8192, help="context of every batched-decode sequence")
+    ap.add_argument("--batched-before", choices=("no-graphs", "fp32-kv"), default="no-graphs",
+                    help="what the batched decode's before column runs")
     ap.add_argument("--step-before", action="store_true",
                     help="also the bf16 step without the decode kernels (KVGATE_GEMV_BF16=0 ...)")
     args = ap.parse_args()
@@ -588,8 +595,16 @@ def main():
     torch.cuda.empty_cache()
     r["kvgate_bf16"] = bench_kvgate(args.bench_bin, args.model_dir, "bf16", prefill, decode, args.out_dir,
                                     batches=batches, batch_context=args.batch_context)
-    # The batched step over the fp32 pages of the code before bf16 pages (same binary).
-    if batches:
+    # The batched step as it ran before (same binary): op by op without step graphs, or
+    # over the fp32 pages and pageable uploads of the code before bf16 pages.
+    if batches and args.batched_before == "no-graphs":
+        r["batched_before"] = "the same binary with `KVGATE_DECODE_GRAPHS=0`: every step op by op"
+        r["kvgate_bf16_fp32_kv"] = bench_kvgate(args.bench_bin, args.model_dir, "bf16", [], [], args.out_dir,
+                                                env={"KVGATE_DECODE_GRAPHS": "0"}, label="bf16-no-graphs",
+                                                batches=batches, batch_context=args.batch_context)
+    elif batches:
+        r["batched_before"] = ("the same binary with `--kv-dtype float32` and `KVGATE_PINNED_UPLOADS=0`: "
+                               "the fp32 pages and pageable uploads of the code before")
         r["kvgate_bf16_fp32_kv"] = bench_kvgate(args.bench_bin, args.model_dir, "bf16", [], [], args.out_dir,
                                                 env={"KVGATE_PINNED_UPLOADS": "0"}, label="bf16-fp32-kv",
                                                 batches=batches,

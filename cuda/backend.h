@@ -59,6 +59,13 @@ class DeviceBuffer {
   std::function<void(void*)> deleter_;
 };
 
+// Ops recorded once by Backend::RecordGraph and replayed many times (a CUDA graph): one
+// launch instead of one per op. Opaque; owned by the caller, freed before its backend.
+class OpGraph {
+ public:
+  virtual ~OpGraph() = default;
+};
+
 class Backend {
  public:
   virtual ~Backend() = default;
@@ -85,6 +92,21 @@ class Backend {
 
   // Waits for every op submitted so far; reports an asynchronous fault.
   virtual absl::Status Synchronize() = 0;
+
+  // Graphs (optional; the CPU backend answers UNIMPLEMENTED and callers run ops one by
+  // one). RecordGraph calls `record`, whose ops are recorded instead of run, arguments
+  // (device addresses, sizes) frozen as given. While recording, the backend refuses
+  // (FAILED_PRECONDITION) anything a graph cannot hold: copies to or from the host,
+  // allocation, Synchronize, a workspace that would have to grow. An error of `record`
+  // is returned and nothing is recorded or run.
+  virtual absl::StatusOr<std::unique_ptr<OpGraph>> RecordGraph(const std::function<absl::Status()>& record) {
+    return absl::UnimplementedError(std::string(Name()) + ": no graphs");
+  }
+  // Runs a recorded graph in submission order. FAILED_PRECONDITION when a workspace of
+  // the backend's own moved since the recording (record again).
+  virtual absl::Status ReplayGraph(const OpGraph& graph) {
+    return absl::UnimplementedError(std::string(Name()) + ": no graphs");
+  }
 
   // The bf16 ops (cuda/ops.h; references in cuda/cpu/reference_bf16_ops.h). Optional: a
   // backend that has them answers true here, and the engine then keeps its weights in

@@ -140,6 +140,9 @@ void DecodeEngine::Loop() {
   std::vector<Sequence> active;
   engine::Model& model = runtime_->model();
   const int32_t vocab = model.config().vocab_size;
+  // One batch object for the loop's life: its step tables keep their device address, so
+  // the model replays its recorded step graphs while the batch composition holds.
+  kv::DecodeBatch batch(&runtime_->pool());
   while (true) {
     std::deque<std::pair<std::shared_ptr<Request>, absl::StatusOr<kv::KvHandoff>>> arrived;
     {
@@ -194,7 +197,6 @@ void DecodeEngine::Loop() {
         tokens.push_back(seq.last_token);
         all_greedy = all_greedy && seq.sampler->greedy();
       }
-      kv::DecodeBatch batch(&runtime_->pool());
       batch.SetSequences(members);
       // A greedy batch takes its argmax on the backend: token ids, not logits, come back.
       absl::StatusOr<std::vector<float>> logits;

@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdlib>
+#include <optional>
 #include <random>
 #include <string_view>
 
@@ -195,6 +196,7 @@ absl::Status Model::EnsureScratch(int32_t n) {
     KVGATE_ASSIGN_OR_RETURN(up_, backend_->Alloc(size_t{4} * n * c.intermediate_size));
   }
   scratch_tokens_ = n;
+  ++scratch_epoch_;
   return absl::OkStatus();
 }
 
@@ -206,6 +208,7 @@ absl::Status Model::EnsureLogitRows(int32_t rows) {
   KVGATE_ASSIGN_OR_RETURN(logits_, backend_->Alloc(size_t{4} * rows * config_.vocab_size));
   KVGATE_ASSIGN_OR_RETURN(greedy_ids_, backend_->Alloc(size_t{4} * rows));
   logit_rows_ = rows;
+  ++scratch_epoch_;
   return absl::OkStatus();
 }
 
@@ -491,33 +494,85 @@ absl::Status Model::ProjectQkv(const Layer& l, int32_t n, const int32_t* positio
 }
 
 absl::StatusOr<std::vector<float>> Model::DecodeStep(absl::Span<const int32_t> tokens, PagedKvBatch* kv) {
-  KVGATE_RETURN_IF_ERROR(RunDecodeLayers(tokens, kv));
-  const int32_t n = static_cast<int32_t>(tokens.size());
-  return Logits(n, n);
+  KVGATE_RETURN_IF_ERROR(RunDecodeStep(tokens, kv, /*greedy=*/false));
+  std::vector<float> logits(tokens.size() * config_.vocab_size);
+  KVGATE_RETURN_IF_ERROR(backend_->CopyToHost(logits.data(), logits_.data(), logits.size() * sizeof(float)));
+  return logits;
 }
 
 absl::StatusOr<std::vector<int32_t>> Model::DecodeStepGreedy(absl::Span<const int32_t> tokens, PagedKvBatch* kv) {
-  KVGATE_RETURN_IF_ERROR(RunDecodeLayers(tokens, kv));
-  const int32_t n = static_cast<int32_t>(tokens.size());
-  KVGATE_RETURN_IF_ERROR(ComputeLogits(n, n));
-  KVGATE_RETURN_IF_ERROR(backend_->ArgMaxRows({logits_.as<float>(), greedy_ids_.as<int32_t>(), n, config_.vocab_size}));
-  std::vector<int32_t> ids(n);
+  KVGATE_RETURN_IF_ERROR(RunDecodeStep(tokens, kv, /*greedy=*/true));
+  std::vector<int32_t> ids(tokens.size());
   KVGATE_RETURN_IF_ERROR(backend_->CopyToHost(ids.data(), greedy_ids_.data(), ids.size() * sizeof(int32_t)));
   return ids;
 }
 
-absl::Status Model::RunDecodeLayers(absl::Span<const int32_t> tokens, PagedKvBatch* kv) {
-  const ModelConfig& c = config_;
+absl::Status Model::RunDecodeStep(absl::Span<const int32_t> tokens, PagedKvBatch* kv, bool greedy) {
   KVGATE_RETURN_IF_ERROR(CheckTokens(tokens));
   const int32_t n = static_cast<int32_t>(tokens.size());
   if (n != kv->num_sequences()) {
     return absl::InvalidArgumentError(absl::StrCat("decode step of ", n, " tokens for ", kv->num_sequences(), " sequences"));
   }
+  // Everything a recorded graph points at is sized before the step's ops.
   KVGATE_RETURN_IF_ERROR(EnsureScratch(n));
+  KVGATE_RETURN_IF_ERROR(EnsureLogitRows(n));
   const std::vector<int32_t> positions = kv->NextPositions();
   KVGATE_RETURN_IF_ERROR(backend_->CopyToBackend(ids_.data(), tokens.data(), size_t{4} * n));
   KVGATE_RETURN_IF_ERROR(backend_->CopyToBackend(positions_.data(), positions.data(), size_t{4} * n));
   KVGATE_RETURN_IF_ERROR(kv->BeginStep());
+  const std::optional<std::array<uint64_t, 4>> kv_key =
+      decode_graphs_wanted_ && backend_has_graphs_ && !kv->wants_layer_inputs() ? kv->replay_key() : std::nullopt;
+  if (kv_key.has_value()) {
+    KVGATE_RETURN_IF_ERROR(RunDecodeOpsAsGraph(n, kv, greedy, *kv_key));
+  } else {
+    ++decode_graph_stats_.op_by_op;
+    KVGATE_RETURN_IF_ERROR(RunDecodeOps(n, kv, greedy));
+  }
+  return kv->EndStep();
+}
+
+bool Model::DecodeGraphsWanted() {
+  const char* value = std::getenv("KVGATE_DECODE_GRAPHS");
+  return value == nullptr || std::string_view(value) != "0";
+}
+
+absl::Status Model::RunDecodeOpsAsGraph(int32_t n, PagedKvBatch* kv, bool greedy,
+                                        const std::array<uint64_t, 4>& kv_key) {
+  DecodeGraph& entry = decode_graphs_[{n, greedy}];
+  if (entry.kv_key != kv_key || entry.scratch_epoch != scratch_epoch_) entry = DecodeGraph{kv_key, scratch_epoch_};
+  if (entry.graph != nullptr) {
+    const absl::Status replayed = backend_->ReplayGraph(*entry.graph);
+    if (replayed.ok()) ++decode_graph_stats_.replayed;
+    if (!absl::IsFailedPrecondition(replayed)) return replayed;
+    entry.graph.reset();  // a backend workspace moved: size it again op by op, record next step
+    entry.ran_once = false;
+  }
+  if (!entry.ran_once || entry.unrecordable) {
+    entry.ran_once = true;
+    ++decode_graph_stats_.op_by_op;
+    return RunDecodeOps(n, kv, greedy);
+  }
+  absl::StatusOr<std::unique_ptr<ops::OpGraph>> graph =
+      backend_->RecordGraph([&] { return RunDecodeOps(n, kv, greedy); });
+  if (!graph.ok()) {
+    if (absl::IsUnimplemented(graph.status())) {
+      backend_has_graphs_ = false;
+    } else {
+      entry.unrecordable = true;
+      decode_graph_stats_.last_record_error = graph.status().ToString();
+    }
+    ++decode_graph_stats_.op_by_op;
+    return RunDecodeOps(n, kv, greedy);
+  }
+  entry.graph = *std::move(graph);
+  ++decode_graph_stats_.recorded;
+  KVGATE_RETURN_IF_ERROR(backend_->ReplayGraph(*entry.graph));
+  ++decode_graph_stats_.replayed;
+  return absl::OkStatus();
+}
+
+absl::Status Model::RunDecodeOps(int32_t n, PagedKvBatch* kv, bool greedy) {
+  const ModelConfig& c = config_;
   ops::Backend& b = *backend_;
   if (bf16_) {
     KVGATE_RETURN_IF_ERROR(
@@ -546,7 +601,9 @@ absl::Status Model::RunDecodeLayers(absl::Span<const int32_t> tokens, PagedKvBat
     KVGATE_RETURN_IF_ERROR(b.HeadPagedDecodeAttention(attention));
     KVGATE_RETURN_IF_ERROR(FinishLayer(l, n));
   }
-  return kv->EndStep();
+  KVGATE_RETURN_IF_ERROR(ComputeLogits(n, n));
+  if (!greedy) return absl::OkStatus();
+  return b.ArgMaxRows({logits_.as<float>(), greedy_ids_.as<int32_t>(), n, c.vocab_size});
 }
 
 }  // namespace kvgate::engine

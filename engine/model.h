@@ -5,10 +5,13 @@
 // one Model must not overlap (they share scratch buffers).
 #pragma once
 
+#include <array>
 #include <cstdint>
 #include <functional>
+#include <map>
 #include <memory>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "absl/status/statusor.h"
@@ -116,12 +119,27 @@ class Model {
                                              const ForwardOptions& options);
 
   // One decode step of a batch over a head-paged cache: tokens[s] is sequence s's new
-  // token. Returns logits [num_sequences, vocab].
+  // token. Returns logits [num_sequences, vocab]. On a backend with graphs, a step whose
+  // batch gives a replay key (PagedKvBatch::replay_key) runs as one recorded graph per
+  // batch size: the first step of a key runs op by op (it sizes every workspace), the
+  // second records, later ones replay. KVGATE_DECODE_GRAPHS=0 runs every step op by op.
   absl::StatusOr<std::vector<float>> DecodeStep(absl::Span<const int32_t> tokens, PagedKvBatch* kv);
   // DecodeStep for a batch whose every sequence samples greedily: the argmax of each row
   // of logits is taken on the backend (ties to the lowest id, engine::ArgMax's rule) and
   // only the [num_sequences] token ids reach the host.
   absl::StatusOr<std::vector<int32_t>> DecodeStepGreedy(absl::Span<const int32_t> tokens, PagedKvBatch* kv);
+
+  // How the decode steps so far ran (for tests and benchmarks).
+  struct DecodeGraphStats {
+    int64_t op_by_op = 0;   // steps run op by op
+    int64_t recorded = 0;   // graphs recorded
+    int64_t replayed = 0;   // steps run as a graph (the recording steps included)
+    std::string last_record_error;  // why the last failed recording failed
+  };
+  const DecodeGraphStats& decode_graph_stats() const { return decode_graph_stats_; }
+  // Off: every later decode step runs op by op (A/B runs and tests); on: as the backend
+  // and KVGATE_DECODE_GRAPHS allow.
+  void set_decode_graphs(bool enabled) { decode_graphs_wanted_ = enabled && DecodeGraphsWanted(); }
 
  private:
   struct Layer {
@@ -160,8 +178,13 @@ class Model {
   // Everything after attention in one layer: o_proj, residual, MLP, residual.
   absl::Status FinishLayer(const Layer& l, int32_t n);
   absl::Status FinishLayerBf16(const Layer& l, int32_t n);
-  // The layers of a decode step; leaves the final hidden states in x_.
-  absl::Status RunDecodeLayers(absl::Span<const int32_t> tokens, PagedKvBatch* kv);
+  // A decode step: uploads, kv->BeginStep, the ops (RunDecodeOps, replayed as a graph
+  // where it can), kv->EndStep. Leaves logits_ (and greedy_ids_ when greedy) of n rows.
+  absl::Status RunDecodeStep(absl::Span<const int32_t> tokens, PagedKvBatch* kv, bool greedy);
+  // The step's ops, from the embedding to the logits (and their argmax when greedy).
+  absl::Status RunDecodeOps(int32_t n, PagedKvBatch* kv, bool greedy);
+  // RunDecodeOps through the graph of (n, greedy) for the batch's replay key.
+  absl::Status RunDecodeOpsAsGraph(int32_t n, PagedKvBatch* kv, bool greedy, const std::array<uint64_t, 4>& kv_key);
   // Logits of the last `rows` of n rows into logits_ (backend memory).
   absl::Status ComputeLogits(int32_t n, int32_t rows);
   absl::StatusOr<std::vector<float>> Logits(int32_t n, int32_t rows);
@@ -180,6 +203,22 @@ class Model {
   // ([n, intermediate]); gate_ and up_ stay empty then.
   ops::DeviceBuffer hb_, gate_bf16_, up_bf16_;
   int32_t key_mask_bytes_ = 0;
+  // + 1 whenever scratch moves: graphs recorded before it are stale.
+  uint64_t scratch_epoch_ = 0;
+
+  // The decode-step graph of one (batch size, greedy) and what it was recorded under.
+  struct DecodeGraph {
+    std::array<uint64_t, 4> kv_key{};
+    uint64_t scratch_epoch = 0;
+    bool ran_once = false;     // op by op under this key: workspaces are sized
+    bool unrecordable = false; // recording failed under this key: op by op until it changes
+    std::unique_ptr<ops::OpGraph> graph;
+  };
+  static bool DecodeGraphsWanted();  // KVGATE_DECODE_GRAPHS is not "0"
+  bool decode_graphs_wanted_ = DecodeGraphsWanted();
+  bool backend_has_graphs_ = true;  // until it answers UNIMPLEMENTED
+  DecodeGraphStats decode_graph_stats_;
+  std::map<std::pair<int32_t, bool>, DecodeGraph> decode_graphs_;  // by (batch size, greedy)
 };
 
 }  // namespace kvgate::engine

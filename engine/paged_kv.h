@@ -2,7 +2,9 @@
 // so that the engine does not depend on the KV pool (kv_manager/ implements it).
 #pragma once
 
+#include <array>
 #include <cstdint>
+#include <optional>
 #include <vector>
 
 #include "absl/status/status.h"
@@ -29,6 +31,12 @@ class PagedKvBatch {
   virtual absl::Status AppendLayer(int32_t layer, const float* k_new, const float* v_new) = 0;
   // The view of `layer` for HeadPagedDecodeAttention (seq head = seq * kv_heads + head).
   virtual absl::StatusOr<ops::HeadPagedKvView> View(int32_t layer) = 0;
+  // After BeginStep: a key for the step's launches, or nullopt (the default) for a batch
+  // whose AppendLayer and View may copy from the host. Equal keys mean that AppendLayer
+  // and View of every layer launch the same ops with the same arguments and copy nothing
+  // from the host (whatever they read was uploaded by BeginStep), so the engine may
+  // record a step into a graph and replay it for the next step with an equal key.
+  virtual std::optional<std::array<uint64_t, 4>> replay_key() const { return std::nullopt; }
   // Advances every sequence's next position; may evict (decode-time eviction).
   virtual absl::Status EndStep() = 0;
   // Policies that score decode tokens from their attention input (Fast KVzip's gate) ask

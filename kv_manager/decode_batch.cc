@@ -17,7 +17,7 @@ absl::Status ForSequence(const absl::Status& s, size_t index) {
 
 void DecodeBatch::SetSequences(std::vector<SequenceBatch*> sequences) {
   sequences_ = std::move(sequences);
-  views_.clear();
+  tables_.reset();
 }
 
 int32_t DecodeBatch::num_sequences() const { return static_cast<int32_t>(sequences_.size()); }
@@ -35,37 +35,47 @@ absl::Status DecodeBatch::BeginStep() {
       return ForSequence(absl::InvalidArgumentError("the sequence lives in another KV pool"), s);
     }
   }
-  views_.clear();
+  tables_.reset();
   for (size_t s = 0; s < sequences_.size(); ++s) KVGATE_RETURN_IF_ERROR(ForSequence(sequences_[s]->BeginStep(), s));
+  std::vector<const SequenceLayout*> layouts;
+  std::vector<const AppendPlan*> steps;
+  layouts.reserve(sequences_.size());
+  steps.reserve(sequences_.size());
+  for (const SequenceBatch* seq : sequences_) {
+    layouts.push_back(&seq->layout());
+    steps.push_back(&seq->step());
+  }
+  KVGATE_ASSIGN_OR_RETURN(tables_, pool_->UploadStepTables(layouts, steps, &step_buffer_));
   return absl::OkStatus();
 }
 
 absl::Status DecodeBatch::AppendLayer(int32_t layer, const float* k_new, const float* v_new) {
-  // One CopyRows per tensor for the whole batch: row s * num_kv_heads + h of k_new / v_new
-  // goes to sequence s's slot of kv head h.
-  std::vector<const AppendPlan*> steps;
-  steps.reserve(sequences_.size());
-  for (const SequenceBatch* seq : sequences_) steps.push_back(&seq->step());
-  return pool_->AppendDecodeRows(steps, layer, k_new, v_new);
+  if (!tables_.has_value()) return absl::FailedPreconditionError("decode append before BeginStep");
+  if (layer < 0 || layer >= static_cast<int32_t>(tables_->append_rows.size())) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("decode append of layer ", layer, " in a batch of ", tables_->append_rows.size(), " layers"));
+  }
+  return pool_->AppendDecodeRowsAt(tables_->append_rows[layer], tables_->num_append_rows, k_new, v_new);
 }
 
 absl::StatusOr<ops::HeadPagedKvView> DecodeBatch::View(int32_t layer) {
-  std::vector<const SequenceLayout*> layouts;
-  layouts.reserve(sequences_.size());
-  for (const SequenceBatch* seq : sequences_) layouts.push_back(&seq->layout());
-  if (views_.empty()) {
-    // Every layer's tables in one upload: an upload of this size waits for the stream, so
-    // one per step instead of one per layer keeps the host ahead of the GPU.
-    KVGATE_ASSIGN_OR_RETURN(views_, pool_->BuildViews(layouts));
+  if (!tables_.has_value()) return absl::FailedPreconditionError("decode view before BeginStep");
+  if (layer < 0 || layer >= static_cast<int32_t>(tables_->views.size())) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("view of layer ", layer, " in a batch of ", tables_->views.size(), " layers"));
   }
-  if (layer < 0 || layer >= static_cast<int32_t>(views_.size())) return pool_->BuildView(layouts, layer);  // its error
-  return views_[layer];
+  return tables_->views[layer];
+}
+
+std::optional<std::array<uint64_t, 4>> DecodeBatch::replay_key() const {
+  if (!tables_.has_value()) return std::nullopt;
+  return tables_->replay_key;
 }
 
 absl::Status DecodeBatch::EndStep() {
   // Every sequence ends its step (next_pos already advanced at BeginStep); the first
   // failure is reported after all have run.
-  views_.clear();  // decode-time eviction changes the layouts
+  tables_.reset();  // decode-time eviction changes the layouts
   absl::Status first;
   for (size_t s = 0; s < sequences_.size(); ++s) {
     absl::Status st = sequences_[s]->EndStep();

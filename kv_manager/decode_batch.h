@@ -29,12 +29,12 @@ class DecodeBatch final : public engine::PagedKvBatch {
   // the caller must fail or drop the step's sequences; the decode worker avoids it by
   // admitting only sequences whose pages the KV manager reserved.
   absl::Status BeginStep() override;
-  // Rows of the step go to the pool in one KvPool::AppendDecodeRows per layer (one
-  // CopyRows per tensor for the whole batch).
+  // Then uploads every layer's views and append row lists at once
+  // (KvPool::UploadStepTables), so that AppendLayer (one CopyRows per tensor for the
+  // whole batch) and View only launch: the step can be replayed as a graph.
   absl::Status AppendLayer(int32_t layer, const float* k_new, const float* v_new) override;
-  // The first View of a step uploads the tables of every layer (KvPool::BuildViews): the
-  // layouts change only in BeginStep and EndStep.
   absl::StatusOr<ops::HeadPagedKvView> View(int32_t layer) override;
+  std::optional<std::array<uint64_t, 4>> replay_key() const override;
   // Every sequence ends its step (decode-time eviction), even after one fails; the
   // first error is returned, naming the sequence index.
   absl::Status EndStep() override;
@@ -46,7 +46,8 @@ class DecodeBatch final : public engine::PagedKvBatch {
  private:
   KvPool* pool_;
   std::vector<SequenceBatch*> sequences_;
-  std::vector<ops::HeadPagedKvView> views_;  // this step's, once built
+  std::optional<KvPool::StepTables> tables_;  // between BeginStep and EndStep
+  ops::DeviceBuffer step_buffer_;             // where tables_ live
 };
 
 }  // namespace kvgate::kv

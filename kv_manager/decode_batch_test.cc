@@ -209,6 +209,65 @@ TEST_F(DecodeBatchTest, GreedyStepOnTheBackendPicksTheHostArgmax) {
   EXPECT_EQ(pool.pages_free(), kPages);
 }
 
+// Steps replayed as graphs (on a backend that has them) give exactly the logits of steps
+// run op by op, while the batch shrinks, pages fill and decode-time eviction moves rows.
+TEST_F(DecodeBatchTest, GraphReplayedStepsEqualStepsRunOpByOp) {
+  testing::TinyGates gates(worker_->shape());
+  KvPool& pool = *worker_->pool;
+  engine::Model& model = *worker_->model;
+  const int32_t vocab = model.config().vocab_size;
+  std::vector<std::unique_ptr<SequenceBatch>> sides[2];  // 0: op by op, 1: graphs
+  std::vector<int32_t> tokens[2];
+  for (const testing::PolicyCase& c : testing::DecodePolicyCases(gates)) {
+    for (int side = 0; side < 2; ++side) {
+      const std::vector<int32_t> prompt(texts_[0].begin(),
+                                        texts_[0].begin() + 30 + 7 * static_cast<int32_t>(sides[side].size()));
+      auto prefilled = testing::PrefillAndCommit(model, &pool, c, prompt);
+      ASSERT_TRUE(prefilled.ok()) << c.name << ": " << prefilled.status();
+      if (prefilled->sequence->wants_layer_inputs()) break;  // such batches never replay
+      tokens[side].push_back(testing::Argmax(prefilled->logits));
+      sides[side].push_back(std::move(prefilled->sequence));
+    }
+  }
+  ASSERT_GE(sides[1].size(), 3u);
+  const engine::Model::DecodeGraphStats before = model.decode_graph_stats();
+  DecodeBatch batches[2] = {DecodeBatch(&pool), DecodeBatch(&pool)};
+  for (int step = 0; step < 40; ++step) {
+    SCOPED_TRACE(::testing::Message() << "step " << step);
+    if (step == 25) {  // the batch shrinks: another graph
+      for (auto& side : sides) side.pop_back();
+      for (auto& t : tokens) t.pop_back();
+    }
+    std::vector<float> logits[2];
+    for (int side = 0; side < 2; ++side) {
+      std::vector<SequenceBatch*> members;
+      for (const auto& s : sides[side]) members.push_back(s.get());
+      batches[side].SetSequences(members);
+      model.set_decode_graphs(side == 1);
+      auto out = model.DecodeStep(tokens[side], &batches[side]);
+      ASSERT_TRUE(out.ok()) << out.status();
+      logits[side] = *std::move(out);
+    }
+    model.set_decode_graphs(true);
+    ASSERT_EQ(logits[0].size(), logits[1].size());
+    ASSERT_EQ(std::memcmp(logits[0].data(), logits[1].data(), logits[0].size() * sizeof(float)), 0);
+    for (auto& t : tokens) {
+      for (size_t s = 0; s < t.size(); ++s) t[s] = testing::Argmax(absl::MakeConstSpan(logits[0].data() + s * vocab, vocab));
+    }
+  }
+  const engine::Model::DecodeGraphStats& after = model.decode_graph_stats();
+  EXPECT_TRUE(after.last_record_error.empty()) << after.last_record_error;
+  if (worker_->backend->Name().rfind("cuda", 0) == 0) {
+    // Two batch sizes: each runs once op by op, records, then replays.
+    EXPECT_GE(after.recorded - before.recorded, 2);
+    EXPECT_GE(after.replayed - before.replayed, 60);
+  } else {
+    EXPECT_EQ(after.replayed, before.replayed);  // the CPU backend has no graphs
+  }
+  for (auto& side : sides) side.clear();
+  EXPECT_EQ(pool.pages_free(), kPages);
+}
+
 TEST_F(DecodeBatchTest, RejectsASequenceOfAnotherPool) {
   auto other = KvPool::Create(worker_->backend.get(), 64, 16, worker_->model->config().head_dim);
   ASSERT_TRUE(other.ok());

@@ -12,8 +12,11 @@
 #include <gtest/gtest.h>
 
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <map>
+#include <numeric>
+#include <optional>
 #include <random>
 #include <set>
 #include <tuple>
@@ -356,6 +359,95 @@ TEST_F(KvPoolTest, BatchedAppendMatchesPerSequence) {
   ExpectHead(*pool, b, 1, 0, {3, 4, 5});
   ExpectHead(*pool, b, 1, 1, {4, 5});
   EXPECT_EQ(pool->AppendDecodeRows(steps, kLayers, nullptr, nullptr).code(), absl::StatusCode::kInvalidArgument);
+}
+
+// A decode step's tables in one upload at fixed offsets: the same views and appends as
+// BuildViews and AppendDecodeRows, and the same replay key (equal addresses) while the
+// page ids fit their capacity; a new key once they outgrow it or the batch changes.
+TEST_F(KvPoolTest, StepTablesMatchViewsAndStayPutWhileTheyFit) {
+  auto cache = MakeCache(4);
+  auto pool = MakePool(512, 2);
+  SequenceLayout a, b;
+  ASSERT_TRUE(pool->CommitPrefill(*cache, gates::KeepPlan::KeepAll(kLayers, kHeads, 4), &a).ok());
+  ASSERT_TRUE(pool->CommitPrefill(*cache, PlanOf(kLayers, kHeads, 4, {{1}, {2}, {3}, {}}), &b).ok());
+  auto read = [&](const int32_t* dev, size_t n) {
+    std::vector<int32_t> host(n);
+    EXPECT_TRUE(backend_->CopyToHost(host.data(), dev, n * 4).ok());
+    return host;
+  };
+  ops::DeviceBuffer buffer;
+  std::optional<std::array<uint64_t, 4>> first_key;
+  bool key_changed = false;
+  for (int step = 0; step < 40; ++step) {
+    SCOPED_TRACE(::testing::Message() << "step " << step);
+    auto step_a = pool->ReserveDecodeStep(&a);
+    auto step_b = pool->ReserveDecodeStep(&b);
+    ASSERT_TRUE(step_a.ok() && step_b.ok());
+    const SequenceLayout* layouts[] = {&a, &b};
+    const AppendPlan* steps[] = {&*step_a, &*step_b};
+    auto tables = pool->UploadStepTables(layouts, steps, &buffer);
+    ASSERT_TRUE(tables.ok()) << tables.status();
+    ASSERT_EQ(tables->views.size(), static_cast<size_t>(kLayers));
+    ASSERT_EQ(tables->num_append_rows, 2 * kHeads);
+    auto views = pool->BuildViews(layouts);
+    ASSERT_TRUE(views.ok()) << views.status();
+    for (int32_t l = 0; l < kLayers; ++l) {
+      const ops::HeadPagedKvView& want = (*views)[l];
+      const ops::HeadPagedKvView& got = tables->views[l];
+      const std::vector<int32_t> indptr = read(want.page_indptr, 2 * kHeads + 1);
+      EXPECT_EQ(read(got.page_indptr, 2 * kHeads + 1), indptr);
+      EXPECT_EQ(read(got.page_ids, indptr.back()), read(want.page_ids, indptr.back()));
+      EXPECT_EQ(read(got.lengths, 2 * kHeads), read(want.lengths, 2 * kHeads));
+      EXPECT_EQ(got.k_pages, want.k_pages);
+      EXPECT_EQ(got.query_masks, want.query_masks);
+      std::vector<int32_t> rows = {0, 1, 2, 3};
+      for (const AppendPlan* s : steps) {
+        for (int32_t r : s->layer_rows(l)) rows.push_back(r);
+      }
+      EXPECT_EQ(read(tables->append_rows[l], rows.size()), rows);
+      // The appends through the uploaded rows land where AppendDecodeRows puts them.
+      std::vector<float> k, v;
+      for (const AppendPlan* s : steps) {
+        for (int32_t h = 0; h < kHeads; ++h) {
+          for (int32_t d = 0; d < kDim; ++d) {
+            k.push_back(CodedValue(l, h, s->position, d));
+            v.push_back(CodedV(l, h, s->position, d));
+          }
+        }
+      }
+      auto kb = backend_->Alloc(k.size() * 4), vb = backend_->Alloc(v.size() * 4);
+      ASSERT_TRUE(kb.ok() && vb.ok());
+      ASSERT_TRUE(backend_->CopyToBackend(kb->data(), k.data(), k.size() * 4).ok());
+      ASSERT_TRUE(backend_->CopyToBackend(vb->data(), v.data(), v.size() * 4).ok());
+      ASSERT_TRUE(pool->AppendDecodeRowsAt(tables->append_rows[l], tables->num_append_rows, kb->as<float>(),
+                                           vb->as<float>())
+                      .ok());
+    }
+    if (!first_key.has_value()) first_key = tables->replay_key;
+    if (tables->replay_key != *first_key) key_changed = true;
+    // 2 sequences x 2 heads gain a page every other step: the ids outgrow 64 late.
+    size_t ids = 0;
+    for (const SequenceLayout* layout : layouts) {
+      for (int32_t h = 0; h < kHeads; ++h) ids = std::max(ids, layout->at(0, h).page_ids.size());
+    }
+    if (4 * ids <= 64) EXPECT_EQ(tables->replay_key, *first_key);
+  }
+  EXPECT_TRUE(key_changed);
+  std::vector<int32_t> positions(44);
+  std::iota(positions.begin(), positions.end(), 0);
+  for (int32_t l = 0; l < kLayers; ++l) {
+    for (int32_t h = 0; h < kHeads; ++h) ExpectHead(*pool, a, l, h, positions);
+  }
+  // Another batch (one sequence): another key.
+  auto step_a = pool->ReserveDecodeStep(&a);
+  ASSERT_TRUE(step_a.ok());
+  const SequenceLayout* only_a[] = {&a};
+  const AppendPlan* only_step[] = {&*step_a};
+  auto tables = pool->UploadStepTables(only_a, only_step, &buffer);
+  ASSERT_TRUE(tables.ok()) << tables.status();
+  EXPECT_NE(tables->replay_key[1], first_key->at(1));
+  const AppendPlan* two_steps[] = {&*step_a, &*step_a};
+  EXPECT_EQ(pool->UploadStepTables(only_a, two_steps, &buffer).status().code(), absl::StatusCode::kInvalidArgument);
 }
 
 // The view is what the decode kernel reads: with every row kept, paged decode

@@ -7,6 +7,7 @@
 #include <cuda_runtime.h>
 
 #include <cstddef>
+#include <cstdint>
 #include <cstdlib>
 #include <cstring>
 #include <memory>
@@ -17,6 +18,7 @@
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "absl/strings/str_cat.h"
+#include "absl/strings/string_view.h"
 #include "common/status_macros.h"
 #include "cuda/backend.h"
 #include "cuda/kernels/add.cuh"
@@ -42,6 +44,18 @@
 
 namespace kvgate::ops {
 namespace {
+
+class CudaOpGraph final : public OpGraph {
+ public:
+  CudaOpGraph(cudaGraphExec_t exec, uint64_t workspace_epoch) : exec_(exec), workspace_epoch_(workspace_epoch) {}
+  ~CudaOpGraph() override { (void)cudaGraphExecDestroy(exec_); }
+  cudaGraphExec_t exec() const { return exec_; }
+  uint64_t workspace_epoch() const { return workspace_epoch_; }
+
+ private:
+  cudaGraphExec_t exec_;
+  uint64_t workspace_epoch_;  // CudaBackend::workspace_epoch_ when recorded
+};
 
 class CudaBackend final : public Backend {
  public:
@@ -88,6 +102,7 @@ class CudaBackend final : public Backend {
 
   absl::StatusOr<DeviceBuffer> Alloc(size_t bytes) override {
     if (bytes == 0) return absl::InvalidArgumentError(absl::StrCat(name_, ": Alloc of 0 bytes"));
+    KVGATE_RETURN_IF_ERROR(RefuseWhileRecording("Alloc"));
     KVGATE_CUDA_RETURN_IF_ERROR(cudaSetDevice(device_));
     void* ptr = nullptr;
     const cudaError_t err = cudaMalloc(&ptr, bytes);
@@ -118,6 +133,7 @@ class CudaBackend final : public Backend {
   // alive until Synchronize()).
   absl::Status CopyToBackend(void* dst, const void* host_src, size_t bytes) override {
     if (bytes == 0) return absl::OkStatus();
+    KVGATE_RETURN_IF_ERROR(RefuseWhileRecording("CopyToBackend"));
     KVGATE_CUDA_RETURN_IF_ERROR(cudaSetDevice(device_));
     // Small uploads (a step's ids, positions, page tables, row lists) never wait for the
     // stream; large ones (weights, imports) are the runtime's.
@@ -129,6 +145,7 @@ class CudaBackend final : public Backend {
 
   absl::Status CopyToHost(void* host_dst, const void* src, size_t bytes) override {
     if (bytes == 0) return absl::OkStatus();
+    KVGATE_RETURN_IF_ERROR(RefuseWhileRecording("CopyToHost"));
     KVGATE_CUDA_RETURN_IF_ERROR(cudaSetDevice(device_));
     KVGATE_CUDA_RETURN_IF_ERROR(
         cudaMemcpyAsync(host_dst, src, bytes, cudaMemcpyDeviceToHost, stream_));
@@ -264,7 +281,9 @@ class CudaBackend final : public Backend {
     KVGATE_CUDA_RETURN_IF_ERROR(cudaSetDevice(device_));
     const size_t bytes = AttentionBf16WorkspaceBytes(args);
     if (bytes > attention_bf16_workspace_.bytes()) {
+      KVGATE_RETURN_IF_ERROR(RefuseWhileRecording("growing the bf16 attention workspace"));
       attention_bf16_workspace_ = DeviceBuffer();  // freeing waits for the kernels using it
+      ++workspace_epoch_;
       constexpr size_t kGranuleBytes = size_t{16} << 20;
       KVGATE_ASSIGN_OR_RETURN(attention_bf16_workspace_,
                               Alloc((bytes + kGranuleBytes - 1) / kGranuleBytes * kGranuleBytes));
@@ -273,21 +292,63 @@ class CudaBackend final : public Backend {
   }
 
   absl::Status Synchronize() override {
+    KVGATE_RETURN_IF_ERROR(RefuseWhileRecording("Synchronize"));
     KVGATE_CUDA_RETURN_IF_ERROR(cudaSetDevice(device_));
     KVGATE_CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(stream_));
     KVGATE_CUDA_RETURN_IF_ERROR(cudaGetLastError());
     return absl::OkStatus();
   }
 
+  // Stream capture in thread-local mode: other threads (another role's backend in the
+  // same process) keep allocating and copying while this one records.
+  absl::StatusOr<std::unique_ptr<OpGraph>> RecordGraph(const std::function<absl::Status()>& record) override {
+    KVGATE_RETURN_IF_ERROR(RefuseWhileRecording("RecordGraph"));
+    KVGATE_CUDA_RETURN_IF_ERROR(cudaSetDevice(device_));
+    KVGATE_CUDA_RETURN_IF_ERROR(cudaStreamBeginCapture(stream_, cudaStreamCaptureModeThreadLocal));
+    recording_ = true;
+    const absl::Status recorded = record();
+    recording_ = false;
+    cudaGraph_t graph = nullptr;
+    const cudaError_t ended = cudaStreamEndCapture(stream_, &graph);
+    (void)cudaGetLastError();
+    std::unique_ptr<cudaGraph_t, void (*)(cudaGraph_t*)> graph_owner(&graph, [](cudaGraph_t* g) {
+      if (*g != nullptr) (void)cudaGraphDestroy(*g);
+    });
+    KVGATE_RETURN_IF_ERROR(recorded);
+    KVGATE_CUDA_RETURN_IF_ERROR(ended);
+    cudaGraphExec_t exec = nullptr;
+    KVGATE_CUDA_RETURN_IF_ERROR(cudaGraphInstantiate(&exec, graph, 0));
+    return std::unique_ptr<OpGraph>(new CudaOpGraph(exec, workspace_epoch_));
+  }
+
+  absl::Status ReplayGraph(const OpGraph& graph) override {
+    KVGATE_RETURN_IF_ERROR(RefuseWhileRecording("ReplayGraph"));
+    const auto* cuda_graph = dynamic_cast<const CudaOpGraph*>(&graph);
+    if (cuda_graph == nullptr) return absl::InvalidArgumentError(absl::StrCat(name_, ": not a CUDA graph"));
+    if (cuda_graph->workspace_epoch() != workspace_epoch_) {
+      return absl::FailedPreconditionError(absl::StrCat(name_, ": the graph was recorded before a workspace moved"));
+    }
+    KVGATE_CUDA_RETURN_IF_ERROR(cudaSetDevice(device_));
+    KVGATE_CUDA_RETURN_IF_ERROR(cudaGraphLaunch(cuda_graph->exec(), stream_));
+    return absl::OkStatus();
+  }
+
  private:
+  absl::Status RefuseWhileRecording(std::string_view what) const {
+    if (!recording_) return absl::OkStatus();
+    return absl::FailedPreconditionError(absl::StrCat(name_, ": ", absl::string_view(what.data(), what.size()), " while a graph is being recorded"));
+  }
+
   // Grows attention_workspace_ to at least `floats` floats, in 1 MiB granules.
   // A plan of bad args may ask for a negative size; the launcher rejects those args.
   absl::Status ReserveAttentionWorkspace(int64_t floats) {
     if (floats <= 0) return absl::OkStatus();
     const size_t bytes = static_cast<size_t>(floats) * sizeof(float);
     if (bytes <= attention_workspace_.bytes()) return absl::OkStatus();
+    KVGATE_RETURN_IF_ERROR(RefuseWhileRecording("growing the attention workspace"));
     // Freeing the old block waits for the kernels that still use it.
     attention_workspace_ = DeviceBuffer();
+    ++workspace_epoch_;
     constexpr size_t kGranuleBytes = size_t{1} << 20;
     KVGATE_ASSIGN_OR_RETURN(attention_workspace_,
                             Alloc((bytes + kGranuleBytes - 1) / kGranuleBytes * kGranuleBytes));
@@ -298,6 +359,8 @@ class CudaBackend final : public Backend {
   const std::string name_;
   cudaStream_t stream_ = nullptr;
   cublasHandle_t cublas_ = nullptr;
+  bool recording_ = false;       // inside RecordGraph
+  uint64_t workspace_epoch_ = 0;  // + 1 whenever a workspace moves: graphs recorded before are stale
   int num_sms_ = 0;
   bool use_grouped_decode_ = true;
   DeviceBuffer attention_workspace_;  // split partials of Attention and HeadPagedDecodeAttention

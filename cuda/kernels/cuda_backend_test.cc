@@ -14,6 +14,7 @@
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <functional>
 #include <iomanip>
 #include <limits>
 #include <memory>
@@ -28,6 +29,7 @@
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "absl/strings/str_cat.h"
+#include "common/status_macros.h"
 #include "cuda/backend.h"
 #include "cuda/cpu/reference_ops.h"
 #include "cuda/testing/head_paged_layout.h"
@@ -1352,6 +1354,113 @@ TEST(HeadPagedDecodeEdgeTest, NoVisibleRowGivesZeros) {
       }
     }
   }
+}
+
+// -------------------------------------------------------------------------- graphs
+
+// A recorded op does not run until replayed, and each replay reads its buffers' contents
+// at that time.
+TEST(GraphTest, RecordedOpsRunOnEachReplayWithCurrentContents) {
+  if (CudaDeviceCount() == 0) GTEST_SKIP() << "no CUDA device visible";
+  KVGATE_ASSERT_OK_AND_ASSIGN(std::unique_ptr<Backend> backend, CreateCudaBackend(0));
+  const std::vector<float> x0 = {1.0f, 2.0f, 3.0f, 4.0f};
+  std::vector<float> y = {0.5f, -1.0f, 8.0f, 0.25f};
+  KVGATE_ASSERT_OK_AND_ASSIGN(DeviceBuffer d_x, Upload(*backend, x0));
+  KVGATE_ASSERT_OK_AND_ASSIGN(DeviceBuffer d_y, Upload(*backend, y));
+  const AddArgs add{d_x.as<float>(), d_y.as<float>(), 4};
+  KVGATE_ASSERT_OK_AND_ASSIGN(std::unique_ptr<OpGraph> graph, backend->RecordGraph([&] {
+    KVGATE_RETURN_IF_ERROR(backend->Add(add));
+    return backend->Add(add);  // x += 2y per replay
+  }));
+  std::vector<float> x(4);
+  KVGATE_ASSERT_OK(backend->CopyToHost(x.data(), d_x.data(), 16));
+  EXPECT_EQ(x, x0) << "recording ran the ops";
+  KVGATE_ASSERT_OK(backend->ReplayGraph(*graph));
+  KVGATE_ASSERT_OK(backend->ReplayGraph(*graph));
+  KVGATE_ASSERT_OK(backend->CopyToHost(x.data(), d_x.data(), 16));
+  for (int i = 0; i < 4; ++i) EXPECT_EQ(x[i], x0[i] + 4 * y[i]) << i;
+  const std::vector<float> after_two = x;
+  y = {100.0f, 200.0f, 300.0f, 400.0f};
+  KVGATE_ASSERT_OK(backend->CopyToBackend(d_y.data(), y.data(), 16));
+  KVGATE_ASSERT_OK(backend->ReplayGraph(*graph));
+  KVGATE_ASSERT_OK(backend->CopyToHost(x.data(), d_x.data(), 16));
+  for (int i = 0; i < 4; ++i) EXPECT_EQ(x[i], after_two[i] + 2 * y[i]) << i;
+}
+
+// What a graph cannot hold is refused while recording; the error comes back, nothing
+// is recorded, and the backend runs ops as before.
+TEST(GraphTest, HostCopiesAllocationAndSyncAreRefusedWhileRecording) {
+  if (CudaDeviceCount() == 0) GTEST_SKIP() << "no CUDA device visible";
+  KVGATE_ASSERT_OK_AND_ASSIGN(std::unique_ptr<Backend> backend, CreateCudaBackend(0));
+  const std::vector<float> x0 = {1.0f, 2.0f};
+  KVGATE_ASSERT_OK_AND_ASSIGN(DeviceBuffer d_x, Upload(*backend, x0));
+  std::vector<float> host(2, 5.0f);
+  const std::vector<std::pair<std::string, std::function<absl::Status()>>> refused = {
+      {"CopyToBackend", [&] { return backend->CopyToBackend(d_x.data(), host.data(), 8); }},
+      {"CopyToHost", [&] { return backend->CopyToHost(host.data(), d_x.data(), 8); }},
+      {"Alloc", [&] { return backend->Alloc(64).status(); }},
+      {"Synchronize", [&] { return backend->Synchronize(); }},
+      {"RecordGraph", [&] { return backend->RecordGraph([] { return absl::OkStatus(); }).status(); }},
+  };
+  for (const auto& [name, op] : refused) {
+    SCOPED_TRACE(name);
+    absl::Status inner;
+    const auto graph = backend->RecordGraph([&] {
+      KVGATE_RETURN_IF_ERROR(backend->Add({d_x.as<float>(), d_x.as<float>(), 2}));
+      inner = op();
+      return inner;
+    });
+    EXPECT_EQ(inner.code(), absl::StatusCode::kFailedPrecondition) << inner;
+    EXPECT_NE(inner.message().find(name), std::string::npos) << inner;
+    EXPECT_EQ(graph.status().code(), absl::StatusCode::kFailedPrecondition) << graph.status();
+  }
+  std::vector<float> x(2);
+  KVGATE_ASSERT_OK(backend->CopyToHost(x.data(), d_x.data(), 8));
+  EXPECT_EQ(x, x0) << "a failed recording ran its ops";
+  KVGATE_ASSERT_OK(backend->Add({d_x.as<float>(), d_x.as<float>(), 2}));
+  KVGATE_ASSERT_OK(backend->CopyToHost(x.data(), d_x.data(), 8));
+  EXPECT_EQ(x, (std::vector<float>{2.0f, 4.0f}));
+  KVGATE_ASSERT_OK(backend->Synchronize());
+}
+
+// Split decode attention recorded and replayed gives the bits of the op run directly;
+// once a later op grows the shared workspace, the graph is refused as stale.
+TEST(GraphTest, ReplayEqualsDirectRunAndGoesStaleWhenTheWorkspaceMoves) {
+  if (CudaDeviceCount() == 0) GTEST_SKIP() << "no CUDA device visible";
+  KVGATE_ASSERT_OK_AND_ASSIGN(std::unique_ptr<Backend> backend, CreateCudaBackend(0));
+  std::mt19937 rng(4242);
+  const int32_t head_dim = 128;
+  // One sequence, 4 query heads over 2 kv heads of 3000 rows: split across many blocks.
+  paged_testing::HeadPagedLayout small = paged_testing::MakeHeadPagedLayout(rng, {3000, 2900}, 16, head_dim, 2, false, 1);
+  const auto q = RandomFloats(rng, size_t{4} * head_dim, -1.0f, 1.0f);
+  KVGATE_ASSERT_OK_AND_ASSIGN(DeviceBuffer d_q, Upload(*backend, q));
+  KVGATE_ASSERT_OK_AND_ASSIGN(DeviceLayout d_small, UploadLayout(*backend, small));
+  KVGATE_ASSERT_OK_AND_ASSIGN(DeviceBuffer d_direct, backend->Alloc(q.size() * sizeof(float)));
+  KVGATE_ASSERT_OK_AND_ASSIGN(DeviceBuffer d_replayed, backend->Alloc(q.size() * sizeof(float)));
+  const HeadPagedDecodeAttentionArgs direct{d_q.as<float>(), d_small.View(), d_direct.as<float>(), 1, 4, 2, 0.088f};
+  HeadPagedDecodeAttentionArgs replayed = direct;
+  replayed.out = d_replayed.as<float>();
+  KVGATE_ASSERT_OK(backend->HeadPagedDecodeAttention(direct));  // sizes the workspace
+  KVGATE_ASSERT_OK_AND_ASSIGN(std::unique_ptr<OpGraph> graph,
+                              backend->RecordGraph([&] { return backend->HeadPagedDecodeAttention(replayed); }));
+  KVGATE_ASSERT_OK(backend->ReplayGraph(*graph));
+  std::vector<float> want(q.size()), got(q.size());
+  KVGATE_ASSERT_OK(backend->CopyToHost(want.data(), d_direct.data(), want.size() * sizeof(float)));
+  KVGATE_ASSERT_OK(backend->CopyToHost(got.data(), d_replayed.data(), got.size() * sizeof(float)));
+  ASSERT_EQ(std::memcmp(want.data(), got.data(), want.size() * sizeof(float)), 0);
+
+  // 16 sequences x 32 query heads over 8 kv heads need a larger split workspace.
+  const std::vector<int32_t> lengths(16 * 8, 2000);
+  paged_testing::HeadPagedLayout large = paged_testing::MakeHeadPagedLayout(rng, lengths, 16, head_dim, 4, false, 1);
+  const auto q_large = RandomFloats(rng, size_t{16} * 32 * head_dim, -1.0f, 1.0f);
+  KVGATE_ASSERT_OK_AND_ASSIGN(DeviceBuffer d_q_large, Upload(*backend, q_large));
+  KVGATE_ASSERT_OK_AND_ASSIGN(DeviceLayout d_large, UploadLayout(*backend, large));
+  KVGATE_ASSERT_OK_AND_ASSIGN(DeviceBuffer d_out_large, backend->Alloc(q_large.size() * sizeof(float)));
+  KVGATE_ASSERT_OK(backend->HeadPagedDecodeAttention(
+      {d_q_large.as<float>(), d_large.View(), d_out_large.as<float>(), 16, 32, 8, 0.088f}));
+  const absl::Status stale = backend->ReplayGraph(*graph);
+  EXPECT_EQ(stale.code(), absl::StatusCode::kFailedPrecondition) << stale;
+  KVGATE_ASSERT_OK(backend->Synchronize());
 }
 
 // -------------------------------------------------------------------------- SiluMul
