@@ -525,6 +525,9 @@ def markdown(r):
                  f"{fmt(klt.get('peak_gpu_memory_gib'), 1)} | {fmt(k16.get('peak_gpu_memory_gib'), 1)} | - | - | 3.3 (bf16 weights) | | |")
     graphed = [f"batch {x['batch']}: {x.get('graph_steps', '-')} graph-replayed, {x.get('op_by_op_steps', '-')} op by op"
                + (f" (recording failed: {x['graph_record_error']})" if x.get("graph_record_error") else "")
+               + (f", host BeginStep (page tables built and uploaded while the GPU waits) "
+                  f"{fmt(x['host_begin_step_median_ms'], 2)} ms and EndStep {fmt(x.get('host_end_step_median_ms'), 2)} ms "
+                  f"of the {fmt(x['median_ms'], 2)} ms step" if "host_begin_step_median_ms" in x else "")
                for x in k16.get("decode_batched", [])]
     if graphed:
         lines += ["", "Batched steps of the kvgate bf16 run, warm-ups included: " + "; ".join(graphed) + "."]

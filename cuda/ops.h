@@ -120,11 +120,13 @@ struct CopyRowsArgs {
 // A head-paged KV cache: a page holds page_tokens rows of K and of V for ONE
 // (sequence, layer, kv head); "seq head" i is one such (sequence, kv head) of the layer
 // being attended. Row r of seq head i lives at page page_ids[page_indptr[i] + r /
-// page_tokens], slot r % page_tokens.
+// page_tokens], slot r % page_tokens. Seq head i's list starts at page_indptr[i] and
+// holds at least ceil(lengths[i] / page_tokens) ids; lists need not be adjacent nor in
+// seq-head order (the decode step's tables keep one fixed-size list per batch slot).
 struct HeadPagedKvView {
   const void* k_pages = nullptr;        // [num_pages, page_tokens, head_dim] of dtype, in, backend
   const void* v_pages = nullptr;        // [num_pages, page_tokens, head_dim] of dtype, in, backend
-  const int32_t* page_indptr = nullptr; // [num_seq_heads + 1], in, backend
+  const int32_t* page_indptr = nullptr; // [num_seq_heads + 1] list starts (last: the ids' end), in, backend
   const int32_t* page_ids = nullptr;    // [page_indptr[num_seq_heads]], in, backend
   const int32_t* lengths = nullptr;     // [num_seq_heads] rows kept, in, backend
   // Null, or [num_pages, page_tokens]: bit g of a row's byte set = the row is visible to
@@ -142,8 +144,8 @@ struct HeadPagedKvView {
 // already include the new token's K/V). Sequence s, query head h reads seq head
 // s * num_kv_heads + h / (num_q_heads / num_kv_heads), every row < length that its mask
 // bit allows. Positions do not enter: keys are stored after RoPE. Preconditions (checked
-// by the caller, not the op): lengths[i] <= (page_indptr[i + 1] - page_indptr[i]) *
-// page_tokens and page ids < num_pages; with query_masks, num_q_heads / num_kv_heads <= 8.
+// by the caller, not the op): seq head i's list holds ceil(lengths[i] / page_tokens)
+// ids, each < num_pages; with query_masks, num_q_heads / num_kv_heads <= 8.
 // A head that sees no row (length 0, or every mask bit clear; impossible in use, since a
 // head always sees its new token) gets an output of zeros, never NaN.
 struct HeadPagedDecodeAttentionArgs {

@@ -17,7 +17,7 @@ absl::Status ForSequence(const absl::Status& s, size_t index) {
 
 void DecodeBatch::SetSequences(std::vector<SequenceBatch*> sequences) {
   sequences_ = std::move(sequences);
-  tables_.reset();
+  tables_ = nullptr;
 }
 
 int32_t DecodeBatch::num_sequences() const { return static_cast<int32_t>(sequences_.size()); }
@@ -35,7 +35,7 @@ absl::Status DecodeBatch::BeginStep() {
       return ForSequence(absl::InvalidArgumentError("the sequence lives in another KV pool"), s);
     }
   }
-  tables_.reset();
+  tables_ = nullptr;
   for (size_t s = 0; s < sequences_.size(); ++s) KVGATE_RETURN_IF_ERROR(ForSequence(sequences_[s]->BeginStep(), s));
   std::vector<const SequenceLayout*> layouts;
   std::vector<const AppendPlan*> steps;
@@ -45,12 +45,12 @@ absl::Status DecodeBatch::BeginStep() {
     layouts.push_back(&seq->layout());
     steps.push_back(&seq->step());
   }
-  KVGATE_ASSIGN_OR_RETURN(tables_, pool_->UploadStepTables(layouts, steps, &step_buffer_));
+  KVGATE_ASSIGN_OR_RETURN(tables_, step_tables_.Update(layouts, steps));
   return absl::OkStatus();
 }
 
 absl::Status DecodeBatch::AppendLayer(int32_t layer, const float* k_new, const float* v_new) {
-  if (!tables_.has_value()) return absl::FailedPreconditionError("decode append before BeginStep");
+  if (tables_ == nullptr) return absl::FailedPreconditionError("decode append before BeginStep");
   if (layer < 0 || layer >= static_cast<int32_t>(tables_->append_rows.size())) {
     return absl::InvalidArgumentError(
         absl::StrCat("decode append of layer ", layer, " in a batch of ", tables_->append_rows.size(), " layers"));
@@ -59,7 +59,7 @@ absl::Status DecodeBatch::AppendLayer(int32_t layer, const float* k_new, const f
 }
 
 absl::StatusOr<ops::HeadPagedKvView> DecodeBatch::View(int32_t layer) {
-  if (!tables_.has_value()) return absl::FailedPreconditionError("decode view before BeginStep");
+  if (tables_ == nullptr) return absl::FailedPreconditionError("decode view before BeginStep");
   if (layer < 0 || layer >= static_cast<int32_t>(tables_->views.size())) {
     return absl::InvalidArgumentError(
         absl::StrCat("view of layer ", layer, " in a batch of ", tables_->views.size(), " layers"));
@@ -68,14 +68,14 @@ absl::StatusOr<ops::HeadPagedKvView> DecodeBatch::View(int32_t layer) {
 }
 
 std::optional<std::array<uint64_t, 4>> DecodeBatch::replay_key() const {
-  if (!tables_.has_value()) return std::nullopt;
+  if (tables_ == nullptr) return std::nullopt;
   return tables_->replay_key;
 }
 
 absl::Status DecodeBatch::EndStep() {
   // Every sequence ends its step (next_pos already advanced at BeginStep); the first
   // failure is reported after all have run.
-  tables_.reset();  // decode-time eviction changes the layouts
+  tables_ = nullptr;  // decode-time eviction changes the layouts
   absl::Status first;
   for (size_t s = 0; s < sequences_.size(); ++s) {
     absl::Status st = sequences_[s]->EndStep();

@@ -7,6 +7,7 @@
 #include <vector>
 
 #include "engine/paged_kv.h"
+#include "kv_manager/decode_step_tables.h"
 #include "kv_manager/kv_pool.h"
 #include "kv_manager/policy_planner.h"
 
@@ -14,7 +15,8 @@ namespace kvgate::kv {
 
 class DecodeBatch final : public engine::PagedKvBatch {
  public:
-  explicit DecodeBatch(KvPool* pool) : pool_(pool) {}
+  explicit DecodeBatch(KvPool* pool) : pool_(pool), step_tables_(pool) {}
+  const DecodeStepTables& step_tables() const { return step_tables_; }
 
   // The sequences of the next step, in batch order (seq s of the engine's step is
   // sequences[s]). Every one must live in `pool` and share its shape; not owned.
@@ -29,9 +31,10 @@ class DecodeBatch final : public engine::PagedKvBatch {
   // the caller must fail or drop the step's sequences; the decode worker avoids it by
   // admitting only sequences whose pages the KV manager reserved.
   absl::Status BeginStep() override;
-  // Then uploads every layer's views and append row lists at once
-  // (KvPool::UploadStepTables), so that AppendLayer (one CopyRows per tensor for the
-  // whole batch) and View only launch: the step can be replayed as a graph.
+  // Then brings every layer's views and append row lists up to date in backend memory
+  // (DecodeStepTables: what changed since the last step), so that AppendLayer (one
+  // CopyRows per tensor for the whole batch) and View only launch: the step can be
+  // replayed as a graph.
   absl::Status AppendLayer(int32_t layer, const float* k_new, const float* v_new) override;
   absl::StatusOr<ops::HeadPagedKvView> View(int32_t layer) override;
   std::optional<std::array<uint64_t, 4>> replay_key() const override;
@@ -46,8 +49,8 @@ class DecodeBatch final : public engine::PagedKvBatch {
  private:
   KvPool* pool_;
   std::vector<SequenceBatch*> sequences_;
-  std::optional<KvPool::StepTables> tables_;  // between BeginStep and EndStep
-  ops::DeviceBuffer step_buffer_;             // where tables_ live
+  DecodeStepTables step_tables_;                  // kept from step to step
+  const DecodeStepTables::Step* tables_ = nullptr;  // between BeginStep and EndStep
 };
 
 }  // namespace kvgate::kv

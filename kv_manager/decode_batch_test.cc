@@ -250,7 +250,21 @@ TEST_F(DecodeBatchTest, GraphReplayedStepsEqualStepsRunOpByOp) {
     }
     model.set_decode_graphs(true);
     ASSERT_EQ(logits[0].size(), logits[1].size());
-    ASSERT_EQ(std::memcmp(logits[0].data(), logits[1].data(), logits[0].size() * sizeof(float)), 0);
+    if (std::memcmp(logits[0].data(), logits[1].data(), logits[0].size() * sizeof(float)) != 0) {
+      size_t differing = 0, first = logits[0].size();
+      float largest = 0.0f;
+      for (size_t i = 0; i < logits[0].size(); ++i) {
+        if (std::memcmp(&logits[0][i], &logits[1][i], sizeof(float)) == 0) continue;
+        ++differing;
+        first = std::min(first, i);
+        largest = std::max(largest, std::abs(logits[0][i] - logits[1][i]));
+      }
+      const engine::Model::DecodeGraphStats& now = model.decode_graph_stats();
+      FAIL() << differing << " of " << logits[0].size() << " logits differ (first at sequence " << first / vocab
+             << ", logit " << first % vocab << ": " << logits[0][first] << " op by op, " << logits[1][first]
+             << " replayed; largest difference " << largest << "); graphs so far: " << now.recorded
+             << " recorded, " << now.replayed << " replayed, " << now.op_by_op << " steps op by op";
+    }
     for (auto& t : tokens) {
       for (size_t s = 0; s < t.size(); ++s) t[s] = testing::Argmax(absl::MakeConstSpan(logits[0].data() + s * vocab, vocab));
     }

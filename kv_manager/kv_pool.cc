@@ -311,97 +311,24 @@ absl::StatusOr<std::vector<ops::HeadPagedKvView>> KvPool::BuildViews(absl::Span<
   return views;
 }
 
-absl::StatusOr<KvPool::StepTables> KvPool::UploadStepTables(absl::Span<const SequenceLayout* const> seqs,
-                                                             absl::Span<const AppendPlan* const> steps,
-                                                             ops::DeviceBuffer* buffer) {
-  if (seqs.size() != steps.size()) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("step tables of ", seqs.size(), " layouts and ", steps.size(), " append plans"));
-  }
-  StepTables out;
-  if (seqs.empty()) return out;
-  const int32_t layers = seqs[0]->num_layers;
-  const int32_t heads = seqs[0]->num_kv_heads;
-  const size_t num_seq_heads = seqs.size() * heads;
-  // Each layer's tables as BuildView lays them out, then moved to fixed offsets.
-  std::vector<int32_t> packed;
-  std::vector<size_t> offsets;
-  bool any_masks = false;
-  size_t max_ids = 0;
-  for (int32_t l = 0; l < layers; ++l) {
-    offsets.push_back(packed.size());
-    KVGATE_RETURN_IF_ERROR(AppendViewTables(seqs, l, page_tokens_, &packed, &any_masks));
-    max_ids = std::max(max_ids, packed.size() - offsets.back() - 2 * num_seq_heads - 1);
-  }
-  offsets.push_back(packed.size());
-  for (size_t s = 0; s < steps.size(); ++s) {
-    if (steps[s]->num_kv_heads != heads || steps[s]->num_layers != layers) {
-      return absl::InvalidArgumentError(absl::StrCat("step tables: append plan of sequence ", s, " has ",
-                                                     steps[s]->num_layers, " layers x ", steps[s]->num_kv_heads,
-                                                     " kv heads (batch: ", layers, " x ", heads, ")"));
-    }
-  }
-  // Per layer: [append src rows | append dst rows | page_indptr | lengths | page_ids
-  // padded to id_capacity]. The capacity only doubles, so the offsets stay put for many
-  // steps while the sequences grow.
-  const size_t id_capacity = std::max<size_t>(64, std::bit_ceil(std::max<size_t>(max_ids, 1)));
-  const size_t layer_stride = 2 * num_seq_heads + (num_seq_heads + 1) + num_seq_heads + id_capacity;
-  std::vector<int32_t> host(layer_stride * layers, 0);
-  for (int32_t l = 0; l < layers; ++l) {
-    int32_t* at = host.data() + layer_stride * l;
-    for (size_t i = 0; i < num_seq_heads; ++i) at[i] = static_cast<int32_t>(i);
-    for (size_t s = 0; s < steps.size(); ++s) {
-      const absl::Span<const int32_t> rows = steps[s]->layer_rows(l);
-      std::copy(rows.begin(), rows.end(), at + num_seq_heads + s * heads);
-    }
-    const int32_t* view = packed.data() + offsets[l];
-    const size_t num_ids = offsets[l + 1] - offsets[l] - 2 * num_seq_heads - 1;
-    int32_t* indptr = at + 2 * num_seq_heads;
-    std::copy_n(view, num_seq_heads + 1, indptr);
-    std::copy_n(view + num_seq_heads + 1 + num_ids, num_seq_heads, indptr + num_seq_heads + 1);  // lengths
-    std::copy_n(view + num_seq_heads + 1, num_ids, indptr + 2 * num_seq_heads + 1);              // page ids
-  }
-  const size_t bytes = host.size() * sizeof(int32_t);
-  if (buffer->bytes() < bytes) {
-    *buffer = ops::DeviceBuffer();
-    KVGATE_ASSIGN_OR_RETURN(*buffer, backend_->Alloc(bytes));
-  }
-  KVGATE_RETURN_IF_ERROR(backend_->CopyToBackend(buffer->data(), host.data(), bytes));
-  const int32_t* base = buffer->as<int32_t>();
-  for (int32_t l = 0; l < layers; ++l) {
-    const int32_t* at = base + layer_stride * l;
-    out.append_rows.push_back(at);
-    ops::HeadPagedKvView view;
-    view.k_pages = k_pages_.data();
-    view.v_pages = v_pages_.data();
-    view.page_indptr = at + 2 * num_seq_heads;
-    view.lengths = view.page_indptr + num_seq_heads + 1;
-    view.page_ids = view.lengths + num_seq_heads;
-    view.query_masks = any_masks ? query_masks_.as<uint8_t>() : nullptr;
-    view.page_tokens = page_tokens_;
-    view.head_dim = head_dim_;
-    view.dtype = dtype_;
-    out.views.push_back(view);
-  }
-  out.num_append_rows = static_cast<int32_t>(num_seq_heads);
-  out.replay_key = {reinterpret_cast<uintptr_t>(base), num_seq_heads, static_cast<uint64_t>(layers),
-                    uint64_t{id_capacity} << 1 | uint64_t{any_masks}};
-  return out;
+ops::HeadPagedKvView KvPool::PagesView(bool with_query_masks) const {
+  ops::HeadPagedKvView view;
+  view.k_pages = k_pages_.data();
+  view.v_pages = v_pages_.data();
+  view.query_masks = with_query_masks ? query_masks_.as<uint8_t>() : nullptr;
+  view.page_tokens = page_tokens_;
+  view.head_dim = head_dim_;
+  view.dtype = dtype_;
+  return view;
 }
 
 ops::HeadPagedKvView KvPool::ViewAt(const int32_t* device_tables, size_t num_seq_heads,
                                     absl::Span<const int32_t> host_tables, bool any_masks) const {
   const size_t num_ids = host_tables.size() - 2 * num_seq_heads - 1;
-  ops::HeadPagedKvView view;
-  view.k_pages = k_pages_.data();
-  view.v_pages = v_pages_.data();
+  ops::HeadPagedKvView view = PagesView(any_masks);
   view.page_indptr = device_tables;
   view.page_ids = device_tables + num_seq_heads + 1;
   view.lengths = device_tables + num_seq_heads + 1 + num_ids;
-  view.query_masks = any_masks ? query_masks_.as<uint8_t>() : nullptr;
-  view.page_tokens = page_tokens_;
-  view.head_dim = head_dim_;
-  view.dtype = dtype_;
   return view;
 }
 

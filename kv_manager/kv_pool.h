@@ -135,26 +135,13 @@ class KvPool {
   // boundaries. Valid until the next BuildView or BuildViews.
   absl::StatusOr<std::vector<ops::HeadPagedKvView>> BuildViews(absl::Span<const SequenceLayout* const> seqs);
 
-  // Everything a batched decode step reads from the KV side, uploaded at once after
-  // every sequence's ReserveDecodeStep: the views of every layer and every layer's
-  // append row lists, at offsets that stay put from step to step (page id lists padded
-  // to a power-of-two capacity), in a caller-owned buffer that moves only when it must
-  // grow. So the step's launches repeat with equal arguments, and a graph recorded for
-  // one step replays the next while replay_key is unchanged.
-  struct StepTables {
-    std::vector<ops::HeadPagedKvView> views;  // [num_layers]
-    std::vector<const int32_t*> append_rows;  // [num_layers]: [src rows | dst rows], backend
-    int32_t num_append_rows = 0;              // sequences x kv heads
-    // Equal keys: equal launch arguments (buffer address, seq heads, layers, id capacity
-    // and whether query masks are read).
-    std::array<uint64_t, 4> replay_key{};
-  };
-  // seqs[s] and steps[s] belong to sequence s (INVALID_ARGUMENT as BuildView and
-  // AppendDecodeRows). Valid until the next UploadStepTables into `buffer`.
-  absl::StatusOr<StepTables> UploadStepTables(absl::Span<const SequenceLayout* const> seqs,
-                                              absl::Span<const AppendPlan* const> steps, ops::DeviceBuffer* buffer);
-  // AppendDecodeRows through row lists already uploaded (StepTables::append_rows[layer]):
-  // launches only, so a graph can record it.
+  // A view of the pool's pages without tables (page_indptr, page_ids, lengths are
+  // null): DecodeStepTables fills them. query_masks is set when `with_query_masks`.
+  ops::HeadPagedKvView PagesView(bool with_query_masks) const;
+  ops::Backend* backend() const { return backend_; }
+  // AppendDecodeRows through row lists already in backend memory ([src rows | dst
+  // rows], num_rows each; DecodeStepTables::Step::append_rows): launches only, so a graph
+  // can record it.
   absl::Status AppendDecodeRowsAt(const int32_t* rows, int32_t num_rows, const float* k_new, const float* v_new);
 
   // Host copies of the rows of (layer, kv_head), in row order; scores from the layout.
