@@ -33,7 +33,7 @@ if [[ -x "$bundle/bin/cuda_backend_test" ]]; then
   grep -E "^\[  (PASSED|FAILED|SKIPPED) |^\[  FAILED  \]" "$out/cuda_backend_test_untiled.log" | sort | uniq -c | head -30
 fi
 # The handoff, batch and transport invariants of the pool, on the cuda backend against itself.
-for t in kv_handoff_test decode_batch_test tcp_transport_test; do
+for t in kv_handoff_test decode_batch_test tcp_transport_test decode_step_tables_test; do
   [[ -x "$bundle/bin/$t" ]] || continue
   echo "== $t (KVGATE_TEST_BACKEND=cuda)"
   KVGATE_TEST_BACKEND=cuda "$bundle/bin/$t" > "$out/${t}_cuda.log" 2>&1 || status=1

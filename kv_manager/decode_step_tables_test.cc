@@ -10,10 +10,12 @@
 #include <gtest/gtest.h>
 
 #include <array>
+#include <cstdlib>
 #include <numeric>
 #include <optional>
 #include <vector>
 
+#include "cuda/backend.h"
 #include "cuda/cpu/cpu_backend.h"
 #include "engine/model.h"
 #include "engine/model_config.h"
@@ -32,6 +34,14 @@ class DecodeStepTablesTest : public ::testing::Test {
   static constexpr int32_t kLayers = 2, kHeads = 2, kDim = 4, kCapacity = 40, kPageTokens = 2;
 
   void SetUp() override {
+    // The GPU machine runs these with KVGATE_TEST_BACKEND=cuda (the scatter is a CUDA
+    // CopyRows there).
+    const char* backend_name = std::getenv("KVGATE_TEST_BACKEND");
+    if (backend_name != nullptr && *backend_name != '\0') {
+      auto backend = ops::CreateBackend(backend_name);
+      ASSERT_TRUE(backend.ok()) << backend.status();
+      backend_ = std::move(*backend);
+    }
     engine::ModelConfig c;
     c.architecture_name = "LlamaForCausalLM";
     c.vocab_size = 16;
