@@ -124,7 +124,7 @@ absl::StatusOr<const DecodeStepTables::Step*> DecodeStepTables::Update(
           std::copy(ids.begin(), ids.end(), mirrored);
           continue;
         }
-        if (std::memcmp(mirrored, ids.data(), ids.size() * sizeof(int32_t)) == 0) continue;
+        if (ids.empty() || std::memcmp(mirrored, ids.data(), ids.size() * sizeof(int32_t)) == 0) continue;
         for (size_t p = 0; p < ids.size(); ++p) {
           if (mirrored[p] == ids[p]) continue;
           mirrored[p] = ids[p];
