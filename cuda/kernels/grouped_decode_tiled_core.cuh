@@ -26,8 +26,6 @@
 namespace kvgate::ops::grouped_decode {
 
 constexpr int kTileRows = kBlockSize;
-// V rows a team loads before it accumulates them (phase 3).
-constexpr int kVRowsInFlight = 8;
 
 // dot[g] += q_s[g, c * 8 .. c * 8 + 8) . x[0 .. 8), for the G heads.
 template <int D, int G>
@@ -171,32 +169,19 @@ __device__ __forceinline__ void AttendGroupRowsTiled(const Rows& rows, const T* 
       acc[g].z *= correction[g];
       acc[g].w *= correction[g];
     }
-    // kVRowsInFlight rows' loads are issued before any is used: one row at a time left a
-    // warp one 256-byte load in flight, too few to cover HBM latency. The rows still add
-    // up in the same order, so the sums are those of the one-row loop.
     const int32_t tile_rows = min(kTileRows, last - tile + 1);
-    for (int r0 = team; r0 < tile_rows; r0 += kVRowsInFlight * kTeams) {
-      float4 v[kVRowsInFlight];
+    for (int r = team; r < tile_rows; r += kTeams) {
+      if (seen_s[r] == 0) continue;
+      const float4 v = LoadRow4<D>(v_base, row_s[r], part);
 #pragma unroll
-      for (int k = 0; k < kVRowsInFlight; ++k) {
-        const int r = r0 + k * kTeams;
-        v[k] = r < tile_rows && seen_s[r] != 0 ? LoadRow4<D>(v_base, row_s[r], part)
-                                               : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
-      }
-#pragma unroll
-      for (int k = 0; k < kVRowsInFlight; ++k) {
-        const int r = r0 + k * kTeams;
-        if (r >= tile_rows || seen_s[r] == 0) continue;
-#pragma unroll
-        for (int g = 0; g < G; ++g) {
-          // A hidden row contributes nothing, and its V (maybe NaN) is never multiplied.
-          const float p = p_s[g][r];
-          if (p == 0.0f) continue;
-          acc[g].x = fmaf(p, v[k].x, acc[g].x);
-          acc[g].y = fmaf(p, v[k].y, acc[g].y);
-          acc[g].z = fmaf(p, v[k].z, acc[g].z);
-          acc[g].w = fmaf(p, v[k].w, acc[g].w);
-        }
+      for (int g = 0; g < G; ++g) {
+        // A hidden row contributes nothing, and its V (maybe NaN) is never multiplied.
+        const float p = p_s[g][r];
+        if (p == 0.0f) continue;
+        acc[g].x = fmaf(p, v.x, acc[g].x);
+        acc[g].y = fmaf(p, v.y, acc[g].y);
+        acc[g].z = fmaf(p, v.z, acc[g].z);
+        acc[g].w = fmaf(p, v.w, acc[g].w);
       }
     }
     __syncthreads();  // p_s, row_s, seen_s are rewritten by the next tile
