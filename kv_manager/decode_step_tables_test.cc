@@ -121,15 +121,9 @@ class DecodeStepTablesTest : public ::testing::Test {
   // Writes the coded K/V of each sequence's step through the uploaded append rows.
   void AppendThroughTables(const DecodeStepTables::Step& step, absl::Span<const AppendPlan* const> steps) {
     for (int32_t l = 0; l < kLayers; ++l) {
-      std::vector<float> k, v;
-      for (const AppendPlan* s : steps) {
-        for (int32_t h = 0; h < kHeads; ++h) {
-          for (int32_t d = 0; d < kDim; ++d) {
-            k.push_back(CodedValue(l, h, s->position, d));
-            v.push_back(CodedV(l, h, s->position, d));
-          }
-        }
-      }
+      std::vector<int32_t> positions;
+      for (const AppendPlan* s : steps) positions.push_back(s->position);
+      const auto [k, v] = testing::CodedRowsAt(l, positions, kHeads, kDim);
       auto kb = backend_->Alloc(k.size() * 4), vb = backend_->Alloc(v.size() * 4);
       ASSERT_TRUE(kb.ok() && vb.ok());
       ASSERT_TRUE(backend_->CopyToBackend(kb->data(), k.data(), k.size() * 4).ok());

@@ -336,15 +336,7 @@ TEST_F(KvPoolTest, BatchedAppendMatchesPerSequence) {
   const AppendPlan* steps[] = {&*step_a, &*step_b};
   for (int32_t l = 0; l < kLayers; ++l) {
     // [2 seqs, kHeads, kDim]: a's token at position 4, b's at 5.
-    std::vector<float> k, v;
-    for (const AppendPlan* s : steps) {
-      for (int32_t h = 0; h < kHeads; ++h) {
-        for (int32_t d = 0; d < kDim; ++d) {
-          k.push_back(CodedValue(l, h, s->position, d));
-          v.push_back(CodedV(l, h, s->position, d));
-        }
-      }
-    }
+    const auto [k, v] = testing::CodedRowsAt(l, {step_a->position, step_b->position}, kHeads, kDim);
     auto kb = backend_->Alloc(k.size() * 4), vb = backend_->Alloc(v.size() * 4);
     ASSERT_TRUE(kb.ok() && vb.ok());
     ASSERT_TRUE(backend_->CopyToBackend(kb->data(), k.data(), k.size() * 4).ok());

@@ -21,6 +21,25 @@ inline float CodedV(int32_t layer, int32_t kv_head, int32_t position, int32_t di
   return -CodedValue(layer, kv_head, position, dim) - 0.5f;
 }
 
+// The coded K and V of one decode step of a batch, [positions.size(), num_kv_heads, dim]
+// of `layer`: sequence s's token at positions[s].
+struct CodedStepRows {
+  std::vector<float> k, v;
+};
+inline CodedStepRows CodedRowsAt(int32_t layer, const std::vector<int32_t>& positions, int32_t num_kv_heads,
+                                 int32_t dim) {
+  CodedStepRows rows;
+  for (int32_t position : positions) {
+    for (int32_t h = 0; h < num_kv_heads; ++h) {
+      for (int32_t d = 0; d < dim; ++d) {
+        rows.k.push_back(CodedValue(layer, h, position, d));
+        rows.v.push_back(CodedV(layer, h, position, d));
+      }
+    }
+  }
+  return rows;
+}
+
 // A plan from explicit positions per head, [layer * num_kv_heads + kv_head].
 inline gates::KeepPlan PlanOf(int32_t num_layers, int32_t num_kv_heads, int32_t prompt_tokens,
                               std::vector<std::vector<int32_t>> positions) {
