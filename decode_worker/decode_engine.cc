@@ -115,8 +115,9 @@ absl::StatusOr<bool> DecodeEngine::Join(std::shared_ptr<Request> request, kv::Kv
   Sequence& seq = *out;
   seq.request = request;
   seq.wait_transfer_ms = absl::ToDoubleMilliseconds(absl::Now() - request->submitted);
-  KVGATE_ASSIGN_OR_RETURN(kv::DecodeEviction eviction,
-                          kv::FromParams(handoff.eviction, runtime_->fast_kvzip_gate(), runtime_->attention_gate()));
+  KVGATE_ASSIGN_OR_RETURN(std::unique_ptr<gates::DecodeEvictor> evictor,
+                          gates::RestoreDecodeEvictor(handoff.eviction_policy, handoff.eviction_state,
+                                                      runtime_->policy_options(), runtime_->policy_shape()));
   seq.sampler = std::make_unique<engine::Sampler>(request->job.options.sampling);
   KVGATE_RETURN_IF_ERROR(seq.sampler->RestoreState(handoff.sampler_state));
   KVGATE_ASSIGN_OR_RETURN(engine::OutputStream output,
@@ -124,7 +125,7 @@ absl::StatusOr<bool> DecodeEngine::Join(std::shared_ptr<Request> request, kv::Kv
                                                        request->job.options, c.eos_token_ids, request->job.skip_text));
   seq.output = std::make_unique<engine::OutputStream>(std::move(output));
   KVGATE_ASSIGN_OR_RETURN(kv::SequenceLayout layout, kv::ImportSequence(&runtime_->pool(), handoff));
-  seq.kv = std::make_unique<kv::SequenceBatch>(&runtime_->pool(), std::move(layout), c.sliding_window, eviction);
+  seq.kv = std::make_unique<kv::SequenceBatch>(&runtime_->pool(), std::move(layout), c.sliding_window, std::move(evictor));
   seq.first_token_time = absl::Now();
   seq.last_token = handoff.first_token;
   KVGATE_ASSIGN_OR_RETURN(engine::TokenOutcome outcome, seq.output->Push(handoff.first_token));

@@ -307,20 +307,103 @@ absl::StatusOr<std::vector<uint8_t>> AttentionGatePrefillKeyMask(const Attention
 
 namespace {
 
+constexpr char kName[] = "attention_gate";
+
+// The decode-time flags: the gate flags each new token per kv head from its causal state;
+// after the step the token's row stays only in the heads that flag it (it always attends
+// to itself first).
+class AttentionGateEvictor final : public DecodeEvictor {
+ public:
+  AttentionGateEvictor(std::shared_ptr<const AttentionGate> gate, std::unique_ptr<AttentionGateState> state)
+      : gate_(std::move(gate)), state_(std::move(state)), step_flags_(gate_->shape().num_layers) {}
+  std::string_view policy() const override { return kName; }
+  bool wants_layer_inputs() const override { return true; }
+
+  absl::Status ObserveLayerInput(int32_t layer, absl::Span<const float> x) override {
+    if (layer < 0 || layer >= static_cast<int32_t>(step_flags_.size()) ||
+        x.size() != static_cast<size_t>(gate_->shape().hidden_size)) {
+      return absl::InvalidArgumentError(absl::StrCat("attention_gate decode eviction: layer ", layer, " input of ",
+                                                     x.size(), " floats (one token's hidden state expected)"));
+    }
+    KVGATE_ASSIGN_OR_RETURN(std::vector<float> logits, state_->Append(layer, x));  // [kv_heads, 1]
+    step_flags_[layer].resize(logits.size());
+    for (size_t h = 0; h < logits.size(); ++h) step_flags_[layer][h] = gate_->Flag(logits[h]);
+    return absl::OkStatus();
+  }
+
+  absl::StatusOr<RowsToDrop> AfterStep(const DecodeRows& rows) override {
+    if (rows.num_layers != static_cast<int32_t>(step_flags_.size()) ||
+        rows.num_kv_heads != gate_->shape().num_kv_heads) {
+      return absl::InvalidArgumentError(absl::StrCat("attention_gate decode eviction: a sequence of ", rows.num_layers,
+                                                     "x", rows.num_kv_heads, " heads for a gate of ",
+                                                     step_flags_.size(), "x", gate_->shape().num_kv_heads));
+    }
+    const int32_t newest = rows.next_pos - 1;
+    RowsToDrop drop;
+    for (int32_t l = 0; l < rows.num_layers; ++l) {
+      if (static_cast<int32_t>(step_flags_[l].size()) != rows.num_kv_heads) {
+        return absl::FailedPreconditionError(
+            absl::StrCat("attention_gate decode eviction: no input of layer ", l, " in this step"));
+      }
+      for (int32_t h = 0; h < rows.num_kv_heads; ++h) {
+        const absl::Span<const int32_t> positions = rows.head_positions(l, h);
+        if (step_flags_[l][h] != 0 || positions.empty() || positions.back() != newest) continue;
+        if (drop.empty()) drop.resize(rows.positions.size());
+        drop[static_cast<size_t>(l) * rows.num_kv_heads + h].push_back(static_cast<int32_t>(positions.size()) - 1);
+      }
+      step_flags_[l].clear();
+    }
+    return drop;
+  }
+
+  std::string SaveState() const override { return internal::PackState(kName, {}, state_->Serialize()); }
+
+ private:
+  std::shared_ptr<const AttentionGate> gate_;
+  std::unique_ptr<AttentionGateState> state_;
+  std::vector<std::vector<uint8_t>> step_flags_;  // per layer [kv_heads] of the step in progress
+};
+
+// The prefill's key masks come from the gate, and its causal state takes the prompt so
+// that decode can flag new tokens.
+class AttentionGateRequest final : public PolicyRequest {
+ public:
+  AttentionGateRequest(std::shared_ptr<const AttentionGate> gate, const ResolvedBudget& budget)
+      : gate_(std::move(gate)), budget_(budget), state_(std::make_unique<AttentionGateState>(gate_.get())) {}
+  bool masks_prefill_keys() const override { return true; }
+  absl::StatusOr<std::vector<uint8_t>> PrefillKeyMask(int32_t layer, absl::Span<const float> x) override {
+    if (state_ == nullptr) return absl::FailedPreconditionError("attention_gate: prefill mask after the decode evictor left");
+    KVGATE_RETURN_IF_ERROR(state_->Append(layer, x).status());
+    return AttentionGatePrefillKeyMask(*gate_, layer, x, budget_);
+  }
+  absl::StatusOr<std::unique_ptr<DecodeEvictor>> TakeDecodeEvictor() override {
+    if (state_ == nullptr) return absl::FailedPreconditionError("attention_gate: the decode evictor was taken already");
+    return std::make_unique<AttentionGateEvictor>(gate_, std::move(state_));
+  }
+
+ private:
+  std::shared_ptr<const AttentionGate> gate_;
+  ResolvedBudget budget_;
+  std::unique_ptr<AttentionGateState> state_;
+};
+
 class AttentionGatePolicy final : public Policy {
  public:
   AttentionGatePolicy(const ModelShape& shape, std::shared_ptr<const AttentionGate> gate)
       : shape_(shape), gate_(std::move(gate)) {}
   std::string_view name() const override { return "attention_gate"; }
   CaptureRequest needs() const override { return {}; }
-  ForwardHooks hooks() const override {
-    ForwardHooks h;
-    h.attention_gate_mask = true;
-    return h;
-  }
   int32_t default_sink() const override { return kAttentionGateDefaultSink; }
   int32_t default_recent() const override { return 0; }
-  const AttentionGate* attention_gate() const override { return gate_.get(); }
+  std::unique_ptr<PolicyRequest> StartRequest(const ResolvedBudget& budget) const override {
+    return std::make_unique<AttentionGateRequest>(gate_, budget);
+  }
+  absl::StatusOr<std::unique_ptr<DecodeEvictor>> RestoreDecodeEvictor(std::string_view state) const override {
+    KVGATE_ASSIGN_OR_RETURN(internal::PackedState packed, internal::UnpackState(state, kName, 0));
+    KVGATE_ASSIGN_OR_RETURN(std::unique_ptr<AttentionGateState> gate_state,
+                            AttentionGateState::Deserialize(gate_.get(), packed.tail));
+    return std::make_unique<AttentionGateEvictor>(gate_, std::move(gate_state));
+  }
 
   absl::StatusOr<KeepPlan> Plan(const PrefillCapture& capture, const PolicyInputs& inputs,
                                 const ResolvedBudget& budget, HeadBudget head_budget) const override {

@@ -228,8 +228,6 @@ TEST(AttentionGatePolicyTest, KeepsFlaggedAndProtectedRowsAndCapsToTheBudget) {
   options.attention_gate = gate;
   auto policy = CreatePolicy("attention_gate", options, shape);
   ASSERT_TRUE(policy.ok()) << policy.status();
-  EXPECT_TRUE((*policy)->hooks().attention_gate_mask);
-  EXPECT_EQ((*policy)->attention_gate(), gate.get());
   const int32_t n = 60;
   const PrefillCapture c = testing::RandomCapture(shape, n, 0, true, 4);
   EvictionSpec spec;
@@ -239,9 +237,14 @@ TEST(AttentionGatePolicyTest, KeepsFlaggedAndProtectedRowsAndCapsToTheBudget) {
   EXPECT_EQ(budget->keep_per_head, n);  // no budget: flags alone decide
   // The prefill key mask = flags OR protected (sink 4).
   PolicyInputs inputs;
+  std::unique_ptr<PolicyRequest> request = (*policy)->StartRequest(*budget);
+  EXPECT_TRUE(request->masks_prefill_keys());
   for (int32_t l = 0; l < 2; ++l) {
     auto mask = AttentionGatePrefillKeyMask(*gate, l, c.hidden_states[l], *budget);
     ASSERT_TRUE(mask.ok());
+    auto from_request = request->PrefillKeyMask(l, c.hidden_states[l]);
+    ASSERT_TRUE(from_request.ok()) << from_request.status();
+    EXPECT_EQ(*from_request, *mask);
     auto flags = gate->Flags(l, c.hidden_states[l]);
     for (int32_t h = 0; h < 2; ++h)
       for (int32_t p = 0; p < n; ++p) EXPECT_EQ((*mask)[h * n + p], (p < 4 || (*flags)[h * n + p]) ? 1 : 0);

@@ -2,6 +2,8 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
+#include <limits>
 #include <random>
 
 #include <cblas.h>
@@ -248,10 +250,171 @@ int64_t FastKvzipChunkKeepCount(const FastKvzipChunkPlan& plan, int64_t candidat
 
 namespace {
 
+constexpr char kName[] = "fast_kvzip";
+
+// The decode-time re-eviction (FastKVzip math/method/compression/fastkvzip.py): every
+// `interval` steps the gate scores the new rows; if the sequence holds more than
+// capacity * layers * kv_heads rows, one global threshold keeps that many, always keeping
+// the newest `interval` rows and the first sink_tokens positions.
+class FastKvzipEvictor final : public DecodeEvictor {
+ public:
+  FastKvzipEvictor(std::shared_ptr<const FastKvzipGate> gate, int32_t sink_tokens, int32_t capacity, int32_t interval)
+      : gate_(std::move(gate)), sink_tokens_(sink_tokens), capacity_(capacity), interval_(interval),
+        pending_inputs_(gate_->shape().num_layers) {}
+  std::string_view policy() const override { return kName; }
+  bool wants_layer_inputs() const override { return true; }
+
+  absl::Status ObserveLayerInput(int32_t layer, absl::Span<const float> x) override {
+    if (layer < 0 || layer >= static_cast<int32_t>(pending_inputs_.size()) ||
+        x.size() % static_cast<size_t>(gate_->shape().hidden_size) != 0) {
+      return absl::InvalidArgumentError(absl::StrCat("fast_kvzip decode eviction: layer ", layer, " input of ",
+                                                     x.size(), " floats"));
+    }
+    pending_inputs_[layer].insert(pending_inputs_[layer].end(), x.begin(), x.end());
+    return absl::OkStatus();
+  }
+
+  absl::StatusOr<RowsToDrop> AfterStep(const DecodeRows& rows) override {
+    const ModelShape& shape = gate_->shape();
+    if (rows.num_layers != shape.num_layers || rows.num_kv_heads != shape.num_kv_heads) {
+      return absl::InvalidArgumentError(absl::StrCat("fast_kvzip decode eviction: a sequence of ", rows.num_layers,
+                                                     "x", rows.num_kv_heads, " heads for a gate of ",
+                                                     shape.num_layers, "x", shape.num_kv_heads));
+    }
+    const size_t hidden_size = static_cast<size_t>(shape.hidden_size);
+    if (pending_inputs_[0].size() < static_cast<size_t>(interval_) * hidden_size) return RowsToDrop{};
+    const int32_t steps = static_cast<int32_t>(pending_inputs_[0].size() / hidden_size);
+    // Score the rows decoded since the last re-eviction: the last `steps` rows of every head.
+    for (int32_t l = 0; l < rows.num_layers; ++l) {
+      if (pending_inputs_[l].size() != static_cast<size_t>(steps) * hidden_size) {
+        return absl::InvalidArgumentError(absl::StrCat("fast_kvzip decode eviction: layer ", l, " saw ",
+                                                       pending_inputs_[l].size() / hidden_size, " steps, layer 0 ",
+                                                       steps));
+      }
+      KVGATE_ASSIGN_OR_RETURN(std::vector<float> scores, gate_->Score(l, pending_inputs_[l]));  // [kv, steps]
+      for (int32_t h = 0; h < rows.num_kv_heads; ++h) {
+        const absl::Span<float> head = rows.scores[static_cast<size_t>(l) * rows.num_kv_heads + h];
+        if (head.size() != rows.head_positions(l, h).size() || head.size() < static_cast<size_t>(steps)) {
+          return absl::InvalidArgumentError(absl::StrCat("fast_kvzip decode eviction: head (", l, ", ", h, ") has ",
+                                                         head.size(), " scores for ",
+                                                         rows.head_positions(l, h).size(), " rows and ", steps,
+                                                         " new ones"));
+        }
+        for (int32_t t = 0; t < steps; ++t) head[head.size() - steps + t] = scores[static_cast<size_t>(h) * steps + t];
+      }
+      pending_inputs_[l].clear();
+    }
+    const int64_t total_budget = int64_t{capacity_} * rows.num_layers * rows.num_kv_heads;
+    int64_t total_rows = 0;
+    for (const auto& positions : rows.positions) total_rows += static_cast<int64_t>(positions.size());
+    if (total_rows <= total_budget) return RowsToDrop{};
+    // One global threshold over every row; the newest `interval` rows and the first sinks
+    // are pinned (the repo sets their scores to 1.0; a score above every gate score here).
+    struct Row {
+      float score;
+      int32_t position, head_index, row;
+    };
+    std::vector<Row> all;
+    all.reserve(static_cast<size_t>(total_rows));
+    const int32_t newest = rows.next_pos - interval_;
+    int64_t pinned = 0;
+    for (size_t i = 0; i < rows.positions.size(); ++i) {
+      const absl::Span<const int32_t> positions = rows.positions[i];
+      for (size_t r = 0; r < positions.size(); ++r) {
+        const int32_t p = positions[r];
+        const bool pin = p < sink_tokens_ || p >= newest;
+        pinned += pin ? 1 : 0;
+        all.push_back({pin ? std::numeric_limits<float>::infinity() : rows.scores[i][r], p, static_cast<int32_t>(i),
+                       static_cast<int32_t>(r)});
+      }
+    }
+    const size_t keep = static_cast<size_t>(std::max<int64_t>(total_budget, pinned));
+    std::nth_element(all.begin(), all.begin() + keep, all.end(), [](const Row& a, const Row& b) {
+      if (a.score != b.score) return a.score > b.score;
+      if (a.position != b.position) return a.position < b.position;
+      return a.head_index < b.head_index;
+    });
+    RowsToDrop drop(rows.positions.size());
+    for (size_t k = keep; k < all.size(); ++k) drop[all[k].head_index].push_back(all[k].row);
+    for (auto& head : drop) std::sort(head.begin(), head.end());
+    return drop;
+  }
+
+  // Tail: per layer, uint32 count and float32[count] of inputs not yet scored.
+  std::string SaveState() const override {
+    std::string tail;
+    for (const std::vector<float>& inputs : pending_inputs_) {
+      const uint32_t count = static_cast<uint32_t>(inputs.size());
+      tail.append(reinterpret_cast<const char*>(&count), sizeof(count));
+      tail.append(reinterpret_cast<const char*>(inputs.data()), inputs.size() * sizeof(float));
+    }
+    return internal::PackState(kName, {sink_tokens_, capacity_, interval_}, tail);
+  }
+
+  absl::Status RestorePending(std::string_view tail) {
+    for (std::vector<float>& inputs : pending_inputs_) {
+      uint32_t count = 0;
+      if (tail.size() < sizeof(count)) return absl::InvalidArgumentError("fast_kvzip decode eviction state is truncated");
+      std::memcpy(&count, tail.data(), sizeof(count));
+      tail.remove_prefix(sizeof(count));
+      if (count % static_cast<uint32_t>(gate_->shape().hidden_size) != 0 || tail.size() / sizeof(float) < count) {
+        return absl::InvalidArgumentError(absl::StrCat("fast_kvzip decode eviction state: ", count,
+                                                       " pending input floats in ", tail.size(), " bytes"));
+      }
+      inputs.resize(count);
+      std::memcpy(inputs.data(), tail.data(), size_t{count} * sizeof(float));
+      tail.remove_prefix(size_t{count} * sizeof(float));
+    }
+    if (!tail.empty()) {
+      return absl::InvalidArgumentError(absl::StrCat("fast_kvzip decode eviction state: ", tail.size(), " trailing bytes"));
+    }
+    return absl::OkStatus();
+  }
+
+ private:
+  std::shared_ptr<const FastKvzipGate> gate_;
+  int32_t sink_tokens_;
+  int32_t capacity_;
+  int32_t interval_;
+  std::vector<std::vector<float>> pending_inputs_;  // per layer [steps, hidden_size]
+};
+
+class FastKvzipRequest final : public PolicyRequest {
+ public:
+  FastKvzipRequest(std::shared_ptr<const FastKvzipGate> gate, const ResolvedBudget& budget, int32_t interval)
+      : gate_(std::move(gate)), budget_(budget), interval_(interval) {}
+  absl::StatusOr<std::unique_ptr<DecodeEvictor>> TakeDecodeEvictor() override {
+    if (budget_.keep_per_head >= budget_.prompt_tokens) return nullptr;  // keeping all stays keeping all
+    if (gate_ == nullptr) return absl::FailedPreconditionError("fast_kvzip: decode eviction without a gate");
+    return std::make_unique<FastKvzipEvictor>(gate_, budget_.sink_tokens, budget_.keep_per_head, interval_);
+  }
+
+ private:
+  std::shared_ptr<const FastKvzipGate> gate_;
+  ResolvedBudget budget_;
+  int32_t interval_;
+};
+
 class FastKvzipPolicy final : public Policy {
  public:
-  FastKvzipPolicy(const ModelShape& shape, std::shared_ptr<const FastKvzipGate> gate, float safeguard)
-      : shape_(shape), gate_(std::move(gate)), safeguard_(safeguard) {}
+  FastKvzipPolicy(const ModelShape& shape, std::shared_ptr<const FastKvzipGate> gate, float safeguard,
+                  int32_t decode_interval)
+      : shape_(shape), gate_(std::move(gate)), safeguard_(safeguard), decode_interval_(decode_interval) {}
+  std::unique_ptr<PolicyRequest> StartRequest(const ResolvedBudget& budget) const override {
+    return std::make_unique<FastKvzipRequest>(gate_, budget, decode_interval_);
+  }
+  absl::StatusOr<std::unique_ptr<DecodeEvictor>> RestoreDecodeEvictor(std::string_view state) const override {
+    KVGATE_ASSIGN_OR_RETURN(internal::PackedState packed, internal::UnpackState(state, kName, 3));
+    const int32_t sink_tokens = packed.values[0], capacity = packed.values[1], interval = packed.values[2];
+    if (sink_tokens < 0 || capacity < 0 || interval < 1) {
+      return absl::InvalidArgumentError(absl::StrCat("fast_kvzip decode eviction with sink_tokens ", sink_tokens,
+                                                     ", capacity ", capacity, ", interval ", interval));
+    }
+    if (gate_ == nullptr) return absl::FailedPreconditionError("fast_kvzip: decode eviction without a gate");
+    auto evictor = std::make_unique<FastKvzipEvictor>(gate_, sink_tokens, capacity, interval);
+    KVGATE_RETURN_IF_ERROR(evictor->RestorePending(packed.tail));
+    return evictor;
+  }
   std::string_view name() const override { return "fast_kvzip"; }
   CaptureRequest needs() const override {
     CaptureRequest r;
@@ -322,13 +485,14 @@ class FastKvzipPolicy final : public Policy {
   ModelShape shape_;
   std::shared_ptr<const FastKvzipGate> gate_;
   float safeguard_;
+  int32_t decode_interval_;
 };
 
 }  // namespace
 
 std::unique_ptr<Policy> MakeFastKvzipPolicy(const ModelShape& shape, std::shared_ptr<const FastKvzipGate> gate,
-                                            float adakv_safeguard) {
-  return std::make_unique<FastKvzipPolicy>(shape, std::move(gate), adakv_safeguard);
+                                            float adakv_safeguard, int32_t decode_interval) {
+  return std::make_unique<FastKvzipPolicy>(shape, std::move(gate), adakv_safeguard, decode_interval);
 }
 
 }  // namespace kvgate::gates

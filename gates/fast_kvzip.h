@@ -131,9 +131,10 @@ int64_t FastKvzipChunkKeepCount(const FastKvzipChunkPlan& plan, int64_t candidat
 // over all layers and kv heads (kPolicyDefault), per-head top-k (kUniform, "pair-head"),
 // AdaKV (kAdaptive, "adakv-layer"). HeadKeep::scores carries each kept row's gate score
 // for decode-time eviction; rows pinned for the whole request (sink rows and protected
-// ranges outside the recent window) carry 1.0, like the decode-time first_tokens.
+// ranges outside the recent window) carry 1.0, like the decode-time first_tokens. Its
+// decode evictor re-evicts every `decode_interval` steps (PolicyOptions).
 std::unique_ptr<Policy> MakeFastKvzipPolicy(const ModelShape& shape,
                                             std::shared_ptr<const FastKvzipGate> gate,
-                                            float adakv_safeguard);
+                                            float adakv_safeguard, int32_t decode_interval);
 
 }  // namespace kvgate::gates

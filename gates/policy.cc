@@ -1,5 +1,7 @@
 #include "gates/policy.h"
 
+#include <algorithm>
+
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 #include "common/status_macros.h"
@@ -39,6 +41,36 @@ absl::Status CheckBudgetAndCapture(const PrefillCapture& capture, const Resolved
     return absl::InvalidArgumentError("capture.shape differs from the policy's model shape");
   }
   return absl::OkStatus();
+}
+
+absl::StatusOr<std::vector<uint8_t>> PolicyRequest::PrefillKeyMask(int32_t layer, absl::Span<const float> x) {
+  return absl::FailedPreconditionError("this policy does not mask the prefill's keys");
+}
+
+std::unique_ptr<PolicyRequest> Policy::StartRequest(const ResolvedBudget& budget) const {
+  return std::make_unique<PolicyRequest>();
+}
+
+absl::StatusOr<std::unique_ptr<DecodeEvictor>> Policy::RestoreDecodeEvictor(std::string_view state) const {
+  return absl::InvalidArgumentError(absl::StrCat("policy ", std::string(name()), " evicts nothing during decode; got a state of ",
+                                                 state.size(), " bytes"));
+}
+
+absl::StatusOr<std::unique_ptr<DecodeEvictor>> RestoreDecodeEvictor(const std::string& name, std::string_view state,
+                                                                    const PolicyOptions& options,
+                                                                    const ModelShape& shape) {
+  if (name.empty()) {
+    if (!state.empty()) return absl::InvalidArgumentError("a decode eviction state without its policy");
+    return nullptr;
+  }
+  absl::StatusOr<std::unique_ptr<Policy>> policy = CreatePolicy(name, options, shape);
+  if (!policy.ok()) {
+    const bool known = std::find(PolicyNames().begin(), PolicyNames().end(), name) != PolicyNames().end();
+    if (!known) return policy.status();
+    return absl::FailedPreconditionError(absl::StrCat("this worker cannot continue the decode-time eviction of ",
+                                                      name, ": ", policy.status().message()));
+  }
+  return (*policy)->RestoreDecodeEvictor(state);
 }
 
 namespace {
@@ -103,7 +135,10 @@ absl::StatusOr<std::unique_ptr<Policy>> CreatePolicy(const std::string& name, co
         g.group_size() != shape.group_size() || g.hidden_size != shape.hidden_size) {
       return absl::InvalidArgumentError(absl::StrCat(kGateMismatch, "the fast_kvzip gate was built for another model shape"));
     }
-    return MakeFastKvzipPolicy(shape, std::move(gate), options.adakv_safeguard);
+    if (options.fast_kvzip_decode_interval < 1) {
+      return absl::InvalidArgumentError("fast_kvzip: fast_kvzip_decode_interval must be >= 1");
+    }
+    return MakeFastKvzipPolicy(shape, std::move(gate), options.adakv_safeguard, options.fast_kvzip_decode_interval);
   }
   if (name == "attention_gate") {
     std::shared_ptr<const AttentionGate> gate = options.attention_gate;

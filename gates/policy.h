@@ -5,10 +5,15 @@
 //   KVGATE_ASSIGN_OR_RETURN(ResolvedBudget budget, ResolveBudget(spec, n,
 //       policy->default_sink(), policy->default_recent()));
 //   ... prefill recording policy->needs() (+ policy->hooks(), see ForwardHooks) ...
+//   std::unique_ptr<PolicyRequest> request = policy->StartRequest(budget);
+//   ... prefill recording policy->needs() (+ policy->hooks(), see ForwardHooks; each
+//       layer's key mask from request->PrefillKeyMask when masks_prefill_keys()) ...
 //   KVGATE_ASSIGN_OR_RETURN(KeepPlan plan, policy->Plan(capture, inputs, budget,
 //       spec.head_budget));
+//   KVGATE_ASSIGN_OR_RETURN(auto evictor, request->TakeDecodeEvictor());
 //
-// then compact the cache to `plan`. Every plan keeps each row at its ORIGINAL position.
+// then compact the cache to `plan` and decode with `evictor` (gates/decode_evictor.h; null:
+// nothing is evicted during decode). Every plan keeps each row at its ORIGINAL position.
 #pragma once
 
 #include <cstdint>
@@ -18,6 +23,8 @@
 #include <vector>
 
 #include "absl/status/statusor.h"
+#include "absl/types/span.h"
+#include "gates/decode_evictor.h"
 #include "gates/eviction_spec.h"
 #include "gates/keep_plan.h"
 #include "gates/prefill_capture.h"
@@ -26,6 +33,7 @@ namespace kvgate::gates {
 
 class FastKvzipGate;
 class AttentionGate;
+class PolicyRequest;
 
 // One KVzip reconstruction forward (gates/kvzip.h, eviction-methods.md section 4.1). After
 // the full prefill, the engine appends `num_queries` reconstruction tokens on top of the
@@ -57,11 +65,6 @@ struct ForwardHooks {
   // forward (x = the post input-RMSNorm attention input) and fill PolicyInputs::gate_scores,
   // instead of capturing hidden_states.
   bool fast_kvzip_scores = false;
-  // attention_gate: the engine MUST, inside each layer's forward and before its attention,
-  // compute AttentionGatePrefillKeyMask(*attention_gate(), layer, x, budget) (gates/
-  // attention_gate.h), pass it as AttentionArgs::key_mask, and keep it in
-  // PolicyInputs::gate_flags.
-  bool attention_gate_mask = false;
 };
 
 // Policy inputs the engine computes in or after the forward. Empty = not supplied.
@@ -69,8 +72,8 @@ struct PolicyInputs {
   // fast_kvzip: per layer [num_kv_heads, n] gate scores (FastKvzipGate::Score). When empty,
   // Plan runs the gate on PrefillCapture::hidden_states.
   std::vector<std::vector<float>> gate_scores;
-  // attention_gate: per layer [num_kv_heads, n], the key mask the prefill used (1 = row
-  // visible/kept). When empty, Plan recomputes it from PrefillCapture::hidden_states
+  // attention_gate: per layer [num_kv_heads, n], the key masks the prefill used
+  // (PolicyRequest::PrefillKeyMask; 1 = row visible/kept). When empty, Plan recomputes it from PrefillCapture::hidden_states
   // (identical only if those hidden states came from the masked forward).
   std::vector<std::vector<uint8_t>> gate_flags;
   // kvzip: the reconstruction forwards, one per chunk, in any order.
@@ -108,6 +111,23 @@ struct PolicyOptions {
   int32_t kvzip_chunk_tokens = 2000;
 };
 
+// One request's part of a policy, from before its prefill to its decode-time eviction.
+// Not thread-safe; one per request.
+class PolicyRequest {
+ public:
+  virtual ~PolicyRequest() = default;
+  // Whether the prefill must, inside each layer's forward and before its attention, take
+  // the layer's key mask from PrefillKeyMask, attend with it (AttentionArgs::key_mask) and
+  // hand the masks to Plan in PolicyInputs::gate_flags.
+  virtual bool masks_prefill_keys() const { return false; }
+  // `x` is layer `layer`'s attention input ([n, hidden_size], post input-RMSNorm) over the
+  // whole prompt; returns [num_kv_heads, n], 1 = visible. Layers come in order, once each.
+  virtual absl::StatusOr<std::vector<uint8_t>> PrefillKeyMask(int32_t layer, absl::Span<const float> x);
+  // After the prefill: the sequence's decode-time eviction, or null when the policy evicts
+  // nothing during decode (or the request keeps every row). Once per request.
+  virtual absl::StatusOr<std::unique_ptr<DecodeEvictor>> TakeDecodeEvictor() { return nullptr; }
+};
+
 // A Policy is immutable after CreatePolicy: every method is const and safe to call from
 // several threads at once, so one instance may serve many requests.
 class Policy {
@@ -121,9 +141,13 @@ class Policy {
   // Defaults for ResolveBudget; may be kDefaultQuarterOfBudget / kDefaultFastKvzipWindow.
   virtual int32_t default_sink() const = 0;
   virtual int32_t default_recent() const = 0;
-  // The gates the engine runs inside the forward; null for policies without one.
+  // The gate the engine runs inside the forward; null for policies without one.
   virtual const FastKvzipGate* fast_kvzip_gate() const { return nullptr; }
-  virtual const AttentionGate* attention_gate() const { return nullptr; }
+  // The request's part of the policy, for a prompt resolved to `budget`.
+  virtual std::unique_ptr<PolicyRequest> StartRequest(const ResolvedBudget& budget) const;
+  // A decode evictor of this policy from DecodeEvictor::SaveState bytes. INVALID_ARGUMENT
+  // for bytes that do not parse or belong to another policy or model shape.
+  virtual absl::StatusOr<std::unique_ptr<DecodeEvictor>> RestoreDecodeEvictor(std::string_view state) const;
 
   // Turns a capture into a KeepPlan over [0, budget.prompt_tokens). INVALID_ARGUMENT when
   // the capture does not match the model shape or lacks what needs()/hooks() asked for.
@@ -144,6 +168,15 @@ class Policy {
 absl::StatusOr<std::unique_ptr<Policy>> CreatePolicy(const std::string& name,
                                                      const PolicyOptions& options,
                                                      const ModelShape& shape);
+
+// The decode evictor of policy `name` continued from `state` (DecodeEvictor::SaveState) on
+// a worker whose policies take `options` (its loaded gates) and serve a model of `shape`.
+// An empty `name` is no eviction (null). FAILED_PRECONDITION when this worker cannot run
+// the policy (a gate it has not loaded); INVALID_ARGUMENT for an unknown policy or bytes
+// that do not parse.
+absl::StatusOr<std::unique_ptr<DecodeEvictor>> RestoreDecodeEvictor(const std::string& name, std::string_view state,
+                                                                    const PolicyOptions& options,
+                                                                    const ModelShape& shape);
 
 // --- Shared by the policy implementations ---
 

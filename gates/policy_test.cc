@@ -44,7 +44,11 @@ TEST(CreatePolicyTest, EveryNameAndItsNeeds) {
     EXPECT_EQ((*policy)->default_sink(), w.sink);
     EXPECT_EQ((*policy)->default_recent(), w.recent);
     EXPECT_EQ((*policy)->fast_kvzip_gate() != nullptr, w.name == "fast_kvzip");
-    EXPECT_EQ((*policy)->attention_gate() != nullptr, w.name == "attention_gate");
+    EvictionSpec spec;
+    spec.policy = w.name;
+    auto budget = ResolveBudget(spec, 32, (*policy)->default_sink(), (*policy)->default_recent());
+    ASSERT_TRUE(budget.ok());
+    EXPECT_EQ((*policy)->StartRequest(*budget)->masks_prefill_keys(), w.name == "attention_gate");
   }
 }
 

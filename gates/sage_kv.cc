@@ -107,6 +107,37 @@ absl::StatusOr<KeepPlan> SageKvSelect(const QueryHeadScores& scores, int32_t gro
 
 namespace {
 
+constexpr char kName[] = "sage_kv";
+
+// The decode-time ring of the recent window: rows at positions >= ring_begin keep their
+// `capacity` most recent; the sink and the selected middle stay frozen.
+class RecentRingEvictor final : public DecodeEvictor {
+ public:
+  RecentRingEvictor(int32_t ring_begin, int32_t capacity) : ring_begin_(ring_begin), capacity_(capacity) {}
+  std::string_view policy() const override { return kName; }
+  absl::StatusOr<RowsToDrop> AfterStep(const DecodeRows& rows) override {
+    return internal::DropRingOverflow(rows, ring_begin_, [this](int32_t) { return capacity_; });
+  }
+  std::string SaveState() const override { return internal::PackState(kName, {ring_begin_, capacity_}); }
+
+ private:
+  int32_t ring_begin_;
+  int32_t capacity_;
+};
+
+class SageKvRequest final : public PolicyRequest {
+ public:
+  explicit SageKvRequest(const ResolvedBudget& budget) : budget_(budget) {}
+  absl::StatusOr<std::unique_ptr<DecodeEvictor>> TakeDecodeEvictor() override {
+    if (budget_.keep_per_head >= budget_.prompt_tokens) return nullptr;  // keeping all stays keeping all
+    const int32_t capacity = std::max(1, budget_.recent_tokens);
+    return std::make_unique<RecentRingEvictor>(std::max(0, budget_.prompt_tokens - capacity), capacity);
+  }
+
+ private:
+  ResolvedBudget budget_;
+};
+
 class SageKvPolicy final : public Policy {
  public:
   explicit SageKvPolicy(const ModelShape& shape) : shape_(shape) {}
@@ -130,6 +161,18 @@ class SageKvPolicy final : public Policy {
     }
     KVGATE_ASSIGN_OR_RETURN(QueryHeadScores scores, SageKvScores(capture));
     return SageKvSelect(scores, shape_.group_size(), budget);
+  }
+  std::unique_ptr<PolicyRequest> StartRequest(const ResolvedBudget& budget) const override {
+    return std::make_unique<SageKvRequest>(budget);
+  }
+  absl::StatusOr<std::unique_ptr<DecodeEvictor>> RestoreDecodeEvictor(std::string_view state) const override {
+    KVGATE_ASSIGN_OR_RETURN(internal::PackedState packed, internal::UnpackState(state, kName, 2));
+    const int32_t ring_begin = packed.values[0], capacity = packed.values[1];
+    if (ring_begin < 0 || capacity < 1 || !packed.tail.empty()) {
+      return absl::InvalidArgumentError(absl::StrCat("sage_kv decode ring with ring_begin ", ring_begin, ", capacity ",
+                                                     capacity, " and ", packed.tail.size(), " trailing bytes"));
+    }
+    return std::make_unique<RecentRingEvictor>(ring_begin, capacity);
   }
 
  private:

@@ -2,6 +2,7 @@
 
 #include <algorithm>
 
+#include "absl/strings/str_cat.h"
 #include "common/status_macros.h"
 
 namespace kvgate::gates {
@@ -37,6 +38,37 @@ KeepPlan StreamingLlmPlan(int32_t num_layers, int32_t num_kv_heads, const Resolv
 
 namespace {
 
+constexpr char kName[] = "streaming_llm";
+
+// The decode-time ring: every head keeps its rows at positions < sink_tokens plus the most
+// recent others, at most `capacity` rows in all.
+class StreamingRingEvictor final : public DecodeEvictor {
+ public:
+  StreamingRingEvictor(int32_t sink_tokens, int32_t capacity) : sink_tokens_(sink_tokens), capacity_(capacity) {}
+  std::string_view policy() const override { return kName; }
+  absl::StatusOr<RowsToDrop> AfterStep(const DecodeRows& rows) override {
+    return internal::DropRingOverflow(rows, sink_tokens_,
+                                      [this](int32_t before_ring) { return std::max(0, capacity_ - before_ring); });
+  }
+  std::string SaveState() const override { return internal::PackState(kName, {sink_tokens_, capacity_}); }
+
+ private:
+  int32_t sink_tokens_;
+  int32_t capacity_;
+};
+
+class StreamingLlmRequest final : public PolicyRequest {
+ public:
+  explicit StreamingLlmRequest(const ResolvedBudget& budget) : budget_(budget) {}
+  absl::StatusOr<std::unique_ptr<DecodeEvictor>> TakeDecodeEvictor() override {
+    if (budget_.keep_per_head >= budget_.prompt_tokens) return nullptr;  // keeping all stays keeping all
+    return std::make_unique<StreamingRingEvictor>(budget_.sink_tokens, budget_.keep_per_head);
+  }
+
+ private:
+  ResolvedBudget budget_;
+};
+
 class StreamingLlmPolicy final : public Policy {
  public:
   explicit StreamingLlmPolicy(const ModelShape& shape) : shape_(shape) {}
@@ -53,6 +85,19 @@ class StreamingLlmPolicy final : public Policy {
       return absl::InvalidArgumentError("streaming_llm: budget.protected_mask must hold prompt_tokens bytes");
     }
     return StreamingLlmPlan(shape_.num_layers, shape_.num_kv_heads, budget);
+  }
+  std::unique_ptr<PolicyRequest> StartRequest(const ResolvedBudget& budget) const override {
+    return std::make_unique<StreamingLlmRequest>(budget);
+  }
+  absl::StatusOr<std::unique_ptr<DecodeEvictor>> RestoreDecodeEvictor(std::string_view state) const override {
+    KVGATE_ASSIGN_OR_RETURN(internal::PackedState packed, internal::UnpackState(state, kName, 2));
+    const int32_t sink_tokens = packed.values[0], capacity = packed.values[1];
+    if (sink_tokens < 0 || capacity < 0 || !packed.tail.empty()) {
+      return absl::InvalidArgumentError(absl::StrCat("streaming_llm decode ring with sink_tokens ", sink_tokens,
+                                                     ", capacity ", capacity, " and ", packed.tail.size(),
+                                                     " trailing bytes"));
+    }
+    return std::make_unique<StreamingRingEvictor>(sink_tokens, capacity);
   }
 
  private:

@@ -35,59 +35,9 @@ int64_t HeadPayloadBytes(int64_t rows, int32_t head_dim, bool has_query_masks, b
                  (has_query_masks ? 1 : 0) + (has_scores ? int64_t{sizeof(float)} : 0));
 }
 
-DecodeEvictionParams ToParams(const DecodeEviction& eviction) {
-  DecodeEvictionParams params;
-  params.kind = eviction.kind;
-  params.sink_tokens = eviction.sink_tokens;
-  params.ring_begin = eviction.ring_begin;
-  params.capacity = eviction.capacity;
-  params.interval = eviction.interval;
-  if (eviction.kind == DecodeEviction::Kind::kAttentionGate && eviction.gate_state != nullptr) {
-    params.attention_gate_state = eviction.gate_state->Serialize();
-  }
-  return params;
-}
-
-absl::StatusOr<DecodeEviction> FromParams(const DecodeEvictionParams& params,
-                                          const gates::FastKvzipGate* fast_kvzip_gate,
-                                          const gates::AttentionGate* attention_gate) {
-  if (params.sink_tokens < 0 || params.ring_begin < 0 || params.capacity < 0 || params.interval < 0) {
-    return absl::InvalidArgumentError(absl::StrCat("decode eviction with sink_tokens ", params.sink_tokens,
-                                                   ", ring_begin ", params.ring_begin, ", capacity ", params.capacity,
-                                                   ", interval ", params.interval));
-  }
-  DecodeEviction rule;
-  rule.kind = params.kind;
-  rule.sink_tokens = params.sink_tokens;
-  rule.ring_begin = params.ring_begin;
-  rule.capacity = params.capacity;
-  rule.interval = params.interval;
-  switch (params.kind) {
-    case DecodeEviction::Kind::kNone:
-    case DecodeEviction::Kind::kStreamingRing:
-      return rule;
-    case DecodeEviction::Kind::kRecentRing:
-      if (params.capacity < 1) return absl::InvalidArgumentError("sage_kv decode ring of capacity 0");
-      return rule;
-    case DecodeEviction::Kind::kFastKvzip:
-      if (fast_kvzip_gate == nullptr) {
-        return absl::FailedPreconditionError("the sequence evicts with fast_kvzip in decode; this worker has no fast_kvzip gate");
-      }
-      if (params.interval < 1) return absl::InvalidArgumentError("fast_kvzip decode interval 0");
-      rule.gate = fast_kvzip_gate;
-      return rule;
-    case DecodeEviction::Kind::kAttentionGate: {
-      if (attention_gate == nullptr) {
-        return absl::FailedPreconditionError(
-            "the sequence evicts with attention_gate in decode; this worker has no attention_gate gate");
-      }
-      auto state = gates::AttentionGateState::Deserialize(attention_gate, params.attention_gate_state);
-      if (!state.ok()) return state.status();
-      rule.gate_state = std::shared_ptr<gates::AttentionGateState>(std::move(*state));
-      return rule;
-    }
-  }
-  return absl::InvalidArgumentError(absl::StrCat("unknown decode eviction kind ", static_cast<int>(params.kind)));
+void CarryDecodeEviction(const gates::DecodeEvictor* evictor, KvHandoff* handoff) {
+  handoff->eviction_policy = evictor != nullptr ? std::string(evictor->policy()) : std::string();
+  handoff->eviction_state = evictor != nullptr ? evictor->SaveState() : std::string();
 }
 
 std::vector<int32_t> KvHandoff::Lengths() const {
@@ -167,16 +117,11 @@ absl::Status KvHandoff::Validate() const {
                                                      head_dim));
     }
   }
-  switch (eviction.kind) {
-    case DecodeEviction::Kind::kNone:
-    case DecodeEviction::Kind::kStreamingRing:
-    case DecodeEviction::Kind::kRecentRing:
-    case DecodeEviction::Kind::kFastKvzip:
-    case DecodeEviction::Kind::kAttentionGate:
-      return absl::OkStatus();
+  if (eviction_policy.empty() && !eviction_state.empty()) {
+    return absl::InvalidArgumentError(absl::StrCat(what, "a decode eviction state of ", eviction_state.size(),
+                                                   " bytes without its policy"));
   }
-  return absl::InvalidArgumentError(
-      absl::StrCat(what, "unknown decode eviction kind ", static_cast<int>(eviction.kind)));
+  return absl::OkStatus();
 }
 
 std::string SerializeLayer(const KvHandoff& handoff, int32_t layer) {

@@ -15,33 +15,12 @@
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
-#include "gates/attention_gate.h"
-#include "gates/fast_kvzip.h"
+#include "gates/decode_evictor.h"
 #include "kv_manager/kv_pool.h"
 #include "kv_manager/policy_planner.h"
 #include "kv_manager/sequence_layout.h"
 
 namespace kvgate::kv {
-
-// DecodeEviction in a form that crosses processes: gates are named by kind (the decode
-// worker loads the same gate files) and Attention-Gate's causal state travels as bytes.
-struct DecodeEvictionParams {
-  DecodeEviction::Kind kind = DecodeEviction::Kind::kNone;
-  int32_t sink_tokens = 0;
-  int32_t ring_begin = 0;
-  int32_t capacity = 0;
-  int32_t interval = 0;
-  std::string attention_gate_state;  // AttentionGateState::Serialize(); kAttentionGate only
-};
-
-DecodeEvictionParams ToParams(const DecodeEviction& eviction);
-// Rebuilds the rule on the decode side. kFastKvzip needs `fast_kvzip_gate`,
-// kAttentionGate needs `attention_gate` (whose shape must match the state):
-// FAILED_PRECONDITION when the worker has no such gate loaded, INVALID_ARGUMENT for a
-// state that does not parse.
-absl::StatusOr<DecodeEviction> FromParams(const DecodeEvictionParams& params,
-                                          const gates::FastKvzipGate* fast_kvzip_gate,
-                                          const gates::AttentionGate* attention_gate);
 
 struct KvHandoff {
   std::string transfer_id;
@@ -62,7 +41,11 @@ struct KvHandoff {
   std::shared_ptr<const BackendRows> backend_rows;
   int32_t first_token = -1;
   std::string sampler_state;  // engine::Sampler::SaveState()
-  DecodeEvictionParams eviction;
+  // The policy's decode-time eviction (gates/decode_evictor.h): its policy's name and
+  // DecodeEvictor::SaveState(), opaque here; both empty for none. The decode worker
+  // continues it with gates::RestoreDecodeEvictor.
+  std::string eviction_policy;
+  std::string eviction_state;
 
   HeadRows& at(int32_t layer, int32_t kv_head) { return heads[size_t{1} * layer * num_kv_heads + kv_head]; }
   const HeadRows& at(int32_t layer, int32_t kv_head) const {
@@ -79,6 +62,9 @@ struct KvHandoff {
   // first broken one. Receivers call it before importing.
   absl::Status Validate() const;
 };
+
+// Sets the handoff's eviction_policy and eviction_state from `evictor` (null: none).
+void CarryDecodeEviction(const gates::DecodeEvictor* evictor, KvHandoff* handoff);
 
 // Where ExportSequence leaves the K and V rows.
 enum class RowsIn {
@@ -108,8 +94,8 @@ absl::Status ParseLayer(std::string_view bytes, absl::Span<const int32_t> length
 // with RowsIn::kBackend in fresh backend memory of the pool's backend (two device
 // copies; positions, masks and scores stay host data). Decode state fields other
 // than the shape and next_pos are left default: the caller sets transfer_id, first_token,
-// sampler_state and eviction (ToParams(SequenceBatch::eviction())). INVALID_ARGUMENT for
-// an empty layout.
+// sampler_state and the eviction (CarryDecodeEviction(SequenceBatch::evictor())).
+// INVALID_ARGUMENT for an empty layout.
 absl::StatusOr<KvHandoff> ExportSequence(KvPool* pool, const SequenceLayout& layout, RowsIn rows_in = RowsIn::kHost);
 
 // Lays the handoff's rows into fresh pages of `pool` (KvPool::CommitHostRows: one
@@ -117,7 +103,8 @@ absl::StatusOr<KvHandoff> ExportSequence(KvPool* pool, const SequenceLayout& lay
 // CopyRows, mask bytes as kv_pool.h demands; backend rows go by CommitBackendRows,
 // device to device, and FAILED_PRECONDITION when they are another backend's) and returns the sequence's layout (next_pos,
 // masks and scores as in the handoff); it passes SequenceLayout::CheckInvariants. Wrap it
-// in a SequenceBatch with FromParams(handoff.eviction, ...) to decode. Validates first;
+// in a SequenceBatch with gates::RestoreDecodeEvictor(handoff.eviction_policy,
+// handoff.eviction_state, ...) to decode. Validates first;
 // INVALID_ARGUMENT for a malformed handoff or one whose head_dim differs from the pool's;
 // RESOURCE_EXHAUSTED when the pool is short. On error no page stays allocated.
 absl::StatusOr<SequenceLayout> ImportSequence(KvPool* pool, const KvHandoff& handoff);

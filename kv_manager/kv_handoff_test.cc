@@ -135,49 +135,19 @@ TEST(KvHandoffTest, ParseLayerRoundTripsAndRejectsWrongSizes) {
   }
 }
 
-TEST(KvHandoffTest, ParamsRoundTripAndMissingGates) {
-  const gates::ModelShape shape{2, 8, 4, 16, 128};
-  auto attention_gate = gates::AttentionGate::CreateRandom(shape, 5);
-  auto fast_kvzip_gate = gates::FastKvzipGate::CreateRandom(shape, 11);
-  DecodeEviction ring;
-  ring.kind = DecodeEviction::Kind::kStreamingRing;
-  ring.sink_tokens = 4;
-  ring.capacity = 20;
-  auto back = FromParams(ToParams(ring), nullptr, nullptr);
-  ASSERT_TRUE(back.ok()) << back.status();
-  EXPECT_EQ(back->kind, ring.kind);
-  EXPECT_EQ(back->sink_tokens, 4);
-  EXPECT_EQ(back->capacity, 20);
-
-  DecodeEviction fkz;
-  fkz.kind = DecodeEviction::Kind::kFastKvzip;
-  fkz.interval = 4;
-  fkz.capacity = 10;
-  fkz.gate = fast_kvzip_gate.get();
-  EXPECT_EQ(FromParams(ToParams(fkz), nullptr, attention_gate.get()).status().code(),
-            absl::StatusCode::kFailedPrecondition);
-  auto fkz_back = FromParams(ToParams(fkz), fast_kvzip_gate.get(), nullptr);
-  ASSERT_TRUE(fkz_back.ok());
-  EXPECT_EQ(fkz_back->gate, fast_kvzip_gate.get());
-
-  DecodeEviction ag;
-  ag.kind = DecodeEviction::Kind::kAttentionGate;
-  ag.gate_state = std::make_shared<gates::AttentionGateState>(attention_gate.get());
-  std::vector<float> hidden(3 * 128, 0.5f);
-  ASSERT_TRUE(ag.gate_state->Append(0, hidden).ok());
-  const DecodeEvictionParams params = ToParams(ag);
-  EXPECT_FALSE(params.attention_gate_state.empty());
-  EXPECT_EQ(FromParams(params, fast_kvzip_gate.get(), nullptr).status().code(), absl::StatusCode::kFailedPrecondition);
-  auto ag_back = FromParams(params, nullptr, attention_gate.get());
-  ASSERT_TRUE(ag_back.ok()) << ag_back.status();
-  EXPECT_EQ(ag_back->gate_state->tokens(0), 3);
-  EXPECT_NE(ag_back->gate_state, ag.gate_state) << "the decode side continues its own copy";
-  DecodeEvictionParams garbled = params;
-  garbled.attention_gate_state.resize(10);
-  EXPECT_EQ(FromParams(garbled, nullptr, attention_gate.get()).status().code(), absl::StatusCode::kInvalidArgument);
-  DecodeEvictionParams negative = ToParams(ring);
-  negative.capacity = -1;
-  EXPECT_EQ(FromParams(negative, nullptr, nullptr).status().code(), absl::StatusCode::kInvalidArgument);
+TEST(KvHandoffTest, AnEvictionStateNeedsItsPolicy) {
+  KvHandoff h;
+  h.num_layers = 1;
+  h.num_kv_heads = 1;
+  h.head_dim = 4;
+  h.next_pos = 1;
+  h.heads.resize(1);
+  h.eviction_state = "state";
+  EXPECT_EQ(h.Validate().code(), absl::StatusCode::kInvalidArgument);
+  h.eviction_policy = "streaming_llm";
+  EXPECT_TRUE(h.Validate().ok()) << h.Validate();
+  CarryDecodeEviction(nullptr, &h);
+  EXPECT_TRUE(h.eviction_policy.empty() && h.eviction_state.empty());
 }
 
 class KvHandoffPoolTest : public ::testing::Test {
@@ -355,18 +325,18 @@ TEST_F(KvHandoffPoolTest, HandoffContinuesDecodeBitIdenticallyForEveryPolicy) {
     ASSERT_TRUE(exported.ok()) << exported.status();
     exported->transfer_id = "xfer-" + c.name;
     exported->first_token = testing::Argmax(prefilled->logits);
-    exported->eviction = ToParams(original.eviction());
+    CarryDecodeEviction(original.evictor(), &*exported);
     if (c.name == "sage_kv") {
       EXPECT_TRUE(exported->has_query_masks);
     }
     if (c.name == "fast_kvzip") {
       EXPECT_TRUE(exported->has_scores);
     }
-    if (c.name == "attention_gate") {
-      EXPECT_FALSE(exported->eviction.attention_gate_state.empty());
-    }
     if (c.name != "full" && c.name != "snapkv") {
-      EXPECT_NE(exported->eviction.kind, DecodeEviction::Kind::kNone);
+      EXPECT_EQ(exported->eviction_policy, c.name);
+      EXPECT_FALSE(exported->eviction_state.empty());
+    } else {
+      EXPECT_TRUE(exported->eviction_policy.empty() && exported->eviction_state.empty());
     }
     ASSERT_TRUE(exported->Validate().ok()) << exported->Validate();
 
@@ -421,7 +391,8 @@ TEST_F(KvHandoffPoolTest, HandoffContinuesDecodeBitIdenticallyForEveryPolicy) {
     received.has_query_masks = exported->has_query_masks;
     received.has_scores = exported->has_scores;
     received.first_token = exported->first_token;
-    received.eviction = exported->eviction;
+    received.eviction_policy = exported->eviction_policy;
+    received.eviction_state = exported->eviction_state;
     const std::vector<int32_t> lengths = exported->Lengths();
     if (rows_in == RowsIn::kHost) {
       for (int32_t l = 0; l < exported->num_layers; ++l) {
@@ -433,7 +404,8 @@ TEST_F(KvHandoffPoolTest, HandoffContinuesDecodeBitIdenticallyForEveryPolicy) {
     auto layout = ImportSequence(decode_->pool.get(), received);
     ASSERT_TRUE(layout.ok()) << layout.status();
     ASSERT_TRUE(layout->CheckInvariants().ok()) << layout->CheckInvariants();
-    auto eviction = FromParams(received.eviction, gates.fast_kvzip.get(), gates.attention_gate.get());
+    auto eviction = gates::RestoreDecodeEvictor(received.eviction_policy, received.eviction_state, c.options,
+                                                prefill_->shape());
     ASSERT_TRUE(eviction.ok()) << eviction.status();
     SequenceBatch imported(decode_->pool.get(), std::move(*layout), decode_->model->config().sliding_window,
                            std::move(*eviction));

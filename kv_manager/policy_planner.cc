@@ -2,12 +2,10 @@
 
 #include <algorithm>
 #include <functional>
-#include <limits>
 #include <optional>
 
 #include "absl/strings/str_cat.h"
 #include "common/status_macros.h"
-#include "gates/attention_gate.h"
 #include "gates/fast_kvzip.h"
 #include "gates/selectors.h"
 #include "gates/kvzip.h"
@@ -46,17 +44,12 @@ class PolicyPlanner final : public engine::KvPlanner {
     KVGATE_ASSIGN_OR_RETURN(budget_, gates::ResolveBudget(spec_, n, policy_->default_sink(), policy_->default_recent()));
     options->capture_request = policy_->needs();
     inputs_ = gates::PolicyInputs{};
-    if (policy_->hooks().attention_gate_mask) {
-      const gates::AttentionGate* gate = policy_->attention_gate();
-      if (gate == nullptr) return absl::InternalError("attention_gate policy without a gate");
+    request_ = policy_->StartRequest(budget_);
+    if (request_->masks_prefill_keys()) {
       inputs_.gate_flags.assign(model_.config().num_layers, {});
-      gate_state_ = std::make_shared<gates::AttentionGateState>(gate);
-      options->layer_key_mask = [this, gate](int32_t layer, absl::Span<const float> hidden)
+      options->layer_key_mask = [this](int32_t layer, absl::Span<const float> hidden)
           -> absl::StatusOr<std::vector<uint8_t>> {
-        // The gate's own causal state takes the prompt, so decode can flag new tokens.
-        KVGATE_RETURN_IF_ERROR(gate_state_->Append(layer, hidden).status());
-        KVGATE_ASSIGN_OR_RETURN(std::vector<uint8_t> mask,
-                                gates::AttentionGatePrefillKeyMask(*gate, layer, hidden, budget_));
+        KVGATE_ASSIGN_OR_RETURN(std::vector<uint8_t> mask, request_->PrefillKeyMask(layer, hidden));
         inputs_.gate_flags[layer] = mask;
         return mask;
       };
@@ -79,7 +72,7 @@ class PolicyPlanner final : public engine::KvPlanner {
                                                                engine::KvAccounting* accounting) override {
     const engine::ModelConfig& c = model_.config();
     const int32_t n = cache.length_tokens();
-    if (budget_.prompt_tokens != n) {
+    if (budget_.prompt_tokens != n || request_ == nullptr) {
       return absl::FailedPreconditionError("Commit without ConfigurePrefill of the same prompt");
     }
     gates::KeepPlan plan;
@@ -91,6 +84,11 @@ class PolicyPlanner final : public engine::KvPlanner {
       KVGATE_ASSIGN_OR_RETURN(plan, policy_->Plan(capture, inputs_, budget_, spec_.head_budget));
     }
     inputs_ = gates::PolicyInputs{};
+    const std::unique_ptr<gates::PolicyRequest> request = std::move(request_);
+    std::unique_ptr<gates::DecodeEvictor> evictor;
+    if (decode_eviction_) {
+      KVGATE_ASSIGN_OR_RETURN(evictor, request->TakeDecodeEvictor());
+    }
     if (c.sliding_window > 0) TrimToWindow(n - c.sliding_window + 1, &plan);
     SequenceLayout layout;
     KVGATE_RETURN_IF_ERROR(pool_->CommitPrefill(cache, plan, &layout));
@@ -102,7 +100,7 @@ class PolicyPlanner final : public engine::KvPlanner {
     accounting->bytes_full = accounting->kv_entries_full * c.KvEntryBytes();
     accounting->bytes_kept = accounting->kv_entries_kept * c.KvEntryBytes();
     accounting->pages_used = static_cast<int32_t>(layout.NumPages());
-    return std::make_unique<SequenceBatch>(pool_, std::move(layout), c.sliding_window, DecodeRule(n));
+    return std::make_unique<SequenceBatch>(pool_, std::move(layout), c.sliding_window, std::move(evictor));
   }
 
  private:
@@ -118,6 +116,7 @@ class PolicyPlanner final : public engine::KvPlanner {
     const gates::FastKvzipGate& gate = *policy_->fast_kvzip_gate();
     const int32_t n = static_cast<int32_t>(prompt.size());
     KVGATE_ASSIGN_OR_RETURN(budget_, gates::ResolveBudget(spec_, n, policy_->default_sink(), policy_->default_recent()));
+    request_ = policy_->StartRequest(budget_);
     const int32_t context_begin = std::min(budget_.sink_tokens, n);
     const gates::FastKvzipChunkPlan chunks = gates::MakeFastKvzipChunkPlan(
         double(budget_.keep_per_head) / n, context_begin, n, options_.fast_kvzip_chunk_tokens,
@@ -195,33 +194,6 @@ class PolicyPlanner final : public engine::KvPlanner {
     return logits;
   }
 
-  // The policy's decode-time eviction; none when the request keeps everything (so that
-  // keeping everything stays identical to no eviction).
-  DecodeEviction DecodeRule(int32_t n) const {
-    DecodeEviction rule;
-    if (!decode_eviction_) return rule;
-    if (budget_.keep_per_head >= n && policy_->attention_gate() == nullptr) return rule;
-    if (policy_->name() == "streaming_llm") {
-      rule.kind = DecodeEviction::Kind::kStreamingRing;
-      rule.sink_tokens = budget_.sink_tokens;
-      rule.capacity = budget_.keep_per_head;
-    } else if (policy_->fast_kvzip_gate() != nullptr) {
-      rule.kind = DecodeEviction::Kind::kFastKvzip;
-      rule.sink_tokens = budget_.sink_tokens;
-      rule.capacity = budget_.keep_per_head;
-      rule.interval = std::max(1, options_.fast_kvzip_decode_interval);
-      rule.gate = policy_->fast_kvzip_gate();
-    } else if (policy_->attention_gate() != nullptr && gate_state_ != nullptr) {
-      rule.kind = DecodeEviction::Kind::kAttentionGate;
-      rule.gate_state = gate_state_;
-    } else if (policy_->name() == "sage_kv") {
-      rule.kind = DecodeEviction::Kind::kRecentRing;
-      rule.capacity = std::max(1, budget_.recent_tokens);
-      rule.ring_begin = n - rule.capacity;
-    }
-    return rule;
-  }
-
   // KVzip (eviction-methods.md 4.1): one teacher-forced forward per context chunk of the
   // reconstruction prompt + the chunk, on top of the full prompt; their queries and keys
   // are recorded and their K/V discarded (a scratch cache: they never enter the real one).
@@ -281,7 +253,7 @@ class PolicyPlanner final : public engine::KvPlanner {
   gates::ResolvedBudget budget_;
   gates::PolicyInputs inputs_;
   std::optional<gates::KeepPlan> chunked_plan_;  // set by FastKvzipChunkedPrefill
-  std::shared_ptr<gates::AttentionGateState> gate_state_;  // attention_gate: the prompt's state
+  std::unique_ptr<gates::PolicyRequest> request_;  // from ConfigurePrefill to Commit
 };
 
 }  // namespace
@@ -306,73 +278,8 @@ absl::Status SequenceBatch::BeginStep() {
 }
 
 absl::Status SequenceBatch::ObserveLayerInput(int32_t layer, absl::Span<const float> hidden) {
-  if (eviction_.kind == DecodeEviction::Kind::kAttentionGate) {
-    if (step_flags_.empty()) step_flags_.resize(layout_.num_layers);
-    KVGATE_ASSIGN_OR_RETURN(std::vector<float> logits, eviction_.gate_state->Append(layer, hidden));  // [kv, 1]
-    step_flags_[layer].resize(logits.size());
-    for (size_t h = 0; h < logits.size(); ++h) step_flags_[layer][h] = eviction_.gate_state->gate().Flag(logits[h]);
-    return absl::OkStatus();
-  }
-  if (pending_inputs_.empty()) pending_inputs_.resize(layout_.num_layers);
-  pending_inputs_[layer].insert(pending_inputs_[layer].end(), hidden.begin(), hidden.end());
-  return absl::OkStatus();
-}
-
-absl::Status SequenceBatch::FastKvzipReevict() {
-  const gates::FastKvzipGate& gate = *eviction_.gate;
-  const int32_t hidden_size = gate.shape().hidden_size;
-  const int32_t steps = static_cast<int32_t>(pending_inputs_[0].size() / hidden_size);
-  // Score the rows decoded since the last re-eviction: the last `steps` rows of every head.
-  for (int32_t l = 0; l < layout_.num_layers; ++l) {
-    KVGATE_ASSIGN_OR_RETURN(std::vector<float> scores, gate.Score(l, pending_inputs_[l]));  // [kv, steps]
-    for (int32_t h = 0; h < layout_.num_kv_heads; ++h) {
-      HeadPages& head = layout_.at(l, h);
-      for (int32_t t = 0; t < steps; ++t) head.scores[head.length - steps + t] = scores[size_t{1} * h * steps + t];
-    }
-    pending_inputs_[l].clear();
-  }
-  const int64_t total_budget = int64_t{eviction_.capacity} * layout_.num_layers * layout_.num_kv_heads;
-  if (layout_.NumRows() <= total_budget) return absl::OkStatus();
-  // One global threshold over every row; the newest `interval` rows and the first sinks
-  // are pinned (the repo sets their scores to 1.0; a score above every gate score here).
-  struct Row {
-    float score;
-    int32_t position, head_index, row;
-  };
-  std::vector<Row> rows;
-  const int32_t newest = layout_.next_pos - eviction_.interval;
-  int64_t pinned = 0;
-  for (size_t i = 0; i < layout_.heads.size(); ++i) {
-    const HeadPages& head = layout_.heads[i];
-    for (int32_t r = 0; r < head.length; ++r) {
-      const int32_t p = head.positions[r];
-      if (p < eviction_.sink_tokens || p >= newest) {
-        ++pinned;
-        rows.push_back({std::numeric_limits<float>::infinity(), p, static_cast<int32_t>(i), r});
-      } else {
-        rows.push_back({head.scores[r], p, static_cast<int32_t>(i), r});
-      }
-    }
-  }
-  const size_t keep = static_cast<size_t>(std::max<int64_t>(total_budget, pinned));
-  std::nth_element(rows.begin(), rows.begin() + keep, rows.end(), [](const Row& a, const Row& b) {
-    if (a.score != b.score) return a.score > b.score;
-    if (a.position != b.position) return a.position < b.position;
-    return a.head_index < b.head_index;
-  });
-  rows.resize(keep);
-  std::vector<std::vector<bool>> selected(layout_.heads.size());
-  for (size_t i = 0; i < layout_.heads.size(); ++i) selected[i].assign(layout_.heads[i].length, false);
-  for (const Row& row : rows) selected[row.head_index][row.row] = true;
-  return KeepRows([&](size_t i, int32_t r) { return selected[i][r]; });
-}
-
-absl::Status SequenceBatch::DropUnflaggedNewRows() {
-  const int32_t newest = layout_.next_pos - 1;
-  return KeepRows([&](size_t i, int32_t r) {
-    const int32_t layer = static_cast<int32_t>(i) / layout_.num_kv_heads, head = static_cast<int32_t>(i) % layout_.num_kv_heads;
-    return layout_.heads[i].positions[r] != newest || step_flags_[layer][head] != 0;
-  });
+  if (evictor_ == nullptr) return absl::FailedPreconditionError("layer inputs for a sequence that evicts nothing");
+  return evictor_->ObserveLayerInput(layer, hidden);
 }
 
 absl::Status SequenceBatch::KeepRows(const std::function<bool(size_t head_index, int32_t row)>& keep) {
@@ -397,31 +304,44 @@ absl::Status SequenceBatch::KeepRows(const std::function<bool(size_t head_index,
 }
 
 absl::Status SequenceBatch::EndStep() {
-  if (eviction_.kind == DecodeEviction::Kind::kNone) return absl::OkStatus();
-  if (eviction_.kind == DecodeEviction::Kind::kAttentionGate) return DropUnflaggedNewRows();
-  if (eviction_.kind == DecodeEviction::Kind::kFastKvzip) {
-    if (pending_inputs_.empty() || pending_inputs_[0].size() <
-                                       size_t{1} * eviction_.interval * eviction_.gate->shape().hidden_size) {
-      return absl::OkStatus();
+  if (evictor_ == nullptr) return absl::OkStatus();
+  gates::DecodeRows rows;
+  rows.num_layers = layout_.num_layers;
+  rows.num_kv_heads = layout_.num_kv_heads;
+  rows.next_pos = layout_.next_pos;
+  rows.positions.reserve(layout_.heads.size());
+  rows.scores.reserve(layout_.heads.size());
+  for (HeadPages& head : layout_.heads) {
+    rows.positions.emplace_back(head.positions.data(), static_cast<size_t>(head.length));
+    rows.scores.emplace_back(head.scores.data(), head.scores.size());
+  }
+  KVGATE_ASSIGN_OR_RETURN(gates::RowsToDrop drop, evictor_->AfterStep(rows));
+  return DropRows(drop);
+}
+
+absl::Status SequenceBatch::DropRows(const gates::RowsToDrop& drop) {
+  if (drop.empty()) return absl::OkStatus();
+  if (drop.size() != layout_.heads.size()) {
+    return absl::InternalError(absl::StrCat(std::string(evictor_->policy()), " decode eviction dropped rows of ", drop.size(),
+                                            " heads; the sequence has ", layout_.heads.size()));
+  }
+  for (size_t i = 0; i < drop.size(); ++i) {
+    for (size_t k = 0; k < drop[i].size(); ++k) {
+      if (drop[i][k] < 0 || drop[i][k] >= layout_.heads[i].length || (k > 0 && drop[i][k] <= drop[i][k - 1])) {
+        return absl::InternalError(absl::StrCat(std::string(evictor_->policy()), " decode eviction dropped row ", drop[i][k],
+                                                " of head ", i, " (", layout_.heads[i].length,
+                                                " rows; drops must ascend)"));
+      }
     }
-    return FastKvzipReevict();
   }
-  // Rows are in ascending position order; per head, [ring_start, length) is the ring and
-  // its oldest `drop` rows go.
-  std::vector<std::pair<int32_t, int32_t>> dropped(layout_.heads.size());  // [first, end) rows
-  for (size_t i = 0; i < layout_.heads.size(); ++i) {
-    const HeadPages& head = layout_.heads[i];
-    const int32_t ring_first_position =
-        eviction_.kind == DecodeEviction::Kind::kStreamingRing ? eviction_.sink_tokens : eviction_.ring_begin;
-    const int32_t ring_start = static_cast<int32_t>(
-        std::lower_bound(head.positions.begin(), head.positions.end(), ring_first_position) - head.positions.begin());
-    const int32_t ring_capacity = eviction_.kind == DecodeEviction::Kind::kStreamingRing
-                                      ? std::max(0, eviction_.capacity - ring_start)
-                                      : eviction_.capacity;
-    const int32_t drop = std::max(0, head.length - ring_start - ring_capacity);
-    dropped[i] = {ring_start, ring_start + drop};
-  }
-  return KeepRows([&](size_t i, int32_t r) { return r < dropped[i].first || r >= dropped[i].second; });
+  std::vector<size_t> next(drop.size(), 0);  // KeepRows asks each head's rows in order
+  return KeepRows([&](size_t i, int32_t r) {
+    if (next[i] < drop[i].size() && drop[i][next[i]] == r) {
+      ++next[i];
+      return false;
+    }
+    return true;
+  });
 }
 
 absl::Status SequenceBatch::AppendLayer(int32_t layer, const float* k_new, const float* v_new) {

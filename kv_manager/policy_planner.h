@@ -12,42 +12,11 @@
 #include "engine/model.h"
 #include "engine/tokenizer.h"
 #include "gates/eviction_spec.h"
-#include "gates/attention_gate.h"
-#include "gates/fast_kvzip.h"
+#include "gates/decode_evictor.h"
 #include "gates/policy.h"
 #include "kv_manager/kv_pool.h"
 
 namespace kvgate::kv {
-
-// Eviction a policy keeps doing during decode, after every step (architecture.md §4).
-struct DecodeEviction {
-  enum class Kind {
-    kNone,
-    // streaming_llm: every head keeps its rows at positions < sink_tokens plus the most
-    // recent others, at most `capacity` rows in all (a fixed-size ring after the sinks).
-    kStreamingRing,
-    // sage_kv: rows at positions >= ring_begin form the recent window; it keeps its
-    // `capacity` most recent rows (the sink and the selected middle stay frozen).
-    kRecentRing,
-    // fast_kvzip: every `interval` decode steps the gate scores the new rows; if the
-    // sequence holds more than capacity * layers * kv_heads rows, one global threshold
-    // keeps that many, always keeping the newest `interval` rows and the first
-    // sink_tokens positions (FastKVzip math/method/compression/fastkvzip.py).
-    kFastKvzip,
-    // attention_gate: the gate flags each new token per kv head from its causal state;
-    // after the step the token's row stays only in the heads that flag it (it always
-    // attends to itself first).
-    kAttentionGate,
-  };
-  Kind kind = Kind::kNone;
-  int32_t sink_tokens = 0;
-  int32_t ring_begin = 0;
-  int32_t capacity = 0;
-  int32_t interval = 0;
-  const gates::FastKvzipGate* gate = nullptr;
-  // attention_gate: the gate's causal state, already holding the prompt.
-  std::shared_ptr<gates::AttentionGateState> gate_state;
-};
 
 // One sequence's pages as the engine's decode batch (a batch of one). Releases its
 // pages when destroyed. For a model with a sliding window it drops, before each step,
@@ -55,8 +24,10 @@ struct DecodeEviction {
 // after each step it applies the policy's decode-time eviction.
 class SequenceBatch final : public engine::PagedKvBatch {
  public:
-  SequenceBatch(KvPool* pool, SequenceLayout layout, int32_t sliding_window, DecodeEviction eviction = {})
-      : pool_(pool), layout_(std::move(layout)), sliding_window_(sliding_window), eviction_(eviction) {}
+  // `evictor` null: nothing is evicted during decode.
+  SequenceBatch(KvPool* pool, SequenceLayout layout, int32_t sliding_window,
+                std::unique_ptr<gates::DecodeEvictor> evictor = nullptr)
+      : pool_(pool), layout_(std::move(layout)), sliding_window_(sliding_window), evictor_(std::move(evictor)) {}
   ~SequenceBatch() override;
 
   int32_t num_sequences() const override { return 1; }
@@ -65,16 +36,15 @@ class SequenceBatch final : public engine::PagedKvBatch {
   absl::Status AppendLayer(int32_t layer, const float* k_new, const float* v_new) override;
   absl::StatusOr<ops::HeadPagedKvView> View(int32_t layer) override;
   absl::Status EndStep() override;
-  bool wants_layer_inputs() const override {
-    return eviction_.kind == DecodeEviction::Kind::kFastKvzip || eviction_.kind == DecodeEviction::Kind::kAttentionGate;
-  }
+  bool wants_layer_inputs() const override { return evictor_ != nullptr && evictor_->wants_layer_inputs(); }
   absl::Status ObserveLayerInput(int32_t layer, absl::Span<const float> hidden) override;
 
   const SequenceLayout& layout() const { return layout_; }
   KvPool* pool() const { return pool_; }
   int32_t sliding_window() const { return sliding_window_; }
-  // The policy's decode-time eviction (kv_handoff.h ToParams sends it to a decode worker).
-  const DecodeEviction& eviction() const { return eviction_; }
+  // The policy's decode-time eviction, null for none (kv_handoff.h CarryDecodeEviction
+  // sends it to a decode worker).
+  const gates::DecodeEvictor* evictor() const { return evictor_.get(); }
   // The slot of the step in progress (BeginStep to EndStep): DecodeBatch appends the rows
   // of several sequences in one KvPool::AppendDecodeRows.
   const AppendPlan& step() const { return step_; }
@@ -86,15 +56,13 @@ class SequenceBatch final : public engine::PagedKvBatch {
   KvPool* pool_;
   SequenceLayout layout_;
   int32_t sliding_window_;
-  DecodeEviction eviction_;
+  std::unique_ptr<gates::DecodeEvictor> evictor_;
   AppendPlan step_;
-  std::vector<std::vector<float>> pending_inputs_;  // fast_kvzip: per layer [steps, hidden]
-  absl::Status FastKvzipReevict();
-  absl::Status DropUnflaggedNewRows();
   // Compacts the sequence to the rows keep(head index, row) accepts; moves nothing when
-  // it accepts every row.
+  // it accepts every row. Asks each head's rows in ascending order, once each.
   absl::Status KeepRows(const std::function<bool(size_t head_index, int32_t row)>& keep);
-  std::vector<std::vector<uint8_t>> step_flags_;  // attention_gate: per layer [kv_heads]
+  // Compacts the sequence without the evictor's `drop` (checked against the layout first).
+  absl::Status DropRows(const gates::RowsToDrop& drop);
 };
 
 // `tokenizer` is needed only by kvzip (its reconstruction prompt); may be null otherwise.

@@ -191,7 +191,7 @@ absl::StatusOr<PrefillResult> PrefillEngine::Run(const PrefillJob& job) {
   handoff.request_id = job.request_id;
   handoff.first_token = result.first_token;
   handoff.sampler_state = sampler.SaveState();
-  handoff.eviction = kv::ToParams(sequence->eviction());
+  kv::CarryDecodeEviction(sequence->evictor(), &handoff);
   result.kept_per_head = handoff.Lengths();
   result.next_pos = handoff.next_pos;
   batch.reset();  // the rows live in the handoff now; the pages go back

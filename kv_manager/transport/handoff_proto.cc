@@ -5,62 +5,6 @@
 
 namespace kvgate::kv {
 
-v1::DecodeEvictionState EvictionToProto(const DecodeEvictionParams& params) {
-  v1::DecodeEvictionState proto;
-  switch (params.kind) {
-    case DecodeEviction::Kind::kNone:
-      proto.set_kind(v1::DecodeEvictionState::NONE);
-      break;
-    case DecodeEviction::Kind::kStreamingRing:
-      proto.set_kind(v1::DecodeEvictionState::STREAMING_RING);
-      break;
-    case DecodeEviction::Kind::kRecentRing:
-      proto.set_kind(v1::DecodeEvictionState::RECENT_RING);
-      break;
-    case DecodeEviction::Kind::kFastKvzip:
-      proto.set_kind(v1::DecodeEvictionState::FAST_KVZIP);
-      break;
-    case DecodeEviction::Kind::kAttentionGate:
-      proto.set_kind(v1::DecodeEvictionState::ATTENTION_GATE);
-      break;
-  }
-  proto.set_sink_tokens(params.sink_tokens);
-  proto.set_ring_begin(params.ring_begin);
-  proto.set_capacity(params.capacity);
-  proto.set_interval(params.interval);
-  proto.set_attention_gate_state(params.attention_gate_state);
-  return proto;
-}
-
-absl::StatusOr<DecodeEvictionParams> EvictionFromProto(const v1::DecodeEvictionState& proto) {
-  DecodeEvictionParams params;
-  switch (proto.kind()) {
-    case v1::DecodeEvictionState::NONE:
-      params.kind = DecodeEviction::Kind::kNone;
-      break;
-    case v1::DecodeEvictionState::STREAMING_RING:
-      params.kind = DecodeEviction::Kind::kStreamingRing;
-      break;
-    case v1::DecodeEvictionState::RECENT_RING:
-      params.kind = DecodeEviction::Kind::kRecentRing;
-      break;
-    case v1::DecodeEvictionState::FAST_KVZIP:
-      params.kind = DecodeEviction::Kind::kFastKvzip;
-      break;
-    case v1::DecodeEvictionState::ATTENTION_GATE:
-      params.kind = DecodeEviction::Kind::kAttentionGate;
-      break;
-    default:
-      return absl::InvalidArgumentError(absl::StrCat("eviction.kind ", static_cast<int>(proto.kind()), " is unknown"));
-  }
-  params.sink_tokens = proto.sink_tokens();
-  params.ring_begin = proto.ring_begin();
-  params.capacity = proto.capacity();
-  params.interval = proto.interval();
-  params.attention_gate_state = proto.attention_gate_state();
-  return params;
-}
-
 v1::KvTransferHeader ToHeaderProto(const KvHandoff& handoff) {
   v1::KvTransferHeader header;
   header.set_transfer_id(handoff.transfer_id);
@@ -75,7 +19,8 @@ v1::KvTransferHeader ToHeaderProto(const KvHandoff& handoff) {
   header.mutable_lengths()->Add(lengths.begin(), lengths.end());
   header.set_first_token(handoff.first_token);
   header.set_sampler_state(handoff.sampler_state);
-  *header.mutable_eviction() = EvictionToProto(handoff.eviction);
+  header.set_eviction_policy(handoff.eviction_policy);
+  header.set_eviction_state(handoff.eviction_state);
   header.set_payload_bytes(handoff.PayloadBytes());
   return header;
 }
@@ -97,6 +42,11 @@ absl::StatusOr<TransferHeader> FromHeaderProto(const v1::KvTransferHeader& heade
     return absl::InvalidArgumentError(absl::StrCat("header.lengths has ", header.lengths_size(), " entries for ", L,
                                                    " layers x ", H, " kv heads"));
   }
+  if (header.eviction_policy().empty() != header.eviction_state().empty()) {
+    return absl::InvalidArgumentError(absl::StrCat("header.eviction_policy '", header.eviction_policy().substr(0, 64),
+                                                   "' with an eviction_state of ", header.eviction_state().size(),
+                                                   " bytes (both or neither)"));
+  }
   TransferHeader out;
   KvHandoff& shell = out.shell;
   shell.transfer_id = header.transfer_id();
@@ -109,7 +59,8 @@ absl::StatusOr<TransferHeader> FromHeaderProto(const v1::KvTransferHeader& heade
   shell.has_scores = header.has_scores();
   shell.first_token = header.first_token();
   shell.sampler_state = header.sampler_state();
-  KVGATE_ASSIGN_OR_RETURN(shell.eviction, EvictionFromProto(header.eviction()));
+  shell.eviction_policy = header.eviction_policy();
+  shell.eviction_state = header.eviction_state();
   shell.heads.resize(static_cast<size_t>(L) * H);
   out.lengths.assign(header.lengths().begin(), header.lengths().end());
   out.layer_bytes.assign(L, 0);

@@ -36,7 +36,4 @@ struct TransferHeader {
 };
 absl::StatusOr<TransferHeader> FromHeaderProto(const v1::KvTransferHeader& header);
 
-v1::DecodeEvictionState EvictionToProto(const DecodeEvictionParams& params);
-absl::StatusOr<DecodeEvictionParams> EvictionFromProto(const v1::DecodeEvictionState& proto);
-
 }  // namespace kvgate::kv

@@ -1,4 +1,4 @@
-// The KvTransferHeader mapping: round trips of every field and eviction kind, and the
+// The KvTransferHeader mapping: round trips of every field (the eviction state as opaque bytes), and the
 // header checks a receiver relies on before it reserves anything.
 #include "kv_manager/transport/handoff_proto.h"
 
@@ -31,31 +31,6 @@ TEST(HandoffProtoTest, HeaderRoundTrips) {
   testing::ExpectSameHandoff(sent, shell);
 }
 
-TEST(HandoffProtoTest, EveryEvictionKindRoundTrips) {
-  for (auto kind : {DecodeEviction::Kind::kNone, DecodeEviction::Kind::kStreamingRing,
-                    DecodeEviction::Kind::kRecentRing, DecodeEviction::Kind::kFastKvzip,
-                    DecodeEviction::Kind::kAttentionGate}) {
-    DecodeEvictionParams params;
-    params.kind = kind;
-    params.sink_tokens = 1;
-    params.ring_begin = 2;
-    params.capacity = 3;
-    params.interval = 4;
-    params.attention_gate_state = std::string("\0\1\2", 3);
-    auto back = EvictionFromProto(EvictionToProto(params));
-    ASSERT_TRUE(back.ok());
-    EXPECT_EQ(back->kind, kind);
-    EXPECT_EQ(back->sink_tokens, 1);
-    EXPECT_EQ(back->ring_begin, 2);
-    EXPECT_EQ(back->capacity, 3);
-    EXPECT_EQ(back->interval, 4);
-    EXPECT_EQ(back->attention_gate_state, params.attention_gate_state);
-  }
-  v1::DecodeEvictionState unknown;
-  unknown.set_kind(static_cast<v1::DecodeEvictionState::Kind>(42));
-  EXPECT_EQ(EvictionFromProto(unknown).status().code(), absl::StatusCode::kInvalidArgument);
-}
-
 TEST(HandoffProtoTest, MalformedHeadersAreInvalidArgument) {
   const v1::KvTransferHeader good = ToHeaderProto(testing::CodedTransfer("p2", 4));
   ASSERT_TRUE(FromHeaderProto(good).ok());
@@ -71,9 +46,8 @@ TEST(HandoffProtoTest, MalformedHeadersAreInvalidArgument) {
       {"rows", [](v1::KvTransferHeader& h) { h.set_lengths(2, -1); }},
       {"rows", [](v1::KvTransferHeader& h) { h.set_lengths(2, h.next_pos() + 1); }},
       {"payload_bytes", [](v1::KvTransferHeader& h) { h.set_payload_bytes(h.payload_bytes() + 1); }},
-      {"eviction.kind", [](v1::KvTransferHeader& h) {
-         h.mutable_eviction()->set_kind(static_cast<v1::DecodeEvictionState::Kind>(9));
-       }},
+      {"eviction_policy", [](v1::KvTransferHeader& h) { h.clear_eviction_policy(); }},
+      {"eviction_policy", [](v1::KvTransferHeader& h) { h.clear_eviction_state(); }},
   };
   for (const auto& [field, mutate] : breaks) {
     v1::KvTransferHeader bad = good;

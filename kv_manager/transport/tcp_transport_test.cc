@@ -130,7 +130,7 @@ TEST_F(TcpTransportTest, RealSnapkvHandoffArrivesIdentical) {
   handoff->request_id = "req-7";
   handoff->first_token = testing::Argmax(prefilled->logits);
   handoff->sampler_state = std::string("sampler\0state", 13);
-  handoff->eviction = ToParams(prefilled->sequence->eviction());
+  CarryDecodeEviction(prefilled->sequence->evictor(), &*handoff);
 
   std::unique_ptr<KvSender> sender = MakeTcpSender(Insecure);
   auto bytes = sender->Send(address_, *handoff, In(absl::Seconds(20)));

@@ -30,9 +30,8 @@ inline KvHandoff CodedTransfer(const std::string& transfer_id, int32_t rows, boo
   h.has_scores = scores;
   h.first_token = 17;
   h.sampler_state = std::string("rng\0state", 9);
-  h.eviction.kind = DecodeEviction::Kind::kStreamingRing;
-  h.eviction.sink_tokens = 4;
-  h.eviction.capacity = rows;
+  h.eviction_policy = "streaming_llm";
+  h.eviction_state = std::string("opaque\0state", 12);
   for (int32_t l = 0; l < num_layers; ++l) {
     for (int32_t kv = 0; kv < num_kv_heads; ++kv) {
       HeadRows head;
@@ -63,12 +62,8 @@ inline void ExpectSameHandoff(const KvHandoff& want, const KvHandoff& got) {
   EXPECT_EQ(got.has_scores, want.has_scores);
   EXPECT_EQ(got.first_token, want.first_token);
   EXPECT_EQ(got.sampler_state, want.sampler_state);
-  EXPECT_EQ(got.eviction.kind, want.eviction.kind);
-  EXPECT_EQ(got.eviction.sink_tokens, want.eviction.sink_tokens);
-  EXPECT_EQ(got.eviction.ring_begin, want.eviction.ring_begin);
-  EXPECT_EQ(got.eviction.capacity, want.eviction.capacity);
-  EXPECT_EQ(got.eviction.interval, want.eviction.interval);
-  EXPECT_EQ(got.eviction.attention_gate_state, want.eviction.attention_gate_state);
+  EXPECT_EQ(got.eviction_policy, want.eviction_policy);
+  EXPECT_EQ(got.eviction_state, want.eviction_state);
   ASSERT_EQ(got.heads.size(), want.heads.size());
   for (size_t i = 0; i < want.heads.size(); ++i) {
     EXPECT_EQ(got.heads[i].positions, want.heads[i].positions) << "head " << i;

@@ -69,6 +69,11 @@ std::string WorkerRuntime::model_name() const {
   return dir.filename().string();
 }
 
+gates::ModelShape WorkerRuntime::policy_shape() const {
+  const engine::ModelConfig& c = config();
+  return gates::ModelShape{c.num_layers, c.num_heads, c.num_kv_heads, c.head_dim, c.hidden_size};
+}
+
 gates::PolicyOptions WorkerRuntime::policy_options() const {
   gates::PolicyOptions options;
   options.fast_kvzip_gate = fast_kvzip_gate_;

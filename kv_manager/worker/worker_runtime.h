@@ -63,8 +63,8 @@ class WorkerRuntime {
   std::string model_name() const;
   // The policy options of a request: the loaded gates attached.
   gates::PolicyOptions policy_options() const;
-  const gates::FastKvzipGate* fast_kvzip_gate() const { return fast_kvzip_gate_.get(); }
-  const gates::AttentionGate* attention_gate() const { return attention_gate_.get(); }
+  // The model's shape as the policies see it.
+  gates::ModelShape policy_shape() const;
 
  private:
   WorkerRuntimeOptions options_;
