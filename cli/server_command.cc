@@ -162,10 +162,10 @@ absl::StatusOr<ServerConfig> ParseServer(const std::string& command, std::set<Ro
   if (auto dtype = flags.String("kv-cache-dtype")) {
     KVGATE_ASSIGN_OR_RETURN(c.runtime.kv_dtype, kv::ParseKvCacheDtype(*dtype));
   }
-  if (auto path = flags.String("fast-kvzip-gate")) c.runtime.fast_kvzip_gate_path = *path;
-  if (auto path = flags.String("attention-gate")) c.runtime.attention_gate_path = *path;
+  if (auto path = flags.String("fast-kvzip-gate")) c.runtime.gates.paths["fast_kvzip"] = *path;
+  if (auto path = flags.String("attention-gate")) c.runtime.gates.paths["attention_gate"] = *path;
   KVGATE_ASSIGN_OR_RETURN(auto seed, flags.Int("random-gates"));
-  if (seed) c.runtime.random_gate_seed = static_cast<uint64_t>(*seed);
+  if (seed) c.runtime.gates.random_seed = static_cast<uint64_t>(*seed);
   if (auto policy = flags.String("default-policy")) c.manager.default_policy = *policy;
   KVGATE_ASSIGN_OR_RETURN(auto keep, flags.Double("default-keep-ratio"));
   if (keep) c.manager.default_keep_ratio = static_cast<float>(*keep);

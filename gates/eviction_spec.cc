@@ -6,17 +6,73 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 #include "common/status_macros.h"
+#include "gates/attention_gate.h"
+#include "gates/fast_kvzip.h"
+#include "gates/kvzip.h"
+#include "gates/streaming_llm.h"
 
 namespace kvgate::gates {
 
+namespace {
+
+struct RegisteredPolicy {
+  const char* name;
+  PolicyTraits traits;
+};
+
+// Every policy, in documentation order. Policy::default_sink/default_recent return the
+// same values (policy_test checks each against its policy object).
+const std::vector<RegisteredPolicy>& Registry() {
+  static const std::vector<RegisteredPolicy>* const kRegistry = new std::vector<RegisteredPolicy>{
+      {"full", {0, 0, /*adaptive_heads=*/true, /*evicts=*/false}},
+      {"streaming_llm", {kStreamingLlmDefaultSink, 0, false, true}},
+      {"snapkv", {0, 0, true, true}},
+      {"sage_kv", {kDefaultQuarterOfBudget, kDefaultQuarterOfBudget, false, true}},
+      {"kvzip", {kKvzipDefaultSink, 0, true, true}},
+      {"fast_kvzip", {kFastKvzipDefaultSink, kDefaultFastKvzipWindow, true, true}},
+      {"attention_gate", {kAttentionGateDefaultSink, 0, false, true}},
+  };
+  return *kRegistry;
+}
+
+const RegisteredPolicy* Find(const std::string& policy) {
+  for (const RegisteredPolicy& p : Registry()) {
+    if (policy == p.name) return &p;
+  }
+  return nullptr;
+}
+
+}  // namespace
+
 const std::vector<std::string>& PolicyNames() {
-  static const std::vector<std::string>* const kNames = new std::vector<std::string>{
-      "full", "streaming_llm", "snapkv", "sage_kv", "kvzip", "fast_kvzip", "attention_gate"};
+  static const std::vector<std::string>* const kNames = [] {
+    auto* names = new std::vector<std::string>;
+    for (const RegisteredPolicy& p : Registry()) names->push_back(p.name);
+    return names;
+  }();
   return *kNames;
 }
 
+absl::StatusOr<PolicyTraits> TraitsOfPolicy(const std::string& policy) {
+  const RegisteredPolicy* found = Find(policy);
+  if (found == nullptr) {
+    return absl::InvalidArgumentError(absl::StrCat("unknown eviction policy '", policy,
+                                                   "' (known: ", absl::StrJoin(PolicyNames(), ", "), ")"));
+  }
+  return found->traits;
+}
+
 bool PolicySupportsAdaptiveHeads(const std::string& policy) {
-  return policy == "full" || policy == "snapkv" || policy == "kvzip" || policy == "fast_kvzip";
+  const RegisteredPolicy* found = Find(policy);
+  return found != nullptr && found->traits.adaptive_heads;
+}
+
+std::string AdaptiveHeadPolicies() {
+  std::vector<std::string> names;
+  for (const RegisteredPolicy& p : Registry()) {
+    if (p.traits.adaptive_heads && p.traits.evicts) names.push_back(p.name);
+  }
+  return absl::StrJoin(names, ", ");
 }
 
 int32_t FastKvzipPrefillWindow(int32_t prompt_tokens) {
@@ -67,7 +123,7 @@ absl::Status ValidateEvictionSpec(const EvictionSpec& spec) {
   if (spec.head_budget == HeadBudget::kAdaptive && !PolicySupportsAdaptiveHeads(spec.policy)) {
     return absl::InvalidArgumentError(absl::StrCat(
         "head_budget: ADAPTIVE (AdaKV) is not supported by policy '", spec.policy,
-        "' (supported: snapkv, kvzip, fast_kvzip)"));
+        "' (supported: ", AdaptiveHeadPolicies(), ")"));
   }
   return absl::OkStatus();
 }

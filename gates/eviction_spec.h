@@ -80,5 +80,20 @@ int32_t FastKvzipPrefillWindow(int32_t prompt_tokens);
 // Whether `policy` accepts head_budget = kAdaptive (AdaKV): snapkv, kvzip, fast_kvzip
 // (scored policies), and full (where it is meaningless and ignored).
 bool PolicySupportsAdaptiveHeads(const std::string& policy);
+// The evicting policies that accept it, for messages ("snapkv, kvzip, fast_kvzip").
+std::string AdaptiveHeadPolicies();
+
+// What the KV manager and the router know of a policy without building it (no gate
+// weights needed): its default protections (the same as its Policy::default_sink /
+// default_recent, for ResolveBudget), whether it accepts head_budget ADAPTIVE, and
+// whether it evicts at all (full keeps every row whatever the budget).
+struct PolicyTraits {
+  int32_t default_sink = 0;
+  int32_t default_recent = 0;
+  bool adaptive_heads = false;
+  bool evicts = true;
+};
+// INVALID_ARGUMENT for a name not in PolicyNames().
+absl::StatusOr<PolicyTraits> TraitsOfPolicy(const std::string& policy);
 
 }  // namespace kvgate::gates

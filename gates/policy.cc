@@ -56,6 +56,28 @@ absl::StatusOr<std::unique_ptr<DecodeEvictor>> Policy::RestoreDecodeEvictor(std:
                                                  state.size(), " bytes"));
 }
 
+absl::StatusOr<PolicyOptions> LoadGates(const GateFiles& files, const ModelShape& shape) {
+  KVGATE_RETURN_IF_ERROR(ValidateModelShape(shape));
+  for (const auto& [policy, path] : files.paths) {
+    if (policy != "fast_kvzip" && policy != "attention_gate") {
+      return absl::InvalidArgumentError(absl::StrCat("a gate file for policy '", policy,
+                                                     "', which has no learned gate (gated: fast_kvzip, attention_gate)"));
+    }
+  }
+  PolicyOptions options;
+  if (auto it = files.paths.find("fast_kvzip"); it != files.paths.end()) {
+    KVGATE_ASSIGN_OR_RETURN(options.fast_kvzip_gate, FastKvzipGate::Load(it->second, shape));
+  } else if (files.random_seed) {
+    options.fast_kvzip_gate = FastKvzipGate::CreateRandom(shape, *files.random_seed);
+  }
+  if (auto it = files.paths.find("attention_gate"); it != files.paths.end()) {
+    KVGATE_ASSIGN_OR_RETURN(options.attention_gate, AttentionGate::Load(it->second, shape));
+  } else if (files.random_seed) {
+    options.attention_gate = AttentionGate::CreateRandom(shape, *files.random_seed);
+  }
+  return options;
+}
+
 absl::StatusOr<std::unique_ptr<DecodeEvictor>> RestoreDecodeEvictor(const std::string& name, std::string_view state,
                                                                     const PolicyOptions& options,
                                                                     const ModelShape& shape) {

@@ -17,7 +17,9 @@
 #pragma once
 
 #include <cstdint>
+#include <map>
 #include <memory>
+#include <optional>
 #include <string>
 #include <string_view>
 #include <vector>
@@ -161,6 +163,21 @@ class Policy {
     return Plan(capture, PolicyInputs{}, budget, head_budget);
   }
 };
+
+// The learned gates a worker loads once and every request shares.
+struct GateFiles {
+  // Gate weight file (gates/README.md formats) per policy name, for the policies with a
+  // learned gate (fast_kvzip, attention_gate); such a policy without a file is refused
+  // unless random_seed is set.
+  std::map<std::string, std::string> paths;
+  // Tests and demos without trained gates: seeded random gates for the gated policies
+  // without a file, the same on every worker given the same seed.
+  std::optional<uint64_t> random_seed;
+};
+// PolicyOptions with the gates of `files` loaded and checked against `shape`.
+// INVALID_ARGUMENT naming a policy that has no gate; load errors pass through (NOT_FOUND
+// for a missing file).
+absl::StatusOr<PolicyOptions> LoadGates(const GateFiles& files, const ModelShape& shape);
 
 // `name` from PolicyNames(). INVALID_ARGUMENT for an unknown name, a model shape the policy
 // cannot serve, or a gate file that does not fit the model; NOT_FOUND for a missing gate

@@ -43,6 +43,12 @@ TEST(CreatePolicyTest, EveryNameAndItsNeeds) {
     EXPECT_EQ((*policy)->needs().hidden_states, w.hidden);
     EXPECT_EQ((*policy)->default_sink(), w.sink);
     EXPECT_EQ((*policy)->default_recent(), w.recent);
+    // The registry's traits, used where no policy is built, say the same.
+    auto traits = TraitsOfPolicy(w.name);
+    ASSERT_TRUE(traits.ok()) << traits.status();
+    EXPECT_EQ(traits->default_sink, w.sink);
+    EXPECT_EQ(traits->default_recent, w.recent);
+    EXPECT_EQ(traits->evicts, w.name != "full");
     EXPECT_EQ((*policy)->fast_kvzip_gate() != nullptr, w.name == "fast_kvzip");
     EvictionSpec spec;
     spec.policy = w.name;
@@ -55,6 +61,8 @@ TEST(CreatePolicyTest, EveryNameAndItsNeeds) {
 TEST(CreatePolicyTest, Errors) {
   const ModelShape shape = Shape(2, 4, 2, 8, 16);
   EXPECT_STATUS(CreatePolicy("h2o", {}, shape), StatusCode::kInvalidArgument, "unknown eviction policy 'h2o'");
+  EXPECT_STATUS(TraitsOfPolicy("h2o"), StatusCode::kInvalidArgument, "unknown eviction policy 'h2o'");
+  EXPECT_EQ(AdaptiveHeadPolicies(), "snapkv, kvzip, fast_kvzip");
   EXPECT_STATUS(CreatePolicy("full", {}, Shape(2, 3, 2, 8, 16)), StatusCode::kInvalidArgument, "model shape");
   EXPECT_STATUS(CreatePolicy("fast_kvzip", {}, shape), StatusCode::kInvalidArgument, "gate_path");
   EXPECT_STATUS(CreatePolicy("attention_gate", {}, shape), StatusCode::kInvalidArgument, "gate_path");
@@ -79,6 +87,34 @@ TEST(CreatePolicyTest, LoadsGatesFromPath) {
   EXPECT_STATUS(CreatePolicy("attention_gate", options, shape), StatusCode::kInvalidArgument, "'format'");
   ASSERT_TRUE(AttentionGate::CreateRandom(shape, 3)->Save(path).ok());
   EXPECT_TRUE(CreatePolicy("attention_gate", options, shape).ok());
+  std::remove(path.c_str());
+}
+
+// A worker's gates: files by policy, seeded random gates for the rest, and refusals.
+TEST(LoadGatesTest, LoadsFilesAndRandomGatesAndRefusesUngatedPolicies) {
+  const ModelShape shape = Shape(2, 4, 2, 8, 16);
+  const std::string path = testing::TempPath("worker_gate.safetensors");
+  ASSERT_TRUE(AttentionGate::CreateRandom(shape, 3)->Save(path).ok());
+  GateFiles files;
+  files.paths["attention_gate"] = path;
+  auto options = LoadGates(files, shape);
+  ASSERT_TRUE(options.ok()) << options.status();
+  EXPECT_NE(options->attention_gate, nullptr);
+  EXPECT_EQ(options->fast_kvzip_gate, nullptr) << "no file and no seed: fast_kvzip stays refused";
+  EXPECT_FALSE(CreatePolicy("fast_kvzip", *options, shape).ok());
+  EXPECT_TRUE(CreatePolicy("attention_gate", *options, shape).ok());
+  files.random_seed = 9;
+  options = LoadGates(files, shape);
+  ASSERT_TRUE(options.ok()) << options.status();
+  EXPECT_NE(options->fast_kvzip_gate, nullptr);
+  EXPECT_TRUE(CreatePolicy("fast_kvzip", *options, shape).ok());
+  files.paths["fast_kvzip"] = path;  // an attention gate's file
+  EXPECT_STATUS(LoadGates(files, shape), StatusCode::kInvalidArgument, "'format'");
+  files.paths["fast_kvzip"] = path + ".missing";
+  EXPECT_EQ(LoadGates(files, shape).status().code(), StatusCode::kNotFound);
+  files.paths.erase("fast_kvzip");
+  files.paths["snapkv"] = path;
+  EXPECT_STATUS(LoadGates(files, shape), StatusCode::kInvalidArgument, "policy 'snapkv'");
   std::remove(path.c_str());
 }
 

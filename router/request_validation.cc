@@ -190,7 +190,7 @@ absl::Status CheckCompression(const CompressionSpec& c, int64_t prompt_tokens, c
   }
   if (c.head_budget() == CompressionSpec::ADAPTIVE && !gates::PolicySupportsAdaptiveHeads(*policy)) {
     return Invalid(absl::StrCat("compression.head_budget: ADAPTIVE is not supported by policy '", *policy,
-                                "' (supported: snapkv, kvzip, fast_kvzip)"));
+                                "' (supported: ", gates::AdaptiveHeadPolicies(), ")"));
   }
   for (int i = 0; i < c.protected_ranges_size(); ++i) {
     const kvgate::v1::TokenRange& r = c.protected_ranges(i);

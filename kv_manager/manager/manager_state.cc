@@ -9,10 +9,6 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 #include "common/status_macros.h"
-#include "gates/attention_gate.h"
-#include "gates/fast_kvzip.h"
-#include "gates/kvzip.h"
-#include "gates/streaming_llm.h"
 #include "kv_manager/manager/plan_proto.h"
 
 namespace kvgate::kv {
@@ -25,17 +21,6 @@ const std::vector<std::string>& KnownTransports() {
   static const std::vector<std::string>* const kKnown =
       new std::vector<std::string>{"inproc", "tcp", "nccl"};
   return *kKnown;
-}
-
-// The policies' default sink / recent tokens (their Policy::default_sink/default_recent),
-// for counting the positions a plan protects without building the policy.
-std::pair<int32_t, int32_t> PolicyProtectionDefaults(const std::string& policy) {
-  if (policy == "streaming_llm") return {gates::kStreamingLlmDefaultSink, 0};
-  if (policy == "sage_kv") return {gates::kDefaultQuarterOfBudget, gates::kDefaultQuarterOfBudget};
-  if (policy == "kvzip") return {gates::kKvzipDefaultSink, 0};
-  if (policy == "fast_kvzip") return {gates::kFastKvzipDefaultSink, gates::kDefaultFastKvzipWindow};
-  if (policy == "attention_gate") return {gates::kAttentionGateDefaultSink, 0};
-  return {0, 0};  // full, snapkv
 }
 
 absl::Status WithField(const std::string& prefix, const absl::Status& s) {
@@ -293,17 +278,18 @@ absl::StatusOr<v1::Ticket> ManagerState::Admit(const v1::AdmitRequest& request) 
     if (!parsed.ok()) return WithField("compression.", parsed.status());
     gates::EvictionSpec spec = *std::move(parsed);
     if (spec.policy.empty()) spec.policy = config_.default_policy;
-    if (spec.keep_ratio == 0.0f && spec.budget_tokens == 0 && spec.policy != "full") {
+    absl::StatusOr<gates::PolicyTraits> traits = gates::TraitsOfPolicy(spec.policy);
+    if (!traits.ok()) return WithField("compression.policy: ", traits.status());
+    if (spec.keep_ratio == 0.0f && spec.budget_tokens == 0 && traits->evicts) {
       spec.keep_ratio = config_.default_keep_ratio;
     }
     if (absl::Status s = gates::ValidateEvictionSpec(spec); !s.ok()) return WithField("compression.", s);
 
-    const auto [sink_default, recent_default] = PolicyProtectionDefaults(spec.policy);
-    absl::StatusOr<gates::ResolvedBudget> budget =
-        gates::ResolveBudget(spec, request.prompt_tokens(), sink_default, recent_default);
+    absl::StatusOr<gates::ResolvedBudget> budget = gates::ResolveBudget(spec, request.prompt_tokens(),
+                                                                        traits->default_sink, traits->default_recent);
     if (!budget.ok()) return WithField("compression.", budget.status());
     int64_t kept = request.prompt_tokens();
-    if (spec.policy != "full") {
+    if (traits->evicts) {
       const int64_t protected_count =
           std::count(budget->protected_mask.begin(), budget->protected_mask.end(), uint8_t{1});
       kept = std::max<int64_t>(budget->keep_per_head, protected_count);

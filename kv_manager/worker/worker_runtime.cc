@@ -33,17 +33,7 @@ absl::StatusOr<std::unique_ptr<WorkerRuntime>> WorkerRuntime::Load(const WorkerR
   KVGATE_ASSIGN_OR_RETURN(runtime->tokenizer_,
                           engine::Tokenizer::FromFile((fs::path(options.model_dir) / "tokenizer.json").string()));
   const engine::ModelConfig& c = runtime->model_->config();
-  const gates::ModelShape shape{c.num_layers, c.num_heads, c.num_kv_heads, c.head_dim, c.hidden_size};
-  if (!options.fast_kvzip_gate_path.empty()) {
-    KVGATE_ASSIGN_OR_RETURN(runtime->fast_kvzip_gate_, gates::FastKvzipGate::Load(options.fast_kvzip_gate_path, shape));
-  } else if (options.random_gate_seed) {
-    runtime->fast_kvzip_gate_ = gates::FastKvzipGate::CreateRandom(shape, *options.random_gate_seed);
-  }
-  if (!options.attention_gate_path.empty()) {
-    KVGATE_ASSIGN_OR_RETURN(runtime->attention_gate_, gates::AttentionGate::Load(options.attention_gate_path, shape));
-  } else if (options.random_gate_seed) {
-    runtime->attention_gate_ = gates::AttentionGate::CreateRandom(shape, *options.random_gate_seed);
-  }
+  KVGATE_ASSIGN_OR_RETURN(runtime->policy_options_, gates::LoadGates(options.gates, runtime->policy_shape()));
   int32_t pages = options.kv_pool_pages;
   if (pages <= 0) {
     const int32_t pages_per_head = (runtime->max_sequence_tokens() + options.page_tokens - 1) / options.page_tokens + 1;
@@ -74,11 +64,6 @@ gates::ModelShape WorkerRuntime::policy_shape() const {
   return gates::ModelShape{c.num_layers, c.num_heads, c.num_kv_heads, c.head_dim, c.hidden_size};
 }
 
-gates::PolicyOptions WorkerRuntime::policy_options() const {
-  gates::PolicyOptions options;
-  options.fast_kvzip_gate = fast_kvzip_gate_;
-  options.attention_gate = attention_gate_;
-  return options;
-}
+gates::PolicyOptions WorkerRuntime::policy_options() const { return policy_options_; }
 
 }  // namespace kvgate::kv

@@ -13,8 +13,6 @@
 #include "cuda/backend.h"
 #include "engine/model.h"
 #include "engine/tokenizer.h"
-#include "gates/attention_gate.h"
-#include "gates/fast_kvzip.h"
 #include "gates/policy.h"
 #include "kv_manager/kv_pool.h"
 
@@ -32,13 +30,8 @@ struct WorkerRuntimeOptions {
   // Tokens each of those sequences may hold; 0 = the model's context. The prefill worker
   // stages one prompt at a time, so this is its longest prompt (--max-prompt-tokens).
   int32_t kv_pool_sequence_tokens = 0;
-  // Gate weight files (gates/README.md formats); empty = the policy is refused unless
-  // random_gate_seed is set.
-  std::string fast_kvzip_gate_path;
-  std::string attention_gate_path;
-  // Tests and demos without trained gates: seeded random gates, the same on every worker
-  // given the same seed.
-  std::optional<uint64_t> random_gate_seed;
+  // The learned gates' weight files (or seeded random gates), loaded once.
+  gates::GateFiles gates;
 };
 
 class WorkerRuntime {
@@ -74,8 +67,7 @@ class WorkerRuntime {
   std::shared_ptr<ops::Backend> backend_;
   std::unique_ptr<engine::Model> model_;
   std::unique_ptr<engine::Tokenizer> tokenizer_;
-  std::shared_ptr<const gates::FastKvzipGate> fast_kvzip_gate_;
-  std::shared_ptr<const gates::AttentionGate> attention_gate_;
+  gates::PolicyOptions policy_options_;  // the loaded gates attached
   std::unique_ptr<KvPool> pool_;
 };
 
