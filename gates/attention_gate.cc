@@ -368,8 +368,9 @@ class AttentionGateEvictor final : public DecodeEvictor {
 // that decode can flag new tokens.
 class AttentionGateRequest final : public PolicyRequest {
  public:
-  AttentionGateRequest(std::shared_ptr<const AttentionGate> gate, const ResolvedBudget& budget)
-      : gate_(std::move(gate)), budget_(budget), state_(std::make_unique<AttentionGateState>(gate_.get())) {}
+  AttentionGateRequest(const Policy& policy, const ResolvedBudget& budget, std::shared_ptr<const AttentionGate> gate)
+      : PolicyRequest(policy, budget), gate_(std::move(gate)),
+        state_(std::make_unique<AttentionGateState>(gate_.get())) {}
   bool masks_prefill_keys() const override { return true; }
   absl::StatusOr<std::vector<uint8_t>> PrefillKeyMask(int32_t layer, absl::Span<const float> x) override {
     if (state_ == nullptr) return absl::FailedPreconditionError("attention_gate: prefill mask after the decode evictor left");
@@ -383,7 +384,6 @@ class AttentionGateRequest final : public PolicyRequest {
 
  private:
   std::shared_ptr<const AttentionGate> gate_;
-  ResolvedBudget budget_;
   std::unique_ptr<AttentionGateState> state_;
 };
 
@@ -396,7 +396,7 @@ class AttentionGatePolicy final : public Policy {
   int32_t default_sink() const override { return kAttentionGateDefaultSink; }
   int32_t default_recent() const override { return 0; }
   std::unique_ptr<PolicyRequest> StartRequest(const ResolvedBudget& budget) const override {
-    return std::make_unique<AttentionGateRequest>(gate_, budget);
+    return std::make_unique<AttentionGateRequest>(*this, budget, gate_);
   }
   absl::StatusOr<std::unique_ptr<DecodeEvictor>> RestoreDecodeEvictor(std::string_view state) const override {
     KVGATE_ASSIGN_OR_RETURN(internal::PackedState packed, internal::UnpackState(state, kName, 0));

@@ -4,6 +4,7 @@
 #include <cmath>
 #include <cstring>
 #include <limits>
+#include <optional>
 #include <random>
 
 #include <cblas.h>
@@ -11,6 +12,7 @@
 #include "absl/strings/str_cat.h"
 #include "common/status_macros.h"
 #include "gates/gate_weights.h"
+#include "gates/selectors.h"
 
 namespace kvgate::gates {
 namespace {
@@ -379,29 +381,136 @@ class FastKvzipEvictor final : public DecodeEvictor {
   std::vector<std::vector<float>> pending_inputs_;  // per layer [steps, hidden_size]
 };
 
+// Fast KVzip's prefill (FastKVzip prefill/model/wrapper.py::prefill, eviction-methods.md
+// 5.3) when chunked: the prompt runs in chunks; after each chunk's forward through every
+// layer, the tokens that have left the local window and were not yet judged are
+// thresholded with ONE threshold over all layers and kv heads (keep fraction r_chunk), and
+// the losers become invisible to every later chunk. The first sink_tokens (the "system
+// prompt") are never scored; the final window W is never evicted.
 class FastKvzipRequest final : public PolicyRequest {
  public:
-  FastKvzipRequest(std::shared_ptr<const FastKvzipGate> gate, const ResolvedBudget& budget, int32_t interval)
-      : gate_(std::move(gate)), budget_(budget), interval_(interval) {}
+  FastKvzipRequest(const Policy& policy, const ResolvedBudget& budget, std::shared_ptr<const FastKvzipGate> gate,
+                   const FastKvzipRequestOptions& options)
+      : PolicyRequest(policy, budget), gate_(std::move(gate)), options_(options) {}
+
+  bool runs_prefill() const override { return options_.chunked_prefill; }
+
+  absl::StatusOr<std::vector<float>> RunPrefill(PrefillRunner& runner, absl::Span<const int32_t> prompt) override {
+    if (gate_ == nullptr) return absl::FailedPreconditionError("fast_kvzip: chunked prefill without a gate");
+    const int32_t n = static_cast<int32_t>(prompt.size());
+    if (n != budget_.prompt_tokens || n < 1) {
+      return absl::InvalidArgumentError(absl::StrCat("fast_kvzip: a prefill of ", n, " tokens for a budget of ",
+                                                     budget_.prompt_tokens));
+    }
+    const int32_t L = gate_->shape().num_layers, H = gate_->shape().num_kv_heads;
+    const int32_t context_begin = std::min(budget_.sink_tokens, n);
+    const FastKvzipChunkPlan chunks = MakeFastKvzipChunkPlan(double(budget_.keep_per_head) / n, context_begin, n,
+                                                             options_.chunk_tokens, options_.window_tokens);
+    const size_t head_rows = size_t{1} * H * n;
+    std::vector<std::vector<uint8_t>> visible(L, std::vector<uint8_t>(head_rows, 1));  // [kv_head, n]
+    std::vector<std::vector<float>> scores(L, std::vector<float>(head_rows, 1.0f));
+    std::vector<float> logits;
+    int32_t judged_until = context_begin;
+    CaptureRequest record;
+    record.hidden_states = true;
+    for (const TokenRange& chunk : FastKvzipPrefillChunks(chunks)) {
+      const int32_t m = chunk.end - chunk.begin;
+      PrefillCapture recorded;
+      // Until a chunk has evicted something every key is visible: no mask, so attention
+      // takes its unmasked path (a prompt shorter than one chunk never pays for masking).
+      std::vector<std::vector<uint8_t>> key_masks;
+      if (judged_until > context_begin) {
+        const int32_t capacity = runner.cache_capacity_tokens();
+        key_masks.assign(L, std::vector<uint8_t>(size_t{1} * H * capacity, 1));
+        for (int32_t l = 0; l < L; ++l) {
+          for (int32_t h = 0; h < H; ++h) {
+            std::copy_n(visible[l].begin() + size_t{1} * h * n, chunk.begin,
+                        key_masks[l].begin() + size_t{1} * h * capacity);
+          }
+        }
+      }
+      KVGATE_ASSIGN_OR_RETURN(logits, runner.Forward(prompt.subspan(chunk.begin, m), key_masks, record, &recorded));
+      if (static_cast<int32_t>(recorded.hidden_states.size()) != L) {
+        return absl::InternalError("fast_kvzip: the chunk's forward recorded no hidden states");
+      }
+      for (int32_t l = 0; l < L; ++l) {
+        KVGATE_ASSIGN_OR_RETURN(std::vector<float> chunk_scores, gate_->Score(l, recorded.hidden_states[l]));  // [kv, m]
+        for (int32_t h = 0; h < H; ++h) {
+          for (int32_t t = 0; t < m; ++t) {
+            const int32_t pos = chunk.begin + t;
+            if (pos >= context_begin) scores[l][size_t{1} * h * n + pos] = chunk_scores[size_t{1} * h * m + t];
+          }
+        }
+      }
+      if (!chunks.evicts) continue;
+      const TokenRange judge = FastKvzipThresholdRange(chunks, judged_until, chunk.end);
+      const int32_t len = judge.end - judge.begin;
+      if (len <= 0) continue;
+      ScoreGrid grid{L, H, len, {}};
+      grid.scores.resize(size_t{1} * L * H * len);
+      for (int32_t l = 0; l < L; ++l) {
+        for (int32_t h = 0; h < H; ++h) {
+          std::copy_n(scores[l].begin() + size_t{1} * h * n + judge.begin, len,
+                      grid.scores.begin() + (size_t{1} * l * H + h) * len);
+        }
+      }
+      const int64_t keep = FastKvzipChunkKeepCount(chunks, int64_t{len} * L * H);
+      const KeepPlan winners = SelectGlobalTopKCount(grid, keep, std::vector<uint8_t>(len, 0));
+      for (int32_t l = 0; l < L; ++l) {
+        for (int32_t h = 0; h < H; ++h) {
+          uint8_t* row = visible[l].data() + size_t{1} * h * n;
+          std::fill(row + judge.begin, row + judge.end, 0);
+          for (int32_t p : winners.at(l, h).positions) row[judge.begin + p] = 1;
+        }
+      }
+      judged_until = judge.end;
+    }
+    KeepPlan plan{L, H, n, {}};
+    plan.heads.resize(size_t{1} * L * H);
+    for (int32_t l = 0; l < L; ++l) {
+      for (int32_t h = 0; h < H; ++h) {
+        HeadKeep& head = plan.at(l, h);
+        for (int32_t p = 0; p < n; ++p) {
+          if (!visible[l][size_t{1} * h * n + p]) continue;
+          head.positions.push_back(p);
+          // The system prompt / sinks are pinned for the whole request (score 1.0).
+          head.scores.push_back(p < context_begin ? 1.0f : scores[l][size_t{1} * h * n + p]);
+        }
+      }
+    }
+    chunked_plan_ = std::move(plan);
+    return logits;
+  }
+
+  absl::StatusOr<KeepPlan> Plan(PrefillRunner& runner, absl::Span<const int32_t> prompt,
+                                const PrefillCapture& capture, const PolicyInputs& inputs,
+                                HeadBudget head_budget) override {
+    if (!chunked_plan_.has_value()) return PolicyRequest::Plan(runner, prompt, capture, inputs, head_budget);
+    KeepPlan plan = std::move(*chunked_plan_);
+    chunked_plan_.reset();
+    return plan;
+  }
+
   absl::StatusOr<std::unique_ptr<DecodeEvictor>> TakeDecodeEvictor() override {
     if (budget_.keep_per_head >= budget_.prompt_tokens) return nullptr;  // keeping all stays keeping all
     if (gate_ == nullptr) return absl::FailedPreconditionError("fast_kvzip: decode eviction without a gate");
-    return std::make_unique<FastKvzipEvictor>(gate_, budget_.sink_tokens, budget_.keep_per_head, interval_);
+    return std::make_unique<FastKvzipEvictor>(gate_, budget_.sink_tokens, budget_.keep_per_head,
+                                              options_.decode_interval);
   }
 
  private:
   std::shared_ptr<const FastKvzipGate> gate_;
-  ResolvedBudget budget_;
-  int32_t interval_;
+  FastKvzipRequestOptions options_;
+  std::optional<KeepPlan> chunked_plan_;  // set by RunPrefill
 };
 
 class FastKvzipPolicy final : public Policy {
  public:
   FastKvzipPolicy(const ModelShape& shape, std::shared_ptr<const FastKvzipGate> gate, float safeguard,
-                  int32_t decode_interval)
-      : shape_(shape), gate_(std::move(gate)), safeguard_(safeguard), decode_interval_(decode_interval) {}
+                  const FastKvzipRequestOptions& request_options)
+      : shape_(shape), gate_(std::move(gate)), safeguard_(safeguard), request_options_(request_options) {}
   std::unique_ptr<PolicyRequest> StartRequest(const ResolvedBudget& budget) const override {
-    return std::make_unique<FastKvzipRequest>(gate_, budget, decode_interval_);
+    return std::make_unique<FastKvzipRequest>(*this, budget, gate_, request_options_);
   }
   absl::StatusOr<std::unique_ptr<DecodeEvictor>> RestoreDecodeEvictor(std::string_view state) const override {
     KVGATE_ASSIGN_OR_RETURN(internal::PackedState packed, internal::UnpackState(state, kName, 3));
@@ -485,14 +594,14 @@ class FastKvzipPolicy final : public Policy {
   ModelShape shape_;
   std::shared_ptr<const FastKvzipGate> gate_;
   float safeguard_;
-  int32_t decode_interval_;
+  FastKvzipRequestOptions request_options_;
 };
 
 }  // namespace
 
 std::unique_ptr<Policy> MakeFastKvzipPolicy(const ModelShape& shape, std::shared_ptr<const FastKvzipGate> gate,
-                                            float adakv_safeguard, int32_t decode_interval) {
-  return std::make_unique<FastKvzipPolicy>(shape, std::move(gate), adakv_safeguard, decode_interval);
+                                            float adakv_safeguard, const FastKvzipRequestOptions& request_options) {
+  return std::make_unique<FastKvzipPolicy>(shape, std::move(gate), adakv_safeguard, request_options);
 }
 
 }  // namespace kvgate::gates

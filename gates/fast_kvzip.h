@@ -132,9 +132,17 @@ int64_t FastKvzipChunkKeepCount(const FastKvzipChunkPlan& plan, int64_t candidat
 // AdaKV (kAdaptive, "adakv-layer"). HeadKeep::scores carries each kept row's gate score
 // for decode-time eviction; rows pinned for the whole request (sink rows and protected
 // ranges outside the recent window) carry 1.0, like the decode-time first_tokens. Its
-// decode evictor re-evicts every `decode_interval` steps (PolicyOptions).
+// A request prefills in chunks that evict between them when `chunked_prefill` (the
+// authors' code; else one forward and one eviction after it, kvpress's port), and its
+// decode evictor re-evicts every `decode_interval` steps (PolicyOptions' fast_kvzip_*).
+struct FastKvzipRequestOptions {
+  bool chunked_prefill = true;
+  int32_t chunk_tokens = 16000;
+  int32_t window_tokens = 4096;
+  int32_t decode_interval = 128;
+};
 std::unique_ptr<Policy> MakeFastKvzipPolicy(const ModelShape& shape,
                                             std::shared_ptr<const FastKvzipGate> gate,
-                                            float adakv_safeguard, int32_t decode_interval);
+                                            float adakv_safeguard, const FastKvzipRequestOptions& request_options);
 
 }  // namespace kvgate::gates

@@ -133,6 +133,81 @@ absl::StatusOr<ScoreGrid> KvzipScoreGrid(const PrefillCapture& capture, const st
 
 namespace {
 
+// KVzip's reconstruction prompts (KVzip model/wrapper.py self_task). Models without a
+// chat template (TinyStories, base models) get the plain text, no assistant prefix.
+constexpr char kKvzipRepeatAll[] = "\n\nRepeat the previous context exactly.";
+constexpr char kKvzipRepeatFrom[] = "\n\nRepeat the part of the previous context exactly, starting with ";
+constexpr int32_t kKvzipOverlapTokens = 8;
+
+// KVzip (eviction-methods.md 4.1): before planning, one teacher-forced forward per context
+// chunk of the reconstruction prompt + the chunk, on top of the full prompt; their queries
+// and keys are recorded and their K/V discarded (a scratch cache: they never enter the
+// request's).
+class KvzipRequest final : public PolicyRequest {
+ public:
+  KvzipRequest(const Policy& policy, const ResolvedBudget& budget, const ModelShape& shape, int32_t chunk_tokens)
+      : PolicyRequest(policy, budget), shape_(shape), chunk_tokens_(chunk_tokens) {}
+
+  absl::StatusOr<KeepPlan> Plan(PrefillRunner& runner, absl::Span<const int32_t> prompt,
+                                const PrefillCapture& capture, const PolicyInputs& inputs,
+                                HeadBudget head_budget) override {
+    const int32_t n = static_cast<int32_t>(prompt.size());
+    if (budget_.keep_per_head >= n) return PolicyRequest::Plan(runner, prompt, capture, inputs, head_budget);
+    PolicyInputs with_chunks = inputs;
+    for (const TokenRange& range : KvzipChunkRanges(0, n, chunk_tokens_)) {
+      KVGATE_ASSIGN_OR_RETURN(KvzipChunk chunk, Reconstruct(runner, prompt, range));
+      with_chunks.kvzip_chunks.push_back(std::move(chunk));
+    }
+    return PolicyRequest::Plan(runner, prompt, capture, with_chunks, head_budget);
+  }
+
+ private:
+  absl::StatusOr<KvzipChunk> Reconstruct(PrefillRunner& runner, absl::Span<const int32_t> prompt,
+                                         const TokenRange& range) {
+    const int32_t n = static_cast<int32_t>(prompt.size());
+    std::vector<int32_t> input(prompt.begin(), prompt.end());
+    std::vector<int32_t> recon;
+    if (range.begin == 0) {
+      KVGATE_ASSIGN_OR_RETURN(recon, runner.Encode(kKvzipRepeatAll));
+    } else {
+      KVGATE_ASSIGN_OR_RETURN(recon, runner.Encode(kKvzipRepeatFrom));
+      const int32_t overlap_begin = std::max(0, range.begin - kKvzipOverlapTokens);
+      recon.insert(recon.end(), prompt.begin() + overlap_begin, prompt.begin() + range.begin);
+    }
+    recon.insert(recon.end(), prompt.begin() + range.begin, prompt.begin() + range.end);
+    input.insert(input.end(), recon.begin(), recon.end());
+    const int32_t q = static_cast<int32_t>(recon.size());
+    PrefillCapture recorded;
+    CaptureRequest record;
+    record.keys = true;
+    record.last_queries = q;
+    KVGATE_RETURN_IF_ERROR(runner.ScratchForward(input, record, &recorded));
+    if (static_cast<int32_t>(recorded.keys.size()) != shape_.num_layers) {
+      return absl::InternalError("kvzip: the reconstruction forward recorded no keys");
+    }
+    KvzipChunk chunk;
+    chunk.begin = range.begin;
+    chunk.end = range.end;
+    chunk.sink_keys = std::min(kKvzipDefaultSink, range.begin);
+    chunk.num_queries = q;
+    chunk.queries = std::move(recorded.last_queries);
+    chunk.own_keys.resize(shape_.num_layers);
+    for (int32_t layer = 0; layer < shape_.num_layers; ++layer) {
+      // recorded.keys[layer] is [kv_heads, n + q, head_dim]; keep rows [n, n + q).
+      std::vector<float>& own = chunk.own_keys[layer];
+      own.resize(size_t{1} * shape_.num_kv_heads * q * shape_.head_dim);
+      for (int32_t h = 0; h < shape_.num_kv_heads; ++h) {
+        const float* src = recorded.keys[layer].data() + (size_t{1} * h * (n + q) + n) * shape_.head_dim;
+        std::copy_n(src, size_t{1} * q * shape_.head_dim, own.data() + size_t{1} * h * q * shape_.head_dim);
+      }
+    }
+    return chunk;
+  }
+
+  ModelShape shape_;
+  int32_t chunk_tokens_;
+};
+
 class KvzipPolicy final : public Policy {
  public:
   KvzipPolicy(const ModelShape& shape, int32_t chunk_tokens, float safeguard)
@@ -151,6 +226,10 @@ class KvzipPolicy final : public Policy {
   }
   int32_t default_sink() const override { return kKvzipDefaultSink; }
   int32_t default_recent() const override { return 0; }
+  bool needs_tokenizer() const override { return true; }
+  std::unique_ptr<PolicyRequest> StartRequest(const ResolvedBudget& budget) const override {
+    return std::make_unique<KvzipRequest>(*this, budget, shape_, chunk_tokens_);
+  }
   absl::StatusOr<KeepPlan> Plan(const PrefillCapture& capture, const PolicyInputs& inputs,
                                 const ResolvedBudget& budget, HeadBudget head_budget) const override {
     KVGATE_RETURN_IF_ERROR(CheckBudgetAndCapture(capture, budget, shape_));

@@ -47,8 +47,19 @@ absl::StatusOr<std::vector<uint8_t>> PolicyRequest::PrefillKeyMask(int32_t layer
   return absl::FailedPreconditionError("this policy does not mask the prefill's keys");
 }
 
+absl::StatusOr<std::vector<float>> PolicyRequest::RunPrefill(PrefillRunner& runner, absl::Span<const int32_t> prompt) {
+  return absl::FailedPreconditionError(absl::StrCat("policy ", std::string(policy_.name()),
+                                                    " does not run its own prefill"));
+}
+
+absl::StatusOr<KeepPlan> PolicyRequest::Plan(PrefillRunner& runner, absl::Span<const int32_t> prompt,
+                                             const PrefillCapture& capture, const PolicyInputs& inputs,
+                                             HeadBudget head_budget) {
+  return policy_.Plan(capture, inputs, budget_, head_budget);
+}
+
 std::unique_ptr<PolicyRequest> Policy::StartRequest(const ResolvedBudget& budget) const {
-  return std::make_unique<PolicyRequest>();
+  return std::make_unique<PolicyRequest>(*this, budget);
 }
 
 absl::StatusOr<std::unique_ptr<DecodeEvictor>> Policy::RestoreDecodeEvictor(std::string_view state) const {
@@ -160,7 +171,12 @@ absl::StatusOr<std::unique_ptr<Policy>> CreatePolicy(const std::string& name, co
     if (options.fast_kvzip_decode_interval < 1) {
       return absl::InvalidArgumentError("fast_kvzip: fast_kvzip_decode_interval must be >= 1");
     }
-    return MakeFastKvzipPolicy(shape, std::move(gate), options.adakv_safeguard, options.fast_kvzip_decode_interval);
+    FastKvzipRequestOptions request_options;
+    request_options.chunked_prefill = options.fast_kvzip_chunked_prefill;
+    request_options.chunk_tokens = options.fast_kvzip_chunk_tokens;
+    request_options.window_tokens = options.fast_kvzip_window_tokens;
+    request_options.decode_interval = options.fast_kvzip_decode_interval;
+    return MakeFastKvzipPolicy(shape, std::move(gate), options.adakv_safeguard, request_options);
   }
   if (name == "attention_gate") {
     std::shared_ptr<const AttentionGate> gate = options.attention_gate;

@@ -6,9 +6,10 @@
 //       policy->default_sink(), policy->default_recent()));
 //   ... prefill recording policy->needs() (+ policy->hooks(), see ForwardHooks) ...
 //   std::unique_ptr<PolicyRequest> request = policy->StartRequest(budget);
-//   ... prefill recording policy->needs() (+ policy->hooks(), see ForwardHooks; each
+//   ... prefill: request->RunPrefill(runner, prompt) when request->runs_prefill(), else
+//       one forward recording policy->needs() (+ policy->hooks(), see ForwardHooks; each
 //       layer's key mask from request->PrefillKeyMask when masks_prefill_keys()) ...
-//   KVGATE_ASSIGN_OR_RETURN(KeepPlan plan, policy->Plan(capture, inputs, budget,
+//   KVGATE_ASSIGN_OR_RETURN(KeepPlan plan, request->Plan(runner, prompt, capture, inputs,
 //       spec.head_budget));
 //   KVGATE_ASSIGN_OR_RETURN(auto evictor, request->TakeDecodeEvictor());
 //
@@ -30,11 +31,13 @@
 #include "gates/eviction_spec.h"
 #include "gates/keep_plan.h"
 #include "gates/prefill_capture.h"
+#include "gates/prefill_runner.h"
 
 namespace kvgate::gates {
 
 class FastKvzipGate;
 class AttentionGate;
+class Policy;
 class PolicyRequest;
 
 // One KVzip reconstruction forward (gates/kvzip.h, eviction-methods.md section 4.1). After
@@ -114,10 +117,14 @@ struct PolicyOptions {
 };
 
 // One request's part of a policy, from before its prefill to its decode-time eviction.
-// Not thread-safe; one per request.
+// Not thread-safe; one per request; must not outlive its Policy (the decode evictor it
+// hands out may).
 class PolicyRequest {
  public:
+  PolicyRequest(const Policy& policy, ResolvedBudget budget) : policy_(policy), budget_(std::move(budget)) {}
   virtual ~PolicyRequest() = default;
+  const ResolvedBudget& budget() const { return budget_; }
+
   // Whether the prefill must, inside each layer's forward and before its attention, take
   // the layer's key mask from PrefillKeyMask, attend with it (AttentionArgs::key_mask) and
   // hand the masks to Plan in PolicyInputs::gate_flags.
@@ -125,9 +132,26 @@ class PolicyRequest {
   // `x` is layer `layer`'s attention input ([n, hidden_size], post input-RMSNorm) over the
   // whole prompt; returns [num_kv_heads, n], 1 = visible. Layers come in order, once each.
   virtual absl::StatusOr<std::vector<uint8_t>> PrefillKeyMask(int32_t layer, absl::Span<const float> x);
+
+  // Whether the policy runs the prompt's prefill itself (RunPrefill) instead of one
+  // forward of the whole prompt recording Policy::needs().
+  virtual bool runs_prefill() const { return false; }
+  // Prefills `prompt` into the runner's empty cache and returns the last token's logits.
+  virtual absl::StatusOr<std::vector<float>> RunPrefill(PrefillRunner& runner, absl::Span<const int32_t> prompt);
+
+  // After the prefill: the rows to keep. The default is Policy::Plan; a policy may run
+  // more forwards first (KVzip's reconstruction) or return what RunPrefill decided.
+  virtual absl::StatusOr<KeepPlan> Plan(PrefillRunner& runner, absl::Span<const int32_t> prompt,
+                                        const PrefillCapture& capture, const PolicyInputs& inputs,
+                                        HeadBudget head_budget);
+
   // After the prefill: the sequence's decode-time eviction, or null when the policy evicts
   // nothing during decode (or the request keeps every row). Once per request.
   virtual absl::StatusOr<std::unique_ptr<DecodeEvictor>> TakeDecodeEvictor() { return nullptr; }
+
+ protected:
+  const Policy& policy_;
+  ResolvedBudget budget_;
 };
 
 // A Policy is immutable after CreatePolicy: every method is const and safe to call from
@@ -145,6 +169,8 @@ class Policy {
   virtual int32_t default_recent() const = 0;
   // The gate the engine runs inside the forward; null for policies without one.
   virtual const FastKvzipGate* fast_kvzip_gate() const { return nullptr; }
+  // Whether its requests need PrefillRunner::Encode (the model's tokenizer).
+  virtual bool needs_tokenizer() const { return false; }
   // The request's part of the policy, for a prompt resolved to `budget`.
   virtual std::unique_ptr<PolicyRequest> StartRequest(const ResolvedBudget& budget) const;
   // A decode evictor of this policy from DecodeEvictor::SaveState bytes. INVALID_ARGUMENT

@@ -127,15 +127,12 @@ class RecentRingEvictor final : public DecodeEvictor {
 
 class SageKvRequest final : public PolicyRequest {
  public:
-  explicit SageKvRequest(const ResolvedBudget& budget) : budget_(budget) {}
+  using PolicyRequest::PolicyRequest;
   absl::StatusOr<std::unique_ptr<DecodeEvictor>> TakeDecodeEvictor() override {
     if (budget_.keep_per_head >= budget_.prompt_tokens) return nullptr;  // keeping all stays keeping all
     const int32_t capacity = std::max(1, budget_.recent_tokens);
     return std::make_unique<RecentRingEvictor>(std::max(0, budget_.prompt_tokens - capacity), capacity);
   }
-
- private:
-  ResolvedBudget budget_;
 };
 
 class SageKvPolicy final : public Policy {
@@ -163,7 +160,7 @@ class SageKvPolicy final : public Policy {
     return SageKvSelect(scores, shape_.group_size(), budget);
   }
   std::unique_ptr<PolicyRequest> StartRequest(const ResolvedBudget& budget) const override {
-    return std::make_unique<SageKvRequest>(budget);
+    return std::make_unique<SageKvRequest>(*this, budget);
   }
   absl::StatusOr<std::unique_ptr<DecodeEvictor>> RestoreDecodeEvictor(std::string_view state) const override {
     KVGATE_ASSIGN_OR_RETURN(internal::PackedState packed, internal::UnpackState(state, kName, 2));

@@ -59,14 +59,11 @@ class StreamingRingEvictor final : public DecodeEvictor {
 
 class StreamingLlmRequest final : public PolicyRequest {
  public:
-  explicit StreamingLlmRequest(const ResolvedBudget& budget) : budget_(budget) {}
+  using PolicyRequest::PolicyRequest;
   absl::StatusOr<std::unique_ptr<DecodeEvictor>> TakeDecodeEvictor() override {
     if (budget_.keep_per_head >= budget_.prompt_tokens) return nullptr;  // keeping all stays keeping all
     return std::make_unique<StreamingRingEvictor>(budget_.sink_tokens, budget_.keep_per_head);
   }
-
- private:
-  ResolvedBudget budget_;
 };
 
 class StreamingLlmPolicy final : public Policy {
@@ -87,7 +84,7 @@ class StreamingLlmPolicy final : public Policy {
     return StreamingLlmPlan(shape_.num_layers, shape_.num_kv_heads, budget);
   }
   std::unique_ptr<PolicyRequest> StartRequest(const ResolvedBudget& budget) const override {
-    return std::make_unique<StreamingLlmRequest>(budget);
+    return std::make_unique<StreamingLlmRequest>(*this, budget);
   }
   absl::StatusOr<std::unique_ptr<DecodeEvictor>> RestoreDecodeEvictor(std::string_view state) const override {
     KVGATE_ASSIGN_OR_RETURN(internal::PackedState packed, internal::UnpackState(state, kName, 2));

@@ -3,21 +3,15 @@
 #include <algorithm>
 #include <functional>
 #include <optional>
+#include <string>
+#include <utility>
 
 #include "absl/strings/str_cat.h"
 #include "common/status_macros.h"
-#include "gates/fast_kvzip.h"
-#include "gates/selectors.h"
-#include "gates/kvzip.h"
+#include "gates/prefill_runner.h"
 
 namespace kvgate::kv {
 namespace {
-
-// KVzip's reconstruction prompts (KVzip model/wrapper.py self_task). Models without a
-// chat template (TinyStories, base models) get the plain text, no assistant prefix.
-constexpr char kKvzipRepeatAll[] = "\n\nRepeat the previous context exactly.";
-constexpr char kKvzipRepeatFrom[] = "\n\nRepeat the part of the previous context exactly, starting with ";
-constexpr int32_t kKvzipOverlapTokens = 8;
 
 // Restricts each head of `plan` to positions >= first_visible (sliding-window models:
 // the next token cannot see anything older).
@@ -32,19 +26,58 @@ void TrimToWindow(int32_t first_visible, gates::KeepPlan* plan) {
   }
 }
 
+// The forwards a policy runs during a request's prefill, over the engine's model and the
+// request's cache (null once the prefill is over: only scratch forwards remain).
+class ModelPrefillRunner final : public gates::PrefillRunner {
+ public:
+  ModelPrefillRunner(engine::Model& model, engine::KvCache* cache, const engine::Tokenizer* tokenizer)
+      : model_(model), cache_(cache), tokenizer_(tokenizer) {}
+
+  int32_t cache_capacity_tokens() const override { return cache_ != nullptr ? cache_->capacity_tokens() : 0; }
+
+  absl::StatusOr<std::vector<float>> Forward(absl::Span<const int32_t> tokens,
+                                             const std::vector<std::vector<uint8_t>>& key_masks,
+                                             const gates::CaptureRequest& record,
+                                             gates::PrefillCapture* capture) override {
+    if (cache_ == nullptr) return absl::FailedPreconditionError("a prefill forward after the prefill");
+    engine::ForwardOptions forward;
+    forward.capture_request = record;
+    forward.capture = capture;
+    forward.key_masks = key_masks;
+    return model_.Forward(tokens, cache_, forward);
+  }
+
+  absl::Status ScratchForward(absl::Span<const int32_t> tokens, const gates::CaptureRequest& record,
+                              gates::PrefillCapture* capture) override {
+    KVGATE_ASSIGN_OR_RETURN(std::unique_ptr<engine::KvCache> scratch,
+                            model_.NewCache(static_cast<int32_t>(tokens.size()), /*allow_beyond_context=*/true));
+    engine::ForwardOptions forward;
+    forward.capture_request = record;
+    forward.capture = capture;
+    return model_.Forward(tokens, scratch.get(), forward).status();
+  }
+
+  absl::StatusOr<std::vector<int32_t>> Encode(std::string_view text) override {
+    if (tokenizer_ == nullptr) return absl::FailedPreconditionError("this policy needs the model's tokenizer");
+    return tokenizer_->Encode(std::string(text), /*add_special_tokens=*/false);
+  }
+
+ private:
+  engine::Model& model_;
+  engine::KvCache* cache_;
+  const engine::Tokenizer* tokenizer_;
+};
+
 class PolicyPlanner final : public engine::KvPlanner {
  public:
-  PolicyPlanner(engine::Model& model, KvPool* pool, gates::EvictionSpec spec, gates::PolicyOptions options,
-                std::unique_ptr<gates::Policy> policy, const engine::Tokenizer* tokenizer, bool decode_eviction)
-      : model_(model), pool_(pool), spec_(std::move(spec)), options_(std::move(options)),
-        policy_(std::move(policy)), tokenizer_(tokenizer), decode_eviction_(decode_eviction) {}
+  PolicyPlanner(engine::Model& model, KvPool* pool, gates::EvictionSpec spec, std::unique_ptr<gates::Policy> policy,
+                const engine::Tokenizer* tokenizer, bool decode_eviction)
+      : model_(model), pool_(pool), spec_(std::move(spec)), policy_(std::move(policy)), tokenizer_(tokenizer),
+        decode_eviction_(decode_eviction) {}
 
   absl::Status ConfigurePrefill(absl::Span<const int32_t> prompt, engine::ForwardOptions* options) override {
-    const int32_t n = static_cast<int32_t>(prompt.size());
-    KVGATE_ASSIGN_OR_RETURN(budget_, gates::ResolveBudget(spec_, n, policy_->default_sink(), policy_->default_recent()));
+    KVGATE_RETURN_IF_ERROR(StartRequest(prompt));
     options->capture_request = policy_->needs();
-    inputs_ = gates::PolicyInputs{};
-    request_ = policy_->StartRequest(budget_);
     if (request_->masks_prefill_keys()) {
       inputs_.gate_flags.assign(model_.config().num_layers, {});
       options->layer_key_mask = [this](int32_t layer, absl::Span<const float> hidden)
@@ -59,11 +92,10 @@ class PolicyPlanner final : public engine::KvPlanner {
 
   absl::StatusOr<std::vector<float>> Prefill(engine::Model& model, absl::Span<const int32_t> prompt,
                                              engine::KvCache* cache, engine::PrefillCapture* capture) override {
-    chunked_plan_.reset();
-    if (policy_->fast_kvzip_gate() != nullptr && options_.fast_kvzip_chunked_prefill) {
-      return FastKvzipChunkedPrefill(prompt, cache);
-    }
-    return engine::KvPlanner::Prefill(model, prompt, cache, capture);
+    KVGATE_RETURN_IF_ERROR(StartRequest(prompt));
+    if (!request_->runs_prefill()) return engine::KvPlanner::Prefill(model, prompt, cache, capture);
+    ModelPrefillRunner runner(model, cache, tokenizer_);
+    return request_->RunPrefill(runner, prompt);
   }
 
   absl::StatusOr<std::unique_ptr<engine::PagedKvBatch>> Commit(absl::Span<const int32_t> prompt,
@@ -75,16 +107,10 @@ class PolicyPlanner final : public engine::KvPlanner {
     if (budget_.prompt_tokens != n || request_ == nullptr) {
       return absl::FailedPreconditionError("Commit without ConfigurePrefill of the same prompt");
     }
-    gates::KeepPlan plan;
-    if (chunked_plan_.has_value()) {
-      plan = std::move(*chunked_plan_);
-      chunked_plan_.reset();
-    } else {
-      if (policy_->hooks().kvzip_reconstruction) KVGATE_RETURN_IF_ERROR(RunKvzipReconstruction(prompt));
-      KVGATE_ASSIGN_OR_RETURN(plan, policy_->Plan(capture, inputs_, budget_, spec_.head_budget));
-    }
-    inputs_ = gates::PolicyInputs{};
     const std::unique_ptr<gates::PolicyRequest> request = std::move(request_);
+    const gates::PolicyInputs inputs = std::exchange(inputs_, gates::PolicyInputs{});
+    ModelPrefillRunner runner(model_, /*cache=*/nullptr, tokenizer_);
+    KVGATE_ASSIGN_OR_RETURN(gates::KeepPlan plan, request->Plan(runner, prompt, capture, inputs, spec_.head_budget));
     std::unique_ptr<gates::DecodeEvictor> evictor;
     if (decode_eviction_) {
       KVGATE_ASSIGN_OR_RETURN(evictor, request->TakeDecodeEvictor());
@@ -104,156 +130,24 @@ class PolicyPlanner final : public engine::KvPlanner {
   }
 
  private:
-  // Fast KVzip's prefill (FastKVzip prefill/model/wrapper.py::prefill, eviction-methods.md
-  // 5.3): the prompt runs in chunks; after each chunk's forward through every layer, the
-  // tokens that have left the local window and were not yet judged are thresholded with
-  // ONE threshold over all layers and kv heads (keep fraction r_chunk), and the losers
-  // become invisible to every later chunk. The first sink_tokens (the "system prompt")
-  // are never scored; the final window W is never evicted.
-  absl::StatusOr<std::vector<float>> FastKvzipChunkedPrefill(absl::Span<const int32_t> prompt,
-                                                             engine::KvCache* cache) {
-    const engine::ModelConfig& c = model_.config();
-    const gates::FastKvzipGate& gate = *policy_->fast_kvzip_gate();
+  // Resolves the budget of `prompt` and starts the policy's part of the request.
+  absl::Status StartRequest(absl::Span<const int32_t> prompt) {
     const int32_t n = static_cast<int32_t>(prompt.size());
     KVGATE_ASSIGN_OR_RETURN(budget_, gates::ResolveBudget(spec_, n, policy_->default_sink(), policy_->default_recent()));
+    inputs_ = gates::PolicyInputs{};
     request_ = policy_->StartRequest(budget_);
-    const int32_t context_begin = std::min(budget_.sink_tokens, n);
-    const gates::FastKvzipChunkPlan chunks = gates::MakeFastKvzipChunkPlan(
-        double(budget_.keep_per_head) / n, context_begin, n, options_.fast_kvzip_chunk_tokens,
-        options_.fast_kvzip_window_tokens);
-    const size_t head_rows = size_t{1} * c.num_kv_heads * n;
-    std::vector<std::vector<uint8_t>> visible(c.num_layers, std::vector<uint8_t>(head_rows, 1));  // [kv_head, n]
-    std::vector<std::vector<float>> scores(c.num_layers, std::vector<float>(head_rows, 1.0f));
-    std::vector<float> logits;
-    int32_t judged_until = context_begin;
-    for (const gates::TokenRange& chunk : gates::FastKvzipPrefillChunks(chunks)) {
-      const int32_t m = chunk.end - chunk.begin;
-      engine::PrefillCapture recorded;
-      engine::ForwardOptions forward;
-      forward.capture_request.hidden_states = true;
-      forward.capture = &recorded;
-      // Until a chunk has evicted something every key is visible: no mask, so attention
-      // takes its unmasked path (a prompt shorter than one chunk never pays for masking).
-      if (judged_until > context_begin) {
-        forward.key_masks.assign(c.num_layers,
-                                 std::vector<uint8_t>(size_t{1} * c.num_kv_heads * cache->capacity_tokens(), 1));
-        for (int32_t l = 0; l < c.num_layers; ++l) {
-          for (int32_t h = 0; h < c.num_kv_heads; ++h) {
-            std::copy_n(visible[l].begin() + size_t{1} * h * n, chunk.begin,
-                        forward.key_masks[l].begin() + size_t{1} * h * cache->capacity_tokens());
-          }
-        }
-      }
-      KVGATE_ASSIGN_OR_RETURN(logits, model_.Forward(prompt.subspan(chunk.begin, m), cache, forward));
-      for (int32_t l = 0; l < c.num_layers; ++l) {
-        KVGATE_ASSIGN_OR_RETURN(std::vector<float> chunk_scores, gate.Score(l, recorded.hidden_states[l]));  // [kv, m]
-        for (int32_t h = 0; h < c.num_kv_heads; ++h) {
-          for (int32_t t = 0; t < m; ++t) {
-            const int32_t pos = chunk.begin + t;
-            if (pos >= context_begin) scores[l][size_t{1} * h * n + pos] = chunk_scores[size_t{1} * h * m + t];
-          }
-        }
-      }
-      if (!chunks.evicts) continue;
-      const gates::TokenRange judge = gates::FastKvzipThresholdRange(chunks, judged_until, chunk.end);
-      const int32_t len = judge.end - judge.begin;
-      if (len <= 0) continue;
-      gates::ScoreGrid grid{c.num_layers, c.num_kv_heads, len, {}};
-      grid.scores.resize(size_t{1} * c.num_layers * c.num_kv_heads * len);
-      for (int32_t l = 0; l < c.num_layers; ++l) {
-        for (int32_t h = 0; h < c.num_kv_heads; ++h) {
-          std::copy_n(scores[l].begin() + size_t{1} * h * n + judge.begin, len,
-                      grid.scores.begin() + (size_t{1} * l * c.num_kv_heads + h) * len);
-        }
-      }
-      const int64_t keep = gates::FastKvzipChunkKeepCount(chunks, int64_t{len} * c.num_layers * c.num_kv_heads);
-      const gates::KeepPlan winners = gates::SelectGlobalTopKCount(grid, keep, std::vector<uint8_t>(len, 0));
-      for (int32_t l = 0; l < c.num_layers; ++l) {
-        for (int32_t h = 0; h < c.num_kv_heads; ++h) {
-          uint8_t* row = visible[l].data() + size_t{1} * h * n;
-          std::fill(row + judge.begin, row + judge.end, 0);
-          for (int32_t p : winners.at(l, h).positions) row[judge.begin + p] = 1;
-        }
-      }
-      judged_until = judge.end;
-    }
-    gates::KeepPlan plan{c.num_layers, c.num_kv_heads, n, {}};
-    plan.heads.resize(size_t{1} * c.num_layers * c.num_kv_heads);
-    for (int32_t l = 0; l < c.num_layers; ++l) {
-      for (int32_t h = 0; h < c.num_kv_heads; ++h) {
-        gates::HeadKeep& head = plan.at(l, h);
-        for (int32_t p = 0; p < n; ++p) {
-          if (!visible[l][size_t{1} * h * n + p]) continue;
-          head.positions.push_back(p);
-          // The system prompt / sinks are pinned for the whole request (score 1.0).
-          head.scores.push_back(p < context_begin ? 1.0f : scores[l][size_t{1} * h * n + p]);
-        }
-      }
-    }
-    chunked_plan_ = std::move(plan);
-    return logits;
-  }
-
-  // KVzip (eviction-methods.md 4.1): one teacher-forced forward per context chunk of the
-  // reconstruction prompt + the chunk, on top of the full prompt; their queries and keys
-  // are recorded and their K/V discarded (a scratch cache: they never enter the real one).
-  absl::Status RunKvzipReconstruction(absl::Span<const int32_t> prompt) {
-    if (tokenizer_ == nullptr) return absl::FailedPreconditionError("kvzip needs the model's tokenizer");
-    const int32_t n = static_cast<int32_t>(prompt.size());
-    for (const gates::TokenRange& range : gates::KvzipChunkRanges(0, n, options_.kvzip_chunk_tokens)) {
-      std::vector<int32_t> input(prompt.begin(), prompt.end());
-      std::vector<int32_t> recon;
-      if (range.begin == 0) {
-        KVGATE_ASSIGN_OR_RETURN(recon, tokenizer_->Encode(kKvzipRepeatAll, /*add_special_tokens=*/false));
-      } else {
-        KVGATE_ASSIGN_OR_RETURN(recon, tokenizer_->Encode(kKvzipRepeatFrom, /*add_special_tokens=*/false));
-        const int32_t overlap_begin = std::max(0, range.begin - kKvzipOverlapTokens);
-        recon.insert(recon.end(), prompt.begin() + overlap_begin, prompt.begin() + range.begin);
-      }
-      recon.insert(recon.end(), prompt.begin() + range.begin, prompt.begin() + range.end);
-      input.insert(input.end(), recon.begin(), recon.end());
-      const int32_t q = static_cast<int32_t>(recon.size());
-      KVGATE_ASSIGN_OR_RETURN(std::unique_ptr<engine::KvCache> scratch,
-                              model_.NewCache(n + q, /*allow_beyond_context=*/true));
-      engine::PrefillCapture recorded;
-      engine::ForwardOptions forward;
-      forward.capture_request.keys = true;
-      forward.capture_request.last_queries = q;
-      forward.capture = &recorded;
-      KVGATE_RETURN_IF_ERROR(model_.Forward(input, scratch.get(), forward).status());
-      gates::KvzipChunk chunk;
-      chunk.begin = range.begin;
-      chunk.end = range.end;
-      chunk.sink_keys = std::min(gates::kKvzipDefaultSink, range.begin);
-      chunk.num_queries = q;
-      chunk.queries = std::move(recorded.last_queries);
-      const engine::ModelConfig& c = model_.config();
-      chunk.own_keys.resize(c.num_layers);
-      for (int32_t layer = 0; layer < c.num_layers; ++layer) {
-        // recorded.keys[layer] is [kv_heads, n + q, head_dim]; keep rows [n, n + q).
-        std::vector<float>& own = chunk.own_keys[layer];
-        own.resize(size_t{1} * c.num_kv_heads * q * c.head_dim);
-        for (int32_t h = 0; h < c.num_kv_heads; ++h) {
-          const float* src = recorded.keys[layer].data() + (size_t{1} * h * (n + q) + n) * c.head_dim;
-          std::copy_n(src, size_t{1} * q * c.head_dim, own.data() + size_t{1} * h * q * c.head_dim);
-        }
-      }
-      inputs_.kvzip_chunks.push_back(std::move(chunk));
-    }
     return absl::OkStatus();
   }
 
   engine::Model& model_;
   KvPool* pool_;
   gates::EvictionSpec spec_;
-  gates::PolicyOptions options_;
   std::unique_ptr<gates::Policy> policy_;
   const engine::Tokenizer* tokenizer_;
   bool decode_eviction_;
   gates::ResolvedBudget budget_;
   gates::PolicyInputs inputs_;
-  std::optional<gates::KeepPlan> chunked_plan_;  // set by FastKvzipChunkedPrefill
-  std::unique_ptr<gates::PolicyRequest> request_;  // from ConfigurePrefill to Commit
+  std::unique_ptr<gates::PolicyRequest> request_;  // from the prefill to Commit
 };
 
 }  // namespace
@@ -366,11 +260,11 @@ absl::StatusOr<std::unique_ptr<engine::KvPlanner>> CreatePolicyPlanner(engine::M
   }
   const gates::ModelShape shape{c.num_layers, c.num_heads, c.num_kv_heads, c.head_dim, c.hidden_size};
   KVGATE_ASSIGN_OR_RETURN(std::unique_ptr<gates::Policy> policy, gates::CreatePolicy(spec.policy, options, shape));
-  if (policy->hooks().kvzip_reconstruction && tokenizer == nullptr) {
-    return absl::InvalidArgumentError("policy kvzip needs the model's tokenizer for its reconstruction prompt");
+  if (policy->needs_tokenizer() && tokenizer == nullptr) {
+    return absl::InvalidArgumentError(absl::StrCat("policy ", spec.policy, " needs the model's tokenizer"));
   }
   return std::unique_ptr<engine::KvPlanner>(
-      new PolicyPlanner(model, pool, spec, options, std::move(policy), tokenizer, decode_eviction));
+      new PolicyPlanner(model, pool, spec, std::move(policy), tokenizer, decode_eviction));
 }
 
 }  // namespace kvgate::kv

@@ -65,7 +65,8 @@ class SequenceBatch final : public engine::PagedKvBatch {
   absl::Status DropRows(const gates::RowsToDrop& drop);
 };
 
-// `tokenizer` is needed only by kvzip (its reconstruction prompt); may be null otherwise.
+// `tokenizer` is needed only by policies whose requests encode text (Policy::needs_tokenizer:
+// kvzip's reconstruction prompt); may be null otherwise.
 // `decode_eviction` false turns off the policies' decode-time eviction (the rings), so
 // every policy evicts once after prefill (equal-budget comparisons in bench/eval_kl).
 // INVALID_ARGUMENT for a bad spec or a gate that does not fit the model.
