@@ -530,11 +530,6 @@ class FastKvzipPolicy final : public Policy {
     r.hidden_states = true;
     return r;
   }
-  ForwardHooks hooks() const override {
-    ForwardHooks h;
-    h.fast_kvzip_scores = true;
-    return h;
-  }
   int32_t default_sink() const override { return kFastKvzipDefaultSink; }
   int32_t default_recent() const override { return kDefaultFastKvzipWindow; }
   const FastKvzipGate* fast_kvzip_gate() const override { return gate_.get(); }

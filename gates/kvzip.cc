@@ -218,12 +218,6 @@ class KvzipPolicy final : public Policy {
     r.keys = true;
     return r;
   }
-  ForwardHooks hooks() const override {
-    ForwardHooks h;
-    h.kvzip_reconstruction = true;
-    h.kvzip_chunk_tokens = chunk_tokens_;
-    return h;
-  }
   int32_t default_sink() const override { return kKvzipDefaultSink; }
   int32_t default_recent() const override { return 0; }
   bool needs_tokenizer() const override { return true; }
@@ -237,7 +231,7 @@ class KvzipPolicy final : public Policy {
     if (budget.keep_per_head >= n) return KeepPlan::KeepAll(shape_.num_layers, shape_.num_kv_heads, n);
     if (inputs.kvzip_chunks.empty()) {
       return absl::InvalidArgumentError(
-          "kvzip: no reconstruction forwards (PolicyInputs::kvzip_chunks is empty; see Policy::hooks())");
+          "kvzip: no reconstruction forwards (PolicyInputs::kvzip_chunks is empty; PolicyRequest::Plan runs them)");
     }
     KVGATE_ASSIGN_OR_RETURN(ScoreGrid grid, KvzipScoreGrid(capture, inputs.kvzip_chunks));
     switch (head_budget) {

@@ -159,8 +159,7 @@ TEST(KvzipPolicyTest, GlobalThresholdByDefault) {
   const int32_t n = 40;
   auto policy = CreatePolicy("kvzip", {}, shape);
   ASSERT_TRUE(policy.ok());
-  EXPECT_TRUE((*policy)->hooks().kvzip_reconstruction);
-  EXPECT_EQ((*policy)->hooks().kvzip_chunk_tokens, kKvzipChunkTokens);
+  EXPECT_TRUE((*policy)->needs_tokenizer());
   EXPECT_TRUE((*policy)->needs().keys);
   const PrefillCapture c = RandomCapture(shape, n, 0, false, 8);
   std::mt19937 rng(9);

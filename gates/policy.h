@@ -4,11 +4,10 @@
 //   KVGATE_ASSIGN_OR_RETURN(auto policy, CreatePolicy(spec.policy, options, shape));
 //   KVGATE_ASSIGN_OR_RETURN(ResolvedBudget budget, ResolveBudget(spec, n,
 //       policy->default_sink(), policy->default_recent()));
-//   ... prefill recording policy->needs() (+ policy->hooks(), see ForwardHooks) ...
 //   std::unique_ptr<PolicyRequest> request = policy->StartRequest(budget);
 //   ... prefill: request->RunPrefill(runner, prompt) when request->runs_prefill(), else
-//       one forward recording policy->needs() (+ policy->hooks(), see ForwardHooks; each
-//       layer's key mask from request->PrefillKeyMask when masks_prefill_keys()) ...
+//       one forward recording policy->needs() (each layer's key mask from
+//       request->PrefillKeyMask when masks_prefill_keys()) ...
 //   KVGATE_ASSIGN_OR_RETURN(KeepPlan plan, request->Plan(runner, prompt, capture, inputs,
 //       spec.head_budget));
 //   KVGATE_ASSIGN_OR_RETURN(auto evictor, request->TakeDecodeEvictor());
@@ -59,23 +58,10 @@ struct KvzipChunk {
   std::vector<std::vector<float>> own_keys;
 };
 
-// What a policy needs from the forward beyond the plain capture (PrefillCapture is the
-// engine's type; these travel beside it in PolicyInputs).
-struct ForwardHooks {
-  // kvzip: run one reconstruction forward per range of KvzipChunkRanges(context_begin, n,
-  // kvzip_chunk_tokens) and fill PolicyInputs::kvzip_chunks.
-  bool kvzip_reconstruction = false;
-  int32_t kvzip_chunk_tokens = 0;
-  // fast_kvzip: the engine MAY run fast_kvzip_gate()->Score(layer, x) inside each layer's
-  // forward (x = the post input-RMSNorm attention input) and fill PolicyInputs::gate_scores,
-  // instead of capturing hidden_states.
-  bool fast_kvzip_scores = false;
-};
-
 // Policy inputs the engine computes in or after the forward. Empty = not supplied.
 struct PolicyInputs {
-  // fast_kvzip: per layer [num_kv_heads, n] gate scores (FastKvzipGate::Score). When empty,
-  // Plan runs the gate on PrefillCapture::hidden_states.
+  // fast_kvzip: per layer [num_kv_heads, n] gate scores (FastKvzipGate::Score), if the
+  // caller computed them. When empty, Plan runs the gate on PrefillCapture::hidden_states.
   std::vector<std::vector<float>> gate_scores;
   // attention_gate: per layer [num_kv_heads, n], the key masks the prefill used
   // (PolicyRequest::PrefillKeyMask; 1 = row visible/kept). When empty, Plan recomputes it from PrefillCapture::hidden_states
@@ -162,8 +148,6 @@ class Policy {
   virtual std::string_view name() const = 0;
   // What the prefill must record (PrefillCapture fields).
   virtual CaptureRequest needs() const = 0;
-  // What the forward must do beyond recording.
-  virtual ForwardHooks hooks() const { return {}; }
   // Defaults for ResolveBudget; may be kDefaultQuarterOfBudget / kDefaultFastKvzipWindow.
   virtual int32_t default_sink() const = 0;
   virtual int32_t default_recent() const = 0;
@@ -178,7 +162,7 @@ class Policy {
   virtual absl::StatusOr<std::unique_ptr<DecodeEvictor>> RestoreDecodeEvictor(std::string_view state) const;
 
   // Turns a capture into a KeepPlan over [0, budget.prompt_tokens). INVALID_ARGUMENT when
-  // the capture does not match the model shape or lacks what needs()/hooks() asked for.
+  // the capture does not match the model shape or lacks what needs() asked for.
   virtual absl::StatusOr<KeepPlan> Plan(const PrefillCapture& capture, const PolicyInputs& inputs,
                                         const ResolvedBudget& budget,
                                         HeadBudget head_budget) const = 0;

@@ -140,7 +140,7 @@ TEST(PolicyTest, EndToEndInvariants) {
       const CaptureRequest need = (*policy)->needs();
       PrefillCapture c = testing::RandomCapture(shape, n, std::max(need.last_queries, 1), true, 17);
       PolicyInputs inputs;
-      if ((*policy)->hooks().kvzip_reconstruction) {
+      if ((*policy)->name() == "kvzip") {
         std::mt19937 rng(5);
         for (TokenRange r : KvzipChunkRanges(4, n, 50)) {
           KvzipChunk ch;
