@@ -24,7 +24,7 @@
 #include "engine/model.h"
 #include "engine/tokenizer.h"
 #include "gates/eviction_spec.h"
-#include "kv_manager/policy_planner.h"
+#include "kv/policy_planner.h"
 #include "nlohmann/json.hpp"
 
 namespace kvgate::bench {

@@ -32,9 +32,9 @@
 #include "cuda/backend.h"
 #include "engine/model.h"
 #include "gates/eviction_spec.h"
-#include "kv_manager/decode_batch.h"
-#include "kv_manager/kv_pool.h"
-#include "kv_manager/policy_planner.h"
+#include "kv/decode_batch.h"
+#include "kv/kv_pool.h"
+#include "kv/policy_planner.h"
 #include "nlohmann/json.hpp"
 
 namespace kvgate::bench {

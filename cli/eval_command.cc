@@ -43,8 +43,8 @@
 #include "gates/eviction_spec.h"
 #include "gates/fast_kvzip.h"
 #include "gates/policy.h"
-#include "kv_manager/kv_pool.h"
-#include "kv_manager/policy_planner.h"
+#include "kv/kv_pool.h"
+#include "kv/policy_planner.h"
 #include "nlohmann/json.hpp"
 
 namespace kvgate::cli {
@@ -521,7 +521,7 @@ absl::Status Eval(const EvalCommand& command, int* exit_code) {
 
   // One pool for every run, sized for the longest prompt plus its answer, twice: a
   // compaction allocates the kept rows' fresh pages before it frees the old ones
-  // (kv_manager/sequence_layout.cc PlanCompaction), and attention_gate compacts at decode
+  // (kv/sequence_layout.cc PlanCompaction), and attention_gate compacts at decode
   // steps with most of the prompt still kept (keep ratio 1 ran out of pages at 1024).
   int32_t max_rows = 0;
   for (const bench::TaskSample& s : samples) {

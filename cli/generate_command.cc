@@ -14,8 +14,8 @@
 #include "engine/tokenizer.h"
 #include "gates/eviction_spec.h"
 #include "gates/policy.h"
-#include "kv_manager/kv_pool.h"
-#include "kv_manager/policy_planner.h"
+#include "kv/kv_pool.h"
+#include "kv/policy_planner.h"
 #include "nlohmann/json.hpp"
 
 namespace kvgate::cli {

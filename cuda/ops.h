@@ -105,7 +105,7 @@ struct AttentionArgs {
 // exact). Moves KV rows from the contiguous prefill
 // cache into pages, and between pages in compaction. Destination rows must be distinct
 // and must not be read as sources in the same call. Row indices are validated by the
-// caller (kv_manager); src and dst may be one buffer only when the dtypes are equal.
+// caller (kv/); src and dst may be one buffer only when the dtypes are equal.
 struct CopyRowsArgs {
   const void* src = nullptr;           // [*, row_elements] of src_dtype, in, backend
   void* dst = nullptr;                 // [*, row_elements] of dst_dtype, out, backend

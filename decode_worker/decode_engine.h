@@ -23,10 +23,10 @@
 #include "engine/generator.h"
 #include "engine/output_stream.h"
 #include "engine/sampler.h"
-#include "kv_manager/decode_batch.h"
-#include "kv_manager/kv_handoff.h"
-#include "kv_manager/transport/kv_transport.h"
-#include "kv_manager/worker/worker_runtime.h"
+#include "kv/decode_batch.h"
+#include "kv/kv_handoff.h"
+#include "kv/transport/kv_transport.h"
+#include "kv/worker/worker_runtime.h"
 
 namespace kvgate::decode {
 

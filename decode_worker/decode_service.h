@@ -1,6 +1,6 @@
 // File: the kvgate.v1.DecodeWorker service over a DecodeEngine (the gRPC edge of the
 // decode worker). The KvTransfer service that feeds the engine's inbox comes from
-// kv_manager/transport/tcp_transport.h.
+// kv/transport/tcp_transport.h.
 #pragma once
 
 #include <functional>

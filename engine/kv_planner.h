@@ -1,7 +1,7 @@
 // File: the seam between generation and KV compression. After prefill the generator
 // hands its contiguous cache to a KvPlanner, which applies an eviction policy, moves the
 // kept rows into a head-paged pool and returns the batch that decode runs over. The
-// engine defines the interface; kv_manager/ implements it (engine must not depend on it).
+// engine defines the interface; kv/ implements it (engine must not depend on it).
 #pragma once
 
 #include <cstdint>

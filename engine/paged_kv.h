@@ -1,5 +1,5 @@
 // File: what the engine's decode step needs from a head-paged KV cache, as an interface
-// so that the engine does not depend on the KV pool (kv_manager/ implements it).
+// so that the engine does not depend on the KV pool (kv/ implements it).
 #pragma once
 
 #include <array>

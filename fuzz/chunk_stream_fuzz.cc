@@ -1,6 +1,6 @@
 // File: libFuzzer target for the tcp transport's receiving edge: a kvgate.v1.KvTransfer
 // Push stream of worker.proto KvTransferChunk into the real service
-// (kv_manager/transport/tcp_transport.h MakeKvTransferService) over an in-process gRPC
+// (kv/transport/tcp_transport.h MakeKvTransferService) over an in-process gRPC
 // channel, into a KvInbox.
 //
 // Input: records of a little-endian uint16 size n and n bytes of KvTransferChunk, sent
@@ -26,10 +26,10 @@
 #include "common/crc32c.h"
 #include "fuzz/fuzz_util.h"
 #include "fuzz/handoff_fuzz_util.h"
-#include "kv_manager/kv_handoff.h"
-#include "kv_manager/transport/handoff_proto.h"
-#include "kv_manager/transport/kv_transport.h"
-#include "kv_manager/transport/tcp_transport.h"
+#include "kv/kv_handoff.h"
+#include "kv/transport/handoff_proto.h"
+#include "kv/transport/kv_transport.h"
+#include "kv/transport/tcp_transport.h"
 #include "kvgate/v1/worker.grpc.pb.h"
 
 namespace {

@@ -1,6 +1,6 @@
 // File: libFuzzer target for the KV handoff decoder: worker.proto KvTransferHeader
-// (kv_manager/transport/handoff_proto.h FromHeaderProto) and the layer payloads
-// (kv_manager/kv_handoff.h ParseLayer, Validate), as a receiver decodes them.
+// (kv/transport/handoff_proto.h FromHeaderProto) and the layer payloads
+// (kv/kv_handoff.h ParseLayer, Validate), as a receiver decodes them.
 //
 // Input: a little-endian uint32 header size n, n bytes of KvTransferHeader, then the
 // payload; each layer takes its layer_bytes from the payload in order (the last takes
@@ -19,8 +19,8 @@
 
 #include "fuzz/fuzz_util.h"
 #include "fuzz/handoff_fuzz_util.h"
-#include "kv_manager/kv_handoff.h"
-#include "kv_manager/transport/handoff_proto.h"
+#include "kv/kv_handoff.h"
+#include "kv/transport/handoff_proto.h"
 
 namespace {
 

@@ -6,7 +6,7 @@
 #include <cstdint>
 #include <string>
 
-#include "kv_manager/kv_handoff.h"
+#include "kv/kv_handoff.h"
 
 namespace kvgate::fuzz {
 

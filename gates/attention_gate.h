@@ -93,7 +93,7 @@ class AttentionGateState {
   const AttentionGate& gate() const { return *gate_; }
 
   // The state as bytes, to continue it in another process (a decode worker, through
-  // kv_manager/kv_handoff.h). Little-endian: uint32 magic "KVAG", uint32 version 1, int32
+  // kv/kv_handoff.h). Little-endian: uint32 magic "KVAG", uint32 version 1, int32
   // num_layers, num_kv_heads, hidden_size, gate heads', gate d'; then per layer int32
   // tokens, keys float32 [tokens, heads' * d'], values float32 [tokens, heads' * d'].
   std::string Serialize() const;

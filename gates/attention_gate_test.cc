@@ -139,7 +139,7 @@ TEST(AttentionGateTest, IncrementalStateEqualsBatch) {
   EXPECT_STATUS(state.Append(2, x), StatusCode::kInvalidArgument, "layer 2");
 }
 
-// A state continued elsewhere (the decode worker, kv_manager/kv_handoff.h) flags the next
+// A state continued elsewhere (the decode worker, kv/kv_handoff.h) flags the next
 // tokens exactly as the original does.
 TEST(AttentionGateTest, SerializedStateContinuesBitIdentically) {
   const ModelShape shape = Shape(2, 4, 2, 8, 16);

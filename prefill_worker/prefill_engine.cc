@@ -6,8 +6,8 @@
 
 #include "absl/strings/str_cat.h"
 #include "common/status_macros.h"
-#include "kv_manager/kv_handoff.h"
-#include "kv_manager/policy_planner.h"
+#include "kv/kv_handoff.h"
+#include "kv/policy_planner.h"
 
 namespace kvgate::prefill {
 namespace {

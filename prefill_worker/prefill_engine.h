@@ -23,8 +23,8 @@
 #include "engine/kv_planner.h"
 #include "engine/sampler.h"
 #include "gates/eviction_spec.h"
-#include "kv_manager/transport/kv_transport.h"
-#include "kv_manager/worker/worker_runtime.h"
+#include "kv/transport/kv_transport.h"
+#include "kv/worker/worker_runtime.h"
 
 namespace kvgate::prefill {
 

@@ -8,7 +8,7 @@
 #include <string>
 #include <thread>
 
-#include "kv_manager/worker/worker_runtime.h"
+#include "kv/worker/worker_runtime.h"
 #include "tests/testing/paths.h"
 
 namespace kvgate::prefill {

@@ -3,7 +3,7 @@
 #include "absl/strings/str_cat.h"
 #include "common/auth.h"
 #include "common/grpc_status.h"
-#include "kv_manager/manager/plan_proto.h"
+#include "kv_manager/plan_proto.h"
 #include "kv_manager/proto_convert.h"
 
 namespace kvgate::prefill {

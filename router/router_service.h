@@ -31,7 +31,7 @@
 #include "common/metrics.h"
 #include "engine/model_config.h"
 #include "engine/tokenizer.h"
-#include "kv_manager/manager/manager_client.h"
+#include "kv_manager/manager_client.h"
 #include "kvgate/v1/inference.grpc.pb.h"
 #include "router/request_validation.h"
 

@@ -14,8 +14,8 @@ bundle=${target%.tar.xz}
 rm -rf "$bundle"
 mkdir -p "$bundle/bin" "$bundle/lib"
 binaries=(cli/kvgate cuda/cuda_backend_test cuda/cuda_bf16_ops_test tests/golden_model_test
-          bench/gpu_engine_bench kv_manager/kv_handoff_test kv_manager/decode_batch_test
-          kv_manager/tcp_transport_test kv_manager/decode_step_tables_test kv_manager/kv_pool_test)
+          bench/gpu_engine_bench kv/kv_handoff_test kv/decode_batch_test
+          kv/tcp_transport_test kv/decode_step_tables_test kv/kv_pool_test)
 for b in "${binaries[@]}"; do
   if [[ ! -f "$build/$b" ]]; then
     echo "pack-gpu-bundle: $build/$b not built, skipped" >&2

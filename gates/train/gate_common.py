@@ -6,7 +6,7 @@
 - the two gates as torch modules whose parameters are exactly the tensors of our gate files
   (``kvgate.fast_kvzip.v1``, ``kvgate.attention_gate.v1``; gates/README.md), with exporters;
 - KVzip reconstruction scores (the soft targets of Fast KVzip) as kvgate defines them
-  (gates/kvzip.cc KvzipScores, kv_manager/policy_planner.cc RunKvzipReconstruction);
+  (gates/kvzip.cc KvzipScores, kv/policy_planner.cc RunKvzipReconstruction);
 - a JSON-lines training log.
 """
 
@@ -32,7 +32,7 @@ import llama_torch as lt  # noqa: E402
 REPO = os.path.dirname(os.path.dirname(HERE))
 DEFAULT_DATA = os.path.join(REPO, "..", "shared", "data", "pg-essays", "*.txt")
 
-# kv_manager/policy_planner.cc
+# kv/policy_planner.cc
 KVZIP_REPEAT_ALL = "\n\nRepeat the previous context exactly."
 KVZIP_REPEAT_FROM = "\n\nRepeat the part of the previous context exactly, starting with "
 KVZIP_OVERLAP_TOKENS = 8
@@ -379,7 +379,7 @@ def kvzip_scores(model, prompt, repeat_all_ids, repeat_from_ids, chunk_tokens=KV
                  score_dtype=torch.float32):
     """KVzip scores [L, H_kv, n] of one prompt and the layer inputs [L, n, D] of its forward.
 
-    As kv_manager/policy_planner.cc RunKvzipReconstruction (context_begin 0): for each chunk
+    As kv/policy_planner.cc RunKvzipReconstruction (context_begin 0): for each chunk
     [b, e) of 2000 tokens, forward prompt + reconstruction where the reconstruction is
     REPEAT_ALL (chunk 0) or REPEAT_FROM + the 8 prompt tokens before b, then the chunk's tokens;
     sink keys = min(4, b); scores of overlapping chunks merge by max (gates/kvzip.cc).

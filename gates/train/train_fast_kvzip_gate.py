@@ -4,7 +4,7 @@
 Forward-only recipe (eviction-methods.md 5.2; FastKVzip train_gate.sh / optim.py):
 1. the frozen LLM prefills each context and the KVzip reconstruction forwards run on top of it
    ("\\n\\nRepeat the previous context exactly." + the context, chunks of 2000 tokens), exactly
-   as kvgate's kvzip policy does (gates/kvzip.cc, kv_manager/policy_planner.cc). The KVzip
+   as kvgate's kvzip policy does (gates/kvzip.cc, kv/policy_planner.cc). The KVzip
    score of (layer, kv head, token) = max over the group's query heads and the reconstruction
    queries of the attention probability (softmax over sink | chunk | own keys) is the soft
    target; the layer's attention input (post input-RMSNorm hidden states) is the feature;

@@ -31,8 +31,8 @@
 #include "gates/attention_gate.h"
 #include "gates/fast_kvzip.h"
 #include "gates/policy.h"
-#include "kv_manager/kv_pool.h"
-#include "kv_manager/policy_planner.h"
+#include "kv/kv_pool.h"
+#include "kv/policy_planner.h"
 #include "tests/testing/paths.h"
 
 namespace kvgate::integration {
@@ -585,7 +585,7 @@ absl::StatusOr<engine::GenerateResult> OfflineReference::Run(const Case& c) {
   const int32_t max_rows = static_cast<int32_t>(c.prompt.size()) + c.max_tokens;
   const int32_t pages = m.num_layers * m.num_kv_heads * ((max_rows + kPageTokens - 1) / kPageTokens + 1);
   KVGATE_ASSIGN_OR_RETURN(std::unique_ptr<kv::KvPool> pool, kv::KvPool::Create(backend_.get(), pages, kPageTokens, m.head_dim));
-  // The gates `--random-gates kGateSeed` gives a worker (kv_manager/worker/worker_runtime.cc).
+  // The gates `--random-gates kGateSeed` gives a worker (kv/worker/worker_runtime.cc).
   const gates::ModelShape shape{m.num_layers, m.num_heads, m.num_kv_heads, m.head_dim, m.hidden_size};
   gates::PolicyOptions options;
   options.fast_kvzip_gate = gates::FastKvzipGate::CreateRandom(shape, kGateSeed);

@@ -1,0 +1,542 @@
+#include "kv/kv_pool.h"
+
+#include <algorithm>
+#include <bit>
+#include <cstdint>
+#include <limits>
+#include <unordered_map>
+#include <utility>
+
+#include "absl/strings/str_cat.h"
+#include "absl/strings/string_view.h"
+#include "common/status_macros.h"
+#include "cuda/bf16.h"
+
+namespace kvgate::kv {
+namespace {
+
+absl::Status WithContext(const absl::Status& s, absl::string_view what) {
+  if (s.ok()) return s;
+  return absl::Status(s.code(), absl::StrCat(what, ": ", s.message()));
+}
+
+// Smallest index scratch worth allocating, in int32 entries.
+constexpr size_t kMinScratchEntries = 1024;
+
+}  // namespace
+
+absl::StatusOr<std::optional<ops::KvDtype>> ParseKvCacheDtype(std::string_view name) {
+  if (name == "auto") return std::optional<ops::KvDtype>();
+  if (name == "float32") return std::optional<ops::KvDtype>(ops::KvDtype::kFloat32);
+  if (name == "bf16") return std::optional<ops::KvDtype>(ops::KvDtype::kBf16);
+  return absl::InvalidArgumentError(
+      absl::StrCat("--kv-cache-dtype must be auto, float32 or bf16, got '", std::string(name), "'"));
+}
+
+ops::KvDtype KvPool::AutoDtype(const ops::Backend& backend) {
+  return backend.SupportsBf16() ? ops::KvDtype::kBf16 : ops::KvDtype::kFloat32;
+}
+
+absl::StatusOr<std::unique_ptr<KvPool>> KvPool::Create(ops::Backend* backend, int32_t num_pages,
+                                                       int32_t page_tokens, int32_t head_dim, ops::KvDtype dtype) {
+  if (backend == nullptr) return absl::InvalidArgumentError("KvPool needs a backend");
+  if (dtype != ops::KvDtype::kFloat32 && dtype != ops::KvDtype::kBf16) {
+    return absl::InvalidArgumentError(absl::StrCat("KvPool of unknown dtype ", static_cast<int>(dtype)));
+  }
+  if (num_pages <= 0 || page_tokens <= 0 || head_dim <= 0) {
+    return absl::InvalidArgumentError(absl::StrCat("KvPool of ", num_pages, " pages x ", page_tokens,
+                                                   " tokens x ", head_dim, " dims"));
+  }
+  const int64_t rows = int64_t{num_pages} * page_tokens;
+  if (rows > std::numeric_limits<int32_t>::max()) {
+    return absl::InvalidArgumentError(absl::StrCat("KvPool of ", rows, " rows overflows int32 row ids"));
+  }
+  auto pool = std::unique_ptr<KvPool>(new KvPool(backend, num_pages, page_tokens, head_dim, dtype));
+  const size_t kv_bytes = static_cast<size_t>(rows) * pool->row_bytes();
+  KVGATE_ASSIGN_OR_RETURN(pool->k_pages_, backend->Alloc(kv_bytes));
+  KVGATE_ASSIGN_OR_RETURN(pool->v_pages_, backend->Alloc(kv_bytes));
+  KVGATE_ASSIGN_OR_RETURN(pool->query_masks_, backend->Alloc(static_cast<size_t>(rows)));
+  return pool;
+}
+
+absl::StatusOr<int32_t*> KvPool::Upload(absl::Span<const int32_t> host, ops::DeviceBuffer* scratch) {
+  const size_t bytes = host.size() * sizeof(int32_t);
+  if (scratch->bytes() < bytes) {
+    const size_t grown = std::max({bytes, 2 * scratch->bytes(), kMinScratchEntries * sizeof(int32_t)});
+    KVGATE_ASSIGN_OR_RETURN(*scratch, backend_->Alloc(grown));
+  }
+  if (bytes > 0) KVGATE_RETURN_IF_ERROR(backend_->CopyToBackend(scratch->data(), host.data(), bytes));
+  return scratch->as<int32_t>();
+}
+
+template <typename SrcK, typename SrcV>
+absl::Status KvPool::RunCopies(absl::Span<const RowCopies> copies, ops::KvDtype src_dtype, SrcK k_src,
+                               SrcV v_src) {
+  std::vector<int32_t> host;
+  for (const RowCopies& c : copies) {
+    host.insert(host.end(), c.src_rows.begin(), c.src_rows.end());
+    host.insert(host.end(), c.dst_rows.begin(), c.dst_rows.end());
+  }
+  if (host.empty()) return absl::OkStatus();
+  KVGATE_ASSIGN_OR_RETURN(const int32_t* rows, Upload(host, &copy_scratch_));
+  for (size_t l = 0; l < copies.size(); ++l) {
+    const int32_t n = copies[l].size();
+    if (n == 0) continue;
+    ops::CopyRowsArgs args;
+    args.src_rows = rows;
+    args.dst_rows = rows + n;
+    args.num_rows = n;
+    args.row_elements = head_dim_;
+    args.src_dtype = src_dtype;
+    args.dst_dtype = dtype_;
+    args.src = k_src(static_cast<int32_t>(l));
+    args.dst = k_pages_.data();
+    KVGATE_RETURN_IF_ERROR(backend_->CopyRows(args));
+    args.src = v_src(static_cast<int32_t>(l));
+    args.dst = v_pages_.data();
+    KVGATE_RETURN_IF_ERROR(backend_->CopyRows(args));
+    rows += 2 * n;
+  }
+  return absl::OkStatus();
+}
+
+absl::Status KvPool::UploadMaskRuns(absl::Span<const int32_t> sorted_pages, absl::Span<const uint8_t> bytes) {
+  const size_t pt = static_cast<size_t>(page_tokens_);
+  size_t begin = 0;
+  while (begin < sorted_pages.size()) {
+    size_t end = begin + 1;
+    while (end < sorted_pages.size() && sorted_pages[end] == sorted_pages[end - 1] + 1) ++end;
+    KVGATE_RETURN_IF_ERROR(backend_->CopyToBackend(query_masks_.as<uint8_t>() + sorted_pages[begin] * pt,
+                                                   bytes.data() + begin * pt, (end - begin) * pt));
+    begin = end;
+  }
+  return absl::OkStatus();
+}
+
+absl::Status KvPool::FillMasks(absl::Span<const int32_t> pages) {
+  std::vector<int32_t> sorted(pages.begin(), pages.end());
+  std::sort(sorted.begin(), sorted.end());
+  const std::vector<uint8_t> bytes(sorted.size() * page_tokens_, kAllQueryHeads);
+  return UploadMaskRuns(sorted, bytes);
+}
+
+absl::Status KvPool::WriteMasks(const SequenceLayout& layout, absl::Span<const int32_t> pages) {
+  if (pages.empty()) return absl::OkStatus();
+  std::vector<int32_t> sorted(pages.begin(), pages.end());
+  std::sort(sorted.begin(), sorted.end());
+  std::unordered_map<int32_t, size_t> slot_of;  // page id -> index in sorted
+  for (size_t i = 0; i < sorted.size(); ++i) slot_of.emplace(sorted[i], i);
+  const int32_t pt = page_tokens_;
+  std::vector<uint8_t> bytes(sorted.size() * pt, kAllQueryHeads);
+  size_t found = 0;
+  for (const HeadPages& hp : layout.heads) {
+    for (size_t p = 0; p < hp.page_ids.size(); ++p) {
+      auto it = slot_of.find(hp.page_ids[p]);
+      if (it == slot_of.end()) continue;
+      ++found;
+      if (!layout.has_query_masks) continue;  // all 0xFF already
+      const int32_t first = static_cast<int32_t>(p) * pt;
+      const int32_t rows = std::min(pt, hp.length - first);
+      std::copy_n(hp.query_mask.begin() + first, rows, bytes.begin() + it->second * pt);
+    }
+  }
+  if (found != sorted.size()) {
+    return absl::InternalError(absl::StrCat("mask write of ", sorted.size(), " pages, ", found,
+                                            " held by the layout"));
+  }
+  return UploadMaskRuns(sorted, bytes);
+}
+
+absl::Status KvPool::CommitPrefill(const engine::KvCache& cache, const gates::KeepPlan& plan,
+                                   SequenceLayout* out) {
+  if (!out->heads.empty()) {
+    return absl::FailedPreconditionError("commit into a layout that already holds pages; release it first");
+  }
+  if (plan.prompt_tokens != cache.length_tokens()) {
+    return absl::InvalidArgumentError(absl::StrCat("keep plan for a prompt of ", plan.prompt_tokens,
+                                                   " tokens, the prefill cache holds ", cache.length_tokens()));
+  }
+  auto committed = PlanCommit(plan, cache.capacity_tokens(), page_tokens_, &pages_);
+  if (!committed.ok()) return WithContext(committed.status(), "commit prefill");
+  absl::Status s = RunCopies(
+      committed->copies, ops::KvDtype::kFloat32, [&](int32_t l) { return cache.k(l); },
+      [&](int32_t l) { return cache.v(l); });
+  if (s.ok()) s = WriteMasks(committed->layout, committed->layout.AllPages());
+  if (!s.ok()) {
+    (void)kv::Release(&committed->layout, &pages_);
+    return WithContext(s, "commit prefill");
+  }
+  *out = std::move(committed->layout);
+  return absl::OkStatus();
+}
+
+absl::StatusOr<AppendPlan> KvPool::ReserveDecodeStep(SequenceLayout* layout) {
+  if (!layout->heads.empty() && layout->page_tokens != page_tokens_) {
+    return absl::InvalidArgumentError("layout from a pool of another page size");
+  }
+  KVGATE_ASSIGN_OR_RETURN(AppendPlan step, PlanAppend(layout, &pages_));
+  // A new page's slots are all 0xFF: the new row is visible to all, the rest unused.
+  KVGATE_RETURN_IF_ERROR(WithContext(FillMasks(step.new_pages), "decode reserve"));
+  return step;
+}
+
+absl::Status KvPool::AppendDecodeRows(const AppendPlan& step, int32_t layer, const float* k_new,
+                                      const float* v_new) {
+  const AppendPlan* steps[] = {&step};
+  return AppendDecodeRows(absl::MakeConstSpan(steps), layer, k_new, v_new);
+}
+
+absl::Status KvPool::AppendDecodeRows(absl::Span<const AppendPlan* const> steps, int32_t layer,
+                                      const float* k_new, const float* v_new) {
+  if (steps.empty()) return absl::OkStatus();
+  const int32_t heads = steps[0]->num_kv_heads;
+  std::vector<int32_t> host;  // [src rows | dst rows]
+  host.reserve(2 * steps.size() * heads);
+  for (size_t s = 0; s < steps.size(); ++s) {
+    if (steps[s]->num_kv_heads != heads || layer < 0 || layer >= steps[s]->num_layers) {
+      return absl::InvalidArgumentError(absl::StrCat("decode append of layer ", layer, " for sequence ", s,
+                                                     " of the batch: ", steps[s]->num_layers, " layers x ",
+                                                     steps[s]->num_kv_heads, " kv heads (batch: ", heads, ")"));
+    }
+    for (int32_t h = 0; h < heads; ++h) host.push_back(static_cast<int32_t>(s) * heads + h);
+  }
+  for (const AppendPlan* step : steps) {
+    absl::Span<const int32_t> rows = step->layer_rows(layer);
+    host.insert(host.end(), rows.begin(), rows.end());
+  }
+  KVGATE_ASSIGN_OR_RETURN(const int32_t* rows, Upload(host, &copy_scratch_));
+  return AppendDecodeRowsAt(rows, static_cast<int32_t>(host.size() / 2), k_new, v_new);
+}
+
+absl::Status KvPool::AppendDecodeRowsAt(const int32_t* rows, int32_t num_rows, const float* k_new,
+                                        const float* v_new) {
+  ops::CopyRowsArgs args;
+  args.src_rows = rows;
+  args.dst_rows = rows + num_rows;
+  args.num_rows = num_rows;
+  args.row_elements = head_dim_;
+  args.dst_dtype = dtype_;
+  args.src = k_new;
+  args.dst = k_pages_.data();
+  KVGATE_RETURN_IF_ERROR(WithContext(backend_->CopyRows(args), "decode append K"));
+  args.src = v_new;
+  args.dst = v_pages_.data();
+  return WithContext(backend_->CopyRows(args), "decode append V");
+}
+
+absl::StatusOr<int32_t> KvPool::Compact(SequenceLayout* layout, const gates::KeepPlan& keep) {
+  if (!layout->heads.empty() && layout->page_tokens != page_tokens_) {
+    return absl::InvalidArgumentError("layout from a pool of another page size");
+  }
+  auto plan = PlanCompaction(layout, keep, &pages_);
+  if (!plan.ok()) return WithContext(plan.status(), "compaction");
+  const void* k = k_pages_.data();
+  const void* v = v_pages_.data();
+  KVGATE_RETURN_IF_ERROR(WithContext(
+      RunCopies(plan->copies, dtype_, [k](int32_t) { return k; }, [v](int32_t) { return v; }), "compaction"));
+  KVGATE_RETURN_IF_ERROR(WithContext(WriteMasks(*layout, plan->mask_pages), "compaction"));
+  return plan->pages_freed();
+}
+
+absl::Status KvPool::Release(SequenceLayout* layout) { return kv::Release(layout, &pages_); }
+
+namespace {
+
+// Appends layer `layer`'s [page_indptr (seq heads + 1) | page_ids | lengths] to `host`;
+// `*any_masks` |= a sequence carries query masks. INVALID_ARGUMENT for a sequence that
+// does not fit the batch (see KvPool::BuildView).
+absl::Status AppendViewTables(absl::Span<const SequenceLayout* const> seqs, int32_t layer, int32_t page_tokens,
+                              std::vector<int32_t>* host, bool* any_masks) {
+  const int32_t heads = seqs.empty() ? 0 : seqs[0]->num_kv_heads;
+  size_t num_ids = 0;
+  for (size_t s = 0; s < seqs.size(); ++s) {
+    const SequenceLayout& seq = *seqs[s];
+    if (seq.heads.empty() || seq.page_tokens != page_tokens || seq.num_kv_heads != heads || layer < 0 ||
+        layer >= seq.num_layers) {
+      return absl::InvalidArgumentError(absl::StrCat("view of layer ", layer, ": sequence ", s, " of the batch has ",
+                                                     seq.num_layers, " layers x ", seq.num_kv_heads,
+                                                     " kv heads, page_tokens ", seq.page_tokens, " (pool ",
+                                                     page_tokens, ", batch kv heads ", heads, ")"));
+    }
+    *any_masks |= seq.has_query_masks;
+    for (int32_t h = 0; h < heads; ++h) num_ids += seq.at(layer, h).page_ids.size();
+  }
+  const size_t num_seq_heads = seqs.size() * heads;
+  const size_t begin = host->size();
+  host->resize(begin + num_seq_heads + 1 + num_ids + num_seq_heads);
+  int32_t* indptr = host->data() + begin;
+  int32_t* ids = indptr + num_seq_heads + 1;
+  int32_t* lengths = ids + num_ids;
+  indptr[0] = 0;
+  size_t i = 0;
+  for (const SequenceLayout* seq : seqs) {
+    for (int32_t h = 0; h < heads; ++h, ++i) {
+      const HeadPages& hp = seq->at(layer, h);
+      std::copy(hp.page_ids.begin(), hp.page_ids.end(), ids + indptr[i]);
+      indptr[i + 1] = indptr[i] + static_cast<int32_t>(hp.page_ids.size());
+      lengths[i] = hp.length;
+    }
+  }
+  return absl::OkStatus();
+}
+
+}  // namespace
+
+absl::StatusOr<ops::HeadPagedKvView> KvPool::BuildView(absl::Span<const SequenceLayout* const> seqs,
+                                                       int32_t layer) {
+  std::vector<int32_t> host;
+  bool any_masks = false;
+  KVGATE_RETURN_IF_ERROR(AppendViewTables(seqs, layer, page_tokens_, &host, &any_masks));
+  KVGATE_ASSIGN_OR_RETURN(const int32_t* base, Upload(host, &view_scratch_));
+  return ViewAt(base, seqs.size() * (seqs.empty() ? 0 : seqs[0]->num_kv_heads), host, any_masks);
+}
+
+absl::StatusOr<std::vector<ops::HeadPagedKvView>> KvPool::BuildViews(absl::Span<const SequenceLayout* const> seqs) {
+  const int32_t layers = seqs.empty() ? 0 : seqs[0]->num_layers;
+  std::vector<int32_t> host;
+  std::vector<size_t> offsets;
+  bool any_masks = false;
+  for (int32_t l = 0; l < layers; ++l) {
+    offsets.push_back(host.size());
+    KVGATE_RETURN_IF_ERROR(AppendViewTables(seqs, l, page_tokens_, &host, &any_masks));
+  }
+  offsets.push_back(host.size());
+  KVGATE_ASSIGN_OR_RETURN(const int32_t* base, Upload(host, &view_scratch_));
+  const size_t num_seq_heads = seqs.size() * (seqs.empty() ? 0 : seqs[0]->num_kv_heads);
+  std::vector<ops::HeadPagedKvView> views;
+  for (int32_t l = 0; l < layers; ++l) {
+    const absl::Span<const int32_t> tables(host.data() + offsets[l], offsets[l + 1] - offsets[l]);
+    views.push_back(ViewAt(base + offsets[l], num_seq_heads, tables, any_masks));
+  }
+  return views;
+}
+
+ops::HeadPagedKvView KvPool::PagesView(bool with_query_masks) const {
+  ops::HeadPagedKvView view;
+  view.k_pages = k_pages_.data();
+  view.v_pages = v_pages_.data();
+  view.query_masks = with_query_masks ? query_masks_.as<uint8_t>() : nullptr;
+  view.page_tokens = page_tokens_;
+  view.head_dim = head_dim_;
+  view.dtype = dtype_;
+  return view;
+}
+
+ops::HeadPagedKvView KvPool::ViewAt(const int32_t* device_tables, size_t num_seq_heads,
+                                    absl::Span<const int32_t> host_tables, bool any_masks) const {
+  const size_t num_ids = host_tables.size() - 2 * num_seq_heads - 1;
+  ops::HeadPagedKvView view = PagesView(any_masks);
+  view.page_indptr = device_tables;
+  view.page_ids = device_tables + num_seq_heads + 1;
+  view.lengths = device_tables + num_seq_heads + 1 + num_ids;
+  return view;
+}
+
+absl::StatusOr<HeadRows> KvPool::ReadRows(const SequenceLayout& layout, int32_t layer, int32_t kv_head) const {
+  if (layout.heads.empty() || layout.page_tokens != page_tokens_ || layer < 0 || layer >= layout.num_layers ||
+      kv_head < 0 || kv_head >= layout.num_kv_heads) {
+    return absl::InvalidArgumentError(absl::StrCat("read of layer ", layer, " kv head ", kv_head, " from a layout of ",
+                                                   layout.num_layers, " x ", layout.num_kv_heads));
+  }
+  const HeadPages& hp = layout.at(layer, kv_head);
+  const size_t row_floats = static_cast<size_t>(head_dim_);
+  HeadRows out;
+  out.k.resize(static_cast<size_t>(hp.length) * row_floats);
+  out.v.resize(out.k.size());
+  out.query_mask.resize(hp.length);
+  out.positions = hp.positions;
+  out.scores = hp.scores;
+  // One copy per run of consecutive page ids (a commit hands a head consecutive ids).
+  // bf16 rows land in a host staging vector and are widened there.
+  const bool narrow = dtype_ == ops::KvDtype::kBf16;
+  std::vector<ops::Bf16> stage_k, stage_v;
+  if (narrow) {
+    stage_k.resize(out.k.size());
+    stage_v.resize(out.v.size());
+  }
+  const size_t element_bytes = ops::KvDtypeBytes(dtype_);
+  char* k_dst = narrow ? reinterpret_cast<char*>(stage_k.data()) : reinterpret_cast<char*>(out.k.data());
+  char* v_dst = narrow ? reinterpret_cast<char*>(stage_v.data()) : reinterpret_cast<char*>(out.v.data());
+  const char* k_src = static_cast<const char*>(k_pages_.data());
+  const char* v_src = static_cast<const char*>(v_pages_.data());
+  size_t p = 0;
+  while (p < hp.page_ids.size()) {
+    size_t end = p + 1;
+    while (end < hp.page_ids.size() && hp.page_ids[end] == hp.page_ids[end - 1] + 1) ++end;
+    const size_t first = p * page_tokens_;
+    const size_t rows = std::min<size_t>((end - p) * page_tokens_, hp.length - first);
+    const size_t pool_row = static_cast<size_t>(hp.page_ids[p]) * page_tokens_;
+    const size_t bytes = rows * row_floats * element_bytes;
+    KVGATE_RETURN_IF_ERROR(backend_->CopyToHost(k_dst + first * row_floats * element_bytes,
+                                                k_src + pool_row * row_floats * element_bytes, bytes));
+    KVGATE_RETURN_IF_ERROR(backend_->CopyToHost(v_dst + first * row_floats * element_bytes,
+                                                v_src + pool_row * row_floats * element_bytes, bytes));
+    KVGATE_RETURN_IF_ERROR(
+        backend_->CopyToHost(out.query_mask.data() + first, query_masks_.as<uint8_t>() + pool_row, rows));
+    p = end;
+  }
+  if (narrow) {
+    for (size_t i = 0; i < stage_k.size(); ++i) out.k[i] = ops::Bf16ToF32(stage_k[i]);
+    for (size_t i = 0; i < stage_v.size(); ++i) out.v[i] = ops::Bf16ToF32(stage_v[i]);
+  }
+  return out;
+}
+
+absl::Status KvPool::CommitHostRows(const gates::KeepPlan& plan, absl::Span<const HeadRows> rows,
+                                    SequenceLayout* out) {
+  if (!out->heads.empty()) {
+    return absl::FailedPreconditionError("import into a layout that already holds pages; release it first");
+  }
+  if (rows.size() != plan.heads.size()) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("import of ", rows.size(), " heads of rows for a plan of ", plan.heads.size(), " heads"));
+  }
+  const size_t row_floats = static_cast<size_t>(head_dim_);
+  size_t max_layer_rows = 0;
+  for (int32_t l = 0; l < plan.num_layers; ++l) {
+    size_t layer_rows = 0;
+    for (int32_t h = 0; h < plan.num_kv_heads; ++h) {
+      const size_t i = static_cast<size_t>(l) * plan.num_kv_heads + h;
+      const size_t n = plan.heads[i].positions.size();
+      if (rows[i].k.size() != n * row_floats || rows[i].v.size() != n * row_floats) {
+        return absl::InvalidArgumentError(absl::StrCat("import of layer ", l, " kv head ", h, ": ", rows[i].k.size(),
+                                                       " K and ", rows[i].v.size(), " V floats for ", n,
+                                                       " rows of ", head_dim_));
+      }
+      layer_rows += n;
+    }
+    max_layer_rows = std::max(max_layer_rows, layer_rows);
+  }
+  // Source rows index the layer's staging buffer, which holds the layer's rows in
+  // (kv head, kept row) order: the order of PlanCommit's copies.
+  auto committed = PlanCommit(plan, plan.prompt_tokens, page_tokens_, &pages_);
+  if (!committed.ok()) return WithContext(committed.status(), "import");
+  auto run = [&]() -> absl::Status {
+    const size_t stage_bytes = std::max<size_t>(max_layer_rows, 1) * row_floats * sizeof(float);
+    if (stage_k_.bytes() < stage_bytes) {
+      KVGATE_ASSIGN_OR_RETURN(stage_k_, backend_->Alloc(stage_bytes));
+      KVGATE_ASSIGN_OR_RETURN(stage_v_, backend_->Alloc(stage_bytes));
+    }
+    for (int32_t l = 0; l < plan.num_layers; ++l) {
+      RowCopies& copies = committed->copies[l];
+      if (copies.size() == 0) continue;
+      for (int32_t i = 0; i < copies.size(); ++i) copies.src_rows[i] = i;
+      size_t at = 0;
+      for (int32_t h = 0; h < plan.num_kv_heads; ++h) {
+        const HeadRows& head = rows[static_cast<size_t>(l) * plan.num_kv_heads + h];
+        if (head.k.empty()) continue;
+        KVGATE_RETURN_IF_ERROR(backend_->CopyToBackend(stage_k_.as<float>() + at, head.k.data(),
+                                                       head.k.size() * sizeof(float)));
+        KVGATE_RETURN_IF_ERROR(backend_->CopyToBackend(stage_v_.as<float>() + at, head.v.data(),
+                                                       head.v.size() * sizeof(float)));
+        at += head.k.size();
+      }
+      const float* k = stage_k_.as<float>();
+      const float* v = stage_v_.as<float>();
+      KVGATE_RETURN_IF_ERROR(RunCopies(absl::MakeConstSpan(&copies, 1), ops::KvDtype::kFloat32,
+                                       [k](int32_t) { return k; }, [v](int32_t) { return v; }));
+    }
+    return WriteMasks(committed->layout, committed->layout.AllPages());
+  };
+  absl::Status s = run();
+  if (!s.ok()) {
+    (void)kv::Release(&committed->layout, &pages_);
+    return WithContext(s, "import");
+  }
+  *out = std::move(committed->layout);
+  return absl::OkStatus();
+}
+
+absl::StatusOr<BackendRows> KvPool::GatherRows(const SequenceLayout& layout) {
+  if (layout.heads.empty() || layout.page_tokens != page_tokens_) {
+    return absl::InvalidArgumentError(absl::StrCat("gather of a layout of ", layout.heads.size(),
+                                                   " heads, page_tokens ", layout.page_tokens, " (pool ",
+                                                   page_tokens_, ")"));
+  }
+  int64_t total = 0;
+  for (const HeadPages& hp : layout.heads) total += hp.length;
+  if (total > std::numeric_limits<int32_t>::max()) {
+    return absl::InvalidArgumentError(absl::StrCat("gather of ", total, " rows overflows int32 row ids"));
+  }
+  BackendRows out;
+  out.backend = std::string(backend_->Name());
+  out.rows = total;
+  out.head_dim = head_dim_;
+  out.dtype = dtype_;
+  const size_t bytes = static_cast<size_t>(std::max<int64_t>(total, 1)) * row_bytes();
+  KVGATE_ASSIGN_OR_RETURN(out.k, backend_->Alloc(bytes));
+  KVGATE_ASSIGN_OR_RETURN(out.v, backend_->Alloc(bytes));
+  if (total == 0) return out;
+  RowCopies copies;
+  copies.src_rows.reserve(static_cast<size_t>(total));
+  for (const HeadPages& hp : layout.heads) {
+    for (int32_t r = 0; r < hp.length; ++r) {
+      copies.src_rows.push_back(hp.page_ids[r / page_tokens_] * page_tokens_ + r % page_tokens_);
+    }
+  }
+  copies.dst_rows.resize(copies.src_rows.size());
+  for (size_t i = 0; i < copies.dst_rows.size(); ++i) copies.dst_rows[i] = static_cast<int32_t>(i);
+  std::vector<int32_t> host(std::move(copies.src_rows));
+  host.insert(host.end(), copies.dst_rows.begin(), copies.dst_rows.end());
+  KVGATE_ASSIGN_OR_RETURN(const int32_t* rows, Upload(host, &copy_scratch_));
+  ops::CopyRowsArgs args;
+  args.src_rows = rows;
+  args.dst_rows = rows + total;
+  args.num_rows = static_cast<int32_t>(total);
+  args.row_elements = head_dim_;
+  args.src_dtype = dtype_;
+  args.dst_dtype = dtype_;
+  args.src = k_pages_.data();
+  args.dst = out.k.data();
+  KVGATE_RETURN_IF_ERROR(WithContext(backend_->CopyRows(args), "gather K"));
+  args.src = v_pages_.data();
+  args.dst = out.v.data();
+  KVGATE_RETURN_IF_ERROR(WithContext(backend_->CopyRows(args), "gather V"));
+  KVGATE_RETURN_IF_ERROR(WithContext(backend_->Synchronize(), "gather"));
+  return out;
+}
+
+absl::Status KvPool::CommitBackendRows(const gates::KeepPlan& plan, const BackendRows& rows, SequenceLayout* out) {
+  if (!out->heads.empty()) {
+    return absl::FailedPreconditionError("import into a layout that already holds pages; release it first");
+  }
+  if (rows.backend != backend_->Name()) {
+    return absl::FailedPreconditionError(absl::StrCat("import of rows in the memory of backend ", rows.backend,
+                                                      " into a pool on ", std::string(backend_->Name())));
+  }
+  int64_t total = 0;
+  for (const gates::HeadKeep& head : plan.heads) total += static_cast<int64_t>(head.positions.size());
+  if (rows.dtype != ops::KvDtype::kFloat32 && rows.dtype != ops::KvDtype::kBf16) {
+    return absl::InvalidArgumentError(absl::StrCat("import of backend rows of unknown dtype ",
+                                                   static_cast<int>(rows.dtype)));
+  }
+  const size_t need = static_cast<size_t>(total) * head_dim_ * ops::KvDtypeBytes(rows.dtype);
+  if (rows.rows != total || rows.head_dim != head_dim_ || rows.k.bytes() < need || rows.v.bytes() < need) {
+    return absl::InvalidArgumentError(absl::StrCat("import of ", rows.rows, " backend rows of ", rows.head_dim,
+                                                   " (", rows.k.bytes(), " / ", rows.v.bytes(),
+                                                   " bytes) for a plan of ", total, " rows of ", head_dim_));
+  }
+  auto committed = PlanCommit(plan, plan.prompt_tokens, page_tokens_, &pages_);
+  if (!committed.ok()) return WithContext(committed.status(), "import");
+  // PlanCommit's source rows index a per-layer cache; ours run on across the layers in
+  // the same (kv head, kept row) order.
+  int32_t first = 0;
+  for (RowCopies& copies : committed->copies) {
+    for (int32_t i = 0; i < copies.size(); ++i) copies.src_rows[i] = first + i;
+    first += copies.size();
+  }
+  const void* k = rows.k.data();
+  const void* v = rows.v.data();
+  absl::Status s =
+      RunCopies(committed->copies, rows.dtype, [k](int32_t) { return k; }, [v](int32_t) { return v; });
+  if (s.ok()) s = WriteMasks(committed->layout, committed->layout.AllPages());
+  if (s.ok()) s = backend_->Synchronize();
+  if (!s.ok()) {
+    (void)kv::Release(&committed->layout, &pages_);
+    return WithContext(s, "import");
+  }
+  *out = std::move(committed->layout);
+  return absl::OkStatus();
+}
+
+}  // namespace kvgate::kv

@@ -1,0 +1,214 @@
+// The kvgate.v1.KvTransfer service (the tcp transport's receiving edge): one
+// ServerReadReactor per Push stream reserves the payload in the inbox on the header,
+// checks every chunk's CRC-32C, parses each layer as soon as its bytes are complete, and
+// validates and delivers the handoff at the trailer. Any error or a cancelled stream gives
+// the reservation back; no stream, however malformed, can crash the worker.
+#include <grpcpp/grpcpp.h>
+
+#include <memory>
+#include <string>
+#include <string_view>
+#include <utility>
+#include <vector>
+
+#include "absl/strings/str_cat.h"
+#include "common/auth.h"
+#include "common/crc32c.h"
+#include "common/grpc_status.h"
+#include "kv/transport/handoff_proto.h"
+#include "kv/transport/tcp_transport.h"
+#include "kvgate/v1/worker.grpc.pb.h"
+
+namespace kvgate::kv {
+namespace {
+
+class PushReactor final : public grpc::ServerReadReactor<v1::KvTransferChunk> {
+ public:
+  PushReactor(KvInbox* inbox, grpc::CallbackServerContext* context, v1::KvTransferAck* ack)
+      : inbox_(inbox), context_(context), ack_(ack) {
+    StartRead(&chunk_);
+  }
+
+  void OnReadDone(bool ok) override {
+    if (!ok) {
+      // The client half-closed or the call ended before the trailer.
+      End(context_->IsCancelled() ? absl::CancelledError("kv transfer cancelled by the sender")
+                                  : absl::DataLossError("kv transfer stream ended before its trailer"));
+      return;
+    }
+    absl::Status s;
+    switch (chunk_.chunk_case()) {
+      case v1::KvTransferChunk::kHeader:
+        s = OnHeader(chunk_.header());
+        break;
+      case v1::KvTransferChunk::kLayer:
+        s = OnLayer(chunk_.layer());
+        break;
+      case v1::KvTransferChunk::kTrailer:
+        s = OnTrailer(chunk_.trailer());
+        if (s.ok()) {
+          End(absl::OkStatus());
+          return;
+        }
+        break;
+      default:
+        s = absl::InvalidArgumentError("empty kv transfer chunk");
+        break;
+    }
+    if (!s.ok()) {
+      End(s);
+      return;
+    }
+    StartRead(&chunk_);
+  }
+
+  void OnDone() override {
+    if (reserved_) inbox_->Unreserve(transfer_id_);
+    delete this;
+  }
+
+ private:
+  std::string Where() const { return absl::StrCat("kv transfer ", transfer_id_, ": "); }
+
+  absl::Status OnHeader(const v1::KvTransferHeader& header) {
+    if (have_header_) return absl::InvalidArgumentError(absl::StrCat(Where(), "duplicate header"));
+    have_header_ = true;
+    auto parsed = FromHeaderProto(header);
+    if (!parsed.ok()) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("kv transfer ", header.transfer_id(), ": ", parsed.status().message()));
+    }
+    transfer_id_ = parsed->shell.transfer_id;
+    if (absl::Status s = inbox_->Reserve(transfer_id_, parsed->payload_bytes); !s.ok()) return s;
+    reserved_ = true;
+    header_ = std::move(*parsed);
+    handoff_ = std::move(header_.shell);
+    const size_t L = static_cast<size_t>(handoff_.num_layers);
+    received_.assign(L, 0);
+    parsed_.assign(L, false);
+    buffers_.assign(L, std::string());
+    // Tells the sender that data may flow (tcp_transport.h kTransferReservedKey).
+    context_->AddInitialMetadata(kTransferReservedKey, "1");
+    StartSendInitialMetadata();
+    return absl::OkStatus();
+  }
+
+  absl::Status OnLayer(const v1::KvLayerChunk& chunk) {
+    if (!have_header_) return absl::InvalidArgumentError("kv transfer chunk before the header");
+    if (absl::Status alive = inbox_->Touch(transfer_id_); !alive.ok()) {
+      reserved_ = false;
+      return alive;
+    }
+    const int32_t layer = chunk.layer();
+    if (layer < 0 || layer >= handoff_.num_layers) {
+      return absl::InvalidArgumentError(
+          absl::StrCat(Where(), "chunk of layer ", layer, " outside [0, ", handoff_.num_layers, ")"));
+    }
+    const int64_t expected = header_.layer_bytes[layer];
+    const int64_t size = static_cast<int64_t>(chunk.data().size());
+    if (chunk.offset() != received_[layer] || parsed_[layer]) {
+      return absl::InvalidArgumentError(absl::StrCat(Where(), "layer ", layer, " chunk at offset ", chunk.offset(),
+                                                     ", expected ", received_[layer], " (chunks of a layer arrive in order, once)"));
+    }
+    if (size > expected - received_[layer]) {
+      return absl::InvalidArgumentError(absl::StrCat(Where(), "layer ", layer, " chunk [", chunk.offset(), ", ",
+                                                     chunk.offset() + size, ") beyond its payload of ", expected,
+                                                     " bytes"));
+    }
+    if (Crc32c(chunk.data()) != chunk.crc32c()) {
+      return absl::DataLossError(
+          absl::StrCat(Where(), "layer ", layer, " chunk at offset ", chunk.offset(), " fails its CRC-32C"));
+    }
+    std::string& buffer = buffers_[layer];
+    if (buffer.empty()) buffer.reserve(static_cast<size_t>(expected));
+    buffer.append(chunk.data());
+    received_[layer] += size;
+    total_received_ += size;
+    if (received_[layer] == expected) return ParseBuffered(layer);
+    return absl::OkStatus();
+  }
+
+  absl::Status ParseBuffered(int32_t layer) {
+    absl::Status s = ParseLayer(buffers_[layer], header_.lengths, layer, &handoff_);
+    std::string().swap(buffers_[layer]);
+    parsed_[layer] = true;
+    if (!s.ok()) return absl::InvalidArgumentError(absl::StrCat(Where(), s.message()));
+    return absl::OkStatus();
+  }
+
+  absl::Status OnTrailer(const v1::KvTransferTrailer& trailer) {
+    if (!have_header_) return absl::InvalidArgumentError("kv transfer trailer before the header");
+    if (trailer.layers_sent() != handoff_.num_layers) {
+      return absl::DataLossError(absl::StrCat(Where(), "the sender sent ", trailer.layers_sent(), " of ",
+                                              handoff_.num_layers, " layers"));
+    }
+    for (int32_t l = 0; l < handoff_.num_layers; ++l) {
+      if (parsed_[l]) continue;
+      if (header_.layer_bytes[l] != 0) {
+        return absl::DataLossError(absl::StrCat(Where(), "layer ", l, ": ", received_[l], " of ",
+                                                header_.layer_bytes[l], " bytes arrived before the trailer"));
+      }
+      if (absl::Status s = ParseBuffered(l); !s.ok()) return s;
+    }
+    if (absl::Status s = handoff_.Validate(); !s.ok()) return s;
+    if (absl::Status s = inbox_->Deliver(std::move(handoff_)); !s.ok()) return s;
+    reserved_ = false;  // the delivered handoff holds the reservation now
+    ack_->set_bytes_received(total_received_);
+    return absl::OkStatus();
+  }
+
+  // Finishes the call once; an error first gives the reservation back, so that a sender
+  // seeing the status sees the inbox already freed.
+  void End(const absl::Status& status) {
+    if (!status.ok() && reserved_) {
+      inbox_->Unreserve(transfer_id_);
+      reserved_ = false;
+    }
+    Finish(ToGrpcStatus(status));
+  }
+
+  KvInbox* const inbox_;
+  grpc::CallbackServerContext* const context_;
+  v1::KvTransferAck* const ack_;
+  v1::KvTransferChunk chunk_;
+  bool have_header_ = false;
+  bool reserved_ = false;
+  std::string transfer_id_;
+  TransferHeader header_;
+  KvHandoff handoff_;
+  std::vector<int64_t> received_;     // [num_layers] bytes so far
+  std::vector<bool> parsed_;          // [num_layers]
+  std::vector<std::string> buffers_;  // [num_layers] bytes of a layer not yet complete
+  int64_t total_received_ = 0;
+};
+
+// Refuses a stream that lacks the internal token, before reading anything.
+class RefusedPush final : public grpc::ServerReadReactor<v1::KvTransferChunk> {
+ public:
+  explicit RefusedPush(grpc::Status status) { Finish(std::move(status)); }
+  void OnDone() override { delete this; }
+};
+
+class KvTransferService final : public v1::KvTransfer::CallbackService {
+ public:
+  KvTransferService(KvInbox* inbox, std::string internal_token)
+      : inbox_(inbox), internal_token_(std::move(internal_token)) {}
+
+  grpc::ServerReadReactor<v1::KvTransferChunk>* Push(grpc::CallbackServerContext* context,
+                                                     v1::KvTransferAck* ack) override {
+    if (grpc::Status auth = CheckInternalToken(*context, internal_token_); !auth.ok()) return new RefusedPush(auth);
+    return new PushReactor(inbox_, context, ack);
+  }
+
+ private:
+  KvInbox* const inbox_;
+  const std::string internal_token_;
+};
+
+}  // namespace
+
+std::unique_ptr<grpc::Service> MakeKvTransferService(KvInbox* inbox, std::string internal_token) {
+  return std::make_unique<KvTransferService>(inbox, std::move(internal_token));
+}
+
+}  // namespace kvgate::kv

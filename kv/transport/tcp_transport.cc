@@ -1,0 +1,104 @@
+// The tcp transport's sending edge: a client stream of KvTransferChunk through the
+// generated kvgate.v1.KvTransfer stub (the service is kv_transfer_service.cc).
+#include "kv/transport/tcp_transport.h"
+
+#include <grpcpp/grpcpp.h>
+
+#include <algorithm>
+#include <map>
+#include <mutex>
+#include <string_view>
+#include <utility>
+
+#include "absl/strings/str_cat.h"
+#include "absl/time/clock.h"
+#include "common/crc32c.h"
+#include "common/grpc_status.h"
+#include "kv/transport/handoff_proto.h"
+#include "kvgate/v1/worker.grpc.pb.h"
+
+namespace kvgate::kv {
+namespace {
+
+class TcpSender final : public KvSender {
+ public:
+  TcpSender(ChannelFactory channels, int64_t chunk_bytes)
+      : channels_(std::move(channels)), chunk_bytes_(chunk_bytes > 0 ? chunk_bytes : kDefaultTransferChunkBytes) {}
+
+  absl::StatusOr<int64_t> Send(const std::string& address, const KvHandoff& handoff, absl::Time deadline) override {
+    const std::string what = absl::StrCat("kv transfer ", handoff.transfer_id, " to ", address, ": ");
+    if (absl::Status s = handoff.Validate(); !s.ok()) return s;
+    if (handoff.backend_rows != nullptr) {
+      return absl::FailedPreconditionError(
+          absl::StrCat(what, "its rows are in ", handoff.backend_rows->backend, " memory; tcp carries host rows"));
+    }
+    std::shared_ptr<grpc::Channel> channel = Channel(address);
+    if (channel == nullptr) return absl::UnavailableError(absl::StrCat(what, "no channel"));
+    auto stub = v1::KvTransfer::NewStub(channel);
+    grpc::ClientContext context;
+    if (deadline != absl::InfiniteFuture()) context.set_deadline(absl::ToChronoTime(deadline));
+    v1::KvTransferAck ack;
+    std::unique_ptr<grpc::ClientWriter<v1::KvTransferChunk>> writer = stub->Push(&context, &ack);
+
+    v1::KvTransferChunk chunk;
+    *chunk.mutable_header() = ToHeaderProto(handoff);
+    bool open = writer->Write(chunk);
+    if (open) {
+      // The receiver answers the header with initial metadata once it has reserved the
+      // payload; a refusal (a full inbox) arrives as the call's status before any data flows.
+      writer->WaitForInitialMetadata();
+      const auto& metadata = context.GetServerInitialMetadata();
+      open = metadata.find(kTransferReservedKey) != metadata.end();
+    }
+    for (int32_t layer = 0; open && layer < handoff.num_layers; ++layer) {
+      const std::string payload = SerializeLayer(handoff, layer);
+      const std::string_view bytes(payload);
+      for (size_t offset = 0; open && offset < bytes.size(); offset += static_cast<size_t>(chunk_bytes_)) {
+        const std::string_view data = bytes.substr(offset, static_cast<size_t>(chunk_bytes_));
+        chunk.Clear();
+        v1::KvLayerChunk* part = chunk.mutable_layer();
+        part->set_layer(layer);
+        part->set_offset(static_cast<int64_t>(offset));
+        part->set_data(data.data(), data.size());
+        part->set_crc32c(Crc32c(data));
+        open = writer->Write(chunk);
+      }
+    }
+    if (open) {
+      chunk.Clear();
+      chunk.mutable_trailer()->set_layers_sent(handoff.num_layers);
+      open = writer->Write(chunk);
+    }
+    if (open) writer->WritesDone();
+    const grpc::Status status = writer->Finish();
+    if (!status.ok()) {
+      const absl::Status s = FromGrpcStatus(status);
+      return absl::Status(s.code(), absl::StrCat(what, s.message()));
+    }
+    if (!open) return absl::InternalError(absl::StrCat(what, "the stream closed early with status OK"));
+    return ack.bytes_received();
+  }
+
+ private:
+  std::shared_ptr<grpc::Channel> Channel(const std::string& address) {
+    std::lock_guard<std::mutex> lock(mu_);
+    auto it = channels_by_address_.find(address);
+    if (it != channels_by_address_.end()) return it->second;
+    std::shared_ptr<grpc::Channel> channel = channels_(address);
+    if (channel != nullptr) channels_by_address_.emplace(address, channel);
+    return channel;
+  }
+
+  const ChannelFactory channels_;
+  const int64_t chunk_bytes_;
+  std::mutex mu_;
+  std::map<std::string, std::shared_ptr<grpc::Channel>> channels_by_address_;
+};
+
+}  // namespace
+
+std::unique_ptr<KvSender> MakeTcpSender(ChannelFactory channels, int64_t chunk_bytes) {
+  return std::make_unique<TcpSender>(std::move(channels), chunk_bytes);
+}
+
+}  // namespace kvgate::kv
