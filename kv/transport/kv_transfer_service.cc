@@ -1,7 +1,8 @@
 // The kvgate.v1.KvTransfer service (the tcp transport's receiving edge): one
 // ServerReadReactor per Push stream reserves the payload in the inbox on the header,
-// checks every chunk's CRC-32C, parses each layer as soon as its bytes are complete, and
-// validates and delivers the handoff at the trailer. Any error or a cancelled stream gives
+// checks every chunk's CRC-32C, parses each layer as soon as its bytes are complete,
+// validates the handoff at the trailer and delivers it at the sender's half-close (a chunk
+// after the trailer is INVALID_ARGUMENT). Any error or a cancelled stream gives
 // the reservation back; no stream, however malformed, can crash the worker.
 #include <grpcpp/grpcpp.h>
 
@@ -31,9 +32,21 @@ class PushReactor final : public grpc::ServerReadReactor<v1::KvTransferChunk> {
 
   void OnReadDone(bool ok) override {
     if (!ok) {
-      // The client half-closed or the call ended before the trailer.
-      End(context_->IsCancelled() ? absl::CancelledError("kv transfer cancelled by the sender")
-                                  : absl::DataLossError("kv transfer stream ended before its trailer"));
+      // The client half-closed (after its trailer: the transfer is complete) or the call
+      // ended.
+      if (context_->IsCancelled()) {
+        End(absl::CancelledError("kv transfer cancelled by the sender"));
+      } else if (!trailer_seen_) {
+        End(absl::DataLossError("kv transfer stream ended before its trailer"));
+      } else {
+        End(Deliver());
+      }
+      return;
+    }
+    if (trailer_seen_) {
+      // Reading on until the half-close keeps a sender that writes past its trailer from
+      // waiting forever on a stream nobody reads.
+      End(absl::InvalidArgumentError(absl::StrCat(Where(), "a chunk after the trailer")));
       return;
     }
     absl::Status s;
@@ -46,10 +59,7 @@ class PushReactor final : public grpc::ServerReadReactor<v1::KvTransferChunk> {
         break;
       case v1::KvTransferChunk::kTrailer:
         s = OnTrailer(chunk_.trailer());
-        if (s.ok()) {
-          End(absl::OkStatus());
-          return;
-        }
+        trailer_seen_ = s.ok();
         break;
       default:
         s = absl::InvalidArgumentError("empty kv transfer chunk");
@@ -150,7 +160,11 @@ class PushReactor final : public grpc::ServerReadReactor<v1::KvTransferChunk> {
       }
       if (absl::Status s = ParseBuffered(l); !s.ok()) return s;
     }
-    if (absl::Status s = handoff_.Validate(); !s.ok()) return s;
+    return handoff_.Validate();
+  }
+
+  // At the half-close after a valid trailer: hands the transfer to the inbox.
+  absl::Status Deliver() {
     if (absl::Status s = inbox_->Deliver(std::move(handoff_)); !s.ok()) return s;
     reserved_ = false;  // the delivered handoff holds the reservation now
     ack_->set_bytes_received(total_received_);
@@ -172,6 +186,7 @@ class PushReactor final : public grpc::ServerReadReactor<v1::KvTransferChunk> {
   v1::KvTransferAck* const ack_;
   v1::KvTransferChunk chunk_;
   bool have_header_ = false;
+  bool trailer_seen_ = false;  // valid; the transfer is delivered at the half-close
   bool reserved_ = false;
   std::string transfer_id_;
   TransferHeader header_;

@@ -2,8 +2,9 @@
 // decode worker's kvgate.v1.KvTransfer service. The header goes first (the receiver
 // reserves the payload's bytes in its inbox, so memory stays bounded), then every
 // layer's payload in chunks of at most chunk_bytes, each with its CRC-32C, then a
-// trailer; the receiver validates and delivers the complete handoff. A checksum
-// mismatch is DATA_LOSS, a cancelled or disconnected stream frees the reservation.
+// trailer and the half-close; the receiver validates the complete handoff at the trailer
+// and delivers it at the half-close. A checksum mismatch is DATA_LOSS, a cancelled or
+// disconnected stream frees the reservation.
 // Only this file's .cc and the service include gRPC headers.
 #pragma once
 
@@ -37,8 +38,8 @@ std::unique_ptr<KvSender> MakeTcpSender(ChannelFactory channels, int64_t chunk_b
 // head), the sampler state and, for attention_gate, the gate's causal state (2 * heads'
 // * d' floats per prompt token per layer; grpc::ServerBuilder::SetMaxReceiveMessageSize).
 // Errors end the stream: a chunk before the header, a duplicate header, a layer or
-// offset out of range or out of order, a malformed header or handoff are
-// INVALID_ARGUMENT; a CRC mismatch or data missing at the trailer is DATA_LOSS; the
+// offset out of range or out of order, a malformed header or handoff, a chunk after the
+// trailer are INVALID_ARGUMENT; a CRC mismatch or data missing at the trailer is DATA_LOSS; the
 // inbox's RESOURCE_EXHAUSTED / CANCELLED / ALREADY_EXISTS pass through. Any error or a
 // cancelled stream gives the reservation back. A non-empty `internal_token` is required on
 // every stream (common/auth.h; UNAUTHENTICATED before anything is reserved).

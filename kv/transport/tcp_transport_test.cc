@@ -7,7 +7,10 @@
 #include <grpcpp/grpcpp.h>
 #include <gtest/gtest.h>
 
+#include <fstream>
+#include <iterator>
 #include <thread>
+#include <vector>
 
 #include "absl/strings/str_cat.h"
 #include "absl/time/clock.h"
@@ -15,6 +18,7 @@
 #include "kv/tiny_decode_test_util.h"
 #include "kv/transport/handoff_proto.h"
 #include "kv/transport/transport_test_util.h"
+#include "tests/testing/paths.h"
 #include "kvgate/v1/worker.grpc.pb.h"
 
 namespace kvgate::kv {
@@ -234,6 +238,15 @@ TEST_F(TcpTransportTest, MalformedStreamsFailCleanly) {
        absl::StatusCode::kDataLoss},
       {"no trailer", [&](RawPush& p) { p.Header(header), p.Layer(0, 0, layer0), p.Layer(1, 0, layer1); },
        absl::StatusCode::kDataLoss},
+      // A complete transfer that writes on: refused, and nothing delivered (the sender
+      // below could not deliver "bad" again otherwise).
+      {"chunk after trailer", [&](RawPush& p) {
+         p.Header(header), p.Layer(0, 0, layer0), p.Layer(1, 0, layer1), p.Trailer(2), p.Trailer(2);
+       }, absl::StatusCode::kInvalidArgument},
+      {"empty chunk after trailer", [&](RawPush& p) {
+         p.Header(header), p.Layer(0, 0, layer0), p.Layer(1, 0, layer1), p.Trailer(2);
+         p.writer->Write(v1::KvTransferChunk());
+       }, absl::StatusCode::kInvalidArgument},
   };
   for (const Case& c : cases) {
     SCOPED_TRACE(c.name);
@@ -246,6 +259,63 @@ TEST_F(TcpTransportTest, MalformedStreamsFailCleanly) {
   std::unique_ptr<KvSender> sender = MakeTcpSender(Insecure);
   ASSERT_TRUE(sender->Send(address_, sent, In(absl::Seconds(20))).ok());
   EXPECT_TRUE(inbox_->Await("bad", In(absl::Seconds(5))).ok());
+}
+
+// chunk_stream_fuzz found it (testdata/chunk_stream_fuzz-chunks_after_trailer.bin: a
+// valid transfer, its trailer, then two empty chunks; records of a little-endian uint16
+// size and a KvTransferChunk, read as the fuzz target reads them). The service finished the
+// call at the trailer and stopped reading, and the client's third write after it blocked
+// forever on an in-process channel. Now it reads on and refuses the extra chunks.
+TEST(TcpTransportRegressionTest, ChunksAfterTheTrailerAreRefusedNotLeftUnread) {
+  std::ifstream in(kvgate::testing::SourceDir() / "kv" / "transport" / "testdata" /
+                       "chunk_stream_fuzz-chunks_after_trailer.bin",
+                   std::ios::binary);
+  ASSERT_TRUE(in.good());
+  const std::string bytes((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  std::vector<v1::KvTransferChunk> chunks;
+  for (size_t at = 0; at + 2 <= bytes.size();) {
+    const size_t n = static_cast<uint8_t>(bytes[at]) | (static_cast<size_t>(static_cast<uint8_t>(bytes[at + 1])) << 8);
+    at += 2;
+    if (n > bytes.size() - at) break;
+    v1::KvTransferChunk chunk;
+    ASSERT_TRUE(chunk.ParseFromArray(bytes.data() + at, static_cast<int>(n)));
+    at += n;
+    // The fuzz target stamps each layer chunk with its data's true CRC-32C.
+    if (chunk.has_layer()) chunk.mutable_layer()->set_crc32c(Crc32c(chunk.layer().data()));
+    chunks.push_back(std::move(chunk));
+  }
+  ASSERT_EQ(chunks.size(), 6u);
+  ASSERT_TRUE(chunks[3].has_trailer());
+  KvInbox inbox(int64_t{64} << 20);
+  std::unique_ptr<grpc::Service> service = MakeKvTransferService(&inbox);
+  grpc::ServerBuilder builder;
+  builder.RegisterService(service.get());
+  std::unique_ptr<grpc::Server> server = builder.BuildAndStart();
+  auto stub = v1::KvTransfer::NewStub(server->InProcessChannel({}));
+  grpc::ClientContext context;
+  context.set_deadline(absl::ToChronoTime(In(absl::Seconds(20))));  // a regression fails, not hangs
+  v1::KvTransferAck ack;
+  auto writer = stub->Push(&context, &ack);
+  for (const v1::KvTransferChunk& chunk : chunks) {
+    if (!writer->Write(chunk)) break;
+  }
+  writer->WritesDone();
+  const grpc::Status status = writer->Finish();
+  EXPECT_EQ(status.error_code(), grpc::StatusCode::INVALID_ARGUMENT) << status.error_message();
+  EXPECT_NE(status.error_message().find("after the trailer"), std::string::npos) << status.error_message();
+  EXPECT_EQ(inbox.pending(), 0);
+  EXPECT_EQ(inbox.pending_bytes(), 0);
+  EXPECT_FALSE(inbox.Await(chunks[0].header().transfer_id(), absl::Now()).ok()) << "nothing was delivered";
+  // Without the extra chunks the same transfer is delivered at the half-close.
+  grpc::ClientContext again;
+  again.set_deadline(absl::ToChronoTime(In(absl::Seconds(20))));
+  auto complete = stub->Push(&again, &ack);
+  for (size_t i = 0; i < 4; ++i) ASSERT_TRUE(complete->Write(chunks[i]));
+  complete->WritesDone();
+  const grpc::Status delivered = complete->Finish();
+  ASSERT_TRUE(delivered.ok()) << delivered.error_message();
+  EXPECT_TRUE(inbox.Await(chunks[0].header().transfer_id(), absl::Now()).ok());
+  server->Shutdown();
 }
 
 TEST_F(TcpTransportTest, CancelledTransfersFreeTheReservation) {
