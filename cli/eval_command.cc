@@ -39,9 +39,7 @@
 #include "engine/model.h"
 #include "engine/model_config.h"
 #include "engine/tokenizer.h"
-#include "gates/attention_gate.h"
 #include "gates/eviction_spec.h"
-#include "gates/fast_kvzip.h"
 #include "gates/policy.h"
 #include "kv/kv_pool.h"
 #include "kv/policy_planner.h"
@@ -96,7 +94,10 @@ struct EvalCommand {
   ClientSecurity security;
 };
 
-bool IsLearned(const std::string& policy) { return policy == "fast_kvzip" || policy == "attention_gate"; }
+bool IsLearned(const std::string& policy) {
+  const absl::StatusOr<gates::PolicyTraits> traits = gates::TraitsOfPolicy(policy);
+  return traits.ok() && traits->learned_gate;
+}
 
 // Comma-separated, whitespace-trimmed, non-empty items, each at most once.
 absl::StatusOr<std::vector<std::string>> ParseList(const std::string& flag, const std::string& text) {
@@ -257,9 +258,9 @@ absl::StatusOr<EvalCommand> ParseEval(const std::vector<std::string>& args) {
       }
     }
   } else {
-    command.policies = {"full", "streaming_llm", "snapkv", "sage_kv", "kvzip"};
-    for (const char* learned : {"fast_kvzip", "attention_gate"}) {
-      if (command.random_gates || command.gate_paths.count(learned)) command.policies.push_back(learned);
+    // Every policy; a learned one when its gate is given (or random gates are asked for).
+    for (const std::string& p : gates::PolicyNames()) {
+      if (!IsLearned(p) || command.random_gates || command.gate_paths.count(p)) command.policies.push_back(p);
     }
     if (single_gate_path) {
       return absl::InvalidArgumentError(
@@ -480,19 +481,13 @@ absl::Status Eval(const EvalCommand& command, int* exit_code) {
       continue;
     }
     auto it = command.gate_paths.find(p);
-    if (p == "fast_kvzip") {
-      if (it != command.gate_paths.end()) {
-        KVGATE_ASSIGN_OR_RETURN(options.fast_kvzip_gate, gates::FastKvzipGate::Load(it->second, shape));
-      } else {
-        options.fast_kvzip_gate = gates::FastKvzipGate::CreateRandom(shape, command.seed);
-      }
+    gates::GateFiles files;
+    if (it != command.gate_paths.end()) {
+      files.paths[p] = it->second;
     } else {
-      if (it != command.gate_paths.end()) {
-        KVGATE_ASSIGN_OR_RETURN(options.attention_gate, gates::AttentionGate::Load(it->second, shape));
-      } else {
-        options.attention_gate = gates::AttentionGate::CreateRandom(shape, command.seed);
-      }
+      files.random_seed = command.seed;
     }
+    KVGATE_ASSIGN_OR_RETURN(options, gates::LoadGates(files, shape));
     gates_json[p] = it != command.gate_paths.end() ? it->second : absl::StrCat("random (seed ", command.seed, ")");
   }
 

@@ -111,7 +111,8 @@ absl::StatusOr<GenerateCommand> ParseGenerate(const std::vector<std::string>& ar
     else return absl::InvalidArgumentError(absl::StrCat("--head-budget must be uniform or adaptive, got '", *head_budget, "'"));
   }
   if (auto gates_path = flags.String("gates")) command.policy_options.gate_path = *gates_path;
-  if ((e.policy == "fast_kvzip" || e.policy == "attention_gate") && command.policy_options.gate_path.empty()) {
+  const absl::StatusOr<gates::PolicyTraits> traits = gates::TraitsOfPolicy(e.policy);
+  if (traits.ok() && traits->learned_gate && command.policy_options.gate_path.empty()) {
     return absl::InvalidArgumentError(absl::StrCat("--policy ", e.policy,
                                                    " needs trained gate weights: --gates PATH (format in gates/README.md)"));
   }

@@ -24,13 +24,14 @@ struct RegisteredPolicy {
 // same values (policy_test checks each against its policy object).
 const std::vector<RegisteredPolicy>& Registry() {
   static const std::vector<RegisteredPolicy>* const kRegistry = new std::vector<RegisteredPolicy>{
-      {"full", {0, 0, /*adaptive_heads=*/true, /*evicts=*/false}},
-      {"streaming_llm", {kStreamingLlmDefaultSink, 0, false, true}},
-      {"snapkv", {0, 0, true, true}},
-      {"sage_kv", {kDefaultQuarterOfBudget, kDefaultQuarterOfBudget, false, true}},
-      {"kvzip", {kKvzipDefaultSink, 0, true, true}},
-      {"fast_kvzip", {kFastKvzipDefaultSink, kDefaultFastKvzipWindow, true, true}},
-      {"attention_gate", {kAttentionGateDefaultSink, 0, false, true}},
+      // name, {default sink, default recent, adaptive heads, evicts, learned gate}
+      {"full", {0, 0, true, false, false}},
+      {"streaming_llm", {kStreamingLlmDefaultSink, 0, false, true, false}},
+      {"snapkv", {0, 0, true, true, false}},
+      {"sage_kv", {kDefaultQuarterOfBudget, kDefaultQuarterOfBudget, false, true, false}},
+      {"kvzip", {kKvzipDefaultSink, 0, true, true, false}},
+      {"fast_kvzip", {kFastKvzipDefaultSink, kDefaultFastKvzipWindow, true, true, true}},
+      {"attention_gate", {kAttentionGateDefaultSink, 0, false, true, true}},
   };
   return *kRegistry;
 }

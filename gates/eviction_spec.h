@@ -86,12 +86,14 @@ std::string AdaptiveHeadPolicies();
 // What the KV manager and the router know of a policy without building it (no gate
 // weights needed): its default protections (the same as its Policy::default_sink /
 // default_recent, for ResolveBudget), whether it accepts head_budget ADAPTIVE, and
-// whether it evicts at all (full keeps every row whatever the budget).
+// whether it evicts at all (full keeps every row whatever the budget), and whether it
+// runs a learned gate.
 struct PolicyTraits {
   int32_t default_sink = 0;
   int32_t default_recent = 0;
   bool adaptive_heads = false;
   bool evicts = true;
+  bool learned_gate = false;  // needs gate weights (gates::GateFiles) to run
 };
 // INVALID_ARGUMENT for a name not in PolicyNames().
 absl::StatusOr<PolicyTraits> TraitsOfPolicy(const std::string& policy);

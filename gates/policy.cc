@@ -70,7 +70,8 @@ absl::StatusOr<std::unique_ptr<DecodeEvictor>> Policy::RestoreDecodeEvictor(std:
 absl::StatusOr<PolicyOptions> LoadGates(const GateFiles& files, const ModelShape& shape) {
   KVGATE_RETURN_IF_ERROR(ValidateModelShape(shape));
   for (const auto& [policy, path] : files.paths) {
-    if (policy != "fast_kvzip" && policy != "attention_gate") {
+    const absl::StatusOr<PolicyTraits> traits = TraitsOfPolicy(policy);
+    if (!traits.ok() || !traits->learned_gate) {
       return absl::InvalidArgumentError(absl::StrCat("a gate file for policy '", policy,
                                                      "', which has no learned gate (gated: fast_kvzip, attention_gate)"));
     }

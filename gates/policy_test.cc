@@ -49,6 +49,7 @@ TEST(CreatePolicyTest, EveryNameAndItsNeeds) {
     EXPECT_EQ(traits->default_sink, w.sink);
     EXPECT_EQ(traits->default_recent, w.recent);
     EXPECT_EQ(traits->evicts, w.name != "full");
+    EXPECT_EQ(traits->learned_gate, w.name == "fast_kvzip" || w.name == "attention_gate");
     EXPECT_EQ((*policy)->fast_kvzip_gate() != nullptr, w.name == "fast_kvzip");
     EvictionSpec spec;
     spec.policy = w.name;
