@@ -272,9 +272,10 @@ TEST_F(DecodeBatchTest, GraphReplayedStepsEqualStepsRunOpByOp) {
   const engine::Model::DecodeGraphStats& after = model.decode_graph_stats();
   EXPECT_TRUE(after.last_record_error.empty()) << after.last_record_error;
   if (worker_->backend->Name().rfind("cuda", 0) == 0) {
-    // Two batch sizes: each runs once op by op, records, then replays.
+    // Two batch sizes (25 and 15 steps): each runs once op by op, records, then replays,
+    // 38 replays in all; a rebuild of the step tables (new addresses) costs a step or two.
     EXPECT_GE(after.recorded - before.recorded, 2);
-    EXPECT_GE(after.replayed - before.replayed, 60);
+    EXPECT_GE(after.replayed - before.replayed, 34);
   } else {
     EXPECT_EQ(after.replayed, before.replayed);  // the CPU backend has no graphs
   }
