@@ -348,7 +348,7 @@ class FastKvzipEvictor final : public DecodeEvictor {
     for (const std::vector<float>& inputs : pending_inputs_) {
       const uint32_t count = static_cast<uint32_t>(inputs.size());
       tail.append(reinterpret_cast<const char*>(&count), sizeof(count));
-      tail.append(reinterpret_cast<const char*>(inputs.data()), inputs.size() * sizeof(float));
+      if (!inputs.empty()) tail.append(reinterpret_cast<const char*>(inputs.data()), inputs.size() * sizeof(float));
     }
     return internal::PackState(kName, {sink_tokens_, capacity_, interval_}, tail);
   }
@@ -364,7 +364,7 @@ class FastKvzipEvictor final : public DecodeEvictor {
                                                        " pending input floats in ", tail.size(), " bytes"));
       }
       inputs.resize(count);
-      std::memcpy(inputs.data(), tail.data(), size_t{count} * sizeof(float));
+      if (count > 0) std::memcpy(inputs.data(), tail.data(), size_t{count} * sizeof(float));
       tail.remove_prefix(size_t{count} * sizeof(float));
     }
     if (!tail.empty()) {
