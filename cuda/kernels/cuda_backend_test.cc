@@ -32,6 +32,7 @@
 #include "common/status_macros.h"
 #include "cuda/backend.h"
 #include "cuda/cpu/reference_ops.h"
+#include "cuda/kernels/head_paged_decode_attention.cuh"
 #include "cuda/testing/head_paged_layout.h"
 
 namespace kvgate::ops {
@@ -1425,6 +1426,19 @@ TEST(GraphTest, HostCopiesAllocationAndSyncAreRefusedWhileRecording) {
 
 // Split decode attention recorded and replayed gives the bits of the op run directly;
 // once a later op grows the shared workspace, the graph is refused as stale.
+// The split count fills the last wave: H100, 132 SMs x 6 resident blocks = 792 a wave.
+TEST(DecodeSplitPlanTest, SplitsFillTheLastWave) {
+  EXPECT_EQ(ChooseDecodeSplits(512, 792, 64), 3);   // batch 64 x 8 kv heads: 1536 blocks, 1.94 waves
+  EXPECT_EQ(ChooseDecodeSplits(256, 792, 64), 3);   // batch 32: 768 blocks, 0.97 of a wave
+  EXPECT_EQ(ChooseDecodeSplits(8, 792, 64), 64);    // batch 1: as many as allowed
+  EXPECT_EQ(ChooseDecodeSplits(792, 792, 64), 1);   // one full wave already
+  EXPECT_EQ(ChooseDecodeSplits(1584, 792, 64), 1);  // two full waves
+  EXPECT_EQ(ChooseDecodeSplits(1024, 792, 64), 2);  // batch 128: 1.29 waves unsplit, 2.59 split in 2
+  EXPECT_EQ(ChooseDecodeSplits(0, 792, 64), 1);
+  EXPECT_EQ(ChooseDecodeSplits(512, 0, 64), 1);
+  EXPECT_EQ(ChooseDecodeSplits(512, 792, 1), 1);
+}
+
 TEST(GraphTest, ReplayEqualsDirectRunAndGoesStaleWhenTheWorkspaceMoves) {
   if (CudaDeviceCount() == 0) GTEST_SKIP() << "no CUDA device visible";
   KVGATE_ASSERT_OK_AND_ASSIGN(std::unique_ptr<Backend> backend, CreateCudaBackend(0));

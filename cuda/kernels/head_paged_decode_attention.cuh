@@ -50,10 +50,19 @@ absl::Status LaunchHeadPagedDecodeAttention(const HeadPagedDecodeAttentionArgs& 
                                             const HeadPagedDecodePlan& plan, float* workspace,
                                             cudaStream_t stream);
 
+// The split count of `blocks` blocks (one per seq head) run in waves of blocks_per_wave
+// (SMs x blocks one SM holds): the s whose blocks * s blocks, each with 1/s of the rows,
+// finish in the fewest unsplit-block times, ceil(blocks * s / blocks_per_wave) / s, among
+// s in [1, max_splits] with at most about two waves of blocks; ties go to fewer splits.
+// Pure host arithmetic.
+int32_t ChooseDecodeSplits(int64_t blocks, int64_t blocks_per_wave, int32_t max_splits);
+
 // The grouped kernel: one block per (sequence, kv head) serves all query heads of its GQA
 // group (grouped_decode_core.cuh), so each K/V row is read once, not once per query
 // head, in 16-byte vectors; the rows are split across blocks when the grid would not put
-// about 4 blocks on every SM. It takes head_dim 64 or 128, at most
+// about 4 blocks on every SM. KVGATE_DECODE_WAVE_SPLITS=1 splits by ChooseDecodeSplits
+// instead, with the waves the kernel's occupancy gives (opt-in: not yet measured on a GPU;
+// bench/results/gpu-engine-batched.md 2026-12-06 21:41 shows the 1.29-wave grid it targets). It takes head_dim 64 or 128, at most
 // kHeadPagedGroupedMaxGroup query heads per kv head, and 16-byte aligned q, pages and out
 // (HeadPagedGroupedSupported); the backend sends everything else to the kernel above.
 constexpr int kHeadPagedGroupedMaxGroup = 8;
