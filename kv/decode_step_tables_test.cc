@@ -42,17 +42,7 @@ class DecodeStepTablesTest : public ::testing::Test {
       ASSERT_TRUE(backend.ok()) << backend.status();
       backend_ = std::move(*backend);
     }
-    engine::ModelConfig c;
-    c.architecture_name = "LlamaForCausalLM";
-    c.vocab_size = 16;
-    c.hidden_size = 8;
-    c.intermediate_size = 16;
-    c.num_layers = kLayers;
-    c.num_heads = 4;
-    c.num_kv_heads = kHeads;
-    c.head_dim = kDim;
-    c.max_context_tokens = 64;
-    auto model = engine::Model::CreateRandom(c, 1, backend_.get());
+    auto model = engine::Model::CreateRandom(testing::SmallLlamaConfig(kLayers, 4, kHeads, kDim), 1, backend_.get());
     ASSERT_TRUE(model.ok()) << model.status();
     model_ = std::move(*model);
     auto pool = KvPool::Create(backend_.get(), 1024, kPageTokens, kDim);

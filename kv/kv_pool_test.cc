@@ -45,17 +45,8 @@ class KvPoolTest : public ::testing::Test {
   static constexpr int32_t kLayers = 2, kHeads = 2, kQHeads = 4, kDim = 4, kCapacity = 40;
 
   void SetUp() override {
-    engine::ModelConfig c;
-    c.architecture_name = "LlamaForCausalLM";
-    c.vocab_size = 16;
-    c.hidden_size = 8;
-    c.intermediate_size = 16;
-    c.num_layers = kLayers;
-    c.num_heads = kQHeads;
-    c.num_kv_heads = kHeads;
-    c.head_dim = kDim;
-    c.max_context_tokens = 64;
-    auto model = engine::Model::CreateRandom(c, 1, backend_.get());
+    auto model = engine::Model::CreateRandom(testing::SmallLlamaConfig(kLayers, kQHeads, kHeads, kDim), 1,
+                                             backend_.get());
     ASSERT_TRUE(model.ok()) << model.status();
     model_ = std::move(*model);
   }

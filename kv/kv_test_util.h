@@ -7,9 +7,27 @@
 #include <random>
 #include <vector>
 
+#include "engine/model_config.h"
 #include "gates/keep_plan.h"
 
 namespace kvgate::kv::testing {
+
+// A Llama config small enough for pool tests: vocab 16, hidden 8, MLP 16, 64 tokens of
+// context, with the given layers and heads.
+inline engine::ModelConfig SmallLlamaConfig(int32_t num_layers, int32_t num_q_heads, int32_t num_kv_heads,
+                                            int32_t head_dim) {
+  engine::ModelConfig c;
+  c.architecture_name = "LlamaForCausalLM";
+  c.vocab_size = 16;
+  c.hidden_size = 8;
+  c.intermediate_size = 16;
+  c.num_layers = num_layers;
+  c.num_heads = num_q_heads;
+  c.num_kv_heads = num_kv_heads;
+  c.head_dim = head_dim;
+  c.max_context_tokens = 64;
+  return c;
+}
 
 // layer * 1e6 + kv_head * 1e4 + position * 10 + dim: exact in float32 while the value is
 // below 2^24 (layers < 16, kv heads < 100, positions < 1000, dims < 10).

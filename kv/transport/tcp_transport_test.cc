@@ -291,11 +291,11 @@ TEST(TcpTransportRegressionTest, ChunksAfterTheTrailerAreRefusedNotLeftUnread) {
   grpc::ServerBuilder builder;
   builder.RegisterService(service.get());
   std::unique_ptr<grpc::Server> server = builder.BuildAndStart();
-  auto stub = v1::KvTransfer::NewStub(server->InProcessChannel({}));
+  std::unique_ptr<v1::KvTransfer::Stub> stub = v1::KvTransfer::NewStub(server->InProcessChannel({}));
   grpc::ClientContext context;
   context.set_deadline(absl::ToChronoTime(In(absl::Seconds(20))));  // a regression fails, not hangs
   v1::KvTransferAck ack;
-  auto writer = stub->Push(&context, &ack);
+  std::unique_ptr<grpc::ClientWriter<v1::KvTransferChunk>> writer = stub->Push(&context, &ack);
   for (const v1::KvTransferChunk& chunk : chunks) {
     if (!writer->Write(chunk)) break;
   }
@@ -309,10 +309,10 @@ TEST(TcpTransportRegressionTest, ChunksAfterTheTrailerAreRefusedNotLeftUnread) {
   // Without the extra chunks the same transfer is delivered at the half-close.
   grpc::ClientContext again;
   again.set_deadline(absl::ToChronoTime(In(absl::Seconds(20))));
-  auto complete = stub->Push(&again, &ack);
-  for (size_t i = 0; i < 4; ++i) ASSERT_TRUE(complete->Write(chunks[i]));
-  complete->WritesDone();
-  const grpc::Status delivered = complete->Finish();
+  std::unique_ptr<grpc::ClientWriter<v1::KvTransferChunk>> up_to_trailer = stub->Push(&again, &ack);
+  for (size_t i = 0; i < 4; ++i) ASSERT_TRUE(up_to_trailer->Write(chunks[i]));
+  up_to_trailer->WritesDone();
+  const grpc::Status delivered = up_to_trailer->Finish();
   ASSERT_TRUE(delivered.ok()) << delivered.error_message();
   EXPECT_TRUE(inbox.Await(chunks[0].header().transfer_id(), absl::Now()).ok());
   server->Shutdown();
