@@ -77,25 +77,21 @@ class PolicyPlanner final : public engine::KvPlanner {
 
   absl::Status ConfigurePrefill(absl::Span<const int32_t> prompt, engine::ForwardOptions* options) override {
     KVGATE_RETURN_IF_ERROR(StartRequest(prompt));
-    options->capture_request = policy_->needs();
-    if (request_->masks_prefill_keys()) {
-      inputs_.gate_flags.assign(model_.config().num_layers, {});
-      options->layer_key_mask = [this](int32_t layer, absl::Span<const float> hidden)
-          -> absl::StatusOr<std::vector<uint8_t>> {
-        KVGATE_ASSIGN_OR_RETURN(std::vector<uint8_t> mask, request_->PrefillKeyMask(layer, hidden));
-        inputs_.gate_flags[layer] = mask;
-        return mask;
-      };
-    }
+    ConfigureForward(options);
     return absl::OkStatus();
   }
 
   absl::StatusOr<std::vector<float>> Prefill(engine::Model& model, absl::Span<const int32_t> prompt,
                                              engine::KvCache* cache, engine::PrefillCapture* capture) override {
     KVGATE_RETURN_IF_ERROR(StartRequest(prompt));
-    if (!request_->runs_prefill()) return engine::KvPlanner::Prefill(model, prompt, cache, capture);
-    ModelPrefillRunner runner(model, cache, tokenizer_);
-    return request_->RunPrefill(runner, prompt);
+    if (request_->runs_prefill()) {
+      ModelPrefillRunner runner(model, cache, tokenizer_);
+      return request_->RunPrefill(runner, prompt);
+    }
+    engine::ForwardOptions forward;
+    forward.capture = capture;
+    ConfigureForward(&forward);
+    return model.Forward(prompt, cache, forward);
   }
 
   absl::StatusOr<std::unique_ptr<engine::PagedKvBatch>> Commit(absl::Span<const int32_t> prompt,
@@ -137,6 +133,20 @@ class PolicyPlanner final : public engine::KvPlanner {
     inputs_ = gates::PolicyInputs{};
     request_ = policy_->StartRequest(budget_);
     return absl::OkStatus();
+  }
+
+  // What the prefill's one forward records and masks for the started request.
+  void ConfigureForward(engine::ForwardOptions* options) {
+    options->capture_request = policy_->needs();
+    if (request_->masks_prefill_keys()) {
+      inputs_.gate_flags.assign(model_.config().num_layers, {});
+      options->layer_key_mask = [this](int32_t layer, absl::Span<const float> hidden)
+          -> absl::StatusOr<std::vector<uint8_t>> {
+        KVGATE_ASSIGN_OR_RETURN(std::vector<uint8_t> mask, request_->PrefillKeyMask(layer, hidden));
+        inputs_.gate_flags[layer] = mask;
+        return mask;
+      };
+    }
   }
 
   engine::Model& model_;

@@ -1,4 +1,6 @@
 #include <algorithm>
+#include <array>
+#include <atomic>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
@@ -122,6 +124,10 @@ bool TiledDecodeWanted() {
 
 template <int D, typename T, bool kTiled>
 int ResidentBlocksForDim(int group) {
+  // Asked once per kernel instance: the plan runs for every layer of every op-by-op step.
+  static std::array<std::atomic<int>, kHeadPagedGroupedMaxGroup + 1> known{};  // 0: not asked yet
+  if (group < 1 || group > kHeadPagedGroupedMaxGroup) return 0;
+  if (const int cached = known[group].load(std::memory_order_relaxed); cached != 0) return std::max(cached, 0);
   int blocks = 0;
   cudaError_t error = cudaErrorInvalidValue;
   switch (group) {
@@ -142,7 +148,9 @@ int ResidentBlocksForDim(int group) {
     default:
       break;
   }
-  return error == cudaSuccess ? blocks : 0;
+  const int resident = error == cudaSuccess ? blocks : 0;
+  known[group].store(resident > 0 ? resident : -1, std::memory_order_relaxed);
+  return resident;
 }
 
 // Blocks of the grouped kernel's instance for `args` that one SM holds at once (its
