@@ -539,7 +539,11 @@ bool Model::DecodeGraphsWanted() {
 absl::Status Model::RunDecodeOpsAsGraph(int32_t n, PagedKvBatch* kv, bool greedy,
                                         const std::array<uint64_t, 4>& kv_key) {
   DecodeGraph& entry = decode_graphs_[{n, greedy}];
-  if (entry.kv_key != kv_key || entry.scratch_epoch != scratch_epoch_) entry = DecodeGraph{kv_key, scratch_epoch_};
+  if (entry.kv_key != kv_key || entry.scratch_epoch != scratch_epoch_) {
+    entry = DecodeGraph{};
+    entry.kv_key = kv_key;
+    entry.scratch_epoch = scratch_epoch_;
+  }
   if (entry.graph != nullptr) {
     const absl::Status replayed = backend_->ReplayGraph(*entry.graph);
     if (replayed.ok()) ++decode_graph_stats_.replayed;
