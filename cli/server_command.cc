@@ -24,7 +24,7 @@ using serving::ServerConfig;
 
 constexpr char kUsage[] =
     "usage: kvgate serve --model DIR [--port N=8000 (0 = any free port)] [--host ADDR=0.0.0.0]\n"
-    "         [--transport inproc|tcp] [--backend cpu|cuda[:N]] [--metrics-port N]\n"
+    "         [--transport inproc|tcp|cuda_ipc] [--backend cpu|cuda[:N]] [--metrics-port N]\n"
     "         [--kv-pages N | --kv-sequences N=8] [--page-tokens N=16] [--default-policy NAME]\n"
     "         [--kv-cache-dtype auto|float32|bf16 (auto: bf16 on cuda, float32 on cpu)]\n"
     "         [--fast-kvzip-gate PATH] [--attention-gate PATH] [--random-gates SEED]\n"
@@ -95,10 +95,15 @@ absl::StatusOr<ServerConfig> ParseServer(const std::string& command, std::set<Ro
     return absl::InvalidArgumentError("--kv-manager HOST:PORT is required (the KV manager runs elsewhere)");
   }
   if (auto transport = flags.String("transport")) c.transport = *transport;
-  if (c.transport != "inproc" && c.transport != "tcp") {
-    return absl::InvalidArgumentError(absl::StrCat("--transport must be inproc or tcp, got '", c.transport, "'"));
+  if (c.transport != "inproc" && c.transport != "tcp" && c.transport != "cuda_ipc") {
+    return absl::InvalidArgumentError(
+        absl::StrCat("--transport must be inproc, tcp or cuda_ipc, got '", c.transport, "'"));
   }
-  if (c.roles.size() < 4) c.transport = "tcp";  // roles in other processes
+  if (c.roles.size() == 4 && c.transport == "cuda_ipc") {
+    return absl::InvalidArgumentError(
+        "--transport cuda_ipc joins a prefill and a decode process; serve runs both in one: use inproc");
+  }
+  if (c.roles.size() < 4 && c.transport == "inproc") c.transport = "tcp";  // roles in other processes
   c.runtime.model_dir = c.model_dir;
   if (auto backend = flags.String("backend")) c.runtime.backend = *backend;
   if (auto dtype = flags.String("kv-cache-dtype")) {

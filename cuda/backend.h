@@ -108,6 +108,23 @@ class Backend {
     return absl::UnimplementedError(std::string(Name()) + ": no graphs");
   }
 
+  // Memory shared with another process of this host (optional; the cuda_ipc KV transport).
+  // ExportIpc names `buffer`, an allocation of this backend's Alloc, in opaque bytes that
+  // another process passes to OpenIpc; the exporter keeps ownership and must keep the
+  // buffer alive until the importer is done with it. OpenIpc maps such a name here: the
+  // returned buffer (`bytes` long, at most the allocation's size) unmaps itself when
+  // destroyed and never frees the exporter's memory. INVALID_ARGUMENT for bytes that are
+  // no such name, FAILED_PRECONDITION for a name this backend cannot map (another device
+  // it cannot reach, or this very process). The CPU backend answers UNIMPLEMENTED.
+  virtual absl::StatusOr<std::string> ExportIpc(const DeviceBuffer& buffer) {
+    return absl::UnimplementedError(std::string(Name()) + ": no inter-process memory");
+  }
+  virtual absl::StatusOr<DeviceBuffer> OpenIpc(std::string_view name, size_t bytes) {
+    return absl::UnimplementedError(std::string(Name()) + ": no inter-process memory");
+  }
+  // Copies `bytes` between two buffers of this backend (in submission order, like an op).
+  virtual absl::Status CopyWithinBackend(void* dst, const void* src, size_t bytes) = 0;
+
   // The bf16 ops (cuda/ops.h; references in cuda/cpu/reference_bf16_ops.h). Optional: a
   // backend that has them answers true here, and the engine then keeps its weights in
   // bf16 (one copy) and runs its GEMMs and prefill attention through them. The CPU

@@ -74,6 +74,9 @@ class AllocRecordingBackend final : public ops::Backend {
   }
   absl::Status CopyToBackend(void* dst, const void* src, size_t bytes) override { return inner_->CopyToBackend(dst, src, bytes); }
   absl::Status CopyToHost(void* dst, const void* src, size_t bytes) override { return inner_->CopyToHost(dst, src, bytes); }
+  absl::Status CopyWithinBackend(void* dst, const void* src, size_t bytes) override {
+    return inner_->CopyWithinBackend(dst, src, bytes);
+  }
   absl::Status Embed(const ops::EmbedArgs& a) override { return inner_->Embed(a); }
   absl::Status MatMul(const ops::MatMulArgs& a) override { return inner_->MatMul(a); }
   absl::Status RmsNorm(const ops::RmsNormArgs& a) override { return inner_->RmsNorm(a); }

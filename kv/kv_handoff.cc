@@ -30,8 +30,8 @@ void Take(size_t count, const char** in, std::vector<T>* values) {
 
 }  // namespace
 
-int64_t HeadPayloadBytes(int64_t rows, int32_t head_dim, bool has_query_masks, bool has_scores) {
-  return rows * (2 * int64_t{head_dim} * int64_t{sizeof(float)} + int64_t{sizeof(int32_t)} +
+int64_t HeadPayloadBytes(int64_t rows, int32_t head_dim, bool has_query_masks, bool has_scores, bool with_kv) {
+  return rows * ((with_kv ? 2 * int64_t{head_dim} * int64_t{sizeof(float)} : 0) + int64_t{sizeof(int32_t)} +
                  (has_query_masks ? 1 : 0) + (has_scores ? int64_t{sizeof(float)} : 0));
 }
 
@@ -51,8 +51,14 @@ int64_t KvHandoff::LayerPayloadBytes(int32_t layer) const {
   int64_t bytes = 0;
   for (int32_t h = 0; h < num_kv_heads; ++h) {
     bytes += HeadPayloadBytes(static_cast<int64_t>(at(layer, h).positions.size()), head_dim, has_query_masks,
-                              has_scores);
+                              has_scores, /*with_kv=*/backend_rows == nullptr);
   }
+  return bytes;
+}
+
+int64_t KvHandoff::HeldBytes() const {
+  int64_t bytes = PayloadBytes();
+  if (backend_rows != nullptr) bytes += static_cast<int64_t>(backend_rows->k.bytes() + backend_rows->v.bytes());
   return bytes;
 }
 
@@ -148,11 +154,12 @@ absl::Status ParseLayer(std::string_view bytes, absl::Span<const int32_t> length
   if (layer < 0 || layer >= L) {
     return absl::InvalidArgumentError(absl::StrCat("layer payload of layer ", layer, " outside [0, ", L, ")"));
   }
+  const bool with_kv = handoff->backend_rows == nullptr;
   int64_t expected = 0;
   for (int32_t h = 0; h < H; ++h) {
     const int32_t n = lengths[static_cast<size_t>(layer) * H + h];
     if (n < 0) return absl::InvalidArgumentError(absl::StrCat("layer ", layer, " kv head ", h, ": length ", n));
-    expected += HeadPayloadBytes(n, handoff->head_dim, handoff->has_query_masks, handoff->has_scores);
+    expected += HeadPayloadBytes(n, handoff->head_dim, handoff->has_query_masks, handoff->has_scores, with_kv);
   }
   if (static_cast<int64_t>(bytes.size()) != expected) {
     return absl::InvalidArgumentError(
@@ -163,8 +170,8 @@ absl::Status ParseLayer(std::string_view bytes, absl::Span<const int32_t> length
   for (int32_t h = 0; h < H; ++h) {
     const size_t n = static_cast<size_t>(lengths[static_cast<size_t>(layer) * H + h]);
     HeadRows& head = handoff->at(layer, h);
-    Take(n * handoff->head_dim, &in, &head.k);
-    Take(n * handoff->head_dim, &in, &head.v);
+    Take(with_kv ? n * handoff->head_dim : 0, &in, &head.k);
+    Take(with_kv ? n * handoff->head_dim : 0, &in, &head.v);
     Take(n, &in, &head.positions);
     if (handoff->has_query_masks) {
       Take(n, &in, &head.query_mask);

@@ -53,10 +53,13 @@ struct KvHandoff {
   }
   // Rows kept by (layer, kv head), layer-major.
   std::vector<int32_t> Lengths() const;
-  // Bytes of layer `layer`'s payload (the wire format of worker.proto KvTransferHeader).
+  // Bytes of layer `layer`'s payload (the wire format below; without K and V when they
+  // are backend_rows).
   int64_t LayerPayloadBytes(int32_t layer) const;
   // Every layer's payload together.
   int64_t PayloadBytes() const;
+  // Memory the handoff holds: its payload plus its backend rows (what an inbox counts).
+  int64_t HeldBytes() const;
   // Checks shapes against each other (lengths, row sizes, ascending positions below
   // next_pos, masks/scores present exactly when flagged): INVALID_ARGUMENT naming the
   // first broken one. Receivers call it before importing.
@@ -74,16 +77,17 @@ enum class RowsIn {
 };
 
 // Payload bytes of one kv head of `rows` rows in the wire format below.
-int64_t HeadPayloadBytes(int64_t rows, int32_t head_dim, bool has_query_masks, bool has_scores);
+int64_t HeadPayloadBytes(int64_t rows, int32_t head_dim, bool has_query_masks, bool has_scores, bool with_kv = true);
 
 // Layer payload wire format (little-endian; worker.proto KvTransferHeader): per kv head,
-// K rows, V rows (float32 [length, head_dim] each), positions (int32 [length]), then
+// K rows, V rows (float32 [length, head_dim] each; absent when the rows are backend_rows,
+// which travel apart: the cuda_ipc transport), positions (int32 [length]), then
 // query masks (uint8 [length]) if has_query_masks, scores (float32 [length]) if has_scores.
-// Precondition: `handoff` passes Validate() and holds host rows (no backend_rows).
+// Precondition: `handoff` passes Validate().
 std::string SerializeLayer(const KvHandoff& handoff, int32_t layer);
-// Fills layer `layer` of `handoff` (K, V, positions and, as flagged, masks and scores of
-// its heads) from `bytes`. The handoff's header fields (shape, flags) must already be
-// set; `lengths` ([num_layers * num_kv_heads], the header's) gives every head's rows;
+// Fills layer `layer` of `handoff` (K and V unless it holds backend_rows, positions and,
+// as flagged, masks and scores of its heads) from `bytes`. The handoff's header fields
+// (shape, flags, backend_rows) must already be set; `lengths` ([num_layers * num_kv_heads], the header's) gives every head's rows;
 // heads is sized to num_layers * num_kv_heads if it is not. INVALID_ARGUMENT for a bad
 // shape, layer or length, or when `bytes` has the wrong size.
 absl::Status ParseLayer(std::string_view bytes, absl::Span<const int32_t> lengths, int32_t layer,

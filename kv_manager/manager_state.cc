@@ -19,7 +19,7 @@ using Phase = v1::RequestState::Phase;
 // KV transports a worker may name in RegisterWorkerRequest.transports.
 const std::vector<std::string>& KnownTransports() {
   static const std::vector<std::string>* const kKnown =
-      new std::vector<std::string>{"inproc", "tcp", "nccl"};
+      new std::vector<std::string>{"inproc", "tcp", "cuda_ipc", "nccl"};
   return *kKnown;
 }
 
@@ -76,6 +76,8 @@ std::string PairTransport(const v1::RegisterWorkerRequest& prefill,
   if (prefill.address() == decode.address() && Speaks(prefill, "inproc") && Speaks(decode, "inproc")) {
     return "inproc";
   }
+  // cuda_ipc: the operator puts both on GPUs of one host (the receiver refuses otherwise).
+  if (Speaks(prefill, "cuda_ipc") && Speaks(decode, "cuda_ipc")) return "cuda_ipc";
   if (Speaks(prefill, "tcp") && Speaks(decode, "tcp")) return "tcp";
   return "";
 }

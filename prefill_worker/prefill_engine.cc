@@ -181,8 +181,10 @@ absl::StatusOr<PrefillResult> PrefillEngine::Run(const PrefillJob& job) {
   auto* sequence = dynamic_cast<kv::SequenceBatch*>(batch.get());
   if (sequence == nullptr) return absl::InternalError("the policy planner returned a batch that is not a SequenceBatch");
   pages_used_.store(runtime_->pool().pages_used());
-  // A decode worker of this process on the same device takes the rows where they are.
-  const kv::RowsIn rows_in = sender_->BackendRowsFor(job.decode_address) == runtime_->backend().Name()
+  // A decode worker of this process on the same device (inproc), or of this host's GPUs
+  // (cuda_ipc), takes the rows where they are.
+  const kv::RowsIn rows_in = job.transport != "tcp" &&
+                                     sender_->BackendRowsFor(job.decode_address) == runtime_->backend().Name()
                                  ? kv::RowsIn::kBackend
                                  : kv::RowsIn::kHost;
   KVGATE_ASSIGN_OR_RETURN(kv::KvHandoff handoff,

@@ -32,6 +32,9 @@ struct PrefillJob {
   std::string request_id;
   std::string transfer_id;
   std::string decode_address;  // the decode worker's transport address
+  // The KV transport the manager chose for the pair; "tcp" means host rows whatever the
+  // sender could do. Empty: the sender decides by address.
+  std::string transport;
   std::vector<int32_t> prompt;
   gates::EvictionSpec plan;
   engine::SamplingOptions sampling;

@@ -29,6 +29,7 @@ grpc::ServerUnaryReactor* PrefillService::Prefill(grpc::CallbackServerContext* c
   job.request_id = ticket.request_id();
   job.transfer_id = ticket.transfer_id();
   job.decode_address = ticket.decode().address();
+  job.transport = ticket.transport();
   job.prompt.assign(request->prompt().begin(), request->prompt().end());
   absl::StatusOr<gates::EvictionSpec> plan = kv::EvictionSpecFromPlan(ticket.plan());
   if (!plan.ok()) {

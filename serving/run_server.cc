@@ -42,11 +42,14 @@
 namespace kvgate::serving {
 namespace {
 
-// The prefill side's sender: the in-process inbox for "inproc", tcp for host:port.
+// The prefill side's sender: the in-process inbox for "inproc", tcp (or cuda_ipc, when
+// `device_backend` is set) for host:port.
 class AddressedSender final : public kv::KvSender {
  public:
-  explicit AddressedSender(ChannelFactory channels)
-      : inproc_(kv::MakeInprocSender()), tcp_(kv::MakeTcpSender(std::move(channels))) {}
+  AddressedSender(ChannelFactory channels, ops::Backend* device_backend)
+      : inproc_(kv::MakeInprocSender()),
+        tcp_(device_backend != nullptr ? kv::MakeCudaIpcSender(std::move(channels), device_backend)
+                                       : kv::MakeTcpSender(std::move(channels))) {}
   absl::StatusOr<int64_t> Send(const std::string& address, const kv::KvHandoff& handoff, absl::Time deadline) override {
     return (address == kInprocAddress ? inproc_ : tcp_)->Send(address, handoff, deadline);
   }
@@ -90,6 +93,7 @@ absl::Status RunServer(const ServerConfig& c) {
   KVGATE_ASSIGN_OR_RETURN(std::shared_ptr<grpc::ChannelCredentials> credentials, MakeChannelCredentials(c.tls));
   const bool local_manager = c.roles.count(Role::kManager) > 0;
   const bool inproc = c.transport == "inproc";
+  const bool cuda_ipc = c.transport == "cuda_ipc";
   const bool serve = c.roles.size() == 4;
   // `serve` over tcp: its internal listener (loopback) takes a token of its own unless
   // one was configured; in-process needs none (there is no listener).
@@ -130,7 +134,8 @@ absl::Status RunServer(const ServerConfig& c) {
     options.kv_pool_pages = 0;
     options.kv_pool_sequence_tokens = c.max_prompt_tokens;
     KVGATE_ASSIGN_OR_RETURN(prefill_runtime, kv::WorkerRuntime::Load(options));
-    sender = std::make_unique<AddressedSender>(channels.AsFactory());
+    sender = std::make_unique<AddressedSender>(channels.AsFactory(),
+                                               cuda_ipc ? &prefill_runtime->backend() : nullptr);
     prefill_engine = std::make_unique<prefill::PrefillEngine>(prefill_runtime.get(), sender.get(),
                                                               prefill::PrefillEngine::kDefaultMaxQueue, c.warmup_tokens);
     prefill_service = std::make_unique<prefill::PrefillService>(prefill_engine.get(), id_prefix + "/prefill",
@@ -146,7 +151,8 @@ absl::Status RunServer(const ServerConfig& c) {
     decode_service = std::make_unique<decode::DecodeService>(decode_engine.get(), id_prefix + "/decode",
                                                               reporter(&decode_registration), &metrics);
     decode_service->set_internal_token(internal_token);
-    transfer_service = kv::MakeKvTransferService(&decode_engine->inbox(), internal_token);
+    transfer_service = kv::MakeKvTransferService(&decode_engine->inbox(), internal_token,
+                                                 cuda_ipc ? &decode_runtime->backend() : nullptr);
     services.push_back(decode_service.get());
     services.push_back(transfer_service.get());
     if (inproc) kv::RegisterInprocInbox(kInprocAddress, &decode_engine->inbox());
@@ -206,6 +212,7 @@ absl::Status RunServer(const ServerConfig& c) {
     request.set_head_dim(runtime.config().head_dim);
     request.set_page_tokens(runtime.options().page_tokens);
     request.add_transports(inproc ? "inproc" : "tcp");
+    if (cuda_ipc) request.add_transports("cuda_ipc");
     return request;
   };
   if (prefill_engine) {

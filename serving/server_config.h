@@ -24,6 +24,8 @@ struct ServerConfig {
   int32_t port = 8000;
   std::string advertise;         // workers: how peers reach this process
   std::string manager_address;   // when the manager is elsewhere
+  // "inproc" (serve), "tcp", or "cuda_ipc" (split roles on GPUs of one host: K and V go
+  // GPU to GPU, the rest as tcp).
   std::string transport = "inproc";
   std::optional<int32_t> metrics_port;
   std::string metrics_host = "127.0.0.1";

@@ -103,6 +103,10 @@ class CpuBackend final : public Backend {
     if (bytes > 0) std::memcpy(dst, src, bytes);
     return absl::OkStatus();
   }
+  absl::Status CopyWithinBackend(void* dst, const void* src, size_t bytes) override {
+    if (bytes > 0) std::memmove(dst, src, bytes);
+    return absl::OkStatus();
+  }
 
   absl::Status Embed(const EmbedArgs& args) override {
     EmbedRef(args);

@@ -13,7 +13,10 @@
 #include <memory>
 #include <string>
 #include <string_view>
+#include <type_traits>
 #include <utility>
+
+#include <unistd.h>
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
@@ -57,6 +60,26 @@ class CudaOpGraph final : public OpGraph {
   uint64_t workspace_epoch_;  // CudaBackend::workspace_epoch_ when recorded
 };
 
+// What ExportIpc hands another process: the CUDA IPC handle and enough to refuse a
+// handle that cannot work before CUDA is asked to map it.
+constexpr char kIpcMagic[8] = {'k', 'v', 'g', 'I', 'P', 'C', '0', '1'};
+struct IpcName {
+  char magic[8];
+  char device_uuid[16];  // cudaDeviceProp::uuid of the exporter's GPU
+  uint64_t bytes;        // the allocation's size
+  int64_t exporter_pid;
+  cudaIpcMemHandle_t handle;
+};
+static_assert(std::is_trivially_copyable_v<IpcName>);
+
+absl::Status DeviceUuid(int device, char out[16]) {
+  cudaDeviceProp prop;
+  KVGATE_CUDA_RETURN_IF_ERROR(cudaGetDeviceProperties(&prop, device));
+  static_assert(sizeof(prop.uuid.bytes) == 16);
+  std::memcpy(out, prop.uuid.bytes, 16);
+  return absl::OkStatus();
+}
+
 class CudaBackend final : public Backend {
  public:
   explicit CudaBackend(int device) : device_(device), name_(absl::StrCat("cuda:", device)) {}
@@ -87,6 +110,7 @@ class CudaBackend final : public Backend {
     KVGATE_CUBLAS_RETURN_IF_ERROR(cublasSetMathMode(cublas_, CUBLAS_DEFAULT_MATH));
     KVGATE_CUDA_RETURN_IF_ERROR(
         cudaDeviceGetAttribute(&num_sms_, cudaDevAttrMultiProcessorCount, device_));
+    KVGATE_RETURN_IF_ERROR(DeviceUuid(device_, uuid_));
     // KVGATE_GROUPED_DECODE_ATTENTION=0 keeps decode on attention.cu (benchmark A/B runs).
     const char* grouped = std::getenv("KVGATE_GROUPED_DECODE_ATTENTION");
     use_grouped_decode_ = grouped == nullptr || std::strcmp(grouped, "0") != 0;
@@ -151,6 +175,79 @@ class CudaBackend final : public Backend {
         cudaMemcpyAsync(host_dst, src, bytes, cudaMemcpyDeviceToHost, stream_));
     KVGATE_CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(stream_));
     return absl::OkStatus();
+  }
+
+  absl::Status CopyWithinBackend(void* dst, const void* src, size_t bytes) override {
+    if (bytes == 0) return absl::OkStatus();
+    KVGATE_CUDA_RETURN_IF_ERROR(cudaSetDevice(device_));
+    KVGATE_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToDevice, stream_));
+    return absl::OkStatus();
+  }
+
+  absl::StatusOr<std::string> ExportIpc(const DeviceBuffer& buffer) override {
+    if (buffer.data() == nullptr) return absl::InvalidArgumentError(absl::StrCat(name_, ": export of an empty buffer"));
+    KVGATE_RETURN_IF_ERROR(RefuseWhileRecording("ExportIpc"));
+    KVGATE_CUDA_RETURN_IF_ERROR(cudaSetDevice(device_));
+    IpcName name;
+    std::memcpy(name.magic, kIpcMagic, sizeof(name.magic));
+    std::memcpy(name.device_uuid, uuid_, sizeof(uuid_));
+    name.bytes = buffer.bytes();
+    name.exporter_pid = static_cast<int64_t>(getpid());
+    KVGATE_CUDA_RETURN_IF_ERROR(cudaIpcGetMemHandle(&name.handle, buffer.data()));
+    return std::string(reinterpret_cast<const char*>(&name), sizeof(name));
+  }
+
+  absl::StatusOr<DeviceBuffer> OpenIpc(std::string_view bytes_of_name, size_t bytes) override {
+    IpcName name;
+    if (bytes_of_name.size() != sizeof(name)) {
+      return absl::InvalidArgumentError(
+          absl::StrCat(name_, ": an IPC name of ", bytes_of_name.size(), " bytes (", sizeof(name), " expected)"));
+    }
+    std::memcpy(&name, bytes_of_name.data(), sizeof(name));
+    if (std::memcmp(name.magic, kIpcMagic, sizeof(name.magic)) != 0) {
+      return absl::InvalidArgumentError(absl::StrCat(name_, ": not a kvgate CUDA IPC name"));
+    }
+    if (bytes == 0 || bytes > name.bytes) {
+      return absl::InvalidArgumentError(
+          absl::StrCat(name_, ": IPC open of ", bytes, " bytes of an allocation of ", name.bytes));
+    }
+    if (name.exporter_pid == static_cast<int64_t>(getpid())) {
+      return absl::FailedPreconditionError(
+          absl::StrCat(name_, ": the IPC name was exported by this process (CUDA maps it only in another)"));
+    }
+    KVGATE_RETURN_IF_ERROR(RefuseWhileRecording("OpenIpc"));
+    KVGATE_CUDA_RETURN_IF_ERROR(cudaSetDevice(device_));
+    if (std::memcmp(uuid_, name.device_uuid, sizeof(uuid_)) != 0) {
+      // Another GPU of this host is readable through peer access, if the two can reach.
+      int count = 0, reachable = 0;
+      KVGATE_CUDA_RETURN_IF_ERROR(cudaGetDeviceCount(&count));
+      for (int d = 0; d < count && !reachable; ++d) {
+        char uuid[16];
+        if (d == device_ || !DeviceUuid(d, uuid).ok() || std::memcmp(uuid, name.device_uuid, sizeof(uuid)) != 0) continue;
+        KVGATE_CUDA_RETURN_IF_ERROR(cudaDeviceCanAccessPeer(&reachable, device_, d));
+      }
+      if (!reachable) {
+        return absl::FailedPreconditionError(
+            absl::StrCat(name_, ": the IPC memory lives on a GPU this process cannot reach"));
+      }
+    }
+    void* ptr = nullptr;
+    const cudaError_t err = cudaIpcOpenMemHandle(&ptr, name.handle, cudaIpcMemLazyEnablePeerAccess);
+    if (err != cudaSuccess) {
+      (void)cudaGetLastError();
+      return absl::FailedPreconditionError(
+          absl::StrCat(name_, ": cudaIpcOpenMemHandle: ", cudaGetErrorString(err),
+                       " (the exporter freed it, exited, or runs in another container)"));
+    }
+    const int device = device_;
+    return DeviceBuffer(ptr, bytes, [device](void* p) {
+      int previous = -1;
+      const bool switch_device = cudaGetDevice(&previous) == cudaSuccess && previous != device;
+      if (switch_device) (void)cudaSetDevice(device);
+      (void)cudaIpcCloseMemHandle(p);
+      if (switch_device) (void)cudaSetDevice(previous);
+      (void)cudaGetLastError();
+    });
   }
 
   absl::Status Embed(const EmbedArgs& args) override {
@@ -362,6 +459,7 @@ class CudaBackend final : public Backend {
   bool recording_ = false;       // inside RecordGraph
   uint64_t workspace_epoch_ = 0;  // + 1 whenever a workspace moves: graphs recorded before are stale
   int num_sms_ = 0;
+  char uuid_[16] = {};  // this GPU's, stamped into IPC names
   bool use_grouped_decode_ = true;
   DeviceBuffer attention_workspace_;  // split partials of Attention and HeadPagedDecodeAttention
   DeviceBuffer gemm_workspace_;       // cuBLASLt's, kGemmBf16WorkspaceBytes

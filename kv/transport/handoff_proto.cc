@@ -1,5 +1,7 @@
 #include "kv/transport/handoff_proto.h"
 
+#include <algorithm>
+
 #include "absl/strings/str_cat.h"
 #include "common/status_macros.h"
 
@@ -64,6 +66,7 @@ absl::StatusOr<TransferHeader> FromHeaderProto(const v1::KvTransferHeader& heade
   shell.heads.resize(static_cast<size_t>(L) * H);
   out.lengths.assign(header.lengths().begin(), header.lengths().end());
   out.layer_bytes.assign(L, 0);
+  int64_t total_rows = 0;
   for (int32_t l = 0; l < L; ++l) {
     for (int32_t h = 0; h < H; ++h) {
       const int32_t n = out.lengths[static_cast<size_t>(l) * H + h];
@@ -72,7 +75,9 @@ absl::StatusOr<TransferHeader> FromHeaderProto(const v1::KvTransferHeader& heade
         return absl::InvalidArgumentError(absl::StrCat("header.lengths: layer ", l, " kv head ", h, " has ", n,
                                                        " rows (next_pos ", shell.next_pos, ")"));
       }
-      out.layer_bytes[l] += HeadPayloadBytes(n, shell.head_dim, shell.has_query_masks, shell.has_scores);
+      out.layer_bytes[l] += HeadPayloadBytes(n, shell.head_dim, shell.has_query_masks, shell.has_scores,
+                                             /*with_kv=*/!header.has_device_rows());
+      total_rows += n;
       if (out.layer_bytes[l] > kMaxTransferPayloadBytes) {
         return absl::InvalidArgumentError(absl::StrCat("header.lengths: layer ", l, " exceeds ",
                                                        kMaxTransferPayloadBytes, " bytes"));
@@ -87,6 +92,40 @@ absl::StatusOr<TransferHeader> FromHeaderProto(const v1::KvTransferHeader& heade
   if (header.payload_bytes() != out.payload_bytes) {
     return absl::InvalidArgumentError(absl::StrCat("header.payload_bytes ", header.payload_bytes(),
                                                    ", the lengths need ", out.payload_bytes));
+  }
+  if (header.has_device_rows()) {
+    const v1::KvDeviceRows& device = header.device_rows();
+    if (device.k_name().empty() || device.v_name().empty() || device.k_name().size() > kMaxDeviceRowsNameBytes ||
+        device.v_name().size() > kMaxDeviceRowsNameBytes) {
+      return absl::InvalidArgumentError(absl::StrCat("header.device_rows names of ", device.k_name().size(), " and ",
+                                                     device.v_name().size(), " bytes (1 to ",
+                                                     kMaxDeviceRowsNameBytes, ")"));
+    }
+    if (device.rows() != total_rows) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("header.device_rows.rows ", device.rows(), ", the lengths sum to ", total_rows));
+    }
+    DeviceRowsRef ref;
+    switch (device.dtype()) {
+      case v1::KV_ROW_DTYPE_FLOAT32:
+        ref.dtype = ops::KvDtype::kFloat32;
+        break;
+      case v1::KV_ROW_DTYPE_BF16:
+        ref.dtype = ops::KvDtype::kBf16;
+        break;
+      default:
+        return absl::InvalidArgumentError(absl::StrCat("header.device_rows.dtype ", device.dtype(), " is unknown"));
+    }
+    const int64_t row_bytes = int64_t{shell.head_dim} * static_cast<int64_t>(ops::KvDtypeBytes(ref.dtype));
+    if (total_rows > kMaxTransferPayloadBytes / row_bytes) {
+      return absl::InvalidArgumentError(absl::StrCat("header.device_rows: ", total_rows, " rows of ", row_bytes,
+                                                     " bytes exceed ", kMaxTransferPayloadBytes, " bytes"));
+    }
+    ref.k_name = device.k_name();
+    ref.v_name = device.v_name();
+    ref.rows = total_rows;
+    ref.buffer_bytes = std::max<int64_t>(total_rows, 1) * row_bytes;
+    out.device_rows = std::move(ref);
   }
   return out;
 }

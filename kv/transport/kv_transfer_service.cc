@@ -2,7 +2,8 @@
 // ServerReadReactor per Push stream reserves the payload in the inbox on the header,
 // checks every chunk's CRC-32C, parses each layer as soon as its bytes are complete,
 // validates the handoff at the trailer and delivers it at the sender's half-close (a chunk
-// after the trailer is INVALID_ARGUMENT). Any error or a cancelled stream gives
+// after the trailer is INVALID_ARGUMENT). A header naming device rows (cuda_ipc) has them
+// copied into this worker's backend at once. Any error or a cancelled stream gives
 // the reservation back; no stream, however malformed, can crash the worker.
 #include <grpcpp/grpcpp.h>
 
@@ -16,6 +17,7 @@
 #include "common/auth.h"
 #include "common/crc32c.h"
 #include "common/grpc_status.h"
+#include "common/status_macros.h"
 #include "kv/transport/handoff_proto.h"
 #include "kv/transport/tcp_transport.h"
 #include "kvgate/v1/worker.grpc.pb.h"
@@ -25,8 +27,9 @@ namespace {
 
 class PushReactor final : public grpc::ServerReadReactor<v1::KvTransferChunk> {
  public:
-  PushReactor(KvInbox* inbox, grpc::CallbackServerContext* context, v1::KvTransferAck* ack)
-      : inbox_(inbox), context_(context), ack_(ack) {
+  PushReactor(KvInbox* inbox, ops::Backend* device_backend, grpc::CallbackServerContext* context,
+              v1::KvTransferAck* ack)
+      : inbox_(inbox), device_backend_(device_backend), context_(context), ack_(ack) {
     StartRead(&chunk_);
   }
 
@@ -89,10 +92,21 @@ class PushReactor final : public grpc::ServerReadReactor<v1::KvTransferChunk> {
           absl::StrCat("kv transfer ", header.transfer_id(), ": ", parsed.status().message()));
     }
     transfer_id_ = parsed->shell.transfer_id;
-    if (absl::Status s = inbox_->Reserve(transfer_id_, parsed->payload_bytes); !s.ok()) return s;
+    if (parsed->device_rows && device_backend_ == nullptr) {
+      return absl::FailedPreconditionError(
+          absl::StrCat(Where(), "its K and V rows are in the sender's GPU memory (cuda_ipc); this decode worker "
+                                "takes host rows only"));
+    }
+    if (absl::Status s = inbox_->Reserve(transfer_id_, parsed->held_bytes()); !s.ok()) return s;
     reserved_ = true;
     header_ = std::move(*parsed);
     handoff_ = std::move(header_.shell);
+    if (header_.device_rows) {
+      absl::StatusOr<BackendRows> rows = CopyDeviceRows(*header_.device_rows);
+      if (!rows.ok()) return absl::Status(rows.status().code(), absl::StrCat(Where(), rows.status().message()));
+      device_bytes_ = static_cast<int64_t>(rows->k.bytes() + rows->v.bytes());
+      handoff_.backend_rows = std::make_shared<const BackendRows>(*std::move(rows));
+    }
     const size_t L = static_cast<size_t>(handoff_.num_layers);
     received_.assign(L, 0);
     parsed_.assign(L, false);
@@ -101,6 +115,26 @@ class PushReactor final : public grpc::ServerReadReactor<v1::KvTransferChunk> {
     context_->AddInitialMetadata(kTransferReservedKey, "1");
     StartSendInitialMetadata();
     return absl::OkStatus();
+  }
+
+  // Maps the sender's K and V buffers, copies them into buffers of this worker's backend
+  // and unmaps them: the sender may free its buffers as soon as this stream ends.
+  absl::StatusOr<BackendRows> CopyDeviceRows(const DeviceRowsRef& ref) {
+    BackendRows rows;
+    rows.backend = std::string(device_backend_->Name());
+    rows.rows = ref.rows;
+    rows.head_dim = handoff_.head_dim;
+    rows.dtype = ref.dtype;
+    const size_t bytes = static_cast<size_t>(ref.buffer_bytes);
+    KVGATE_ASSIGN_OR_RETURN(ops::DeviceBuffer k_there, device_backend_->OpenIpc(ref.k_name, bytes));
+    KVGATE_ASSIGN_OR_RETURN(ops::DeviceBuffer v_there, device_backend_->OpenIpc(ref.v_name, bytes));
+    KVGATE_ASSIGN_OR_RETURN(rows.k, device_backend_->Alloc(bytes));
+    KVGATE_ASSIGN_OR_RETURN(rows.v, device_backend_->Alloc(bytes));
+    KVGATE_RETURN_IF_ERROR(device_backend_->CopyWithinBackend(rows.k.data(), k_there.data(), bytes));
+    KVGATE_RETURN_IF_ERROR(device_backend_->CopyWithinBackend(rows.v.data(), v_there.data(), bytes));
+    // The copies must be done before the mappings close (when k_there / v_there go).
+    KVGATE_RETURN_IF_ERROR(device_backend_->Synchronize());
+    return rows;
   }
 
   absl::Status OnLayer(const v1::KvLayerChunk& chunk) {
@@ -167,7 +201,7 @@ class PushReactor final : public grpc::ServerReadReactor<v1::KvTransferChunk> {
   absl::Status Deliver() {
     if (absl::Status s = inbox_->Deliver(std::move(handoff_)); !s.ok()) return s;
     reserved_ = false;  // the delivered handoff holds the reservation now
-    ack_->set_bytes_received(total_received_);
+    ack_->set_bytes_received(total_received_ + device_bytes_);
     return absl::OkStatus();
   }
 
@@ -182,6 +216,7 @@ class PushReactor final : public grpc::ServerReadReactor<v1::KvTransferChunk> {
   }
 
   KvInbox* const inbox_;
+  ops::Backend* const device_backend_;  // null: host rows only
   grpc::CallbackServerContext* const context_;
   v1::KvTransferAck* const ack_;
   v1::KvTransferChunk chunk_;
@@ -195,6 +230,7 @@ class PushReactor final : public grpc::ServerReadReactor<v1::KvTransferChunk> {
   std::vector<bool> parsed_;          // [num_layers]
   std::vector<std::string> buffers_;  // [num_layers] bytes of a layer not yet complete
   int64_t total_received_ = 0;
+  int64_t device_bytes_ = 0;  // K and V copied from the sender's device memory
 };
 
 // Refuses a stream that lacks the internal token, before reading anything.
@@ -206,24 +242,26 @@ class RefusedPush final : public grpc::ServerReadReactor<v1::KvTransferChunk> {
 
 class KvTransferService final : public v1::KvTransfer::CallbackService {
  public:
-  KvTransferService(KvInbox* inbox, std::string internal_token)
-      : inbox_(inbox), internal_token_(std::move(internal_token)) {}
+  KvTransferService(KvInbox* inbox, std::string internal_token, ops::Backend* device_backend)
+      : inbox_(inbox), internal_token_(std::move(internal_token)), device_backend_(device_backend) {}
 
   grpc::ServerReadReactor<v1::KvTransferChunk>* Push(grpc::CallbackServerContext* context,
                                                      v1::KvTransferAck* ack) override {
     if (grpc::Status auth = CheckInternalToken(*context, internal_token_); !auth.ok()) return new RefusedPush(auth);
-    return new PushReactor(inbox_, context, ack);
+    return new PushReactor(inbox_, device_backend_, context, ack);
   }
 
  private:
   KvInbox* const inbox_;
   const std::string internal_token_;
+  ops::Backend* const device_backend_;
 };
 
 }  // namespace
 
-std::unique_ptr<grpc::Service> MakeKvTransferService(KvInbox* inbox, std::string internal_token) {
-  return std::make_unique<KvTransferService>(inbox, std::move(internal_token));
+std::unique_ptr<grpc::Service> MakeKvTransferService(KvInbox* inbox, std::string internal_token,
+                                                     ops::Backend* device_backend) {
+  return std::make_unique<KvTransferService>(inbox, std::move(internal_token), device_backend);
 }
 
 }  // namespace kvgate::kv

@@ -28,7 +28,7 @@ void KvInbox::ExpireLocked() const {
       continue;
     }
     if (auto d = delivered_.find(id); d != delivered_.end()) {
-      bytes_ -= d->second.PayloadBytes();
+      bytes_ -= d->second.HeldBytes();
       delivered_.erase(d);
     }
     if (auto r = reserved_.find(id); r != reserved_.end()) {
@@ -44,7 +44,7 @@ void KvInbox::ExpireLocked() const {
 absl::Status KvInbox::Deliver(KvHandoff handoff) {
   const std::string id = handoff.transfer_id;
   if (id.empty()) return absl::InvalidArgumentError("kv transfer without a transfer id");
-  const int64_t bytes = handoff.PayloadBytes();
+  const int64_t bytes = handoff.HeldBytes();
   std::lock_guard<std::mutex> lock(mu_);
   ExpireLocked();
   if (cancelled_.contains(id)) return absl::CancelledError(absl::StrCat("kv transfer ", id, " was cancelled"));
@@ -131,7 +131,7 @@ absl::StatusOr<KvHandoff> KvInbox::Await(const std::string& transfer_id, absl::T
       KvHandoff handoff = std::move(it->second);
       delivered_.erase(it);
       since_.erase(transfer_id);
-      bytes_ -= handoff.PayloadBytes();
+      bytes_ -= handoff.HeldBytes();
       taken_.Add(transfer_id);
       return handoff;
     }
@@ -148,7 +148,7 @@ bool KvInbox::Cancel(const std::string& transfer_id) {
   std::lock_guard<std::mutex> lock(mu_);
   bool held = false;
   if (auto it = delivered_.find(transfer_id); it != delivered_.end()) {
-    bytes_ -= it->second.PayloadBytes();
+    bytes_ -= it->second.HeldBytes();
     delivered_.erase(it);
     held = true;
   }
@@ -204,7 +204,7 @@ class InprocSender final : public KvSender {
     }
     KVGATE_RETURN_IF_ERROR(handoff.Validate());
     KvHandoff copy = handoff;  // the one copy, made outside the registry lock
-    const int64_t bytes = copy.PayloadBytes();
+    const int64_t bytes = copy.HeldBytes();
     InprocRegistry& registry = Registry();
     // Held while delivering, so UnregisterInprocInbox waits for a delivery in flight.
     std::lock_guard<std::mutex> lock(registry.mu);

@@ -5,7 +5,10 @@
 //           in (one copy of host rows; none of backend rows, which are shared)
 //   tcp     a chunked, checksummed client stream to the decode worker's KvTransfer
 //           service (tcp_transport.h), which delivers into its inbox
-//   nccl    GPU to GPU (a later issue), behind the same KvSender
+//   cuda_ipc  tcp's stream for everything but K and V, which stay in the sender's GPU
+//           memory: the header names them (Backend::ExportIpc) and the receiver copies
+//           them into its own (tcp_transport.h MakeCudaIpcSender)
+//   nccl    GPU to GPU across hosts (a later issue), behind the same KvSender
 #pragma once
 
 #include <condition_variable>
@@ -27,7 +30,7 @@ namespace kvgate::kv {
 
 // Transfers that have arrived at a decode worker, waiting for their Decode call.
 // Thread-safe. Memory is bounded: handoffs held at once may total at most
-// max_pending_bytes (payload bytes). Unclaimed transfers expire: a delivered handoff that
+// max_pending_bytes (KvHandoff::HeldBytes: payload and backend rows). Unclaimed transfers expire: a delivered handoff that
 // no Await took within unclaimed_ttl of its delivery, and a reservation whose stream made
 // no progress (Touch) for unclaimed_ttl, are dropped and their id refused from then on
 // (as if cancelled). Expiry is checked on every Deliver, Reserve, Touch and pending*().
@@ -79,7 +82,7 @@ class KvInbox {
   bool Cancel(const std::string& transfer_id);
 
   int32_t pending() const;         // handoffs delivered and not yet awaited
-  int64_t pending_bytes() const;   // their payload bytes plus reservations
+  int64_t pending_bytes() const;   // their held bytes plus reservations
   int32_t waiting() const;         // Await calls in progress
   int64_t expired() const;         // transfers and reservations dropped unclaimed so far
 

@@ -20,17 +20,45 @@
 namespace kvgate::kv {
 namespace {
 
+v1::KvRowDtype ToProto(ops::KvDtype dtype) {
+  return dtype == ops::KvDtype::kBf16 ? v1::KV_ROW_DTYPE_BF16 : v1::KV_ROW_DTYPE_FLOAT32;
+}
+
 class TcpSender final : public KvSender {
  public:
-  TcpSender(ChannelFactory channels, int64_t chunk_bytes)
-      : channels_(std::move(channels)), chunk_bytes_(chunk_bytes > 0 ? chunk_bytes : kDefaultTransferChunkBytes) {}
+  // `device_backend` set: the cuda_ipc transport (rows in its memory leave by name).
+  TcpSender(ChannelFactory channels, int64_t chunk_bytes, ops::Backend* device_backend)
+      : channels_(std::move(channels)),
+        chunk_bytes_(chunk_bytes > 0 ? chunk_bytes : kDefaultTransferChunkBytes),
+        device_backend_(device_backend) {}
+
+  std::string BackendRowsFor(const std::string& address) const override {
+    return device_backend_ != nullptr ? std::string(device_backend_->Name()) : std::string();
+  }
 
   absl::StatusOr<int64_t> Send(const std::string& address, const KvHandoff& handoff, absl::Time deadline) override {
     const std::string what = absl::StrCat("kv transfer ", handoff.transfer_id, " to ", address, ": ");
     if (absl::Status s = handoff.Validate(); !s.ok()) return s;
+    v1::KvTransferChunk chunk;
+    *chunk.mutable_header() = ToHeaderProto(handoff);
     if (handoff.backend_rows != nullptr) {
-      return absl::FailedPreconditionError(
-          absl::StrCat(what, "its rows are in ", handoff.backend_rows->backend, " memory; tcp carries host rows"));
+      const BackendRows& rows = *handoff.backend_rows;
+      if (device_backend_ == nullptr || rows.backend != device_backend_->Name()) {
+        return absl::FailedPreconditionError(absl::StrCat(
+            what, "its rows are in ", rows.backend, " memory; this transport carries ",
+            device_backend_ == nullptr ? std::string("host rows") : std::string(device_backend_->Name()) + " rows"));
+      }
+      // The buffers stay alive (the caller holds the handoff) until Finish: the receiver
+      // has copied them before it answers.
+      v1::KvDeviceRows* device = chunk.mutable_header()->mutable_device_rows();
+      absl::StatusOr<std::string> k_name = device_backend_->ExportIpc(rows.k);
+      if (!k_name.ok()) return absl::Status(k_name.status().code(), absl::StrCat(what, k_name.status().message()));
+      absl::StatusOr<std::string> v_name = device_backend_->ExportIpc(rows.v);
+      if (!v_name.ok()) return absl::Status(v_name.status().code(), absl::StrCat(what, v_name.status().message()));
+      device->set_k_name(*std::move(k_name));
+      device->set_v_name(*std::move(v_name));
+      device->set_rows(rows.rows);
+      device->set_dtype(ToProto(rows.dtype));
     }
     std::shared_ptr<grpc::Channel> channel = Channel(address);
     if (channel == nullptr) return absl::UnavailableError(absl::StrCat(what, "no channel"));
@@ -40,8 +68,6 @@ class TcpSender final : public KvSender {
     v1::KvTransferAck ack;
     std::unique_ptr<grpc::ClientWriter<v1::KvTransferChunk>> writer = stub->Push(&context, &ack);
 
-    v1::KvTransferChunk chunk;
-    *chunk.mutable_header() = ToHeaderProto(handoff);
     bool open = writer->Write(chunk);
     if (open) {
       // The receiver answers the header with initial metadata once it has reserved the
@@ -91,6 +117,7 @@ class TcpSender final : public KvSender {
 
   const ChannelFactory channels_;
   const int64_t chunk_bytes_;
+  ops::Backend* const device_backend_;
   std::mutex mu_;
   std::map<std::string, std::shared_ptr<grpc::Channel>> channels_by_address_;
 };
@@ -98,7 +125,11 @@ class TcpSender final : public KvSender {
 }  // namespace
 
 std::unique_ptr<KvSender> MakeTcpSender(ChannelFactory channels, int64_t chunk_bytes) {
-  return std::make_unique<TcpSender>(std::move(channels), chunk_bytes);
+  return std::make_unique<TcpSender>(std::move(channels), chunk_bytes, nullptr);
+}
+
+std::unique_ptr<KvSender> MakeCudaIpcSender(ChannelFactory channels, ops::Backend* backend, int64_t chunk_bytes) {
+  return std::make_unique<TcpSender>(std::move(channels), chunk_bytes, backend);
 }
 
 }  // namespace kvgate::kv

@@ -13,6 +13,7 @@
 #include <string>
 
 #include "common/channel_factory.h"
+#include "cuda/backend.h"
 #include "kv/transport/kv_transport.h"
 
 namespace grpc {
@@ -32,6 +33,16 @@ inline constexpr char kTransferReservedKey[] = "kvgate-transfer-reserved";
 // the receiver's max receive message size (gRPC's default is 4 MiB).
 std::unique_ptr<KvSender> MakeTcpSender(ChannelFactory channels, int64_t chunk_bytes = kDefaultTransferChunkBytes);
 
+// The cuda_ipc transport: the tcp stream, except that a handoff whose K and V rows are in
+// `backend`'s memory (RowsIn::kBackend: BackendRowsFor names `backend` for every
+// address) sends them by name (Backend::ExportIpc, header.device_rows) and the layer
+// payloads carry positions, masks and scores only. The receiver, another process on a
+// GPU that can reach this one, copies the rows into its own memory before it answers;
+// Send returns after that answer, so the rows need live only as long as the call.
+// Host-row handoffs go as over tcp. `backend` (not owned) must outlive the sender.
+std::unique_ptr<KvSender> MakeCudaIpcSender(ChannelFactory channels, ops::Backend* backend,
+                                            int64_t chunk_bytes = kDefaultTransferChunkBytes);
+
 // The kvgate.v1.KvTransfer service delivering into `inbox` (not owned; must outlive the
 // service). Register it on the decode worker's server. The header travels as one
 // message, so the server's max receive message size must fit it: lengths (4 bytes a
@@ -43,6 +54,12 @@ std::unique_ptr<KvSender> MakeTcpSender(ChannelFactory channels, int64_t chunk_b
 // inbox's RESOURCE_EXHAUSTED / CANCELLED / ALREADY_EXISTS pass through. Any error or a
 // cancelled stream gives the reservation back. A non-empty `internal_token` is required on
 // every stream (common/auth.h; UNAUTHENTICATED before anything is reserved).
-std::unique_ptr<grpc::Service> MakeKvTransferService(KvInbox* inbox, std::string internal_token = "");
+// `device_backend` (not owned; null: none) takes transfers whose rows come by name
+// (cuda_ipc): it maps them (Backend::OpenIpc), copies them into buffers of its own and
+// delivers those as the handoff's backend_rows, so it must be the backend of the pool
+// that imports them. Without it such a transfer is FAILED_PRECONDITION before anything
+// is reserved. The reservation then counts the copies too (TransferHeader::held_bytes).
+std::unique_ptr<grpc::Service> MakeKvTransferService(KvInbox* inbox, std::string internal_token = "",
+                                                     ops::Backend* device_backend = nullptr);
 
 }  // namespace kvgate::kv

@@ -164,6 +164,65 @@ TEST_F(TcpTransportTest, BackendRowsAreRefused) {
   ExpectInboxEmpty();
 }
 
+// The cuda_ipc sender on a backend without inter-process memory: it offers its backend's
+// rows (BackendRowsFor), cannot name them (UNIMPLEMENTED, before any stream starts), and
+// sends host rows as tcp does.
+TEST_F(TcpTransportTest, CudaIpcSenderWithoutInterProcessMemory) {
+  auto backend = ops::CreateBackend("cpu");
+  ASSERT_TRUE(backend.ok()) << backend.status();
+  std::unique_ptr<KvSender> sender = MakeCudaIpcSender(Insecure, backend->get());
+  EXPECT_EQ(sender->BackendRowsFor(address_), "cpu");
+  const KvHandoff host = CodedTransfer("ipc-host", 7, /*masks=*/true, /*scores=*/false);
+  auto bytes = sender->Send(address_, WithBackendRows(host, backend->get()), In(absl::Seconds(20)));
+  EXPECT_EQ(bytes.status().code(), absl::StatusCode::kUnimplemented) << bytes.status();
+  ExpectInboxEmpty();
+  bytes = sender->Send(address_, host, In(absl::Seconds(20)));
+  ASSERT_TRUE(bytes.ok()) << bytes.status();
+  EXPECT_EQ(*bytes, host.PayloadBytes());
+  auto got = inbox_->Await("ipc-host", In(absl::Seconds(5)));
+  ASSERT_TRUE(got.ok()) << got.status();
+  ExpectSameHandoff(host, *got);
+}
+
+// A header naming device rows: a receiver that takes host rows only refuses it before
+// reserving anything; one with a backend that cannot map them gives the reservation
+// back. Neither leaves anything in the inbox.
+TEST_F(TcpTransportTest, DeviceRowsTheReceiverCannotTakeAreRefused) {
+  auto backend = ops::CreateBackend("cpu");
+  ASSERT_TRUE(backend.ok()) << backend.status();
+  const KvHandoff sent = WithBackendRows(CodedTransfer("ipc-refused", 4), backend->get());
+  v1::KvTransferHeader header = ToHeaderProto(sent);
+  header.mutable_device_rows()->set_k_name("not a handle");
+  header.mutable_device_rows()->set_v_name("not a handle");
+  header.mutable_device_rows()->set_rows(sent.backend_rows->rows);
+  header.mutable_device_rows()->set_dtype(v1::KV_ROW_DTYPE_FLOAT32);
+  {
+    auto stub = Stub();
+    RawPush push(stub.get());
+    push.Header(header);
+    EXPECT_EQ(push.Finish(), absl::StatusCode::kFailedPrecondition);
+    ExpectInboxEmpty();
+  }
+  // The same stream to a receiver whose backend is cpu.
+  StopServer();
+  inbox_ = std::make_unique<KvInbox>(int64_t{64} << 20);
+  service_ = MakeKvTransferService(inbox_.get(), "", backend->get());
+  grpc::ServerBuilder builder;
+  int port = 0;
+  builder.AddListeningPort("127.0.0.1:0", grpc::InsecureServerCredentials(), &port);
+  builder.RegisterService(service_.get());
+  server_ = builder.BuildAndStart();
+  ASSERT_NE(server_, nullptr);
+  address_ = absl::StrCat("127.0.0.1:", port);
+  {
+    auto stub = Stub();
+    RawPush push(stub.get());
+    push.Header(header);
+    EXPECT_EQ(push.Finish(), absl::StatusCode::kUnimplemented);
+    ExpectInboxEmpty();
+  }
+}
+
 TEST_F(TcpTransportTest, SmallChunksSplitCorrectly) {
   for (int64_t chunk_bytes : {int64_t{4096}, int64_t{1000}, int64_t{1}}) {
     SCOPED_TRACE(chunk_bytes);
