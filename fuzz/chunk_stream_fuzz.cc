@@ -44,8 +44,11 @@ struct Receiver {
   Receiver() {
     grpc::ServerBuilder builder;
     builder.RegisterService(service.get());
+    int port = 0;
+    builder.AddListeningPort("127.0.0.1:0", grpc::InsecureServerCredentials(), &port);
     server = builder.BuildAndStart();
-    stub = kvgate::v1::KvTransfer::NewStub(server->InProcessChannel({}));
+    stub = kvgate::v1::KvTransfer::NewStub(
+        grpc::CreateChannel(absl::StrCat("127.0.0.1:", port), grpc::InsecureChannelCredentials()));
   }
 };
 
