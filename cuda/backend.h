@@ -89,6 +89,7 @@ class Backend {
   virtual absl::Status CopyRows(const CopyRowsArgs& args) = 0;
   virtual absl::Status HeadPagedDecodeAttention(const HeadPagedDecodeAttentionArgs& args) = 0;
   virtual absl::Status ArgMaxRows(const ArgMaxRowsArgs& args) = 0;
+  virtual absl::Status WindowAttentionProbs(const WindowAttentionProbsArgs& args) = 0;
 
   // Waits for every op submitted so far; reports an asynchronous fault.
   virtual absl::Status Synchronize() = 0;

@@ -99,6 +99,24 @@ struct AttentionArgs {
   bool key_mask_per_query_head = false;
 };
 
+// SnapKV's observation window (docs eviction-methods.md) on the backend: for every query
+// head h, the mean over the last `window` prompt queries of their causal softmax
+// attention over the cache's first `length` rows. Query i (row i of q) sits at position
+// pos_i = length - window + i and attends rows [0, pos_i]: out[h, j] = (1 / window) *
+// sum_i softmax_j(scale * q_i . k_j) over the i with j <= pos_i. Query head h reads kv
+// head h / (num_q_heads / num_kv_heads). No sliding window, no key mask. A reduction in a
+// fixed order: the same inputs give the same bits on every run.
+struct WindowAttentionProbsArgs {
+  const float* q = nullptr;        // [window, num_q_heads, head_dim], in, backend
+  const float* k_cache = nullptr;  // [num_kv_heads, capacity_tokens, head_dim], in, backend
+  float* out = nullptr;            // [num_q_heads, length], out, backend
+  int32_t window = 0;              // 1 <= window <= length
+  int32_t length = 0;              // <= capacity_tokens
+  int32_t num_q_heads = 0, num_kv_heads = 0, head_dim = 0;
+  int32_t capacity_tokens = 0;
+  float scale = 1.0f;
+};
+
 // Copies rows: dst[dst_rows[i], :] = src[src_rows[i], :], i < num_rows, converting the
 // elements from src_dtype to dst_dtype (float32 -> bf16 rounds to nearest even, a NaN
 // stays a NaN with an unspecified payload; bf16 -> float32 and same-type copies are

@@ -90,6 +90,9 @@ class AllocRecordingBackend final : public ops::Backend {
     return inner_->HeadPagedDecodeAttention(a);
   }
   absl::Status ArgMaxRows(const ops::ArgMaxRowsArgs& a) override { return inner_->ArgMaxRows(a); }
+  absl::Status WindowAttentionProbs(const ops::WindowAttentionProbsArgs& a) override {
+    return inner_->WindowAttentionProbs(a);
+  }
   absl::Status Synchronize() override { return inner_->Synchronize(); }
   std::vector<size_t> sizes;
 

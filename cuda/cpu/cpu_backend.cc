@@ -290,6 +290,16 @@ class CpuBackend final : public Backend {
     return absl::OkStatus();
   }
 
+  absl::Status WindowAttentionProbs(const WindowAttentionProbsArgs& a) override {
+    if (std::string error = WindowAttentionProbsArgsError(a); !error.empty()) {
+      return absl::InvalidArgumentError(error);
+    }
+    ParallelRows(a.num_q_heads, int64_t{a.window} * a.length * a.head_dim, [&](int64_t begin, int64_t end) {
+      WindowAttentionProbsRefHeads(a, static_cast<int32_t>(begin), static_cast<int32_t>(end));
+    });
+    return absl::OkStatus();
+  }
+
   absl::Status Synchronize() override { return absl::OkStatus(); }
 
  private:

@@ -761,3 +761,65 @@ TEST_F(CpuBackendTest, EmbedAndAdd) {
 
 }  // namespace
 }  // namespace kvgate::ops
+
+// ------------------------------------------------------------- WindowAttentionProbs
+
+namespace kvgate::ops {
+namespace {
+
+// The threaded backend equals the reference bit for bit (it splits query heads, not
+// sums); every query's probabilities sum to 1, so every output row does; a key no
+// window query sees before its position scores only what later queries give it.
+TEST(CpuWindowAttentionProbsTest, EqualsTheReferenceAndRowsSumToOne) {
+  std::unique_ptr<Backend> cpu = CreateCpuBackend(4);
+  std::mt19937 rng(11);
+  std::uniform_real_distribution<float> dist(-2.0f, 2.0f);
+  WindowAttentionProbsArgs args;
+  args.window = 16;
+  args.length = 700;
+  args.capacity_tokens = 720;
+  args.num_q_heads = 8;
+  args.num_kv_heads = 2;
+  args.head_dim = 64;
+  args.scale = 0.125f;
+  std::vector<float> q(static_cast<size_t>(args.window) * args.num_q_heads * args.head_dim);
+  std::vector<float> k(static_cast<size_t>(args.num_kv_heads) * args.capacity_tokens * args.head_dim);
+  for (float& x : q) x = dist(rng);
+  for (float& x : k) x = dist(rng);
+  std::vector<float> ref(static_cast<size_t>(args.num_q_heads) * args.length), got(ref.size(), -1.0f);
+  args.q = q.data();
+  args.k_cache = k.data();
+  args.out = ref.data();
+  WindowAttentionProbsRef(args);
+  args.out = got.data();
+  ASSERT_TRUE(cpu->WindowAttentionProbs(args).ok());
+  EXPECT_EQ(0, std::memcmp(ref.data(), got.data(), ref.size() * sizeof(float)));
+  for (int32_t h = 0; h < args.num_q_heads; ++h) {
+    double sum = 0.0;
+    for (int32_t j = 0; j < args.length; ++j) sum += got[static_cast<size_t>(h) * args.length + j];
+    EXPECT_NEAR(sum, 1.0, 1e-5) << "query head " << h;
+    // The last key is seen by the last query only: its score is that query's probability / window.
+    const float* qv = q.data() + (static_cast<size_t>(args.window - 1) * args.num_q_heads + h) * args.head_dim;
+    const float* keys = k.data() + static_cast<size_t>(h / 4) * args.capacity_tokens * args.head_dim;
+    std::vector<double> logits(args.length);
+    double max_logit = -1e300, denom = 0.0;
+    for (int32_t j = 0; j < args.length; ++j) {
+      double dot = 0.0;
+      for (int32_t c = 0; c < args.head_dim; ++c) dot += double{qv[c]} * keys[static_cast<size_t>(j) * args.head_dim + c];
+      logits[j] = dot * args.scale;
+      max_logit = std::max(max_logit, logits[j]);
+    }
+    for (double l : logits) denom += std::exp(l - max_logit);
+    const double last = std::exp(logits.back() - max_logit) / denom / args.window;
+    EXPECT_NEAR(got[static_cast<size_t>(h) * args.length + args.length - 1], last, 1e-7);
+  }
+  WindowAttentionProbsArgs bad = args;
+  bad.num_kv_heads = 3;
+  EXPECT_EQ(cpu->WindowAttentionProbs(bad).code(), absl::StatusCode::kInvalidArgument);
+  bad = args;
+  bad.length = args.capacity_tokens + 1;
+  EXPECT_EQ(cpu->WindowAttentionProbs(bad).code(), absl::StatusCode::kInvalidArgument);
+}
+
+}  // namespace
+}  // namespace kvgate::ops

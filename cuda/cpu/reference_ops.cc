@@ -2,6 +2,8 @@
 
 #include <algorithm>
 #include <cmath>
+#include <limits>
+#include <string>
 #include <vector>
 
 #include "cuda/bf16.h"
@@ -209,5 +211,51 @@ void SiluMulRef(const SiluMulArgs& a) {
 void AddRef(const AddArgs& a) {
   for (int64_t i = 0; i < a.n; ++i) a.x[i] += a.y[i];
 }
+
+}  // namespace kvgate::ops
+
+namespace kvgate::ops {
+
+std::string WindowAttentionProbsArgsError(const WindowAttentionProbsArgs& a) {
+  if (a.window < 1 || a.length < a.window || a.length > a.capacity_tokens || a.num_q_heads < 1 ||
+      a.num_kv_heads < 1 || a.num_q_heads % a.num_kv_heads != 0 || a.head_dim < 1 || a.head_dim > 512) {
+    return "WindowAttentionProbs: window " + std::to_string(a.window) + ", length " + std::to_string(a.length) +
+           ", capacity " + std::to_string(a.capacity_tokens) + ", heads " + std::to_string(a.num_q_heads) + "/" +
+           std::to_string(a.num_kv_heads) + ", head_dim " + std::to_string(a.head_dim) +
+           " (need 1 <= window <= length <= capacity, q heads a multiple of kv heads, head_dim in [1, 512])";
+  }
+  return "";
+}
+
+void WindowAttentionProbsRefHeads(const WindowAttentionProbsArgs& a, int32_t head_begin, int32_t head_end) {
+  const int32_t group = a.num_q_heads / a.num_kv_heads, d = a.head_dim, n = a.length;
+  std::vector<double> logits(static_cast<size_t>(n)), sum(static_cast<size_t>(n));
+  for (int32_t h = head_begin; h < head_end; ++h) {
+    const float* keys = a.k_cache + static_cast<size_t>(h / group) * a.capacity_tokens * d;
+    std::fill(sum.begin(), sum.end(), 0.0);
+    for (int32_t i = 0; i < a.window; ++i) {
+      const int32_t pos = n - a.window + i;
+      const float* q = a.q + (static_cast<size_t>(i) * a.num_q_heads + h) * d;
+      double max_logit = -std::numeric_limits<double>::infinity();
+      for (int32_t j = 0; j <= pos; ++j) {
+        const float* k = keys + static_cast<size_t>(j) * d;
+        double dot = 0.0;
+        for (int32_t c = 0; c < d; ++c) dot += static_cast<double>(q[c]) * k[c];
+        logits[j] = dot * a.scale;
+        max_logit = std::max(max_logit, logits[j]);
+      }
+      double denom = 0.0;
+      for (int32_t j = 0; j <= pos; ++j) {
+        logits[j] = std::exp(logits[j] - max_logit);
+        denom += logits[j];
+      }
+      for (int32_t j = 0; j <= pos; ++j) sum[j] += logits[j] / denom;
+    }
+    float* out = a.out + static_cast<size_t>(h) * n;
+    for (int32_t j = 0; j < n; ++j) out[j] = static_cast<float>(sum[j] / a.window);
+  }
+}
+
+void WindowAttentionProbsRef(const WindowAttentionProbsArgs& a) { WindowAttentionProbsRefHeads(a, 0, a.num_q_heads); }
 
 }  // namespace kvgate::ops

@@ -4,6 +4,8 @@
 // All pointers here are host memory.
 #pragma once
 
+#include <string>
+
 #include "cuda/ops.h"
 
 namespace kvgate::ops {
@@ -19,5 +21,10 @@ void AddRef(const AddArgs& args);
 void CopyRowsRef(const CopyRowsArgs& args);
 void HeadPagedDecodeAttentionRef(const HeadPagedDecodeAttentionArgs& args);
 void ArgMaxRowsRef(const ArgMaxRowsArgs& args);
+void WindowAttentionProbsRef(const WindowAttentionProbsArgs& args);
+// The same for query heads [head_begin, head_end) only (the CPU backend's threads).
+void WindowAttentionProbsRefHeads(const WindowAttentionProbsArgs& args, int32_t head_begin, int32_t head_end);
+// The argument checks every implementation makes: empty when `args` is valid, else why not.
+std::string WindowAttentionProbsArgsError(const WindowAttentionProbsArgs& args);
 
 }  // namespace kvgate::ops

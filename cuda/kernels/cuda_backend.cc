@@ -44,6 +44,8 @@
 #include "cuda/kernels/silu_mul.cuh"
 #include "cuda/kernels/silu_mul_bf16.cuh"
 #include "cuda/kernels/store_kv.cuh"
+#include "cuda/kernels/window_attention_probs.cuh"
+#include "cuda/cpu/reference_ops.h"
 
 namespace kvgate::ops {
 namespace {
@@ -332,6 +334,16 @@ class CudaBackend final : public Backend {
   absl::Status ArgMaxRows(const ArgMaxRowsArgs& args) override {
     KVGATE_CUDA_RETURN_IF_ERROR(cudaSetDevice(device_));
     return LaunchArgMaxRows(args, stream_);
+  }
+
+  // Its per-query statistics share the attention workspace (stream order keeps them apart).
+  absl::Status WindowAttentionProbs(const WindowAttentionProbsArgs& args) override {
+    KVGATE_CUDA_RETURN_IF_ERROR(cudaSetDevice(device_));
+    if (std::string error = WindowAttentionProbsArgsError(args); !error.empty()) {
+      return absl::InvalidArgumentError(error);
+    }
+    KVGATE_RETURN_IF_ERROR(ReserveAttentionWorkspace(WindowAttentionProbsWorkspaceFloats(args)));
+    return LaunchWindowAttentionProbs(args, attention_workspace_.as<float>(), stream_);
   }
 
   absl::Status SiluMul(const SiluMulArgs& args) override {

@@ -1646,3 +1646,80 @@ TEST(CudaBackendErrorTest, InvalidArgumentsAreRejected) {
 
 }  // namespace
 }  // namespace kvgate::ops
+
+// ---------------------------------------------------------------- WindowAttentionProbs
+
+namespace kvgate::ops {
+namespace {
+
+struct WindowProbsCase {
+  int32_t window, length, capacity, num_q_heads, num_kv_heads, head_dim;
+  uint32_t seed;
+  std::string Name() const {
+    return absl::StrCat("w", window, "_len", length, "_cap", capacity, "_h", num_q_heads, "x", num_kv_heads, "_d",
+                        head_dim, "_seed", seed);
+  }
+};
+void PrintTo(const WindowProbsCase& c, std::ostream* os) { *os << c.Name(); }
+
+using WindowAttentionProbsTest = CudaOpTest<WindowProbsCase>;
+
+// Parity with the double-precision reference, each window query's probabilities summing
+// to 1 (so every output row sums to 1), and the same bits on a second run.
+TEST_P(WindowAttentionProbsTest, MatchesReferenceAndRepeatsBitForBit) {
+  const WindowProbsCase& c = GetParam();
+  std::mt19937 rng(c.seed);
+  const auto q = RandomFloats(rng, static_cast<size_t>(c.window) * c.num_q_heads * c.head_dim, -1.0f, 1.0f);
+  // Keys large enough that softmaxes are peaked, as real ones are.
+  const auto k = RandomFloats(rng, static_cast<size_t>(c.num_kv_heads) * c.capacity * c.head_dim, -3.0f, 3.0f);
+  WindowAttentionProbsArgs args;
+  args.window = c.window;
+  args.length = c.length;
+  args.capacity_tokens = c.capacity;
+  args.num_q_heads = c.num_q_heads;
+  args.num_kv_heads = c.num_kv_heads;
+  args.head_dim = c.head_dim;
+  args.scale = 1.0f / std::sqrt(static_cast<float>(c.head_dim));
+  std::vector<float> ref(static_cast<size_t>(c.num_q_heads) * c.length);
+  WindowAttentionProbsArgs host = args;
+  host.q = q.data();
+  host.k_cache = k.data();
+  host.out = ref.data();
+  WindowAttentionProbsRef(host);
+  auto q_dev = Upload(backend(), q);
+  auto k_dev = Upload(backend(), k);
+  ASSERT_TRUE(q_dev.ok() && k_dev.ok());
+  auto out = GuardedBuffer::Create(backend(), std::vector<float>(ref.size(), -7.0f));
+  ASSERT_TRUE(out.ok()) << out.status();
+  args.q = q_dev->as<float>();
+  args.k_cache = k_dev->as<float>();
+  args.out = out->data();
+  ASSERT_TRUE(backend().WindowAttentionProbs(args).ok());
+  std::vector<float> got, again;
+  ASSERT_TRUE(out->Download(backend(), &got));
+  ExpectAllClose(ref, got, 1e-6f, 1e-4f);
+  for (int32_t h = 0; h < c.num_q_heads; ++h) {
+    double sum = 0.0;
+    for (int32_t j = 0; j < c.length; ++j) sum += got[static_cast<size_t>(h) * c.length + j];
+    EXPECT_NEAR(sum, 1.0, 1e-4) << "query head " << h;
+  }
+  ASSERT_TRUE(backend().WindowAttentionProbs(args).ok());
+  ASSERT_TRUE(out->Download(backend(), &again));
+  EXPECT_EQ(0, std::memcmp(got.data(), again.data(), got.size() * sizeof(float))) << "not deterministic";
+  WindowAttentionProbsArgs bad = args;
+  bad.window = c.length + 1;
+  EXPECT_EQ(backend().WindowAttentionProbs(bad).code(), absl::StatusCode::kInvalidArgument);
+}
+
+INSTANTIATE_TEST_SUITE_P(Shapes, WindowAttentionProbsTest,
+                         ::testing::Values(WindowProbsCase{1, 1, 1, 1, 1, 64, 1}, WindowProbsCase{1, 300, 320, 8, 2, 128, 2},
+                                           WindowProbsCase{8, 77, 80, 4, 4, 64, 3},
+                                           WindowProbsCase{64, 1000, 1024, 32, 8, 128, 4},
+                                           WindowProbsCase{64, 64, 64, 4, 1, 128, 5},
+                                           WindowProbsCase{13, 513, 600, 6, 2, 256, 6},
+                                           WindowProbsCase{5, 129, 130, 2, 1, 40, 7},
+                                           WindowProbsCase{3, 70, 70, 2, 2, 512, 8}),
+                         CaseName<WindowProbsCase>);
+
+}  // namespace
+}  // namespace kvgate::ops

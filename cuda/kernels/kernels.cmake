@@ -22,10 +22,11 @@ add_library(kvgate_ops_cuda STATIC
   ${CMAKE_CURRENT_SOURCE_DIR}/kernels/rope.cu
   ${CMAKE_CURRENT_SOURCE_DIR}/kernels/silu_mul.cu
   ${CMAKE_CURRENT_SOURCE_DIR}/kernels/silu_mul_bf16.cu
-  ${CMAKE_CURRENT_SOURCE_DIR}/kernels/store_kv.cu)
+  ${CMAKE_CURRENT_SOURCE_DIR}/kernels/store_kv.cu
+  ${CMAKE_CURRENT_SOURCE_DIR}/kernels/window_attention_probs.cu)
 add_library(kvgate::ops_cuda ALIAS kvgate_ops_cuda)
 target_include_directories(kvgate_ops_cuda PUBLIC ${PROJECT_SOURCE_DIR})
-target_link_libraries(kvgate_ops_cuda PUBLIC kvgate_common CUDA::cudart CUDA::cublas CUDA::cublasLt
+target_link_libraries(kvgate_ops_cuda PUBLIC kvgate_common kvgate_ops_cpu CUDA::cudart CUDA::cublas CUDA::cublasLt
                       absl::status absl::statusor absl::strings)
 if(NOT KVGATE_CUDA_ARCHITECTURES)
   set(KVGATE_CUDA_ARCHITECTURES "90;80")
