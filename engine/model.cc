@@ -371,6 +371,13 @@ absl::StatusOr<std::vector<float>> Model::Forward(absl::Span<const int32_t> toke
     capture->keys.assign(options.capture_request.keys ? c.num_layers : 0, {});
     capture->last_queries.assign(capture->num_last_queries > 0 ? c.num_layers : 0, {});
     capture->hidden_states.assign(options.capture_request.hidden_states ? c.num_layers : 0, {});
+    capture->num_window_queries = std::min(options.capture_request.window_probs, n);
+    capture->window_probs.assign(capture->num_window_queries > 0 ? c.num_layers : 0, {});
+  }
+  // [num_q_heads, start + n]: one layer's window scores on their way to the host.
+  ops::DeviceBuffer window_probs;
+  if (capture != nullptr && capture->num_window_queries > 0) {
+    KVGATE_ASSIGN_OR_RETURN(window_probs, backend_->Alloc(size_t{4} * c.num_heads * (start + n)));
   }
   KVGATE_RETURN_IF_ERROR(EnsureScratch(n));
   std::vector<int32_t> positions(n);
@@ -394,6 +401,24 @@ absl::StatusOr<std::vector<float>> Model::Forward(absl::Span<const int32_t> toke
     if (capture != nullptr) KVGATE_RETURN_IF_ERROR(CaptureLayer(i, n, options));
     KVGATE_RETURN_IF_ERROR(b.StoreKv({k_.as<float>(), v_.as<float>(), cache->k(i), cache->v(i), n, c.num_kv_heads,
                                       c.head_dim, cache->capacity_tokens_, start}));
+    if (window_probs.data() != nullptr) {
+      const int32_t w = capture->num_window_queries, length = start + n;
+      ops::WindowAttentionProbsArgs scores;
+      scores.q = q_.as<float>() + size_t{1} * (n - w) * c.num_heads * c.head_dim;
+      scores.k_cache = cache->k(i);
+      scores.out = window_probs.as<float>();
+      scores.window = w;
+      scores.length = length;
+      scores.num_q_heads = c.num_heads;
+      scores.num_kv_heads = c.num_kv_heads;
+      scores.head_dim = c.head_dim;
+      scores.capacity_tokens = cache->capacity_tokens_;
+      scores.scale = 1.0f / std::sqrt(static_cast<float>(c.head_dim));
+      KVGATE_RETURN_IF_ERROR(b.WindowAttentionProbs(scores));
+      std::vector<float>& host = capture->window_probs[i];
+      host.resize(size_t{1} * c.num_heads * length);
+      KVGATE_RETURN_IF_ERROR(b.CopyToHost(host.data(), window_probs.data(), host.size() * sizeof(float)));
+    }
     ops::AttentionArgs attention;
     attention.q = q_.as<float>();
     attention.k_cache = cache->k(i);

@@ -20,6 +20,9 @@ struct CaptureRequest {
   bool keys = false;          // post-RoPE keys of every prompt token
   int32_t last_queries = 0;   // post-RoPE queries of this many last prompt tokens
   bool hidden_states = false; // post input-RMSNorm attention inputs (gate inputs)
+  // SnapKV's observation window, scored on the backend (ops::WindowAttentionProbs): per
+  // query head, the mean attention of this many last prompt queries over every key.
+  int32_t window_probs = 0;
 };
 
 struct PrefillCapture {
@@ -32,6 +35,10 @@ struct PrefillCapture {
   std::vector<std::vector<float>> last_queries;
   // Per layer: [n, hidden_size].
   std::vector<std::vector<float>> hidden_states;
+  int32_t num_window_queries = 0;  // min(requested window_probs, n)
+  // Per layer: [num_q_heads, n], the WindowAttentionProbs of the last num_window_queries
+  // queries.
+  std::vector<std::vector<float>> window_probs;
 };
 
 }  // namespace kvgate::engine

@@ -58,6 +58,8 @@ absl::StatusOr<KeepPlan> PolicyRequest::Plan(PrefillRunner& runner, absl::Span<c
   return policy_.Plan(capture, inputs, budget_, head_budget);
 }
 
+CaptureRequest PolicyRequest::capture_request() const { return policy_.needs(); }
+
 std::unique_ptr<PolicyRequest> Policy::StartRequest(const ResolvedBudget& budget) const {
   return std::make_unique<PolicyRequest>(*this, budget);
 }

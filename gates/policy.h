@@ -111,6 +111,10 @@ class PolicyRequest {
   virtual ~PolicyRequest() = default;
   const ResolvedBudget& budget() const { return budget_; }
 
+  // What the request's prefill records: Policy::needs() unless the request knows better
+  // (SnapKV asks for its budget's observation window, scored on the backend).
+  virtual CaptureRequest capture_request() const;
+
   // Whether the prefill must, inside each layer's forward and before its attention, take
   // the layer's key mask from PrefillKeyMask, attend with it (AttentionArgs::key_mask) and
   // hand the masks to Plan in PolicyInputs::gate_flags.

@@ -3,11 +3,52 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <memory>
+#include <utility>
+#include <vector>
 
 #include "absl/strings/str_cat.h"
 #include "common/status_macros.h"
 
 namespace kvgate::gates {
+
+namespace {
+
+// SnapKvScores from the backend's window means: pooling and the group mean as below.
+absl::StatusOr<ScoreGrid> PooledGroupScores(const PrefillCapture& capture, int32_t w, int32_t kernel) {
+  const ModelShape& s = capture.shape;
+  const int32_t n = capture.prompt_tokens, group = s.group_size();
+  const int32_t m = n - w, pad = kernel / 2;
+  ScoreGrid grid;
+  grid.num_layers = s.num_layers;
+  grid.num_kv_heads = s.num_kv_heads;
+  grid.prompt_tokens = n;
+  grid.scores.assign(static_cast<size_t>(s.num_layers) * s.num_kv_heads * n, 0.0f);
+  std::vector<double> group_sum(static_cast<size_t>(std::max(m, 0)));
+  for (int32_t l = 0; l < s.num_layers; ++l) {
+    const std::vector<float>& probs = capture.window_probs[l];
+    if (probs.size() != static_cast<size_t>(s.num_q_heads) * n) {
+      return absl::InvalidArgumentError(absl::StrCat("snapkv: layer ", l, " window_probs have the wrong size"));
+    }
+    for (int32_t h = 0; h < s.num_kv_heads; ++h) {
+      std::fill(group_sum.begin(), group_sum.end(), 0.0);
+      for (int32_t g = 0; g < group; ++g) {
+        const float* mean = probs.data() + static_cast<size_t>(h * group + g) * n;
+        for (int32_t j = 0; j < m; ++j) {
+          double pooled = 0.0;
+          for (int32_t t = std::max(0, j - pad); t <= std::min(m - 1, j + pad); ++t) pooled += mean[t];
+          group_sum[j] += pooled / kernel;
+        }
+      }
+      float* out = grid.scores.data() + (static_cast<size_t>(l) * s.num_kv_heads + h) * n;
+      for (int32_t j = 0; j < m; ++j) out[j] = static_cast<float>(group_sum[j] / group);
+      for (int32_t j = std::max(m, 0); j < n; ++j) out[j] = std::numeric_limits<float>::infinity();
+    }
+  }
+  return grid;
+}
+
+}  // namespace
 
 absl::StatusOr<ScoreGrid> SnapKvScores(const PrefillCapture& capture, int32_t window, int32_t kernel) {
   const ModelShape& s = capture.shape;
@@ -18,6 +59,9 @@ absl::StatusOr<ScoreGrid> SnapKvScores(const PrefillCapture& capture, int32_t wi
   }
   const int32_t n = capture.prompt_tokens, d = s.head_dim, group = s.group_size();
   const int32_t w = std::min(window, n);
+  if (capture.num_window_queries == w && static_cast<int32_t>(capture.window_probs.size()) == s.num_layers) {
+    return PooledGroupScores(capture, w, kernel);
+  }
   if (capture.num_last_queries < w) {
     return absl::InvalidArgumentError(absl::StrCat("snapkv: needs the last ", w,
                                                    " queries, the capture has ", capture.num_last_queries));
@@ -97,6 +141,9 @@ class SnapKvPolicy final : public Policy {
     return r;
   }
   int32_t default_sink() const override { return 0; }
+  std::unique_ptr<PolicyRequest> StartRequest(const ResolvedBudget& budget) const override;
+  // The observation window of a budget: at most half of it (see Plan).
+  int32_t WindowFor(const ResolvedBudget& budget) const { return std::min(window_, std::max(1, budget.keep_per_head / 2)); }
   // The observation window is protected in Plan (capped at half the budget), not here.
   int32_t default_recent() const override { return 0; }
   absl::StatusOr<KeepPlan> Plan(const PrefillCapture& capture, const PolicyInputs& inputs,
@@ -107,7 +154,7 @@ class SnapKvPolicy final : public Policy {
     // budget at or below the window keeps only the window and selects nothing by
     // attention (TinyStories at keep 0.2-0.3: worse than streaming_llm; see
     // bench/results/quality-tinystories.md). Its rows score +inf and are kept.
-    const int32_t window = std::min(window_, std::max(1, budget.keep_per_head / 2));
+    const int32_t window = WindowFor(budget);
     if (n <= window || budget.keep_per_head >= n) {
       return KeepPlan::KeepAll(shape_.num_layers, shape_.num_kv_heads, n);
     }
@@ -123,6 +170,25 @@ class SnapKvPolicy final : public Policy {
   int32_t window_, kernel_;
   float safeguard_;
 };
+
+// Asks the prefill for the budget's window scored on the backend instead of every key
+// on the host.
+class SnapKvRequest final : public PolicyRequest {
+ public:
+  SnapKvRequest(const SnapKvPolicy& policy, ResolvedBudget budget) : PolicyRequest(policy, std::move(budget)) {}
+  CaptureRequest capture_request() const override {
+    const auto& snapkv = static_cast<const SnapKvPolicy&>(policy_);
+    const int32_t n = budget_.prompt_tokens, window = snapkv.WindowFor(budget_);
+    if (n <= window || budget_.keep_per_head >= n) return {};  // keeps everything
+    CaptureRequest r;
+    r.window_probs = window;
+    return r;
+  }
+};
+
+std::unique_ptr<PolicyRequest> SnapKvPolicy::StartRequest(const ResolvedBudget& budget) const {
+  return std::make_unique<SnapKvRequest>(*this, budget);
+}
 
 }  // namespace
 

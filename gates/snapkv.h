@@ -26,6 +26,9 @@ inline constexpr int32_t kSnapKvKernel = 5;
 //   score(j) = mean over the G query heads of the kv head's group of pooled(j).
 // Window keys j >= m score +infinity (kvpress pads them with the max; here they are also
 // protected by the policy). kernel must be odd and >= 1. Double accumulation.
+// When the capture holds window_probs of exactly `window` queries (the backend scored the
+// window: CaptureRequest::window_probs), they are used and keys / last_queries are not
+// needed; otherwise the scores are computed here from keys and last_queries.
 absl::StatusOr<ScoreGrid> SnapKvScores(const PrefillCapture& capture, int32_t window = kSnapKvWindow,
                                        int32_t kernel = kSnapKvKernel);
 

@@ -2,7 +2,10 @@
 
 #include <cmath>
 #include <limits>
+#include <tuple>
+#include <vector>
 
+#include "cuda/cpu/reference_ops.h"
 #include "gates/internal/test_util.h"
 #include "gtest/gtest.h"
 
@@ -59,8 +62,11 @@ std::vector<double> SlowSnapKv(const PrefillCapture& c, int32_t window, int32_t 
   return out;
 }
 
-void ExpectMatchesSlow(const PrefillCapture& c, int32_t window, int32_t kernel) {
-  auto grid = SnapKvScores(c, window, kernel);
+// `scored` is what SnapKvScores reads (keys and queries, or the backend's window probs);
+// `c` holds the keys and queries the slow recomputation reads.
+void ExpectMatchesSlow(const PrefillCapture& c, int32_t window, int32_t kernel,
+                       const PrefillCapture* scored = nullptr) {
+  auto grid = SnapKvScores(scored != nullptr ? *scored : c, window, kernel);
   ASSERT_TRUE(grid.ok()) << grid.status();
   const std::vector<double> want = SlowSnapKv(c, window, kernel);
   const int32_t n = c.prompt_tokens, m = n - std::min(window, n);
@@ -85,6 +91,46 @@ TEST(SnapKvScoresTest, MatchesSlowDoubleRecomputation) {
   ExpectMatchesSlow(RandomCapture(Shape(1, 6, 2, 4, 8), 97, 64, false, 2), 64, 5);   // G = 3, default window
   ExpectMatchesSlow(RandomCapture(Shape(1, 2, 2, 8, 8), 30, 20, false, 3), 12, 3);   // uses the last 12 of 20
   ExpectMatchesSlow(RandomCapture(Shape(1, 2, 1, 8, 8), 9, 8, false, 4), 8, 7);      // kernel wider than m
+}
+
+// The capture the backend fills for a SnapKV request: the window's mean attention of
+// every query head (ops::WindowAttentionProbs, here its reference), no keys, no queries.
+PrefillCapture WithWindowProbs(const PrefillCapture& c, int32_t window) {
+  const ModelShape& s = c.shape;
+  const int32_t n = c.prompt_tokens, w = std::min(window, n);
+  PrefillCapture out;
+  out.shape = s;
+  out.prompt_tokens = n;
+  out.num_window_queries = w;
+  for (int32_t l = 0; l < s.num_layers; ++l) {
+    std::vector<float>& probs = out.window_probs.emplace_back(static_cast<size_t>(s.num_q_heads) * n);
+    ops::WindowAttentionProbsArgs args;
+    args.q = c.last_queries[l].data() + static_cast<size_t>(c.num_last_queries - w) * s.num_q_heads * s.head_dim;
+    args.k_cache = c.keys[l].data();  // [num_kv_heads, n, head_dim]: a cache of capacity n
+    args.out = probs.data();
+    args.window = w;
+    args.length = n;
+    args.capacity_tokens = n;
+    args.num_q_heads = s.num_q_heads;
+    args.num_kv_heads = s.num_kv_heads;
+    args.head_dim = s.head_dim;
+    args.scale = static_cast<float>(1.0 / std::sqrt(static_cast<double>(s.head_dim)));
+    ops::WindowAttentionProbsRef(args);
+  }
+  return out;
+}
+
+TEST(SnapKvScoresTest, BackendWindowProbsGiveTheSameScores) {
+  for (const auto& [c, window, kernel] : {std::tuple{RandomCapture(Shape(2, 4, 2, 8, 16), 80, 16, false, 1), 16, 5},
+                                          std::tuple{RandomCapture(Shape(1, 6, 2, 4, 8), 97, 64, false, 2), 64, 5},
+                                          std::tuple{RandomCapture(Shape(1, 2, 2, 8, 8), 30, 20, false, 3), 12, 3},
+                                          std::tuple{RandomCapture(Shape(1, 2, 1, 8, 8), 9, 8, false, 4), 8, 7}}) {
+    const PrefillCapture scored = WithWindowProbs(c, window);
+    ExpectMatchesSlow(c, window, kernel, &scored);
+  }
+  // Window probs of another window size are not used: without keys that is an error.
+  const PrefillCapture c = RandomCapture(Shape(1, 2, 1, 8, 8), 40, 16, false, 9);
+  EXPECT_STATUS(SnapKvScores(WithWindowProbs(c, 16), 8, 5), absl::StatusCode::kInvalidArgument, "last 8 queries");
 }
 
 TEST(SnapKvScoresTest, RejectsBadInputs) {

@@ -137,7 +137,7 @@ class PolicyPlanner final : public engine::KvPlanner {
 
   // What the prefill's one forward records and masks for the started request.
   void ConfigureForward(engine::ForwardOptions* options) {
-    options->capture_request = policy_->needs();
+    options->capture_request = request_->capture_request();
     if (request_->masks_prefill_keys()) {
       inputs_.gate_flags.assign(model_.config().num_layers, {});
       options->layer_key_mask = [this](int32_t layer, absl::Span<const float> hidden)
