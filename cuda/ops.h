@@ -115,6 +115,9 @@ struct WindowAttentionProbsArgs {
   int32_t num_q_heads = 0, num_kv_heads = 0, head_dim = 0;
   int32_t capacity_tokens = 0;
   float scale = 1.0f;
+  // SAGE-KV's scores instead: the raw scaled logits of one query (window must be 1),
+  // out[h, j] = scale * q_0 . k_j.
+  bool logits = false;
 };
 
 // Copies rows: dst[dst_rows[i], :] = src[src_rows[i], :], i < num_rows, converting the

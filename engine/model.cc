@@ -373,6 +373,7 @@ absl::StatusOr<std::vector<float>> Model::Forward(absl::Span<const int32_t> toke
     capture->hidden_states.assign(options.capture_request.hidden_states ? c.num_layers : 0, {});
     capture->num_window_queries = std::min(options.capture_request.window_probs, n);
     capture->window_probs.assign(capture->num_window_queries > 0 ? c.num_layers : 0, {});
+    capture->window_logits = options.capture_request.window_logits && capture->num_window_queries == 1;
   }
   // [num_q_heads, start + n]: one layer's window scores on their way to the host.
   ops::DeviceBuffer window_probs;
@@ -414,6 +415,7 @@ absl::StatusOr<std::vector<float>> Model::Forward(absl::Span<const int32_t> toke
       scores.head_dim = c.head_dim;
       scores.capacity_tokens = cache->capacity_tokens_;
       scores.scale = 1.0f / std::sqrt(static_cast<float>(c.head_dim));
+      scores.logits = capture->window_logits;
       KVGATE_RETURN_IF_ERROR(b.WindowAttentionProbs(scores));
       std::vector<float>& host = capture->window_probs[i];
       host.resize(size_t{1} * c.num_heads * length);

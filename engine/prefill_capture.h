@@ -23,6 +23,8 @@ struct CaptureRequest {
   // SnapKV's observation window, scored on the backend (ops::WindowAttentionProbs): per
   // query head, the mean attention of this many last prompt queries over every key.
   int32_t window_probs = 0;
+  // With window_probs = 1: the last query's raw scaled logits instead (SAGE-KV's scores).
+  bool window_logits = false;
 };
 
 struct PrefillCapture {
@@ -36,6 +38,7 @@ struct PrefillCapture {
   // Per layer: [n, hidden_size].
   std::vector<std::vector<float>> hidden_states;
   int32_t num_window_queries = 0;  // min(requested window_probs, n)
+  bool window_logits = false;      // window_probs holds logits (CaptureRequest::window_logits)
   // Per layer: [num_q_heads, n], the WindowAttentionProbs of the last num_window_queries
   // queries.
   std::vector<std::vector<float>> window_probs;

@@ -13,6 +13,22 @@ absl::StatusOr<QueryHeadScores> SageKvScores(const PrefillCapture& capture) {
   const ModelShape& s = capture.shape;
   KVGATE_RETURN_IF_ERROR(ValidateModelShape(s));
   const int32_t n = capture.prompt_tokens, d = s.head_dim, group = s.group_size();
+  if (n > 0 && capture.window_logits && capture.num_window_queries == 1 &&
+      static_cast<int32_t>(capture.window_probs.size()) == s.num_layers) {
+    // The backend scored the last query (CaptureRequest::window_logits): [num_q_heads, n] a layer.
+    QueryHeadScores out;
+    out.num_layers = s.num_layers;
+    out.num_q_heads = s.num_q_heads;
+    out.prompt_tokens = n;
+    out.scores.reserve(static_cast<size_t>(s.num_layers) * s.num_q_heads * n);
+    for (int32_t l = 0; l < s.num_layers; ++l) {
+      if (capture.window_probs[l].size() != static_cast<size_t>(s.num_q_heads) * n) {
+        return absl::InvalidArgumentError(absl::StrCat("sage_kv: layer ", l, " window logits have the wrong size"));
+      }
+      out.scores.insert(out.scores.end(), capture.window_probs[l].begin(), capture.window_probs[l].end());
+    }
+    return out;
+  }
   if (n > 0 && capture.num_last_queries < 1) {
     return absl::InvalidArgumentError("sage_kv: the capture needs the last prompt token's query");
   }
@@ -128,6 +144,14 @@ class RecentRingEvictor final : public DecodeEvictor {
 class SageKvRequest final : public PolicyRequest {
  public:
   using PolicyRequest::PolicyRequest;
+  // The last query's logits, scored on the backend (no host copy of every key).
+  CaptureRequest capture_request() const override {
+    if (budget_.keep_per_head >= budget_.prompt_tokens) return {};  // keeps everything
+    CaptureRequest r;
+    r.window_probs = 1;
+    r.window_logits = true;
+    return r;
+  }
   absl::StatusOr<std::unique_ptr<DecodeEvictor>> TakeDecodeEvictor() override {
     if (budget_.keep_per_head >= budget_.prompt_tokens) return nullptr;  // keeping all stays keeping all
     const int32_t capacity = std::max(1, budget_.recent_tokens);

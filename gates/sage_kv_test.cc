@@ -5,6 +5,7 @@
 #include <map>
 #include <set>
 
+#include "cuda/cpu/reference_ops.h"
 #include "gates/internal/test_util.h"
 #include "gtest/gtest.h"
 
@@ -40,6 +41,45 @@ TEST(SageKvScoresTest, MatchesSlowDoubleRecomputation) {
         }
         const double ref = dot / std::sqrt(8.0);
         EXPECT_NEAR(scores->at(l, qh, j), ref, 1e-6 * std::abs(ref) + 1e-7);
+      }
+    }
+  }
+}
+
+// The capture a SAGE-KV request gets from the backend: the last query's logits
+// (ops::WindowAttentionProbs with logits, here its reference), no keys: the same scores.
+TEST(SageKvScoresTest, BackendLogitsGiveTheSameScores) {
+  const ModelShape shape = Shape(2, 6, 2, 8, 16);
+  const PrefillCapture c = RandomCapture(shape, 37, 3, false, 1);
+  PrefillCapture scored;
+  scored.shape = shape;
+  scored.prompt_tokens = 37;
+  scored.num_window_queries = 1;
+  scored.window_logits = true;
+  for (int32_t l = 0; l < 2; ++l) {
+    std::vector<float>& logits = scored.window_probs.emplace_back(size_t{6} * 37);
+    ops::WindowAttentionProbsArgs args;
+    args.q = c.last_queries[l].data() + size_t{2} * 6 * 8;  // the last of 3 rows
+    args.k_cache = c.keys[l].data();
+    args.out = logits.data();
+    args.window = 1;
+    args.length = 37;
+    args.capacity_tokens = 37;
+    args.num_q_heads = 6;
+    args.num_kv_heads = 2;
+    args.head_dim = 8;
+    args.scale = static_cast<float>(1.0 / std::sqrt(8.0));
+    args.logits = true;
+    ops::WindowAttentionProbsRef(args);
+  }
+  auto want = SageKvScores(c);
+  auto got = SageKvScores(scored);
+  ASSERT_TRUE(want.ok() && got.ok()) << want.status() << got.status();
+  for (int32_t l = 0; l < 2; ++l) {
+    for (int32_t qh = 0; qh < 6; ++qh) {
+      for (int32_t j = 0; j < 37; ++j) {
+        const float w = want->at(l, qh, j);
+        EXPECT_NEAR(got->at(l, qh, j), w, 1e-6 * std::abs(w) + 1e-7);
       }
     }
   }

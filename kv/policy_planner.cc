@@ -1,6 +1,7 @@
 #include "kv/policy_planner.h"
 
 #include <algorithm>
+#include <cstdlib>
 #include <functional>
 #include <optional>
 #include <string>
@@ -137,7 +138,14 @@ class PolicyPlanner final : public engine::KvPlanner {
 
   // What the prefill's one forward records and masks for the started request.
   void ConfigureForward(engine::ForwardOptions* options) {
-    options->capture_request = request_->capture_request();
+    // KVGATE_HOST_SCORING=1 records what the policy scores on the host (every key, the
+    // last queries) instead of what its request asks the backend to score: the path
+    // before device scoring, for benchmark A/B runs.
+    static const bool host_scoring = [] {
+      const char* v = std::getenv("KVGATE_HOST_SCORING");
+      return v != nullptr && std::string(v) == "1";
+    }();
+    options->capture_request = host_scoring ? policy_->needs() : request_->capture_request();
     if (request_->masks_prefill_keys()) {
       inputs_.gate_flags.assign(model_.config().num_layers, {});
       options->layer_key_mask = [this](int32_t layer, absl::Span<const float> hidden)

@@ -218,11 +218,14 @@ namespace kvgate::ops {
 
 std::string WindowAttentionProbsArgsError(const WindowAttentionProbsArgs& a) {
   if (a.window < 1 || a.length < a.window || a.length > a.capacity_tokens || a.num_q_heads < 1 ||
-      a.num_kv_heads < 1 || a.num_q_heads % a.num_kv_heads != 0 || a.head_dim < 1 || a.head_dim > 512) {
+      a.num_kv_heads < 1 || a.num_q_heads % a.num_kv_heads != 0 || a.head_dim < 1 || a.head_dim > 512 ||
+      (a.logits && a.window != 1)) {
     return "WindowAttentionProbs: window " + std::to_string(a.window) + ", length " + std::to_string(a.length) +
            ", capacity " + std::to_string(a.capacity_tokens) + ", heads " + std::to_string(a.num_q_heads) + "/" +
            std::to_string(a.num_kv_heads) + ", head_dim " + std::to_string(a.head_dim) +
-           " (need 1 <= window <= length <= capacity, q heads a multiple of kv heads, head_dim in [1, 512])";
+           (a.logits ? ", logits" : "") +
+           " (need 1 <= window <= length <= capacity, q heads a multiple of kv heads, head_dim in [1, 512], "
+           "window 1 for logits)";
   }
   return "";
 }
@@ -244,6 +247,10 @@ void WindowAttentionProbsRefHeads(const WindowAttentionProbsArgs& a, int32_t hea
         logits[j] = dot * a.scale;
         max_logit = std::max(max_logit, logits[j]);
       }
+      if (a.logits) {
+        for (int32_t j = 0; j <= pos; ++j) sum[j] = logits[j];
+        continue;
+      }
       double denom = 0.0;
       for (int32_t j = 0; j <= pos; ++j) {
         logits[j] = std::exp(logits[j] - max_logit);
@@ -252,7 +259,7 @@ void WindowAttentionProbsRefHeads(const WindowAttentionProbsArgs& a, int32_t hea
       for (int32_t j = 0; j <= pos; ++j) sum[j] += logits[j] / denom;
     }
     float* out = a.out + static_cast<size_t>(h) * n;
-    for (int32_t j = 0; j < n; ++j) out[j] = static_cast<float>(sum[j] / a.window);
+    for (int32_t j = 0; j < n; ++j) out[j] = static_cast<float>(a.logits ? sum[j] : sum[j] / a.window);
   }
 }
 

@@ -105,7 +105,7 @@ __global__ void __launch_bounds__(kThreads) WindowProbsKernel(WindowAttentionPro
     for (int s = 0; s < staged; ++s) {
       const int i = i0 + s, pos = first_pos + i;
       const float* st = stats + (static_cast<int64_t>(h) * a.window + i) * 2;
-      const float max_logit = st[0], inv_sum = 1.0f / st[1];
+      const float max_logit = a.logits ? 0.0f : st[0], inv_sum = a.logits ? 1.0f : 1.0f / st[1];
       for (int r = 0; r < kKeysPerWarp; ++r) {
         const int j = first_key + warp * kKeysPerWarp + r;
         if (j > pos || j >= a.length) continue;  // uniform across the warp
@@ -114,14 +114,15 @@ __global__ void __launch_bounds__(kThreads) WindowProbsKernel(WindowAttentionPro
           const int c = lane + 32 * t;
           if (c < d) dot = fmaf(q_stage[s][c], k_part[r][t], dot);
         }
-        acc[r] += expf(WarpSum(dot) * a.scale - max_logit) * inv_sum;
+        const float logit = WarpSum(dot) * a.scale;
+        acc[r] += a.logits ? logit : expf(logit - max_logit) * inv_sum;
       }
     }
   }
   if (lane == 0) {
     for (int r = 0; r < kKeysPerWarp; ++r) {
       const int j = first_key + warp * kKeysPerWarp + r;
-      if (j < a.length) a.out[static_cast<int64_t>(h) * a.length + j] = acc[r] / a.window;
+      if (j < a.length) a.out[static_cast<int64_t>(h) * a.length + j] = a.logits ? acc[r] : acc[r] / a.window;
     }
   }
 }
@@ -143,7 +144,7 @@ absl::Status LaunchWindowAttentionProbs(const WindowAttentionProbsArgs& args, fl
   const dim3 probs_grid(static_cast<unsigned>((args.length + kKeysPerBlock - 1) / kKeysPerBlock), args.num_q_heads);
   auto launch = [&](auto per_lane) {
     constexpr int kPerLane = decltype(per_lane)::value;
-    WindowStatsKernel<kPerLane><<<stats_grid, kThreads, 0, stream>>>(args, workspace);
+    if (!args.logits) WindowStatsKernel<kPerLane><<<stats_grid, kThreads, 0, stream>>>(args, workspace);
     WindowProbsKernel<kPerLane><<<probs_grid, kThreads, 0, stream>>>(args, workspace);
   };
   if (args.head_dim <= 64) {
