@@ -123,6 +123,7 @@ absl::Status RunServer(const ServerConfig& c) {
   std::unique_ptr<prefill::PrefillService> prefill_service;
   std::unique_ptr<decode::DecodeEngine> decode_engine;
   std::unique_ptr<decode::DecodeService> decode_service;
+  std::unique_ptr<ops::Backend> transfer_backend;  // cuda_ipc: the transfer service's copies
   std::unique_ptr<grpc::Service> transfer_service;
   auto reporter = [&progress](std::unique_ptr<kv::WorkerRegistration>* registration) {
     return [&progress, registration](const v1::ProgressReport& report) { progress.Send(registration, report); };
@@ -151,8 +152,14 @@ absl::Status RunServer(const ServerConfig& c) {
     decode_service = std::make_unique<decode::DecodeService>(decode_engine.get(), id_prefix + "/decode",
                                                               reporter(&decode_registration), &metrics);
     decode_service->set_internal_token(internal_token);
-    transfer_service = kv::MakeKvTransferService(&decode_engine->inbox(), internal_token,
-                                                 cuda_ipc ? &decode_runtime->backend() : nullptr);
+    if (cuda_ipc) {
+      // The transfer service copies arriving rows on gRPC threads: a backend instance of
+      // its own (its own stream) on the decode worker's device, so that those copies never
+      // land in the decode loop's stream, or in a graph it is recording. Rows it makes are
+      // the same device's memory, which the decode pool imports (same Name()).
+      KVGATE_ASSIGN_OR_RETURN(transfer_backend, ops::CreateBackend(decode_runtime->backend().Name()));
+    }
+    transfer_service = kv::MakeKvTransferService(&decode_engine->inbox(), internal_token, transfer_backend.get());
     services.push_back(decode_service.get());
     services.push_back(transfer_service.get());
     if (inproc) kv::RegisterInprocInbox(kInprocAddress, &decode_engine->inbox());

@@ -109,8 +109,14 @@ std::string ReadAll(FILE* from) {
     WriteLine(fd, absl::StrCat("skip ", backend.status().ToString()));
     _exit(0);
   }
+  // As a decode worker runs it: the service copies on an instance of its own.
+  auto transfer_backend = ops::CreateBackend("cuda");
+  if (!transfer_backend.ok()) {
+    WriteLine(fd, absl::StrCat("error ", transfer_backend.status().ToString()));
+    _exit(1);
+  }
   KvInbox inbox(int64_t{4} << 30);
-  std::unique_ptr<grpc::Service> service = MakeKvTransferService(&inbox, "", backend->get());
+  std::unique_ptr<grpc::Service> service = MakeKvTransferService(&inbox, "", transfer_backend->get());
   grpc::ServerBuilder builder;
   int port = 0;
   builder.AddListeningPort("127.0.0.1:0", grpc::InsecureServerCredentials(), &port);

@@ -56,8 +56,10 @@ std::unique_ptr<KvSender> MakeCudaIpcSender(ChannelFactory channels, ops::Backen
 // every stream (common/auth.h; UNAUTHENTICATED before anything is reserved).
 // `device_backend` (not owned; null: none) takes transfers whose rows come by name
 // (cuda_ipc): it maps them (Backend::OpenIpc), copies them into buffers of its own and
-// delivers those as the handoff's backend_rows, so it must be the backend of the pool
-// that imports them. Without it such a transfer is FAILED_PRECONDITION before anything
+// delivers those as the handoff's backend_rows, so it must be on the device of the pool
+// that imports them (the same Name()). It is used from gRPC threads, several streams at
+// once: give the service an instance no other thread runs ops on (a decode loop's
+// instance may be recording a graph of its stream). Without it such a transfer is FAILED_PRECONDITION before anything
 // is reserved. The reservation then counts the copies too (TransferHeader::held_bytes).
 std::unique_ptr<grpc::Service> MakeKvTransferService(KvInbox* inbox, std::string internal_token = "",
                                                      ops::Backend* device_backend = nullptr);
