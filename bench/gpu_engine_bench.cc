@@ -11,6 +11,9 @@
 //   gpu_engine_bench --model DIR [--backend cuda] [--weights fp32|bf16]
 //       [--prefill 2048,8192] [--decode 1024,8192] [--decode-steps 32] [--repeats 3]
 //       [--decode-batch 32,64] [--batch-context 8192] [--kv-dtype auto|float32|bf16] [--json PATH]
+//       [--policy-prefill snapkv,sage_kv [--keep-ratio 0.3]]
+// --policy-prefill times, at each --prefill size, a prefill through each policy's planner
+// (forward with its capture, scoring, selection and compaction into pages), warm.
 // --kv-dtype is the element type of the batched decode's KV pages (auto: bf16 on cuda).
 #include <dlfcn.h>
 
@@ -29,6 +32,7 @@
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_split.h"
 #include "cuda/backend.h"
 #include "engine/model.h"
 #include "gates/eviction_spec.h"
@@ -184,10 +188,53 @@ absl::StatusOr<json> BatchedDecode(engine::Model& m, ops::Backend* backend, int3
               {"fill_ms", fill_ms}};
 }
 
+// Prefill of one `n`-token prompt through a policy planner (forward with the policy's
+// capture, scoring, selection, compaction into pages), warm: the first of repeats + 1
+// runs is dropped. The sequence's pages go back after each run.
+absl::StatusOr<json> PolicyPrefill(engine::Model& m, ops::Backend* backend, int32_t n, const std::string& policy,
+                                   float keep_ratio, int repeats, ops::KvDtype kv_dtype) {
+  constexpr int32_t kPageTokens = 16;
+  const engine::ModelConfig& c = m.config();
+  const int32_t pages = c.num_layers * c.num_kv_heads * ((n + kPageTokens - 1) / kPageTokens + 2);
+  absl::StatusOr<std::unique_ptr<kv::KvPool>> pool = kv::KvPool::Create(backend, pages, kPageTokens, c.head_dim, kv_dtype);
+  if (!pool.ok()) return pool.status();
+  gates::EvictionSpec spec;
+  spec.policy = policy;
+  if (policy != "full") spec.keep_ratio = keep_ratio;
+  const std::vector<int32_t> prompt = RandomTokens(n, c.vocab_size, 555u + n);
+  std::vector<double> times;
+  int64_t kept = 0, full = 0;
+  for (int r = 0; r < repeats + 1; ++r) {
+    absl::StatusOr<std::unique_ptr<engine::KvPlanner>> planner =
+        kv::CreatePolicyPlanner(m, pool->get(), spec, gates::PolicyOptions{});
+    if (!planner.ok()) return planner.status();
+    absl::StatusOr<std::unique_ptr<engine::KvCache>> cache = m.NewCache(n);
+    if (!cache.ok()) return cache.status();
+    if (absl::Status s = backend->Synchronize(); !s.ok()) return s;
+    const auto start = Clock::now();
+    engine::PrefillCapture capture;
+    absl::StatusOr<std::vector<float>> logits = (*planner)->Prefill(m, prompt, cache->get(), &capture);
+    if (!logits.ok()) return logits.status();
+    engine::KvAccounting accounting;
+    absl::StatusOr<std::unique_ptr<engine::PagedKvBatch>> committed =
+        (*planner)->Commit(prompt, **cache, capture, &accounting);
+    if (!committed.ok()) return committed.status();
+    if (absl::Status s = backend->Synchronize(); !s.ok()) return s;
+    if (r > 0) times.push_back(MillisSince(start));
+    kept = accounting.kv_entries_kept;
+    full = accounting.kv_entries_full;
+  }
+  return json{{"tokens", n}, {"policy", policy}, {"keep_ratio", policy == "full" ? 1.0f : keep_ratio},
+              {"median_ms", Median(times)}, {"min_ms", *std::min_element(times.begin(), times.end())},
+              {"kv_entries_kept", kept}, {"kv_entries_full", full}};
+}
+
 absl::StatusOr<json> Run(int argc, char** argv) {
   std::string model_dir, backend_name = "cuda", weights = "bf16", json_path, kv_dtype_name = "auto";
   std::vector<int32_t> prefill = {2048, 8192}, decode = {1024, 8192}, decode_batch;
   int decode_steps = 32, repeats = 3, batch_context = 8192;
+  std::vector<std::string> policies;  // --policy-prefill: eviction overhead at --prefill sizes
+  float keep_ratio = 0.3f;
   for (int i = 1; i < argc; ++i) {
     const std::string flag = argv[i];
     if (i + 1 >= argc) return absl::InvalidArgumentError(absl::StrCat(flag, " needs a value"));
@@ -203,6 +250,8 @@ absl::StatusOr<json> Run(int argc, char** argv) {
     else if (flag == "--batch-context") batch_context = std::stoi(value);
     else if (flag == "--json") json_path = value;
     else if (flag == "--kv-dtype") kv_dtype_name = value;
+    else if (flag == "--policy-prefill") policies = absl::StrSplit(value, ',', absl::SkipEmpty());
+    else if (flag == "--keep-ratio") keep_ratio = std::stof(value);
     else return absl::InvalidArgumentError(absl::StrCat("unknown flag ", flag));
   }
   if (model_dir.empty()) return absl::InvalidArgumentError("--model DIR is required");
@@ -251,6 +300,18 @@ absl::StatusOr<json> Run(int argc, char** argv) {
                             {"min_ms", *std::min_element(times.begin(), times.end())}, {"runs_ms", times}});
   }
   result["prefill"] = prefill_rows;
+
+  json policy_rows = json::array();
+  for (const int32_t n : policies.empty() ? std::vector<int32_t>{} : prefill) {
+    for (const std::string& policy : policies) {
+      absl::StatusOr<json> row = PolicyPrefill(m, backend->get(), n, policy, keep_ratio, repeats, kv_dtype);
+      if (!row.ok()) return row.status();
+      std::fprintf(stderr, "[%s] policy prefill %d %s: %.2f ms (median of %d)\n", weights.c_str(), n, policy.c_str(),
+                   (*row)["median_ms"].get<double>(), repeats);
+      policy_rows.push_back(*row);
+    }
+  }
+  result["policy_prefill"] = policy_rows;
 
   json decode_rows = json::array();
   for (const int32_t context : decode) {

@@ -59,10 +59,11 @@ int32_t ChooseDecodeSplits(int64_t blocks, int64_t blocks_per_wave, int32_t max_
 
 // The grouped kernel: one block per (sequence, kv head) serves all query heads of its GQA
 // group (grouped_decode_core.cuh), so each K/V row is read once, not once per query
-// head, in 16-byte vectors; the rows are split across blocks when the grid would not put
-// about 4 blocks on every SM. KVGATE_DECODE_WAVE_SPLITS=1 splits by ChooseDecodeSplits
-// instead, with the waves the kernel's occupancy gives (opt-in: not yet measured on a GPU;
-// bench/results/gpu-engine-batched.md 2026-12-06 21:41 shows the 1.29-wave grid it targets). It takes head_dim 64 or 128, at most
+// head, in 16-byte vectors; the rows are split across blocks by ChooseDecodeSplits, with
+// the waves the kernel's occupancy gives (batch 64 at 8k on an H100: 15.42 -> 12.38 ms a
+// step, bench/results/gpu-engine-batched.md 2026-12-06 23:42). KVGATE_DECODE_WAVE_SPLITS=0
+// keeps the older rule (split only when the grid would not put about 4 blocks on every
+// SM), for A/B runs. It takes head_dim 64 or 128, at most
 // kHeadPagedGroupedMaxGroup query heads per kv head, and 16-byte aligned q, pages and out
 // (HeadPagedGroupedSupported); the backend sends everything else to the kernel above.
 constexpr int kHeadPagedGroupedMaxGroup = 8;

@@ -7,6 +7,8 @@
 // the reservation back; no stream, however malformed, can crash the worker.
 #include <grpcpp/grpcpp.h>
 
+#include <cstdio>
+#include <cstdlib>
 #include <memory>
 #include <string>
 #include <string_view>
@@ -120,6 +122,18 @@ class PushReactor final : public grpc::ServerReadReactor<v1::KvTransferChunk> {
   // Maps the sender's K and V buffers, copies them into buffers of this worker's backend
   // and unmaps them: the sender may free its buffers as soon as this stream ends.
   absl::StatusOr<BackendRows> CopyDeviceRows(const DeviceRowsRef& ref) {
+    static const bool timing = [] {
+      const char* v = std::getenv("KVGATE_TRANSFER_TIMING");
+      return v != nullptr && std::string(v) == "1";
+    }();
+    absl::Time t = absl::Now();
+    std::string phases;
+    auto lap = [&](const char* what) {
+      if (!timing) return;
+      const absl::Time now = absl::Now();
+      absl::StrAppend(&phases, " ", what, " ", absl::ToDoubleMilliseconds(now - t), " ms;");
+      t = now;
+    };
     BackendRows rows;
     rows.backend = std::string(device_backend_->Name());
     rows.rows = ref.rows;
@@ -128,12 +142,19 @@ class PushReactor final : public grpc::ServerReadReactor<v1::KvTransferChunk> {
     const size_t bytes = static_cast<size_t>(ref.buffer_bytes);
     KVGATE_ASSIGN_OR_RETURN(ops::DeviceBuffer k_there, device_backend_->OpenIpc(ref.k_name, bytes));
     KVGATE_ASSIGN_OR_RETURN(ops::DeviceBuffer v_there, device_backend_->OpenIpc(ref.v_name, bytes));
+    lap("open");
     KVGATE_ASSIGN_OR_RETURN(rows.k, device_backend_->Alloc(bytes));
     KVGATE_ASSIGN_OR_RETURN(rows.v, device_backend_->Alloc(bytes));
+    lap("alloc");
     KVGATE_RETURN_IF_ERROR(device_backend_->CopyWithinBackend(rows.k.data(), k_there.data(), bytes));
     KVGATE_RETURN_IF_ERROR(device_backend_->CopyWithinBackend(rows.v.data(), v_there.data(), bytes));
     // The copies must be done before the mappings close (when k_there / v_there go).
     KVGATE_RETURN_IF_ERROR(device_backend_->Synchronize());
+    lap("copy");
+    k_there = ops::DeviceBuffer();
+    v_there = ops::DeviceBuffer();
+    lap("close");
+    if (timing) std::fprintf(stderr, "receive %s:%s\n", transfer_id_.c_str(), phases.c_str());
     return rows;
   }
 

@@ -5,6 +5,8 @@
 #include <grpcpp/grpcpp.h>
 
 #include <algorithm>
+#include <cstdio>
+#include <cstdlib>
 #include <map>
 #include <mutex>
 #include <string_view>
@@ -19,6 +21,17 @@
 
 namespace kvgate::kv {
 namespace {
+
+// KVGATE_TRANSFER_TIMING=1: each transfer's phases to stderr (benchmark breakdowns).
+bool TransferTiming() {
+  static const bool on = [] {
+    const char* v = std::getenv("KVGATE_TRANSFER_TIMING");
+    return v != nullptr && std::string(v) == "1";
+  }();
+  return on;
+}
+
+double MsSince(absl::Time start) { return absl::ToDoubleMilliseconds(absl::Now() - start); }
 
 v1::KvRowDtype ToProto(ops::KvDtype dtype) {
   return dtype == ops::KvDtype::kBf16 ? v1::KV_ROW_DTYPE_BF16 : v1::KV_ROW_DTYPE_FLOAT32;
@@ -38,6 +51,7 @@ class TcpSender final : public KvSender {
 
   absl::StatusOr<int64_t> Send(const std::string& address, const KvHandoff& handoff, absl::Time deadline) override {
     const std::string what = absl::StrCat("kv transfer ", handoff.transfer_id, " to ", address, ": ");
+    const absl::Time t0 = absl::Now();
     if (absl::Status s = handoff.Validate(); !s.ok()) return s;
     v1::KvTransferChunk chunk;
     *chunk.mutable_header() = ToHeaderProto(handoff);
@@ -68,6 +82,7 @@ class TcpSender final : public KvSender {
     v1::KvTransferAck ack;
     std::unique_ptr<grpc::ClientWriter<v1::KvTransferChunk>> writer = stub->Push(&context, &ack);
 
+    const absl::Time t_header = absl::Now();
     bool open = writer->Write(chunk);
     if (open) {
       // The receiver answers the header with initial metadata once it has reserved the
@@ -76,6 +91,7 @@ class TcpSender final : public KvSender {
       const auto& metadata = context.GetServerInitialMetadata();
       open = metadata.find(kTransferReservedKey) != metadata.end();
     }
+    const absl::Time t_reserved = absl::Now();
     for (int32_t layer = 0; open && layer < handoff.num_layers; ++layer) {
       const std::string payload = SerializeLayer(handoff, layer);
       const std::string_view bytes(payload);
@@ -95,8 +111,17 @@ class TcpSender final : public KvSender {
       chunk.mutable_trailer()->set_layers_sent(handoff.num_layers);
       open = writer->Write(chunk);
     }
+    const absl::Time t_layers = absl::Now();
     if (open) writer->WritesDone();
     const grpc::Status status = writer->Finish();
+    if (TransferTiming()) {
+      std::fprintf(stderr,
+                   "transfer %s: validate+export %.3f ms, header until reserved %.3f ms, layers %.3f ms, "
+                   "finish %.3f ms, total %.3f ms\n",
+                   handoff.transfer_id.c_str(), absl::ToDoubleMilliseconds(t_header - t0),
+                   absl::ToDoubleMilliseconds(t_reserved - t_header), absl::ToDoubleMilliseconds(t_layers - t_reserved),
+                   MsSince(t_layers), MsSince(t0));
+    }
     if (!status.ok()) {
       const absl::Status s = FromGrpcStatus(status);
       return absl::Status(s.code(), absl::StrCat(what, s.message()));
