@@ -8,7 +8,9 @@
 //   cuda_ipc  tcp's stream for everything but K and V, which stay in the sender's GPU
 //           memory: the header names them (Backend::ExportIpc) and the receiver copies
 //           them into its own (tcp_transport.h MakeCudaIpcSender)
-//   nccl    GPU to GPU across hosts (a later issue), behind the same KvSender
+//   nccl    GPU to GPU across hosts, behind the same KvSender: its data path is
+//           ops::NcclChannel (cuda/nccl/), proven one rank to itself
+//           (nccl_self_transfer_test); the pairing through the KV manager is not built
 #pragma once
 
 #include <condition_variable>
