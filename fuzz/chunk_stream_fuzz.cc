@@ -9,7 +9,8 @@
 // header's transfer_id gets a per-run suffix so the inbox's duplicate-id memory does
 // not turn every later run into ALREADY_EXISTS.
 // Properties: the stream ends with OK (and the inbox then holds a handoff that
-// validates) or with INVALID_ARGUMENT / DATA_LOSS / RESOURCE_EXHAUSTED; afterwards the
+// validates) or with INVALID_ARGUMENT / DATA_LOSS / RESOURCE_EXHAUSTED (FAILED_PRECONDITION
+// for a header naming device rows: this receiver takes host rows only); afterwards the
 // inbox holds nothing (no reservation leaks).
 // KVGATE_FUZZ_WRITE_SEEDS=DIR writes the seed corpus to DIR and exits.
 #include <grpcpp/grpcpp.h>
@@ -95,6 +96,23 @@ void WriteSeeds(const std::string& dir) {
   std::ofstream(dir + "/masks_scores_chunked", std::ios::binary)
       << Stream(kvgate::fuzz::SeedHandoff(true), 40, true);
   std::ofstream(dir + "/no_trailer", std::ios::binary) << Stream(kvgate::fuzz::SeedHandoff(true), 64, false);
+  // A cuda_ipc header (K and V named, not sent): refused by this host-rows receiver.
+  std::string device = Stream(kvgate::fuzz::SeedHandoff(false), 1 << 20, true);
+  KvTransferChunk header;
+  uint16_t n = 0;
+  std::memcpy(&n, device.data(), 2);
+  header.ParseFromString(device.substr(2, n));
+  kvgate::v1::KvDeviceRows* rows = header.mutable_header()->mutable_device_rows();
+  rows->set_k_name("k-ipc-name");
+  rows->set_v_name("v-ipc-name");
+  int64_t total = 0;
+  for (int32_t length : header.header().lengths()) total += length;
+  rows->set_rows(total);
+  rows->set_dtype(kvgate::v1::KV_ROW_DTYPE_BF16);
+  header.mutable_header()->set_payload_bytes(total * 4);  // positions only (no masks, scores)
+  std::string out;
+  AppendRecord(header, &out);
+  std::ofstream(dir + "/device_rows_header", std::ios::binary) << out + device.substr(2 + n);
 }
 
 }  // namespace
@@ -114,6 +132,7 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   ++run;
   std::vector<KvTransferChunk> chunks;
   std::string transfer_id;
+  bool device_rows = false;  // some header names device rows
   for (size_t at = 0; at + 2 <= size && chunks.size() < 256;) {
     uint16_t n = 0;
     std::memcpy(&n, data + at, 2);
@@ -123,6 +142,7 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
     if (!chunk.ParseFromArray(data + at, n)) break;
     at += n;
     if (chunk.has_header()) {
+      device_rows = device_rows || chunk.header().has_device_rows();
       chunk.mutable_header()->set_transfer_id(absl::StrCat(chunk.header().transfer_id(), "#", run));
       if (transfer_id.empty()) transfer_id = chunk.header().transfer_id();
     }
@@ -153,6 +173,10 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
     case grpc::StatusCode::INVALID_ARGUMENT:
     case grpc::StatusCode::DATA_LOSS:
     case grpc::StatusCode::RESOURCE_EXHAUSTED:
+      break;
+    case grpc::StatusCode::FAILED_PRECONDITION:
+      // A well-formed header naming device rows (cuda_ipc): this receiver has no device.
+      KVGATE_FUZZ_CHECK(device_rows, "FAILED_PRECONDITION without device rows: ", status.error_message());
       break;
     default:
       KVGATE_FUZZ_CHECK(false, "status ", status.error_code(), ": ", status.error_message());
