@@ -4,7 +4,8 @@
 // those of the same deployment over tcp (host rows; bf16 rows widen and narrow exactly,
 // so the caches are bit-identical and so must be the tokens), and 64 concurrent streams
 // all complete. The deployment ends idle: every lease and page back.
-// Runs where KVGATE_TEST_BACKEND=cuda (the GPU machine), else skips.
+// Runs where KVGATE_TEST_BACKEND=cuda (the GPU machine), else skips; the start-up refusal
+// of `serve --transport cuda_ipc` runs everywhere.
 #include <cstdlib>
 #include <iostream>
 #include <map>
@@ -14,8 +15,10 @@
 
 #include <gtest/gtest.h>
 
+#include "absl/strings/match.h"
 #include "gates/eviction_spec.h"
 #include "tests/integration/harness.h"
+#include "tests/integration/process.h"
 
 namespace kvgate::integration {
 namespace {
@@ -111,6 +114,23 @@ TEST(CudaIpcTest, SplitRolesOnOneGpuServeWhatTcpServes) {
   absl::StatusOr<v1::ServerInfo> info = WaitServerInfo(d.stub(), Idle, absl::Seconds(5));
   ASSERT_TRUE(info.ok()) << info.status();
   EXPECT_TRUE(Idle(*info)) << Describe(*info);
+}
+
+// cuda_ipc joins two processes: `serve` (every role in one) refuses it at start, naming
+// the transport to use instead; a misspelled transport is refused too. Runs everywhere.
+TEST(CudaIpcTest, ServeRefusesTheTransportAtStart) {
+  for (const std::string transport : {"cuda_ipc", "cuda-ipc"}) {
+    absl::StatusOr<std::unique_ptr<Process>> p = Process::Start(
+        "serve --transport " + transport,
+        {"serve", "--model", ModelDir(), "--host", "127.0.0.1", "--port", "0", "--transport", transport});
+    ASSERT_TRUE(p.ok()) << p.status();
+    EXPECT_TRUE(PollUntil([&] { return (*p)->Exited(); }, absl::Seconds(10))) << (*p)->Output();
+    const int status = (*p)->Stop();
+    EXPECT_FALSE((*p)->killed()) << (*p)->Output();
+    EXPECT_TRUE(WIFEXITED(status) && WEXITSTATUS(status) != 0) << Process::DescribeStatus(status);
+    EXPECT_TRUE(absl::StrContains((*p)->Output(), transport == "cuda_ipc" ? "use inproc" : "inproc, tcp or cuda_ipc"))
+        << (*p)->Output();
+  }
 }
 
 }  // namespace
