@@ -36,6 +36,7 @@ constexpr char kUsage[] =
     "         [--max-prompt-tokens N (0 = the model context; sizes the prefill worker's staging pool)]\n"
     "       kvgate kv-manager [--port N] [...manager flags]\n"
     "       kvgate prefill|decode --model DIR --kv-manager HOST:PORT [--port N] [--advertise HOST:PORT]\n"
+    "         [--transport tcp|cuda_ipc (cuda_ipc: K and V GPU to GPU, both on GPUs of one host)]\n"
     "       kvgate router --model DIR --kv-manager HOST:PORT [--port N]\n"
     "  The client token: --token-file F or $KVGATE_TOKEN (--token T still works but shows in ps).\n"
     "  Split roles: --internal-token-file F or $KVGATE_INTERNAL_TOKEN (the same on every\n"
