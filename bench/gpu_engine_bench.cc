@@ -121,6 +121,25 @@ class HostTimedBatch : public engine::PagedKvBatch {
   double begin_ms_ = 0.0, end_ms_ = 0.0;
 };
 
+// One prompt prefilled into `cache` (empty, its size) and committed to pages by `planner`.
+struct Committed {
+  std::vector<float> logits;  // the last token's
+  engine::KvAccounting accounting;
+  std::unique_ptr<engine::PagedKvBatch> batch;
+};
+absl::StatusOr<Committed> PrefillAndCommit(engine::Model& m, engine::KvPlanner& planner,
+                                           const std::vector<int32_t>& prompt, engine::KvCache* cache) {
+  engine::PrefillCapture capture;
+  Committed out;
+  absl::StatusOr<std::vector<float>> logits = planner.Prefill(m, prompt, cache, &capture);
+  if (!logits.ok()) return logits.status();
+  out.logits = *std::move(logits);
+  absl::StatusOr<std::unique_ptr<engine::PagedKvBatch>> batch = planner.Commit(prompt, *cache, capture, &out.accounting);
+  if (!batch.ok()) return batch.status();
+  out.batch = *std::move(batch);
+  return out;
+}
+
 // `batch_size` sequences of `context` random tokens, each prefilled and committed to
 // one pool under policy "full", then `steps` decode steps of all of them at once.
 absl::StatusOr<json> BatchedDecode(engine::Model& m, ops::Backend* backend, int32_t batch_size, int32_t context,
@@ -144,15 +163,11 @@ absl::StatusOr<json> BatchedDecode(engine::Model& m, ops::Backend* backend, int3
     const std::vector<int32_t> prompt = RandomTokens(context, c.vocab_size, 7000u + b);
     absl::StatusOr<std::unique_ptr<engine::KvCache>> cache = m.NewCache(context);
     if (!cache.ok()) return cache.status();
-    engine::PrefillCapture capture;
-    absl::StatusOr<std::vector<float>> logits = (*planner)->Prefill(m, prompt, cache->get(), &capture);
-    if (!logits.ok()) return logits.status();
-    engine::KvAccounting accounting;
-    absl::StatusOr<std::unique_ptr<engine::PagedKvBatch>> committed =
-        (*planner)->Commit(prompt, **cache, capture, &accounting);
+    absl::StatusOr<Committed> committed = PrefillAndCommit(m, **planner, prompt, cache->get());
     if (!committed.ok()) return committed.status();
-    sequences.emplace_back(static_cast<kv::SequenceBatch*>(committed->release()));
-    last_tokens.push_back(static_cast<int32_t>(std::max_element(logits->begin(), logits->end()) - logits->begin()));
+    sequences.emplace_back(static_cast<kv::SequenceBatch*>(committed->batch.release()));
+    last_tokens.push_back(static_cast<int32_t>(
+        std::max_element(committed->logits.begin(), committed->logits.end()) - committed->logits.begin()));
   }
   const double fill_ms = MillisSince(fill_start);
   std::vector<kv::SequenceBatch*> members;
@@ -212,17 +227,12 @@ absl::StatusOr<json> PolicyPrefill(engine::Model& m, ops::Backend* backend, int3
     if (!cache.ok()) return cache.status();
     if (absl::Status s = backend->Synchronize(); !s.ok()) return s;
     const auto start = Clock::now();
-    engine::PrefillCapture capture;
-    absl::StatusOr<std::vector<float>> logits = (*planner)->Prefill(m, prompt, cache->get(), &capture);
-    if (!logits.ok()) return logits.status();
-    engine::KvAccounting accounting;
-    absl::StatusOr<std::unique_ptr<engine::PagedKvBatch>> committed =
-        (*planner)->Commit(prompt, **cache, capture, &accounting);
+    absl::StatusOr<Committed> committed = PrefillAndCommit(m, **planner, prompt, cache->get());
     if (!committed.ok()) return committed.status();
     if (absl::Status s = backend->Synchronize(); !s.ok()) return s;
     if (r > 0) times.push_back(MillisSince(start));
-    kept = accounting.kv_entries_kept;
-    full = accounting.kv_entries_full;
+    kept = committed->accounting.kv_entries_kept;
+    full = committed->accounting.kv_entries_full;
   }
   return json{{"tokens", n}, {"policy", policy}, {"keep_ratio", policy == "full" ? 1.0f : keep_ratio},
               {"median_ms", Median(times)}, {"min_ms", *std::min_element(times.begin(), times.end())},

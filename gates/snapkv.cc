@@ -14,11 +14,29 @@ namespace kvgate::gates {
 
 namespace {
 
+// SnapKV's 1-D average pool (width `kernel`, clipped at the ends) of one query head's
+// window means over rows [0, m), added to its kv head's group sum.
+template <typename T>
+void AddPooled(const T* mean, int32_t m, int32_t kernel, std::vector<double>* group_sum) {
+  const int32_t pad = kernel / 2;
+  for (int32_t j = 0; j < m; ++j) {
+    double pooled = 0.0;
+    for (int32_t t = std::max(0, j - pad); t <= std::min(m - 1, j + pad); ++t) pooled += mean[t];
+    (*group_sum)[j] += pooled / kernel;
+  }
+}
+
+// A kv head's scores: the group mean of rows [0, m); the window rows [m, n) score +inf.
+void WriteHeadScores(const std::vector<double>& group_sum, int32_t group, int32_t m, int32_t n, float* out) {
+  for (int32_t j = 0; j < m; ++j) out[j] = static_cast<float>(group_sum[j] / group);
+  for (int32_t j = std::max(m, 0); j < n; ++j) out[j] = std::numeric_limits<float>::infinity();
+}
+
 // SnapKvScores from the backend's window means: pooling and the group mean as below.
 absl::StatusOr<ScoreGrid> PooledGroupScores(const PrefillCapture& capture, int32_t w, int32_t kernel) {
   const ModelShape& s = capture.shape;
   const int32_t n = capture.prompt_tokens, group = s.group_size();
-  const int32_t m = n - w, pad = kernel / 2;
+  const int32_t m = n - w;
   ScoreGrid grid;
   grid.num_layers = s.num_layers;
   grid.num_kv_heads = s.num_kv_heads;
@@ -33,16 +51,10 @@ absl::StatusOr<ScoreGrid> PooledGroupScores(const PrefillCapture& capture, int32
     for (int32_t h = 0; h < s.num_kv_heads; ++h) {
       std::fill(group_sum.begin(), group_sum.end(), 0.0);
       for (int32_t g = 0; g < group; ++g) {
-        const float* mean = probs.data() + static_cast<size_t>(h * group + g) * n;
-        for (int32_t j = 0; j < m; ++j) {
-          double pooled = 0.0;
-          for (int32_t t = std::max(0, j - pad); t <= std::min(m - 1, j + pad); ++t) pooled += mean[t];
-          group_sum[j] += pooled / kernel;
-        }
+        AddPooled(probs.data() + static_cast<size_t>(h * group + g) * n, m, kernel, &group_sum);
       }
-      float* out = grid.scores.data() + (static_cast<size_t>(l) * s.num_kv_heads + h) * n;
-      for (int32_t j = 0; j < m; ++j) out[j] = static_cast<float>(group_sum[j] / group);
-      for (int32_t j = std::max(m, 0); j < n; ++j) out[j] = std::numeric_limits<float>::infinity();
+      WriteHeadScores(group_sum, group, m, n,
+                      grid.scores.data() + (static_cast<size_t>(l) * s.num_kv_heads + h) * n);
     }
   }
   return grid;
@@ -73,7 +85,6 @@ absl::StatusOr<ScoreGrid> SnapKvScores(const PrefillCapture& capture, int32_t wi
   const size_t keys_size = static_cast<size_t>(s.num_kv_heads) * n * d;
   const size_t queries_size = static_cast<size_t>(capture.num_last_queries) * s.num_q_heads * d;
   const int32_t m = n - w;
-  const int32_t pad = kernel / 2;
   const double scale = 1.0 / std::sqrt(static_cast<double>(d));
 
   ScoreGrid grid;
@@ -113,15 +124,10 @@ absl::StatusOr<ScoreGrid> SnapKvScores(const PrefillCapture& capture, int32_t wi
           for (int32_t j = 0; j < m; ++j) mean[j] += logits[j] / denom;
         }
         for (int32_t j = 0; j < m; ++j) mean[j] /= w;
-        for (int32_t j = 0; j < m; ++j) {
-          double pooled = 0.0;
-          for (int32_t t = std::max(0, j - pad); t <= std::min(m - 1, j + pad); ++t) pooled += mean[t];
-          group_sum[j] += pooled / kernel;
-        }
+        AddPooled(mean.data(), m, kernel, &group_sum);
       }
-      float* out = grid.scores.data() + (static_cast<size_t>(l) * s.num_kv_heads + h) * n;
-      for (int32_t j = 0; j < m; ++j) out[j] = static_cast<float>(group_sum[j] / group);
-      for (int32_t j = std::max(m, 0); j < n; ++j) out[j] = std::numeric_limits<float>::infinity();
+      WriteHeadScores(group_sum, group, m, n,
+                      grid.scores.data() + (static_cast<size_t>(l) * s.num_kv_heads + h) * n);
     }
   }
   return grid;

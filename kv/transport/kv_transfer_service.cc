@@ -8,7 +8,6 @@
 #include <grpcpp/grpcpp.h>
 
 #include <cstdio>
-#include <cstdlib>
 #include <memory>
 #include <string>
 #include <string_view>
@@ -122,10 +121,7 @@ class PushReactor final : public grpc::ServerReadReactor<v1::KvTransferChunk> {
   // Maps the sender's K and V buffers, copies them into buffers of this worker's backend
   // and unmaps them: the sender may free its buffers as soon as this stream ends.
   absl::StatusOr<BackendRows> CopyDeviceRows(const DeviceRowsRef& ref) {
-    static const bool timing = [] {
-      const char* v = std::getenv("KVGATE_TRANSFER_TIMING");
-      return v != nullptr && std::string(v) == "1";
-    }();
+    const bool timing = TransferTimingEnabled();
     absl::Time t = absl::Now();
     std::string phases;
     auto lap = [&](const char* what) {

@@ -22,15 +22,6 @@
 namespace kvgate::kv {
 namespace {
 
-// KVGATE_TRANSFER_TIMING=1: each transfer's phases to stderr (benchmark breakdowns).
-bool TransferTiming() {
-  static const bool on = [] {
-    const char* v = std::getenv("KVGATE_TRANSFER_TIMING");
-    return v != nullptr && std::string(v) == "1";
-  }();
-  return on;
-}
-
 double MsSince(absl::Time start) { return absl::ToDoubleMilliseconds(absl::Now() - start); }
 
 v1::KvRowDtype ToProto(ops::KvDtype dtype) {
@@ -114,9 +105,9 @@ class TcpSender final : public KvSender {
     const absl::Time t_layers = absl::Now();
     if (open) writer->WritesDone();
     const grpc::Status status = writer->Finish();
-    if (TransferTiming()) {
+    if (TransferTimingEnabled()) {
       std::fprintf(stderr,
-                   "transfer %s: validate+export %.3f ms, header until reserved %.3f ms, layers %.3f ms, "
+                   "transfer %s: validate, export, stream start %.3f ms, header until reserved %.3f ms, layers %.3f ms, "
                    "finish %.3f ms, total %.3f ms\n",
                    handoff.transfer_id.c_str(), absl::ToDoubleMilliseconds(t_header - t0),
                    absl::ToDoubleMilliseconds(t_reserved - t_header), absl::ToDoubleMilliseconds(t_layers - t_reserved),
@@ -148,6 +139,14 @@ class TcpSender final : public KvSender {
 };
 
 }  // namespace
+
+bool TransferTimingEnabled() {
+  static const bool on = [] {
+    const char* v = std::getenv("KVGATE_TRANSFER_TIMING");
+    return v != nullptr && std::string(v) == "1";
+  }();
+  return on;
+}
 
 std::unique_ptr<KvSender> MakeTcpSender(ChannelFactory channels, int64_t chunk_bytes) {
   return std::make_unique<TcpSender>(std::move(channels), chunk_bytes, nullptr);

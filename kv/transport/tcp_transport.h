@@ -29,6 +29,10 @@ inline constexpr int64_t kDefaultTransferChunkBytes = int64_t{1} << 20;
 // no data.
 inline constexpr char kTransferReservedKey[] = "kvgate-transfer-reserved";
 
+// KVGATE_TRANSFER_TIMING=1: the senders and the KvTransfer service print each
+// transfer's phases to stderr (benchmark breakdowns, bench/kv_transfer_bench).
+bool TransferTimingEnabled();
+
 // Channels are cached per address. chunk_bytes <= 0 means the default; keep it well under
 // the receiver's max receive message size (gRPC's default is 4 MiB).
 std::unique_ptr<KvSender> MakeTcpSender(ChannelFactory channels, int64_t chunk_bytes = kDefaultTransferChunkBytes);

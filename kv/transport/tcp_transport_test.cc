@@ -36,10 +36,11 @@ std::shared_ptr<grpc::Channel> Insecure(const std::string& address) {
 
 class TcpTransportTest : public ::testing::Test {
  protected:
-  void StartServer(int64_t inbox_bytes) {
+  // `device_backend`: the service takes device rows (cuda_ipc) on it.
+  void StartServer(int64_t inbox_bytes, ops::Backend* device_backend = nullptr) {
     StopServer();
     inbox_ = std::make_unique<KvInbox>(inbox_bytes);
-    service_ = MakeKvTransferService(inbox_.get());
+    service_ = MakeKvTransferService(inbox_.get(), "", device_backend);
     grpc::ServerBuilder builder;
     int port = 0;
     builder.AddListeningPort("127.0.0.1:0", grpc::InsecureServerCredentials(), &port);
@@ -204,16 +205,7 @@ TEST_F(TcpTransportTest, DeviceRowsTheReceiverCannotTakeAreRefused) {
     ExpectInboxEmpty();
   }
   // The same stream to a receiver whose backend is cpu.
-  StopServer();
-  inbox_ = std::make_unique<KvInbox>(int64_t{64} << 20);
-  service_ = MakeKvTransferService(inbox_.get(), "", backend->get());
-  grpc::ServerBuilder builder;
-  int port = 0;
-  builder.AddListeningPort("127.0.0.1:0", grpc::InsecureServerCredentials(), &port);
-  builder.RegisterService(service_.get());
-  server_ = builder.BuildAndStart();
-  ASSERT_NE(server_, nullptr);
-  address_ = absl::StrCat("127.0.0.1:", port);
+  StartServer(int64_t{64} << 20, backend->get());
   {
     auto stub = Stub();
     RawPush push(stub.get());
