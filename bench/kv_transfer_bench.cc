@@ -5,7 +5,9 @@
 // rows, the only path before). The floor is a plain device-to-device copy of the same K
 // and V bytes in the same process and run (cudaMemcpyAsync through
 // Backend::CopyWithinBackend). The receiver is a forked child that serves
-// kvgate.v1.KvTransfer with its own CUDA backend and takes every transfer from its inbox.
+// kvgate.v1.KvTransfer with its own CUDA backend, takes every transfer from its inbox and
+// imports it into a bf16 KV pool of its own (import_ms: delivery to rows in pages;
+// received_to_pages_ms: Send plus that import, best of each).
 // Prints one JSON object per line (prompt, keep, bytes, best-of-N milliseconds, GB/s).
 //   kv_transfer_bench [--prompts 2048,8192,32768] [--keeps 1,0.3] [--repeats 5]
 //                     [--tcp-max-prompt 8192] [--layers 32] [--kv-heads 8] [--head-dim 128]
@@ -26,9 +28,11 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "absl/strings/str_split.h"
+#include "absl/strings/ascii.h"
 #include "absl/time/clock.h"
 #include "cuda/backend.h"
 #include "kv/kv_handoff.h"
+#include "kv/kv_pool.h"
 #include "kv/transport/tcp_transport.h"
 #include "kvgate/v1/worker.grpc.pb.h"
 
@@ -70,9 +74,9 @@ absl::StatusOr<kv::KvHandoff> MakeHandoff(ops::Backend* backend, const Shape& sh
     rows->head_dim = shape.head_dim;
     rows->dtype = ops::KvDtype::kBf16;
     const size_t bytes = static_cast<size_t>(std::max<int64_t>(rows->rows, 1)) * shape.head_dim * 2;
-    auto k = backend->Alloc(bytes);
+    auto k = backend->AllocShareable(bytes);
     if (!k.ok()) return k.status();
-    auto v = backend->Alloc(bytes);
+    auto v = backend->AllocShareable(bytes);
     if (!v.ok()) return v.status();
     rows->k = *std::move(k);
     rows->v = *std::move(v);
@@ -81,10 +85,20 @@ absl::StatusOr<kv::KvHandoff> MakeHandoff(ops::Backend* backend, const Shape& sh
   return h;
 }
 
-[[noreturn]] void RunReceiver(int fd) {
+// The decode side: takes each transfer from its inbox, imports it into a bf16 pool of its
+// own (the decode worker's pages) and reports on `times_fd`, one line a transfer, the
+// milliseconds from the delivery to the rows in pages.
+[[noreturn]] void RunReceiver(int fd, int times_fd, const Shape& shape, int64_t max_prompt) {
   auto backend = ops::CreateBackend("cuda");
-  if (!backend.ok()) {
-    const std::string line = absl::StrCat("error ", backend.status().ToString(), "\n");
+  absl::StatusOr<std::unique_ptr<kv::KvPool>> pool = absl::UnavailableError("no backend");
+  if (backend.ok()) {
+    constexpr int32_t kPageTokens = 16;
+    const int64_t pages = int64_t{shape.layers} * shape.kv_heads * ((max_prompt + kPageTokens - 1) / kPageTokens);
+    pool = kv::KvPool::Create(backend->get(), static_cast<int32_t>(pages), kPageTokens, shape.head_dim,
+                              ops::KvDtype::kBf16);
+  }
+  if (!pool.ok()) {
+    const std::string line = absl::StrCat("error ", pool.status().ToString(), "\n");
     (void)!write(fd, line.data(), line.size());
     _exit(1);
   }
@@ -102,9 +116,32 @@ absl::StatusOr<kv::KvHandoff> MakeHandoff(ops::Backend* backend, const Shape& sh
   for (int n = 0;; ++n) {
     auto got = inbox.Await(absl::StrCat("b-", n), absl::Now() + absl::Seconds(600));
     if (!got.ok() || got->request_id == "stop") break;
+    const auto start = std::chrono::steady_clock::now();
+    absl::StatusOr<kv::SequenceLayout> layout = kv::ImportSequence(pool->get(), *got);
+    absl::Status synced = (*backend)->Synchronize();
+    const double ms = Seconds(start) * 1e3;
+    std::string report = absl::StrFormat("%.4f\n", ms);
+    if (!layout.ok() || !synced.ok()) {
+      report = absl::StrCat("error ", layout.ok() ? synced.ToString() : layout.status().ToString(), "\n");
+    } else {
+      (void)(*pool)->Release(&*layout);
+    }
+    *got = kv::KvHandoff();  // the rows' buffers go back before the sender's next transfer
+    (void)!write(times_fd, report.data(), report.size());
   }
   server->Shutdown(absl::ToChronoTime(absl::Now() + absl::Seconds(1)));
   _exit(0);
+}
+
+// One line of the receiver's import times: milliseconds, or an error.
+absl::StatusOr<double> ReadImportMs(FILE* times) {
+  char line[512] = {};
+  if (std::fgets(line, sizeof(line), times) == nullptr) return absl::UnavailableError("the receiver is gone");
+  double ms = 0;
+  if (std::strncmp(line, "error", 5) == 0 || !absl::SimpleAtod(absl::StripAsciiWhitespace(line), &ms)) {
+    return absl::InternalError(absl::StrCat("receiver import: ", line));
+  }
+  return ms;
 }
 
 std::vector<int64_t> Ints(const std::string& csv) {
@@ -147,14 +184,18 @@ int Main(int argc, char** argv) {
       return 2;
     }
   }
-  int pipe_fds[2];
-  if (pipe(pipe_fds) != 0) return 1;
+  int pipe_fds[2], times_fds[2];
+  if (pipe(pipe_fds) != 0 || pipe(times_fds) != 0) return 1;
+  const int64_t max_prompt = prompts.empty() ? 1 : *std::max_element(prompts.begin(), prompts.end());
   const pid_t child = fork();
   if (child == 0) {
     close(pipe_fds[0]);
-    RunReceiver(pipe_fds[1]);
+    close(times_fds[0]);
+    RunReceiver(pipe_fds[1], times_fds[1], shape, max_prompt);
   }
   close(pipe_fds[1]);
+  close(times_fds[1]);
+  FILE* times = fdopen(times_fds[0], "r");
   char line[256] = {};
   const ssize_t n = read(pipe_fds[0], line, sizeof(line) - 1);
   close(pipe_fds[0]);
@@ -177,12 +218,21 @@ int Main(int argc, char** argv) {
   std::unique_ptr<kv::KvSender> tcp = kv::MakeTcpSender(channels);
   int transfer = 0;
   int rc = 0;
-  auto send = [&](kv::KvSender* sender, kv::KvHandoff* h) -> absl::StatusOr<double> {
+  // Seconds of Send (until the receiver holds the rows) and of the receiver's import.
+  struct Timing {
+    double send_s = 0, import_s = 0;
+  };
+  auto send = [&](kv::KvSender* sender, kv::KvHandoff* h) -> absl::StatusOr<Timing> {
     h->transfer_id = absl::StrCat("b-", transfer++);
     const auto start = std::chrono::steady_clock::now();
     auto bytes = sender->Send(address, *h, absl::Now() + absl::Seconds(300));
     if (!bytes.ok()) return bytes.status();
-    return Seconds(start);
+    Timing t;
+    t.send_s = Seconds(start);
+    absl::StatusOr<double> import_ms = ReadImportMs(times);
+    if (!import_ms.ok()) return import_ms.status();
+    t.import_s = *import_ms / 1e3;
+    return t;
   };
   for (int64_t prompt : prompts) {
     for (double keep : keeps) {
@@ -198,7 +248,7 @@ int Main(int argc, char** argv) {
       // The floor: the same K and V bytes copied device to device in this process.
       auto k_copy = (*backend)->Alloc(rows.k.bytes());
       auto v_copy = (*backend)->Alloc(rows.v.bytes());
-      double copy_s = 1e30, ipc_s = 1e30, tcp_s = -1;
+      double copy_s = 1e30, ipc_s = 1e30, ipc_import_s = 1e30, tcp_s = -1;
       for (int r = 0; r < repeats + 1 && k_copy.ok() && v_copy.ok(); ++r) {
         const auto start = std::chrono::steady_clock::now();
         (void)(*backend)->CopyWithinBackend(k_copy->data(), rows.k.data(), rows.k.bytes());
@@ -213,7 +263,8 @@ int Main(int argc, char** argv) {
           rc = 1;
           break;
         }
-        if (r > 0) ipc_s = std::min(ipc_s, *s);
+        if (r > 0) ipc_s = std::min(ipc_s, s->send_s);
+        if (r > 0) ipc_import_s = std::min(ipc_import_s, s->import_s);
       }
       if (prompt <= tcp_max_prompt) {
         auto host = MakeHandoff(backend->get(), shape, static_cast<int32_t>(prompt), kept, false);
@@ -224,17 +275,18 @@ int Main(int argc, char** argv) {
             rc = 1;
             break;
           }
-          if (r > 0) tcp_s = tcp_s < 0 ? *s : std::min(tcp_s, *s);
+          if (r > 0) tcp_s = tcp_s < 0 ? s->send_s : std::min(tcp_s, s->send_s);
         }
       }
       const int64_t stream_bytes = device->PayloadBytes();
       std::printf(
           "{\"prompt\": %lld, \"keep\": %.2f, \"rows_per_head\": %d, \"kv_bytes\": %lld, \"stream_bytes\": %lld, "
           "\"d2d_copy_ms\": %.3f, \"cuda_ipc_ms\": %.3f, \"tcp_host_rows_ms\": %.3f, \"d2d_copy_gbps\": %.1f, "
-          "\"cuda_ipc_gbps\": %.1f, \"cuda_ipc_vs_copy\": %.3f}\n",
+          "\"cuda_ipc_gbps\": %.1f, \"cuda_ipc_vs_copy\": %.3f, \"import_ms\": %.3f, "
+          "\"received_to_pages_ms\": %.3f}\n",
           static_cast<long long>(prompt), keep, kept, static_cast<long long>(kv_bytes),
           static_cast<long long>(stream_bytes), copy_s * 1e3, ipc_s * 1e3, tcp_s * 1e3, kv_bytes / copy_s / 1e9,
-          kv_bytes / ipc_s / 1e9, copy_s / ipc_s);
+          kv_bytes / ipc_s / 1e9, copy_s / ipc_s, ipc_import_s * 1e3, (ipc_s + ipc_import_s) * 1e3);
       std::fflush(stdout);
     }
   }

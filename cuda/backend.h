@@ -110,13 +110,20 @@ class Backend {
   }
 
   // Memory shared with another process of this host (optional; the cuda_ipc KV transport).
-  // ExportIpc names `buffer`, an allocation of this backend's Alloc, in opaque bytes that
+  // AllocShareable makes a buffer that ExportIpc can name: the CUDA backend carves it from
+  // slabs allocated and IPC-named once, so a transfer pays neither an allocation nor a new
+  // handle, and an importer maps each slab once (its release waits for the device, as
+  // cudaFree does). Elsewhere it is Alloc.
+  // ExportIpc names `buffer`, an allocation of AllocShareable (FAILED_PRECONDITION for any
+  // other), in opaque bytes that
   // another process passes to OpenIpc; the exporter keeps ownership and must keep the
   // buffer alive until the importer is done with it. OpenIpc maps such a name here: the
-  // returned buffer (`bytes` long, at most the allocation's size) unmaps itself when
-  // destroyed and never frees the exporter's memory. INVALID_ARGUMENT for bytes that are
+  // returned buffer (`bytes` long, at most the rest of the exporter's slab) unmaps nothing
+  // when destroyed (the slab stays mapped while its exporter lives, at most a bounded number
+  // of slabs) and never frees the exporter's memory. INVALID_ARGUMENT for bytes that are
   // no such name, FAILED_PRECONDITION for a name this backend cannot map (another device
   // it cannot reach, or this very process). The CPU backend answers UNIMPLEMENTED.
+  virtual absl::StatusOr<DeviceBuffer> AllocShareable(size_t bytes) { return Alloc(bytes); }
   virtual absl::StatusOr<std::string> ExportIpc(const DeviceBuffer& buffer) {
     return absl::UnimplementedError(std::string(Name()) + ": no inter-process memory");
   }

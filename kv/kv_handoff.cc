@@ -28,11 +28,58 @@ void Take(size_t count, const char** in, std::vector<T>* values) {
   *in += count * sizeof(T);
 }
 
+int64_t BitmaskBytes(int32_t next_pos) { return (int64_t{next_pos} + 7) / 8; }
+
+// Positions are strictly ascending within [0, next_pos) (Validate).
+void AppendPositions(const std::vector<int32_t>& positions, int32_t next_pos, char** out) {
+  if (!PositionsAsBitmask(static_cast<int64_t>(positions.size()), next_pos)) {
+    Append(positions, out);
+    return;
+  }
+  auto* bits = reinterpret_cast<uint8_t*>(*out);
+  std::memset(bits, 0, static_cast<size_t>(BitmaskBytes(next_pos)));
+  for (const int32_t p : positions) bits[p >> 3] |= static_cast<uint8_t>(1u << (p & 7));
+  *out += BitmaskBytes(next_pos);
+}
+
+absl::Status TakePositions(size_t count, int32_t next_pos, const char** in, std::vector<int32_t>* positions) {
+  if (!PositionsAsBitmask(static_cast<int64_t>(count), next_pos)) {
+    Take(count, in, positions);
+    return absl::OkStatus();
+  }
+  const auto* bits = reinterpret_cast<const uint8_t*>(*in);
+  const int64_t bytes = BitmaskBytes(next_pos);
+  *in += bytes;
+  positions->clear();
+  positions->reserve(count);
+  for (int64_t b = 0; b < bytes; ++b) {
+    for (uint32_t byte = bits[b]; byte != 0; byte &= byte - 1) {
+      const int64_t p = b * 8 + std::countr_zero(byte);
+      if (p >= next_pos || positions->size() == count) {
+        return absl::InvalidArgumentError(absl::StrCat("a positions bitmask with more than its ", count,
+                                                       " rows, or a bit at or past next_pos ", next_pos));
+      }
+      positions->push_back(static_cast<int32_t>(p));
+    }
+  }
+  if (positions->size() != count) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("a positions bitmask of ", positions->size(), " rows where the header has ", count));
+  }
+  return absl::OkStatus();
+}
+
 }  // namespace
 
-int64_t HeadPayloadBytes(int64_t rows, int32_t head_dim, bool has_query_masks, bool has_scores, bool with_kv) {
-  return rows * ((with_kv ? 2 * int64_t{head_dim} * int64_t{sizeof(float)} : 0) + int64_t{sizeof(int32_t)} +
-                 (has_query_masks ? 1 : 0) + (has_scores ? int64_t{sizeof(float)} : 0));
+bool PositionsAsBitmask(int64_t rows, int32_t next_pos) {
+  return BitmaskBytes(next_pos) < rows * int64_t{sizeof(int32_t)};
+}
+
+int64_t HeadPayloadBytes(int64_t rows, int32_t next_pos, int32_t head_dim, bool has_query_masks, bool has_scores,
+                         bool with_kv) {
+  const int64_t positions = PositionsAsBitmask(rows, next_pos) ? BitmaskBytes(next_pos) : rows * int64_t{sizeof(int32_t)};
+  return positions + rows * ((with_kv ? 2 * int64_t{head_dim} * int64_t{sizeof(float)} : 0) +
+                             (has_query_masks ? 1 : 0) + (has_scores ? int64_t{sizeof(float)} : 0));
 }
 
 void CarryDecodeEviction(const gates::DecodeEvictor* evictor, KvHandoff* handoff) {
@@ -50,8 +97,8 @@ std::vector<int32_t> KvHandoff::Lengths() const {
 int64_t KvHandoff::LayerPayloadBytes(int32_t layer) const {
   int64_t bytes = 0;
   for (int32_t h = 0; h < num_kv_heads; ++h) {
-    bytes += HeadPayloadBytes(static_cast<int64_t>(at(layer, h).positions.size()), head_dim, has_query_masks,
-                              has_scores, /*with_kv=*/backend_rows == nullptr);
+    bytes += HeadPayloadBytes(static_cast<int64_t>(at(layer, h).positions.size()), next_pos, head_dim,
+                              has_query_masks, has_scores, /*with_kv=*/backend_rows == nullptr);
   }
   return bytes;
 }
@@ -137,7 +184,7 @@ std::string SerializeLayer(const KvHandoff& handoff, int32_t layer) {
     const HeadRows& head = handoff.at(layer, h);
     Append(head.k, &at);
     Append(head.v, &at);
-    Append(head.positions, &at);
+    AppendPositions(head.positions, handoff.next_pos, &at);
     if (handoff.has_query_masks) Append(head.query_mask, &at);
     if (handoff.has_scores) Append(head.scores, &at);
   }
@@ -159,7 +206,8 @@ absl::Status ParseLayer(std::string_view bytes, absl::Span<const int32_t> length
   for (int32_t h = 0; h < H; ++h) {
     const int32_t n = lengths[static_cast<size_t>(layer) * H + h];
     if (n < 0) return absl::InvalidArgumentError(absl::StrCat("layer ", layer, " kv head ", h, ": length ", n));
-    expected += HeadPayloadBytes(n, handoff->head_dim, handoff->has_query_masks, handoff->has_scores, with_kv);
+    expected += HeadPayloadBytes(n, handoff->next_pos, handoff->head_dim, handoff->has_query_masks,
+                                 handoff->has_scores, with_kv);
   }
   if (static_cast<int64_t>(bytes.size()) != expected) {
     return absl::InvalidArgumentError(
@@ -172,7 +220,9 @@ absl::Status ParseLayer(std::string_view bytes, absl::Span<const int32_t> length
     HeadRows& head = handoff->at(layer, h);
     Take(with_kv ? n * handoff->head_dim : 0, &in, &head.k);
     Take(with_kv ? n * handoff->head_dim : 0, &in, &head.v);
-    Take(n, &in, &head.positions);
+    if (absl::Status s = TakePositions(n, handoff->next_pos, &in, &head.positions); !s.ok()) {
+      return absl::InvalidArgumentError(absl::StrCat("layer ", layer, " kv head ", h, ": ", s.message()));
+    }
     if (handoff->has_query_masks) {
       Take(n, &in, &head.query_mask);
     } else {

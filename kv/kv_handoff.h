@@ -76,12 +76,18 @@ enum class RowsIn {
              // the same backend (KvSender::BackendRowsFor)
 };
 
+// Whether a kv head's `rows` positions travel as a bitmask over [0, next_pos) (bit p of
+// byte p / 8, least significant bit first) rather than as int32s: whichever is smaller,
+// so both ends derive it from the header alone. A full 32k-token head is 4 KB instead of 128 KB.
+bool PositionsAsBitmask(int64_t rows, int32_t next_pos);
 // Payload bytes of one kv head of `rows` rows in the wire format below.
-int64_t HeadPayloadBytes(int64_t rows, int32_t head_dim, bool has_query_masks, bool has_scores, bool with_kv = true);
+int64_t HeadPayloadBytes(int64_t rows, int32_t next_pos, int32_t head_dim, bool has_query_masks, bool has_scores,
+                         bool with_kv = true);
 
 // Layer payload wire format (little-endian; worker.proto KvTransferHeader): per kv head,
 // K rows, V rows (float32 [length, head_dim] each; absent when the rows are backend_rows,
-// which travel apart: the cuda_ipc transport), positions (int32 [length]), then
+// which travel apart: the cuda_ipc transport), positions (int32 [length], or the bitmask
+// of PositionsAsBitmask), then
 // query masks (uint8 [length]) if has_query_masks, scores (float32 [length]) if has_scores.
 // Precondition: `handoff` passes Validate().
 std::string SerializeLayer(const KvHandoff& handoff, int32_t layer);

@@ -80,28 +80,79 @@ TEST(KvHandoffTest, LayerWireFormatIsExact) {
   const KvHandoff h = CodedHandoff(/*masks=*/true, /*scores=*/true);
   ASSERT_TRUE(h.Validate().ok()) << h.Validate();
   EXPECT_EQ(h.Lengths(), (std::vector<int32_t>{0, 7, 3, 3, 10, 6}));
-  const int64_t row_bytes = 2 * 4 * 4 + 4 + 1 + 4;
-  EXPECT_EQ(h.LayerPayloadBytes(0), 10 * row_bytes);
-  EXPECT_EQ(h.LayerPayloadBytes(1), 19 * row_bytes);
-  EXPECT_EQ(h.PayloadBytes(), 29 * row_bytes);
-  // Layer 1, kv head 0 (3 rows): K, V, positions, masks, scores, then kv head 1.
+  // next_pos 40: a bitmask of 5 bytes beats 4 bytes a row for every head of 2 rows or more.
+  const int64_t row_bytes = 2 * 4 * 4 + 1 + 4;
+  EXPECT_EQ(h.LayerPayloadBytes(0), 10 * row_bytes + 2 * 5);
+  EXPECT_EQ(h.LayerPayloadBytes(1), 19 * row_bytes + 3 * 5);
+  EXPECT_EQ(h.PayloadBytes(), 29 * row_bytes + 5 * 5);
+  // Layer 1, kv head 0 (3 rows at 3, 6, 9): K, V, the positions bitmask, masks, scores,
+  // then kv head 1.
   const std::string bytes = SerializeLayer(h, 1);
   ASSERT_EQ(static_cast<int64_t>(bytes.size()), h.LayerPayloadBytes(1));
   const char* at = bytes.data();
   auto next_float = [&] { float f; std::memcpy(&f, at, 4); at += 4; return f; };
-  auto next_int = [&] { int32_t i; std::memcpy(&i, at, 4); at += 4; return i; };
   for (int32_t r = 0; r < 3; ++r)
     for (int32_t d = 0; d < 4; ++d) EXPECT_EQ(next_float(), CodedValue(1, 0, 3 + 3 * r, d));
   for (int32_t r = 0; r < 3; ++r)
     for (int32_t d = 0; d < 4; ++d) EXPECT_EQ(next_float(), CodedV(1, 0, 3 + 3 * r, d));
-  for (int32_t r = 0; r < 3; ++r) EXPECT_EQ(next_int(), 3 + 3 * r);
+  const uint8_t bitmask[5] = {0x48, 0x02, 0, 0, 0};  // bits 3 and 6 of byte 0, bit 1 of byte 1
+  for (uint8_t expected : bitmask) EXPECT_EQ(static_cast<uint8_t>(*at++), expected);
   for (int32_t r = 0; r < 3; ++r) EXPECT_EQ(static_cast<uint8_t>(*at++), 1 + ((3 + 3 * r) % 3));
   for (int32_t r = 0; r < 3; ++r) EXPECT_EQ(next_float(), 0.25f * (3 + 3 * r));
   EXPECT_EQ(next_float(), CodedValue(1, 1, 3, 0)) << "kv head 1 follows";
-  // Little-endian on the wire: the first position's low byte comes first.
-  const size_t positions_at = 2 * 3 * 4 * 4;
-  EXPECT_EQ(static_cast<uint8_t>(bytes[positions_at]), 3);
-  EXPECT_EQ(static_cast<uint8_t>(bytes[positions_at + 1]), 0);
+}
+
+// Few rows of a long prompt travel as int32s (little-endian), many as the bitmask: the
+// smaller of the two, decided by (rows, next_pos) alone.
+TEST(KvHandoffTest, PositionsTakeTheSmallerEncoding) {
+  EXPECT_FALSE(PositionsAsBitmask(0, 40));
+  EXPECT_FALSE(PositionsAsBitmask(1, 40)) << "4 bytes against 5";
+  EXPECT_TRUE(PositionsAsBitmask(2, 40));
+  EXPECT_FALSE(PositionsAsBitmask(1024, 32768)) << "4096 bytes either way";
+  EXPECT_TRUE(PositionsAsBitmask(1025, 32768));
+  EXPECT_EQ(HeadPayloadBytes(32768, 32768, 128, false, false, /*with_kv=*/false), 4096);
+  KvHandoff h;
+  h.num_layers = 1;
+  h.num_kv_heads = 1;
+  h.head_dim = 2;
+  h.next_pos = 40;
+  HeadRows rows;
+  rows.positions = {258 % 40};
+  rows.k = {1, 2};
+  rows.v = {3, 4};
+  h.heads.push_back(rows);
+  ASSERT_TRUE(h.Validate().ok()) << h.Validate();
+  const std::string bytes = SerializeLayer(h, 0);
+  ASSERT_EQ(bytes.size(), 2 * 2 * 4 + 4u);
+  EXPECT_EQ(static_cast<uint8_t>(bytes[16]), 258 % 40);
+  EXPECT_EQ(static_cast<uint8_t>(bytes[17]), 0);
+}
+
+// A bitmask whose count differs from the header's length, or with a bit at or past
+// next_pos, is refused.
+TEST(KvHandoffTest, BadPositionsBitmaskIsRefused) {
+  KvHandoff h = CodedHandoff(/*masks=*/false, /*scores=*/false);
+  h.next_pos = 37;  // 5 bytes of bitmask, bits 37..39 unused
+  ASSERT_TRUE(h.Validate().ok()) << h.Validate();
+  const std::vector<int32_t> lengths = h.Lengths();
+  const std::string good = SerializeLayer(h, 1);
+  const size_t bitmask_at = 3 * 4 * 4 * 2;  // layer 1, kv head 0: after 3 rows of K and V
+  KvHandoff parsed;
+  parsed.num_layers = h.num_layers;
+  parsed.num_kv_heads = h.num_kv_heads;
+  parsed.head_dim = h.head_dim;
+  parsed.next_pos = h.next_pos;
+  ASSERT_TRUE(ParseLayer(good, lengths, 1, &parsed).ok());
+  std::string extra = good;
+  extra[bitmask_at] = static_cast<char>(extra[bitmask_at] | 0x01);  // a fourth row
+  EXPECT_EQ(ParseLayer(extra, lengths, 1, &parsed).code(), absl::StatusCode::kInvalidArgument);
+  std::string missing = good;
+  missing[bitmask_at] = static_cast<char>(0x08);  // only one of the three rows
+  EXPECT_EQ(ParseLayer(missing, lengths, 1, &parsed).code(), absl::StatusCode::kInvalidArgument);
+  std::string past = good;
+  past[bitmask_at + 1] = 0;  // row 9 moves past next_pos 37, to bit 38
+  past[bitmask_at + 4] = static_cast<char>(0x40);
+  EXPECT_EQ(ParseLayer(past, lengths, 1, &parsed).code(), absl::StatusCode::kInvalidArgument);
 }
 
 TEST(KvHandoffTest, ParseLayerRoundTripsAndRejectsWrongSizes) {

@@ -464,8 +464,9 @@ absl::StatusOr<BackendRows> KvPool::GatherRows(const SequenceLayout& layout) {
   out.head_dim = head_dim_;
   out.dtype = dtype_;
   const size_t bytes = static_cast<size_t>(std::max<int64_t>(total, 1)) * row_bytes();
-  KVGATE_ASSIGN_OR_RETURN(out.k, backend_->Alloc(bytes));
-  KVGATE_ASSIGN_OR_RETURN(out.v, backend_->Alloc(bytes));
+  // Shareable: the cuda_ipc transport names them to the decode process.
+  KVGATE_ASSIGN_OR_RETURN(out.k, backend_->AllocShareable(bytes));
+  KVGATE_ASSIGN_OR_RETURN(out.v, backend_->AllocShareable(bytes));
   if (total == 0) return out;
   RowCopies copies;
   copies.src_rows.reserve(static_cast<size_t>(total));

@@ -41,6 +41,7 @@
 #include "cuda/kernels/rms_norm.cuh"
 #include "cuda/kernels/rms_norm_bf16.cuh"
 #include "cuda/kernels/rope.cuh"
+#include "cuda/kernels/shareable_memory.h"
 #include "cuda/kernels/silu_mul.cuh"
 #include "cuda/kernels/silu_mul_bf16.cuh"
 #include "cuda/kernels/store_kv.cuh"
@@ -62,17 +63,10 @@ class CudaOpGraph final : public OpGraph {
   uint64_t workspace_epoch_;  // CudaBackend::workspace_epoch_ when recorded
 };
 
-// What ExportIpc hands another process: the CUDA IPC handle and enough to refuse a
-// handle that cannot work before CUDA is asked to map it.
-constexpr char kIpcMagic[8] = {'k', 'v', 'g', 'I', 'P', 'C', '0', '1'};
-struct IpcName {
-  char magic[8];
-  char device_uuid[16];  // cudaDeviceProp::uuid of the exporter's GPU
-  uint64_t bytes;        // the allocation's size
-  int64_t exporter_pid;
-  cudaIpcMemHandle_t handle;
-};
-static_assert(std::is_trivially_copyable_v<IpcName>);
+// Shareable slabs grow by at least this much: a 2k-token 8B-shaped cache is 268 MB.
+constexpr uint64_t kShareableSlabBytes = uint64_t{256} << 20;
+// Mapped slabs of other processes kept open (LRU): a few per prefill worker.
+constexpr size_t kMaxIpcMappings = 64;
 
 absl::Status DeviceUuid(int device, char out[16]) {
   cudaDeviceProp prop;
@@ -113,6 +107,8 @@ class CudaBackend final : public Backend {
     KVGATE_CUDA_RETURN_IF_ERROR(
         cudaDeviceGetAttribute(&num_sms_, cudaDevAttrMultiProcessorCount, device_));
     KVGATE_RETURN_IF_ERROR(DeviceUuid(device_, uuid_));
+    shareable_ = std::make_unique<ShareableSlabs>(device_, uuid_, kShareableSlabBytes);
+    ipc_mappings_ = std::make_unique<IpcMappings>(device_, kMaxIpcMappings);
     // KVGATE_GROUPED_DECODE_ATTENTION=0 keeps decode on attention.cu (benchmark A/B runs).
     const char* grouped = std::getenv("KVGATE_GROUPED_DECODE_ATTENTION");
     use_grouped_decode_ = grouped == nullptr || std::strcmp(grouped, "0") != 0;
@@ -186,17 +182,24 @@ class CudaBackend final : public Backend {
     return absl::OkStatus();
   }
 
+  absl::StatusOr<DeviceBuffer> AllocShareable(size_t bytes) override {
+    if (bytes == 0) return absl::InvalidArgumentError(absl::StrCat(name_, ": AllocShareable of 0 bytes"));
+    KVGATE_RETURN_IF_ERROR(RefuseWhileRecording("AllocShareable"));
+    absl::StatusOr<DeviceBuffer> buffer = shareable_->Alloc(bytes);
+    if (!buffer.ok()) return absl::Status(buffer.status().code(), absl::StrCat(name_, ": ", buffer.status().message()));
+    return buffer;
+  }
+
   absl::StatusOr<std::string> ExportIpc(const DeviceBuffer& buffer) override {
     if (buffer.data() == nullptr) return absl::InvalidArgumentError(absl::StrCat(name_, ": export of an empty buffer"));
     KVGATE_RETURN_IF_ERROR(RefuseWhileRecording("ExportIpc"));
-    KVGATE_CUDA_RETURN_IF_ERROR(cudaSetDevice(device_));
-    IpcName name;
-    std::memcpy(name.magic, kIpcMagic, sizeof(name.magic));
-    std::memcpy(name.device_uuid, uuid_, sizeof(uuid_));
-    name.bytes = buffer.bytes();
-    name.exporter_pid = static_cast<int64_t>(getpid());
-    KVGATE_CUDA_RETURN_IF_ERROR(cudaIpcGetMemHandle(&name.handle, buffer.data()));
-    return std::string(reinterpret_cast<const char*>(&name), sizeof(name));
+    absl::StatusOr<IpcName> name = shareable_->NameOf(buffer.data(), buffer.bytes());
+    if (absl::IsNotFound(name.status())) {
+      return absl::FailedPreconditionError(
+          absl::StrCat(name_, ": ExportIpc of a buffer that AllocShareable did not make"));
+    }
+    if (!name.ok()) return name.status();
+    return std::string(reinterpret_cast<const char*>(&*name), sizeof(IpcName));
   }
 
   absl::StatusOr<DeviceBuffer> OpenIpc(std::string_view bytes_of_name, size_t bytes) override {
@@ -209,9 +212,9 @@ class CudaBackend final : public Backend {
     if (std::memcmp(name.magic, kIpcMagic, sizeof(name.magic)) != 0) {
       return absl::InvalidArgumentError(absl::StrCat(name_, ": not a kvgate CUDA IPC name"));
     }
-    if (bytes == 0 || bytes > name.bytes) {
-      return absl::InvalidArgumentError(
-          absl::StrCat(name_, ": IPC open of ", bytes, " bytes of an allocation of ", name.bytes));
+    if (bytes == 0 || name.offset > name.slab_bytes || bytes > name.slab_bytes - name.offset) {
+      return absl::InvalidArgumentError(absl::StrCat(name_, ": IPC open of ", bytes, " bytes at offset ", name.offset,
+                                                     " of an allocation of ", name.slab_bytes));
     }
     if (name.exporter_pid == static_cast<int64_t>(getpid())) {
       return absl::FailedPreconditionError(
@@ -233,23 +236,9 @@ class CudaBackend final : public Backend {
             absl::StrCat(name_, ": the IPC memory lives on a GPU this process cannot reach"));
       }
     }
-    void* ptr = nullptr;
-    const cudaError_t err = cudaIpcOpenMemHandle(&ptr, name.handle, cudaIpcMemLazyEnablePeerAccess);
-    if (err != cudaSuccess) {
-      (void)cudaGetLastError();
-      return absl::FailedPreconditionError(
-          absl::StrCat(name_, ": cudaIpcOpenMemHandle: ", cudaGetErrorString(err),
-                       " (the exporter freed it, exited, or runs in another container)"));
-    }
-    const int device = device_;
-    return DeviceBuffer(ptr, bytes, [device](void* p) {
-      int previous = -1;
-      const bool switch_device = cudaGetDevice(&previous) == cudaSuccess && previous != device;
-      if (switch_device) (void)cudaSetDevice(device);
-      (void)cudaIpcCloseMemHandle(p);
-      if (switch_device) (void)cudaSetDevice(previous);
-      (void)cudaGetLastError();
-    });
+    absl::StatusOr<DeviceBuffer> mapped = ipc_mappings_->Open(name, bytes);
+    if (!mapped.ok()) return absl::Status(mapped.status().code(), absl::StrCat(name_, ": ", mapped.status().message()));
+    return mapped;
   }
 
   absl::Status Embed(const EmbedArgs& args) override {
@@ -472,6 +461,8 @@ class CudaBackend final : public Backend {
   uint64_t workspace_epoch_ = 0;  // + 1 whenever a workspace moves: graphs recorded before are stale
   int num_sms_ = 0;
   char uuid_[16] = {};  // this GPU's, stamped into IPC names
+  std::unique_ptr<ShareableSlabs> shareable_;  // AllocShareable / ExportIpc
+  std::unique_ptr<IpcMappings> ipc_mappings_;  // OpenIpc
   bool use_grouped_decode_ = true;
   DeviceBuffer attention_workspace_;  // split partials of Attention and HeadPagedDecodeAttention
   DeviceBuffer gemm_workspace_;       // cuBLASLt's, kGemmBf16WorkspaceBytes

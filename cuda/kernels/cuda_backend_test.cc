@@ -33,6 +33,7 @@
 #include "cuda/backend.h"
 #include "cuda/cpu/reference_ops.h"
 #include "cuda/kernels/head_paged_decode_attention.cuh"
+#include "cuda/kernels/shareable_memory.h"
 #include "cuda/testing/head_paged_layout.h"
 
 namespace kvgate::ops {
@@ -1724,6 +1725,54 @@ INSTANTIATE_TEST_SUITE_P(Shapes, WindowAttentionProbsTest,
                                            WindowProbsCase{1, 1000, 1024, 32, 8, 128, 9, true},
                                            WindowProbsCase{1, 33, 40, 4, 2, 64, 10, true}),
                          CaseName<WindowProbsCase>);
+
+
+// Shareable buffers come from one slab, named once: two buffers' names differ only in
+// their offsets. A plain Alloc buffer cannot be exported, and a name of this process or
+// one pointing past its slab is refused before CUDA is asked.
+TEST(ShareableMemoryTest, BuffersShareOneNamedSlab) {
+  if (CudaDeviceCount() == 0) GTEST_SKIP() << "no CUDA device visible";
+  KVGATE_ASSERT_OK_AND_ASSIGN(std::unique_ptr<Backend> backend, CreateCudaBackend(0));
+  KVGATE_ASSERT_OK_AND_ASSIGN(DeviceBuffer a, backend->AllocShareable(1000));
+  KVGATE_ASSERT_OK_AND_ASSIGN(DeviceBuffer b, backend->AllocShareable(5000));
+  KVGATE_ASSERT_OK_AND_ASSIGN(std::string name_a, backend->ExportIpc(a));
+  KVGATE_ASSERT_OK_AND_ASSIGN(std::string name_b, backend->ExportIpc(b));
+  ASSERT_EQ(name_a.size(), sizeof(IpcName));
+  IpcName ia, ib;
+  std::memcpy(&ia, name_a.data(), sizeof(ia));
+  std::memcpy(&ib, name_b.data(), sizeof(ib));
+  EXPECT_EQ(std::memcmp(&ia.handle, &ib.handle, sizeof(ia.handle)), 0) << "one slab, one handle";
+  EXPECT_EQ(ia.slab_bytes, ib.slab_bytes);
+  EXPECT_EQ(ib.offset - ia.offset, static_cast<uint64_t>(static_cast<char*>(b.data()) - static_cast<char*>(a.data())));
+  EXPECT_EQ(ia.offset % 256, 0u);
+  // The buffers are ordinary device memory.
+  std::vector<float> host(250, 1.5f), back(250, 0.0f);
+  KVGATE_ASSERT_OK(backend->CopyToBackend(a.data(), host.data(), 1000));
+  KVGATE_ASSERT_OK(backend->CopyWithinBackend(b.data(), a.data(), 1000));
+  KVGATE_ASSERT_OK(backend->CopyToHost(back.data(), b.data(), 1000));
+  EXPECT_EQ(back, host);
+
+  KVGATE_ASSERT_OK_AND_ASSIGN(DeviceBuffer plain, backend->Alloc(1000));
+  EXPECT_EQ(backend->ExportIpc(plain).status().code(), absl::StatusCode::kFailedPrecondition);
+  EXPECT_EQ(backend->OpenIpc(name_a, 1000).status().code(), absl::StatusCode::kFailedPrecondition)
+      << "CUDA maps a name only in another process";
+  EXPECT_EQ(backend->OpenIpc(name_a, ia.slab_bytes + 1).status().code(), absl::StatusCode::kInvalidArgument)
+      << "past the end of the slab";
+  EXPECT_EQ(backend->OpenIpc(name_a.substr(1), 10).status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(backend->AllocShareable(0).status().code(), absl::StatusCode::kInvalidArgument);
+
+  // A released range is handed out again; a request larger than a slab gets its own.
+  const void* where = a.data();
+  a = DeviceBuffer();
+  KVGATE_ASSERT_OK_AND_ASSIGN(DeviceBuffer c, backend->AllocShareable(900));
+  EXPECT_EQ(c.data(), where);
+  KVGATE_ASSERT_OK_AND_ASSIGN(DeviceBuffer big, backend->AllocShareable(size_t{300} << 20));
+  KVGATE_ASSERT_OK_AND_ASSIGN(std::string name_big, backend->ExportIpc(big));
+  IpcName ig;
+  std::memcpy(&ig, name_big.data(), sizeof(ig));
+  EXPECT_NE(std::memcmp(&ig.handle, &ia.handle, sizeof(ig.handle)), 0);
+  EXPECT_GE(ig.slab_bytes, size_t{300} << 20);
+}
 
 }  // namespace
 }  // namespace kvgate::ops

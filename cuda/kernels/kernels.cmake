@@ -20,6 +20,7 @@ add_library(kvgate_ops_cuda STATIC
   ${CMAKE_CURRENT_SOURCE_DIR}/kernels/rms_norm.cu
   ${CMAKE_CURRENT_SOURCE_DIR}/kernels/rms_norm_bf16.cu
   ${CMAKE_CURRENT_SOURCE_DIR}/kernels/rope.cu
+  ${CMAKE_CURRENT_SOURCE_DIR}/kernels/shareable_memory.cc
   ${CMAKE_CURRENT_SOURCE_DIR}/kernels/silu_mul.cu
   ${CMAKE_CURRENT_SOURCE_DIR}/kernels/silu_mul_bf16.cu
   ${CMAKE_CURRENT_SOURCE_DIR}/kernels/store_kv.cu

@@ -75,7 +75,7 @@ absl::StatusOr<TransferHeader> FromHeaderProto(const v1::KvTransferHeader& heade
         return absl::InvalidArgumentError(absl::StrCat("header.lengths: layer ", l, " kv head ", h, " has ", n,
                                                        " rows (next_pos ", shell.next_pos, ")"));
       }
-      out.layer_bytes[l] += HeadPayloadBytes(n, shell.head_dim, shell.has_query_masks, shell.has_scores,
+      out.layer_bytes[l] += HeadPayloadBytes(n, shell.next_pos, shell.head_dim, shell.has_query_masks, shell.has_scores,
                                              /*with_kv=*/!header.has_device_rows());
       total_rows += n;
       if (out.layer_bytes[l] > kMaxTransferPayloadBytes) {

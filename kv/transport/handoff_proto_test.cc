@@ -70,7 +70,8 @@ TEST(HandoffProtoTest, DeviceRowsLeaveKAndVOutOfThePayload) {
   const KvHandoff sent = testing::WithBackendRows(host, backend->get());
   int64_t rows = 0;
   for (const HeadRows& head : sent.heads) rows += static_cast<int64_t>(head.positions.size());
-  EXPECT_EQ(sent.PayloadBytes(), rows * (4 + 1 + 4)) << "positions, masks and scores only";
+  EXPECT_EQ(host.PayloadBytes() - sent.PayloadBytes(), rows * 2 * host.head_dim * int64_t{sizeof(float)})
+      << "positions, masks and scores only";
   EXPECT_EQ(sent.HeldBytes(), sent.PayloadBytes() + static_cast<int64_t>(sent.backend_rows->k.bytes() * 2));
 
   v1::KvTransferHeader header = ToHeaderProto(sent);

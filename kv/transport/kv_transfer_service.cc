@@ -2,8 +2,8 @@
 // ServerReadReactor per Push stream reserves the payload in the inbox on the header,
 // checks every chunk's CRC-32C, parses each layer as soon as its bytes are complete,
 // validates the handoff at the trailer and delivers it at the sender's half-close (a chunk
-// after the trailer is INVALID_ARGUMENT). A header naming device rows (cuda_ipc) has them
-// copied into this worker's backend at once. Any error or a cancelled stream gives
+// after the trailer is INVALID_ARGUMENT). A header naming device rows (cuda_ipc) has their
+// copy into this worker's backend queued at once and awaited before the delivery. Any error or a cancelled stream gives
 // the reservation back; no stream, however malformed, can crash the worker.
 #include <grpcpp/grpcpp.h>
 
@@ -118,16 +118,17 @@ class PushReactor final : public grpc::ServerReadReactor<v1::KvTransferChunk> {
     return absl::OkStatus();
   }
 
-  // Maps the sender's K and V buffers, copies them into buffers of this worker's backend
-  // and unmaps them: the sender may free its buffers as soon as this stream ends.
+  // Maps the sender's K and V buffers (the backend keeps each slab of the sender mapped,
+  // so only a first transfer pays the open) and queues their copy into buffers of this
+  // worker's backend. The copy runs while the layers stream in; Deliver waits for it, so
+  // the sender, which frees its buffers when this stream ends, never races it.
   absl::StatusOr<BackendRows> CopyDeviceRows(const DeviceRowsRef& ref) {
     const bool timing = TransferTimingEnabled();
     absl::Time t = absl::Now();
-    std::string phases;
     auto lap = [&](const char* what) {
       if (!timing) return;
       const absl::Time now = absl::Now();
-      absl::StrAppend(&phases, " ", what, " ", absl::ToDoubleMilliseconds(now - t), " ms;");
+      absl::StrAppend(&phases_, " ", what, " ", absl::ToDoubleMilliseconds(now - t), " ms;");
       t = now;
     };
     BackendRows rows;
@@ -136,22 +137,32 @@ class PushReactor final : public grpc::ServerReadReactor<v1::KvTransferChunk> {
     rows.head_dim = handoff_.head_dim;
     rows.dtype = ref.dtype;
     const size_t bytes = static_cast<size_t>(ref.buffer_bytes);
-    KVGATE_ASSIGN_OR_RETURN(ops::DeviceBuffer k_there, device_backend_->OpenIpc(ref.k_name, bytes));
-    KVGATE_ASSIGN_OR_RETURN(ops::DeviceBuffer v_there, device_backend_->OpenIpc(ref.v_name, bytes));
+    KVGATE_ASSIGN_OR_RETURN(mapped_k_, device_backend_->OpenIpc(ref.k_name, bytes));
+    KVGATE_ASSIGN_OR_RETURN(mapped_v_, device_backend_->OpenIpc(ref.v_name, bytes));
     lap("open");
-    KVGATE_ASSIGN_OR_RETURN(rows.k, device_backend_->Alloc(bytes));
-    KVGATE_ASSIGN_OR_RETURN(rows.v, device_backend_->Alloc(bytes));
+    // From slabs the backend keeps: no cudaMalloc per transfer.
+    KVGATE_ASSIGN_OR_RETURN(rows.k, device_backend_->AllocShareable(bytes));
+    KVGATE_ASSIGN_OR_RETURN(rows.v, device_backend_->AllocShareable(bytes));
     lap("alloc");
-    KVGATE_RETURN_IF_ERROR(device_backend_->CopyWithinBackend(rows.k.data(), k_there.data(), bytes));
-    KVGATE_RETURN_IF_ERROR(device_backend_->CopyWithinBackend(rows.v.data(), v_there.data(), bytes));
-    // The copies must be done before the mappings close (when k_there / v_there go).
-    KVGATE_RETURN_IF_ERROR(device_backend_->Synchronize());
-    lap("copy");
-    k_there = ops::DeviceBuffer();
-    v_there = ops::DeviceBuffer();
-    lap("close");
-    if (timing) std::fprintf(stderr, "receive %s:%s\n", transfer_id_.c_str(), phases.c_str());
+    KVGATE_RETURN_IF_ERROR(device_backend_->CopyWithinBackend(rows.k.data(), mapped_k_.data(), bytes));
+    KVGATE_RETURN_IF_ERROR(device_backend_->CopyWithinBackend(rows.v.data(), mapped_v_.data(), bytes));
+    lap("queue copy");
     return rows;
+  }
+
+  // The queued copy of device rows is done (before the sender may free its buffers).
+  absl::Status AwaitDeviceCopy() {
+    if (mapped_k_.data() == nullptr && mapped_v_.data() == nullptr) return absl::OkStatus();
+    const absl::Time t = absl::Now();
+    absl::Status s = device_backend_->Synchronize();
+    mapped_k_ = ops::DeviceBuffer();
+    mapped_v_ = ops::DeviceBuffer();
+    if (TransferTimingEnabled()) {
+      std::fprintf(stderr, "receive %s:%s copy wait %.3f ms\n", transfer_id_.c_str(), phases_.c_str(),
+                   absl::ToDoubleMilliseconds(absl::Now() - t));
+    }
+    if (!s.ok()) return absl::Status(s.code(), absl::StrCat(Where(), "copying the device rows: ", s.message()));
+    return absl::OkStatus();
   }
 
   absl::Status OnLayer(const v1::KvLayerChunk& chunk) {
@@ -216,6 +227,7 @@ class PushReactor final : public grpc::ServerReadReactor<v1::KvTransferChunk> {
 
   // At the half-close after a valid trailer: hands the transfer to the inbox.
   absl::Status Deliver() {
+    if (absl::Status s = AwaitDeviceCopy(); !s.ok()) return s;
     if (absl::Status s = inbox_->Deliver(std::move(handoff_)); !s.ok()) return s;
     reserved_ = false;  // the delivered handoff holds the reservation now
     ack_->set_bytes_received(total_received_ + device_bytes_);
@@ -225,6 +237,8 @@ class PushReactor final : public grpc::ServerReadReactor<v1::KvTransferChunk> {
   // Finishes the call once; an error first gives the reservation back, so that a sender
   // seeing the status sees the inbox already freed.
   void End(const absl::Status& status) {
+    // A copy still queued must end before the sender learns the stream is over.
+    if (!status.ok()) (void)AwaitDeviceCopy();
     if (!status.ok() && reserved_) {
       inbox_->Unreserve(transfer_id_);
       reserved_ = false;
@@ -248,6 +262,8 @@ class PushReactor final : public grpc::ServerReadReactor<v1::KvTransferChunk> {
   std::vector<std::string> buffers_;  // [num_layers] bytes of a layer not yet complete
   int64_t total_received_ = 0;
   int64_t device_bytes_ = 0;  // K and V copied from the sender's device memory
+  ops::DeviceBuffer mapped_k_, mapped_v_;  // the sender's rows while their copy is queued
+  std::string phases_;                      // KVGATE_TRANSFER_TIMING
 };
 
 // Refuses a stream that lacks the internal token, before reading anything.

@@ -83,6 +83,10 @@ class TcpSender final : public KvSender {
       open = metadata.find(kTransferReservedKey) != metadata.end();
     }
     const absl::Time t_reserved = absl::Now();
+    // With K and V by name the layers are a few KB each: corked, they leave together with
+    // the trailer instead of paying a round of the gRPC machinery each.
+    grpc::WriteOptions layer_options;
+    if (handoff.backend_rows != nullptr) layer_options.set_buffer_hint();
     for (int32_t layer = 0; open && layer < handoff.num_layers; ++layer) {
       const std::string payload = SerializeLayer(handoff, layer);
       const std::string_view bytes(payload);
@@ -94,7 +98,7 @@ class TcpSender final : public KvSender {
         part->set_offset(static_cast<int64_t>(offset));
         part->set_data(data.data(), data.size());
         part->set_crc32c(Crc32c(data));
-        open = writer->Write(chunk);
+        open = writer->Write(chunk, layer_options);
       }
     }
     if (open) {

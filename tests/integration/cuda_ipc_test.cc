@@ -116,6 +116,50 @@ TEST(CudaIpcTest, SplitRolesOnOneGpuServeWhatTcpServes) {
   EXPECT_TRUE(Idle(*info)) << Describe(*info);
 }
 
+// A decode worker killed mid-stream under cuda_ipc fails the stream UNAVAILABLE within
+// 2 s; the KV manager releases the lease and the prefill worker holds no pages (its
+// transfer buffers come from shareable slabs that it keeps for the next transfer).
+TEST(CudaIpcTest, KilledDecodeWorkerFailsTheStreamAndFreesThePrefillPages) {
+  if (!OnGpu()) GTEST_SKIP() << "needs a GPU: set KVGATE_TEST_BACKEND=cuda";
+  DeploymentOptions options = SplitOnGpu("cuda_ipc");
+  options.metrics = true;
+  auto started = Deployment::Start(options);
+  ASSERT_TRUE(started.ok()) << started.status();
+  Deployment& d = **started;
+  Case c;
+  c.policy = "snapkv";
+  c.keep_ratio = 0.5f;
+  c.prompt = StoryPrompt(Reference().tokenizer(), 200, 3);
+  c.max_tokens = 400;
+  c.ignore_eos = true;
+  c.request_id = "ipc-decode-killed";
+  absl::Time killed_at = absl::InfiniteFuture();
+  CallOptions call;
+  call.timeout = absl::Seconds(30);
+  call.on_chunk = [&](grpc::ClientContext*, const StreamResult& so_far) {
+    if (so_far.chunks == 3) {
+      killed_at = absl::Now();
+      d.decode()->Kill();
+    }
+  };
+  const StreamResult r = Generate(d.stub(), c.Request(), call);
+  const absl::Time failed_at = absl::Now();
+  ASSERT_NE(killed_at, absl::InfiniteFuture()) << "the stream ended before its third chunk: " << ToString(r.status);
+  EXPECT_EQ(r.status.error_code(), grpc::StatusCode::UNAVAILABLE) << ToString(r.status);
+  EXPECT_LE(failed_at - killed_at, absl::Seconds(2)) << absl::FormatDuration(failed_at - killed_at);
+  ASSERT_TRUE(d.prefill()->metrics_port().has_value()) << d.prefill()->Output();
+  std::optional<double> prefill_pages;
+  const bool drained = PollUntil(
+      [&] {
+        absl::StatusOr<std::string> body = HttpGet(*d.prefill()->metrics_port(), "/metrics");
+        prefill_pages = body.ok() ? MetricValue(*body, "kvgate_kv_pages_used{role=\"prefill\"}") : std::nullopt;
+        return prefill_pages.has_value() && *prefill_pages == 0;
+      },
+      absl::Seconds(2));
+  EXPECT_TRUE(drained) << "prefill pages used: " << (prefill_pages ? std::to_string(*prefill_pages) : "absent");
+  EXPECT_FALSE(d.prefill()->Exited()) << d.Logs();
+}
+
 // cuda_ipc joins two processes: `serve` (every role in one) refuses it at start, naming
 // the transport to use instead; a misspelled transport is refused too. Runs everywhere.
 TEST(CudaIpcTest, ServeRefusesTheTransportAtStart) {
