@@ -15,6 +15,28 @@
 namespace kvgate::kv {
 namespace {
 
+// Row copies as runs of consecutive rows on both sides, at most kMaxRunRows each (a warp
+// copies a run, so runs stay short enough to spread over the GPU).
+constexpr int32_t kMaxRunRows = 64;
+struct RowRuns {
+  std::vector<int32_t> src, dst, length;
+};
+RowRuns ToRowRuns(const RowCopies& copies) {
+  RowRuns runs;
+  for (int32_t i = 0; i < copies.size(); ++i) {
+    const int32_t s = copies.src_rows[i], d = copies.dst_rows[i];
+    if (!runs.src.empty() && runs.length.back() < kMaxRunRows && s == runs.src.back() + runs.length.back() &&
+        d == runs.dst.back() + runs.length.back()) {
+      ++runs.length.back();
+      continue;
+    }
+    runs.src.push_back(s);
+    runs.dst.push_back(d);
+    runs.length.push_back(1);
+  }
+  return runs;
+}
+
 absl::Status WithContext(const absl::Status& s, absl::string_view what) {
   if (s.ok()) return s;
   return absl::Status(s.code(), absl::StrCat(what, ": ", s.message()));
@@ -72,19 +94,37 @@ absl::StatusOr<int32_t*> KvPool::Upload(absl::Span<const int32_t> host, ops::Dev
 template <typename SrcK, typename SrcV>
 absl::Status KvPool::RunCopies(absl::Span<const RowCopies> copies, ops::KvDtype src_dtype, SrcK k_src,
                                SrcV v_src) {
-  std::vector<int32_t> host;
-  for (const RowCopies& c : copies) {
-    host.insert(host.end(), c.src_rows.begin(), c.src_rows.end());
-    host.insert(host.end(), c.dst_rows.begin(), c.dst_rows.end());
+  // Rows that run on consecutively on both sides (a page of a kept-everything head) go as
+  // one entry with its length: three ints a run instead of two a row to build and upload.
+  int64_t rows_total = 0, runs_total = 0;
+  std::vector<RowRuns> runs(copies.size());
+  for (size_t l = 0; l < copies.size(); ++l) {
+    runs[l] = ToRowRuns(copies[l]);
+    rows_total += copies[l].size();
+    runs_total += static_cast<int64_t>(runs[l].src.size());
   }
-  if (host.empty()) return absl::OkStatus();
+  if (rows_total == 0) return absl::OkStatus();
+  const bool as_runs = 3 * runs_total < 2 * rows_total;
+  std::vector<int32_t> host;
+  host.reserve(static_cast<size_t>(as_runs ? 3 * runs_total : 2 * rows_total));
+  for (size_t l = 0; l < copies.size(); ++l) {
+    if (as_runs) {
+      host.insert(host.end(), runs[l].src.begin(), runs[l].src.end());
+      host.insert(host.end(), runs[l].dst.begin(), runs[l].dst.end());
+      host.insert(host.end(), runs[l].length.begin(), runs[l].length.end());
+    } else {
+      host.insert(host.end(), copies[l].src_rows.begin(), copies[l].src_rows.end());
+      host.insert(host.end(), copies[l].dst_rows.begin(), copies[l].dst_rows.end());
+    }
+  }
   KVGATE_ASSIGN_OR_RETURN(const int32_t* rows, Upload(host, &copy_scratch_));
   for (size_t l = 0; l < copies.size(); ++l) {
-    const int32_t n = copies[l].size();
+    const int32_t n = as_runs ? static_cast<int32_t>(runs[l].src.size()) : copies[l].size();
     if (n == 0) continue;
     ops::CopyRowsArgs args;
     args.src_rows = rows;
     args.dst_rows = rows + n;
+    args.run_lengths = as_runs ? rows + 2 * n : nullptr;
     args.num_rows = n;
     args.row_elements = head_dim_;
     args.src_dtype = src_dtype;
@@ -95,7 +135,7 @@ absl::Status KvPool::RunCopies(absl::Span<const RowCopies> copies, ops::KvDtype 
     args.src = v_src(static_cast<int32_t>(l));
     args.dst = v_pages_.data();
     KVGATE_RETURN_IF_ERROR(backend_->CopyRows(args));
-    rows += 2 * n;
+    rows += (as_runs ? 3 : 2) * n;
   }
   return absl::OkStatus();
 }
@@ -468,22 +508,28 @@ absl::StatusOr<BackendRows> KvPool::GatherRows(const SequenceLayout& layout) {
   KVGATE_ASSIGN_OR_RETURN(out.k, backend_->AllocShareable(bytes));
   KVGATE_ASSIGN_OR_RETURN(out.v, backend_->AllocShareable(bytes));
   if (total == 0) return out;
-  RowCopies copies;
-  copies.src_rows.reserve(static_cast<size_t>(total));
+  // One run a page: a head's rows fill its pages in order, and land one after another.
+  std::vector<int32_t> host;
+  host.reserve(static_cast<size_t>(3 * (total / page_tokens_ + static_cast<int64_t>(layout.heads.size()))));
+  std::vector<int32_t> dst, length;
+  int32_t at = 0;
   for (const HeadPages& hp : layout.heads) {
-    for (int32_t r = 0; r < hp.length; ++r) {
-      copies.src_rows.push_back(hp.page_ids[r / page_tokens_] * page_tokens_ + r % page_tokens_);
+    for (int32_t r = 0; r < hp.length; r += page_tokens_) {
+      host.push_back(hp.page_ids[r / page_tokens_] * page_tokens_);
+      dst.push_back(at + r);
+      length.push_back(std::min(page_tokens_, hp.length - r));
     }
+    at += hp.length;
   }
-  copies.dst_rows.resize(copies.src_rows.size());
-  for (size_t i = 0; i < copies.dst_rows.size(); ++i) copies.dst_rows[i] = static_cast<int32_t>(i);
-  std::vector<int32_t> host(std::move(copies.src_rows));
-  host.insert(host.end(), copies.dst_rows.begin(), copies.dst_rows.end());
+  const int32_t runs = static_cast<int32_t>(dst.size());
+  host.insert(host.end(), dst.begin(), dst.end());
+  host.insert(host.end(), length.begin(), length.end());
   KVGATE_ASSIGN_OR_RETURN(const int32_t* rows, Upload(host, &copy_scratch_));
   ops::CopyRowsArgs args;
   args.src_rows = rows;
-  args.dst_rows = rows + total;
-  args.num_rows = static_cast<int32_t>(total);
+  args.dst_rows = rows + runs;
+  args.run_lengths = rows + 2 * runs;
+  args.num_rows = runs;
   args.row_elements = head_dim_;
   args.src_dtype = dtype_;
   args.dst_dtype = dtype_;

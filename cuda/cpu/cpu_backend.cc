@@ -210,31 +210,34 @@ class CpuBackend final : public Backend {
     if (a.src_dtype != a.dst_dtype && a.src == a.dst && a.num_rows > 0) {
       return absl::InvalidArgumentError("CopyRows: a converting copy within one buffer");
     }
+    auto run = [&](int64_t i) -> int64_t { return a.run_lengths != nullptr ? a.run_lengths[i] : 1; };
+    const int32_t work_per_entry = a.row_elements * (a.run_lengths != nullptr ? 16 : 1);  // a rough page
     if (a.src_dtype == a.dst_dtype) {
       const size_t element_bytes = KvDtypeBytes(a.src_dtype);
       const size_t row_bytes = static_cast<size_t>(a.row_elements) * element_bytes;
       const char* src = static_cast<const char*>(a.src);
       char* dst = static_cast<char*>(a.dst);
-      ParallelRows(a.num_rows, a.row_elements, [&](int64_t begin, int64_t end) {
+      ParallelRows(a.num_rows, work_per_entry, [&](int64_t begin, int64_t end) {
         for (int64_t i = begin; i < end; ++i) {
           std::memmove(dst + static_cast<int64_t>(a.dst_rows[i]) * row_bytes,
-                       src + static_cast<int64_t>(a.src_rows[i]) * row_bytes, row_bytes);
+                       src + static_cast<int64_t>(a.src_rows[i]) * row_bytes, row_bytes * run(i));
         }
       });
       return absl::OkStatus();
     }
-    ParallelRows(a.num_rows, a.row_elements, [&](int64_t begin, int64_t end) {
+    ParallelRows(a.num_rows, work_per_entry, [&](int64_t begin, int64_t end) {
       for (int64_t i = begin; i < end; ++i) {
         const int64_t src = static_cast<int64_t>(a.src_rows[i]) * a.row_elements;
         const int64_t dst = static_cast<int64_t>(a.dst_rows[i]) * a.row_elements;
+        const int64_t elements = int64_t{a.row_elements} * run(i);
         if (a.dst_dtype == KvDtype::kBf16) {
           const float* from = static_cast<const float*>(a.src) + src;
           Bf16* to = static_cast<Bf16*>(a.dst) + dst;
-          for (int32_t e = 0; e < a.row_elements; ++e) to[e] = F32ToBf16(from[e]);
+          for (int64_t e = 0; e < elements; ++e) to[e] = F32ToBf16(from[e]);
         } else {
           const Bf16* from = static_cast<const Bf16*>(a.src) + src;
           float* to = static_cast<float*>(a.dst) + dst;
-          for (int32_t e = 0; e < a.row_elements; ++e) to[e] = Bf16ToF32(from[e]);
+          for (int64_t e = 0; e < elements; ++e) to[e] = Bf16ToF32(from[e]);
         }
       }
     });

@@ -407,6 +407,62 @@ TEST_F(CpuBackendTest, CopyRowsIsExact) {
   }
 }
 
+// Runs (run_lengths): entry i copies run_lengths[i] consecutive rows; the result equals the
+// same copy written out one row an entry, for every dtype pair, in the backend and the reference.
+TEST_F(CpuBackendTest, CopyRowRunsEqualTheRowByRowCopy) {
+  const int page = 16, pages = 40, row_elements = 24;
+  std::mt19937 rng(47);
+  std::vector<int32_t> page_order(pages);
+  std::iota(page_order.begin(), page_order.end(), 0);
+  std::shuffle(page_order.begin(), page_order.end(), rng);
+  // Source: a contiguous cache of 300 rows cut into runs of 1..16 rows; each run lands at
+  // the start of its own (shuffled) page.
+  std::vector<int32_t> src_runs, dst_runs, lengths, src_rows, dst_rows;
+  for (int32_t at = 0, k = 0; at < 300 && k < pages; ++k) {
+    const int32_t n = std::min<int32_t>(1 + static_cast<int32_t>(rng() % page), 300 - at);
+    src_runs.push_back(at);
+    dst_runs.push_back(page_order[k] * page);
+    lengths.push_back(n);
+    for (int32_t r = 0; r < n; ++r) {
+      src_rows.push_back(at + r);
+      dst_rows.push_back(page_order[k] * page + r);
+    }
+    at += n;
+  }
+  lengths.push_back(0);  // an empty run is a no-op
+  src_runs.push_back(0);
+  dst_runs.push_back(0);
+  const size_t src_n = 300 * row_elements, dst_n = static_cast<size_t>(pages) * page * row_elements;
+  const std::vector<float> src = RandomVector(src_n, 48);
+  std::vector<Bf16> src_bf16(src_n);
+  for (size_t i = 0; i < src_n; ++i) src_bf16[i] = F32ToBf16(src[i]);
+  for (KvDtype from : {KvDtype::kFloat32, KvDtype::kBf16}) {
+    for (KvDtype to : {KvDtype::kFloat32, KvDtype::kBf16}) {
+      const void* src_data = from == KvDtype::kFloat32 ? static_cast<const void*>(src.data()) : src_bf16.data();
+      std::vector<float> want_f(dst_n, 7.0f), got_f(dst_n, 7.0f), ref_f(dst_n, 7.0f);
+      std::vector<Bf16> want_b(dst_n, F32ToBf16(7.0f)), got_b = want_b, ref_b = want_b;
+      auto dst_of = [&](std::vector<float>& f, std::vector<Bf16>& b) -> void* {
+        return to == KvDtype::kFloat32 ? static_cast<void*>(f.data()) : b.data();
+      };
+      CopyRowsRef({src_data, dst_of(want_f, want_b), src_rows.data(), dst_rows.data(),
+                   static_cast<int32_t>(src_rows.size()), row_elements, from, to});
+      CopyRowsArgs runs{src_data, dst_of(got_f, got_b), src_runs.data(), dst_runs.data(),
+                        static_cast<int32_t>(src_runs.size()), row_elements, from, to, lengths.data()};
+      ASSERT_TRUE(backend_->CopyRows(runs).ok());
+      runs.dst = dst_of(ref_f, ref_b);
+      CopyRowsRef(runs);
+      const std::string what = absl::StrCat(KvDtypeName(from), " -> ", KvDtypeName(to));
+      if (to == KvDtype::kFloat32) {
+        EXPECT_EQ(std::memcmp(got_f.data(), want_f.data(), dst_n * 4), 0) << "cpu " << what;
+        EXPECT_EQ(std::memcmp(ref_f.data(), want_f.data(), dst_n * 4), 0) << "ref " << what;
+      } else {
+        EXPECT_EQ(std::memcmp(got_b.data(), want_b.data(), dst_n * 2), 0) << "cpu " << what;
+        EXPECT_EQ(std::memcmp(ref_b.data(), want_b.data(), dst_n * 2), 0) << "ref " << what;
+      }
+    }
+  }
+}
+
 // float32 -> bf16 rounds each element to nearest even (F32ToBf16), bf16 -> float32 widens
 // exactly, bf16 -> bf16 moves the bits; the backend and the reference agree bit for bit,
 // and untouched rows keep their old contents.

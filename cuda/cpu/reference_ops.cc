@@ -130,7 +130,8 @@ void CopyRowsRef(const CopyRowsArgs& a) {
   for (int32_t i = 0; i < a.num_rows; ++i) {
     const int64_t src = static_cast<int64_t>(a.src_rows[i]) * a.row_elements;
     const int64_t dst = static_cast<int64_t>(a.dst_rows[i]) * a.row_elements;
-    for (int32_t e = 0; e < a.row_elements; ++e) {
+    const int64_t elements = int64_t{a.row_elements} * (a.run_lengths != nullptr ? a.run_lengths[i] : 1);
+    for (int64_t e = 0; e < elements; ++e) {
       if (a.src_dtype == KvDtype::kBf16 && a.dst_dtype == KvDtype::kBf16) {
         static_cast<Bf16*>(a.dst)[dst + e] = static_cast<const Bf16*>(a.src)[src + e];  // NaN bits too
         continue;

@@ -15,15 +15,19 @@ constexpr int kCopyRowsWarps = kCopyRowsBlockSize / 32;
 // Warp-stride over the rows: warp w of the grid copies rows w, w + total warps, ...;
 // its lanes stride over the row's row_units units of type T (raw words of 2 to 16
 // bytes). src and dst are not __restrict__: compaction copies within one buffer.
+// With run_lengths, entry i is a run of run_lengths[i] rows, contiguous on both sides,
+// so the warp copies run_lengths[i] * row_units units in one stride.
 template <typename T>
 __global__ void CopyRowsKernel(const T* src, T* dst, const int32_t* __restrict__ src_rows,
-                               const int32_t* __restrict__ dst_rows, int32_t num_rows, int32_t row_units) {
+                               const int32_t* __restrict__ dst_rows, const int32_t* __restrict__ run_lengths,
+                               int32_t num_rows, int32_t row_units) {
   const int lane = threadIdx.x % 32;
   const int64_t first_warp = static_cast<int64_t>(blockIdx.x) * kCopyRowsWarps + threadIdx.x / 32;
   for (int64_t i = first_warp; i < num_rows; i += static_cast<int64_t>(gridDim.x) * kCopyRowsWarps) {
     const T* from = src + static_cast<int64_t>(src_rows[i]) * row_units;
     T* to = dst + static_cast<int64_t>(dst_rows[i]) * row_units;
-    for (int32_t e = lane; e < row_units; e += 32) to[e] = from[e];
+    const int64_t units = static_cast<int64_t>(row_units) * (run_lengths != nullptr ? run_lengths[i] : 1);
+    for (int64_t e = lane; e < units; e += 32) to[e] = from[e];
   }
 }
 
@@ -40,13 +44,14 @@ __device__ __forceinline__ __nv_bfloat16 Narrow<__nv_bfloat16>(float x) { return
 template <typename Src, typename Dst>
 __global__ void ConvertRowsKernel(const Src* __restrict__ src, Dst* __restrict__ dst,
                                   const int32_t* __restrict__ src_rows, const int32_t* __restrict__ dst_rows,
-                                  int32_t num_rows, int32_t row_elements) {
+                                  const int32_t* __restrict__ run_lengths, int32_t num_rows, int32_t row_elements) {
   const int lane = threadIdx.x % 32;
   const int64_t first_warp = static_cast<int64_t>(blockIdx.x) * kCopyRowsWarps + threadIdx.x / 32;
   for (int64_t i = first_warp; i < num_rows; i += static_cast<int64_t>(gridDim.x) * kCopyRowsWarps) {
     const Src* from = src + static_cast<int64_t>(src_rows[i]) * row_elements;
     Dst* to = dst + static_cast<int64_t>(dst_rows[i]) * row_elements;
-    for (int32_t e = lane; e < row_elements; e += 32) to[e] = Narrow<Dst>(Widen(from[e]));
+    const int64_t elements = static_cast<int64_t>(row_elements) * (run_lengths != nullptr ? run_lengths[i] : 1);
+    for (int64_t e = lane; e < elements; e += 32) to[e] = Narrow<Dst>(Widen(from[e]));
   }
 }
 
@@ -78,24 +83,24 @@ absl::Status LaunchCopyRows(const CopyRowsArgs& args, cudaStream_t stream) {
     if (fits(16)) {
       CopyRowsKernel<uint4><<<blocks, kCopyRowsBlockSize, 0, stream>>>(
           static_cast<const uint4*>(args.src), static_cast<uint4*>(args.dst), args.src_rows, args.dst_rows,
-          args.num_rows, static_cast<int32_t>(row_bytes / 16));
+          args.run_lengths, args.num_rows, static_cast<int32_t>(row_bytes / 16));
     } else if (fits(4)) {
       CopyRowsKernel<uint32_t><<<blocks, kCopyRowsBlockSize, 0, stream>>>(
           static_cast<const uint32_t*>(args.src), static_cast<uint32_t*>(args.dst), args.src_rows, args.dst_rows,
-          args.num_rows, static_cast<int32_t>(row_bytes / 4));
+          args.run_lengths, args.num_rows, static_cast<int32_t>(row_bytes / 4));
     } else {
       CopyRowsKernel<uint16_t><<<blocks, kCopyRowsBlockSize, 0, stream>>>(
           static_cast<const uint16_t*>(args.src), static_cast<uint16_t*>(args.dst), args.src_rows, args.dst_rows,
-          args.num_rows, static_cast<int32_t>(row_bytes / 2));
+          args.run_lengths, args.num_rows, static_cast<int32_t>(row_bytes / 2));
     }
   } else if (args.dst_dtype == KvDtype::kBf16) {
     ConvertRowsKernel<float, __nv_bfloat16><<<blocks, kCopyRowsBlockSize, 0, stream>>>(
         static_cast<const float*>(args.src), static_cast<__nv_bfloat16*>(args.dst), args.src_rows, args.dst_rows,
-        args.num_rows, args.row_elements);
+        args.run_lengths, args.num_rows, args.row_elements);
   } else {
     ConvertRowsKernel<__nv_bfloat16, float><<<blocks, kCopyRowsBlockSize, 0, stream>>>(
         static_cast<const __nv_bfloat16*>(args.src), static_cast<float*>(args.dst), args.src_rows, args.dst_rows,
-        args.num_rows, args.row_elements);
+        args.run_lengths, args.num_rows, args.row_elements);
   }
   KVGATE_CUDA_RETURN_IF_ERROR(cudaGetLastError());
   return absl::OkStatus();
