@@ -4,7 +4,6 @@
 #include <bit>
 #include <cstdint>
 #include <limits>
-#include <unordered_map>
 #include <utility>
 
 #include "absl/strings/str_cat.h"
@@ -162,22 +161,34 @@ absl::Status KvPool::FillMasks(absl::Span<const int32_t> pages) {
 
 absl::Status KvPool::WriteMasks(const SequenceLayout& layout, absl::Span<const int32_t> pages) {
   if (pages.empty()) return absl::OkStatus();
-  std::vector<int32_t> sorted(pages.begin(), pages.end());
-  std::sort(sorted.begin(), sorted.end());
-  std::unordered_map<int32_t, size_t> slot_of;  // page id -> index in sorted
-  for (size_t i = 0; i < sorted.size(); ++i) slot_of.emplace(sorted[i], i);
+  // Page id -> its slot in the sorted list, in a flat table: a 32k-token sequence of an
+  // 8B model holds half a million pages, too many for a hash map per commit.
+  std::vector<int32_t> slot_of(static_cast<size_t>(num_pages_), -1);
+  for (const int32_t page : pages) slot_of[static_cast<size_t>(page)] = 0;
+  std::vector<int32_t> sorted;
+  sorted.reserve(pages.size());
+  if (pages.size() * 16 >= static_cast<size_t>(num_pages_)) {
+    for (int32_t page = 0; page < num_pages_; ++page) {
+      if (slot_of[static_cast<size_t>(page)] == 0) sorted.push_back(page);
+    }
+  } else {
+    sorted.assign(pages.begin(), pages.end());
+    std::sort(sorted.begin(), sorted.end());
+    sorted.erase(std::unique(sorted.begin(), sorted.end()), sorted.end());
+  }
+  for (size_t i = 0; i < sorted.size(); ++i) slot_of[static_cast<size_t>(sorted[i])] = static_cast<int32_t>(i);
   const int32_t pt = page_tokens_;
   std::vector<uint8_t> bytes(sorted.size() * pt, kAllQueryHeads);
   size_t found = 0;
   for (const HeadPages& hp : layout.heads) {
     for (size_t p = 0; p < hp.page_ids.size(); ++p) {
-      auto it = slot_of.find(hp.page_ids[p]);
-      if (it == slot_of.end()) continue;
+      const int32_t slot = slot_of[static_cast<size_t>(hp.page_ids[p])];
+      if (slot < 0) continue;
       ++found;
       if (!layout.has_query_masks) continue;  // all 0xFF already
       const int32_t first = static_cast<int32_t>(p) * pt;
       const int32_t rows = std::min(pt, hp.length - first);
-      std::copy_n(hp.query_mask.begin() + first, rows, bytes.begin() + it->second * pt);
+      std::copy_n(hp.query_mask.begin() + first, rows, bytes.begin() + static_cast<size_t>(slot) * pt);
     }
   }
   if (found != sorted.size()) {

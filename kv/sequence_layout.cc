@@ -200,6 +200,10 @@ absl::StatusOr<CommitPlan> PlanCommit(const gates::KeepPlan& plan, int32_t capac
   size_t next_page = 0;
   for (int32_t l = 0; l < plan.num_layers; ++l) {
     RowCopies& copies = out.copies[l];
+    size_t layer_rows = 0;
+    for (int32_t h = 0; h < plan.num_kv_heads; ++h) layer_rows += plan.at(l, h).positions.size();
+    copies.src_rows.reserve(layer_rows);
+    copies.dst_rows.reserve(layer_rows);
     for (int32_t h = 0; h < plan.num_kv_heads; ++h) {
       const gates::HeadKeep& keep = plan.at(l, h);
       HeadPages& hp = layout.at(l, h);
@@ -213,9 +217,10 @@ absl::StatusOr<CommitPlan> PlanCommit(const gates::KeepPlan& plan, int32_t capac
       const int64_t num_pages = PagesFor(n, page_tokens);
       hp.page_ids.assign(pages->begin() + next_page, pages->begin() + next_page + num_pages);
       next_page += num_pages;
+      const int32_t src_base = h * capacity_tokens;
       for (int32_t r = 0; r < n; ++r) {
-        copies.src_rows.push_back(h * capacity_tokens + keep.positions[r]);
-        copies.dst_rows.push_back(layout.PoolRow(l, h, r));
+        copies.src_rows.push_back(src_base + keep.positions[r]);
+        copies.dst_rows.push_back(hp.page_ids[static_cast<size_t>(r / page_tokens)] * page_tokens + r % page_tokens);
       }
     }
   }
