@@ -3,6 +3,7 @@
 #include <array>
 #include <bit>
 #include <cstring>
+#include <numeric>
 #include <utility>
 
 #include "absl/strings/str_cat.h"
@@ -37,9 +38,34 @@ void AppendPositions(const std::vector<int32_t>& positions, int32_t next_pos, ch
     return;
   }
   auto* bits = reinterpret_cast<uint8_t*>(*out);
+  const size_t n = positions.size();
   std::memset(bits, 0, static_cast<size_t>(BitmaskBytes(next_pos)));
-  for (const int32_t p : positions) bits[p >> 3] |= static_cast<uint8_t>(1u << (p & 7));
+  if (positions.front() == 0 && positions.back() == static_cast<int32_t>(n) - 1) {
+    // Ascending and distinct, so exactly 0..n-1: a head that kept its whole prompt.
+    std::memset(bits, 0xFF, n / 8);
+    if (n % 8 != 0) bits[n / 8] = static_cast<uint8_t>((1u << (n % 8)) - 1);
+  } else {
+    for (const int32_t p : positions) bits[p >> 3] |= static_cast<uint8_t>(1u << (p & 7));
+  }
   *out += BitmaskBytes(next_pos);
+}
+
+// Whether `bits` (of `bytes` bytes) holds exactly bits 0..count-1.
+bool IsPrefixMask(const uint8_t* bits, int64_t bytes, size_t count) {
+  const size_t full = count / 8;
+  if (static_cast<int64_t>(full) > bytes) return false;
+  for (size_t b = 0; b < full; ++b) {
+    if (bits[b] != 0xFF) return false;
+  }
+  size_t at = full;
+  if (count % 8 != 0) {
+    if (static_cast<int64_t>(at) >= bytes || bits[at] != static_cast<uint8_t>((1u << (count % 8)) - 1)) return false;
+    ++at;
+  }
+  for (; static_cast<int64_t>(at) < bytes; ++at) {
+    if (bits[at] != 0) return false;
+  }
+  return true;
 }
 
 absl::Status TakePositions(size_t count, int32_t next_pos, const char** in, std::vector<int32_t>* positions) {
@@ -50,6 +76,11 @@ absl::Status TakePositions(size_t count, int32_t next_pos, const char** in, std:
   const auto* bits = reinterpret_cast<const uint8_t*>(*in);
   const int64_t bytes = BitmaskBytes(next_pos);
   *in += bytes;
+  if (static_cast<int64_t>(count) <= next_pos && IsPrefixMask(bits, bytes, count)) {
+    positions->resize(count);
+    std::iota(positions->begin(), positions->end(), 0);
+    return absl::OkStatus();
+  }
   positions->clear();
   positions->reserve(count);
   for (int64_t b = 0; b < bytes; ++b) {

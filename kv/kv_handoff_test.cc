@@ -128,6 +128,47 @@ TEST(KvHandoffTest, PositionsTakeTheSmallerEncoding) {
   EXPECT_EQ(static_cast<uint8_t>(bytes[17]), 0);
 }
 
+// A head that kept its whole prompt (positions 0..n-1) is a run of set bits; it parses back
+// to the same positions, and a run with one bit too many is refused.
+TEST(KvHandoffTest, WholePromptHeadsRoundTrip) {
+  for (const int32_t n : {4, 8, 13, 64, 100}) {  // 13 bytes of bitmask beat 4n from n = 4 on
+    SCOPED_TRACE(n);
+    KvHandoff h;
+    h.num_layers = 1;
+    h.num_kv_heads = 2;
+    h.head_dim = 1;
+    h.next_pos = 100;
+    HeadRows whole, part;
+    for (int32_t r = 0; r < n; ++r) whole.positions.push_back(r);
+    for (int32_t r = 0; r < n; ++r) part.positions.push_back(r == n - 1 ? 99 : r);  // 0..n-2 and 99
+    whole.k.assign(n, 1.0f);
+    whole.v.assign(n, 2.0f);
+    part.k.assign(n, 3.0f);
+    part.v.assign(n, 4.0f);
+    h.heads = {whole, part};
+    ASSERT_TRUE(h.Validate().ok()) << h.Validate();
+    const std::string bytes = SerializeLayer(h, 0);
+    const size_t mask_at = 2 * n * 4;
+    EXPECT_EQ(static_cast<uint8_t>(bytes[mask_at]), n >= 8 ? 0xFF : (1u << n) - 1);
+    KvHandoff back;
+    back.num_layers = 1;
+    back.num_kv_heads = 2;
+    back.head_dim = 1;
+    back.next_pos = 100;
+    const std::vector<int32_t> lengths = h.Lengths();
+    ASSERT_TRUE(ParseLayer(bytes, lengths, 0, &back).ok());
+    ExpectSameRows(h, back);
+    std::string past = bytes;
+    past[mask_at + 12] = static_cast<char>(past[mask_at + 12] | 0x10);  // bit 100: next_pos
+    EXPECT_EQ(ParseLayer(past, lengths, 0, &back).code(), absl::StatusCode::kInvalidArgument);
+    if (n < 100) {
+      std::string extra = bytes;
+      extra[mask_at + n / 8] = static_cast<char>(extra[mask_at + n / 8] | (1 << (n % 8)));  // row n too
+      EXPECT_EQ(ParseLayer(extra, lengths, 0, &back).code(), absl::StatusCode::kInvalidArgument);
+    }
+  }
+}
+
 // A bitmask whose count differs from the header's length, or with a bit at or past
 // next_pos, is refused.
 TEST(KvHandoffTest, BadPositionsBitmaskIsRefused) {
