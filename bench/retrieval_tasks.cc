@@ -14,9 +14,12 @@
 namespace kvgate::bench {
 namespace {
 
-const std::array<std::string, 5>& TaskNames() {
-  static const std::array<std::string, 5>* const names =
-      new std::array<std::string, 5>{"niah_single", "niah_multikey", "niah_multivalue", "kv_lookup", "vt"};
+// Indexed by RetrievalTask.
+const std::vector<std::string>& TaskNames() {
+  static const std::vector<std::string>* const names = new std::vector<std::string>{
+      "niah_single", "niah_multikey", "niah_multivalue", "kv_lookup", "vt",
+      // Held out (bench/retrieval_tasks.md, "Held-out tasks"): never in training.
+      "niah_reworded", "kv_lookup_48", "kv_lookup_keyfmt", "vt_8hop", "vt_reworded"};
   return *names;
 }
 
@@ -35,6 +38,9 @@ constexpr std::array<std::string_view, kNumKeyWords> kKeyWords = {
 constexpr int kMultiNeedles = 4;     // niah_multikey keys, niah_multivalue values
 constexpr int kKvLookupPairs = 24;
 constexpr int kVtHops = 4;
+// Held-out tasks.
+constexpr int kKvLookup48Pairs = 48;
+constexpr int kVt8Hops = 8;
 
 bool IsSpace(char c) { return c == ' ' || c == '\t' || c == '\n' || c == '\v' || c == '\f' || c == '\r'; }
 
@@ -53,13 +59,15 @@ uint64_t Fnv1a64(std::string_view bytes) {
   return h;
 }
 
-std::vector<std::string> DrawKeys(int count, TaskRng* rng) {
+// `number_first` (kv_lookup_keyfmt) writes `<ddd>-<word>` from the same draws.
+std::vector<std::string> DrawKeys(int count, TaskRng* rng, bool number_first = false) {
   std::vector<std::string> keys;
   std::set<std::string> seen;
   while (static_cast<int>(keys.size()) < count) {
     const uint64_t word = rng->Below(kNumKeyWords);
     const uint64_t number = 100 + rng->Below(900);
-    std::string key = absl::StrCat(std::string(kKeyWords[word]), "-", number);
+    std::string key = number_first ? absl::StrCat(number, "-", std::string(kKeyWords[word]))
+                                   : absl::StrCat(std::string(kKeyWords[word]), "-", number);
     if (seen.insert(key).second) keys.push_back(std::move(key));
   }
   return keys;
@@ -92,6 +100,17 @@ const std::vector<RetrievalTask>& AllTasks() {
                                                    RetrievalTask::kNiahMultivalue, RetrievalTask::kKvLookup,
                                                    RetrievalTask::kVariableTracking};
   return tasks;
+}
+
+const std::vector<RetrievalTask>& HeldOutTasks() {
+  static const std::vector<RetrievalTask> tasks = {
+      RetrievalTask::kNiahReworded, RetrievalTask::kKvLookup48, RetrievalTask::kKvLookupKeyFormat,
+      RetrievalTask::kVariableTracking8Hops, RetrievalTask::kVariableTrackingReworded};
+  return tasks;
+}
+
+bool IsHeldOut(RetrievalTask task) {
+  return std::find(HeldOutTasks().begin(), HeldOutTasks().end(), task) != HeldOutTasks().end();
 }
 
 const std::array<std::string_view, kNumKeyWords>& KeyWords() { return kKeyWords; }
@@ -232,6 +251,44 @@ TaskContent MakeTaskContent(RetrievalTask task, TaskRng* rng, std::optional<doub
       c.inserted.push_back(absl::StrCat("VAR ", names[0], " = ", values[0], "."));
       for (int i = 1; i < kVtHops; ++i) c.inserted.push_back(absl::StrCat("VAR ", names[i], " = VAR ", names[i - 1], "."));
       c.question = absl::StrCat("\nQuestion: Which variables are assigned the value ", values[0], "?\nAnswer:");
+      c.answer = absl::StrCat(" ", absl::StrJoin(names, " "));
+      break;
+    }
+    // Held out: never in training (bench/retrieval_tasks.md, "Held-out tasks").
+    case RetrievalTask::kNiahReworded: {
+      const auto keys = DrawKeys(1, rng);
+      const auto values = DrawValues(1, rng);
+      c.inserted = {absl::StrCat("Remember that the secret code of ", keys[0], " is ", values[0], ".")};
+      c.question = absl::StrCat("\nQuestion: What is the secret code of ", keys[0], "?\nAnswer:");
+      c.answer = absl::StrCat(" ", values[0]);
+      break;
+    }
+    case RetrievalTask::kKvLookup48:
+    case RetrievalTask::kKvLookupKeyFormat: {
+      const int pairs = task == RetrievalTask::kKvLookup48 ? kKvLookup48Pairs : kKvLookupPairs;
+      const auto keys = DrawKeys(pairs, rng, /*number_first=*/task == RetrievalTask::kKvLookupKeyFormat);
+      const auto values = DrawValues(pairs, rng);
+      const size_t asked = rng->Below(pairs);
+      for (int i = 0; i < pairs; ++i) c.inserted.push_back(absl::StrCat("Key ", keys[i], " has value ", values[i], "."));
+      c.question = absl::StrCat("\nQuestion: What is the value of key ", keys[asked], "?\nAnswer:");
+      c.answer = absl::StrCat(" ", values[asked]);
+      break;
+    }
+    case RetrievalTask::kVariableTracking8Hops: {
+      const auto names = DrawKeys(kVt8Hops, rng);
+      const auto values = DrawValues(1, rng);
+      c.inserted.push_back(absl::StrCat("VAR ", names[0], " = ", values[0], "."));
+      for (int i = 1; i < kVt8Hops; ++i) c.inserted.push_back(absl::StrCat("VAR ", names[i], " = VAR ", names[i - 1], "."));
+      c.question = absl::StrCat("\nQuestion: Which variables are assigned the value ", values[0], "?\nAnswer:");
+      c.answer = absl::StrCat(" ", absl::StrJoin(names, " "));
+      break;
+    }
+    case RetrievalTask::kVariableTrackingReworded: {
+      const auto names = DrawKeys(kVtHops, rng);
+      const auto values = DrawValues(1, rng);
+      c.inserted.push_back(absl::StrCat("Let ", names[0], " be ", values[0], "."));
+      for (int i = 1; i < kVtHops; ++i) c.inserted.push_back(absl::StrCat("Let ", names[i], " be ", names[i - 1], "."));
+      c.question = absl::StrCat("\nQuestion: Which variables are equal to ", values[0], "?\nAnswer:");
       c.answer = absl::StrCat(" ", absl::StrJoin(names, " "));
       break;
     }

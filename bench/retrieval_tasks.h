@@ -16,7 +16,10 @@
 // while it repeats an earlier key; (3) its values, 1000000 + Below(9000000), redrawn while
 // repeated; (4) the asked needle, Below(count), for niah_multikey and kv_lookup only;
 // (5) one Unit() depth per inserted sentence, sorted ascending (none when niah_single is
-// given an exact depth).
+// given an exact depth). The held-out tasks draw in the same order: kv_lookup_48 and
+// kv_lookup_keyfmt as kv_lookup (48 pairs / 24 pairs; keyfmt writes each key number
+// first, `<ddd>-<word>`, from the same two draws), vt_8hop and vt_reworded as vt (8 / 4
+// names), niah_reworded as niah_single.
 #pragma once
 
 #include <array>
@@ -38,14 +41,23 @@ inline constexpr int32_t kMaxAnswerTokens = 48;
 // The eval's default seed; training draws from a disjoint stream.
 inline constexpr uint64_t kDefaultEvalSeed = 1234;
 
-enum class RetrievalTask { kNiahSingle, kNiahMultikey, kNiahMultivalue, kKvLookup, kVariableTracking };
+enum class RetrievalTask {
+  // The tasks kvgate-tiny and its gates were trained on.
+  kNiahSingle, kNiahMultikey, kNiahMultivalue, kKvLookup, kVariableTracking,
+  // Held out: never in training (bench/retrieval_tasks.md, "Held-out tasks").
+  kNiahReworded, kKvLookup48, kKvLookupKeyFormat, kVariableTracking8Hops, kVariableTrackingReworded,
+};
 
-// "niah_single", "niah_multikey", "niah_multivalue", "kv_lookup", "vt".
+// "niah_single", "niah_multikey", "niah_multivalue", "kv_lookup", "vt"; held out:
+// "niah_reworded", "kv_lookup_48", "kv_lookup_keyfmt", "vt_8hop", "vt_reworded".
 const std::string& TaskName(RetrievalTask task);
 // INVALID_ARGUMENT listing the known names for anything else.
 absl::StatusOr<RetrievalTask> ParseTask(std::string_view name);
-// Every task, in the order above.
+// The trained tasks, in the order above: the eval's default. Held-out tasks are never in it.
 const std::vector<RetrievalTask>& AllTasks();
+// The held-out tasks, in the order above; `kvgate eval --tasks` names them explicitly.
+const std::vector<RetrievalTask>& HeldOutTasks();
+bool IsHeldOut(RetrievalTask task);
 
 // The key words as the spec lists them (it announces 64 but lists 63; the training data
 // of gates/train/tiny_data.py uses the same 63).

@@ -9,6 +9,7 @@
 
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
 #include "absl/strings/str_split.h"
 #include "engine/model_config.h"
 #include "tests/testing/paths.h"
@@ -213,6 +214,123 @@ TEST(TaskContentTest, TemplatesAndAnswers) {
   }
 }
 
+TEST(HeldOutTasksTest, NamedButNeverDefault) {
+  // The default (trained) task list is exactly the five of the spec, in order.
+  std::vector<std::string> trained;
+  for (RetrievalTask task : AllTasks()) trained.push_back(TaskName(task));
+  EXPECT_EQ(trained, (std::vector<std::string>{"niah_single", "niah_multikey", "niah_multivalue", "kv_lookup", "vt"}));
+  std::vector<std::string> held_out;
+  for (RetrievalTask task : HeldOutTasks()) {
+    held_out.push_back(TaskName(task));
+    EXPECT_EQ(*ParseTask(TaskName(task)), task);
+    EXPECT_TRUE(IsHeldOut(task));
+    EXPECT_EQ(std::find(AllTasks().begin(), AllTasks().end(), task), AllTasks().end()) << TaskName(task);
+  }
+  EXPECT_EQ(held_out,
+            (std::vector<std::string>{"niah_reworded", "kv_lookup_48", "kv_lookup_keyfmt", "vt_8hop", "vt_reworded"}));
+  for (RetrievalTask task : AllTasks()) EXPECT_FALSE(IsHeldOut(task));
+  EXPECT_TRUE(absl::StrContains(ParseTask("niah").status().message(), "vt_8hop"));
+  // Seeds come from the task's name: the trained tasks' samples are those pinned above.
+  EXPECT_EQ(SampleSeed(1234, RetrievalTask::kNiahSingle, 1024, 0), 0x1c57ae4964068ad9ull);
+  std::set<uint64_t> seeds;
+  for (const auto* tasks : {&AllTasks(), &HeldOutTasks()}) {
+    for (RetrievalTask task : *tasks) seeds.insert(SampleSeed(1234, task, 1024, 0));
+  }
+  EXPECT_EQ(seeds.size(), AllTasks().size() + HeldOutTasks().size());
+}
+
+// Held-out templates and answers; each draws in its trained counterpart's order, so the
+// same rng state gives the counterpart's keys and values in the new wording.
+TEST(HeldOutTasksTest, TemplatesAnswersAndDrawOrder) {
+  const std::string key = "[a-z]+-[1-9][0-9][0-9]", value = "[1-9][0-9]{6}";
+  std::smatch m;
+  for (uint64_t seed = 0; seed < 50; ++seed) {
+    auto content = [seed](RetrievalTask task) {
+      TaskRng rng(seed);
+      return MakeTaskContent(task, &rng);
+    };
+    const TaskContent single = content(RetrievalTask::kNiahSingle);
+    ASSERT_TRUE(std::regex_match(single.inserted[0], m, std::regex("The special magic number for (.*) is (.*)\\.")));
+    const std::string k = m[1].str(), v = m[2].str();
+
+    const TaskContent reworded = content(RetrievalTask::kNiahReworded);
+    EXPECT_EQ(reworded.inserted,
+              std::vector<std::string>{absl::StrCat("Remember that the secret code of ", k, " is ", v, ".")});
+    EXPECT_EQ(reworded.question, absl::StrCat("\nQuestion: What is the secret code of ", k, "?\nAnswer:"));
+    EXPECT_EQ(reworded.answer, " " + v);
+    EXPECT_EQ(reworded.depths, single.depths);
+
+    const TaskContent kv = content(RetrievalTask::kKvLookup);
+    const TaskContent keyfmt = content(RetrievalTask::kKvLookupKeyFormat);
+    ASSERT_EQ(keyfmt.inserted.size(), kv.inserted.size());
+    for (size_t i = 0; i < kv.inserted.size(); ++i) {
+      ASSERT_TRUE(std::regex_match(kv.inserted[i], m, std::regex("Key ([a-z]+)-([0-9]+) has value (" + value + ")\\.")));
+      EXPECT_EQ(keyfmt.inserted[i], absl::StrCat("Key ", m[2].str(), "-", m[1].str(), " has value ", m[3].str(), "."));
+      if (kv.question == absl::StrCat("\nQuestion: What is the value of key ", m[1].str(), "-", m[2].str(), "?\nAnswer:")) {
+        EXPECT_EQ(keyfmt.question,
+                  absl::StrCat("\nQuestion: What is the value of key ", m[2].str(), "-", m[1].str(), "?\nAnswer:"));
+      }
+    }
+    EXPECT_EQ(keyfmt.answer, kv.answer);
+    EXPECT_EQ(keyfmt.depths, kv.depths);
+
+    const TaskContent kv48 = content(RetrievalTask::kKvLookup48);
+    ASSERT_EQ(kv48.inserted.size(), 48u);
+    std::set<std::string> keys, values;
+    bool asked_found = false;
+    for (size_t i = 0; i < kv48.inserted.size(); ++i) {
+      ASSERT_TRUE(std::regex_match(kv48.inserted[i], m, std::regex("Key (" + key + ") has value (" + value + ")\\.")));
+      keys.insert(m[1].str());
+      values.insert(m[2].str());
+      // The first 24 keys are kv_lookup's (the keys are drawn first).
+      if (i < kv.inserted.size()) EXPECT_TRUE(absl::StartsWith(kv.inserted[i], "Key " + m[1].str() + " "));
+      if (kv48.question == absl::StrCat("\nQuestion: What is the value of key ", m[1].str(), "?\nAnswer:")) {
+        EXPECT_EQ(kv48.answer, " " + m[2].str());
+        asked_found = true;
+      }
+    }
+    EXPECT_EQ(keys.size(), 48u);
+    EXPECT_EQ(values.size(), 48u);
+    EXPECT_TRUE(asked_found);
+    EXPECT_EQ(kv48.depths.size(), 48u);
+
+    const TaskContent vt = content(RetrievalTask::kVariableTracking);
+    const TaskContent vt8 = content(RetrievalTask::kVariableTracking8Hops);
+    ASSERT_EQ(vt8.inserted.size(), 8u);
+    ASSERT_TRUE(std::regex_match(vt8.inserted[0], m, std::regex("VAR (" + key + ") = (" + value + ")\\.")));
+    std::vector<std::string> names = {m[1].str()};
+    const std::string v8 = m[2].str();
+    for (int i = 1; i < 8; ++i) {
+      ASSERT_TRUE(std::regex_match(vt8.inserted[i], m, std::regex("VAR (" + key + ") = VAR (" + key + ")\\.")));
+      EXPECT_EQ(m[2].str(), names.back());
+      names.push_back(m[1].str());
+    }
+    EXPECT_EQ(std::set<std::string>(names.begin(), names.end()).size(), 8u);
+    EXPECT_EQ(vt8.question, absl::StrCat("\nQuestion: Which variables are assigned the value ", v8, "?\nAnswer:"));
+    EXPECT_EQ(vt8.answer, " " + absl::StrJoin(names, " "));
+    // The first 4 names are vt's.
+    EXPECT_TRUE(absl::StartsWith(vt.answer, absl::StrCat(" ", names[0], " ", names[1], " ", names[2], " ", names[3])));
+
+    const TaskContent vt_reworded = content(RetrievalTask::kVariableTrackingReworded);
+    ASSERT_EQ(vt_reworded.inserted.size(), 4u);
+    ASSERT_TRUE(std::regex_match(vt.inserted[0], m, std::regex("VAR (" + key + ") = (" + value + ")\\.")));
+    const std::string vt_value = m[2].str();
+    std::vector<std::string> vt_names = absl::StrSplit(vt.answer.substr(1), ' ');
+    EXPECT_EQ(vt_reworded.inserted[0], absl::StrCat("Let ", vt_names[0], " be ", vt_value, "."));
+    for (int i = 1; i < 4; ++i) {
+      EXPECT_EQ(vt_reworded.inserted[i], absl::StrCat("Let ", vt_names[i], " be ", vt_names[i - 1], "."));
+    }
+    EXPECT_EQ(vt_reworded.question, absl::StrCat("\nQuestion: Which variables are equal to ", vt_value, "?\nAnswer:"));
+    EXPECT_EQ(vt_reworded.answer, vt.answer);
+    EXPECT_EQ(vt_reworded.depths, vt.depths);
+
+    for (const TaskContent* c : {&reworded, &keyfmt, &kv48, &vt8, &vt_reworded}) {
+      ASSERT_EQ(c->depths.size(), c->inserted.size());
+      EXPECT_TRUE(std::is_sorted(c->depths.begin(), c->depths.end()));
+    }
+  }
+}
+
 TEST(ComposeBodyTest, DepthPlacementBetweenSentences) {
   const Haystack h = Haystack::Generated();
   TaskContent c;
@@ -285,6 +403,36 @@ TEST_F(RetrievalTasksTest, SamplesAreDeterministicAndFitTheirContext) {
       }
     }
   }
+}
+
+TEST_F(RetrievalTasksTest, HeldOutSamplesAreDeterministicAndFitTheirContext) {
+  const Haystack h = Haystack::Generated();
+  for (RetrievalTask task : HeldOutTasks()) {
+    const int32_t context =
+        task == RetrievalTask::kKvLookup48 ? 1024 : task == RetrievalTask::kKvLookupKeyFormat ? 700 : 448;
+    auto a = MakeSample(h, *tokenizer_, bos_, task, context, 1234, 2);
+    ASSERT_TRUE(a.ok()) << TaskName(task) << ": " << a.status();
+    auto b = MakeSample(h, *tokenizer_, bos_, task, context, 1234, 2);
+    ASSERT_TRUE(b.ok());
+    EXPECT_EQ(a->prompt_ids, b->prompt_ids);
+    EXPECT_EQ(a->content.answer, b->content.answer);
+    EXPECT_EQ(a->seed, SampleSeed(1234, task, context, 2));
+    EXPECT_NE(a->prompt, MakeSample(h, *tokenizer_, bos_, task, context, 1234, 3)->prompt);
+    EXPECT_EQ(a->prompt_ids, *tokenizer_->Encode(a->prompt));
+    EXPECT_TRUE(absl::EndsWith(a->prompt, a->content.question));
+    for (const std::string& s : a->content.inserted) EXPECT_TRUE(absl::StrContains(a->prompt, s));
+    EXPECT_LE(a->total_tokens, context - kContextMarginTokens);
+    EXPECT_GT(a->filler_sentences, 0);
+    // The answer scores as itself, and a truncated chain does not.
+    EXPECT_TRUE(IsExactMatch(a->content.answer + "\n", a->content.answer));
+    EXPECT_FALSE(IsExactMatch(a->content.answer.substr(0, a->content.answer.size() - 1), a->content.answer));
+  }
+  // An exact depth stays niah_single's alone.
+  EXPECT_EQ(MakeSample(h, *tokenizer_, bos_, RetrievalTask::kNiahReworded, 448, 1234, 0, 0.5).status().code(),
+            absl::StatusCode::kInvalidArgument);
+  // 48 pairs do not fit 512 tokens.
+  EXPECT_EQ(MakeSample(h, *tokenizer_, bos_, RetrievalTask::kKvLookup48, 512, 1234, 0).status().code(),
+            absl::StatusCode::kInvalidArgument);
 }
 
 TEST_F(RetrievalTasksTest, SampleStreamsAreIndependent) {
