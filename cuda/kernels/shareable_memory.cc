@@ -134,22 +134,33 @@ IpcMappings::IpcMappings(int device, size_t max_mapped) : device_(device), max_m
 IpcMappings::~IpcMappings() = default;
 
 absl::StatusOr<DeviceBuffer> IpcMappings::Open(const IpcName& name, size_t bytes) {
+  // One lock over the lookup and the open: CUDA maps a handle once per process, so two
+  // streams' first transfers from one slab must not both open it.
+  std::lock_guard<std::mutex> lock(mu_);
+  auto same = [&](const Mapping& m) {
+    return m.pid == name.exporter_pid && m.bytes == name.slab_bytes &&
+           std::memcmp(&m.handle, &name.handle, sizeof(name.handle)) == 0;
+  };
   std::shared_ptr<Mapping> mapping;
-  {
-    std::lock_guard<std::mutex> lock(mu_);
-    // An exporter that exited cannot send again; its slabs are released here (a buffer of
-    // Open still in use keeps its mapping until it goes).
-    for (auto it = mapped_.begin(); it != mapped_.end();) {
-      const bool same = (*it)->pid == name.exporter_pid &&
-                        std::memcmp(&(*it)->handle, &name.handle, sizeof(name.handle)) == 0 &&
-                        (*it)->bytes == name.slab_bytes;
-      if (same) {
-        mapping = *it;
-        mapped_.erase(it);
-        break;
-      }
-      it = ProcessAlive((*it)->pid) ? std::next(it) : mapped_.erase(it);
+  // An exporter that exited cannot send again; its slabs are released here (a buffer of
+  // Open still in use keeps its mapping until it goes).
+  for (auto it = mapped_.begin(); it != mapped_.end();) {
+    if (mapping == nullptr && same(**it)) {
+      mapping = *it;
+      it = mapped_.erase(it);
+      continue;
     }
+    it = ProcessAlive((*it)->pid) ? std::next(it) : mapped_.erase(it);
+  }
+  // A slab pushed out of the cache may still be mapped for a buffer in use.
+  for (auto it = live_.begin(); mapping == nullptr && it != live_.end();) {
+    std::shared_ptr<Mapping> alive = it->lock();
+    if (alive == nullptr) {
+      it = live_.erase(it);
+      continue;
+    }
+    if (same(*alive)) mapping = std::move(alive);
+    ++it;
   }
   if (mapping == nullptr) {
     auto fresh = std::make_shared<Mapping>();
@@ -168,12 +179,10 @@ absl::StatusOr<DeviceBuffer> IpcMappings::Open(const IpcName& name, size_t bytes
     }
     fresh->base = static_cast<char*>(base);
     mapping = std::move(fresh);
+    live_.push_back(mapping);
   }
-  {
-    std::lock_guard<std::mutex> lock(mu_);
-    mapped_.push_front(mapping);
-    while (mapped_.size() > max_mapped_) mapped_.pop_back();  // a buffer still in use holds its own reference
-  }
+  mapped_.push_front(mapping);
+  while (mapped_.size() > max_mapped_) mapped_.pop_back();  // a buffer still in use holds its own reference
   return DeviceBuffer(mapping->base + name.offset, bytes, [mapping](void*) {});
 }
 

@@ -13,6 +13,7 @@
 #include <mutex>
 #include <string>
 #include <string_view>
+#include <vector>
 
 #include "absl/status/statusor.h"
 #include "cuda/backend.h"
@@ -71,6 +72,7 @@ class IpcMappings {
   size_t max_mapped_;
   mutable std::mutex mu_;
   std::list<std::shared_ptr<Mapping>> mapped_;  // most recently used first
+  std::vector<std::weak_ptr<Mapping>> live_;     // every mapping still open
 };
 
 }  // namespace kvgate::ops
