@@ -148,14 +148,8 @@ TEST(CudaIpcTest, KilledDecodeWorkerFailsTheStreamAndFreesThePrefillPages) {
   EXPECT_EQ(r.status.error_code(), grpc::StatusCode::UNAVAILABLE) << ToString(r.status);
   EXPECT_LE(failed_at - killed_at, absl::Seconds(2)) << absl::FormatDuration(failed_at - killed_at);
   ASSERT_TRUE(d.prefill()->metrics_port().has_value()) << d.prefill()->Output();
-  std::optional<double> prefill_pages;
-  const bool drained = PollUntil(
-      [&] {
-        absl::StatusOr<std::string> body = HttpGet(*d.prefill()->metrics_port(), "/metrics");
-        prefill_pages = body.ok() ? MetricValue(*body, "kvgate_kv_pages_used{role=\"prefill\"}") : std::nullopt;
-        return prefill_pages.has_value() && *prefill_pages == 0;
-      },
-      absl::Seconds(2));
+  const std::optional<double> prefill_pages = AwaitPrefillPagesFree(d, absl::Seconds(2));
+  const bool drained = prefill_pages.has_value() && *prefill_pages == 0;
   EXPECT_TRUE(drained) << "prefill pages used: " << (prefill_pages ? std::to_string(*prefill_pages) : "absent");
   EXPECT_FALSE(d.prefill()->Exited()) << d.Logs();
 }

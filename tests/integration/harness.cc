@@ -506,6 +506,19 @@ std::optional<double> MetricValue(const std::string& exposition, const std::stri
   return std::nullopt;
 }
 
+std::optional<double> AwaitPrefillPagesFree(Deployment& d, absl::Duration timeout) {
+  std::optional<double> pages;
+  if (!d.prefill()->metrics_port().has_value()) return pages;
+  PollUntil(
+      [&] {
+        absl::StatusOr<std::string> body = HttpGet(*d.prefill()->metrics_port(), "/metrics");
+        pages = body.ok() ? MetricValue(*body, "kvgate_kv_pages_used{role=\"prefill\"}") : std::nullopt;
+        return pages.has_value() && *pages == 0;
+      },
+      timeout);
+  return pages;
+}
+
 // ---- Requests and the offline reference -------------------------------------------------
 
 std::vector<int32_t> StoryPrompt(const engine::Tokenizer& tokenizer, int32_t tokens, int32_t variant) {

@@ -155,6 +155,10 @@ absl::StatusOr<std::string> HttpGet(int port, const std::string& path);
 // The value of the sample `name` (with its labels, e.g. `x_total{status="OK"}`) in a
 // Prometheus text exposition; nullopt when absent.
 std::optional<double> MetricValue(const std::string& exposition, const std::string& name);
+// Polls the prefill worker's kvgate_kv_pages_used gauge (refreshed every heartbeat; the
+// deployment needs metrics on) until it reads 0 or `timeout` passes; the last value read,
+// nullopt when none could be.
+std::optional<double> AwaitPrefillPagesFree(Deployment& d, absl::Duration timeout);
 
 // ---- Requests and the offline reference -------------------------------------------------
 
