@@ -90,6 +90,8 @@ class Backend {
   virtual absl::Status HeadPagedDecodeAttention(const HeadPagedDecodeAttentionArgs& args) = 0;
   virtual absl::Status ArgMaxRows(const ArgMaxRowsArgs& args) = 0;
   virtual absl::Status WindowAttentionProbs(const WindowAttentionProbsArgs& args) = 0;
+  virtual absl::Status PoolWindowScores(const PoolWindowScoresArgs& args) = 0;
+  virtual absl::Status SelectTop(const SelectTopArgs& args) = 0;
 
   // Waits for every op submitted so far; reports an asynchronous fault.
   virtual absl::Status Synchronize() = 0;

@@ -120,6 +120,42 @@ struct WindowAttentionProbsArgs {
   bool logits = false;
 };
 
+// SnapKV's per-kv-head scores from the window means of WindowAttentionProbs (the pooling
+// and group mean of gates/snapkv.cc, done where the means are). With m = n - window and
+// pad = kernel / 2, for every layer l, kv head h and row j < m:
+//   out[l, h, j] = float((sum over g = 0 .. group-1 in order of pooled(g, j) / kernel) / group),
+//   pooled(g, j) = sum in double over t = max(0, j - pad) .. min(m - 1, j + pad) ascending
+//                  of probs[l, h * group + g, t];
+// rows j >= m (the window itself) score +inf. Double sums in this order: every backend
+// gives the same bits.
+struct PoolWindowScoresArgs {
+  const float* probs = nullptr;  // [num_layers, num_q_heads, n], in, backend
+  float* out = nullptr;          // [num_layers, num_kv_heads, n], out, backend
+  int32_t num_layers = 0, num_q_heads = 0, num_kv_heads = 0;
+  int32_t n = 0;
+  int32_t window = 0;  // 1 <= window <= n
+  int32_t kernel = 1;  // odd, >= 1
+};
+
+// The exact "keep the best `need`" selection of gates/ (gates/internal/select_util.h),
+// many selections in one call. A candidate (score, order) is better than another with a
+// higher score, then a lower order; NaN is below every number and -0 equals +0.
+// Selection s competes rows [s * rows_per_selection, (s + 1) * rows_per_selection) of
+// `scores`: entry (r, p) is a candidate when candidates is null or candidates[p] != 0, with
+// order p * rows_per_selection + (r - s * rows_per_selection) (position first, then row), and
+// the min(need, #candidates) best candidates of each selection are selected. Output: byte
+// keep[r / merge_rows, p] has bit r % merge_rows set when (r, p) is selected, every other
+// bit 0 (merge_rows > 1, e.g. the query heads of a kv head, needs rows_per_selection 1).
+struct SelectTopArgs {
+  const float* scores = nullptr;        // [rows, n], in, backend
+  const uint8_t* candidates = nullptr;  // [n] shared by every row, or null = every entry, in, backend
+  uint8_t* keep = nullptr;              // [rows / merge_rows, n], out, backend
+  int32_t rows = 0, n = 0;
+  int32_t rows_per_selection = 1;       // divides rows
+  int32_t merge_rows = 1;               // 1 .. 8, divides rows
+  int64_t need = 0;                     // per selection; <= 0 selects nothing
+};
+
 // Copies rows: dst[dst_rows[i], :] = src[src_rows[i], :], i < num_rows, converting the
 // elements from src_dtype to dst_dtype (float32 -> bf16 rounds to nearest even, a NaN
 // stays a NaN with an unspecified payload; bf16 -> float32 and same-type copies are

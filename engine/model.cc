@@ -372,13 +372,23 @@ absl::StatusOr<std::vector<float>> Model::Forward(absl::Span<const int32_t> toke
     capture->last_queries.assign(capture->num_last_queries > 0 ? c.num_layers : 0, {});
     capture->hidden_states.assign(options.capture_request.hidden_states ? c.num_layers : 0, {});
     capture->num_window_queries = std::min(options.capture_request.window_probs, n);
-    capture->window_probs.assign(capture->num_window_queries > 0 ? c.num_layers : 0, {});
+    capture->window_probs.clear();
+    capture->backend_window_probs.reset();
+    capture->backend = nullptr;
     capture->window_logits = options.capture_request.window_logits && capture->num_window_queries == 1;
   }
-  // [num_q_heads, start + n]: one layer's window scores on their way to the host.
-  ops::DeviceBuffer window_probs;
+  // [num_layers, num_q_heads, start + n]: the window scores of every layer, brought to the
+  // host in one copy after the last layer (a copy per layer would stall the device each time).
+  // [num_layers, num_q_heads, start + n]: the window scores of every layer, left in backend
+  // memory for the policy (PrefillCapture::backend_window_probs).
+  const size_t window_probs_per_layer = size_t{1} * c.num_heads * (start + n);
+  float* window_probs = nullptr;
   if (capture != nullptr && capture->num_window_queries > 0) {
-    KVGATE_ASSIGN_OR_RETURN(window_probs, backend_->Alloc(size_t{4} * c.num_heads * (start + n)));
+    KVGATE_ASSIGN_OR_RETURN(ops::DeviceBuffer scores,
+                            backend_->Alloc(sizeof(float) * c.num_layers * window_probs_per_layer));
+    window_probs = scores.as<float>();
+    capture->backend_window_probs = std::make_shared<const ops::DeviceBuffer>(std::move(scores));
+    capture->backend = backend_;
   }
   KVGATE_RETURN_IF_ERROR(EnsureScratch(n));
   std::vector<int32_t> positions(n);
@@ -402,12 +412,12 @@ absl::StatusOr<std::vector<float>> Model::Forward(absl::Span<const int32_t> toke
     if (capture != nullptr) KVGATE_RETURN_IF_ERROR(CaptureLayer(i, n, options));
     KVGATE_RETURN_IF_ERROR(b.StoreKv({k_.as<float>(), v_.as<float>(), cache->k(i), cache->v(i), n, c.num_kv_heads,
                                       c.head_dim, cache->capacity_tokens_, start}));
-    if (window_probs.data() != nullptr) {
+    if (window_probs != nullptr) {
       const int32_t w = capture->num_window_queries, length = start + n;
       ops::WindowAttentionProbsArgs scores;
       scores.q = q_.as<float>() + size_t{1} * (n - w) * c.num_heads * c.head_dim;
       scores.k_cache = cache->k(i);
-      scores.out = window_probs.as<float>();
+      scores.out = window_probs + i * window_probs_per_layer;
       scores.window = w;
       scores.length = length;
       scores.num_q_heads = c.num_heads;
@@ -417,9 +427,6 @@ absl::StatusOr<std::vector<float>> Model::Forward(absl::Span<const int32_t> toke
       scores.scale = 1.0f / std::sqrt(static_cast<float>(c.head_dim));
       scores.logits = capture->window_logits;
       KVGATE_RETURN_IF_ERROR(b.WindowAttentionProbs(scores));
-      std::vector<float>& host = capture->window_probs[i];
-      host.resize(size_t{1} * c.num_heads * length);
-      KVGATE_RETURN_IF_ERROR(b.CopyToHost(host.data(), window_probs.data(), host.size() * sizeof(float)));
     }
     ops::AttentionArgs attention;
     attention.q = q_.as<float>();

@@ -93,6 +93,8 @@ class AllocRecordingBackend final : public ops::Backend {
   absl::Status WindowAttentionProbs(const ops::WindowAttentionProbsArgs& a) override {
     return inner_->WindowAttentionProbs(a);
   }
+  absl::Status PoolWindowScores(const ops::PoolWindowScoresArgs& a) override { return inner_->PoolWindowScores(a); }
+  absl::Status SelectTop(const ops::SelectTopArgs& a) override { return inner_->SelectTop(a); }
   absl::Status Synchronize() override { return inner_->Synchronize(); }
   std::vector<size_t> sizes;
 

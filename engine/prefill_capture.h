@@ -3,7 +3,10 @@
 #pragma once
 
 #include <cstdint>
+#include <memory>
 #include <vector>
+
+#include "cuda/backend.h"
 
 namespace kvgate::engine {
 
@@ -40,8 +43,13 @@ struct PrefillCapture {
   int32_t num_window_queries = 0;  // min(requested window_probs, n)
   bool window_logits = false;      // window_probs holds logits (CaptureRequest::window_logits)
   // Per layer: [num_q_heads, n], the WindowAttentionProbs of the last num_window_queries
-  // queries.
+  // queries, when a capture is filled on the host (tests). The engine leaves them where
+  // they were computed instead: `backend_window_probs`, [num_layers, num_q_heads, n] in
+  // the memory of `backend`, so that the policy selects on the backend (ops::SelectTop)
+  // and only keep bytes come to the host.
   std::vector<std::vector<float>> window_probs;
+  std::shared_ptr<const ops::DeviceBuffer> backend_window_probs;
+  ops::Backend* backend = nullptr;
 };
 
 }  // namespace kvgate::engine

@@ -5,6 +5,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "common/status_macros.h"
+#include "gates/backend_selection.h"
 #include "gates/internal/select_util.h"
 
 namespace kvgate::gates {
@@ -180,6 +181,9 @@ class SageKvPolicy final : public Policy {
     if (budget.keep_per_head >= budget.prompt_tokens) {
       return KeepPlan::KeepAll(shape_.num_layers, shape_.num_kv_heads, budget.prompt_tokens);
     }
+    if (capture.backend_window_probs != nullptr && capture.window_logits && capture.num_window_queries == 1) {
+      return PlanOnBackend(capture, budget);
+    }
     KVGATE_ASSIGN_OR_RETURN(QueryHeadScores scores, SageKvScores(capture));
     return SageKvSelect(scores, shape_.group_size(), budget);
   }
@@ -197,6 +201,51 @@ class SageKvPolicy final : public Policy {
   }
 
  private:
+  // SageKvSelect on the logits the backend left in its memory: each query head's top-k runs
+  // there, and the kv head's byte of query-head bits comes back.
+  absl::StatusOr<KeepPlan> PlanOnBackend(const PrefillCapture& capture, const ResolvedBudget& budget) const {
+    const int32_t n = budget.prompt_tokens, group = shape_.group_size();
+    if (group > 8) {
+      return absl::InvalidArgumentError(absl::StrCat("sage_kv: group size must be in [1, 8] (one query_mask byte per row), got ", group));
+    }
+    if (capture.backend_window_probs->bytes() < sizeof(float) * shape_.num_layers * shape_.num_q_heads * n) {
+      return absl::InvalidArgumentError("sage_kv: the backend window logits are smaller than the model's");
+    }
+    std::vector<uint8_t> shared = budget.protected_mask;
+    if (n > 0) shared[n - 1] = 1;  // the last token P_N
+    BackendSelection selection;
+    selection.scores = capture.backend_window_probs->as<const float>();
+    selection.rows = shape_.num_layers * shape_.num_q_heads;
+    selection.n = n;
+    selection.merge_rows = group;
+    selection.candidates.resize(n);
+    int64_t shared_rows = 0;
+    for (int32_t p = 0; p < n; ++p) {
+      selection.candidates[p] = shared[p] ? 0 : 1;
+      shared_rows += shared[p] ? 1 : 0;
+    }
+    selection.need = std::max<int64_t>(0, budget.keep_per_head - shared_rows) / group;
+    KVGATE_ASSIGN_OR_RETURN(std::vector<uint8_t> bits, gates::SelectOnBackend(*capture.backend, selection));
+    const uint8_t all_bits = static_cast<uint8_t>((1u << group) - 1u);
+    KeepPlan plan;
+    plan.num_layers = shape_.num_layers;
+    plan.num_kv_heads = shape_.num_kv_heads;
+    plan.prompt_tokens = n;
+    plan.heads.resize(static_cast<size_t>(shape_.num_layers) * shape_.num_kv_heads);
+    for (size_t head = 0; head < plan.heads.size(); ++head) {
+      const uint8_t* row = bits.data() + head * n;
+      HeadKeep& out = plan.heads[head];
+      for (int32_t p = 0; p < n; ++p) {
+        const uint8_t b = shared[p] ? all_bits : row[p];
+        if (b != 0) {
+          out.positions.push_back(p);
+          out.query_mask.push_back(b);
+        }
+      }
+    }
+    return plan;
+  }
+
   ModelShape shape_;
 };
 

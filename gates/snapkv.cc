@@ -9,6 +9,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "common/status_macros.h"
+#include "gates/backend_selection.h"
 
 namespace kvgate::gates {
 
@@ -164,14 +165,75 @@ class SnapKvPolicy final : public Policy {
     if (n <= window || budget.keep_per_head >= n) {
       return KeepPlan::KeepAll(shape_.num_layers, shape_.num_kv_heads, n);
     }
-    KVGATE_ASSIGN_OR_RETURN(ScoreGrid grid, SnapKvScores(capture, window, kernel_));
     std::vector<uint8_t> mask = budget.protected_mask;
     for (int32_t p = n - window; p < n; ++p) mask[p] = 1;
+    if (capture.backend_window_probs != nullptr && capture.num_window_queries == window) {
+      return PlanOnBackend(capture, budget, mask, window, head_budget);
+    }
+    KVGATE_ASSIGN_OR_RETURN(ScoreGrid grid, SnapKvScores(capture, window, kernel_));
     if (head_budget == HeadBudget::kAdaptive) return SelectAdaKv(grid, budget.keep_per_head, mask, safeguard_);
     return SelectPerHeadTopK(grid, budget.keep_per_head, mask);
   }
 
  private:
+  // The same plan from the window means the backend left in its memory: pooled there, and
+  // selected there per head (AdaKV's two-stage budget selects on the host).
+  absl::StatusOr<KeepPlan> PlanOnBackend(const PrefillCapture& capture, const ResolvedBudget& budget,
+                                         const std::vector<uint8_t>& mask, int32_t window,
+                                         HeadBudget head_budget) const {
+    ops::Backend& backend = *capture.backend;
+    const int32_t n = budget.prompt_tokens, heads = shape_.num_layers * shape_.num_kv_heads;
+    if (capture.backend_window_probs->bytes() < sizeof(float) * shape_.num_layers * shape_.num_q_heads * n) {
+      return absl::InvalidArgumentError("snapkv: the backend window scores are smaller than the model's");
+    }
+    KVGATE_ASSIGN_OR_RETURN(ops::DeviceBuffer scores, backend.Alloc(sizeof(float) * heads * n));
+    ops::PoolWindowScoresArgs pool;
+    pool.probs = capture.backend_window_probs->as<const float>();
+    pool.out = scores.as<float>();
+    pool.num_layers = shape_.num_layers;
+    pool.num_q_heads = shape_.num_q_heads;
+    pool.num_kv_heads = shape_.num_kv_heads;
+    pool.n = n;
+    pool.window = window;
+    pool.kernel = kernel_;
+    KVGATE_RETURN_IF_ERROR(backend.PoolWindowScores(pool));
+    if (head_budget == HeadBudget::kAdaptive) {
+      ScoreGrid grid;
+      grid.num_layers = shape_.num_layers;
+      grid.num_kv_heads = shape_.num_kv_heads;
+      grid.prompt_tokens = n;
+      grid.scores.resize(static_cast<size_t>(heads) * n);
+      KVGATE_RETURN_IF_ERROR(backend.CopyToHost(grid.scores.data(), scores.data(), grid.scores.size() * sizeof(float)));
+      return SelectAdaKv(grid, budget.keep_per_head, mask, safeguard_);
+    }
+    BackendSelection selection;
+    selection.scores = scores.as<float>();
+    selection.rows = heads;
+    selection.n = n;
+    selection.candidates.resize(n);
+    int64_t protected_rows = 0;
+    for (int32_t p = 0; p < n; ++p) {
+      selection.candidates[p] = mask[p] ? 0 : 1;
+      protected_rows += mask[p] ? 1 : 0;
+    }
+    selection.need = std::max<int64_t>(0, std::clamp(budget.keep_per_head, 0, n) - protected_rows);
+    KVGATE_ASSIGN_OR_RETURN(std::vector<uint8_t> keep, SelectOnBackend(backend, selection));
+    KeepPlan plan;
+    plan.num_layers = shape_.num_layers;
+    plan.num_kv_heads = shape_.num_kv_heads;
+    plan.prompt_tokens = n;
+    plan.heads.resize(heads);
+    for (int32_t head = 0; head < heads; ++head) {
+      const uint8_t* row = keep.data() + static_cast<size_t>(head) * n;
+      std::vector<int32_t>& positions = plan.heads[head].positions;
+      positions.reserve(static_cast<size_t>(std::clamp(budget.keep_per_head, 0, n)) + protected_rows);
+      for (int32_t p = 0; p < n; ++p) {
+        if (mask[p] || row[p]) positions.push_back(p);
+      }
+    }
+    return plan;
+  }
+
   ModelShape shape_;
   int32_t window_, kernel_;
   float safeguard_;

@@ -17,7 +17,7 @@ binaries=(cli/kvgate cuda/cuda_backend_test cuda/cuda_bf16_ops_test tests/golden
           bench/gpu_engine_bench kv/kv_handoff_test kv/decode_batch_test
           kv/tcp_transport_test kv/decode_step_tables_test kv/kv_pool_test kv/cuda_ipc_transport_test
           tests/integration/integration_test bench/kv_transfer_bench cuda/nccl_channel_test
-          kv/nccl_self_transfer_test)
+          kv/nccl_self_transfer_test gates/backend_selection_test)
 for b in "${binaries[@]}"; do
   if [[ ! -f "$build/$b" ]]; then
     echo "pack-gpu-bundle: $build/$b not built, skipped" >&2

@@ -303,6 +303,28 @@ class CpuBackend final : public Backend {
     return absl::OkStatus();
   }
 
+  absl::Status PoolWindowScores(const PoolWindowScoresArgs& a) override {
+    if (std::string error = PoolWindowScoresArgsError(a); !error.empty()) return absl::InvalidArgumentError(error);
+    ParallelRows(a.num_layers, int64_t{a.num_q_heads} * a.n * a.kernel, [&](int64_t begin, int64_t end) {
+      PoolWindowScoresArgs part = a;
+      part.probs = a.probs + begin * a.num_q_heads * a.n;
+      part.out = a.out + begin * a.num_kv_heads * a.n;
+      part.num_layers = static_cast<int32_t>(end - begin);
+      PoolWindowScoresRef(part);
+    });
+    return absl::OkStatus();
+  }
+
+  absl::Status SelectTop(const SelectTopArgs& a) override {
+    if (std::string error = SelectTopArgsError(a); !error.empty()) return absl::InvalidArgumentError(error);
+    const int32_t units = a.merge_rows > 1 ? a.rows / a.merge_rows : a.rows / a.rows_per_selection;
+    const int64_t rows_per_unit = a.merge_rows > 1 ? a.merge_rows : a.rows_per_selection;
+    ParallelRows(units, rows_per_unit * a.n * 16, [&](int64_t begin, int64_t end) {
+      SelectTopRefGroups(a, static_cast<int32_t>(begin), static_cast<int32_t>(end));
+    });
+    return absl::OkStatus();
+  }
+
   absl::Status Synchronize() override { return absl::OkStatus(); }
 
  private:

@@ -879,3 +879,73 @@ TEST(CpuWindowAttentionProbsTest, EqualsTheReferenceAndRowsSumToOne) {
 
 }  // namespace
 }  // namespace kvgate::ops
+
+// ------------------------------------------------------------------------- SelectTop
+
+namespace kvgate::ops {
+namespace {
+
+// The threaded backend against an independent oracle: every candidate of a selection
+// ranked by a full sort on (score desc with NaN lowest and -0 == +0, order asc), the first
+// `need` selected.
+TEST(CpuSelectTopTest, EqualsAFullSortOfEverySelection) {
+  std::unique_ptr<Backend> cpu = CreateCpuBackend(4);
+  std::mt19937 rng(5);
+  std::uniform_int_distribution<int> level(-3, 3);
+  for (const auto& [rows, n, per_selection, merge, need] :
+       {std::tuple{4, 500, 1, 1, 120}, std::tuple{8, 300, 4, 1, 700}, std::tuple{8, 300, 1, 4, 50},
+        std::tuple{3, 40, 3, 1, 500}, std::tuple{2, 40, 1, 2, 0}}) {
+    std::vector<float> scores(static_cast<size_t>(rows) * n);
+    for (size_t i = 0; i < scores.size(); ++i) {
+      scores[i] = static_cast<float>(level(rng)) * 0.5f;
+      if (i % 13 == 3) scores[i] = std::numeric_limits<float>::quiet_NaN();
+      if (scores[i] == 0.0f && i % 2 == 1) scores[i] = -0.0f;
+    }
+    std::vector<uint8_t> candidates(n);
+    for (int32_t p = 0; p < n; ++p) candidates[p] = p % 5 == 0 ? 0 : 1;
+    SelectTopArgs args;
+    args.scores = scores.data();
+    args.candidates = candidates.data();
+    args.rows = rows;
+    args.n = n;
+    args.rows_per_selection = per_selection;
+    args.merge_rows = merge;
+    args.need = need;
+    std::vector<uint8_t> got(static_cast<size_t>(rows / merge) * n, 0xee);
+    args.keep = got.data();
+    ASSERT_TRUE(cpu->SelectTop(args).ok());
+
+    std::vector<uint8_t> want(got.size(), 0);
+    auto rank = [](float s) { return std::isnan(s) ? 0.0 : double{s}; };  // NaN ranks by its flag below
+    const int32_t group = merge > 1 ? 1 : per_selection;
+    for (int32_t first = 0; first < rows; first += group) {
+      struct Entry { bool nan; double score; int64_t order; int32_t row, p; };
+      std::vector<Entry> entries;
+      for (int32_t p = 0; p < n; ++p) {
+        if (!candidates[p]) continue;
+        for (int32_t r = 0; r < group; ++r) {
+          const float s = scores[static_cast<size_t>(first + r) * n + p];
+          entries.push_back({std::isnan(s), rank(s), int64_t{p} * group + r, first + r, p});
+        }
+      }
+      std::sort(entries.begin(), entries.end(), [](const Entry& a, const Entry& b) {
+        if (a.nan != b.nan) return !a.nan;  // a number beats NaN
+        if (!a.nan && a.score != b.score) return a.score > b.score;
+        return a.order < b.order;
+      });
+      for (size_t i = 0; i < entries.size() && static_cast<int64_t>(i) < need; ++i) {
+        const int32_t row = entries[i].row;
+        want[static_cast<size_t>(row / merge) * n + entries[i].p] |= static_cast<uint8_t>(1u << (row % merge));
+      }
+    }
+    EXPECT_EQ(got, want) << "rows " << rows << " n " << n << " per_selection " << per_selection << " merge " << merge;
+  }
+  SelectTopArgs bad;
+  bad.rows = 3;
+  bad.n = 4;
+  bad.merge_rows = 2;
+  EXPECT_EQ(cpu->SelectTop(bad).code(), absl::StatusCode::kInvalidArgument);
+}
+
+}  // namespace
+}  // namespace kvgate::ops

@@ -1,7 +1,9 @@
 #include "cuda/cpu/reference_ops.h"
 
 #include <algorithm>
+#include <bit>
 #include <cmath>
+#include <utility>
 #include <limits>
 #include <string>
 #include <vector>
@@ -265,5 +267,107 @@ void WindowAttentionProbsRefHeads(const WindowAttentionProbsArgs& a, int32_t hea
 }
 
 void WindowAttentionProbsRef(const WindowAttentionProbsArgs& a) { WindowAttentionProbsRefHeads(a, 0, a.num_q_heads); }
+
+
+std::string PoolWindowScoresArgsError(const PoolWindowScoresArgs& a) {
+  if (a.num_layers < 1 || a.num_kv_heads < 1 || a.num_q_heads < 1 || a.num_q_heads % a.num_kv_heads != 0 ||
+      a.n < 1 || a.window < 1 || a.window > a.n || a.kernel < 1 || a.kernel % 2 == 0) {
+    return "PoolWindowScores: layers " + std::to_string(a.num_layers) + ", heads " + std::to_string(a.num_q_heads) +
+           "/" + std::to_string(a.num_kv_heads) + ", n " + std::to_string(a.n) + ", window " +
+           std::to_string(a.window) + ", kernel " + std::to_string(a.kernel) +
+           " (need >= 1 layer, q heads a multiple of kv heads, 1 <= window <= n, an odd kernel)";
+  }
+  return "";
+}
+
+void PoolWindowScoresRef(const PoolWindowScoresArgs& a) {
+  const int32_t group = a.num_q_heads / a.num_kv_heads, n = a.n, m = n - a.window, pad = a.kernel / 2;
+  for (int32_t l = 0; l < a.num_layers; ++l) {
+    for (int32_t h = 0; h < a.num_kv_heads; ++h) {
+      float* out = a.out + (static_cast<int64_t>(l) * a.num_kv_heads + h) * n;
+      for (int32_t j = 0; j < m; ++j) {
+        double group_sum = 0.0;
+        for (int32_t g = 0; g < group; ++g) {
+          const float* mean = a.probs + (static_cast<int64_t>(l) * a.num_q_heads + h * group + g) * n;
+          double pooled = 0.0;
+          for (int32_t t = std::max(0, j - pad); t <= std::min(m - 1, j + pad); ++t) pooled += mean[t];
+          group_sum += pooled / a.kernel;
+        }
+        out[j] = static_cast<float>(group_sum / group);
+      }
+      for (int32_t j = std::max(m, 0); j < n; ++j) out[j] = std::numeric_limits<float>::infinity();
+    }
+  }
+}
+
+std::string SelectTopArgsError(const SelectTopArgs& a) {
+  if (a.rows < 1 || a.n < 1 || a.rows_per_selection < 1 || a.rows % a.rows_per_selection != 0 ||
+      a.merge_rows < 1 || a.merge_rows > 8 || a.rows % a.merge_rows != 0 ||
+      (a.merge_rows > 1 && a.rows_per_selection != 1) ||
+      static_cast<int64_t>(a.rows_per_selection) * a.n > (int64_t{1} << 31) - 1) {
+    return "SelectTop: rows " + std::to_string(a.rows) + ", n " + std::to_string(a.n) + ", rows_per_selection " +
+           std::to_string(a.rows_per_selection) + ", merge_rows " + std::to_string(a.merge_rows) +
+           " (need rows, n >= 1; rows_per_selection and merge_rows dividing rows; merge_rows in [1, 8] and only "
+           "with rows_per_selection 1; fewer than 2^31 entries a selection)";
+  }
+  return "";
+}
+
+namespace {
+
+// Order-preserving unsigned key of a score (NaN lowest, -0 == +0), as gates/ defines it.
+uint32_t SelectionKey(float score) {
+  if (std::isnan(score)) return 0;
+  if (score == 0.0f) score = 0.0f;
+  const uint32_t bits = std::bit_cast<uint32_t>(score);
+  return (bits & 0x80000000u) != 0 ? ~bits : (bits | 0x80000000u);
+}
+
+// One selection over rows [first_row, first_row + rows): sets `bit` of the selected
+// entries, row r of the selection in keep_rows[r * n + p].
+void SelectOne(const SelectTopArgs& a, int32_t first_row, int32_t rows, uint8_t bit, uint8_t* keep_rows) {
+  std::vector<std::pair<uint32_t, int64_t>> candidates;  // (key, order)
+  for (int32_t p = 0; p < a.n; ++p) {
+    if (a.candidates != nullptr && a.candidates[p] == 0) continue;
+    for (int32_t r = 0; r < rows; ++r) {
+      candidates.emplace_back(SelectionKey(a.scores[static_cast<int64_t>(first_row + r) * a.n + p]),
+                              static_cast<int64_t>(p) * rows + r);
+    }
+  }
+  const int64_t take = std::clamp<int64_t>(a.need, 0, static_cast<int64_t>(candidates.size()));
+  auto better = [](const std::pair<uint32_t, int64_t>& x, const std::pair<uint32_t, int64_t>& y) {
+    return x.first != y.first ? x.first > y.first : x.second < y.second;
+  };
+  if (take < static_cast<int64_t>(candidates.size())) {
+    std::nth_element(candidates.begin(), candidates.begin() + take, candidates.end(), better);
+  }
+  for (int64_t c = 0; c < take; ++c) {
+    const int64_t order = candidates[c].second;
+    const int64_t p = order / rows, r = order % rows;
+    keep_rows[r * a.n + p] |= bit;
+  }
+}
+
+}  // namespace
+
+void SelectTopRefGroups(const SelectTopArgs& a, int32_t group_begin, int32_t group_end) {
+  for (int32_t u = group_begin; u < group_end; ++u) {
+    if (a.merge_rows > 1) {
+      uint8_t* keep = a.keep + static_cast<int64_t>(u) * a.n;
+      std::fill(keep, keep + a.n, 0);
+      for (int32_t g = 0; g < a.merge_rows; ++g) {
+        SelectOne(a, u * a.merge_rows + g, 1, static_cast<uint8_t>(1u << g), keep);
+      }
+    } else {
+      uint8_t* keep = a.keep + static_cast<int64_t>(u) * a.rows_per_selection * a.n;
+      std::fill(keep, keep + static_cast<int64_t>(a.rows_per_selection) * a.n, 0);
+      SelectOne(a, u * a.rows_per_selection, a.rows_per_selection, 1, keep);
+    }
+  }
+}
+
+void SelectTopRef(const SelectTopArgs& a) {
+  SelectTopRefGroups(a, 0, a.merge_rows > 1 ? a.rows / a.merge_rows : a.rows / a.rows_per_selection);
+}
 
 }  // namespace kvgate::ops

@@ -26,5 +26,12 @@ void WindowAttentionProbsRef(const WindowAttentionProbsArgs& args);
 void WindowAttentionProbsRefHeads(const WindowAttentionProbsArgs& args, int32_t head_begin, int32_t head_end);
 // The argument checks every implementation makes: empty when `args` is valid, else why not.
 std::string WindowAttentionProbsArgsError(const WindowAttentionProbsArgs& args);
+void PoolWindowScoresRef(const PoolWindowScoresArgs& args);
+std::string PoolWindowScoresArgsError(const PoolWindowScoresArgs& args);
+void SelectTopRef(const SelectTopArgs& args);
+std::string SelectTopArgsError(const SelectTopArgs& args);
+// SelectTopRef of the output rows [group_begin, group_end) of keep only (rows / merge_rows
+// when merge_rows > 1, else selections), for the CPU backend's threads.
+void SelectTopRefGroups(const SelectTopArgs& args, int32_t group_begin, int32_t group_end);
 
 }  // namespace kvgate::ops

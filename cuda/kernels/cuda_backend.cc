@@ -46,6 +46,8 @@
 #include "cuda/kernels/silu_mul_bf16.cuh"
 #include "cuda/kernels/store_kv.cuh"
 #include "cuda/kernels/window_attention_probs.cuh"
+#include "cuda/kernels/pool_window_scores.cuh"
+#include "cuda/kernels/select_top.cuh"
 #include "cuda/cpu/reference_ops.h"
 
 namespace kvgate::ops {
@@ -90,6 +92,7 @@ class CudaBackend final : public Backend {
       gemm_workspace_ = DeviceBuffer();
       attention_bf16_workspace_ = DeviceBuffer();
       attention_workspace_ = DeviceBuffer();
+      window_probs_workspace_ = DeviceBuffer();
       (void)cudaStreamDestroy(stream_);
     }
     (void)cudaGetLastError();
@@ -325,14 +328,31 @@ class CudaBackend final : public Backend {
     return LaunchArgMaxRows(args, stream_);
   }
 
-  // Its per-query statistics share the attention workspace (stream order keeps them apart).
+  // Its logits and statistics have a workspace of their own, so that a prefill's scoring
+  // never moves the attention workspace under the decode step's recorded graphs.
   absl::Status WindowAttentionProbs(const WindowAttentionProbsArgs& args) override {
     KVGATE_CUDA_RETURN_IF_ERROR(cudaSetDevice(device_));
     if (std::string error = WindowAttentionProbsArgsError(args); !error.empty()) {
       return absl::InvalidArgumentError(error);
     }
-    KVGATE_RETURN_IF_ERROR(ReserveAttentionWorkspace(WindowAttentionProbsWorkspaceFloats(args)));
-    return LaunchWindowAttentionProbs(args, attention_workspace_.as<float>(), stream_);
+    const size_t bytes = static_cast<size_t>(WindowAttentionProbsWorkspaceFloats(args)) * sizeof(float);
+    if (bytes > window_probs_workspace_.bytes()) {
+      KVGATE_RETURN_IF_ERROR(RefuseWhileRecording("growing the window-scores workspace"));
+      window_probs_workspace_ = DeviceBuffer();  // its release waits for the kernels using it
+      constexpr size_t kGranuleBytes = size_t{1} << 20;
+      KVGATE_ASSIGN_OR_RETURN(window_probs_workspace_, Alloc((bytes + kGranuleBytes - 1) / kGranuleBytes * kGranuleBytes));
+    }
+    return LaunchWindowAttentionProbs(args, cublas_, window_probs_workspace_.as<float>(), stream_);
+  }
+
+  absl::Status PoolWindowScores(const PoolWindowScoresArgs& args) override {
+    KVGATE_CUDA_RETURN_IF_ERROR(cudaSetDevice(device_));
+    return LaunchPoolWindowScores(args, stream_);
+  }
+
+  absl::Status SelectTop(const SelectTopArgs& args) override {
+    KVGATE_CUDA_RETURN_IF_ERROR(cudaSetDevice(device_));
+    return LaunchSelectTop(args, stream_);
   }
 
   absl::Status SiluMul(const SiluMulArgs& args) override {
@@ -465,6 +485,7 @@ class CudaBackend final : public Backend {
   std::unique_ptr<IpcMappings> ipc_mappings_;  // OpenIpc
   bool use_grouped_decode_ = true;
   DeviceBuffer attention_workspace_;  // split partials of Attention and HeadPagedDecodeAttention
+  DeviceBuffer window_probs_workspace_;  // logits and statistics of WindowAttentionProbs
   DeviceBuffer gemm_workspace_;       // cuBLASLt's, kGemmBf16WorkspaceBytes
   DeviceBuffer attention_bf16_workspace_;  // bf16 K/V rows of AttentionBf16
   std::unique_ptr<GemmBf16Runner> gemm_bf16_;

@@ -1783,9 +1783,143 @@ INSTANTIATE_TEST_SUITE_P(Shapes, WindowAttentionProbsTest,
                                            WindowProbsCase{5, 129, 130, 2, 1, 40, 7},
                                            WindowProbsCase{3, 70, 70, 2, 2, 512, 8},
                                            WindowProbsCase{1, 1000, 1024, 32, 8, 128, 9, true},
-                                           WindowProbsCase{1, 33, 40, 4, 2, 64, 10, true}),
+                                           WindowProbsCase{1, 33, 40, 4, 2, 64, 10, true},
+                                           // Logits of more than 2^26 floats: the kv heads go in two chunks.
+                                           WindowProbsCase{1024, 16400, 16400, 8, 2, 16, 11}),
                          CaseName<WindowProbsCase>);
 
+
+// -------------------------------------------------------- PoolWindowScores, SelectTop
+
+struct SelectCase {
+  int32_t rows, n, rows_per_selection, merge_rows;
+  int64_t need;
+  int32_t distinct_scores;  // scores drawn from this many values (ties), 0 = continuous
+  bool with_candidates, with_nan;
+  uint32_t seed;
+  std::string Name() const {
+    return absl::StrCat("rows", rows, "_n", n, "_sel", rows_per_selection, "_merge", merge_rows, "_need", need < 0 ? 0 : need,
+                        need < 0 ? "neg" : "", "_distinct", distinct_scores, with_candidates ? "_cand" : "",
+                        with_nan ? "_nan" : "", "_seed", seed);
+  }
+};
+void PrintTo(const SelectCase& c, std::ostream* os) { *os << c.Name(); }
+
+using SelectTopTest = CudaOpTest<SelectCase>;
+
+// The same keep bytes as the reference (an exact selection: equality, not closeness),
+// ties, NaN, -0/+0, excluded candidates and need beyond the candidates included.
+TEST_P(SelectTopTest, EqualsTheReference) {
+  const SelectCase& c = GetParam();
+  std::mt19937 rng(c.seed);
+  std::vector<float> scores(static_cast<size_t>(c.rows) * c.n);
+  std::uniform_real_distribution<float> uniform(-4.0f, 4.0f);
+  std::uniform_int_distribution<int> level(0, std::max(1, c.distinct_scores) - 1);
+  for (size_t i = 0; i < scores.size(); ++i) {
+    scores[i] = c.distinct_scores > 0 ? static_cast<float>(level(rng)) - 1.0f : uniform(rng);
+    if (c.distinct_scores > 0 && scores[i] == 0.0f && (i % 2) == 1) scores[i] = -0.0f;
+    if (c.with_nan && i % 97 == 5) scores[i] = std::numeric_limits<float>::quiet_NaN();
+    if (c.with_nan && i % 89 == 7) scores[i] = -std::numeric_limits<float>::infinity();
+  }
+  std::vector<uint8_t> candidates(static_cast<size_t>(c.n), 1);
+  if (c.with_candidates) {
+    for (int32_t p = 0; p < c.n; ++p) candidates[p] = (p % 7 == 0 || p >= c.n - 5) ? 0 : 1;
+  }
+  SelectTopArgs args;
+  args.rows = c.rows;
+  args.n = c.n;
+  args.rows_per_selection = c.rows_per_selection;
+  args.merge_rows = c.merge_rows;
+  args.need = c.need;
+  std::vector<uint8_t> want(static_cast<size_t>(c.rows / c.merge_rows) * c.n, 0xee);
+  SelectTopArgs host = args;
+  host.scores = scores.data();
+  host.candidates = c.with_candidates ? candidates.data() : nullptr;
+  host.keep = want.data();
+  SelectTopRef(host);
+  KVGATE_ASSERT_OK_AND_ASSIGN(DeviceBuffer d_scores, Upload(backend(), scores));
+  KVGATE_ASSERT_OK_AND_ASSIGN(DeviceBuffer d_candidates, Upload(backend(), candidates));
+  KVGATE_ASSERT_OK_AND_ASSIGN(DeviceBuffer d_keep, Upload(backend(), std::vector<uint8_t>(want.size(), 0xee)));
+  args.scores = d_scores.as<float>();
+  args.candidates = c.with_candidates ? d_candidates.as<uint8_t>() : nullptr;
+  args.keep = d_keep.as<uint8_t>();
+  ASSERT_TRUE(backend().SelectTop(args).ok());
+  std::vector<uint8_t> got(want.size());
+  ASSERT_TRUE(backend().CopyToHost(got.data(), d_keep.data(), got.size()).ok());
+  size_t mismatches = 0, first = got.size();
+  for (size_t i = 0; i < got.size(); ++i) {
+    if (got[i] != want[i]) {
+      ++mismatches;
+      first = std::min(first, i);
+    }
+  }
+  EXPECT_EQ(mismatches, 0u) << "first at " << first << ": got " << int(got[first % got.size()]) << " want "
+                            << int(want[first % got.size()]);
+  SelectTopArgs bad = args;
+  bad.merge_rows = 9;
+  EXPECT_EQ(backend().SelectTop(bad).code(), absl::StatusCode::kInvalidArgument);
+}
+
+INSTANTIATE_TEST_SUITE_P(
+    Shapes, SelectTopTest,
+    ::testing::Values(SelectCase{1, 1, 1, 1, 1, 0, false, false, 1}, SelectCase{4, 100, 1, 1, 30, 0, false, false, 2},
+                      SelectCase{64, 8192, 1, 1, 2400, 0, true, false, 3},   // snapkv per head
+                      SelectCase{256, 8192, 1, 4, 600, 0, true, true, 4},    // sage_kv, 4 query heads a kv head
+                      SelectCase{16, 3000, 8, 1, 7000, 5, true, false, 5},   // per layer, many ties
+                      SelectCase{24, 2000, 24, 1, 10000, 3, false, true, 6}, // global
+                      SelectCase{8, 513, 1, 8, 100, 2, false, false, 7},     // 8 merged rows, ties
+                      SelectCase{6, 50, 2, 1, 1000, 0, true, false, 8},      // need beyond the candidates
+                      SelectCase{6, 50, 1, 2, 0, 0, false, false, 9},        // need 0
+                      SelectCase{6, 50, 3, 1, -5, 0, false, false, 10},      // need < 0
+                      SelectCase{2, 5000, 1, 1, 1, 1, true, false, 11}),     // every score tied, need 1
+    CaseName<SelectCase>);
+
+struct PoolCase {
+  int32_t layers, q_heads, kv_heads, n, window, kernel;
+  uint32_t seed;
+  std::string Name() const {
+    return absl::StrCat("l", layers, "_h", q_heads, "x", kv_heads, "_n", n, "_w", window, "_k", kernel, "_seed", seed);
+  }
+};
+void PrintTo(const PoolCase& c, std::ostream* os) { *os << c.Name(); }
+
+using PoolWindowScoresTest = CudaOpTest<PoolCase>;
+
+// Bit for bit the reference: double sums in the same order.
+TEST_P(PoolWindowScoresTest, EqualsTheReferenceBitForBit) {
+  const PoolCase& c = GetParam();
+  std::mt19937 rng(c.seed);
+  const auto probs = RandomFloats(rng, static_cast<size_t>(c.layers) * c.q_heads * c.n, 0.0f, 0.01f);
+  PoolWindowScoresArgs args;
+  args.num_layers = c.layers;
+  args.num_q_heads = c.q_heads;
+  args.num_kv_heads = c.kv_heads;
+  args.n = c.n;
+  args.window = c.window;
+  args.kernel = c.kernel;
+  std::vector<float> want(static_cast<size_t>(c.layers) * c.kv_heads * c.n);
+  PoolWindowScoresArgs host = args;
+  host.probs = probs.data();
+  host.out = want.data();
+  PoolWindowScoresRef(host);
+  KVGATE_ASSERT_OK_AND_ASSIGN(DeviceBuffer d_probs, Upload(backend(), probs));
+  KVGATE_ASSERT_OK_AND_ASSIGN(GuardedBuffer out, GuardedBuffer::Create(backend(), std::vector<float>(want.size(), 3.0f)));
+  args.probs = d_probs.as<float>();
+  args.out = out.data();
+  ASSERT_TRUE(backend().PoolWindowScores(args).ok());
+  std::vector<float> got;
+  ASSERT_TRUE(out.Download(backend(), &got));
+  EXPECT_EQ(0, std::memcmp(got.data(), want.data(), got.size() * sizeof(float)));
+  PoolWindowScoresArgs bad = args;
+  bad.kernel = 4;
+  EXPECT_EQ(backend().PoolWindowScores(bad).code(), absl::StatusCode::kInvalidArgument);
+}
+
+INSTANTIATE_TEST_SUITE_P(Shapes, PoolWindowScoresTest,
+                         ::testing::Values(PoolCase{1, 1, 1, 1, 1, 1, 1}, PoolCase{2, 8, 2, 100, 10, 5, 2},
+                                           PoolCase{8, 32, 8, 8192, 64, 5, 3}, PoolCase{3, 6, 3, 77, 76, 7, 4},
+                                           PoolCase{1, 4, 4, 300, 1, 9, 5}),
+                         CaseName<PoolCase>);
 
 // Shareable buffers come from one slab, named once: two buffers' names differ only in
 // their offsets. A plain Alloc buffer cannot be exported, and a name of this process or

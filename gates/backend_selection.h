@@ -1,0 +1,29 @@
+// File: the policies' top-count selection run where the scores are (ops::SelectTop on the
+// backend that computed them): the scores never come to the host, only one keep byte per
+// (row, position). Same selection as gates/internal/select_util.h FindCut, so a plan is
+// the same whichever side selected.
+#pragma once
+
+#include <cstdint>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "cuda/backend.h"
+
+namespace kvgate::gates {
+
+struct BackendSelection {
+  const float* scores = nullptr;  // [rows, n], backend memory of `backend`
+  int32_t rows = 0, n = 0;
+  // Host, [n]: 1 = position p may be selected in every row (the rest is the caller's:
+  // protected rows, the window).
+  std::vector<uint8_t> candidates;
+  int32_t rows_per_selection = 1;  // ops::SelectTopArgs
+  int32_t merge_rows = 1;
+  int64_t need = 0;                // per selection
+};
+
+// Keep bytes [rows / merge_rows, n] on the host (ops::SelectTopArgs::keep).
+absl::StatusOr<std::vector<uint8_t>> SelectOnBackend(ops::Backend& backend, const BackendSelection& selection);
+
+}  // namespace kvgate::gates

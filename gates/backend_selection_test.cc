@@ -1,0 +1,161 @@
+// The policies' plans from scores left on a backend (PrefillCapture::backend_window_probs:
+// pooled and selected there by ops::PoolWindowScores / ops::SelectTop) equal the plans from
+// the same scores on the host. Runs on the CPU backend, or on $KVGATE_TEST_BACKEND (cuda on
+// the GPU machine), so the CUDA kernels meet the host selection here too.
+#include "gates/backend_selection.h"
+
+#include <cmath>
+#include <cstdlib>
+#include <memory>
+#include <random>
+#include <vector>
+
+#include "cuda/backend.h"
+#include "cuda/cpu/reference_ops.h"
+#include "gates/eviction_spec.h"
+#include "gates/internal/test_util.h"
+#include "gates/policy.h"
+#include "gtest/gtest.h"
+
+namespace kvgate::gates {
+namespace {
+
+using testing::RandomCapture;
+using testing::Shape;
+
+std::unique_ptr<ops::Backend> TestBackend() {
+  const char* name = std::getenv("KVGATE_TEST_BACKEND");
+  absl::StatusOr<std::unique_ptr<ops::Backend>> backend = ops::CreateBackend(name != nullptr ? name : "cpu");
+  if (!backend.ok()) return nullptr;
+  return std::move(*backend);
+}
+
+// The window scores of `c` (the reference WindowAttentionProbs of its last `w` queries, or
+// the last query's logits) twice: per layer on the host, and [layers, q heads, n] on `backend`.
+struct TwoCaptures {
+  PrefillCapture host, on_backend;
+};
+
+TwoCaptures WindowScores(const PrefillCapture& c, int32_t w, bool logits, ops::Backend& backend) {
+  const ModelShape& s = c.shape;
+  const int32_t n = c.prompt_tokens;
+  TwoCaptures out;
+  for (PrefillCapture* capture : {&out.host, &out.on_backend}) {
+    capture->shape = s;
+    capture->prompt_tokens = n;
+    capture->num_window_queries = w;
+    capture->window_logits = logits;
+  }
+  std::vector<float> all;
+  for (int32_t l = 0; l < s.num_layers; ++l) {
+    std::vector<float>& probs = out.host.window_probs.emplace_back(static_cast<size_t>(s.num_q_heads) * n);
+    ops::WindowAttentionProbsArgs args;
+    args.q = c.last_queries[l].data() + static_cast<size_t>(c.num_last_queries - w) * s.num_q_heads * s.head_dim;
+    args.k_cache = c.keys[l].data();
+    args.out = probs.data();
+    args.window = w;
+    args.length = n;
+    args.capacity_tokens = n;
+    args.num_q_heads = s.num_q_heads;
+    args.num_kv_heads = s.num_kv_heads;
+    args.head_dim = s.head_dim;
+    args.scale = static_cast<float>(1.0 / std::sqrt(static_cast<double>(s.head_dim)));
+    args.logits = logits;
+    ops::WindowAttentionProbsRef(args);
+    all.insert(all.end(), probs.begin(), probs.end());
+  }
+  absl::StatusOr<ops::DeviceBuffer> buffer = backend.Alloc(all.size() * sizeof(float));
+  EXPECT_TRUE(buffer.ok()) << buffer.status();
+  EXPECT_TRUE(backend.CopyToBackend(buffer->data(), all.data(), all.size() * sizeof(float)).ok());
+  out.on_backend.backend_window_probs = std::make_shared<const ops::DeviceBuffer>(std::move(*buffer));
+  out.on_backend.backend = &backend;
+  return out;
+}
+
+void ExpectSamePlan(const KeepPlan& want, const KeepPlan& got) {
+  ASSERT_EQ(want.heads.size(), got.heads.size());
+  for (size_t i = 0; i < want.heads.size(); ++i) {
+    EXPECT_EQ(want.heads[i].positions, got.heads[i].positions) << "head " << i;
+    EXPECT_EQ(want.heads[i].query_mask, got.heads[i].query_mask) << "head " << i;
+  }
+}
+
+ResolvedBudget Budget(const Policy& policy, int32_t n, float keep, int32_t sink) {
+  EvictionSpec spec;
+  spec.policy = std::string(policy.name());
+  spec.keep_ratio = keep;
+  if (sink >= 0) spec.sink_tokens = sink;
+  absl::StatusOr<ResolvedBudget> budget = ResolveBudget(spec, n, policy.default_sink(), policy.default_recent());
+  EXPECT_TRUE(budget.ok()) << budget.status();
+  return *budget;
+}
+
+TEST(BackendSelectionTest, SnapKvPlansEqualTheHostPlans) {
+  std::unique_ptr<ops::Backend> backend = TestBackend();
+  ASSERT_NE(backend, nullptr);
+  const ModelShape shape = Shape(3, 8, 2, 16, 32);
+  PolicyOptions options;
+  options.snapkv_window = 16;
+  absl::StatusOr<std::unique_ptr<Policy>> policy = CreatePolicy("snapkv", options, shape);
+  ASSERT_TRUE(policy.ok()) << policy.status();
+  for (const auto& [n, keep, sink, seed] : {std::tuple{300, 0.3f, -1, 1u}, std::tuple{1000, 0.1f, 4, 2u},
+                                            std::tuple{77, 0.5f, 0, 3u}, std::tuple{2048, 0.3f, 8, 4u}}) {
+    const ResolvedBudget budget = Budget(**policy, n, keep, sink);
+    const int32_t w = std::min(16, std::max(1, budget.keep_per_head / 2));
+    const PrefillCapture c = RandomCapture(shape, n, w, false, seed);
+    const TwoCaptures scored = WindowScores(c, w, false, *backend);
+    for (HeadBudget head_budget : {HeadBudget::kPolicyDefault, HeadBudget::kAdaptive}) {
+      absl::StatusOr<KeepPlan> want = (*policy)->Plan(scored.host, budget, head_budget);
+      absl::StatusOr<KeepPlan> got = (*policy)->Plan(scored.on_backend, budget, head_budget);
+      ASSERT_TRUE(want.ok() && got.ok()) << want.status() << got.status();
+      ExpectSamePlan(*want, *got);
+      EXPECT_LT(got->KeptEntries(), int64_t{n} * shape.num_layers * shape.num_kv_heads);
+    }
+  }
+}
+
+TEST(BackendSelectionTest, SageKvPlansEqualTheHostPlans) {
+  std::unique_ptr<ops::Backend> backend = TestBackend();
+  ASSERT_NE(backend, nullptr);
+  for (const ModelShape& shape : {Shape(2, 8, 2, 16, 32), Shape(2, 16, 2, 8, 32), Shape(1, 3, 3, 8, 24)}) {
+    absl::StatusOr<std::unique_ptr<Policy>> policy = CreatePolicy("sage_kv", {}, shape);
+    ASSERT_TRUE(policy.ok()) << policy.status();
+    for (const auto& [n, keep, seed] : {std::tuple{400, 0.3f, 5u}, std::tuple{1500, 0.1f, 6u}, std::tuple{33, 0.6f, 7u}}) {
+      const ResolvedBudget budget = Budget(**policy, n, keep, -1);
+      const PrefillCapture c = RandomCapture(shape, n, 1, false, seed);
+      const TwoCaptures scored = WindowScores(c, 1, true, *backend);
+      absl::StatusOr<KeepPlan> want = (*policy)->Plan(scored.host, budget, HeadBudget::kPolicyDefault);
+      absl::StatusOr<KeepPlan> got = (*policy)->Plan(scored.on_backend, budget, HeadBudget::kPolicyDefault);
+      ASSERT_TRUE(want.ok() && got.ok()) << want.status() << got.status();
+      ExpectSamePlan(*want, *got);
+    }
+  }
+}
+
+// Ties everywhere (every score equal): the lower position wins, as on the host.
+TEST(BackendSelectionTest, TiesGoToTheLowerPosition) {
+  std::unique_ptr<ops::Backend> backend = TestBackend();
+  ASSERT_NE(backend, nullptr);
+  std::vector<float> scores(2 * 10, 1.0f);
+  absl::StatusOr<ops::DeviceBuffer> buffer = backend->Alloc(scores.size() * sizeof(float));
+  ASSERT_TRUE(buffer.ok());
+  ASSERT_TRUE(backend->CopyToBackend(buffer->data(), scores.data(), scores.size() * sizeof(float)).ok());
+  BackendSelection selection;
+  selection.scores = buffer->as<float>();
+  selection.rows = 2;
+  selection.n = 10;
+  selection.candidates = {0, 1, 1, 1, 1, 1, 1, 1, 1, 0};
+  selection.need = 3;
+  absl::StatusOr<std::vector<uint8_t>> keep = SelectOnBackend(*backend, selection);
+  ASSERT_TRUE(keep.ok()) << keep.status();
+  EXPECT_EQ(*keep, (std::vector<uint8_t>{0, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 0, 0, 0, 0, 0, 0}));
+  selection.rows_per_selection = 2;  // the pair competes: order = position * 2 + row
+  keep = SelectOnBackend(*backend, selection);
+  ASSERT_TRUE(keep.ok()) << keep.status();
+  EXPECT_EQ(*keep, (std::vector<uint8_t>{0, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0}));
+  selection.candidates.pop_back();
+  EXPECT_EQ(SelectOnBackend(*backend, selection).status().code(), absl::StatusCode::kInvalidArgument);
+}
+
+}  // namespace
+}  // namespace kvgate::gates
