@@ -162,8 +162,7 @@ absl::StatusOr<json> BatchedDecode(engine::Model& m, ops::Backend* backend, int3
   std::vector<int32_t> last_tokens;
   const auto fill_start = Clock::now();
   for (int32_t b = 0; b < batch_size; ++b) {
-    absl::StatusOr<std::unique_ptr<engine::KvPlanner>> planner =
-        kv::CreatePolicyPlanner(m, pool->get(), spec, gates::PolicyOptions{});
+    absl::StatusOr<std::unique_ptr<engine::KvPlanner>> planner = kv::CreatePolicyPlanner(m, pool->get(), spec, gates::PolicyOptions{});
     if (!planner.ok()) return planner.status();
     const std::vector<int32_t> prompt = RandomTokens(context, c.vocab_size, 7000u + b);
     absl::StatusOr<std::unique_ptr<engine::KvCache>> cache = m.NewCache(context);
@@ -222,11 +221,14 @@ absl::StatusOr<json> PolicyPrefill(engine::Model& m, ops::Backend* backend, int3
   spec.policy = policy;
   if (policy != "full") spec.keep_ratio = keep_ratio;
   const std::vector<int32_t> prompt = RandomTokens(n, c.vocab_size, 555u + n);
+  // The learned gates (fast_kvzip, attention_gate) are random here: their cost, not their choices.
+  gates::PolicyOptions options;
+  options.allow_random_gate = true;
+  options.random_gate_seed = 7;
   std::vector<double> times, forward_times, plan_and_commit_times;
   int64_t kept = 0, full = 0;
   for (int r = 0; r < repeats + 1; ++r) {
-    absl::StatusOr<std::unique_ptr<engine::KvPlanner>> planner =
-        kv::CreatePolicyPlanner(m, pool->get(), spec, gates::PolicyOptions{});
+    absl::StatusOr<std::unique_ptr<engine::KvPlanner>> planner = kv::CreatePolicyPlanner(m, pool->get(), spec, options);
     if (!planner.ok()) return planner.status();
     absl::StatusOr<std::unique_ptr<engine::KvCache>> cache = m.NewCache(n);
     if (!cache.ok()) return cache.status();

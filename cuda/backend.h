@@ -92,6 +92,15 @@ class Backend {
   virtual absl::Status WindowAttentionProbs(const WindowAttentionProbsArgs& args) = 0;
   virtual absl::Status PoolWindowScores(const PoolWindowScoresArgs& args) = 0;
   virtual absl::Status SelectTop(const SelectTopArgs& args) = 0;
+  virtual absl::Status SinkGateScores(const SinkGateScoresArgs& args) = 0;
+
+  // Host data that ops read for the life of the backend (a policy's gate weights), made
+  // backend memory once: the first call for (owner, key) copies `bytes` from `host`, later
+  // calls return the same memory. `owner` is a process-unique id (NewConstantOwner()); a
+  // repeated (owner, key) with another size is INVALID_ARGUMENT. Freed with the backend.
+  // The CPU backend answers `host` itself, which must then outlive its uses.
+  virtual absl::StatusOr<const void*> ConstantOnBackend(uint64_t owner, int32_t key, const void* host,
+                                                        size_t bytes) = 0;
 
   // Waits for every op submitted so far; reports an asynchronous fault.
   virtual absl::Status Synchronize() = 0;
@@ -152,6 +161,9 @@ class Backend {
     return absl::UnimplementedError(std::string(Name()) + ": no bf16 op " + std::string(op));
   }
 };
+
+// A process-unique owner id for Backend::ConstantOnBackend (never 0).
+uint64_t NewConstantOwner();
 
 // Makes a backend by name: "cpu", "cuda" (= "cuda:0") or "cuda:N". A build without
 // CUDA answers UNIMPLEMENTED for cuda names; a machine without a GPU, UNAVAILABLE.

@@ -1,3 +1,4 @@
+#include <atomic>
 #include <string>
 
 #include "absl/strings/numbers.h"
@@ -7,6 +8,11 @@
 #include "cuda/cuda_backend.h"
 
 namespace kvgate::ops {
+
+uint64_t NewConstantOwner() {
+  static std::atomic<uint64_t> next{1};
+  return next.fetch_add(1);
+}
 
 absl::StatusOr<std::unique_ptr<Backend>> CreateBackend(std::string_view name_view) {
   // Debian's abseil has its own string_view type, so messages use a std::string.

@@ -156,6 +156,31 @@ struct SelectTopArgs {
   int64_t need = 0;                     // per selection; <= 0 selects nothing
 };
 
+// Fast KVzip's low-rank sink-attention gate (gates/fast_kvzip.h states the math) over n
+// tokens of one layer: for token t and kv head h,
+//   q_g = RMSNorm(q_weight x_t + q_bias)[h, g] * q_norm,  k = RMSNorm(k_weight x_t)[h] * k_norm
+//   (RMSNorm over `rank` values, eps), l_g = <k, q_g> / sqrt(rank) + b[h, g],
+//   s_{g,r} = <k_base[h, r], q_g> / sqrt(rank),
+//   out[h * out_stride + t] = mean over g of e^l_g / (e^l_g + sum_r e^s_{g,r}),
+// fp32 throughout, each softmax shifted by its max. Projection rows are ordered [h][g][rank]
+// for q and [h][rank] for k.
+struct SinkGateScoresArgs {
+  const float* x = nullptr;         // [n, hidden], in, backend
+  const float* q_weight = nullptr;  // [kv_heads * group * rank, hidden], in, backend
+  const float* q_bias = nullptr;    // [kv_heads * group * rank], in, backend
+  const float* k_weight = nullptr;  // [kv_heads * rank, hidden], in, backend
+  const float* q_norm = nullptr;    // [rank], in, backend
+  const float* k_norm = nullptr;    // [rank], in, backend
+  const float* k_base = nullptr;    // [kv_heads, sinks, rank], in, backend
+  const float* b = nullptr;         // [kv_heads, group], in, backend
+  float* out = nullptr;             // out[h * out_stride + t], t < n, out, backend
+  int64_t out_stride = 0;           // >= n
+  int32_t n = 0, hidden = 0, kv_heads = 0, group = 0;
+  int32_t rank = 0;                 // 1 .. 64
+  int32_t sinks = 0;                // 0 .. 64
+  float eps = 1e-6f;
+};
+
 // Copies rows: dst[dst_rows[i], :] = src[src_rows[i], :], i < num_rows, converting the
 // elements from src_dtype to dst_dtype (float32 -> bf16 rounds to nearest even, a NaN
 // stays a NaN with an unspecified payload; bf16 -> float32 and same-type copies are

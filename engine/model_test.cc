@@ -95,6 +95,10 @@ class AllocRecordingBackend final : public ops::Backend {
   }
   absl::Status PoolWindowScores(const ops::PoolWindowScoresArgs& a) override { return inner_->PoolWindowScores(a); }
   absl::Status SelectTop(const ops::SelectTopArgs& a) override { return inner_->SelectTop(a); }
+  absl::Status SinkGateScores(const ops::SinkGateScoresArgs& a) override { return inner_->SinkGateScores(a); }
+  absl::StatusOr<const void*> ConstantOnBackend(uint64_t owner, int32_t key, const void* host, size_t bytes) override {
+    return inner_->ConstantOnBackend(owner, key, host, bytes);
+  }
   absl::Status Synchronize() override { return inner_->Synchronize(); }
   std::vector<size_t> sizes;
 

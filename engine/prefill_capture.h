@@ -3,9 +3,11 @@
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <vector>
 
+#include "absl/status/status.h"
 #include "cuda/backend.h"
 
 namespace kvgate::engine {
@@ -28,6 +30,10 @@ struct CaptureRequest {
   int32_t window_probs = 0;
   // With window_probs = 1: the last query's raw scaled logits instead (SAGE-KV's scores).
   bool window_logits = false;
+  // Called in each layer's forward, before its attention, with the layer's attention input
+  // (post input-RMSNorm, [n, hidden_size] fp32) in backend memory, valid only during the
+  // call: a policy's gate scores it where it is instead of a host copy (hidden_states).
+  std::function<absl::Status(int32_t layer, const float* hidden, int32_t n)> layer_inputs_on_backend;
 };
 
 struct PrefillCapture {

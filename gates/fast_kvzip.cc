@@ -7,27 +7,18 @@
 #include <optional>
 #include <random>
 
-#include <cblas.h>
 
 #include "absl/strings/str_cat.h"
 #include "common/status_macros.h"
 #include "gates/gate_weights.h"
 #include "gates/selectors.h"
+#include "cuda/cpu/sink_gate_scores.h"
 
 namespace kvgate::gates {
 namespace {
 
-constexpr int32_t kScoreRowBlock = 64;
-
 std::string LayerName(int32_t layer, const char* tensor) { return absl::StrCat("layers.", layer, ".", tensor); }
 
-// In place: v = w * v / sqrt(mean(v^2) + eps), fp32.
-void RmsNorm(float* v, const float* w, int32_t size, float eps) {
-  float sum_sq = 0.0f;
-  for (int32_t i = 0; i < size; ++i) sum_sq += v[i] * v[i];
-  const float inv = 1.0f / std::sqrt(sum_sq / static_cast<float>(size) + eps);
-  for (int32_t i = 0; i < size; ++i) v[i] = w[i] * (v[i] * inv);
-}
 
 }  // namespace
 
@@ -115,7 +106,7 @@ absl::Status FastKvzipGate::Save(const std::string& path) const {
 }
 
 absl::StatusOr<std::vector<float>> FastKvzipGate::Score(int32_t layer, absl::Span<const float> hidden) const {
-  const int32_t D = shape_.hidden_size, H = shape_.num_kv_heads, G = shape_.group_size(), R = rank_, S = num_sinks_;
+  const int32_t D = shape_.hidden_size, H = shape_.num_kv_heads;
   if (layer < 0 || layer >= shape_.num_layers) {
     return absl::InvalidArgumentError(absl::StrCat("fast_kvzip gate: layer ", layer, " out of [0, ", shape_.num_layers, ")"));
   }
@@ -125,57 +116,58 @@ absl::StatusOr<std::vector<float>> FastKvzipGate::Score(int32_t layer, absl::Spa
   }
   const int32_t n = static_cast<int32_t>(hidden.size() / D);
   const Layer& w = layers_[layer];
-  const float inv_sqrt_rank = 1.0f / std::sqrt(static_cast<float>(R));
-  const int32_t q_width = H * G * R, k_width = H * R;
   std::vector<float> out(static_cast<size_t>(H) * n);
-  // The projections run as GEMMs over blocks of exactly kScoreRowBlock tokens (the last
-  // one zero-padded): every call has the same shape, so OpenBLAS takes the same kernel
-  // and a token's score does not depend on how many tokens are scored with it (chunked
-  // prefill scores equal whole-prompt scores bit for bit).
-  std::vector<float> x(static_cast<size_t>(kScoreRowBlock) * D);
-  std::vector<float> q(static_cast<size_t>(kScoreRowBlock) * q_width), k(static_cast<size_t>(kScoreRowBlock) * k_width);
-  std::vector<float> sinks(S);
-  for (int32_t block = 0; block < n; block += kScoreRowBlock) {
-    const int32_t rows = std::min(kScoreRowBlock, n - block);
-    std::copy_n(hidden.data() + static_cast<size_t>(block) * D, static_cast<size_t>(rows) * D, x.begin());
-    std::fill(x.begin() + static_cast<size_t>(rows) * D, x.end(), 0.0f);
-    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, kScoreRowBlock, q_width, D, 1.0f, x.data(), D,
-                w.q_proj_weight.data(), D, 0.0f, q.data(), q_width);
-    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, kScoreRowBlock, k_width, D, 1.0f, x.data(), D,
-                w.k_proj_weight.data(), D, 0.0f, k.data(), k_width);
-    for (int32_t r = 0; r < rows; ++r) {
-      float* qt = q.data() + static_cast<size_t>(r) * q_width;
-      float* kt = k.data() + static_cast<size_t>(r) * k_width;
-      for (int32_t o = 0; o < q_width; ++o) qt[o] += w.q_proj_bias[o];
-      for (int32_t c = 0; c < H * G; ++c) RmsNorm(qt + static_cast<size_t>(c) * R, w.q_norm_weight.data(), R, norm_eps_);
-      for (int32_t h = 0; h < H; ++h) RmsNorm(kt + static_cast<size_t>(h) * R, w.k_norm_weight.data(), R, norm_eps_);
-      for (int32_t h = 0; h < H; ++h) {
-        const float* kh = kt + static_cast<size_t>(h) * R;
-        float sum = 0.0f;
-        for (int32_t g = 0; g < G; ++g) {
-          const float* qg = qt + (static_cast<size_t>(h) * G + g) * R;
-          float logit = 0.0f;
-          for (int32_t i = 0; i < R; ++i) logit += kh[i] * qg[i];
-          logit = logit * inv_sqrt_rank + w.b[static_cast<size_t>(h) * G + g];
-          float m = logit;
-          for (int32_t j = 0; j < S; ++j) {
-            const float* base = w.k_base.data() + (static_cast<size_t>(h) * S + j) * R;
-            float s = 0.0f;
-            for (int32_t i = 0; i < R; ++i) s += base[i] * qg[i];
-            sinks[j] = s * inv_sqrt_rank;
-            m = std::max(m, sinks[j]);
-          }
-          // sigmoid(l - logsumexp_j s_j), as the softmax weight of the own key, shifted by m.
-          const float own = std::exp(logit - m);
-          float denom = own;
-          for (int32_t j = 0; j < S; ++j) denom += std::exp(sinks[j] - m);
-          sum += own / denom;
-        }
-        out[static_cast<size_t>(h) * n + block + r] = sum / static_cast<float>(G);
-      }
-    }
-  }
+  ops::SinkGateScoresArgs args = Args(w);
+  args.x = hidden.data();
+  args.out = out.data();
+  args.out_stride = n;
+  args.n = n;
+  ops::SinkGateScoresCpu(args);
   return out;
+}
+
+ops::SinkGateScoresArgs FastKvzipGate::Args(const Layer& w) const {
+  ops::SinkGateScoresArgs args;
+  args.q_weight = w.q_proj_weight.data();
+  args.q_bias = w.q_proj_bias.data();
+  args.k_weight = w.k_proj_weight.data();
+  args.q_norm = w.q_norm_weight.data();
+  args.k_norm = w.k_norm_weight.data();
+  args.k_base = w.k_base.data();
+  args.b = w.b.data();
+  args.hidden = shape_.hidden_size;
+  args.kv_heads = shape_.num_kv_heads;
+  args.group = shape_.group_size();
+  args.rank = rank_;
+  args.sinks = num_sinks_;
+  args.eps = norm_eps_;
+  return args;
+}
+
+absl::StatusOr<ops::SinkGateScoresArgs> FastKvzipGate::ArgsOnBackend(ops::Backend& backend, int32_t layer) const {
+  if (layer < 0 || layer >= shape_.num_layers) {
+    return absl::InvalidArgumentError(absl::StrCat("fast_kvzip gate: layer ", layer, " out of [0, ", shape_.num_layers, ")"));
+  }
+  const Layer& w = layers_[layer];
+  ops::SinkGateScoresArgs args = Args(w);
+  int32_t key = layer * 8;
+  auto upload = [&](const std::vector<float>& host, const float** out) -> absl::Status {
+    // A tensor of no elements (no sinks) still needs a distinct valid address.
+    static const float kNothing = 0.0f;
+    const void* src = host.empty() ? &kNothing : host.data();
+    KVGATE_ASSIGN_OR_RETURN(const void* on_backend,
+                            backend.ConstantOnBackend(constant_owner_, key++, src, std::max<size_t>(1, host.size()) * sizeof(float)));
+    *out = static_cast<const float*>(on_backend);
+    return absl::OkStatus();
+  };
+  KVGATE_RETURN_IF_ERROR(upload(w.q_proj_weight, &args.q_weight));
+  KVGATE_RETURN_IF_ERROR(upload(w.q_proj_bias, &args.q_bias));
+  KVGATE_RETURN_IF_ERROR(upload(w.k_proj_weight, &args.k_weight));
+  KVGATE_RETURN_IF_ERROR(upload(w.q_norm_weight, &args.q_norm));
+  KVGATE_RETURN_IF_ERROR(upload(w.k_norm_weight, &args.k_norm));
+  KVGATE_RETURN_IF_ERROR(upload(w.k_base, &args.k_base));
+  KVGATE_RETURN_IF_ERROR(upload(w.b, &args.b));
+  return args;
 }
 
 absl::StatusOr<ScoreGrid> FastKvzipScoreGrid(const FastKvzipGate& gate,
@@ -411,10 +403,23 @@ class FastKvzipRequest final : public PolicyRequest {
     std::vector<std::vector<float>> scores(L, std::vector<float>(head_rows, 1.0f));
     std::vector<float> logits;
     int32_t judged_until = context_begin;
+    // The gate runs on the backend inside each chunk's forward, on the layer's input where
+    // it is, into [L, H, n] scores there; only the chunk's scores come to the host.
+    ops::Backend& backend = runner.backend();
+    KVGATE_ASSIGN_OR_RETURN(ops::DeviceBuffer backend_scores, backend.Alloc(sizeof(float) * L * head_rows));
+    int32_t chunk_begin = 0;
     CaptureRequest record;
-    record.hidden_states = true;
+    record.layer_inputs_on_backend = [&](int32_t layer, const float* hidden, int32_t tokens) -> absl::Status {
+      KVGATE_ASSIGN_OR_RETURN(ops::SinkGateScoresArgs args, gate_->ArgsOnBackend(backend, layer));
+      args.x = hidden;
+      args.n = tokens;
+      args.out = backend_scores.as<float>() + layer * head_rows + chunk_begin;
+      args.out_stride = n;
+      return backend.SinkGateScores(args);
+    };
     for (const TokenRange& chunk : FastKvzipPrefillChunks(chunks)) {
       const int32_t m = chunk.end - chunk.begin;
+      chunk_begin = chunk.begin;
       PrefillCapture recorded;
       // Until a chunk has evicted something every key is visible: no mask, so attention
       // takes its unmasked path (a prompt shorter than one chunk never pays for masking).
@@ -430,15 +435,15 @@ class FastKvzipRequest final : public PolicyRequest {
         }
       }
       KVGATE_ASSIGN_OR_RETURN(logits, runner.Forward(prompt.subspan(chunk.begin, m), key_masks, record, &recorded));
-      if (static_cast<int32_t>(recorded.hidden_states.size()) != L) {
-        return absl::InternalError("fast_kvzip: the chunk's forward recorded no hidden states");
-      }
-      for (int32_t l = 0; l < L; ++l) {
-        KVGATE_ASSIGN_OR_RETURN(std::vector<float> chunk_scores, gate_->Score(l, recorded.hidden_states[l]));  // [kv, m]
-        for (int32_t h = 0; h < H; ++h) {
-          for (int32_t t = 0; t < m; ++t) {
-            const int32_t pos = chunk.begin + t;
-            if (pos >= context_begin) scores[l][size_t{1} * h * n + pos] = chunk_scores[size_t{1} * h * m + t];
+      // The system prompt keeps its pinned 1.0.
+      const int32_t first = std::max(chunk.begin, context_begin);
+      if (first < chunk.end) {
+        for (int32_t l = 0; l < L; ++l) {
+          for (int32_t h = 0; h < H; ++h) {
+            const size_t at = size_t{1} * h * n + first;
+            KVGATE_RETURN_IF_ERROR(backend.CopyToHost(scores[l].data() + at,
+                                                      backend_scores.as<float>() + size_t{1} * l * head_rows + at,
+                                                      sizeof(float) * (chunk.end - first)));
           }
         }
       }

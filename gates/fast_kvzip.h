@@ -22,6 +22,7 @@
 
 #include "absl/status/statusor.h"
 #include "absl/types/span.h"
+#include "cuda/backend.h"
 #include "gates/eviction_spec.h"
 #include "gates/policy.h"
 #include "gates/selectors.h"
@@ -36,6 +37,8 @@ inline constexpr double kFastKvzipWindowRatio = 0.02;         // window_ratio
 
 class FastKvzipGate {
  public:
+  FastKvzipGate(const FastKvzipGate&) = delete;  // one owner id per set of weights
+  FastKvzipGate& operator=(const FastKvzipGate&) = delete;
   struct Layer {
     std::vector<float> q_proj_weight;  // [H_kv * G * rank, D]
     std::vector<float> q_proj_bias;    // [H_kv * G * rank]
@@ -63,6 +66,10 @@ class FastKvzipGate {
   // [num_kv_heads, n] scores in (0, 1). INVALID_ARGUMENT for a bad layer or a size that is
   // not a multiple of hidden_size.
   absl::StatusOr<std::vector<float>> Score(int32_t layer, absl::Span<const float> hidden) const;
+  // The same gate as an op on `backend` (ops::SinkGateScores; the caller sets x, out,
+  // out_stride and n): the weights of `layer` go to the backend's memory at the first call
+  // and stay there (Backend::ConstantOnBackend), so change them (mutable_layer) before that.
+  absl::StatusOr<ops::SinkGateScoresArgs> ArgsOnBackend(ops::Backend& backend, int32_t layer) const;
 
   const ModelShape& shape() const { return shape_; }
   int32_t rank() const { return rank_; }
@@ -74,10 +81,12 @@ class FastKvzipGate {
  private:
   FastKvzipGate(const ModelShape& shape, int32_t rank, int32_t num_sinks, float eps)
       : shape_(shape), rank_(rank), num_sinks_(num_sinks), norm_eps_(eps) {}
+  ops::SinkGateScoresArgs Args(const Layer& w) const;  // host weights and dimensions
   ModelShape shape_;
   int32_t rank_, num_sinks_;
   float norm_eps_;
   std::vector<Layer> layers_;
+  uint64_t constant_owner_ = ops::NewConstantOwner();  // this gate's weights on backends
 };
 
 // Gate scores of every layer as a ScoreGrid (hidden_states from a capture).

@@ -10,6 +10,7 @@
 
 #include "absl/status/statusor.h"
 #include "absl/types/span.h"
+#include "cuda/backend.h"
 #include "gates/prefill_capture.h"
 
 namespace kvgate::gates {
@@ -19,6 +20,9 @@ class PrefillRunner {
   virtual ~PrefillRunner() = default;
   // Rows the request's cache can hold (the width of a key mask row).
   virtual int32_t cache_capacity_tokens() const = 0;
+  // The backend the forwards run on: ops a policy runs on what a forward left in backend
+  // memory (CaptureRequest::layer_inputs_on_backend) go here.
+  virtual ops::Backend& backend() const = 0;
   // Runs `tokens` on the request's cache after the rows it holds, recording `record` into
   // *capture, and returns the last token's logits. `key_masks` is empty or, per layer,
   // [num_kv_heads, cache_capacity_tokens()] with 0 = the cached row is invisible to every

@@ -35,6 +35,7 @@ class ModelPrefillRunner final : public gates::PrefillRunner {
       : model_(model), cache_(cache), tokenizer_(tokenizer) {}
 
   int32_t cache_capacity_tokens() const override { return cache_ != nullptr ? cache_->capacity_tokens() : 0; }
+  ops::Backend& backend() const override { return *model_.backend(); }
 
   absl::StatusOr<std::vector<float>> Forward(absl::Span<const int32_t> tokens,
                                              const std::vector<std::vector<uint8_t>>& key_masks,

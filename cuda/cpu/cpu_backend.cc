@@ -18,6 +18,7 @@
 #include "cuda/cpu/flash_attention.h"
 #include "cuda/cpu/parallel_for.h"
 #include "cuda/cpu/reference_ops.h"
+#include "cuda/cpu/sink_gate_scores.h"
 #include "cuda/cpu/row_invariant_matmul.h"
 
 namespace kvgate::ops {
@@ -323,6 +324,20 @@ class CpuBackend final : public Backend {
       SelectTopRefGroups(a, static_cast<int32_t>(begin), static_cast<int32_t>(end));
     });
     return absl::OkStatus();
+  }
+
+  absl::Status SinkGateScores(const SinkGateScoresArgs& a) override {
+    if (std::string error = SinkGateScoresArgsError(a); !error.empty()) return absl::InvalidArgumentError(error);
+    SinkGateScoresCpu(a);
+    return absl::OkStatus();
+  }
+
+  // Backend memory is host memory here: the host data is the constant.
+  absl::StatusOr<const void*> ConstantOnBackend(uint64_t owner, int32_t key, const void* host, size_t bytes) override {
+    if (owner == 0 || host == nullptr || bytes == 0) {
+      return absl::InvalidArgumentError("ConstantOnBackend: owner 0, no data or 0 bytes");
+    }
+    return host;
   }
 
   absl::Status Synchronize() override { return absl::OkStatus(); }

@@ -10,7 +10,10 @@
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <algorithm>
+#include <map>
 #include <memory>
+#include <mutex>
 #include <string>
 #include <string_view>
 #include <type_traits>
@@ -48,6 +51,8 @@
 #include "cuda/kernels/window_attention_probs.cuh"
 #include "cuda/kernels/pool_window_scores.cuh"
 #include "cuda/kernels/select_top.cuh"
+#include "cuda/kernels/sink_gate_scores.cuh"
+#include "cuda/cpu/sink_gate_scores.h"
 #include "cuda/cpu/reference_ops.h"
 
 namespace kvgate::ops {
@@ -92,7 +97,8 @@ class CudaBackend final : public Backend {
       gemm_workspace_ = DeviceBuffer();
       attention_bf16_workspace_ = DeviceBuffer();
       attention_workspace_ = DeviceBuffer();
-      window_probs_workspace_ = DeviceBuffer();
+      scoring_workspace_ = DeviceBuffer();
+      constants_.clear();
       (void)cudaStreamDestroy(stream_);
     }
     (void)cudaGetLastError();
@@ -328,21 +334,16 @@ class CudaBackend final : public Backend {
     return LaunchArgMaxRows(args, stream_);
   }
 
-  // Its logits and statistics have a workspace of their own, so that a prefill's scoring
-  // never moves the attention workspace under the decode step's recorded graphs.
+  // Its logits and statistics have a workspace of their own (the policies' scoring ops'),
+  // so that a prefill's scoring never moves the attention workspace under the decode
+  // step's recorded graphs.
   absl::Status WindowAttentionProbs(const WindowAttentionProbsArgs& args) override {
     KVGATE_CUDA_RETURN_IF_ERROR(cudaSetDevice(device_));
     if (std::string error = WindowAttentionProbsArgsError(args); !error.empty()) {
       return absl::InvalidArgumentError(error);
     }
-    const size_t bytes = static_cast<size_t>(WindowAttentionProbsWorkspaceFloats(args)) * sizeof(float);
-    if (bytes > window_probs_workspace_.bytes()) {
-      KVGATE_RETURN_IF_ERROR(RefuseWhileRecording("growing the window-scores workspace"));
-      window_probs_workspace_ = DeviceBuffer();  // its release waits for the kernels using it
-      constexpr size_t kGranuleBytes = size_t{1} << 20;
-      KVGATE_ASSIGN_OR_RETURN(window_probs_workspace_, Alloc((bytes + kGranuleBytes - 1) / kGranuleBytes * kGranuleBytes));
-    }
-    return LaunchWindowAttentionProbs(args, cublas_, window_probs_workspace_.as<float>(), stream_);
+    KVGATE_RETURN_IF_ERROR(ReserveScoringWorkspace(WindowAttentionProbsWorkspaceFloats(args)));
+    return LaunchWindowAttentionProbs(args, cublas_, scoring_workspace_.as<float>(), stream_);
   }
 
   absl::Status PoolWindowScores(const PoolWindowScoresArgs& args) override {
@@ -353,6 +354,35 @@ class CudaBackend final : public Backend {
   absl::Status SelectTop(const SelectTopArgs& args) override {
     KVGATE_CUDA_RETURN_IF_ERROR(cudaSetDevice(device_));
     return LaunchSelectTop(args, stream_);
+  }
+
+  // The projections share the window-scores workspace (stream order keeps them apart).
+  absl::Status SinkGateScores(const SinkGateScoresArgs& args) override {
+    KVGATE_CUDA_RETURN_IF_ERROR(cudaSetDevice(device_));
+    if (std::string error = SinkGateScoresArgsError(args); !error.empty()) return absl::InvalidArgumentError(error);
+    KVGATE_RETURN_IF_ERROR(ReserveScoringWorkspace(SinkGateScoresWorkspaceFloats(args)));
+    return LaunchSinkGateScores(args, cublas_, scoring_workspace_.as<float>(), stream_);
+  }
+
+  absl::StatusOr<const void*> ConstantOnBackend(uint64_t owner, int32_t key, const void* host, size_t bytes) override {
+    if (owner == 0 || host == nullptr || bytes == 0) {
+      return absl::InvalidArgumentError("ConstantOnBackend: owner 0, no data or 0 bytes");
+    }
+    std::lock_guard<std::mutex> lock(constants_mutex_);
+    auto found = constants_.find({owner, key});
+    if (found != constants_.end()) {
+      if (found->second.bytes() != bytes) {
+        return absl::InvalidArgumentError(absl::StrCat("ConstantOnBackend: (", owner, ", ", key, ") was ",
+                                                       found->second.bytes(), " bytes, now ", bytes));
+      }
+      return static_cast<const void*>(found->second.data());
+    }
+    KVGATE_RETURN_IF_ERROR(RefuseWhileRecording("ConstantOnBackend"));
+    KVGATE_ASSIGN_OR_RETURN(DeviceBuffer buffer, Alloc(bytes));
+    KVGATE_RETURN_IF_ERROR(CopyToBackend(buffer.data(), host, bytes));
+    const void* data = buffer.data();
+    constants_.emplace(std::make_pair(owner, key), std::move(buffer));
+    return data;
   }
 
   absl::Status SiluMul(const SiluMulArgs& args) override {
@@ -457,6 +487,17 @@ class CudaBackend final : public Backend {
     return absl::FailedPreconditionError(absl::StrCat(name_, ": ", absl::string_view(what.data(), what.size()), " while a graph is being recorded"));
   }
 
+  // Grows scoring_workspace_ to at least `floats` floats, in 1 MiB granules.
+  absl::Status ReserveScoringWorkspace(int64_t floats) {
+    const size_t bytes = static_cast<size_t>(std::max<int64_t>(floats, 0)) * sizeof(float);
+    if (bytes <= scoring_workspace_.bytes()) return absl::OkStatus();
+    KVGATE_RETURN_IF_ERROR(RefuseWhileRecording("growing the scoring workspace"));
+    scoring_workspace_ = DeviceBuffer();  // its release waits for the kernels using it
+    constexpr size_t kGranuleBytes = size_t{1} << 20;
+    KVGATE_ASSIGN_OR_RETURN(scoring_workspace_, Alloc((bytes + kGranuleBytes - 1) / kGranuleBytes * kGranuleBytes));
+    return absl::OkStatus();
+  }
+
   // Grows attention_workspace_ to at least `floats` floats, in 1 MiB granules.
   // A plan of bad args may ask for a negative size; the launcher rejects those args.
   absl::Status ReserveAttentionWorkspace(int64_t floats) {
@@ -485,7 +526,9 @@ class CudaBackend final : public Backend {
   std::unique_ptr<IpcMappings> ipc_mappings_;  // OpenIpc
   bool use_grouped_decode_ = true;
   DeviceBuffer attention_workspace_;  // split partials of Attention and HeadPagedDecodeAttention
-  DeviceBuffer window_probs_workspace_;  // logits and statistics of WindowAttentionProbs
+  DeviceBuffer scoring_workspace_;  // WindowAttentionProbs' logits and statistics, SinkGateScores' projections
+  std::mutex constants_mutex_;
+  std::map<std::pair<uint64_t, int32_t>, DeviceBuffer> constants_;  // ConstantOnBackend
   DeviceBuffer gemm_workspace_;       // cuBLASLt's, kGemmBf16WorkspaceBytes
   DeviceBuffer attention_bf16_workspace_;  // bf16 K/V rows of AttentionBf16
   std::unique_ptr<GemmBf16Runner> gemm_bf16_;

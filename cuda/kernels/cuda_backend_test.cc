@@ -33,6 +33,7 @@
 #include "cuda/backend.h"
 #include "cuda/bf16.h"
 #include "cuda/cpu/reference_ops.h"
+#include "cuda/cpu/sink_gate_scores.h"
 #include "cuda/kernels/head_paged_decode_attention.cuh"
 #include "cuda/kernels/shareable_memory.h"
 #include "cuda/testing/head_paged_layout.h"
@@ -1920,6 +1921,95 @@ INSTANTIATE_TEST_SUITE_P(Shapes, PoolWindowScoresTest,
                                            PoolCase{8, 32, 8, 8192, 64, 5, 3}, PoolCase{3, 6, 3, 77, 76, 7, 4},
                                            PoolCase{1, 4, 4, 300, 1, 9, 5}),
                          CaseName<PoolCase>);
+
+// ---------------------------------------------------------------------- SinkGateScores
+
+struct SinkGateCase {
+  int32_t n, hidden, kv_heads, group, rank, sinks, stride_pad;
+  uint32_t seed;
+  std::string Name() const {
+    return absl::StrCat("n", n, "_d", hidden, "_h", kv_heads, "_g", group, "_r", rank, "_s", sinks, "_pad", stride_pad,
+                        "_seed", seed);
+  }
+};
+void PrintTo(const SinkGateCase& c, std::ostream* os) { *os << c.Name(); }
+
+using SinkGateScoresTest = CudaOpTest<SinkGateCase>;
+
+// Against the CPU implementation (the host gate of gates/fast_kvzip): scores in (0, 1)
+// within fp32 rounding; nothing outside [h * out_stride, h * out_stride + n) is written.
+TEST_P(SinkGateScoresTest, MatchesTheCpuGate) {
+  const SinkGateCase& c = GetParam();
+  std::mt19937 rng(c.seed);
+  const int32_t q_width = c.kv_heads * c.group * c.rank, k_width = c.kv_heads * c.rank;
+  const float scale = 1.0f / std::sqrt(static_cast<float>(c.hidden));
+  const auto x = RandomFloats(rng, static_cast<size_t>(c.n) * c.hidden, -1.0f, 1.0f);
+  const auto q_weight = RandomFloats(rng, static_cast<size_t>(q_width) * c.hidden, -2.0f * scale, 2.0f * scale);
+  const auto q_bias = RandomFloats(rng, q_width, -0.5f, 0.5f);
+  const auto k_weight = RandomFloats(rng, static_cast<size_t>(k_width) * c.hidden, -2.0f * scale, 2.0f * scale);
+  const auto q_norm = RandomFloats(rng, c.rank, 0.5f, 1.5f);
+  const auto k_norm = RandomFloats(rng, c.rank, 0.5f, 1.5f);
+  const auto k_base = RandomFloats(rng, std::max<size_t>(1, static_cast<size_t>(c.kv_heads) * c.sinks * c.rank), -1.0f, 1.0f);
+  const auto b = RandomFloats(rng, static_cast<size_t>(c.kv_heads) * c.group, -1.0f, 1.0f);
+  SinkGateScoresArgs args;
+  args.n = c.n;
+  args.hidden = c.hidden;
+  args.kv_heads = c.kv_heads;
+  args.group = c.group;
+  args.rank = c.rank;
+  args.sinks = c.sinks;
+  args.out_stride = c.n + c.stride_pad;
+  std::vector<float> want(static_cast<size_t>(c.kv_heads) * args.out_stride, 5.0f);
+  SinkGateScoresArgs host = args;
+  host.x = x.data();
+  host.q_weight = q_weight.data();
+  host.q_bias = q_bias.data();
+  host.k_weight = k_weight.data();
+  host.q_norm = q_norm.data();
+  host.k_norm = k_norm.data();
+  host.k_base = k_base.data();
+  host.b = b.data();
+  host.out = want.data();
+  SinkGateScoresCpu(host);
+  KVGATE_ASSERT_OK_AND_ASSIGN(DeviceBuffer d_x, Upload(backend(), x));
+  KVGATE_ASSERT_OK_AND_ASSIGN(DeviceBuffer d_qw, Upload(backend(), q_weight));
+  KVGATE_ASSERT_OK_AND_ASSIGN(DeviceBuffer d_qb, Upload(backend(), q_bias));
+  KVGATE_ASSERT_OK_AND_ASSIGN(DeviceBuffer d_kw, Upload(backend(), k_weight));
+  KVGATE_ASSERT_OK_AND_ASSIGN(DeviceBuffer d_qn, Upload(backend(), q_norm));
+  KVGATE_ASSERT_OK_AND_ASSIGN(DeviceBuffer d_kn, Upload(backend(), k_norm));
+  KVGATE_ASSERT_OK_AND_ASSIGN(DeviceBuffer d_base, Upload(backend(), k_base));
+  KVGATE_ASSERT_OK_AND_ASSIGN(DeviceBuffer d_b, Upload(backend(), b));
+  KVGATE_ASSERT_OK_AND_ASSIGN(GuardedBuffer out, GuardedBuffer::Create(backend(), std::vector<float>(want.size(), 5.0f)));
+  args.x = d_x.as<float>();
+  args.q_weight = d_qw.as<float>();
+  args.q_bias = d_qb.as<float>();
+  args.k_weight = d_kw.as<float>();
+  args.q_norm = d_qn.as<float>();
+  args.k_norm = d_kn.as<float>();
+  args.k_base = d_base.as<float>();
+  args.b = d_b.as<float>();
+  args.out = out.data();
+  ASSERT_TRUE(backend().SinkGateScores(args).ok());
+  std::vector<float> got;
+  ASSERT_TRUE(out.Download(backend(), &got));
+  ExpectAllClose(want, got, 2e-5f, 1e-4f);
+  for (int32_t h = 0; h < c.kv_heads; ++h) {
+    for (int32_t t = 0; t < c.n; ++t) {
+      const float score = got[static_cast<size_t>(h) * args.out_stride + t];
+      EXPECT_TRUE(score > 0.0f && score <= 1.0f) << "h " << h << " t " << t << ": " << score;
+    }
+  }
+  SinkGateScoresArgs bad = args;
+  bad.rank = 65;
+  EXPECT_EQ(backend().SinkGateScores(bad).code(), absl::StatusCode::kInvalidArgument);
+}
+
+INSTANTIATE_TEST_SUITE_P(Shapes, SinkGateScoresTest,
+                         ::testing::Values(SinkGateCase{1, 8, 1, 1, 1, 0, 0, 1}, SinkGateCase{100, 64, 2, 3, 16, 16, 7, 2},
+                                           SinkGateCase{129, 256, 8, 4, 16, 16, 0, 3},
+                                           SinkGateCase{2048, 4096, 8, 4, 16, 16, 100, 4},
+                                           SinkGateCase{70, 96, 3, 2, 64, 64, 1, 5}, SinkGateCase{33, 40, 2, 1, 8, 0, 3, 6}),
+                         CaseName<SinkGateCase>);
 
 // Shareable buffers come from one slab, named once: two buffers' names differ only in
 // their offsets. A plain Alloc buffer cannot be exported, and a name of this process or

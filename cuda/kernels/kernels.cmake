@@ -26,7 +26,8 @@ add_library(kvgate_ops_cuda STATIC
   ${CMAKE_CURRENT_SOURCE_DIR}/kernels/store_kv.cu
   ${CMAKE_CURRENT_SOURCE_DIR}/kernels/window_attention_probs.cu
   ${CMAKE_CURRENT_SOURCE_DIR}/kernels/pool_window_scores.cu
-  ${CMAKE_CURRENT_SOURCE_DIR}/kernels/select_top.cu)
+  ${CMAKE_CURRENT_SOURCE_DIR}/kernels/select_top.cu
+  ${CMAKE_CURRENT_SOURCE_DIR}/kernels/sink_gate_scores.cu)
 add_library(kvgate::ops_cuda ALIAS kvgate_ops_cuda)
 target_include_directories(kvgate_ops_cuda PUBLIC ${PROJECT_SOURCE_DIR})
 target_link_libraries(kvgate_ops_cuda PUBLIC kvgate_common kvgate_ops_cpu CUDA::cudart CUDA::cublas CUDA::cublasLt
