@@ -147,10 +147,11 @@ struct PoolWindowScoresArgs {
 // keep[r / merge_rows, p] has bit r % merge_rows set when (r, p) is selected, every other
 // bit 0 (merge_rows > 1, e.g. the query heads of a kv head, needs rows_per_selection 1).
 struct SelectTopArgs {
-  const float* scores = nullptr;        // [rows, n], in, backend
+  const float* scores = nullptr;        // row r at scores + r * row_stride, n floats, in, backend
   const uint8_t* candidates = nullptr;  // [n] shared by every row, or null = every entry, in, backend
   uint8_t* keep = nullptr;              // [rows / merge_rows, n], out, backend
   int32_t rows = 0, n = 0;
+  int64_t row_stride = 0;               // floats from one score row to the next; 0 = n
   int32_t rows_per_selection = 1;       // divides rows
   int32_t merge_rows = 1;               // 1 .. 8, divides rows
   int64_t need = 0;                     // per selection; <= 0 selects nothing

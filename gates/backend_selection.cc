@@ -5,7 +5,8 @@
 namespace kvgate::gates {
 
 absl::StatusOr<std::vector<uint8_t>> SelectOnBackend(ops::Backend& backend, const BackendSelection& selection) {
-  if (selection.rows < 1 || selection.n < 1 || selection.candidates.size() != static_cast<size_t>(selection.n) ||
+  if (selection.rows < 1 || selection.n < 1 ||
+      (!selection.candidates.empty() && selection.candidates.size() != static_cast<size_t>(selection.n)) ||
       selection.merge_rows < 1 || selection.rows % selection.merge_rows != 0) {
     return absl::InvalidArgumentError("SelectOnBackend: scores, candidates and rows disagree");
   }
@@ -13,10 +14,13 @@ absl::StatusOr<std::vector<uint8_t>> SelectOnBackend(ops::Backend& backend, cons
   // One allocation: the candidate mask, then the keep bytes.
   KVGATE_ASSIGN_OR_RETURN(ops::DeviceBuffer memory, backend.Alloc(selection.candidates.size() + keep_bytes));
   uint8_t* candidates = memory.as<uint8_t>();
-  KVGATE_RETURN_IF_ERROR(backend.CopyToBackend(candidates, selection.candidates.data(), selection.candidates.size()));
+  if (!selection.candidates.empty()) {
+    KVGATE_RETURN_IF_ERROR(backend.CopyToBackend(candidates, selection.candidates.data(), selection.candidates.size()));
+  }
   ops::SelectTopArgs args;
   args.scores = selection.scores;
-  args.candidates = candidates;
+  args.candidates = selection.candidates.empty() ? nullptr : candidates;
+  args.row_stride = selection.row_stride;
   args.keep = candidates + selection.candidates.size();
   args.rows = selection.rows;
   args.n = selection.n;

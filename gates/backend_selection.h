@@ -13,10 +13,11 @@
 namespace kvgate::gates {
 
 struct BackendSelection {
-  const float* scores = nullptr;  // [rows, n], backend memory of `backend`
+  const float* scores = nullptr;  // row r at scores + r * row_stride, backend memory of `backend`
   int32_t rows = 0, n = 0;
+  int64_t row_stride = 0;          // 0 = n
   // Host, [n]: 1 = position p may be selected in every row (the rest is the caller's:
-  // protected rows, the window).
+  // protected rows, the window); empty = every position.
   std::vector<uint8_t> candidates;
   int32_t rows_per_selection = 1;  // ops::SelectTopArgs
   int32_t merge_rows = 1;

@@ -15,6 +15,7 @@
 #include "gates/eviction_spec.h"
 #include "gates/internal/test_util.h"
 #include "gates/policy.h"
+#include "gates/selectors.h"
 #include "gtest/gtest.h"
 
 namespace kvgate::gates {
@@ -155,6 +156,45 @@ TEST(BackendSelectionTest, TiesGoToTheLowerPosition) {
   EXPECT_EQ(*keep, (std::vector<uint8_t>{0, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0}));
   selection.candidates.pop_back();
   EXPECT_EQ(SelectOnBackend(*backend, selection).status().code(), absl::StatusCode::kInvalidArgument);
+}
+
+// A window of wider rows (row_stride), one selection over both rows, as Fast KVzip's
+// chunk threshold takes it from the [layers, kv heads, n] scores: the same cut as
+// SelectGlobalTopKCount on the window copied out.
+TEST(BackendSelectionTest, AWindowOfWiderRowsEqualsTheGlobalCutOfItsCopy) {
+  std::unique_ptr<ops::Backend> backend = TestBackend();
+  ASSERT_NE(backend, nullptr);
+  std::mt19937 rng(3);
+  std::uniform_int_distribution<int> level(0, 5);
+  const int32_t layers = 2, heads = 3, n = 50, begin = 12, len = 30;
+  std::vector<float> scores(size_t{1} * layers * heads * n);
+  for (float& s : scores) s = static_cast<float>(level(rng));
+  absl::StatusOr<ops::DeviceBuffer> buffer = backend->Alloc(scores.size() * sizeof(float));
+  ASSERT_TRUE(buffer.ok());
+  ASSERT_TRUE(backend->CopyToBackend(buffer->data(), scores.data(), scores.size() * sizeof(float)).ok());
+  ScoreGrid grid{layers, heads, len, {}};
+  for (int32_t row = 0; row < layers * heads; ++row) {
+    grid.scores.insert(grid.scores.end(), scores.begin() + row * n + begin, scores.begin() + row * n + begin + len);
+  }
+  for (int64_t need : {int64_t{0}, int64_t{1}, int64_t{37}, int64_t{179}, int64_t{180}, int64_t{500}}) {
+    BackendSelection selection;
+    selection.scores = buffer->as<float>() + begin;
+    selection.rows = layers * heads;
+    selection.n = len;
+    selection.row_stride = n;
+    selection.rows_per_selection = layers * heads;
+    selection.need = need;
+    absl::StatusOr<std::vector<uint8_t>> keep = SelectOnBackend(*backend, selection);
+    ASSERT_TRUE(keep.ok()) << keep.status();
+    const KeepPlan want = SelectGlobalTopKCount(grid, need, std::vector<uint8_t>(len, 0));
+    for (int32_t row = 0; row < layers * heads; ++row) {
+      std::vector<int32_t> got;
+      for (int32_t p = 0; p < len; ++p) {
+        if ((*keep)[size_t{1} * row * len + p]) got.push_back(p);
+      }
+      EXPECT_EQ(got, want.heads[row].positions) << "need " << need << " row " << row;
+    }
+  }
 }
 
 }  // namespace

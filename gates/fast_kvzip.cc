@@ -10,9 +10,10 @@
 
 #include "absl/strings/str_cat.h"
 #include "common/status_macros.h"
+#include "cuda/cpu/sink_gate_scores.h"
+#include "gates/backend_selection.h"
 #include "gates/gate_weights.h"
 #include "gates/selectors.h"
-#include "cuda/cpu/sink_gate_scores.h"
 
 namespace kvgate::gates {
 namespace {
@@ -451,21 +452,20 @@ class FastKvzipRequest final : public PolicyRequest {
       const TokenRange judge = FastKvzipThresholdRange(chunks, judged_until, chunk.end);
       const int32_t len = judge.end - judge.begin;
       if (len <= 0) continue;
-      ScoreGrid grid{L, H, len, {}};
-      grid.scores.resize(size_t{1} * L * H * len);
+      // One threshold over every layer and kv head (SelectGlobalTopKCount's cut), taken where
+      // the scores are: the [L * H, len] window of the backend's [L, H, n] scores.
+      BackendSelection selection;
+      selection.scores = backend_scores.as<float>() + judge.begin;
+      selection.rows = L * H;
+      selection.n = len;
+      selection.row_stride = n;
+      selection.rows_per_selection = L * H;
+      selection.need = FastKvzipChunkKeepCount(chunks, int64_t{len} * L * H);
+      KVGATE_ASSIGN_OR_RETURN(const std::vector<uint8_t> winners, SelectOnBackend(backend, selection));
       for (int32_t l = 0; l < L; ++l) {
         for (int32_t h = 0; h < H; ++h) {
-          std::copy_n(scores[l].begin() + size_t{1} * h * n + judge.begin, len,
-                      grid.scores.begin() + (size_t{1} * l * H + h) * len);
-        }
-      }
-      const int64_t keep = FastKvzipChunkKeepCount(chunks, int64_t{len} * L * H);
-      const KeepPlan winners = SelectGlobalTopKCount(grid, keep, std::vector<uint8_t>(len, 0));
-      for (int32_t l = 0; l < L; ++l) {
-        for (int32_t h = 0; h < H; ++h) {
-          uint8_t* row = visible[l].data() + size_t{1} * h * n;
-          std::fill(row + judge.begin, row + judge.end, 0);
-          for (int32_t p : winners.at(l, h).positions) row[judge.begin + p] = 1;
+          std::copy_n(winners.begin() + (size_t{1} * l * H + h) * len, len,
+                      visible[l].begin() + size_t{1} * h * n + judge.begin);
         }
       }
       judged_until = judge.end;

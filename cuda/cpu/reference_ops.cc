@@ -302,13 +302,13 @@ void PoolWindowScoresRef(const PoolWindowScoresArgs& a) {
 
 std::string SelectTopArgsError(const SelectTopArgs& a) {
   if (a.rows < 1 || a.n < 1 || a.rows_per_selection < 1 || a.rows % a.rows_per_selection != 0 ||
-      a.merge_rows < 1 || a.merge_rows > 8 || a.rows % a.merge_rows != 0 ||
+      a.merge_rows < 1 || a.merge_rows > 8 || a.rows % a.merge_rows != 0 || (a.row_stride != 0 && a.row_stride < a.n) ||
       (a.merge_rows > 1 && a.rows_per_selection != 1) ||
       static_cast<int64_t>(a.rows_per_selection) * a.n > (int64_t{1} << 31) - 1) {
     return "SelectTop: rows " + std::to_string(a.rows) + ", n " + std::to_string(a.n) + ", rows_per_selection " +
            std::to_string(a.rows_per_selection) + ", merge_rows " + std::to_string(a.merge_rows) +
            " (need rows, n >= 1; rows_per_selection and merge_rows dividing rows; merge_rows in [1, 8] and only "
-           "with rows_per_selection 1; fewer than 2^31 entries a selection)";
+           "with rows_per_selection 1; row_stride 0 or >= n; fewer than 2^31 entries a selection)";
   }
   return "";
 }
@@ -323,6 +323,8 @@ uint32_t SelectionKey(float score) {
   return (bits & 0x80000000u) != 0 ? ~bits : (bits | 0x80000000u);
 }
 
+int64_t ScoreRowStride(const SelectTopArgs& a) { return a.row_stride == 0 ? a.n : a.row_stride; }
+
 // One selection over rows [first_row, first_row + rows): sets `bit` of the selected
 // entries, row r of the selection in keep_rows[r * n + p].
 void SelectOne(const SelectTopArgs& a, int32_t first_row, int32_t rows, uint8_t bit, uint8_t* keep_rows) {
@@ -330,7 +332,7 @@ void SelectOne(const SelectTopArgs& a, int32_t first_row, int32_t rows, uint8_t 
   for (int32_t p = 0; p < a.n; ++p) {
     if (a.candidates != nullptr && a.candidates[p] == 0) continue;
     for (int32_t r = 0; r < rows; ++r) {
-      candidates.emplace_back(SelectionKey(a.scores[static_cast<int64_t>(first_row + r) * a.n + p]),
+      candidates.emplace_back(SelectionKey(a.scores[static_cast<int64_t>(first_row + r) * ScoreRowStride(a) + p]),
                               static_cast<int64_t>(p) * rows + r);
     }
   }

@@ -21,7 +21,7 @@ __device__ __forceinline__ uint32_t SelectionKey(float score) {
 }
 
 struct Selection {
-  const float* scores;  // row 0 of the selection
+  const float* scores;  // row 0 of the selection; rows SelectTopArgs::row_stride apart
   int32_t rows;         // competing rows; entry e = p * rows + r is its order
   uint8_t* keep;        // row 0 of its keep rows
   uint8_t bit;
@@ -57,7 +57,7 @@ __device__ void SelectOne(const SelectTopArgs& a, const Selection& s) {
   const int32_t entries = s.rows * a.n;  // < 2^31 (SelectTopArgsError)
   auto key_of = [&](int32_t e) {
     const int32_t p = e / s.rows, r = e % s.rows;
-    return SelectionKey(s.scores[static_cast<int64_t>(r) * a.n + p]);
+    return SelectionKey(s.scores[static_cast<int64_t>(r) * a.row_stride + p]);
   };
 
   // Candidates of the selection.
@@ -135,11 +135,11 @@ __global__ void __launch_bounds__(kThreads) SelectTopKernel(SelectTopArgs a) {
   if (a.merge_rows > 1) {
     for (int g = 0; g < a.merge_rows; ++g) {
       const int64_t row = unit * a.merge_rows + g;
-      SelectOne(a, Selection{a.scores + row * a.n, 1, a.keep + unit * a.n, static_cast<uint8_t>(1u << g), g == 0});
+      SelectOne(a, Selection{a.scores + row * a.row_stride, 1, a.keep + unit * a.n, static_cast<uint8_t>(1u << g), g == 0});
     }
   } else {
     const int64_t row = unit * a.rows_per_selection;
-    SelectOne(a, Selection{a.scores + row * a.n, a.rows_per_selection, a.keep + row * a.n, 1, true});
+    SelectOne(a, Selection{a.scores + row * a.row_stride, a.rows_per_selection, a.keep + row * a.n, 1, true});
   }
 }
 
@@ -148,7 +148,9 @@ __global__ void __launch_bounds__(kThreads) SelectTopKernel(SelectTopArgs a) {
 absl::Status LaunchSelectTop(const SelectTopArgs& args, cudaStream_t stream) {
   if (std::string error = SelectTopArgsError(args); !error.empty()) return absl::InvalidArgumentError(error);
   const int32_t units = args.merge_rows > 1 ? args.rows / args.merge_rows : args.rows / args.rows_per_selection;
-  SelectTopKernel<<<static_cast<unsigned>(units), kThreads, 0, stream>>>(args);
+  SelectTopArgs resolved = args;
+  if (resolved.row_stride == 0) resolved.row_stride = resolved.n;
+  SelectTopKernel<<<static_cast<unsigned>(units), kThreads, 0, stream>>>(resolved);
   KVGATE_CUDA_RETURN_IF_ERROR(cudaGetLastError());
   return absl::OkStatus();
 }
