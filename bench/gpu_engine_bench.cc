@@ -221,14 +221,17 @@ absl::StatusOr<json> PolicyPrefill(engine::Model& m, ops::Backend* backend, int3
   spec.policy = policy;
   if (policy != "full") spec.keep_ratio = keep_ratio;
   const std::vector<int32_t> prompt = RandomTokens(n, c.vocab_size, 555u + n);
-  // The learned gates (fast_kvzip, attention_gate) are random here: their cost, not their choices.
-  gates::PolicyOptions options;
-  options.allow_random_gate = true;
-  options.random_gate_seed = 7;
+  // The learned gates (fast_kvzip, attention_gate) are random here (their cost, not their
+  // choices), loaded once and shared by every request as a worker's are.
+  gates::GateFiles gate_files;
+  gate_files.random_seed = 7;
+  absl::StatusOr<gates::PolicyOptions> options =
+      gates::LoadGates(gate_files, {c.num_layers, c.num_heads, c.num_kv_heads, c.head_dim, c.hidden_size});
+  if (!options.ok()) return options.status();
   std::vector<double> times, forward_times, plan_and_commit_times;
   int64_t kept = 0, full = 0;
   for (int r = 0; r < repeats + 1; ++r) {
-    absl::StatusOr<std::unique_ptr<engine::KvPlanner>> planner = kv::CreatePolicyPlanner(m, pool->get(), spec, options);
+    absl::StatusOr<std::unique_ptr<engine::KvPlanner>> planner = kv::CreatePolicyPlanner(m, pool->get(), spec, *options);
     if (!planner.ok()) return planner.status();
     absl::StatusOr<std::unique_ptr<engine::KvCache>> cache = m.NewCache(n);
     if (!cache.ok()) return cache.status();
