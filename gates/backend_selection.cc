@@ -4,6 +4,16 @@
 
 namespace kvgate::gates {
 
+int64_t SetCandidatesOutside(const std::vector<uint8_t>& protected_mask, BackendSelection* selection) {
+  selection->candidates.resize(protected_mask.size());
+  int64_t protected_rows = 0;
+  for (size_t p = 0; p < protected_mask.size(); ++p) {
+    selection->candidates[p] = protected_mask[p] ? 0 : 1;
+    protected_rows += protected_mask[p] ? 1 : 0;
+  }
+  return protected_rows;
+}
+
 absl::StatusOr<std::vector<uint8_t>> SelectOnBackend(ops::Backend& backend, const BackendSelection& selection) {
   if (selection.rows < 1 || selection.n < 1 ||
       (!selection.candidates.empty() && selection.candidates.size() != static_cast<size_t>(selection.n)) ||

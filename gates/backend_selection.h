@@ -24,6 +24,10 @@ struct BackendSelection {
   int64_t need = 0;                // per selection
 };
 
+// Makes the candidates every position `protected_mask` leaves out (those it protects are
+// kept by the caller anyway); returns how many it protects.
+int64_t SetCandidatesOutside(const std::vector<uint8_t>& protected_mask, BackendSelection* selection);
+
 // Keep bytes [rows / merge_rows, n] on the host (ops::SelectTopArgs::keep).
 absl::StatusOr<std::vector<uint8_t>> SelectOnBackend(ops::Backend& backend, const BackendSelection& selection);
 

@@ -218,12 +218,7 @@ class SageKvPolicy final : public Policy {
     selection.rows = shape_.num_layers * shape_.num_q_heads;
     selection.n = n;
     selection.merge_rows = group;
-    selection.candidates.resize(n);
-    int64_t shared_rows = 0;
-    for (int32_t p = 0; p < n; ++p) {
-      selection.candidates[p] = shared[p] ? 0 : 1;
-      shared_rows += shared[p] ? 1 : 0;
-    }
+    const int64_t shared_rows = SetCandidatesOutside(shared, &selection);
     selection.need = std::max<int64_t>(0, budget.keep_per_head - shared_rows) / group;
     KVGATE_ASSIGN_OR_RETURN(std::vector<uint8_t> bits, gates::SelectOnBackend(*capture.backend, selection));
     const uint8_t all_bits = static_cast<uint8_t>((1u << group) - 1u);

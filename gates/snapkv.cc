@@ -210,12 +210,7 @@ class SnapKvPolicy final : public Policy {
     selection.scores = scores.as<float>();
     selection.rows = heads;
     selection.n = n;
-    selection.candidates.resize(n);
-    int64_t protected_rows = 0;
-    for (int32_t p = 0; p < n; ++p) {
-      selection.candidates[p] = mask[p] ? 0 : 1;
-      protected_rows += mask[p] ? 1 : 0;
-    }
+    const int64_t protected_rows = SetCandidatesOutside(mask, &selection);
     selection.need = std::max<int64_t>(0, std::clamp(budget.keep_per_head, 0, n) - protected_rows);
     KVGATE_ASSIGN_OR_RETURN(std::vector<uint8_t> keep, SelectOnBackend(backend, selection));
     KeepPlan plan;
