@@ -234,26 +234,6 @@ TaskContent MakeTaskContent(RetrievalTask task, TaskRng* rng, std::optional<doub
       c.answer = absl::StrCat(" ", absl::StrJoin(values, ", "));
       break;
     }
-    case RetrievalTask::kKvLookup: {
-      const auto keys = DrawKeys(kKvLookupPairs, rng);
-      const auto values = DrawValues(kKvLookupPairs, rng);
-      const size_t asked = rng->Below(kKvLookupPairs);
-      for (int i = 0; i < kKvLookupPairs; ++i) {
-        c.inserted.push_back(absl::StrCat("Key ", keys[i], " has value ", values[i], "."));
-      }
-      c.question = absl::StrCat("\nQuestion: What is the value of key ", keys[asked], "?\nAnswer:");
-      c.answer = absl::StrCat(" ", values[asked]);
-      break;
-    }
-    case RetrievalTask::kVariableTracking: {
-      const auto names = DrawKeys(kVtHops, rng);
-      const auto values = DrawValues(1, rng);
-      c.inserted.push_back(absl::StrCat("VAR ", names[0], " = ", values[0], "."));
-      for (int i = 1; i < kVtHops; ++i) c.inserted.push_back(absl::StrCat("VAR ", names[i], " = VAR ", names[i - 1], "."));
-      c.question = absl::StrCat("\nQuestion: Which variables are assigned the value ", values[0], "?\nAnswer:");
-      c.answer = absl::StrCat(" ", absl::StrJoin(names, " "));
-      break;
-    }
     // Held out: never in training (bench/retrieval_tasks.md, "Held-out tasks").
     case RetrievalTask::kNiahReworded: {
       const auto keys = DrawKeys(1, rng);
@@ -263,6 +243,8 @@ TaskContent MakeTaskContent(RetrievalTask task, TaskRng* rng, std::optional<doub
       c.answer = absl::StrCat(" ", values[0]);
       break;
     }
+    // kv_lookup and its held-out variants (more pairs; keys with the number first).
+    case RetrievalTask::kKvLookup:
     case RetrievalTask::kKvLookup48:
     case RetrievalTask::kKvLookupKeyFormat: {
       const int pairs = task == RetrievalTask::kKvLookup48 ? kKvLookup48Pairs : kKvLookupPairs;
@@ -274,11 +256,14 @@ TaskContent MakeTaskContent(RetrievalTask task, TaskRng* rng, std::optional<doub
       c.answer = absl::StrCat(" ", values[asked]);
       break;
     }
+    // vt and its held-out 8-hop variant.
+    case RetrievalTask::kVariableTracking:
     case RetrievalTask::kVariableTracking8Hops: {
-      const auto names = DrawKeys(kVt8Hops, rng);
+      const int hops = task == RetrievalTask::kVariableTracking8Hops ? kVt8Hops : kVtHops;
+      const auto names = DrawKeys(hops, rng);
       const auto values = DrawValues(1, rng);
       c.inserted.push_back(absl::StrCat("VAR ", names[0], " = ", values[0], "."));
-      for (int i = 1; i < kVt8Hops; ++i) c.inserted.push_back(absl::StrCat("VAR ", names[i], " = VAR ", names[i - 1], "."));
+      for (int i = 1; i < hops; ++i) c.inserted.push_back(absl::StrCat("VAR ", names[i], " = VAR ", names[i - 1], "."));
       c.question = absl::StrCat("\nQuestion: Which variables are assigned the value ", values[0], "?\nAnswer:");
       c.answer = absl::StrCat(" ", absl::StrJoin(names, " "));
       break;

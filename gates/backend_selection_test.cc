@@ -49,20 +49,7 @@ TwoCaptures WindowScores(const PrefillCapture& c, int32_t w, bool logits, ops::B
   }
   std::vector<float> all;
   for (int32_t l = 0; l < s.num_layers; ++l) {
-    std::vector<float>& probs = out.host.window_probs.emplace_back(static_cast<size_t>(s.num_q_heads) * n);
-    ops::WindowAttentionProbsArgs args;
-    args.q = c.last_queries[l].data() + static_cast<size_t>(c.num_last_queries - w) * s.num_q_heads * s.head_dim;
-    args.k_cache = c.keys[l].data();
-    args.out = probs.data();
-    args.window = w;
-    args.length = n;
-    args.capacity_tokens = n;
-    args.num_q_heads = s.num_q_heads;
-    args.num_kv_heads = s.num_kv_heads;
-    args.head_dim = s.head_dim;
-    args.scale = static_cast<float>(1.0 / std::sqrt(static_cast<double>(s.head_dim)));
-    args.logits = logits;
-    ops::WindowAttentionProbsRef(args);
+    const std::vector<float>& probs = out.host.window_probs.emplace_back(testing::ReferenceWindowScores(c, l, w, logits));
     all.insert(all.end(), probs.begin(), probs.end());
   }
   absl::StatusOr<ops::DeviceBuffer> buffer = backend.Alloc(all.size() * sizeof(float));

@@ -56,22 +56,7 @@ TEST(SageKvScoresTest, BackendLogitsGiveTheSameScores) {
   scored.prompt_tokens = 37;
   scored.num_window_queries = 1;
   scored.window_logits = true;
-  for (int32_t l = 0; l < 2; ++l) {
-    std::vector<float>& logits = scored.window_probs.emplace_back(size_t{6} * 37);
-    ops::WindowAttentionProbsArgs args;
-    args.q = c.last_queries[l].data() + size_t{2} * 6 * 8;  // the last of 3 rows
-    args.k_cache = c.keys[l].data();
-    args.out = logits.data();
-    args.window = 1;
-    args.length = 37;
-    args.capacity_tokens = 37;
-    args.num_q_heads = 6;
-    args.num_kv_heads = 2;
-    args.head_dim = 8;
-    args.scale = static_cast<float>(1.0 / std::sqrt(8.0));
-    args.logits = true;
-    ops::WindowAttentionProbsRef(args);
-  }
+  for (int32_t l = 0; l < 2; ++l) scored.window_probs.push_back(testing::ReferenceWindowScores(c, l, 1, true));
   auto want = SageKvScores(c);
   auto got = SageKvScores(scored);
   ASSERT_TRUE(want.ok() && got.ok()) << want.status() << got.status();

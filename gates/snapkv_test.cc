@@ -102,21 +102,7 @@ PrefillCapture WithWindowProbs(const PrefillCapture& c, int32_t window) {
   out.shape = s;
   out.prompt_tokens = n;
   out.num_window_queries = w;
-  for (int32_t l = 0; l < s.num_layers; ++l) {
-    std::vector<float>& probs = out.window_probs.emplace_back(static_cast<size_t>(s.num_q_heads) * n);
-    ops::WindowAttentionProbsArgs args;
-    args.q = c.last_queries[l].data() + static_cast<size_t>(c.num_last_queries - w) * s.num_q_heads * s.head_dim;
-    args.k_cache = c.keys[l].data();  // [num_kv_heads, n, head_dim]: a cache of capacity n
-    args.out = probs.data();
-    args.window = w;
-    args.length = n;
-    args.capacity_tokens = n;
-    args.num_q_heads = s.num_q_heads;
-    args.num_kv_heads = s.num_kv_heads;
-    args.head_dim = s.head_dim;
-    args.scale = static_cast<float>(1.0 / std::sqrt(static_cast<double>(s.head_dim)));
-    ops::WindowAttentionProbsRef(args);
-  }
+  for (int32_t l = 0; l < s.num_layers; ++l) out.window_probs.push_back(testing::ReferenceWindowScores(c, l, w, false));
   return out;
 }
 

@@ -427,15 +427,8 @@ class CudaBackend final : public Backend {
   absl::Status AttentionBf16(const AttentionArgs& args) override {
     if (!AttentionBf16Supported(args)) return Attention(args);
     KVGATE_CUDA_RETURN_IF_ERROR(cudaSetDevice(device_));
-    const size_t bytes = AttentionBf16WorkspaceBytes(args);
-    if (bytes > attention_bf16_workspace_.bytes()) {
-      KVGATE_RETURN_IF_ERROR(RefuseWhileRecording("growing the bf16 attention workspace"));
-      attention_bf16_workspace_ = DeviceBuffer();  // freeing waits for the kernels using it
-      ++workspace_epoch_;
-      constexpr size_t kGranuleBytes = size_t{16} << 20;
-      KVGATE_ASSIGN_OR_RETURN(attention_bf16_workspace_,
-                              Alloc((bytes + kGranuleBytes - 1) / kGranuleBytes * kGranuleBytes));
-    }
+    KVGATE_RETURN_IF_ERROR(GrowWorkspace(&attention_bf16_workspace_, AttentionBf16WorkspaceBytes(args), size_t{16} << 20,
+                                         /*used_by_graphs=*/true, "the bf16 attention workspace"));
     return LaunchAttentionBf16(args, attention_bf16_workspace_.data(), attention_bf16_workspace_.bytes(), stream_);
   }
 
@@ -487,31 +480,30 @@ class CudaBackend final : public Backend {
     return absl::FailedPreconditionError(absl::StrCat(name_, ": ", absl::string_view(what.data(), what.size()), " while a graph is being recorded"));
   }
 
-  // Grows scoring_workspace_ to at least `floats` floats, in 1 MiB granules.
-  absl::Status ReserveScoringWorkspace(int64_t floats) {
-    const size_t bytes = static_cast<size_t>(std::max<int64_t>(floats, 0)) * sizeof(float);
-    if (bytes <= scoring_workspace_.bytes()) return absl::OkStatus();
-    KVGATE_RETURN_IF_ERROR(RefuseWhileRecording("growing the scoring workspace"));
-    scoring_workspace_ = DeviceBuffer();  // its release waits for the kernels using it
-    constexpr size_t kGranuleBytes = size_t{1} << 20;
-    KVGATE_ASSIGN_OR_RETURN(scoring_workspace_, Alloc((bytes + kGranuleBytes - 1) / kGranuleBytes * kGranuleBytes));
+  // Grows *buffer to at least `bytes`, in granules of `granule` bytes. A workspace that
+  // recorded graphs use bumps the epoch, so that they are recorded again.
+  absl::Status GrowWorkspace(DeviceBuffer* buffer, size_t bytes, size_t granule, bool used_by_graphs,
+                             std::string_view what) {
+    if (bytes <= buffer->bytes()) return absl::OkStatus();
+    KVGATE_RETURN_IF_ERROR(RefuseWhileRecording("growing " + std::string(what)));
+    *buffer = DeviceBuffer();  // freeing the old block waits for the kernels that still use it
+    if (used_by_graphs) ++workspace_epoch_;
+    KVGATE_ASSIGN_OR_RETURN(*buffer, Alloc((bytes + granule - 1) / granule * granule));
     return absl::OkStatus();
+  }
+
+  // The scoring ops' workspace; no graph uses it, so its growth leaves decode graphs valid.
+  absl::Status ReserveScoringWorkspace(int64_t floats) {
+    return GrowWorkspace(&scoring_workspace_, static_cast<size_t>(std::max<int64_t>(floats, 0)) * sizeof(float),
+                         size_t{1} << 20, /*used_by_graphs=*/false, "the scoring workspace");
   }
 
   // Grows attention_workspace_ to at least `floats` floats, in 1 MiB granules.
   // A plan of bad args may ask for a negative size; the launcher rejects those args.
   absl::Status ReserveAttentionWorkspace(int64_t floats) {
     if (floats <= 0) return absl::OkStatus();
-    const size_t bytes = static_cast<size_t>(floats) * sizeof(float);
-    if (bytes <= attention_workspace_.bytes()) return absl::OkStatus();
-    KVGATE_RETURN_IF_ERROR(RefuseWhileRecording("growing the attention workspace"));
-    // Freeing the old block waits for the kernels that still use it.
-    attention_workspace_ = DeviceBuffer();
-    ++workspace_epoch_;
-    constexpr size_t kGranuleBytes = size_t{1} << 20;
-    KVGATE_ASSIGN_OR_RETURN(attention_workspace_,
-                            Alloc((bytes + kGranuleBytes - 1) / kGranuleBytes * kGranuleBytes));
-    return absl::OkStatus();
+    return GrowWorkspace(&attention_workspace_, static_cast<size_t>(floats) * sizeof(float), size_t{1} << 20,
+                         /*used_by_graphs=*/true, "the attention workspace");
   }
 
   const int device_;

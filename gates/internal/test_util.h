@@ -3,6 +3,7 @@
 
 #include <unistd.h>
 
+#include <cmath>
 #include <cstdint>
 #include <cstdlib>
 #include <random>
@@ -11,6 +12,7 @@
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
+#include "cuda/cpu/reference_ops.h"
 #include "gates/prefill_capture.h"
 #include "gtest/gtest.h"
 
@@ -46,6 +48,28 @@ inline PrefillCapture RandomCapture(const ModelShape& shape, int32_t n, int32_t 
     if (hidden) c.hidden_states.push_back(RandomVector(static_cast<size_t>(n) * shape.hidden_size, rng));
   }
   return c;
+}
+
+// What the backend scores for a capture (ops::WindowAttentionProbs, here its reference):
+// layer `layer`'s [num_q_heads, n] mean attention of the last `w` captured queries over the
+// keys, or with `logits` (w = 1) the last query's scaled logits.
+inline std::vector<float> ReferenceWindowScores(const PrefillCapture& c, int32_t layer, int32_t w, bool logits) {
+  const ModelShape& s = c.shape;
+  std::vector<float> out(static_cast<size_t>(s.num_q_heads) * c.prompt_tokens);
+  ops::WindowAttentionProbsArgs args;
+  args.q = c.last_queries[layer].data() + static_cast<size_t>(c.num_last_queries - w) * s.num_q_heads * s.head_dim;
+  args.k_cache = c.keys[layer].data();  // [num_kv_heads, n, head_dim]: a cache of capacity n
+  args.out = out.data();
+  args.window = w;
+  args.length = c.prompt_tokens;
+  args.capacity_tokens = c.prompt_tokens;
+  args.num_q_heads = s.num_q_heads;
+  args.num_kv_heads = s.num_kv_heads;
+  args.head_dim = s.head_dim;
+  args.scale = static_cast<float>(1.0 / std::sqrt(static_cast<double>(s.head_dim)));
+  args.logits = logits;
+  ops::WindowAttentionProbsRef(args);
+  return out;
 }
 
 inline std::string TempPath(const std::string& name) {
