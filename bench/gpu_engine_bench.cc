@@ -11,7 +11,7 @@
 //   gpu_engine_bench --model DIR [--backend cuda] [--weights fp32|bf16]
 //       [--prefill 2048,8192] [--decode 1024,8192] [--decode-steps 32] [--repeats 3]
 //       [--decode-batch 32,64] [--batch-context 8192] [--kv-dtype auto|float32|bf16] [--json PATH]
-//       [--policy-prefill snapkv,sage_kv [--keep-ratio 0.3]]
+//       [--policy-prefill snapkv,sage_kv [--keep-ratio 0.3]] [--decode-policy full,snapkv]
 // --policy-prefill times, at each --prefill size, a prefill through each policy's planner
 // (forward with its capture, scoring, selection and compaction into pages), warm.
 // --kv-dtype is the element type of the batched decode's KV pages (auto: bf16 on cuda).
@@ -74,11 +74,12 @@ std::vector<int32_t> RandomTokens(int32_t n, int32_t vocab, uint32_t seed) {
   return tokens;
 }
 
-// With KVGATE_PROFILE_DECODE_STEPS=1, the timed decode steps run between
+// With `env`=1 (KVGATE_PROFILE_DECODE_STEPS: the timed batched decode steps;
+// KVGATE_PROFILE_POLICY_PREFILL: the last run of each policy prefill) a phase runs between
 // cudaProfilerStart and cudaProfilerStop (looked up at run time, so the bench needs no
 // CUDA at build time), for `ncu --profile-from-start off`.
-void ProfilerRange(bool start) {
-  const char* wanted = std::getenv("KVGATE_PROFILE_DECODE_STEPS");
+void ProfilerRange(const char* env, bool start) {
+  const char* wanted = std::getenv(env);
   if (wanted == nullptr || std::string(wanted) != "1") return;
   using Fn = int (*)();
   if (auto fn = reinterpret_cast<Fn>(dlsym(RTLD_DEFAULT, start ? "cudaProfilerStart" : "cudaProfilerStop"))) fn();
@@ -145,10 +146,20 @@ absl::StatusOr<Committed> PrefillAndCommit(engine::Model& m, engine::KvPlanner& 
   return out;
 }
 
+// The learned gates (fast_kvzip, attention_gate) are random here (their cost, not their
+// choices), loaded once and shared by every request as a worker's are.
+absl::StatusOr<gates::PolicyOptions> RandomGates(const engine::ModelConfig& c) {
+  gates::GateFiles gate_files;
+  gate_files.random_seed = 7;
+  return gates::LoadGates(gate_files, {c.num_layers, c.num_heads, c.num_kv_heads, c.head_dim, c.hidden_size});
+}
+
 // `batch_size` sequences of `context` random tokens, each prefilled and committed to
-// one pool under policy "full", then `steps` decode steps of all of them at once.
+// one pool under `policy` (at `keep_ratio` unless "full"), then `steps` decode steps of
+// all of them at once: what a decode worker's step costs with each sequence's kept cache.
 absl::StatusOr<json> BatchedDecode(engine::Model& m, ops::Backend* backend, int32_t batch_size, int32_t context,
-                                   int32_t steps, ops::KvDtype kv_dtype) {
+                                   int32_t steps, ops::KvDtype kv_dtype, const std::string& policy, float keep_ratio,
+                                   const gates::PolicyOptions& policy_options) {
   constexpr int32_t kPageTokens = 16;
   const engine::ModelConfig& c = m.config();
   const int32_t pages_per_head = (context + steps + 4 + kPageTokens - 1) / kPageTokens + 1;
@@ -157,18 +168,23 @@ absl::StatusOr<json> BatchedDecode(engine::Model& m, ops::Backend* backend, int3
   absl::StatusOr<std::unique_ptr<kv::KvPool>> pool =
       kv::KvPool::Create(backend, static_cast<int32_t>(pages), kPageTokens, c.head_dim, kv_dtype);
   if (!pool.ok()) return pool.status();
-  const gates::EvictionSpec spec;  // the default: keep every entry
+  gates::EvictionSpec spec;
+  spec.policy = policy;
+  if (policy != "full") spec.keep_ratio = keep_ratio;
   std::vector<std::unique_ptr<kv::SequenceBatch>> sequences;
+  int64_t kept = 0, full = 0;
   std::vector<int32_t> last_tokens;
   const auto fill_start = Clock::now();
   for (int32_t b = 0; b < batch_size; ++b) {
-    absl::StatusOr<std::unique_ptr<engine::KvPlanner>> planner = kv::CreatePolicyPlanner(m, pool->get(), spec, gates::PolicyOptions{});
+    absl::StatusOr<std::unique_ptr<engine::KvPlanner>> planner = kv::CreatePolicyPlanner(m, pool->get(), spec, policy_options);
     if (!planner.ok()) return planner.status();
     const std::vector<int32_t> prompt = RandomTokens(context, c.vocab_size, 7000u + b);
     absl::StatusOr<std::unique_ptr<engine::KvCache>> cache = m.NewCache(context);
     if (!cache.ok()) return cache.status();
     absl::StatusOr<Committed> committed = PrefillAndCommit(m, **planner, prompt, cache->get());
     if (!committed.ok()) return committed.status();
+    kept += committed->accounting.kv_entries_kept;
+    full += committed->accounting.kv_entries_full;
     sequences.emplace_back(static_cast<kv::SequenceBatch*>(committed->batch.release()));
     last_tokens.push_back(static_cast<int32_t>(
         std::max_element(committed->logits.begin(), committed->logits.end()) - committed->logits.begin()));
@@ -182,7 +198,7 @@ absl::StatusOr<json> BatchedDecode(engine::Model& m, ops::Backend* backend, int3
   HostTimedBatch batch(&decode_batch);
   const engine::Model::DecodeGraphStats graphs_before = m.decode_graph_stats();
   for (int32_t s = 0; s < steps + 2; ++s) {  // two warm-up steps (the first runs op by op, the second records)
-    if (s == 2) ProfilerRange(true);
+    if (s == 2) ProfilerRange("KVGATE_PROFILE_DECODE_STEPS", true);
     const auto start = Clock::now();
     // Greedy on the device, as the decode worker does for a greedy batch: ids come back.
     absl::StatusOr<std::vector<int32_t>> ids = m.DecodeStepGreedy(last_tokens, &batch);
@@ -194,9 +210,12 @@ absl::StatusOr<json> BatchedDecode(engine::Model& m, ops::Backend* backend, int3
     }
     last_tokens = *std::move(ids);
   }
-  ProfilerRange(false);
+  ProfilerRange("KVGATE_PROFILE_DECODE_STEPS", false);
   const engine::Model::DecodeGraphStats& graphs = m.decode_graph_stats();
-  return json{{"batch", batch_size}, {"context", context}, {"median_ms", Median(times)},
+  return json{{"batch", batch_size}, {"context", context}, {"policy", policy},
+              {"keep_ratio", policy == "full" ? 1.0f : keep_ratio},
+              {"kv_entries_kept", kept}, {"kv_entries_full", full}, {"median_ms", Median(times)},
+              {"tokens_per_s", batch_size * 1000.0 / Median(times)},
               {"graph_steps", graphs.replayed - graphs_before.replayed},
               {"op_by_op_steps", graphs.op_by_op - graphs_before.op_by_op},
               {"graph_record_error", graphs.last_record_error},
@@ -221,12 +240,7 @@ absl::StatusOr<json> PolicyPrefill(engine::Model& m, ops::Backend* backend, int3
   spec.policy = policy;
   if (policy != "full") spec.keep_ratio = keep_ratio;
   const std::vector<int32_t> prompt = RandomTokens(n, c.vocab_size, 555u + n);
-  // The learned gates (fast_kvzip, attention_gate) are random here (their cost, not their
-  // choices), loaded once and shared by every request as a worker's are.
-  gates::GateFiles gate_files;
-  gate_files.random_seed = 7;
-  absl::StatusOr<gates::PolicyOptions> options =
-      gates::LoadGates(gate_files, {c.num_layers, c.num_heads, c.num_kv_heads, c.head_dim, c.hidden_size});
+  absl::StatusOr<gates::PolicyOptions> options = RandomGates(c);
   if (!options.ok()) return options.status();
   std::vector<double> times, forward_times, plan_and_commit_times;
   int64_t kept = 0, full = 0;
@@ -236,10 +250,12 @@ absl::StatusOr<json> PolicyPrefill(engine::Model& m, ops::Backend* backend, int3
     absl::StatusOr<std::unique_ptr<engine::KvCache>> cache = m.NewCache(n);
     if (!cache.ok()) return cache.status();
     if (absl::Status s = backend->Synchronize(); !s.ok()) return s;
+    if (r == repeats) ProfilerRange("KVGATE_PROFILE_POLICY_PREFILL", true);  // the last run only
     const auto start = Clock::now();
     absl::StatusOr<Committed> committed = PrefillAndCommit(m, **planner, prompt, cache->get());
     if (!committed.ok()) return committed.status();
     if (absl::Status s = backend->Synchronize(); !s.ok()) return s;
+    if (r == repeats) ProfilerRange("KVGATE_PROFILE_POLICY_PREFILL", false);
     if (r > 0) {
       times.push_back(MillisSince(start));
       forward_times.push_back(committed->forward_ms);
@@ -259,6 +275,7 @@ absl::StatusOr<json> Run(int argc, char** argv) {
   std::vector<int32_t> prefill = {2048, 8192}, decode = {1024, 8192}, decode_batch;
   int decode_steps = 32, repeats = 3, batch_context = 8192;
   std::vector<std::string> policies;  // --policy-prefill: eviction overhead at --prefill sizes
+  std::vector<std::string> decode_policies = {"full"};  // --decode-policy: batched decode per policy
   float keep_ratio = 0.3f;
   for (int i = 1; i < argc; ++i) {
     const std::string flag = argv[i];
@@ -277,6 +294,7 @@ absl::StatusOr<json> Run(int argc, char** argv) {
     else if (flag == "--kv-dtype") kv_dtype_name = value;
     else if (flag == "--policy-prefill") policies = absl::StrSplit(value, ',', absl::SkipEmpty());
     else if (flag == "--keep-ratio") keep_ratio = std::stof(value);
+    else if (flag == "--decode-policy") decode_policies = absl::StrSplit(value, ',', absl::SkipEmpty());
     else return absl::InvalidArgumentError(absl::StrCat("unknown flag ", flag));
   }
   if (model_dir.empty()) return absl::InvalidArgumentError("--model DIR is required");
@@ -362,12 +380,18 @@ absl::StatusOr<json> Run(int argc, char** argv) {
   result["decode_batch1"] = decode_rows;
 
   json batch_rows = json::array();
-  for (const int32_t batch_size : decode_batch) {
-    absl::StatusOr<json> row = BatchedDecode(m, backend->get(), batch_size, batch_context, decode_steps, kv_dtype);
-    if (!row.ok()) return row.status();
-    std::fprintf(stderr, "[%s, %s KV] decode batch %d at %d: %.3f ms/step\n", weights.c_str(),
-                 ops::KvDtypeName(kv_dtype), batch_size, batch_context, (*row)["median_ms"].get<double>());
-    batch_rows.push_back(*row);
+  absl::StatusOr<gates::PolicyOptions> gate_options = RandomGates(m.config());
+  if (!gate_options.ok()) return gate_options.status();
+  for (const std::string& policy : decode_batch.empty() ? std::vector<std::string>{} : decode_policies) {
+    for (const int32_t batch_size : decode_batch) {
+      absl::StatusOr<json> row = BatchedDecode(m, backend->get(), batch_size, batch_context, decode_steps, kv_dtype,
+                                               policy, keep_ratio, *gate_options);
+      if (!row.ok()) return row.status();
+      std::fprintf(stderr, "[%s, %s KV] decode batch %d at %d, %s: %.3f ms/step\n", weights.c_str(),
+                   ops::KvDtypeName(kv_dtype), batch_size, batch_context, policy.c_str(),
+                   (*row)["median_ms"].get<double>());
+      batch_rows.push_back(*row);
+    }
   }
   result["decode_batched"] = batch_rows;
   if (!json_path.empty()) std::ofstream(json_path) << result.dump(2) << "\n";

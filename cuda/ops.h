@@ -164,7 +164,10 @@ struct SelectTopArgs {
 //   s_{g,r} = <k_base[h, r], q_g> / sqrt(rank),
 //   out[h * out_stride + t] = mean over g of e^l_g / (e^l_g + sum_r e^s_{g,r}),
 // fp32 throughout, each softmax shifted by its max. Projection rows are ordered [h][g][rank]
-// for q and [h][rank] for k.
+// for q and [h][rank] for k. With allow_tf32 a backend may run the two projections on
+// TF32 tensor cores (inputs rounded to 10 mantissa bits, fp32 sums; the CUDA backend does,
+// the CPU backend stays fp32), as PyTorch's allow_tf32 permits: ~8x the fp32 GEMM rate
+// for a score that moves by about 1e-3, which only reorders near-ties of the selection.
 struct SinkGateScoresArgs {
   const float* x = nullptr;         // [n, hidden], in, backend
   const float* q_weight = nullptr;  // [kv_heads * group * rank, hidden], in, backend
@@ -180,6 +183,7 @@ struct SinkGateScoresArgs {
   int32_t rank = 0;                 // 1 .. 64
   int32_t sinks = 0;                // 0 .. 64
   float eps = 1e-6f;
+  bool allow_tf32 = false;          // the projections may round their inputs to TF32
 };
 
 // Copies rows: dst[dst_rows[i], :] = src[src_rows[i], :], i < num_rows, converting the

@@ -188,7 +188,23 @@ static __global__ void __launch_bounds__(kAttentionBf16BlockSize)
       asm volatile("cp.async.wait_group 0;\n" ::);
     }
     __syncthreads();  // tile `it` (and, the first time, Q) is in shared memory for every warp
-    if (j0 <= warp_row_first + kRowsPerWarp - 1) {  // else every key is after this warp's queries
+    // A masked tile wholly before this warp's queries: the key mask alone decides, per key
+    // column, so each lane keeps the visibility of its kN / 4 score columns as bits
+    // (column nt * 8 + 2 * quad + b at bit 2 * nt + b) instead of testing every score, and
+    // the warp skips the tile when no column is visible (it would add e^-inf = 0).
+    const bool column_rule = mask != nullptr && args.sliding_window == 0 && j0 + kN - 1 < warp_row_first;
+    uint32_t visible_columns = 0;
+    if (column_rule) {
+#pragma unroll
+      for (int nt = 0; nt < kN / 8; ++nt) {
+#pragma unroll
+        for (int b = 0; b < 2; ++b) {
+          if (row_visible[stage][nt * 8 + 2 * quad + b] != 0) visible_columns |= 1u << (2 * nt + b);
+        }
+      }
+    }
+    const bool tile_hidden = column_rule && !__any_sync(0xffffffffu, visible_columns != 0);
+    if (j0 <= warp_row_first + kRowsPerWarp - 1 && !tile_hidden) {  // else no key of it reaches this warp's queries
       const __nv_bfloat16* k_tile = k_tiles + stage * kN * kQs;
       const __nv_bfloat16* v_tile = v_tiles + stage * kN * kQs;
       float s[2][kN / 8][4];
@@ -222,7 +238,9 @@ static __global__ void __launch_bounds__(kAttentionBf16BlockSize)
 #pragma unroll
           for (int e = 0; e < 4; ++e) {
             float v = s[mt][nt][e] * scale_log2;
-            if (!all_visible) {
+            if (column_rule) {
+              if ((visible_columns & (1u << (2 * nt + (e & 1)))) == 0) v = -INFINITY;
+            } else if (!all_visible) {
               const int row = warp_row_first + mt * 16 + g + 8 * (e / 2);
               const int j = j0 + nt * 8 + 2 * quad + (e & 1);
               const bool visible = j <= row && (args.sliding_window == 0 || j > row - args.sliding_window) &&

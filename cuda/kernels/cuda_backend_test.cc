@@ -1999,6 +1999,11 @@ TEST_P(SinkGateScoresTest, MatchesTheCpuGate) {
       EXPECT_TRUE(score > 0.0f && score <= 1.0f) << "h " << h << " t " << t << ": " << score;
     }
   }
+  // TF32 projections (what the policy asks for): the same scores within TF32's rounding.
+  args.allow_tf32 = true;
+  ASSERT_TRUE(backend().SinkGateScores(args).ok());
+  ASSERT_TRUE(out.Download(backend(), &got));
+  ExpectAllClose(want, got, 5e-3f, 1e-2f);
   SinkGateScoresArgs bad = args;
   bad.rank = 65;
   EXPECT_EQ(backend().SinkGateScores(bad).code(), absl::StatusCode::kInvalidArgument);

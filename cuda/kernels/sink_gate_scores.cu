@@ -76,11 +76,14 @@ absl::Status LaunchSinkGateScores(const SinkGateScoresArgs& args, cublasHandle_t
   float* q = workspace;
   float* k = workspace + int64_t{args.n} * q_width;
   const float one = 1.0f, zero = 0.0f;
+  const cublasComputeType_t compute = args.allow_tf32 ? CUBLAS_COMPUTE_32F_FAST_TF32 : CUBLAS_COMPUTE_32F;
   // Row-major y[n, width] = x[n, hidden] w[width, hidden]^T, as column-major y^T = w x^T.
-  KVGATE_CUBLAS_RETURN_IF_ERROR(cublasSgemm(cublas, CUBLAS_OP_T, CUBLAS_OP_N, q_width, args.n, args.hidden, &one,
-                                            args.q_weight, args.hidden, args.x, args.hidden, &zero, q, q_width));
-  KVGATE_CUBLAS_RETURN_IF_ERROR(cublasSgemm(cublas, CUBLAS_OP_T, CUBLAS_OP_N, k_width, args.n, args.hidden, &one,
-                                            args.k_weight, args.hidden, args.x, args.hidden, &zero, k, k_width));
+  const auto project = [&](const float* w, int32_t width, float* y) {
+    return cublasGemmEx(cublas, CUBLAS_OP_T, CUBLAS_OP_N, width, args.n, args.hidden, &one, w, CUDA_R_32F, args.hidden,
+                        args.x, CUDA_R_32F, args.hidden, &zero, y, CUDA_R_32F, width, compute, CUBLAS_GEMM_DEFAULT);
+  };
+  KVGATE_CUBLAS_RETURN_IF_ERROR(project(args.q_weight, q_width, q));
+  KVGATE_CUBLAS_RETURN_IF_ERROR(project(args.k_weight, k_width, k));
   const int64_t threads = int64_t{args.n} * args.kv_heads;
   const int64_t blocks = (threads + kThreads - 1) / kThreads;
   if (blocks > 0x7fffffff) return absl::InvalidArgumentError("SinkGateScores: too many tokens for one launch");
