@@ -114,6 +114,10 @@ class HostTimedBatch : public engine::PagedKvBatch {
   absl::Status ObserveLayerInput(int32_t layer, absl::Span<const float> hidden) override {
     return batch_->ObserveLayerInput(layer, hidden);
   }
+  bool scores_layer_inputs() const override { return batch_->scores_layer_inputs(); }
+  absl::Status ScoreLayerInput(int32_t layer, const float* hidden) override {
+    return batch_->ScoreLayerInput(layer, hidden);
+  }
   double begin_ms() const { return begin_ms_; }
   double end_ms() const { return end_ms_; }
 

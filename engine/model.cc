@@ -622,7 +622,9 @@ absl::Status Model::RunDecodeOps(int32_t n, PagedKvBatch* kv, bool greedy) {
   }
   for (int i = 0; i < c.num_layers; ++i) {
     const Layer& l = weights_->layers[i];
-    KVGATE_RETURN_IF_ERROR(ProjectQkv(l, n, positions_.as<int32_t>(), kv->wants_layer_inputs()));
+    KVGATE_RETURN_IF_ERROR(
+        ProjectQkv(l, n, positions_.as<int32_t>(), kv->wants_layer_inputs() || kv->scores_layer_inputs()));
+    if (kv->scores_layer_inputs()) KVGATE_RETURN_IF_ERROR(kv->ScoreLayerInput(i, h_.as<float>()));
     if (kv->wants_layer_inputs()) {
       std::vector<float> hidden(size_t{1} * n * c.hidden_size);
       KVGATE_RETURN_IF_ERROR(b.CopyToHost(hidden.data(), h_.data(), hidden.size() * sizeof(float)));

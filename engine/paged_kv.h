@@ -46,6 +46,12 @@ class PagedKvBatch {
   virtual absl::Status ObserveLayerInput(int32_t layer, absl::Span<const float> hidden) {
     return absl::OkStatus();
   }
+  // Or they score them where they are: after BeginStep, ScoreLayerInput gets each layer's
+  // post input-RMSNorm hidden states of the step, [num_sequences, hidden_size] in backend
+  // memory, and only launches ops, so the step can still be replayed as a graph (equal
+  // replay keys mean equal launches here too).
+  virtual bool scores_layer_inputs() const { return false; }
+  virtual absl::Status ScoreLayerInput(int32_t layer, const float* hidden) { return absl::OkStatus(); }
 };
 
 }  // namespace kvgate::engine

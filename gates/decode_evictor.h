@@ -4,6 +4,8 @@
 // knowing which policy made it:
 //
 //   evictor->ObserveLayerInput(layer, x)   // per layer, only if wants_layer_inputs()
+//   evictor->ObserveLayerScores(layer, s)  //   or, where a batch ran layer_scorer() on
+//                                          //   the backend, the step token's scores
 //   RowsToDrop drop = evictor->AfterStep(rows)  // after the step's token is appended
 //   ... compact the sequence without `drop` ...
 //
@@ -21,6 +23,10 @@
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "absl/types/span.h"
+
+namespace kvgate::ops {
+class Backend;
+}  // namespace kvgate::ops
 
 namespace kvgate::gates {
 
@@ -42,6 +48,23 @@ struct DecodeRows {
 // Empty (no heads at all) when nothing is dropped, the common case.
 using RowsToDrop = std::vector<std::vector<int32_t>>;
 
+// Scores decode tokens from their layer input on the backend where the step runs, so the
+// input never leaves it: one call a layer for every sequence of a batch that shares the
+// scorer (a policy's gate, loaded once per worker). Score only launches ops (no host copy,
+// no allocation once Prepare ran), so a decode step that calls it replays as a graph.
+class DecodeLayerScorer {
+ public:
+  virtual ~DecodeLayerScorer() = default;
+  virtual int32_t scorer_layers() const = 0;
+  virtual int32_t scorer_kv_heads() const = 0;
+  // Makes what Score reads backend memory; cheap after the first call.
+  virtual absl::Status PrepareOn(ops::Backend& backend) const = 0;
+  // out[h * out_stride + r]: the score at kv head h of row r of x ([rows, hidden_size],
+  // the post input-RMSNorm hidden states of `layer`); x and out are backend memory.
+  virtual absl::Status ScoreOn(ops::Backend& backend, int32_t layer, const float* x, int32_t rows, float* out,
+                               int64_t out_stride) const = 0;
+};
+
 class DecodeEvictor {
  public:
   virtual ~DecodeEvictor() = default;
@@ -52,6 +75,13 @@ class DecodeEvictor {
   virtual bool wants_layer_inputs() const { return false; }
   // `x` is [tokens_in_step, hidden_size] of layer `layer`.
   virtual absl::Status ObserveLayerInput(int32_t layer, absl::Span<const float> x) { return absl::OkStatus(); }
+  // Where the evictor's scores of a layer input can be computed on the backend: the scorer
+  // (shared, outliving the evictor), else null. A batch that runs it passes each layer's
+  // scores of the step's token, [kv_heads], to ObserveLayerScores instead of the input.
+  virtual const DecodeLayerScorer* layer_scorer() const { return nullptr; }
+  virtual absl::Status ObserveLayerScores(int32_t layer, absl::Span<const float> scores) {
+    return absl::UnimplementedError("this decode evictor takes no layer scores");
+  }
   // After a step whose rows are already appended: the rows to drop. INVALID_ARGUMENT when
   // `rows` does not fit the evictor (another model's shape, scores it needs missing).
   virtual absl::StatusOr<RowsToDrop> AfterStep(const DecodeRows& rows) = 0;

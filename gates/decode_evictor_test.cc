@@ -51,8 +51,11 @@ struct SimulatedSequence {
     }
     return rows;
   }
-  // Appends the step's token to every head, feeds the evictor and applies its drops.
-  absl::Status Step(DecodeEvictor& evictor, std::mt19937& rng, int32_t hidden_size) {
+  // Appends the step's token to every head, feeds the evictor and applies its drops. With
+  // `score_with`, the evictor gets each layer's scores of the input, as a decode batch
+  // that scored it on the backend hands them, instead of the input.
+  absl::Status Step(DecodeEvictor& evictor, std::mt19937& rng, int32_t hidden_size,
+                    const FastKvzipGate* score_with = nullptr) {
     for (size_t i = 0; i < positions.size(); ++i) {
       positions[i].push_back(next_pos);
       scores[i].push_back(0.0f);
@@ -63,6 +66,12 @@ struct SimulatedSequence {
       for (int32_t l = 0; l < num_layers; ++l) {
         std::vector<float> x(hidden_size);
         for (float& v : x) v = normal(rng);
+        if (score_with != nullptr) {
+          absl::StatusOr<std::vector<float>> scores = score_with->Score(l, x);  // [kv_heads, 1]
+          if (!scores.ok()) return scores.status();
+          if (absl::Status s = evictor.ObserveLayerScores(l, *scores); !s.ok()) return s;
+          continue;
+        }
         if (absl::Status s = evictor.ObserveLayerInput(l, x); !s.ok()) return s;
       }
     }
@@ -274,6 +283,45 @@ TEST(DecodeEvictorTest, AttentionGateDropsTheNewRowWhereTheGateDoesNotFlagIt) {
 
 // Saved after a few steps and restored through the registry, an evictor continues exactly
 // as the original does.
+// A batch may score a sequence's step tokens on the backend and hand the evictor scores
+// instead of inputs, step by step or mixed with inputs, and save it with scores waiting:
+// the re-eviction is the same as from inputs alone.
+TEST(DecodeEvictorTest, FastKvzipTakesScoresInPlaceOfInputsAndSavesThem) {
+  const PolicyOptions options = GateOptions();
+  const FastKvzipGate* gate = options.fast_kvzip_gate.get();
+  Made from_inputs = Make("fast_kvzip", 10, 30, options);
+  Made from_scores = Make("fast_kvzip", 10, 30, options);
+  EXPECT_EQ(from_scores.evictor->layer_scorer(), gate);
+  EXPECT_EQ(Make("streaming_llm", 10, 30, options).evictor->layer_scorer(), nullptr);
+  const SimulatedSequence start(Shape(), Concat(Range(0, 4), Range(22, 30)), 30);
+  SimulatedSequence a = start, b = start;
+  std::mt19937 rng_a(3), rng_b(3);
+  // Re-evictions after steps 2, 5 (interval 3): scores then an input; an input then
+  // scores then an input; then two scores left waiting.
+  const bool scored[] = {true, true, false, false, true, false, true, true};
+  for (int step = 0; step < 8; ++step) {
+    ASSERT_TRUE(a.Step(*from_inputs.evictor, rng_a, 16).ok());
+    ASSERT_TRUE(b.Step(*from_scores.evictor, rng_b, 16, scored[step] ? gate : nullptr).ok());
+    ASSERT_EQ(b.positions, a.positions) << "step " << step;
+    ASSERT_EQ(b.scores, a.scores) << "step " << step;
+  }
+  // Mid-interval (8 steps, interval 3): scores are waiting; they survive a save.
+  auto restored = RestoreDecodeEvictor("fast_kvzip", from_scores.evictor->SaveState(), options, Shape());
+  ASSERT_TRUE(restored.ok()) << restored.status();
+  EXPECT_EQ((*restored)->SaveState(), from_scores.evictor->SaveState());
+  EXPECT_NE(from_scores.evictor->SaveState(), from_inputs.evictor->SaveState());
+  SimulatedSequence c = b;
+  std::mt19937 rng_c = rng_b;
+  for (int step = 0; step < 5; ++step) {
+    ASSERT_TRUE(a.Step(*from_inputs.evictor, rng_a, 16).ok());
+    ASSERT_TRUE(c.Step(**restored, rng_c, 16, gate).ok());
+    ASSERT_EQ(c.positions, a.positions) << "after the restore, step " << step;
+    ASSERT_EQ(c.scores, a.scores) << "after the restore, step " << step;
+  }
+  EXPECT_EQ(from_inputs.evictor->ObserveLayerScores(2, std::vector<float>(2)).code(), StatusCode::kInvalidArgument);
+  EXPECT_EQ(from_inputs.evictor->ObserveLayerScores(0, std::vector<float>(3)).code(), StatusCode::kInvalidArgument);
+}
+
 TEST(DecodeEvictorTest, SavedStateContinuesIdenticallyForEveryPolicy) {
   const PolicyOptions options = GateOptions();
   for (const char* name : {"streaming_llm", "sage_kv", "fast_kvzip", "attention_gate"}) {

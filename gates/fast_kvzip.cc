@@ -174,6 +174,21 @@ absl::StatusOr<ops::SinkGateScoresArgs> FastKvzipGate::ArgsOnBackend(ops::Backen
   return args;
 }
 
+absl::Status FastKvzipGate::PrepareOn(ops::Backend& backend) const {
+  for (int32_t layer = 0; layer < shape_.num_layers; ++layer) KVGATE_RETURN_IF_ERROR(ArgsOnBackend(backend, layer).status());
+  return absl::OkStatus();
+}
+
+absl::Status FastKvzipGate::ScoreOn(ops::Backend& backend, int32_t layer, const float* x, int32_t rows, float* out,
+                                    int64_t out_stride) const {
+  KVGATE_ASSIGN_OR_RETURN(ops::SinkGateScoresArgs args, ArgsOnBackend(backend, layer));
+  args.x = x;
+  args.n = rows;
+  args.out = out;
+  args.out_stride = out_stride;
+  return backend.SinkGateScores(args);
+}
+
 absl::StatusOr<ScoreGrid> FastKvzipScoreGrid(const FastKvzipGate& gate,
                                              const std::vector<std::vector<float>>& hidden_states,
                                              int32_t prompt_tokens) {
@@ -258,10 +273,14 @@ class FastKvzipEvictor final : public DecodeEvictor {
  public:
   FastKvzipEvictor(std::shared_ptr<const FastKvzipGate> gate, int32_t sink_tokens, int32_t capacity, int32_t interval)
       : gate_(std::move(gate)), sink_tokens_(sink_tokens), capacity_(capacity), interval_(interval),
-        pending_inputs_(gate_->shape().num_layers) {}
+        pending_inputs_(gate_->shape().num_layers), pending_scores_(gate_->shape().num_layers) {}
   std::string_view policy() const override { return kName; }
   bool wants_layer_inputs() const override { return true; }
+  const DecodeLayerScorer* layer_scorer() const override { return gate_.get(); }
 
+  // Inputs wait for the re-eviction to be scored as a block; once a layer has scores
+  // waiting (a batch scored on the backend) an input is scored at once, so the layer's
+  // rows keep their order.
   absl::Status ObserveLayerInput(int32_t layer, absl::Span<const float> x) override {
     if (layer < 0 || layer >= static_cast<int32_t>(pending_inputs_.size()) ||
         x.size() % static_cast<size_t>(gate_->shape().hidden_size) != 0) {
@@ -269,6 +288,19 @@ class FastKvzipEvictor final : public DecodeEvictor {
                                                      x.size(), " floats"));
     }
     pending_inputs_[layer].insert(pending_inputs_[layer].end(), x.begin(), x.end());
+    if (!pending_scores_[layer].empty()) return ScorePendingInputs(layer);
+    return absl::OkStatus();
+  }
+
+  // `scores`: [steps, kv_heads], the rows' scores in step order.
+  absl::Status ObserveLayerScores(int32_t layer, absl::Span<const float> scores) override {
+    const size_t heads = static_cast<size_t>(gate_->shape().num_kv_heads);
+    if (layer < 0 || layer >= static_cast<int32_t>(pending_scores_.size()) || scores.size() % heads != 0) {
+      return absl::InvalidArgumentError(absl::StrCat("fast_kvzip decode eviction: layer ", layer, " scores of ",
+                                                     scores.size(), " floats for ", heads, " kv heads"));
+    }
+    KVGATE_RETURN_IF_ERROR(ScorePendingInputs(layer));
+    pending_scores_[layer].insert(pending_scores_[layer].end(), scores.begin(), scores.end());
     return absl::OkStatus();
   }
 
@@ -279,17 +311,16 @@ class FastKvzipEvictor final : public DecodeEvictor {
                                                      "x", rows.num_kv_heads, " heads for a gate of ",
                                                      shape.num_layers, "x", shape.num_kv_heads));
     }
-    const size_t hidden_size = static_cast<size_t>(shape.hidden_size);
-    if (pending_inputs_[0].size() < static_cast<size_t>(interval_) * hidden_size) return RowsToDrop{};
-    const int32_t steps = static_cast<int32_t>(pending_inputs_[0].size() / hidden_size);
+    const int32_t steps = PendingSteps(0);
+    if (steps < interval_) return RowsToDrop{};
     // Score the rows decoded since the last re-eviction: the last `steps` rows of every head.
     for (int32_t l = 0; l < rows.num_layers; ++l) {
-      if (pending_inputs_[l].size() != static_cast<size_t>(steps) * hidden_size) {
+      if (PendingSteps(l) != steps) {
         return absl::InvalidArgumentError(absl::StrCat("fast_kvzip decode eviction: layer ", l, " saw ",
-                                                       pending_inputs_[l].size() / hidden_size, " steps, layer 0 ",
-                                                       steps));
+                                                       PendingSteps(l), " steps, layer 0 ", steps));
       }
-      KVGATE_ASSIGN_OR_RETURN(std::vector<float> scores, gate_->Score(l, pending_inputs_[l]));  // [kv, steps]
+      if (pending_scores_[l].empty()) KVGATE_RETURN_IF_ERROR(ScorePendingInputs(l));
+      const std::vector<float>& scores = pending_scores_[l];  // [steps, kv]
       for (int32_t h = 0; h < rows.num_kv_heads; ++h) {
         const absl::Span<float> head = rows.scores[static_cast<size_t>(l) * rows.num_kv_heads + h];
         if (head.size() != rows.head_positions(l, h).size() || head.size() < static_cast<size_t>(steps)) {
@@ -298,9 +329,11 @@ class FastKvzipEvictor final : public DecodeEvictor {
                                                          rows.head_positions(l, h).size(), " rows and ", steps,
                                                          " new ones"));
         }
-        for (int32_t t = 0; t < steps; ++t) head[head.size() - steps + t] = scores[static_cast<size_t>(h) * steps + t];
+        for (int32_t t = 0; t < steps; ++t) {
+          head[head.size() - steps + t] = scores[static_cast<size_t>(t) * rows.num_kv_heads + h];
+        }
       }
-      pending_inputs_[l].clear();
+      pending_scores_[l].clear();
     }
     const int64_t total_budget = int64_t{capacity_} * rows.num_layers * rows.num_kv_heads;
     int64_t total_rows = 0;
@@ -338,43 +371,86 @@ class FastKvzipEvictor final : public DecodeEvictor {
     return drop;
   }
 
-  // Tail: per layer, uint32 count and float32[count] of inputs not yet scored.
+  // Tail: per layer, uint32 count and float32[count] of inputs not yet scored; then, only
+  // when some layer has scores waiting, the same per layer for them ([steps, kv_heads]).
   std::string SaveState() const override {
     std::string tail;
-    for (const std::vector<float>& inputs : pending_inputs_) {
-      const uint32_t count = static_cast<uint32_t>(inputs.size());
-      tail.append(reinterpret_cast<const char*>(&count), sizeof(count));
-      if (!inputs.empty()) tail.append(reinterpret_cast<const char*>(inputs.data()), inputs.size() * sizeof(float));
-    }
+    AppendPerLayer(pending_inputs_, &tail);
+    const bool any_scores = std::any_of(pending_scores_.begin(), pending_scores_.end(),
+                                        [](const std::vector<float>& s) { return !s.empty(); });
+    if (any_scores) AppendPerLayer(pending_scores_, &tail);
     return internal::PackState(kName, {sink_tokens_, capacity_, interval_}, tail);
   }
 
   absl::Status RestorePending(std::string_view tail) {
-    for (std::vector<float>& inputs : pending_inputs_) {
-      uint32_t count = 0;
-      if (tail.size() < sizeof(count)) return absl::InvalidArgumentError("fast_kvzip decode eviction state is truncated");
-      std::memcpy(&count, tail.data(), sizeof(count));
-      tail.remove_prefix(sizeof(count));
-      if (count % static_cast<uint32_t>(gate_->shape().hidden_size) != 0 || tail.size() / sizeof(float) < count) {
-        return absl::InvalidArgumentError(absl::StrCat("fast_kvzip decode eviction state: ", count,
-                                                       " pending input floats in ", tail.size(), " bytes"));
-      }
-      inputs.resize(count);
-      if (count > 0) std::memcpy(inputs.data(), tail.data(), size_t{count} * sizeof(float));
-      tail.remove_prefix(size_t{count} * sizeof(float));
-    }
+    KVGATE_RETURN_IF_ERROR(ReadPerLayer(&tail, gate_->shape().hidden_size, "input", &pending_inputs_));
+    if (!tail.empty()) KVGATE_RETURN_IF_ERROR(ReadPerLayer(&tail, gate_->shape().num_kv_heads, "score", &pending_scores_));
     if (!tail.empty()) {
       return absl::InvalidArgumentError(absl::StrCat("fast_kvzip decode eviction state: ", tail.size(), " trailing bytes"));
+    }
+    for (size_t l = 0; l < pending_inputs_.size(); ++l) {
+      if (!pending_inputs_[l].empty() && !pending_scores_[l].empty()) {
+        return absl::InvalidArgumentError(
+            absl::StrCat("fast_kvzip decode eviction state: layer ", l, " has both inputs and scores waiting"));
+      }
     }
     return absl::OkStatus();
   }
 
  private:
+  int32_t PendingSteps(int32_t layer) const {
+    return static_cast<int32_t>(pending_inputs_[layer].size() / static_cast<size_t>(gate_->shape().hidden_size) +
+                                pending_scores_[layer].size() / static_cast<size_t>(gate_->shape().num_kv_heads));
+  }
+
+  // The layer's waiting inputs become waiting scores (after any scores already there).
+  absl::Status ScorePendingInputs(int32_t layer) {
+    std::vector<float>& inputs = pending_inputs_[layer];
+    if (inputs.empty()) return absl::OkStatus();
+    const size_t heads = static_cast<size_t>(gate_->shape().num_kv_heads);
+    const size_t steps = inputs.size() / static_cast<size_t>(gate_->shape().hidden_size);
+    KVGATE_ASSIGN_OR_RETURN(std::vector<float> scores, gate_->Score(layer, inputs));  // [kv, steps]
+    std::vector<float>& out = pending_scores_[layer];
+    for (size_t t = 0; t < steps; ++t) {
+      for (size_t h = 0; h < heads; ++h) out.push_back(scores[h * steps + t]);
+    }
+    inputs.clear();
+    return absl::OkStatus();
+  }
+
+  static void AppendPerLayer(const std::vector<std::vector<float>>& per_layer, std::string* tail) {
+    for (const std::vector<float>& values : per_layer) {
+      const uint32_t count = static_cast<uint32_t>(values.size());
+      tail->append(reinterpret_cast<const char*>(&count), sizeof(count));
+      if (!values.empty()) tail->append(reinterpret_cast<const char*>(values.data()), values.size() * sizeof(float));
+    }
+  }
+
+  // Each layer's count must be a multiple of `row`.
+  static absl::Status ReadPerLayer(std::string_view* tail, int32_t row, std::string_view what,
+                                   std::vector<std::vector<float>>* per_layer) {
+    for (std::vector<float>& values : *per_layer) {
+      uint32_t count = 0;
+      if (tail->size() < sizeof(count)) return absl::InvalidArgumentError("fast_kvzip decode eviction state is truncated");
+      std::memcpy(&count, tail->data(), sizeof(count));
+      tail->remove_prefix(sizeof(count));
+      if (count % static_cast<uint32_t>(row) != 0 || tail->size() / sizeof(float) < count) {
+        return absl::InvalidArgumentError(absl::StrCat("fast_kvzip decode eviction state: ", count, " pending ",
+                                                       std::string(what), " floats in ", tail->size(), " bytes"));
+      }
+      values.resize(count);
+      if (count > 0) std::memcpy(values.data(), tail->data(), size_t{count} * sizeof(float));
+      tail->remove_prefix(size_t{count} * sizeof(float));
+    }
+    return absl::OkStatus();
+  }
+
   std::shared_ptr<const FastKvzipGate> gate_;
   int32_t sink_tokens_;
   int32_t capacity_;
   int32_t interval_;
-  std::vector<std::vector<float>> pending_inputs_;  // per layer [steps, hidden_size]
+  std::vector<std::vector<float>> pending_inputs_;  // per layer [steps, hidden_size], not yet scored
+  std::vector<std::vector<float>> pending_scores_;  // per layer [steps, kv_heads], after any inputs scored
 };
 
 // Fast KVzip's prefill (FastKVzip prefill/model/wrapper.py::prefill, eviction-methods.md
@@ -414,12 +490,8 @@ class FastKvzipRequest final : public PolicyRequest {
     int32_t chunk_begin = 0;
     CaptureRequest record;
     record.layer_inputs_on_backend = [&](int32_t layer, const float* hidden, int32_t tokens) -> absl::Status {
-      KVGATE_ASSIGN_OR_RETURN(ops::SinkGateScoresArgs args, gate_->ArgsOnBackend(backend, layer));
-      args.x = hidden;
-      args.n = tokens;
-      args.out = backend_scores.as<float>() + layer * head_rows + chunk_begin;
-      args.out_stride = n;
-      return backend.SinkGateScores(args);
+      return gate_->ScoreOn(backend, layer, hidden, tokens, backend_scores.as<float>() + layer * head_rows + chunk_begin,
+                            n);
     };
     for (const TokenRange& chunk : FastKvzipPrefillChunks(chunks)) {
       const int32_t m = chunk.end - chunk.begin;

@@ -23,6 +23,7 @@
 #include "absl/status/statusor.h"
 #include "absl/types/span.h"
 #include "cuda/backend.h"
+#include "gates/decode_evictor.h"
 #include "gates/eviction_spec.h"
 #include "gates/policy.h"
 #include "gates/selectors.h"
@@ -35,7 +36,9 @@ inline constexpr int32_t kFastKvzipPrefillChunkTokens = 16000;  // prefill_chunk
 inline constexpr int32_t kFastKvzipWindowTokens = 4096;       // window_size
 inline constexpr double kFastKvzipWindowRatio = 0.02;         // window_ratio
 
-class FastKvzipGate {
+// A gate is also the DecodeLayerScorer of its decode-time re-eviction: a decode batch
+// scores its fast_kvzip sequences' tokens on the backend, one launch a layer.
+class FastKvzipGate final : public DecodeLayerScorer {
  public:
   FastKvzipGate(const FastKvzipGate&) = delete;  // one owner id per set of weights
   FastKvzipGate& operator=(const FastKvzipGate&) = delete;
@@ -70,6 +73,13 @@ class FastKvzipGate {
   // out_stride and n): the weights of `layer` go to the backend's memory at the first call
   // and stay there (Backend::ConstantOnBackend), so change them (mutable_layer) before that.
   absl::StatusOr<ops::SinkGateScoresArgs> ArgsOnBackend(ops::Backend& backend, int32_t layer) const;
+
+  // DecodeLayerScorer: every layer's weights uploaded once; ScoreOn is ArgsOnBackend + the op.
+  int32_t scorer_layers() const override { return shape_.num_layers; }
+  int32_t scorer_kv_heads() const override { return shape_.num_kv_heads; }
+  absl::Status PrepareOn(ops::Backend& backend) const override;
+  absl::Status ScoreOn(ops::Backend& backend, int32_t layer, const float* x, int32_t rows, float* out,
+                       int64_t out_stride) const override;
 
   const ModelShape& shape() const { return shape_; }
   int32_t rank() const { return rank_; }

@@ -41,13 +41,32 @@ class DecodeBatch final : public engine::PagedKvBatch {
   // Every sequence ends its step (decode-time eviction), even after one fails; the
   // first error is returned, naming the sequence index.
   absl::Status EndStep() override;
-  // True when any sequence wants them; ObserveLayerInput hands row s of hidden
-  // ([num_sequences, hidden_size], host) to sequence s when it wants it.
+  // True when a sequence wants them and cannot score them on the backend;
+  // ObserveLayerInput hands row s of hidden ([num_sequences, hidden_size], host) to such a
+  // sequence s.
   bool wants_layer_inputs() const override;
   absl::Status ObserveLayerInput(int32_t layer, absl::Span<const float> hidden) override;
+  // The sequences whose evictor has a DecodeLayerScorer are scored on the backend: one
+  // launch a layer per distinct scorer over every row of the step (the rows of other
+  // sequences are scored and ignored), and at EndStep one copy of the scores to the host,
+  // each sequence's handed to its ObserveLayerScores before its eviction runs.
+  bool scores_layer_inputs() const override;
+  absl::Status ScoreLayerInput(int32_t layer, const float* hidden) override;
 
  private:
+  struct ScorerSlot {
+    const gates::DecodeLayerScorer* scorer = nullptr;
+    ops::DeviceBuffer scores;     // [layers, kv_heads, rows]; kept across steps (graphs hold it)
+    int32_t rows = 0;             // of this step
+    std::vector<size_t> members;  // the sequences of this step that it scores
+  };
+  // At BeginStep: the slots of this step's scorers, their weights and buffers ready.
+  absl::Status PrepareScorers();
+  // At EndStep: every member's scores to its sequence.
+  absl::Status DeliverScores();
+
   KvPool* pool_;
+  std::vector<ScorerSlot> scorers_;  // active: those with members
   std::vector<SequenceBatch*> sequences_;
   DecodeStepTables step_tables_;                  // kept from step to step
   const DecodeStepTables::Step* tables_ = nullptr;  // between BeginStep and EndStep

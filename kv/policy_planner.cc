@@ -195,6 +195,15 @@ absl::Status SequenceBatch::ObserveLayerInput(int32_t layer, absl::Span<const fl
   return evictor_->ObserveLayerInput(layer, hidden);
 }
 
+const gates::DecodeLayerScorer* SequenceBatch::layer_scorer() const {
+  return evictor_ == nullptr ? nullptr : evictor_->layer_scorer();
+}
+
+absl::Status SequenceBatch::ObserveLayerScores(int32_t layer, absl::Span<const float> scores) {
+  if (evictor_ == nullptr) return absl::FailedPreconditionError("layer scores for a sequence that evicts nothing");
+  return evictor_->ObserveLayerScores(layer, scores);
+}
+
 absl::Status SequenceBatch::KeepRows(const std::function<bool(size_t head_index, int32_t row)>& keep) {
   gates::KeepPlan plan{layout_.num_layers, layout_.num_kv_heads, layout_.next_pos, {}};
   plan.heads.resize(layout_.heads.size());

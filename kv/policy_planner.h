@@ -38,6 +38,11 @@ class SequenceBatch final : public engine::PagedKvBatch {
   absl::Status EndStep() override;
   bool wants_layer_inputs() const override { return evictor_ != nullptr && evictor_->wants_layer_inputs(); }
   absl::Status ObserveLayerInput(int32_t layer, absl::Span<const float> hidden) override;
+  // Where a batch may score this sequence's step tokens on the backend instead (its
+  // evictor's DecodeLayerScorer, null for none); the scores then go to ObserveLayerScores,
+  // [kv_heads] of the step's token per layer.
+  const gates::DecodeLayerScorer* layer_scorer() const;
+  absl::Status ObserveLayerScores(int32_t layer, absl::Span<const float> scores);
 
   const SequenceLayout& layout() const { return layout_; }
   KvPool* pool() const { return pool_; }

@@ -98,6 +98,7 @@ class CudaBackend final : public Backend {
       attention_bf16_workspace_ = DeviceBuffer();
       attention_workspace_ = DeviceBuffer();
       scoring_workspace_ = DeviceBuffer();
+      gate_workspace_ = DeviceBuffer();
       constants_.clear();
       (void)cudaStreamDestroy(stream_);
     }
@@ -356,12 +357,14 @@ class CudaBackend final : public Backend {
     return LaunchSelectTop(args, stream_);
   }
 
-  // The projections share the window-scores workspace (stream order keeps them apart).
   absl::Status SinkGateScores(const SinkGateScoresArgs& args) override {
     KVGATE_CUDA_RETURN_IF_ERROR(cudaSetDevice(device_));
     if (std::string error = SinkGateScoresArgsError(args); !error.empty()) return absl::InvalidArgumentError(error);
-    KVGATE_RETURN_IF_ERROR(ReserveScoringWorkspace(SinkGateScoresWorkspaceFloats(args)));
-    return LaunchSinkGateScores(args, cublas_, scoring_workspace_.as<float>(), stream_);
+    // Its own workspace, which decode graphs may hold (a decode step scores its tokens
+    // with it), so its growth re-records them; a prefill's first chunk sizes it.
+    KVGATE_RETURN_IF_ERROR(GrowWorkspace(&gate_workspace_, sizeof(float) * SinkGateScoresWorkspaceFloats(args),
+                                         size_t{1} << 20, /*used_by_graphs=*/true, "the gate workspace"));
+    return LaunchSinkGateScores(args, cublas_, gate_workspace_.as<float>(), stream_);
   }
 
   absl::StatusOr<const void*> ConstantOnBackend(uint64_t owner, int32_t key, const void* host, size_t bytes) override {
@@ -518,7 +521,8 @@ class CudaBackend final : public Backend {
   std::unique_ptr<IpcMappings> ipc_mappings_;  // OpenIpc
   bool use_grouped_decode_ = true;
   DeviceBuffer attention_workspace_;  // split partials of Attention and HeadPagedDecodeAttention
-  DeviceBuffer scoring_workspace_;  // WindowAttentionProbs' logits and statistics, SinkGateScores' projections
+  DeviceBuffer scoring_workspace_;  // WindowAttentionProbs' logits and statistics
+  DeviceBuffer gate_workspace_;     // SinkGateScores' projections
   std::mutex constants_mutex_;
   std::map<std::pair<uint64_t, int32_t>, DeviceBuffer> constants_;  // ConstantOnBackend
   DeviceBuffer gemm_workspace_;       // cuBLASLt's, kGemmBf16WorkspaceBytes
