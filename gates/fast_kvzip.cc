@@ -151,9 +151,6 @@ absl::StatusOr<ops::SinkGateScoresArgs> FastKvzipGate::ArgsOnBackend(ops::Backen
   }
   const Layer& w = layers_[layer];
   ops::SinkGateScoresArgs args = Args(w);
-  // The scores rank tokens against a threshold; TF32's ~1e-3 only reorders near-ties, for
-  // ~8x the projections' rate where the backend has tensor cores.
-  args.allow_tf32 = true;
   int32_t key = layer * 8;
   auto upload = [&](const std::vector<float>& host, const float** out) -> absl::Status {
     // A tensor of no elements (no sinks) still needs a distinct valid address.
@@ -490,8 +487,16 @@ class FastKvzipRequest final : public PolicyRequest {
     int32_t chunk_begin = 0;
     CaptureRequest record;
     record.layer_inputs_on_backend = [&](int32_t layer, const float* hidden, int32_t tokens) -> absl::Status {
-      return gate_->ScoreOn(backend, layer, hidden, tokens, backend_scores.as<float>() + layer * head_rows + chunk_begin,
-                            n);
+      KVGATE_ASSIGN_OR_RETURN(ops::SinkGateScoresArgs args, gate_->ArgsOnBackend(backend, layer));
+      args.x = hidden;
+      args.n = tokens;
+      args.out = backend_scores.as<float>() + layer * head_rows + chunk_begin;
+      args.out_stride = n;
+      // A prompt's scores rank thousands of tokens against one threshold: TF32's ~1e-3
+      // only reorders near-ties there, for ~8x the projections' rate on tensor cores. (A
+      // decode step's few rows stay fp32: ScoreOn.)
+      args.allow_tf32 = true;
+      return backend.SinkGateScores(args);
     };
     for (const TokenRange& chunk : FastKvzipPrefillChunks(chunks)) {
       const int32_t m = chunk.end - chunk.begin;

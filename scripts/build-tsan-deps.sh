@@ -26,6 +26,8 @@ EOF
     apt-get source --download-only abseil grpc > apt-source.log 2>&1
   fi
 fi
+# grpc_cpp_plugin (built for grpc++_reflection's code) needs protoc's headers.
+dpkg -s libprotoc-dev > /dev/null 2>&1 || DEBIAN_FRONTEND=noninteractive apt-get install -y libprotoc-dev > apt-install.log
 [ -d abseil-src ] || { dpkg-source -x abseil_*.dsc abseil-src > /dev/null; }
 [ -d grpc-src ] || { dpkg-source -x grpc_*.dsc grpc-src > /dev/null; }
 

@@ -2013,7 +2013,9 @@ INSTANTIATE_TEST_SUITE_P(Shapes, SinkGateScoresTest,
                          ::testing::Values(SinkGateCase{1, 8, 1, 1, 1, 0, 0, 1}, SinkGateCase{100, 64, 2, 3, 16, 16, 7, 2},
                                            SinkGateCase{129, 256, 8, 4, 16, 16, 0, 3},
                                            SinkGateCase{2048, 4096, 8, 4, 16, 16, 100, 4},
-                                           SinkGateCase{70, 96, 3, 2, 64, 64, 1, 5}, SinkGateCase{33, 40, 2, 1, 8, 0, 3, 6}),
+                                           SinkGateCase{70, 96, 3, 2, 64, 64, 1, 5}, SinkGateCase{33, 40, 2, 1, 8, 0, 3, 6},
+                                           SinkGateCase{300, 64, 4, 7, 32, 16, 5, 7},
+                                           SinkGateCase{50, 32, 2, 5, 12, 4, 0, 8}),
                          CaseName<SinkGateCase>);
 
 // Shareable buffers come from one slab, named once: two buffers' names differ only in
