@@ -4,23 +4,34 @@
 # (64 concurrent streams, cancel, deadline, a killed worker, shutdown, the 400-request
 # burst). The spawned `kvgate` processes inherit TSAN_OPTIONS, so every process writes
 # its reports to WORK/tsan.<pid>; the summary goes to bench/results/tsan.md.
-#   scripts/tsan-service-tests.sh [--build-dir DIR] [--filter REGEX] [--work DIR]
+# With --deps-prefix (scripts/build-tsan-deps.sh's PREFIX) kvgate links abseil and gRPC
+# built with ThreadSanitizer, which the reports need to be about kvgate (bench/results/tsan.md).
+#   scripts/tsan-service-tests.sh [--build-dir DIR] [--filter REGEX] [--work DIR] [--deps-prefix DIR]
 set -euo pipefail
 src=$(cd "$(dirname "$0")/.." && pwd)
 build="$src/build-tsan"
 filter='ConcurrencyTest|CancelTest|WorkerFailureTest|ManagerFailureTest|ShutdownTest|BurstTest'
 work=""
+deps=""
 while [ $# -gt 0 ]; do
   case "$1" in
     --build-dir) build=$2; shift 2 ;;
     --filter) filter=$2; shift 2 ;;
     --work) work=$2; shift 2 ;;
+    --deps-prefix) deps=$2; shift 2 ;;
     *) echo "tsan-service-tests: unknown argument $1" >&2; exit 2 ;;
   esac
 done
 work=${work:-$(mktemp -d /tmp/kvgate-tsan.XXXXXX)}
+mkdir -p "$work"
+deps_flags=()
+if [ -n "$deps" ]; then
+  deps_flags=(-DCMAKE_PREFIX_PATH="$deps" -DCMAKE_BUILD_RPATH="$deps/lib")
+  export PKG_CONFIG_PATH="$deps/lib/pkgconfig${PKG_CONFIG_PATH:+:$PKG_CONFIG_PATH}"
+  export LD_LIBRARY_PATH="$deps/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+fi
 cmake -S "$src" -B "$build" -G Ninja -DCMAKE_BUILD_TYPE=RelWithDebInfo -DKVGATE_WITH_CUDA=OFF \
-  -DKVGATE_SANITIZE=thread > "$work/configure.log"
+  -DKVGATE_SANITIZE=thread "${deps_flags[@]}" > "$work/configure.log"
 cmake --build "$build" -j "$(nproc)" --target kvgate integration_test > "$work/build.log" ||
   { tail -50 "$work/build.log"; exit 1; }
 # Reports do not stop the process (all of them are collected); sanitizers/tsan.supp holds
@@ -37,7 +48,7 @@ mkdir -p "$src/bench/results"
   echo "# ThreadSanitizer: service tests (scripts/tsan-service-tests.sh)"
   echo
   echo "Run $(date -u +%Y-%m-%dT%H:%M:%SZ) at $(git -C "$src" rev-parse --short HEAD) on $(nproc) cores;"
-  echo "tests matching \`$filter\`, ${elapsed} s: $summary; ThreadSanitizer reports: $reports."
+  echo "tests matching \`$filter\`, ${elapsed} s: $summary; ThreadSanitizer reports: $reports; abseil and gRPC: ${deps:-the system's (uninstrumented)}."
   echo
   if [ "$reports" -gt 0 ]; then
     echo "First lines of each distinct report:"

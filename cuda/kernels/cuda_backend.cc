@@ -99,6 +99,7 @@ class CudaBackend final : public Backend {
       attention_workspace_ = DeviceBuffer();
       scoring_workspace_ = DeviceBuffer();
       gate_workspace_ = DeviceBuffer();
+      select_workspace_ = DeviceBuffer();
       constants_.clear();
       (void)cudaStreamDestroy(stream_);
     }
@@ -354,7 +355,9 @@ class CudaBackend final : public Backend {
 
   absl::Status SelectTop(const SelectTopArgs& args) override {
     KVGATE_CUDA_RETURN_IF_ERROR(cudaSetDevice(device_));
-    return LaunchSelectTop(args, stream_);
+    KVGATE_RETURN_IF_ERROR(GrowWorkspace(&select_workspace_, static_cast<size_t>(SelectTopWorkspaceBytes(args)),
+                                         size_t{64} << 10, /*used_by_graphs=*/false, "the selection workspace"));
+    return LaunchSelectTop(args, select_workspace_.data(), select_workspace_.bytes(), stream_);
   }
 
   absl::Status SinkGateScores(const SinkGateScoresArgs& args) override {
@@ -523,6 +526,7 @@ class CudaBackend final : public Backend {
   DeviceBuffer attention_workspace_;  // split partials of Attention and HeadPagedDecodeAttention
   DeviceBuffer scoring_workspace_;  // WindowAttentionProbs' logits and statistics
   DeviceBuffer gate_workspace_;     // SinkGateScores' projections
+  DeviceBuffer select_workspace_;   // SelectTop's multi-block state
   std::mutex constants_mutex_;
   std::map<std::pair<uint64_t, int32_t>, DeviceBuffer> constants_;  // ConstantOnBackend
   DeviceBuffer gemm_workspace_;       // cuBLASLt's, kGemmBf16WorkspaceBytes

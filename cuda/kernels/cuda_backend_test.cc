@@ -1872,7 +1872,13 @@ INSTANTIATE_TEST_SUITE_P(
                       SelectCase{6, 50, 2, 1, 1000, 0, true, false, 8},      // need beyond the candidates
                       SelectCase{6, 50, 1, 2, 0, 0, false, false, 9},        // need 0
                       SelectCase{6, 50, 3, 1, -5, 0, false, false, 10},      // need < 0
-                      SelectCase{2, 5000, 1, 1, 1, 1, true, false, 11}),     // every score tied, need 1
+                      SelectCase{2, 5000, 1, 1, 1, 1, true, false, 11},      // every score tied, need 1
+                      // Few selections of many entries: the multi-block passes.
+                      SelectCase{64, 8192, 64, 1, 150000, 0, true, true, 12},  // fast_kvzip's one threshold
+                      SelectCase{8, 40000, 8, 1, 5000, 2, true, true, 13},     // ties over many slices
+                      SelectCase{4, 9000, 4, 1, 40000, 0, true, false, 14},    // need beyond the candidates
+                      SelectCase{4, 9000, 2, 1, 0, 0, false, false, 15},       // need 0, two selections
+                      SelectCase{3, 20000, 3, 1, 1, 1, true, false, 16}),      // every score tied, need 1
     CaseName<SelectCase>);
 
 struct PoolCase {
