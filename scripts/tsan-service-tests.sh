@@ -28,7 +28,6 @@ deps_flags=()
 if [ -n "$deps" ]; then
   deps_flags=(-DCMAKE_PREFIX_PATH="$deps" -DCMAKE_BUILD_RPATH="$deps/lib")
   export PKG_CONFIG_PATH="$deps/lib/pkgconfig${PKG_CONFIG_PATH:+:$PKG_CONFIG_PATH}"
-  export LD_LIBRARY_PATH="$deps/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 fi
 cmake -S "$src" -B "$build" -G Ninja -DCMAKE_BUILD_TYPE=RelWithDebInfo -DKVGATE_WITH_CUDA=OFF \
   -DKVGATE_SANITIZE=thread "${deps_flags[@]}" > "$work/configure.log"
@@ -36,6 +35,8 @@ cmake --build "$build" -j "$(nproc)" --target kvgate integration_test > "$work/b
   { tail -50 "$work/build.log"; exit 1; }
 # Reports do not stop the process (all of them are collected); sanitizers/tsan.supp holds
 # only system-library entries, each with why.
+# Only the tests load the instrumented libraries (the build's protoc plugin must not).
+[ -n "$deps" ] && export LD_LIBRARY_PATH="$deps/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 export TSAN_OPTIONS="log_path=$work/tsan halt_on_error=0 second_deadlock_stack=1 suppressions=$src/sanitizers/tsan.supp"
 start=$(date +%s)
 status=0
