@@ -516,18 +516,6 @@ class FastKvzipRequest final : public PolicyRequest {
         }
       }
       KVGATE_ASSIGN_OR_RETURN(logits, runner.Forward(prompt.subspan(chunk.begin, m), key_masks, record, &recorded));
-      // The system prompt keeps its pinned 1.0.
-      const int32_t first = std::max(chunk.begin, context_begin);
-      if (first < chunk.end) {
-        for (int32_t l = 0; l < L; ++l) {
-          for (int32_t h = 0; h < H; ++h) {
-            const size_t at = size_t{1} * h * n + first;
-            KVGATE_RETURN_IF_ERROR(backend.CopyToHost(scores[l].data() + at,
-                                                      backend_scores.as<float>() + size_t{1} * l * head_rows + at,
-                                                      sizeof(float) * (chunk.end - first)));
-          }
-        }
-      }
       if (!chunks.evicts) continue;
       const TokenRange judge = FastKvzipThresholdRange(chunks, judged_until, chunk.end);
       const int32_t len = judge.end - judge.begin;
@@ -549,6 +537,19 @@ class FastKvzipRequest final : public PolicyRequest {
         }
       }
       judged_until = judge.end;
+    }
+    // Every chunk's scores in one copy (the thresholds were taken on the backend); the
+    // system prompt keeps its pinned 1.0.
+    {
+      std::vector<float> all(size_t{1} * L * head_rows);
+      KVGATE_RETURN_IF_ERROR(backend.CopyToHost(all.data(), backend_scores.data(), all.size() * sizeof(float)));
+      for (int32_t l = 0; l < L; ++l) {
+        for (int32_t h = 0; h < H; ++h) {
+          const size_t at = size_t{1} * h * n;
+          std::copy(all.begin() + l * head_rows + at + context_begin, all.begin() + l * head_rows + at + n,
+                    scores[l].begin() + at + context_begin);
+        }
+      }
     }
     KeepPlan plan{L, H, n, {}};
     plan.heads.resize(size_t{1} * L * H);
