@@ -49,7 +49,7 @@ mkdir -p "$src/bench/results"
   echo "# ThreadSanitizer: service tests (scripts/tsan-service-tests.sh)"
   echo
   echo "Run $(date -u +%Y-%m-%dT%H:%M:%SZ) at $(git -C "$src" rev-parse --short HEAD) on $(nproc) cores;"
-  echo "tests matching \`$filter\`, ${elapsed} s: $summary; ThreadSanitizer reports: $reports; abseil and gRPC: ${deps:-the system's (uninstrumented)}."
+  echo "tests matching \`$filter\`, ${elapsed} s: $summary; ThreadSanitizer reports: $reports; abseil and gRPC: ${deps:-the system packages (uninstrumented)}."
   echo
   if [ "$reports" -gt 0 ]; then
     echo "First lines of each distinct report:"
