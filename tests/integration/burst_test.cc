@@ -64,7 +64,7 @@ class Stream final : public grpc::ClientReadReactor<v1::GenerateResponse> {
  public:
   Stream(v1::Inference::Stub* stub, const v1::GenerateRequest& request, std::function<void()> done)
       : request_(request), done_(std::move(done)) {
-    context_.set_deadline(absl::ToChronoTime(absl::Now() + absl::Seconds(110)));
+    context_.set_deadline(absl::ToChronoTime(absl::Now() + ScaledPatience(absl::Seconds(110))));
     stub->async()->Generate(&context_, &request_, this);
     StartRead(&message_);
     StartCall();
@@ -96,7 +96,8 @@ class Stream final : public grpc::ClientReadReactor<v1::GenerateResponse> {
 TEST(BurstTest, FourHundredConcurrentRequestsQueueAndNoneFailsUnavailable) {
   DeploymentOptions options;
   // A short admission wait keeps a failing run short; the burst fits well inside it.
-  options.extra_args = {"--queue-timeout-ms", "60000"};
+  options.extra_args = {"--queue-timeout-ms",
+                        absl::StrCat(absl::ToInt64Milliseconds(ScaledPatience(absl::Seconds(60))))};
   absl::StatusOr<std::unique_ptr<Deployment>> deployment = Deployment::Start(options);
   ASSERT_TRUE(deployment.ok()) << deployment.status();
   Deployment& d = **deployment;

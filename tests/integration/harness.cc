@@ -253,10 +253,17 @@ CallOptions Within(absl::Duration timeout, std::string token) {
   return options;
 }
 
+absl::Duration ScaledPatience(absl::Duration d) {
+  const char* scale = std::getenv("KVGATE_TEST_TIME_SCALE");
+  double factor = 1.0;
+  if (scale != nullptr && absl::SimpleAtod(scale, &factor) && factor >= 1.0) return d * factor;
+  return d;
+}
+
 StreamResult Generate(v1::Inference::Stub& stub, const v1::GenerateRequest& request, const CallOptions& options) {
   StreamResult result;
   grpc::ClientContext ctx;
-  ctx.set_deadline(absl::ToChronoTime(absl::Now() + options.timeout));
+  ctx.set_deadline(absl::ToChronoTime(absl::Now() + ScaledPatience(options.timeout)));
   AddToken(&ctx, options.token);
   const absl::Time start = absl::Now();
   std::unique_ptr<grpc::ClientReader<v1::GenerateResponse>> reader = stub.Generate(&ctx, request);

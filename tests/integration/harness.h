@@ -104,6 +104,11 @@ struct StreamResult {
   absl::Duration elapsed;
 };
 
+// `d` times KVGATE_TEST_TIME_SCALE (default 1): the patience of streams and queues, not the
+// release bounds the tests assert, grows for a build that runs many times slower
+// (scripts/tsan-service-tests.sh sets 5 for ThreadSanitizer).
+absl::Duration ScaledPatience(absl::Duration d);
+
 struct CallOptions {
   absl::Duration timeout = absl::Seconds(60);  // the call's deadline
   std::string token;                           // bearer token; empty: none
