@@ -3,7 +3,8 @@
 # tests with -DKVGATE_SANITIZE=thread (no CUDA) and runs the tests that stress threads
 # (64 concurrent streams, cancel, deadline, a killed worker, shutdown, the 400-request
 # burst). The spawned `kvgate` processes inherit TSAN_OPTIONS, so every process writes
-# its reports to WORK/tsan.<pid>; the summary goes to bench/results/tsan.md.
+# its reports to WORK/tsan.<pid>; the summary goes to WORK/summary.md (bench/results/tsan.md
+# keeps the runs worth recording).
 # With --deps-prefix (scripts/build-tsan-deps.sh's PREFIX) kvgate links abseil and gRPC
 # built with ThreadSanitizer, which the reports need to be about kvgate (bench/results/tsan.md).
 #   scripts/tsan-service-tests.sh [--build-dir DIR] [--filter REGEX] [--work DIR] [--deps-prefix DIR]
@@ -46,7 +47,6 @@ status=0
 elapsed=$(( $(date +%s) - start ))
 reports=$(cat "$work"/tsan.* 2>/dev/null | grep -c "WARNING: ThreadSanitizer" || true)
 summary=$(grep -E "tests passed|tests failed" "$work/ctest.log" | tail -1)
-mkdir -p "$src/bench/results"
 {
   echo "# ThreadSanitizer: service tests (scripts/tsan-service-tests.sh)"
   echo
@@ -59,6 +59,6 @@ mkdir -p "$src/bench/results"
     cat "$work"/tsan.* | grep -A3 "WARNING: ThreadSanitizer" | head -80
     echo '```'
   fi
-} > "$src/bench/results/tsan.md"
+} > "$work/summary.md"
 echo "tsan-service-tests: $summary; $reports reports (logs in $work)"
 [ "$status" = 0 ] && [ "$reports" = 0 ]
