@@ -177,12 +177,13 @@ absl::Status FastKvzipGate::PrepareOn(ops::Backend& backend) const {
 }
 
 absl::Status FastKvzipGate::ScoreOn(ops::Backend& backend, int32_t layer, const float* x, int32_t rows, float* out,
-                                    int64_t out_stride) const {
+                                    int64_t out_stride, bool allow_tf32) const {
   KVGATE_ASSIGN_OR_RETURN(ops::SinkGateScoresArgs args, ArgsOnBackend(backend, layer));
   args.x = x;
   args.n = rows;
   args.out = out;
   args.out_stride = out_stride;
+  args.allow_tf32 = allow_tf32;
   return backend.SinkGateScores(args);
 }
 
@@ -487,16 +488,11 @@ class FastKvzipRequest final : public PolicyRequest {
     int32_t chunk_begin = 0;
     CaptureRequest record;
     record.layer_inputs_on_backend = [&](int32_t layer, const float* hidden, int32_t tokens) -> absl::Status {
-      KVGATE_ASSIGN_OR_RETURN(ops::SinkGateScoresArgs args, gate_->ArgsOnBackend(backend, layer));
-      args.x = hidden;
-      args.n = tokens;
-      args.out = backend_scores.as<float>() + layer * head_rows + chunk_begin;
-      args.out_stride = n;
       // A prompt's scores rank thousands of tokens against one threshold: TF32's ~1e-3
       // only reorders near-ties there, for ~8x the projections' rate on tensor cores. (A
-      // decode step's few rows stay fp32: ScoreOn.)
-      args.allow_tf32 = true;
-      return backend.SinkGateScores(args);
+      // decode step's few rows stay fp32.)
+      return gate_->ScoreOn(backend, layer, hidden, tokens, backend_scores.as<float>() + layer * head_rows + chunk_begin,
+                            n, /*allow_tf32=*/true);
     };
     for (const TokenRange& chunk : FastKvzipPrefillChunks(chunks)) {
       const int32_t m = chunk.end - chunk.begin;

@@ -79,7 +79,12 @@ class FastKvzipGate final : public DecodeLayerScorer {
   int32_t scorer_kv_heads() const override { return shape_.num_kv_heads; }
   absl::Status PrepareOn(ops::Backend& backend) const override;
   absl::Status ScoreOn(ops::Backend& backend, int32_t layer, const float* x, int32_t rows, float* out,
-                       int64_t out_stride) const override;
+                       int64_t out_stride) const override {
+    return ScoreOn(backend, layer, x, rows, out, out_stride, /*allow_tf32=*/false);
+  }
+  // allow_tf32: the projections may run on TF32 tensor cores (ops::SinkGateScoresArgs).
+  absl::Status ScoreOn(ops::Backend& backend, int32_t layer, const float* x, int32_t rows, float* out,
+                       int64_t out_stride, bool allow_tf32) const;
 
   const ModelShape& shape() const { return shape_; }
   int32_t rank() const { return rank_; }
