@@ -50,6 +50,12 @@ def decode_floor_ms(row, copy_tb_per_s):
     return (weight_bytes() + kv_bytes) / (copy_tb_per_s * 1e12) * 1e3, kv_bytes
 
 
+def against_full(rows, key):
+    """Each row with the median of `full` at the same `key` (None without one) and its kept fraction."""
+    full = {x[key]: x["median_ms"] for x in rows if x["policy"] == "full"}
+    return [(x, full.get(x[key]), x["kv_entries_kept"] / max(1, x["kv_entries_full"])) for x in rows]
+
+
 def markdown(r):
     lines = [f"Device: {r['device']} (driver {r['driver']}), {r['date']}, commit `{r['commit']}`.",
              f"Floors of this run: device copy {r['floors']['copy_tb_per_s']:.2f} TB/s (read + write), "
@@ -58,11 +64,8 @@ def markdown(r):
     if prefill:
         lines += ["| tokens | policy | total ms | forward ms | plan + commit ms | vs full | kept |",
                   "|---|---|---|---|---|---|---|"]
-        full = {x["tokens"]: x["median_ms"] for x in prefill if x["policy"] == "full"}
-        for x in prefill:
-            base = full.get(x["tokens"])
+        for x, base, kept in against_full(prefill, "tokens"):
             change = f"{(x['median_ms'] / base - 1) * 100:+.1f}%" if base else "-"
-            kept = x["kv_entries_kept"] / max(1, x["kv_entries_full"])
             lines.append(f"| {x['tokens']:,} | {x['policy']} | {x['median_ms']:.2f} | {x['forward_median_ms']:.2f} | "
                          f"{x['plan_and_commit_median_ms']:.2f} | {change} | {kept:.3f} |")
         lines.append("")
@@ -70,11 +73,8 @@ def markdown(r):
     if batched:
         lines += ["| batch | context | policy | kept | ms / step | tokens/s | vs full | floor ms | / floor |",
                   "|---|---|---|---|---|---|---|---|---|"]
-        full = {x["batch"]: x["median_ms"] for x in batched if x["policy"] == "full"}
-        for x in batched:
-            base = full.get(x["batch"])
+        for x, base, kept in against_full(batched, "batch"):
             change = f"{x['median_ms'] / base:.2f}x" if base else "-"
-            kept = x["kv_entries_kept"] / max(1, x["kv_entries_full"])
             lines.append(f"| {x['batch']} | {x['context']:,} | {x['policy']} | {kept:.3f} | {x['median_ms']:.2f} | "
                          f"{x['tokens_per_s']:,.0f} | {change} | {x['floor_ms']:.2f} | {x['median_ms'] / x['floor_ms']:.2f}x |")
     for part in ("overhead", "decode"):
