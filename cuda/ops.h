@@ -210,10 +210,11 @@ struct CopyRowsArgs {
 
 // A head-paged KV cache: a page holds page_tokens rows of K and of V for ONE
 // (sequence, layer, kv head); "seq head" i is one such (sequence, kv head) of the layer
-// being attended. Row r of seq head i lives at page page_ids[page_indptr[i] + r /
-// page_tokens], slot r % page_tokens. Seq head i's list starts at page_indptr[i] and
-// holds at least ceil(lengths[i] / page_tokens) ids; lists need not be adjacent nor in
-// seq-head order (the decode step's tables keep one fixed-size list per batch slot).
+// being attended. Row r of seq head i is slot s = first_slots[i] + r of its pages: page
+// page_ids[page_indptr[i] + s / page_tokens], slot s % page_tokens. Seq head i's list
+// starts at page_indptr[i] and holds at least ceil((first_slots[i] + lengths[i]) /
+// page_tokens) ids; lists need not be adjacent nor in seq-head order (the decode step's
+// tables keep one fixed-size list per batch slot).
 struct HeadPagedKvView {
   const void* k_pages = nullptr;        // [num_pages, page_tokens, head_dim] of dtype, in, backend
   const void* v_pages = nullptr;        // [num_pages, page_tokens, head_dim] of dtype, in, backend
@@ -229,14 +230,17 @@ struct HeadPagedKvView {
   // float32, so a bf16 view computes exactly what a float32 view of the same (rounded)
   // values computes.
   KvDtype dtype = KvDtype::kFloat32;
+  // Null (every head starts at slot 0), or [num_seq_heads] in [0, page_tokens): the slot
+  // of a head's row 0 in its first page (a ring that dropped its oldest rows), in, backend.
+  const int32_t* first_slots = nullptr;
 };
 
 // Decode attention of one new token per sequence over its own head-paged rows (which
 // already include the new token's K/V). Sequence s, query head h reads seq head
 // s * num_kv_heads + h / (num_q_heads / num_kv_heads), every row < length that its mask
 // bit allows. Positions do not enter: keys are stored after RoPE. Preconditions (checked
-// by the caller, not the op): seq head i's list holds ceil(lengths[i] / page_tokens)
-// ids, each < num_pages; with query_masks, num_q_heads / num_kv_heads <= 8.
+// by the caller, not the op): seq head i's list holds ceil((first slot + lengths[i]) /
+// page_tokens) ids, each < num_pages; with query_masks, num_q_heads / num_kv_heads <= 8.
 // A head that sees no row (length 0, or every mask bit clear; impossible in use, since a
 // head always sees its new token) gets an output of zeros, never NaN.
 struct HeadPagedDecodeAttentionArgs {

@@ -152,10 +152,8 @@ absl::Status DecodeBatch::EndStep() {
   // failure is reported after all have run.
   tables_ = nullptr;  // decode-time eviction changes the layouts
   absl::Status first = DeliverScores();
-  for (size_t s = 0; s < sequences_.size(); ++s) {
-    absl::Status st = sequences_[s]->EndStep();
-    if (!st.ok() && first.ok()) first = ForSequence(st, s);
-  }
+  absl::Status ended = SequenceBatch::EndSteps(sequences_);
+  if (!ended.ok() && first.ok()) first = absl::Status(ended.code(), absl::StrCat("decode batch: ", ended.message()));
   return first;
 }
 

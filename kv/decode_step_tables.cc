@@ -25,7 +25,7 @@ absl::Status DecodeStepTables::Reshape(int32_t layers, int32_t kv_heads, size_t 
   // id) rarely: a quarter more of each, in round units.
   const size_t slots = RoundUp(std::max<size_t>(num_sequences + num_sequences / 4, 1), 8);
   const size_t stride = RoundUp(max_pages + max_pages / 4 + 16, 64);
-  const size_t small = static_cast<size_t>(layers) * (4 * slots * kv_heads + 1);
+  const size_t small = static_cast<size_t>(layers) * (5 * slots * kv_heads + 1);
   const size_t ids = static_cast<size_t>(layers) * slots * kv_heads * stride;
   if (ids >= static_cast<size_t>(std::numeric_limits<int32_t>::max())) {
     return absl::InvalidArgumentError(absl::StrCat("decode step tables of ", ids, " page ids (", num_sequences,
@@ -170,9 +170,9 @@ absl::StatusOr<const DecodeStepTables::Step*> DecodeStepTables::Update(
   }
 
   // The small tables, whole: per layer [src rows | dst rows] at 0, page_indptr at
-  // 2 x capacity, lengths after it.
+  // 2 x capacity, lengths after it, then first slots.
   const size_t capacity_heads = static_cast<size_t>(slot_capacity_) * heads;
-  const size_t layer_block = 4 * capacity_heads + 1;
+  const size_t layer_block = 5 * capacity_heads + 1;
   const size_t seq_heads = layouts.size() * heads;
   small_host_.assign(small_tables_, 0);
   for (int32_t l = 0; l < layers; ++l) {
@@ -180,12 +180,14 @@ absl::StatusOr<const DecodeStepTables::Step*> DecodeStepTables::Update(
     std::iota(block, block + seq_heads, 0);
     int32_t* indptr = block + 2 * capacity_heads;
     int32_t* lengths = indptr + capacity_heads + 1;
+    int32_t* first_slots = lengths + capacity_heads;
     for (size_t s = 0; s < layouts.size(); ++s) {
       const absl::Span<const int32_t> rows = steps[s]->layer_rows(l);
       std::copy(rows.begin(), rows.end(), block + seq_heads + s * heads);
       for (int32_t h = 0; h < heads; ++h) {
         indptr[s * heads + h] = static_cast<int32_t>(IdOffset(l, slots[s], h));
         lengths[s * heads + h] = layouts[s]->at(l, h).length;
+        first_slots[s * heads + h] = layouts[s]->at(l, h).first_slot;
       }
     }
     indptr[seq_heads] = static_cast<int32_t>(ids_mirror_.size());
@@ -200,6 +202,7 @@ absl::StatusOr<const DecodeStepTables::Step*> DecodeStepTables::Update(
     ops::HeadPagedKvView view = pool_->PagesView(any_masks);
     view.page_indptr = block + 2 * capacity_heads;
     view.lengths = view.page_indptr + capacity_heads + 1;
+    view.first_slots = view.lengths + capacity_heads;
     view.page_ids = id_region;
     step_.views.push_back(view);
   }

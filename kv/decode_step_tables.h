@@ -14,7 +14,7 @@
 //
 // Backend layout, one buffer (it moves only when it must grow, so launch arguments
 // repeat from step to step: replay_key):
-//   per layer l: [src rows | dst rows | page_indptr | lengths], each block of
+//   per layer l: [src rows | dst rows | page_indptr | lengths | first slots], each block of
 //                slot_capacity x kv_heads entries (+1 for page_indptr)
 //   then ids:    [layers][slot_capacity][kv_heads][stride]
 // Not thread-safe; one decode loop drives it, as it drives the pool.

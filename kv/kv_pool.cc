@@ -186,9 +186,13 @@ absl::Status KvPool::WriteMasks(const SequenceLayout& layout, absl::Span<const i
       if (slot < 0) continue;
       ++found;
       if (!layout.has_query_masks) continue;  // all 0xFF already
-      const int32_t first = static_cast<int32_t>(p) * pt;
-      const int32_t rows = std::min(pt, hp.length - first);
-      std::copy_n(hp.query_mask.begin() + first, rows, bytes.begin() + static_cast<size_t>(slot) * pt);
+      // Slots [begin, end) of this page hold rows; the others stay 0xFF.
+      const int32_t page_first_slot = static_cast<int32_t>(p) * pt;
+      const int32_t begin = std::max(page_first_slot, hp.first_slot);
+      const int32_t end = std::min(page_first_slot + pt, hp.first_slot + hp.length);
+      if (end <= begin) continue;
+      std::copy_n(hp.query_mask.begin() + (begin - hp.first_slot), end - begin,
+                  bytes.begin() + static_cast<size_t>(slot) * pt + (begin - page_first_slot));
     }
   }
   if (found != sorted.size()) {
@@ -289,11 +293,96 @@ absl::StatusOr<int32_t> KvPool::Compact(SequenceLayout* layout, const gates::Kee
   return plan->pages_freed();
 }
 
+absl::Status KvPool::DropRows(absl::Span<SequenceLayout* const> layouts, absl::Span<const RowDrops> drops) {
+  if (layouts.size() != drops.size()) {
+    return absl::InvalidArgumentError(absl::StrCat("drops for ", drops.size(), " sequences, ", layouts.size(),
+                                                   " layouts"));
+  }
+  // Everything is checked and the staging buffer sized before any layout changes.
+  std::vector<bool> compact(layouts.size(), false);
+  int64_t staged = 0;
+  for (size_t s = 0; s < layouts.size(); ++s) {
+    if (drops[s].empty()) continue;
+    KVGATE_RETURN_IF_ERROR(WithContext(CheckRowDrops(*layouts[s], drops[s]), absl::StrCat("sequence ", s)));
+    if (layouts[s]->page_tokens != page_tokens_) {
+      return absl::InvalidArgumentError(absl::StrCat("sequence ", s, ": layout from a pool of another page size"));
+    }
+    const DropCost cost = CostOfDrop(*layouts[s], drops[s]);
+    compact[s] = 2 * cost.moved_by_compaction < cost.moved_in_place;
+    staged += cost.moved_in_place;
+  }
+  const size_t stage_bytes = static_cast<size_t>(staged) * row_bytes();
+  if (staged > std::numeric_limits<int32_t>::max()) {
+    return absl::InvalidArgumentError(absl::StrCat("drop of ", staged, " moved rows overflows int32 row ids"));
+  }
+  if (drop_stage_.bytes() < stage_bytes) {
+    drop_stage_ = ops::DeviceBuffer();
+    KVGATE_ASSIGN_OR_RETURN(drop_stage_, backend_->Alloc(stage_bytes));
+  }
+  std::vector<int32_t> to_src, to_dst, from_src, from_dst;
+  for (size_t s = 0; s < layouts.size(); ++s) {
+    if (drops[s].empty()) continue;
+    if (compact[s]) {
+      gates::KeepPlan keep{layouts[s]->num_layers, layouts[s]->num_kv_heads, layouts[s]->next_pos, {}};
+      keep.heads.resize(layouts[s]->heads.size());
+      for (size_t i = 0; i < keep.heads.size(); ++i) {
+        const HeadPages& head = layouts[s]->heads[i];
+        size_t next = 0;
+        for (int32_t r = 0; r < head.length; ++r) {
+          if (next < drops[s][i].size() && drops[s][i][next] == r) {
+            ++next;
+            continue;
+          }
+          keep.heads[i].positions.push_back(head.positions[r]);
+        }
+      }
+      absl::StatusOr<int32_t> compacted = Compact(layouts[s], keep);
+      if (compacted.ok()) continue;
+      if (compacted.status().code() != absl::StatusCode::kResourceExhausted) {
+        return WithContext(compacted.status(), absl::StrCat("sequence ", s));
+      }
+      // No room for fresh pages: in place needs none (and the stage was sized for it).
+    }
+    KVGATE_ASSIGN_OR_RETURN(DropPlan plan, PlanDropRows(layouts[s], drops[s], &pages_));
+    const int32_t stage_base = static_cast<int32_t>(to_src.size());
+    to_src.insert(to_src.end(), plan.to_stage.src_rows.begin(), plan.to_stage.src_rows.end());
+    for (const int32_t row : plan.to_stage.dst_rows) to_dst.push_back(stage_base + row);
+    for (const int32_t row : plan.from_stage.src_rows) from_src.push_back(stage_base + row);
+    from_dst.insert(from_dst.end(), plan.from_stage.dst_rows.begin(), plan.from_stage.dst_rows.end());
+    KVGATE_RETURN_IF_ERROR(WithContext(WriteMasks(*layouts[s], plan.mask_pages), absl::StrCat("sequence ", s)));
+  }
+  if (to_src.empty()) return absl::OkStatus();
+  const int32_t n = static_cast<int32_t>(to_src.size());
+  std::vector<int32_t> host;
+  host.reserve(4 * to_src.size());
+  for (const auto* list : {&to_src, &to_dst, &from_src, &from_dst}) host.insert(host.end(), list->begin(), list->end());
+  KVGATE_ASSIGN_OR_RETURN(const int32_t* rows, Upload(host, &copy_scratch_));
+  ops::CopyRowsArgs args;
+  args.num_rows = n;
+  args.row_elements = head_dim_;
+  args.src_dtype = dtype_;
+  args.dst_dtype = dtype_;
+  for (ops::DeviceBuffer* pages : {&k_pages_, &v_pages_}) {
+    args.src_rows = rows;
+    args.dst_rows = rows + n;
+    args.src = pages->data();
+    args.dst = drop_stage_.data();
+    KVGATE_RETURN_IF_ERROR(WithContext(backend_->CopyRows(args), "drop rows: stage"));
+    args.src_rows = rows + 2 * n;
+    args.dst_rows = rows + 3 * n;
+    args.src = drop_stage_.data();
+    args.dst = pages->data();
+    KVGATE_RETURN_IF_ERROR(WithContext(backend_->CopyRows(args), "drop rows: unstage"));
+  }
+  return absl::OkStatus();
+}
+
 absl::Status KvPool::Release(SequenceLayout* layout) { return kv::Release(layout, &pages_); }
 
 namespace {
 
-// Appends layer `layer`'s [page_indptr (seq heads + 1) | page_ids | lengths] to `host`;
+// Appends layer `layer`'s [page_indptr (seq heads + 1) | page_ids | lengths | first_slots]
+// to `host`;
 // `*any_masks` |= a sequence carries query masks. INVALID_ARGUMENT for a sequence that
 // does not fit the batch (see KvPool::BuildView).
 absl::Status AppendViewTables(absl::Span<const SequenceLayout* const> seqs, int32_t layer, int32_t page_tokens,
@@ -314,10 +403,11 @@ absl::Status AppendViewTables(absl::Span<const SequenceLayout* const> seqs, int3
   }
   const size_t num_seq_heads = seqs.size() * heads;
   const size_t begin = host->size();
-  host->resize(begin + num_seq_heads + 1 + num_ids + num_seq_heads);
+  host->resize(begin + num_seq_heads + 1 + num_ids + 2 * num_seq_heads);
   int32_t* indptr = host->data() + begin;
   int32_t* ids = indptr + num_seq_heads + 1;
   int32_t* lengths = ids + num_ids;
+  int32_t* first_slots = lengths + num_seq_heads;
   indptr[0] = 0;
   size_t i = 0;
   for (const SequenceLayout* seq : seqs) {
@@ -326,6 +416,7 @@ absl::Status AppendViewTables(absl::Span<const SequenceLayout* const> seqs, int3
       std::copy(hp.page_ids.begin(), hp.page_ids.end(), ids + indptr[i]);
       indptr[i + 1] = indptr[i] + static_cast<int32_t>(hp.page_ids.size());
       lengths[i] = hp.length;
+      first_slots[i] = hp.first_slot;
     }
   }
   return absl::OkStatus();
@@ -375,11 +466,12 @@ ops::HeadPagedKvView KvPool::PagesView(bool with_query_masks) const {
 
 ops::HeadPagedKvView KvPool::ViewAt(const int32_t* device_tables, size_t num_seq_heads,
                                     absl::Span<const int32_t> host_tables, bool any_masks) const {
-  const size_t num_ids = host_tables.size() - 2 * num_seq_heads - 1;
+  const size_t num_ids = host_tables.size() - 3 * num_seq_heads - 1;
   ops::HeadPagedKvView view = PagesView(any_masks);
   view.page_indptr = device_tables;
   view.page_ids = device_tables + num_seq_heads + 1;
   view.lengths = device_tables + num_seq_heads + 1 + num_ids;
+  view.first_slots = view.lengths + num_seq_heads;
   return view;
 }
 
@@ -414,9 +506,12 @@ absl::StatusOr<HeadRows> KvPool::ReadRows(const SequenceLayout& layout, int32_t 
   while (p < hp.page_ids.size()) {
     size_t end = p + 1;
     while (end < hp.page_ids.size() && hp.page_ids[end] == hp.page_ids[end - 1] + 1) ++end;
-    const size_t first = p * page_tokens_;
-    const size_t rows = std::min<size_t>((end - p) * page_tokens_, hp.length - first);
-    const size_t pool_row = static_cast<size_t>(hp.page_ids[p]) * page_tokens_;
+    // Slots [slot_begin, slot_end) of the run hold rows first.. of the head.
+    const size_t slot_begin = std::max<size_t>(p * page_tokens_, hp.first_slot);
+    const size_t slot_end = std::min<size_t>(end * page_tokens_, static_cast<size_t>(hp.first_slot) + hp.length);
+    const size_t first = slot_begin - hp.first_slot;
+    const size_t rows = slot_end - slot_begin;
+    const size_t pool_row = static_cast<size_t>(hp.page_ids[p]) * page_tokens_ + (slot_begin - p * page_tokens_);
     const size_t bytes = rows * row_floats * element_bytes;
     KVGATE_RETURN_IF_ERROR(backend_->CopyToHost(k_dst + first * row_floats * element_bytes,
                                                 k_src + pool_row * row_floats * element_bytes, bytes));
@@ -525,10 +620,13 @@ absl::StatusOr<BackendRows> KvPool::GatherRows(const SequenceLayout& layout) {
   std::vector<int32_t> dst, length;
   int32_t at = 0;
   for (const HeadPages& hp : layout.heads) {
-    for (int32_t r = 0; r < hp.length; r += page_tokens_) {
-      host.push_back(hp.page_ids[r / page_tokens_] * page_tokens_);
+    for (int32_t r = 0; r < hp.length;) {
+      const int32_t slot = hp.first_slot + r;
+      const int32_t rows = std::min(page_tokens_ - slot % page_tokens_, hp.length - r);
+      host.push_back(layout.PoolRow(hp, r));
       dst.push_back(at + r);
-      length.push_back(std::min(page_tokens_, hp.length - r));
+      length.push_back(rows);
+      r += rows;
     }
     at += hp.length;
   }

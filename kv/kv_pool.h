@@ -120,6 +120,17 @@ class KvPool {
   // unchanged.
   absl::StatusOr<int32_t> Compact(SequenceLayout* layout, const gates::KeepPlan& keep);
 
+  // Drops rows of several sequences (drops[s] of layouts[s], RowDrops of
+  // sequence_layout.h: empty, or ascending rows per head) by whichever moves fewer rows:
+  // in place (PlanDropRows: the kept rows in front of each head's last drop shift back,
+  // through a staging buffer, all sequences in one CopyRows per step), or by compacting a
+  // sequence's heads that lose rows into fresh pages (Compact) when that moves under half
+  // as many. In-place needs no free page, so it is also the answer when a compaction
+  // would not fit. INVALID_ARGUMENT for a malformed drop (naming the sequence), checked
+  // before any layout changes; allocation failures of the staging buffer pass through,
+  // also before any change.
+  absl::Status DropRows(absl::Span<SequenceLayout* const> layouts, absl::Span<const RowDrops> drops);
+
   // Returns every page of the layout to the pool and empties it.
   absl::Status Release(SequenceLayout* layout);
 
@@ -211,6 +222,7 @@ class KvPool {
 
   ops::DeviceBuffer view_scratch_;  // int32 indptr / ids / lengths of the last view(s)
   ops::DeviceBuffer stage_k_, stage_v_;  // CommitHostRows: one layer's host rows (float32)
+  ops::DeviceBuffer drop_stage_;          // DropRows: the rows in flight, of dtype()
 };
 
 }  // namespace kvgate::kv

@@ -405,15 +405,15 @@ TEST_F(KvPoolTest, RandomOpsMatchMapModel) {
     SCOPED_TRACE(::testing::Message() << "seed " << seed);
     std::mt19937 rng(seed);
     auto uniform = [&](int lo, int hi) { return std::uniform_int_distribution<int>(lo, hi)(rng); };
-    auto pool = MakePool(36, kPt);
+    auto pool = MakePool(30, kPt);
     SequenceLayout layouts[kSeqs];
     std::map<std::tuple<int, int32_t, int32_t>, std::vector<Row>> model;
     int ok_ops = 0, failed_ops = 0;
-    for (int step = 0; step < 120; ++step) {
+    for (int step = 0; step < 200; ++step) {
       SCOPED_TRACE(::testing::Message() << "step " << step);
       const int s = uniform(0, kSeqs - 1);
       SequenceLayout& layout = layouts[s];
-      const int kind = layout.heads.empty() ? 0 : uniform(1, 10);
+      const int kind = layout.heads.empty() ? 0 : uniform(1, 12);
       if (kind == 0) {
         const int32_t prompt = uniform(1, 16);
         auto cache = MakeCache(prompt);
@@ -488,10 +488,35 @@ TEST_F(KvPoolTest, RandomOpsMatchMapModel) {
           }
           ++ok_ops;
         }
-      } else {
+      } else if (kind == 10) {
         ASSERT_TRUE(pool->Release(&layout).ok());
         for (int32_t l = 0; l < kLayers; ++l) {
           for (int32_t h = 0; h < kHeads; ++h) model.erase({s, l, h});
+        }
+        ++ok_ops;
+      } else {
+        // Decode-time drops: a ring's (the row after two sinks), or random rows; in place
+        // or by compaction, as DropRows picks.
+        const bool ring = kind == 11;
+        RowDrops drops(layout.heads.size());
+        for (size_t i = 0; i < layout.heads.size(); ++i) {
+          const int32_t length = layout.heads[i].length;
+          for (int32_t r = 0; r < length; ++r) {
+            if (ring ? (r == 2 && length > 3) : uniform(0, 3) == 0) drops[i].push_back(r);
+          }
+        }
+        SequenceLayout* batch[] = {&layout};
+        ASSERT_TRUE(pool->DropRows(batch, absl::MakeConstSpan(&drops, 1)).ok());
+        for (int32_t l = 0; l < kLayers; ++l) {
+          for (int32_t h = 0; h < kHeads; ++h) {
+            const std::vector<int32_t>& dropped = drops[static_cast<size_t>(l) * kHeads + h];
+            std::vector<Row>& rows = model[{s, l, h}];
+            std::vector<Row> kept;
+            for (size_t r = 0; r < rows.size(); ++r) {
+              if (!std::binary_search(dropped.begin(), dropped.end(), static_cast<int32_t>(r))) kept.push_back(rows[r]);
+            }
+            rows = std::move(kept);
+          }
         }
         ++ok_ops;
       }
@@ -521,9 +546,105 @@ TEST_F(KvPoolTest, RandomOpsMatchMapModel) {
     }
     for (SequenceLayout& layout : layouts) ASSERT_TRUE(pool->Release(&layout).ok());
     EXPECT_EQ(pool->pages_used(), 0);
-    EXPECT_GT(ok_ops, 60);
+    EXPECT_GT(ok_ops, 100);
     EXPECT_GT(failed_ops, 0);
   }
+}
+
+// A ring (two sinks, then the newest rows) over many decode steps: each step drops the
+// oldest non-sink row in place, so first_slot walks through the pages and frees them; the
+// rows, the gather, the page count and paged attention stay those of the same rows
+// committed afresh. A malformed drop changes nothing.
+TEST_F(KvPoolTest, InPlaceDropsOfARingKeepExactRows) {
+  constexpr int32_t kPrompt = 9, kPt = 4, kSinks = 2, kRing = 7;
+  auto cache = MakeCache(kPrompt);
+  auto pool = MakePool(64, kPt);
+  SequenceLayout layout;
+  ASSERT_TRUE(pool->CommitPrefill(*cache, gates::KeepPlan::KeepAll(kLayers, kHeads, kPrompt), &layout).ok());
+  auto qb = backend_->Alloc(kQHeads * kDim * 4), got = backend_->Alloc(kQHeads * kDim * 4),
+       want = backend_->Alloc(kQHeads * kDim * 4);
+  ASSERT_TRUE(qb.ok() && got.ok() && want.ok());
+  std::vector<float> q(kQHeads * kDim);
+  for (size_t i = 0; i < q.size(); ++i) q[i] = 1e-6f * static_cast<float>(i % 7);
+  ASSERT_TRUE(backend_->CopyToBackend(qb->data(), q.data(), q.size() * 4).ok());
+  bool walked = false;
+  for (int step = 0; step < 23; ++step) {
+    SCOPED_TRACE(::testing::Message() << "step " << step);
+    DecodeStep(pool.get(), &layout);
+    ASSERT_FALSE(HasFatalFailure());
+    RowDrops drops(layout.heads.size());
+    for (size_t i = 0; i < drops.size(); ++i) {
+      for (int32_t r = kSinks; r < layout.heads[i].length - kRing; ++r) drops[i].push_back(r);
+    }
+    const int32_t used = pool->pages_used();
+    SequenceLayout* batch[] = {&layout};
+    ASSERT_TRUE(pool->DropRows(batch, absl::MakeConstSpan(&drops, 1)).ok());
+    ASSERT_TRUE(layout.CheckInvariants().ok()) << layout.CheckInvariants();
+    EXPECT_LE(pool->pages_used(), used);
+    walked |= layout.heads[0].first_slot != 0;
+    std::vector<int32_t> want_positions = {0, 1};
+    for (int32_t p = std::max(kSinks, layout.next_pos - kRing); p < layout.next_pos; ++p) want_positions.push_back(p);
+    for (int32_t l = 0; l < kLayers; ++l) {
+      for (int32_t h = 0; h < kHeads; ++h) ExpectHead(*pool, layout, l, h, want_positions);
+    }
+    ASSERT_FALSE(HasFatalFailure());
+    int64_t pages = 0;
+    for (const HeadPages& hp : layout.heads) pages += (hp.first_slot + hp.length + kPt - 1) / kPt;
+    EXPECT_EQ(pool->pages_used(), pages);
+
+    // The same rows committed afresh (first slot 0): equal gathers, equal attention.
+    std::vector<HeadRows> host;
+    for (int32_t l = 0; l < kLayers; ++l) {
+      for (int32_t h = 0; h < kHeads; ++h) host.push_back(*pool->ReadRows(layout, l, h));
+    }
+    gates::KeepPlan plan{kLayers, kHeads, layout.next_pos, {}};
+    for (const HeadRows& rows : host) plan.heads.push_back(gates::HeadKeep{rows.positions, {}, {}});
+    SequenceLayout fresh;
+    ASSERT_TRUE(pool->CommitHostRows(plan, host, &fresh).ok());
+    auto gathered = pool->GatherRows(layout), gathered_fresh = pool->GatherRows(fresh);
+    ASSERT_TRUE(gathered.ok() && gathered_fresh.ok());
+    ASSERT_EQ(gathered->rows, gathered_fresh->rows);
+    std::vector<float> a(gathered->rows * kDim), b(a.size());
+    ASSERT_TRUE(backend_->CopyToHost(a.data(), gathered->k.data(), a.size() * 4).ok());
+    ASSERT_TRUE(backend_->CopyToHost(b.data(), gathered_fresh->k.data(), b.size() * 4).ok());
+    EXPECT_EQ(a, b);
+    for (int32_t l = 0; l < kLayers; ++l) {
+      for (auto [which, out] : {std::pair{&layout, &*got}, std::pair{&fresh, &*want}}) {
+        const SequenceLayout* one[] = {which};
+        auto view = pool->BuildView(one, l);
+        ASSERT_TRUE(view.ok()) << view.status();
+        ops::HeadPagedDecodeAttentionArgs p;
+        p.q = qb->as<float>();
+        p.kv = *view;
+        p.out = out->as<float>();
+        p.num_seqs = 1;
+        p.num_q_heads = kQHeads;
+        p.num_kv_heads = kHeads;
+        p.scale = 0.5f;
+        ASSERT_TRUE(backend_->HeadPagedDecodeAttention(p).ok());
+      }
+      std::vector<float> x(q.size()), y(q.size());
+      ASSERT_TRUE(backend_->CopyToHost(x.data(), got->data(), x.size() * 4).ok());
+      ASSERT_TRUE(backend_->CopyToHost(y.data(), want->data(), y.size() * 4).ok());
+      EXPECT_EQ(x, y) << "layer " << l;
+    }
+    ASSERT_TRUE(pool->Release(&fresh).ok());
+  }
+  EXPECT_TRUE(walked);
+  // Drops that do not fit the layout are refused before anything moves.
+  const SequenceLayout before = layout;
+  RowDrops bad(layout.heads.size());
+  bad[1] = {3, 2};
+  SequenceLayout* batch[] = {&layout};
+  EXPECT_EQ(pool->DropRows(batch, absl::MakeConstSpan(&bad, 1)).code(), absl::StatusCode::kInvalidArgument);
+  bad[1] = {layout.heads[1].length};
+  EXPECT_EQ(pool->DropRows(batch, absl::MakeConstSpan(&bad, 1)).code(), absl::StatusCode::kInvalidArgument);
+  bad.pop_back();
+  EXPECT_EQ(pool->DropRows(batch, absl::MakeConstSpan(&bad, 1)).code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(layout.AllPages(), before.AllPages());
+  EXPECT_EQ(layout.heads[1].positions, before.heads[1].positions);
+  ASSERT_TRUE(pool->Release(&layout).ok());
+  EXPECT_EQ(pool->pages_used(), 0);
 }
 
 // Every (layer, kv head) of `narrow` holds `wide`'s rows rounded to bf16, with the same

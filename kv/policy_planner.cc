@@ -177,13 +177,20 @@ SequenceBatch::~SequenceBatch() {
 
 absl::Status SequenceBatch::BeginStep() {
   if (sliding_window_ > 0) {
+    // Rows the new token can no longer see lead each head (positions ascend): dropping
+    // them advances the head's first slot and moves nothing.
     const int32_t first_visible = layout_.next_pos - sliding_window_ + 1;
-    bool stale = false;
-    for (const HeadPages& head : layout_.heads) {
-      if (head.length > 0 && head.positions.front() < first_visible) stale = true;
+    RowDrops stale(layout_.heads.size());
+    bool any = false;
+    for (size_t i = 0; i < layout_.heads.size(); ++i) {
+      const std::vector<int32_t>& positions = layout_.heads[i].positions;
+      const auto visible = std::lower_bound(positions.begin(), positions.end(), first_visible);
+      for (int32_t r = 0; r < visible - positions.begin(); ++r) stale[i].push_back(r);
+      any |= !stale[i].empty();
     }
-    if (stale) {
-      KVGATE_RETURN_IF_ERROR(KeepRows([&](size_t i, int32_t r) { return layout_.heads[i].positions[r] >= first_visible; }));
+    if (any) {
+      SequenceLayout* layouts[] = {&layout_};
+      KVGATE_RETURN_IF_ERROR(pool_->DropRows(layouts, absl::MakeConstSpan(&stale, 1)));
     }
   }
   KVGATE_ASSIGN_OR_RETURN(step_, pool_->ReserveDecodeStep(&layout_));
@@ -204,29 +211,8 @@ absl::Status SequenceBatch::ObserveLayerScores(int32_t layer, absl::Span<const f
   return evictor_->ObserveLayerScores(layer, scores);
 }
 
-absl::Status SequenceBatch::KeepRows(const std::function<bool(size_t head_index, int32_t row)>& keep) {
-  gates::KeepPlan plan{layout_.num_layers, layout_.num_kv_heads, layout_.next_pos, {}};
-  plan.heads.resize(layout_.heads.size());
-  bool drops = false;
-  for (size_t i = 0; i < layout_.heads.size(); ++i) {
-    const HeadPages& head = layout_.heads[i];
-    gates::HeadKeep& kept = plan.heads[i];
-    for (int32_t r = 0; r < head.length; ++r) {
-      if (!keep(i, r)) {
-        drops = true;
-        continue;
-      }
-      kept.positions.push_back(head.positions[r]);
-      if (!head.query_mask.empty()) kept.query_mask.push_back(head.query_mask[r]);
-      if (!head.scores.empty()) kept.scores.push_back(head.scores[r]);
-    }
-  }
-  if (!drops) return absl::OkStatus();
-  return pool_->Compact(&layout_, plan).status();
-}
-
-absl::Status SequenceBatch::EndStep() {
-  if (evictor_ == nullptr) return absl::OkStatus();
+absl::StatusOr<gates::RowsToDrop> SequenceBatch::DecideDrops() {
+  if (evictor_ == nullptr) return gates::RowsToDrop{};
   gates::DecodeRows rows;
   rows.num_layers = layout_.num_layers;
   rows.num_kv_heads = layout_.num_kv_heads;
@@ -238,32 +224,40 @@ absl::Status SequenceBatch::EndStep() {
     rows.scores.emplace_back(head.scores.data(), head.scores.size());
   }
   KVGATE_ASSIGN_OR_RETURN(gates::RowsToDrop drop, evictor_->AfterStep(rows));
-  return DropRows(drop);
+  absl::Status fits = CheckRowDrops(layout_, drop);
+  if (!fits.ok()) {
+    return absl::InternalError(
+        absl::StrCat(std::string(evictor_->policy()), " decode eviction: ", fits.message()));
+  }
+  return drop;
 }
 
-absl::Status SequenceBatch::DropRows(const gates::RowsToDrop& drop) {
-  if (drop.empty()) return absl::OkStatus();
-  if (drop.size() != layout_.heads.size()) {
-    return absl::InternalError(absl::StrCat(std::string(evictor_->policy()), " decode eviction dropped rows of ", drop.size(),
-                                            " heads; the sequence has ", layout_.heads.size()));
-  }
-  for (size_t i = 0; i < drop.size(); ++i) {
-    for (size_t k = 0; k < drop[i].size(); ++k) {
-      if (drop[i][k] < 0 || drop[i][k] >= layout_.heads[i].length || (k > 0 && drop[i][k] <= drop[i][k - 1])) {
-        return absl::InternalError(absl::StrCat(std::string(evictor_->policy()), " decode eviction dropped row ", drop[i][k],
-                                                " of head ", i, " (", layout_.heads[i].length,
-                                                " rows; drops must ascend)"));
+absl::Status SequenceBatch::EndStep() {
+  SequenceBatch* batch[] = {this};
+  return EndSteps(batch);
+}
+
+absl::Status SequenceBatch::EndSteps(absl::Span<SequenceBatch* const> batch) {
+  absl::Status first;
+  // One entry per sequence (empty drops for none), so DropRows names batch indices.
+  std::vector<SequenceLayout*> layouts;
+  std::vector<RowDrops> drops(batch.size());
+  bool any = false;
+  for (size_t s = 0; s < batch.size(); ++s) {
+    layouts.push_back(&batch[s]->layout_);
+    absl::StatusOr<gates::RowsToDrop> drop = batch[s]->DecideDrops();
+    if (!drop.ok()) {
+      if (first.ok()) {
+        first = absl::Status(drop.status().code(), absl::StrCat("sequence ", s, ": ", drop.status().message()));
       }
+      continue;
     }
+    any |= !drop->empty();
+    drops[s] = std::move(*drop);
   }
-  std::vector<size_t> next(drop.size(), 0);  // KeepRows asks each head's rows in order
-  return KeepRows([&](size_t i, int32_t r) {
-    if (next[i] < drop[i].size() && drop[i][next[i]] == r) {
-      ++next[i];
-      return false;
-    }
-    return true;
-  });
+  if (!any) return first;
+  absl::Status dropped = batch[0]->pool_->DropRows(layouts, drops);
+  return first.ok() ? dropped : first;
 }
 
 absl::Status SequenceBatch::AppendLayer(int32_t layer, const float* k_new, const float* v_new) {

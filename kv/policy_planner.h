@@ -36,6 +36,10 @@ class SequenceBatch final : public engine::PagedKvBatch {
   absl::Status AppendLayer(int32_t layer, const float* k_new, const float* v_new) override;
   absl::StatusOr<ops::HeadPagedKvView> View(int32_t layer) override;
   absl::Status EndStep() override;
+  // EndStep of every sequence of `batch` (all in one pool): each evictor decides its
+  // drops, then one KvPool::DropRows moves the rows of all. Every evictor runs; the first
+  // failure is returned, naming its sequence's index in `batch`.
+  static absl::Status EndSteps(absl::Span<SequenceBatch* const> batch);
   bool wants_layer_inputs() const override { return evictor_ != nullptr && evictor_->wants_layer_inputs(); }
   absl::Status ObserveLayerInput(int32_t layer, absl::Span<const float> hidden) override;
   // Where a batch may score this sequence's step tokens on the backend instead (its
@@ -63,11 +67,9 @@ class SequenceBatch final : public engine::PagedKvBatch {
   int32_t sliding_window_;
   std::unique_ptr<gates::DecodeEvictor> evictor_;
   AppendPlan step_;
-  // Compacts the sequence to the rows keep(head index, row) accepts; moves nothing when
-  // it accepts every row. Asks each head's rows in ascending order, once each.
-  absl::Status KeepRows(const std::function<bool(size_t head_index, int32_t row)>& keep);
-  // Compacts the sequence without the evictor's `drop` (checked against the layout first).
-  absl::Status DropRows(const gates::RowsToDrop& drop);
+  // The evictor's drops after the step, checked against the layout (INTERNAL naming the
+  // policy when they do not fit: a policy bug); empty without an evictor.
+  absl::StatusOr<gates::RowsToDrop> DecideDrops();
 };
 
 // `tokenizer` is needed only by policies whose requests encode text (Policy::needs_tokenizer:

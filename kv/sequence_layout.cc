@@ -1,5 +1,6 @@
 #include "kv/sequence_layout.h"
 
+#include <algorithm>
 #include <utility>
 
 #include "absl/strings/str_cat.h"
@@ -92,8 +93,12 @@ absl::StatusOr<std::vector<int32_t>> MatchKept(absl::Span<const int32_t> current
 }  // namespace
 
 int32_t SequenceLayout::PoolRow(int32_t layer, int32_t kv_head, int32_t row) const {
-  const HeadPages& hp = at(layer, kv_head);
-  return hp.page_ids[row / page_tokens] * page_tokens + row % page_tokens;
+  return PoolRow(at(layer, kv_head), row);
+}
+
+int32_t SequenceLayout::PoolRow(const HeadPages& head, int32_t row) const {
+  const int32_t slot = head.first_slot + row;
+  return head.page_ids[slot / page_tokens] * page_tokens + slot % page_tokens;
 }
 
 int64_t SequenceLayout::NumPages() const {
@@ -129,8 +134,12 @@ absl::Status SequenceLayout::CheckInvariants() const {
       if (hp.length < 0 || static_cast<int64_t>(hp.positions.size()) != hp.length) {
         return absl::InternalError(absl::StrCat(where, "length ", hp.length, ", ", hp.positions.size(), " positions"));
       }
-      if (static_cast<int64_t>(hp.page_ids.size()) != PagesFor(hp.length, page_tokens)) {
-        return absl::InternalError(absl::StrCat(where, hp.page_ids.size(), " pages for ", hp.length, " rows"));
+      if (hp.first_slot < 0 || hp.first_slot >= page_tokens || (hp.length == 0 && hp.first_slot != 0)) {
+        return absl::InternalError(absl::StrCat(where, "first slot ", hp.first_slot, " with ", hp.length, " rows"));
+      }
+      if (static_cast<int64_t>(hp.page_ids.size()) != PagesFor(int64_t{hp.first_slot} + hp.length, page_tokens)) {
+        return absl::InternalError(absl::StrCat(where, hp.page_ids.size(), " pages for ", hp.length,
+                                                " rows from slot ", hp.first_slot));
       }
       if (hp.query_mask.size() != (has_query_masks ? hp.positions.size() : 0)) {
         return absl::InternalError(absl::StrCat(where, hp.query_mask.size(), " mask bytes"));
@@ -236,7 +245,7 @@ absl::StatusOr<AppendPlan> PlanAppend(SequenceLayout* layout, PagePool* pool) {
   }
   const int32_t pt = layout->page_tokens;
   int32_t needed = 0;
-  for (const HeadPages& hp : layout->heads) needed += hp.length % pt == 0 ? 1 : 0;
+  for (const HeadPages& hp : layout->heads) needed += (hp.first_slot + hp.length) % pt == 0 ? 1 : 0;
   auto pages = pool->Allocate(needed);
   if (!pages.ok()) return WithContext(pages.status(), absl::StrCat("decode step at position ", layout->next_pos));
 
@@ -249,8 +258,8 @@ absl::StatusOr<AppendPlan> PlanAppend(SequenceLayout* layout, PagePool* pool) {
   for (int32_t l = 0; l < layout->num_layers; ++l) {
     for (int32_t h = 0; h < layout->num_kv_heads; ++h) {
       HeadPages& hp = layout->at(l, h);
-      if (hp.length % pt == 0) hp.page_ids.push_back((*pages)[next_page++]);
-      plan.dst_rows.push_back(layout->PoolRow(l, h, hp.length));
+      if ((hp.first_slot + hp.length) % pt == 0) hp.page_ids.push_back((*pages)[next_page++]);
+      plan.dst_rows.push_back(layout->PoolRow(hp, hp.length));
       hp.positions.push_back(plan.position);
       if (layout->has_query_masks) hp.query_mask.push_back(kAllQueryHeads);
       if (layout->has_scores) hp.scores.push_back(kUnscoredRow);
@@ -331,6 +340,7 @@ absl::StatusOr<CompactionPlan> PlanCompaction(SequenceLayout* layout, const gate
       }
       if (!moves[i]) {
         hp.page_ids = old.page_ids;
+        hp.first_slot = old.first_slot;
         // Unmoved rows keep their pages; their mask bytes change only if the masks do.
         const bool old_all_visible = !layout->has_query_masks;
         bool mask_changed = false;
@@ -348,8 +358,7 @@ absl::StatusOr<CompactionPlan> PlanCompaction(SequenceLayout* layout, const gate
       plan.freed_pages.insert(plan.freed_pages.end(), old.page_ids.begin(), old.page_ids.end());
       RowCopies& copies = plan.copies[l];
       for (int32_t r = 0; r < n; ++r) {
-        const int32_t src = old.page_ids[rows[r] / pt] * pt + rows[r] % pt;
-        copies.src_rows.push_back(src);
+        copies.src_rows.push_back(layout->PoolRow(old, rows[r]));
         copies.dst_rows.push_back(hp.page_ids[r / pt] * pt + r % pt);
       }
     }
@@ -364,6 +373,144 @@ absl::StatusOr<CompactionPlan> PlanCompaction(SequenceLayout* layout, const gate
   layout->heads = std::move(heads);
   layout->has_query_masks = new_masks;
   layout->has_scores = new_scores;
+  return plan;
+}
+
+namespace {
+
+// Drops of one head: strictly ascending within [0, length).
+absl::Status CheckHeadDrops(const HeadPages& head, absl::Span<const int32_t> drops) {
+  for (size_t k = 0; k < drops.size(); ++k) {
+    if (drops[k] < 0 || drops[k] >= head.length || (k > 0 && drops[k] <= drops[k - 1])) {
+      return absl::InvalidArgumentError(absl::StrCat("dropped row ", drops[k], " at index ", k, " of a head of ",
+                                                     head.length, " rows (drops must ascend)"));
+    }
+  }
+  return absl::OkStatus();
+}
+
+}  // namespace
+
+namespace {
+
+// Kept rows a drop moves if the rows in front of the last drop shift back (first_slot
+// advances), and if the rows after the first drop shift forward instead.
+struct ShiftCosts {
+  int32_t front = 0, back = 0;
+};
+ShiftCosts ShiftCostsOf(const HeadPages& head, absl::Span<const int32_t> drop) {
+  const int32_t dropped = static_cast<int32_t>(drop.size());
+  return {drop.back() - (dropped - 1), head.length - drop.front() - dropped};
+}
+
+}  // namespace
+
+DropCost CostOfDrop(const SequenceLayout& layout, const RowDrops& drops) {
+  DropCost cost;
+  for (size_t i = 0; i < drops.size() && i < layout.heads.size(); ++i) {
+    if (drops[i].empty()) continue;
+    const ShiftCosts shift = ShiftCostsOf(layout.heads[i], drops[i]);
+    cost.moved_in_place += std::min(shift.front, shift.back);
+    cost.moved_by_compaction += layout.heads[i].length - static_cast<int64_t>(drops[i].size());
+  }
+  return cost;
+}
+
+absl::Status CheckRowDrops(const SequenceLayout& layout, const RowDrops& drops) {
+  if (drops.empty()) return absl::OkStatus();
+  if (drops.size() != layout.heads.size()) {
+    return absl::InvalidArgumentError(absl::StrCat("drops for ", drops.size(), " heads; the layout has ",
+                                                   layout.heads.size()));
+  }
+  for (size_t i = 0; i < drops.size(); ++i) {
+    absl::Status ok = CheckHeadDrops(layout.heads[i], drops[i]);
+    if (!ok.ok()) {
+      return WithContext(ok, absl::StrCat("layer ", i / layout.num_kv_heads, " kv head ", i % layout.num_kv_heads));
+    }
+  }
+  return absl::OkStatus();
+}
+
+absl::StatusOr<DropPlan> PlanDropRows(SequenceLayout* layout, const RowDrops& drops, PagePool* pool) {
+  if (drops.empty()) return DropPlan{};
+  KVGATE_RETURN_IF_ERROR(CheckRowDrops(*layout, drops));
+  const int32_t pt = layout->page_tokens;
+  DropPlan plan;
+  for (size_t i = 0; i < drops.size(); ++i) {
+    const absl::Span<const int32_t> drop = drops[i];
+    if (drop.empty()) continue;
+    HeadPages& hp = layout->heads[i];
+    const int32_t dropped = static_cast<int32_t>(drop.size());
+    if (dropped == hp.length) {
+      plan.freed_pages.insert(plan.freed_pages.end(), hp.page_ids.begin(), hp.page_ids.end());
+      hp = HeadPages{};
+      continue;
+    }
+    // Kept row k (in order) goes to slot base + k of the old pages: base past the dropped
+    // count when the front shifts, the old first slot when the back does. Rows whose slot
+    // does not change stay; the rest go through the staging rows.
+    const ShiftCosts shift = ShiftCostsOf(hp, drop);
+    const bool shift_front = shift.front <= shift.back;
+    const int32_t base = hp.first_slot + (shift_front ? dropped : 0);
+    const int32_t kept = hp.length - dropped;
+    int32_t first_moved_slot = -1, last_moved_slot = -1;
+    size_t next_drop = 0;
+    int32_t k = 0;
+    for (int32_t r = 0; r < hp.length; ++r) {
+      if (next_drop < drop.size() && drop[next_drop] == r) {
+        ++next_drop;
+        continue;
+      }
+      const int32_t old_slot = hp.first_slot + r, new_slot = base + k++;
+      if (new_slot == old_slot) continue;
+      plan.to_stage.src_rows.push_back(hp.page_ids[old_slot / pt] * pt + old_slot % pt);
+      plan.to_stage.dst_rows.push_back(plan.to_stage.size() - 1);
+      plan.from_stage.src_rows.push_back(plan.from_stage.size());
+      plan.from_stage.dst_rows.push_back(hp.page_ids[new_slot / pt] * pt + new_slot % pt);
+      if (first_moved_slot < 0) first_moved_slot = new_slot;
+      last_moved_slot = new_slot;
+    }
+    // Host metadata: erase the dropped rows, keeping the order of the rest.
+    auto erase_rows = [&](auto& values) {
+      if (values.empty()) return;
+      size_t out = 0, d = 0;
+      for (size_t r = 0; r < values.size(); ++r) {
+        if (d < drop.size() && drop[d] == static_cast<int32_t>(r)) {
+          ++d;
+          continue;
+        }
+        values[out++] = values[r];
+      }
+      values.resize(out);
+    };
+    erase_rows(hp.positions);
+    erase_rows(hp.query_mask);
+    erase_rows(hp.scores);
+    hp.length = kept;
+    // Pages wholly before slot base or wholly after the last kept row are left empty.
+    const int32_t front_pages = base / pt;
+    const int32_t end_page = (base + kept + pt - 1) / pt;
+    if (layout->has_query_masks) {
+      // Mask bytes change where rows land and, when the back shifts, in the slots it
+      // vacates in the last kept page: appends write no mask byte, so those must read
+      // 0xFF again (WriteMasks fills a page's slots past the head's rows with 0xFF).
+      int32_t from = first_moved_slot, to = last_moved_slot;
+      if (!shift_front) {
+        from = first_moved_slot >= 0 ? std::min(first_moved_slot, base + kept) : base + kept;
+        to = (end_page - 1) * pt;
+      }
+      for (int32_t p = from >= 0 ? from / pt : 0; from >= 0 && p <= to / pt && p < end_page; ++p) {
+        plan.mask_pages.push_back(hp.page_ids[p]);
+      }
+    }
+    plan.freed_pages.insert(plan.freed_pages.end(), hp.page_ids.begin() + end_page, hp.page_ids.end());
+    hp.page_ids.resize(end_page);
+    plan.freed_pages.insert(plan.freed_pages.end(), hp.page_ids.begin(), hp.page_ids.begin() + front_pages);
+    hp.page_ids.erase(hp.page_ids.begin(), hp.page_ids.begin() + front_pages);
+    hp.first_slot = base % pt;
+  }
+  absl::Status freed = pool->Free(plan.freed_pages);
+  if (!freed.ok()) return absl::InternalError(absl::StrCat("drop rows: ", freed.message()));
   return plan;
 }
 

@@ -4,11 +4,15 @@
 // the plans on a Backend.
 //
 // Rows. The page pool is viewed as rows [num_pages * page_tokens, head_dim] ("pool
-// rows"): row r of a (layer, kv head) lives at pool row
-//   page_ids[r / page_tokens] * page_tokens + r % page_tokens.
+// rows"): row r of a (layer, kv head) lives in slot s = first_slot + r of the head's
+// pages, at pool row
+//   page_ids[s / page_tokens] * page_tokens + s % page_tokens.
 // A page belongs to exactly one (sequence, layer, kv head). Rows are packed densely in
-// ascending position order, so a head with `length` rows holds
-// ceil(length / page_tokens) pages, and a head keeping 0 rows holds 0 pages.
+// ascending position order from first_slot (0 <= first_slot < page_tokens), so a head
+// with `length` rows holds ceil((first_slot + length) / page_tokens) pages, and a head
+// keeping 0 rows holds 0 pages (first_slot 0). first_slot is 0 after a commit or a
+// compaction; dropping rows near the front (a ring's oldest rows, a sliding window's
+// stale ones: PlanDropRows) advances it instead of moving every row after them.
 //
 // Every planning function is all-or-nothing: on an error the layout is unchanged and no
 // page is allocated or freed.
@@ -34,8 +38,9 @@ inline constexpr float kUnscoredRow = std::numeric_limits<float>::infinity();
 
 // The kept rows of one (layer, kv head) of one sequence.
 struct HeadPages {
-  std::vector<int32_t> page_ids;   // ceil(length / page_tokens) pages, in row order
+  std::vector<int32_t> page_ids;   // ceil((first_slot + length) / page_tokens) pages, in row order
   int32_t length = 0;              // rows kept
+  int32_t first_slot = 0;          // slot of row 0 in the first page, [0, page_tokens)
   std::vector<int32_t> positions;  // [length], strictly ascending original positions
   // [length] when the layout has query masks (bit g = visible to query head g of the
   // group), else empty = every row visible to every query head.
@@ -62,6 +67,7 @@ struct SequenceLayout {
   }
   // Pool row of kept row `row` (< length) of (layer, kv_head).
   int32_t PoolRow(int32_t layer, int32_t kv_head, int32_t row) const;
+  int32_t PoolRow(const HeadPages& head, int32_t row) const;
   // Pages held by every head together.
   int64_t NumPages() const;
   // Rows kept by every head together.
@@ -147,6 +153,45 @@ struct CompactionPlan {
 // when the fresh pages do not fit. Either way the layout is unchanged.
 absl::StatusOr<CompactionPlan> PlanCompaction(SequenceLayout* layout, const gates::KeepPlan& keep,
                                               PagePool* pool);
+
+// Rows a decode step drops, per (layer, kv head): ascending row indices (< length) of
+// each head, heads in layout order. Either empty (nothing dropped) or one list per head.
+using RowDrops = std::vector<std::vector<int32_t>>;
+
+// Dropping rows in place (PlanDropRows), per head the cheaper of two shifts: the kept
+// rows in front of the last dropped row shift back by the number dropped and first_slot
+// advances past them, or the kept rows after the first dropped row shift forward. Rows on
+// the other side stay where they are. So a ring that drops its oldest row after a few
+// sinks moves only the sinks, one after many selected prompt rows moves only the newer
+// ring rows, and a sliding window that drops its oldest rows moves nothing. The moves
+// overlap (a row may land where another one was), so they go through a staging area:
+// `to_stage` copies pool rows to staging rows [0, to_stage.size()), `from_stage` copies
+// staging rows back to pool rows. Pool rows are global, so one list serves every layer.
+struct DropPlan {
+  RowCopies to_stage;
+  RowCopies from_stage;
+  std::vector<int32_t> freed_pages;  // pages left empty, already back in the pool
+  std::vector<int32_t> mask_pages;   // pages whose mask bytes must be rewritten
+};
+
+// INVALID_ARGUMENT unless `drops` is empty or has one list per head of `layout`, each
+// strictly ascending within [0, that head's length).
+absl::Status CheckRowDrops(const SequenceLayout& layout, const RowDrops& drops);
+
+// Rows PlanDropRows would move for `drops` (each head's cheaper shift) and rows a
+// compaction would move (every kept row of a head that loses any), for choosing between
+// the two. Drops must be well formed (CheckRowDrops).
+struct DropCost {
+  int64_t moved_in_place = 0;
+  int64_t moved_by_compaction = 0;
+};
+DropCost CostOfDrop(const SequenceLayout& layout, const RowDrops& drops);
+
+// Drops `drops` in place, as above: positions, masks and scores lose the dropped rows, and
+// a head left with no rows releases its pages. INVALID_ARGUMENT for drops of the wrong
+// shape or rows not strictly ascending within [0, length); the layout is then unchanged.
+// Allocates nothing.
+absl::StatusOr<DropPlan> PlanDropRows(SequenceLayout* layout, const RowDrops& drops, PagePool* pool);
 
 // Frees every page of the layout and resets it to empty. A layout already empty is a
 // no-op. A page the pool does not hold as allocated (a bookkeeping bug) is INTERNAL and

@@ -155,6 +155,85 @@ TEST(PlanAppendTest, ExtendsMasksAndScoresAndHeadsWithNoRows) {
   EXPECT_TRUE(layout.CheckInvariants().ok()) << layout.CheckInvariants();
 }
 
+// A ring drop (1 layer, 2 kv heads, page_tokens 4): head 0 keeps two sinks and drops
+// row 2, so the sinks move back one slot through the staging rows and first_slot
+// advances; head 1 drops its first five rows, which frees its first page and moves
+// nothing; appends then go after the last row.
+TEST(PlanDropRowsTest, ShiftsTheRowsInFrontOfTheLastDropAndFreesEmptyPages) {
+  PagePool pool(10);
+  gates::KeepPlan keep = PlanOf(1, 2, 7, {{0, 1, 2, 3, 4, 5, 6}, {0, 1, 2, 3, 4, 5, 6}});
+  keep.at(0, 0).query_mask = {1, 2, 3, 4, 5, 6, 7};
+  keep.at(0, 1).query_mask = {1, 2, 3, 4, 5, 6, 7};
+  auto commit = PlanCommit(keep, 8, 4, &pool);
+  ASSERT_TRUE(commit.ok()) << commit.status();
+  SequenceLayout layout = std::move(commit->layout);
+  ASSERT_THAT(layout.at(0, 0).page_ids, ElementsAre(0, 1));
+  ASSERT_THAT(layout.at(0, 1).page_ids, ElementsAre(2, 3));
+  const RowDrops drops = {{2}, {0, 1, 2, 3, 4}};
+  const DropCost cost = CostOfDrop(layout, drops);
+  EXPECT_EQ(cost.moved_in_place, 2 + 0);
+  EXPECT_EQ(cost.moved_by_compaction, 6 + 2);
+  auto plan = PlanDropRows(&layout, drops, &pool);
+  ASSERT_TRUE(plan.ok()) << plan.status();
+  EXPECT_TRUE(layout.CheckInvariants().ok()) << layout.CheckInvariants();
+  // Head 0: pool rows 0, 1 (positions 0, 1) to staging 0, 1, then to pool rows 1, 2.
+  EXPECT_THAT(plan->to_stage.src_rows, ElementsAre(0, 1));
+  EXPECT_THAT(plan->to_stage.dst_rows, ElementsAre(0, 1));
+  EXPECT_THAT(plan->from_stage.src_rows, ElementsAre(0, 1));
+  EXPECT_THAT(plan->from_stage.dst_rows, ElementsAre(1, 2));
+  EXPECT_THAT(plan->mask_pages, ElementsAre(0));
+  EXPECT_THAT(plan->freed_pages, ElementsAre(2));
+  const HeadPages& ring = layout.at(0, 0);
+  EXPECT_EQ(ring.first_slot, 1);
+  EXPECT_EQ(ring.length, 6);
+  EXPECT_THAT(ring.positions, ElementsAre(0, 1, 3, 4, 5, 6));
+  EXPECT_THAT(ring.query_mask, ElementsAre(1, 2, 4, 5, 6, 7));
+  EXPECT_EQ(layout.PoolRow(0, 0, 0), 1);
+  EXPECT_EQ(layout.PoolRow(0, 0, 2), 3);  // position 3 did not move
+  const HeadPages& window = layout.at(0, 1);
+  EXPECT_THAT(window.page_ids, ElementsAre(3));
+  EXPECT_EQ(window.first_slot, 1);
+  EXPECT_THAT(window.positions, ElementsAre(5, 6));
+  EXPECT_EQ(pool.num_used(), 3);
+  // Head 0 fills its second page (slots 1..7 of 8), head 1 its page's slot 3.
+  auto step = PlanAppend(&layout, &pool);
+  ASSERT_TRUE(step.ok()) << step.status();
+  EXPECT_THAT(step->dst_rows, ElementsAre(1 * 4 + 3, 3 * 4 + 3));
+  EXPECT_THAT(step->new_pages, IsEmpty());
+  step = PlanAppend(&layout, &pool);
+  ASSERT_TRUE(step.ok()) << step.status();
+  EXPECT_EQ(step->new_pages.size(), 2u);
+  EXPECT_TRUE(layout.CheckInvariants().ok()) << layout.CheckInvariants();
+  // A drop near the end shifts the back instead: the last row moves forward one slot and
+  // the page it leaves is freed.
+  ASSERT_THAT(layout.at(0, 0).page_ids, ElementsAre(0, 1, ::testing::_));
+  const int32_t last_page = layout.at(0, 0).page_ids.back();
+  plan = PlanDropRows(&layout, {{6}, {}}, &pool);
+  ASSERT_TRUE(plan.ok()) << plan.status();
+  EXPECT_THAT(plan->to_stage.src_rows, ElementsAre(last_page * 4));
+  EXPECT_THAT(plan->from_stage.dst_rows, ElementsAre(1 * 4 + 3));
+  EXPECT_THAT(plan->freed_pages, ElementsAre(last_page));
+  EXPECT_EQ(layout.at(0, 0).first_slot, 1);
+  EXPECT_THAT(layout.at(0, 0).positions, ElementsAre(0, 1, 3, 4, 5, 6, 8));
+  EXPECT_TRUE(layout.CheckInvariants().ok()) << layout.CheckInvariants();
+  // Dropping every row of a head releases its pages and resets its first slot.
+  const int32_t used = pool.num_used();
+  plan = PlanDropRows(&layout, {{}, {0, 1, 2, 3}}, &pool);
+  ASSERT_TRUE(plan.ok()) << plan.status();
+  EXPECT_EQ(layout.at(0, 1).length, 0);
+  EXPECT_EQ(layout.at(0, 1).first_slot, 0);
+  EXPECT_THAT(layout.at(0, 1).page_ids, IsEmpty());
+  EXPECT_EQ(pool.num_used(), used - 2);
+  EXPECT_TRUE(layout.CheckInvariants().ok()) << layout.CheckInvariants();
+  // Malformed drops change nothing.
+  const SequenceLayout before = layout;
+  for (const RowDrops& bad : {RowDrops{{1, 1}, {}}, RowDrops{{8}, {}}, RowDrops{{-1}, {}}, RowDrops{{0}}}) {
+    EXPECT_EQ(PlanDropRows(&layout, bad, &pool).status().code(), absl::StatusCode::kInvalidArgument);
+    EXPECT_EQ(layout.at(0, 0).positions, before.at(0, 0).positions);
+    EXPECT_EQ(layout.AllPages(), before.AllPages());
+  }
+}
+
 TEST(PlanAppendTest, ShortPoolChangesNothing) {
   PagePool pool(2);
   auto commit = PlanCommit(PlanOf(1, 2, 2, {{0, 1}, {0}}), 2, 2, &pool);

@@ -50,8 +50,10 @@ void AttendPagedItem(const HeadPagedDecodeAttentionArgs& a, int64_t item, std::v
   rows->clear();
   scores->clear();
   float max_score = -INFINITY;
+  const int32_t first_slot = kv.first_slots != nullptr ? kv.first_slots[seq_head] : 0;
   for (int32_t r = 0; r < kv.lengths[seq_head]; ++r) {
-    const int64_t row = static_cast<int64_t>(pages[r / kv.page_tokens]) * kv.page_tokens + r % kv.page_tokens;
+    const int32_t slot = first_slot + r;
+    const int64_t row = static_cast<int64_t>(pages[slot / kv.page_tokens]) * kv.page_tokens + slot % kv.page_tokens;
     if (kv.query_masks != nullptr && ((kv.query_masks[row] >> (h % group)) & 1) == 0) continue;
     const T* k = k_pages + row * kv.head_dim;
     float dot = 0.0f;

@@ -589,8 +589,9 @@ TEST_F(CpuBackendTest, HeadPagedDecodeAttentionMatchesReference) {
     std::mt19937 rng(c.seed);
     std::vector<int32_t> lengths(c.num_seqs * c.kv_heads);
     for (size_t i = 0; i < lengths.size(); ++i) lengths[i] = c.lengths[i % c.lengths.size()];
+    // Odd seeds start each head at a random slot of its first page (a ring's layout).
     const paged_testing::HeadPagedLayout layout = paged_testing::MakeHeadPagedLayout(
-        rng, lengths, c.page_tokens, c.head_dim, c.q_heads / c.kv_heads, c.masks, 3);
+        rng, lengths, c.page_tokens, c.head_dim, c.q_heads / c.kv_heads, c.masks, 3, c.seed % 2 == 1);
     auto q = RandomVector(c.num_seqs * c.q_heads * c.head_dim, c.seed);
     const size_t n = q.size();
     auto ref = Guarded(n), out = Guarded(n);

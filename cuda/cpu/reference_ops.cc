@@ -162,9 +162,11 @@ void HeadPagedDecodeAttentionRef(const HeadPagedDecodeAttentionArgs& a) {
       rows.clear();
       scores.clear();
       double max_score = -INFINITY;
+      const int32_t first_slot = kv.first_slots != nullptr ? kv.first_slots[seq_head] : 0;
       for (int32_t r = 0; r < kv.lengths[seq_head]; ++r) {
+        const int32_t slot = first_slot + r;
         const int64_t row =
-            static_cast<int64_t>(pages[r / kv.page_tokens]) * kv.page_tokens + r % kv.page_tokens;
+            static_cast<int64_t>(pages[slot / kv.page_tokens]) * kv.page_tokens + slot % kv.page_tokens;
         if (kv.query_masks != nullptr && ((kv.query_masks[row] >> (h % group)) & 1) == 0) continue;
         double dot = 0.0;
         for (int32_t i = 0; i < kv.head_dim; ++i) {

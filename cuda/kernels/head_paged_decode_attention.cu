@@ -22,11 +22,13 @@ struct PagedRows {
   const int32_t* page_ids;  // the seq head's pages
   const uint8_t* query_masks;
   int32_t page_tokens;
+  int32_t first_slot;  // of row 0 in the first page
   int32_t head_dim;
   uint32_t bit;
   __device__ bool Locate(int32_t j, int64_t* offset) const {
+    const int32_t slot = first_slot + j;
     const int64_t row =
-        static_cast<int64_t>(page_ids[j / page_tokens]) * page_tokens + j % page_tokens;
+        static_cast<int64_t>(page_ids[slot / page_tokens]) * page_tokens + slot % page_tokens;
     *offset = row * head_dim;
     return query_masks == nullptr || (query_masks[row] & bit) != 0;
   }
@@ -39,9 +41,11 @@ struct PagedGroupRows {
   const int32_t* page_ids;  // the seq head's pages
   const uint8_t* query_masks;
   int32_t page_tokens;
+  int32_t first_slot;  // of row 0 in the first page
   __device__ __forceinline__ uint32_t Locate(int32_t j, int64_t* row) const {
     constexpr uint32_t kAllHeads = (1u << G) - 1;
-    *row = static_cast<int64_t>(page_ids[j / page_tokens]) * page_tokens + j % page_tokens;
+    const int32_t slot = first_slot + j;
+    *row = static_cast<int64_t>(page_ids[slot / page_tokens]) * page_tokens + slot % page_tokens;
     return query_masks == nullptr ? kAllHeads : static_cast<uint32_t>(query_masks[*row]) & kAllHeads;
   }
 };
@@ -63,7 +67,8 @@ __global__ void __launch_bounds__(grouped_decode::kBlockSize)
       max((length + num_splits - 1) / num_splits, int64_t{kHeadPagedDecodeMinRowsPerSplit});
   const int64_t first = min(static_cast<int64_t>(blockIdx.y) * share, length);
   const int64_t end = min(first + share, length);
-  const PagedGroupRows<G> rows{kv.page_ids + kv.page_indptr[seq_head], kv.query_masks, kv.page_tokens};
+  const PagedGroupRows<G> rows{kv.page_ids + kv.page_indptr[seq_head], kv.query_masks, kv.page_tokens,
+                               kv.first_slots != nullptr ? kv.first_slots[seq_head] : 0};
   const int64_t head0 = seq * args.num_q_heads + static_cast<int64_t>(kv_head) * G;
   if constexpr (kTiled) {
     grouped_decode::AttendGroupRowsTiled<D, G>(rows, static_cast<const T*>(kv.k_pages),
@@ -278,7 +283,7 @@ __global__ void HeadPagedDecodeAttentionKernel(HeadPagedDecodeAttentionArgs args
   const int64_t end = min(first + share, length);  // first >= end: an empty split
 
   const PagedRows rows{kv.page_ids + kv.page_indptr[seq_head], kv.query_masks, kv.page_tokens,
-                       kv.head_dim, kv.query_masks != nullptr ? 1u << (q_head % group) : 0u};
+                       kv.first_slots != nullptr ? kv.first_slots[seq_head] : 0, kv.head_dim, kv.query_masks != nullptr ? 1u << (q_head % group) : 0u};
   float* partial = partials != nullptr
                        ? partials + (seq_q_head * num_splits + blockIdx.y) *
                                         attention_core::PartialFloats(kv.head_dim)

@@ -24,36 +24,46 @@ struct HeadPagedLayout {
   std::vector<int32_t> page_ids;        // [page_indptr.back()]
   std::vector<int32_t> lengths;         // [num_seq_heads]
   std::vector<uint8_t> query_masks;     // [num_pages, page_tokens], or empty = no masks
+  std::vector<int32_t> first_slots;     // [num_seq_heads], or empty = every head from slot 0
 
   int32_t num_seq_heads() const { return static_cast<int32_t>(lengths.size()); }
   // Pool row (page * page_tokens + slot) of row r of seq head i.
   int64_t PoolRow(int32_t i, int32_t r) const {
-    return static_cast<int64_t>(page_ids[page_indptr[i] + r / page_tokens]) * page_tokens +
-           r % page_tokens;
+    const int32_t slot = (first_slots.empty() ? 0 : first_slots[i]) + r;
+    return static_cast<int64_t>(page_ids[page_indptr[i] + slot / page_tokens]) * page_tokens +
+           slot % page_tokens;
   }
   float* K(int32_t i, int32_t r) { return k_pages.data() + PoolRow(i, r) * head_dim; }
   float* V(int32_t i, int32_t r) { return v_pages.data() + PoolRow(i, r) * head_dim; }
   // A view over these host vectors.
   HeadPagedKvView HostView() const {
-    return {k_pages.data(), v_pages.data(), page_indptr.data(), page_ids.data(), lengths.data(),
-            query_masks.empty() ? nullptr : query_masks.data(), page_tokens, head_dim};
+    HeadPagedKvView view{k_pages.data(), v_pages.data(), page_indptr.data(), page_ids.data(), lengths.data(),
+                         query_masks.empty() ? nullptr : query_masks.data(), page_tokens, head_dim};
+    view.first_slots = first_slots.empty() ? nullptr : first_slots.data();
+    return view;
   }
 };
 
 // One seq head per entry of `lengths`. Kept rows get K, V uniform in [-1, 1]. With
 // `with_masks`, every row gets random bits 0..group-1 (group <= 8), except that each
 // head's last row (its new token) gets all of them, so every query head sees a row; a
-// row that no query head may see holds NaN.
+// row that no query head may see holds NaN. With `with_first_slots`, each non-empty head
+// starts at a random slot of its first page (a ring's layout); the slots before it hold NaN.
 inline HeadPagedLayout MakeHeadPagedLayout(std::mt19937& rng, const std::vector<int32_t>& lengths,
                                            int32_t page_tokens, int32_t head_dim, int32_t group,
-                                           bool with_masks, int32_t spare_pages) {
+                                           bool with_masks, int32_t spare_pages, bool with_first_slots = false) {
   HeadPagedLayout layout;
   layout.page_tokens = page_tokens;
   layout.head_dim = head_dim;
   layout.lengths = lengths;
+  if (with_first_slots) {
+    std::uniform_int_distribution<int32_t> slot(0, page_tokens - 1);
+    for (int32_t length : lengths) layout.first_slots.push_back(length > 0 ? slot(rng) : 0);
+  }
   layout.page_indptr.push_back(0);
-  for (int32_t length : lengths) {
-    layout.page_indptr.push_back(layout.page_indptr.back() + (length + page_tokens - 1) / page_tokens);
+  for (size_t i = 0; i < lengths.size(); ++i) {
+    const int32_t slots = (with_first_slots ? layout.first_slots[i] : 0) + lengths[i];
+    layout.page_indptr.push_back(layout.page_indptr.back() + (slots + page_tokens - 1) / page_tokens);
   }
   layout.num_pages = layout.page_indptr.back() + spare_pages;
   std::vector<int32_t> pool(layout.num_pages);
