@@ -454,9 +454,13 @@ absl::StatusOr<DropPlan> PlanDropRows(SequenceLayout* layout, const RowDrops& dr
     const int32_t base = hp.first_slot + (shift_front ? dropped : 0);
     const int32_t kept = hp.length - dropped;
     int32_t first_moved_slot = -1, last_moved_slot = -1;
+    // Only rows on the shifting side can move: those in front of the last drop, or those
+    // after the first one (k counts the kept rows before r).
+    const int32_t scan_begin = shift_front ? 0 : drop.front();
+    const int32_t scan_end = shift_front ? drop.back() : hp.length;
     size_t next_drop = 0;
-    int32_t k = 0;
-    for (int32_t r = 0; r < hp.length; ++r) {
+    int32_t k = scan_begin;
+    for (int32_t r = scan_begin; r < scan_end; ++r) {
       if (next_drop < drop.size() && drop[next_drop] == r) {
         ++next_drop;
         continue;
@@ -470,11 +474,25 @@ absl::StatusOr<DropPlan> PlanDropRows(SequenceLayout* layout, const RowDrops& dr
       if (first_moved_slot < 0) first_moved_slot = new_slot;
       last_moved_slot = new_slot;
     }
-    // Host metadata: erase the dropped rows, keeping the order of the rest.
+    // Host metadata: erase the dropped rows, keeping the order of the rest, on the same
+    // side as the rows: the kept rows in front of the last drop move back and the front
+    // is dropped (no move of the rows after it), or those after the first drop move up.
     auto erase_rows = [&](auto& values) {
       if (values.empty()) return;
-      size_t out = 0, d = 0;
-      for (size_t r = 0; r < values.size(); ++r) {
+      if (shift_front) {
+        size_t out = static_cast<size_t>(drop.back()) + 1, d = drop.size() - 1;  // drop.back() is not walked
+        for (size_t r = static_cast<size_t>(drop.back()); r-- > 0;) {
+          if (d > 0 && drop[d - 1] == static_cast<int32_t>(r)) {
+            --d;
+            continue;
+          }
+          values[--out] = values[r];
+        }
+        values.erase_front(drop.size());
+        return;
+      }
+      size_t out = static_cast<size_t>(drop.front()), d = 0;
+      for (size_t r = out; r < values.size(); ++r) {
         if (d < drop.size() && drop[d] == static_cast<int32_t>(r)) {
           ++d;
           continue;

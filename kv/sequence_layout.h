@@ -27,6 +27,7 @@
 #include "absl/types/span.h"
 #include "gates/keep_plan.h"
 #include "kv/page_pool.h"
+#include "kv/row_vector.h"
 
 namespace kvgate::kv {
 
@@ -41,13 +42,13 @@ struct HeadPages {
   std::vector<int32_t> page_ids;   // ceil((first_slot + length) / page_tokens) pages, in row order
   int32_t length = 0;              // rows kept
   int32_t first_slot = 0;          // slot of row 0 in the first page, [0, page_tokens)
-  std::vector<int32_t> positions;  // [length], strictly ascending original positions
+  RowVector<int32_t> positions;  // [length], strictly ascending original positions
   // [length] when the layout has query masks (bit g = visible to query head g of the
   // group), else empty = every row visible to every query head.
-  std::vector<uint8_t> query_mask;
+  RowVector<uint8_t> query_mask;
   // [length] when the layout has scores (policies that keep evicting in decode), else
   // empty.
-  std::vector<float> scores;
+  RowVector<float> scores;
 };
 
 struct SequenceLayout {
