@@ -71,11 +71,13 @@ def markdown(r):
         lines.append("")
     batched = r["decode"].get("decode_batched", [])
     if batched:
-        lines += ["| batch | context | policy | kept | ms / step | tokens/s | vs full | floor ms | / floor |",
-                  "|---|---|---|---|---|---|---|---|---|"]
+        lines += ["| batch | context | policy | kept | ms / step | of which end step (host) ms | tokens/s | vs full | "
+                  "floor ms | / floor |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
         for x, base, kept in against_full(batched, "batch"):
             change = f"{x['median_ms'] / base:.2f}x" if base else "-"
             lines.append(f"| {x['batch']} | {x['context']:,} | {x['policy']} | {kept:.3f} | {x['median_ms']:.2f} | "
+                         f"{x.get('host_end_step_median_ms', float('nan')):.2f} | "
                          f"{x['tokens_per_s']:,.0f} | {change} | {x['floor_ms']:.2f} | {x['median_ms'] / x['floor_ms']:.2f}x |")
     for part in ("overhead", "decode"):
         if "error" in r[part]:
