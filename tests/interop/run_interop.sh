@@ -20,10 +20,18 @@ cleanup() {
 }
 trap cleanup EXIT
 
+# The clients must run as a user's would, on the system's libraries; only kvgate keeps the
+# caller's LD_LIBRARY_PATH. The ThreadSanitizer run points it at abseil and gRPC built with
+# -fsanitize=thread under the system's sonames; Debian's python3-grpcio links that abseil, and
+# the instrumented one brings libtsan, which `import grpc` cannot dlopen ("cannot allocate
+# memory in static TLS block"). Both clients need python3 (the health check).
+kvgate_env=(env ${LD_LIBRARY_PATH+"LD_LIBRARY_PATH=$LD_LIBRARY_PATH"})
+unset LD_LIBRARY_PATH
+
 # Debian's Python (its python3-grpcio and python3-protobuf), whatever python3 is first on PATH.
 py=/usr/bin/python3
-"$py" -c 'import grpc, google.protobuf' 2>/dev/null \
-  || { echo "FAIL python3-grpcio / python3-protobuf are not installed (scripts/install-deps.sh)"; exit 1; }
+"$py" -c 'import grpc, google.protobuf' 2>"$work/import.log" \
+  || { cat "$work/import.log"; echo "FAIL python3-grpcio / python3-protobuf do not import (not installed? scripts/install-deps.sh)"; exit 1; }
 
 if [[ "$which" == node ]]; then
   command -v node >/dev/null && command -v npm >/dev/null || { echo "FAIL node/npm not installed"; exit 1; }
@@ -40,7 +48,7 @@ fi
 
 # With kvgate-tiny's trained gates, as `make demo` runs it: the ghz payloads use fast_kvzip.
 model="$src/models/kvgate-tiny"
-"$kvgate" serve --model "$model" --host 127.0.0.1 --port 0 --backend cpu --kv-sequences 8 \
+"${kvgate_env[@]}" "$kvgate" serve --model "$model" --host 127.0.0.1 --port 0 --backend cpu --kv-sequences 8 \
     --fast-kvzip-gate "$model/gates/fast_kvzip.safetensors" \
     --attention-gate "$model/gates/attention_gate.safetensors" --shutdown-grace-ms 1000 >"$work/serve.log" 2>&1 &
 server_pid=$!
