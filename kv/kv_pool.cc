@@ -3,7 +3,9 @@
 #include <algorithm>
 #include <bit>
 #include <cstdint>
+#include <cstring>
 #include <limits>
+#include <numeric>
 #include <utility>
 
 #include "absl/strings/str_cat.h"
@@ -159,30 +161,39 @@ absl::Status KvPool::FillMasks(absl::Span<const int32_t> pages) {
   return UploadMaskRuns(sorted, bytes);
 }
 
-absl::Status KvPool::WriteMasks(const SequenceLayout& layout, absl::Span<const int32_t> pages) {
+absl::Status KvPool::CollectMaskBytes(const SequenceLayout& layout, absl::Span<const int32_t> pages,
+                                      std::vector<int32_t>* ids, std::vector<uint8_t>* bytes) const {
   if (pages.empty()) return absl::OkStatus();
-  // Page id -> its slot in the sorted list, in a flat table: a 32k-token sequence of an
-  // 8B model holds half a million pages, too many for a hash map per commit.
-  std::vector<int32_t> slot_of(static_cast<size_t>(num_pages_), -1);
-  for (const int32_t page : pages) slot_of[static_cast<size_t>(page)] = 0;
+  const size_t first = ids->size();
+  // The sorted page set, and a page's index in it: a flat table when the set is a good
+  // part of the pool (a 32k-token commit of an 8B model writes half a million pages),
+  // else a binary search (a decode step's drops write a few pages of a large pool).
   std::vector<int32_t> sorted;
-  sorted.reserve(pages.size());
+  std::vector<int32_t> slot_of;
   if (pages.size() * 16 >= static_cast<size_t>(num_pages_)) {
+    slot_of.assign(static_cast<size_t>(num_pages_), -1);
+    for (const int32_t page : pages) slot_of[static_cast<size_t>(page)] = 0;
     for (int32_t page = 0; page < num_pages_; ++page) {
       if (slot_of[static_cast<size_t>(page)] == 0) sorted.push_back(page);
     }
+    for (size_t i = 0; i < sorted.size(); ++i) slot_of[static_cast<size_t>(sorted[i])] = static_cast<int32_t>(i);
   } else {
     sorted.assign(pages.begin(), pages.end());
     std::sort(sorted.begin(), sorted.end());
     sorted.erase(std::unique(sorted.begin(), sorted.end()), sorted.end());
   }
-  for (size_t i = 0; i < sorted.size(); ++i) slot_of[static_cast<size_t>(sorted[i])] = static_cast<int32_t>(i);
+  const auto index_of = [&](int32_t page) -> int32_t {
+    if (!slot_of.empty()) return slot_of[static_cast<size_t>(page)];
+    const auto it = std::lower_bound(sorted.begin(), sorted.end(), page);
+    return it != sorted.end() && *it == page ? static_cast<int32_t>(it - sorted.begin()) : -1;
+  };
   const int32_t pt = page_tokens_;
-  std::vector<uint8_t> bytes(sorted.size() * pt, kAllQueryHeads);
+  const size_t base = bytes->size();
+  bytes->resize(base + sorted.size() * pt, kAllQueryHeads);
   size_t found = 0;
   for (const HeadPages& hp : layout.heads) {
     for (size_t p = 0; p < hp.page_ids.size(); ++p) {
-      const int32_t slot = slot_of[static_cast<size_t>(hp.page_ids[p])];
+      const int32_t slot = index_of(hp.page_ids[p]);
       if (slot < 0) continue;
       ++found;
       if (!layout.has_query_masks) continue;  // all 0xFF already
@@ -192,14 +203,58 @@ absl::Status KvPool::WriteMasks(const SequenceLayout& layout, absl::Span<const i
       const int32_t end = std::min(page_first_slot + pt, hp.first_slot + hp.length);
       if (end <= begin) continue;
       std::copy_n(hp.query_mask.begin() + (begin - hp.first_slot), end - begin,
-                  bytes.begin() + static_cast<size_t>(slot) * pt + (begin - page_first_slot));
+                  bytes->begin() + static_cast<std::ptrdiff_t>(base + static_cast<size_t>(slot) * pt + (begin - page_first_slot)));
     }
   }
   if (found != sorted.size()) {
+    bytes->resize(base);
     return absl::InternalError(absl::StrCat("mask write of ", sorted.size(), " pages, ", found,
                                             " held by the layout"));
   }
-  return UploadMaskRuns(sorted, bytes);
+  ids->insert(ids->begin() + static_cast<std::ptrdiff_t>(first), sorted.begin(), sorted.end());
+  return absl::OkStatus();
+}
+
+absl::Status KvPool::UploadMaskPages(absl::Span<const int32_t> ids, absl::Span<const uint8_t> bytes) {
+  if (ids.empty()) return absl::OkStatus();
+  const size_t pt = static_cast<size_t>(page_tokens_);
+  if (pt % sizeof(float) != 0 || ids.size() < 4) {
+    // Few pages, or pages whose bytes are not whole words: a copy per run of ids.
+    std::vector<int32_t> order(ids.size());
+    std::iota(order.begin(), order.end(), 0);
+    std::sort(order.begin(), order.end(), [&](int32_t a, int32_t b) { return ids[a] < ids[b]; });
+    std::vector<int32_t> sorted;
+    std::vector<uint8_t> sorted_bytes;
+    for (const int32_t i : order) {
+      sorted.push_back(ids[i]);
+      sorted_bytes.insert(sorted_bytes.end(), bytes.begin() + i * pt, bytes.begin() + (i + 1) * pt);
+    }
+    return UploadMaskRuns(sorted, sorted_bytes);
+  }
+  // One upload of [src rows | dst rows | the bytes] and one scatter: a page's mask bytes
+  // are one row of pt / 4 four-byte words, which a same-dtype CopyRows moves unchanged.
+  const size_t n = ids.size();
+  std::vector<int32_t> host(2 * n + n * pt / sizeof(int32_t));
+  std::iota(host.begin(), host.begin() + static_cast<std::ptrdiff_t>(n), 0);
+  std::copy(ids.begin(), ids.end(), host.begin() + static_cast<std::ptrdiff_t>(n));
+  std::memcpy(host.data() + 2 * n, bytes.data(), n * pt);
+  KVGATE_ASSIGN_OR_RETURN(const int32_t* uploaded, Upload(host, &mask_scratch_));
+  ops::CopyRowsArgs args;
+  args.src = uploaded + 2 * n;
+  args.dst = query_masks_.data();
+  args.src_rows = uploaded;
+  args.dst_rows = uploaded + n;
+  args.num_rows = static_cast<int32_t>(n);
+  args.row_elements = static_cast<int32_t>(pt / sizeof(float));
+  args.src_dtype = args.dst_dtype = ops::KvDtype::kFloat32;
+  return backend_->CopyRows(args);
+}
+
+absl::Status KvPool::WriteMasks(const SequenceLayout& layout, absl::Span<const int32_t> pages) {
+  std::vector<int32_t> ids;
+  std::vector<uint8_t> bytes;
+  KVGATE_RETURN_IF_ERROR(CollectMaskBytes(layout, pages, &ids, &bytes));
+  return UploadMaskPages(ids, bytes);
 }
 
 absl::Status KvPool::CommitPrefill(const engine::KvCache& cache, const gates::KeepPlan& plan,
@@ -319,7 +374,11 @@ absl::Status KvPool::DropRows(absl::Span<SequenceLayout* const> layouts, absl::S
     drop_stage_ = ops::DeviceBuffer();
     KVGATE_ASSIGN_OR_RETURN(drop_stage_, backend_->Alloc(stage_bytes));
   }
-  std::vector<int32_t> to_src, to_dst, from_src, from_dst;
+  // Every sequence's runs, staging rows numbered on across the sequences:
+  // [to src | to dst | to lengths | from src | from dst | from lengths].
+  std::vector<int32_t> to_src, to_dst, to_len, from_src, from_dst, from_len, mask_ids;
+  std::vector<uint8_t> mask_bytes;
+  int32_t staged_rows = 0;
   for (size_t s = 0; s < layouts.size(); ++s) {
     if (drops[s].empty()) continue;
     if (compact[s]) {
@@ -344,18 +403,24 @@ absl::Status KvPool::DropRows(absl::Span<SequenceLayout* const> layouts, absl::S
       // No room for fresh pages: in place needs none (and the stage was sized for it).
     }
     KVGATE_ASSIGN_OR_RETURN(DropPlan plan, PlanDropRows(layouts[s], drops[s], &pages_));
-    const int32_t stage_base = static_cast<int32_t>(to_src.size());
     to_src.insert(to_src.end(), plan.to_stage.src_rows.begin(), plan.to_stage.src_rows.end());
-    for (const int32_t row : plan.to_stage.dst_rows) to_dst.push_back(stage_base + row);
-    for (const int32_t row : plan.from_stage.src_rows) from_src.push_back(stage_base + row);
+    for (const int32_t row : plan.to_stage.dst_rows) to_dst.push_back(staged_rows + row);
+    to_len.insert(to_len.end(), plan.to_stage.lengths.begin(), plan.to_stage.lengths.end());
+    for (const int32_t row : plan.from_stage.src_rows) from_src.push_back(staged_rows + row);
     from_dst.insert(from_dst.end(), plan.from_stage.dst_rows.begin(), plan.from_stage.dst_rows.end());
-    KVGATE_RETURN_IF_ERROR(WithContext(WriteMasks(*layouts[s], plan.mask_pages), absl::StrCat("sequence ", s)));
+    from_len.insert(from_len.end(), plan.from_stage.lengths.begin(), plan.from_stage.lengths.end());
+    staged_rows += plan.staged_rows;
+    KVGATE_RETURN_IF_ERROR(WithContext(CollectMaskBytes(*layouts[s], plan.mask_pages, &mask_ids, &mask_bytes),
+                                       absl::StrCat("sequence ", s)));
   }
+  KVGATE_RETURN_IF_ERROR(WithContext(UploadMaskPages(mask_ids, mask_bytes), "drop rows: masks"));
   if (to_src.empty()) return absl::OkStatus();
   const int32_t n = static_cast<int32_t>(to_src.size());
   std::vector<int32_t> host;
-  host.reserve(4 * to_src.size());
-  for (const auto* list : {&to_src, &to_dst, &from_src, &from_dst}) host.insert(host.end(), list->begin(), list->end());
+  host.reserve(6 * to_src.size());
+  for (const auto* list : {&to_src, &to_dst, &to_len, &from_src, &from_dst, &from_len}) {
+    host.insert(host.end(), list->begin(), list->end());
+  }
   KVGATE_ASSIGN_OR_RETURN(const int32_t* rows, Upload(host, &copy_scratch_));
   ops::CopyRowsArgs args;
   args.num_rows = n;
@@ -365,11 +430,13 @@ absl::Status KvPool::DropRows(absl::Span<SequenceLayout* const> layouts, absl::S
   for (ops::DeviceBuffer* pages : {&k_pages_, &v_pages_}) {
     args.src_rows = rows;
     args.dst_rows = rows + n;
+    args.run_lengths = rows + 2 * n;
     args.src = pages->data();
     args.dst = drop_stage_.data();
     KVGATE_RETURN_IF_ERROR(WithContext(backend_->CopyRows(args), "drop rows: stage"));
-    args.src_rows = rows + 2 * n;
-    args.dst_rows = rows + 3 * n;
+    args.src_rows = rows + 3 * n;
+    args.dst_rows = rows + 4 * n;
+    args.run_lengths = rows + 5 * n;
     args.src = drop_stage_.data();
     args.dst = pages->data();
     KVGATE_RETURN_IF_ERROR(WithContext(backend_->CopyRows(args), "drop rows: unstage"));

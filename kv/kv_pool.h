@@ -203,8 +203,15 @@ class KvPool {
   template <typename SrcK, typename SrcV>
   absl::Status RunCopies(absl::Span<const RowCopies> copies, ops::KvDtype src_dtype, SrcK k_src, SrcV v_src);
   // Rewrites the mask bytes of `pages` (all held by `layout`) from the layout: each
-  // row's byte, 0xFF past the head's length. Coalesces consecutive page ids.
+  // row's byte, 0xFF in the slots outside the head's rows.
   absl::Status WriteMasks(const SequenceLayout& layout, absl::Span<const int32_t> pages);
+  // WriteMasks in two halves, so several layouts' pages go in one upload: appends the
+  // distinct ids of `pages` to *ids and their page_tokens bytes each to *bytes.
+  absl::Status CollectMaskBytes(const SequenceLayout& layout, absl::Span<const int32_t> pages,
+                                std::vector<int32_t>* ids, std::vector<uint8_t>* bytes) const;
+  // Writes bytes[i * page_tokens, ...) to page ids[i] (distinct ids): one upload and one
+  // scatter, or a copy per run of consecutive ids for few pages.
+  absl::Status UploadMaskPages(absl::Span<const int32_t> ids, absl::Span<const uint8_t> bytes);
   // Sets every byte of `pages` to 0xFF.
   absl::Status FillMasks(absl::Span<const int32_t> pages);
   absl::Status UploadMaskRuns(absl::Span<const int32_t> sorted_pages, absl::Span<const uint8_t> bytes);
@@ -223,6 +230,7 @@ class KvPool {
   ops::DeviceBuffer view_scratch_;  // int32 indptr / ids / lengths of the last view(s)
   ops::DeviceBuffer stage_k_, stage_v_;  // CommitHostRows: one layer's host rows (float32)
   ops::DeviceBuffer drop_stage_;          // DropRows: the rows in flight, of dtype()
+  ops::DeviceBuffer mask_scratch_;        // UploadMaskPages: row lists and mask bytes
 };
 
 }  // namespace kvgate::kv

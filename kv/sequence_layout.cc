@@ -454,52 +454,64 @@ absl::StatusOr<DropPlan> PlanDropRows(SequenceLayout* layout, const RowDrops& dr
     const int32_t base = hp.first_slot + (shift_front ? dropped : 0);
     const int32_t kept = hp.length - dropped;
     int32_t first_moved_slot = -1, last_moved_slot = -1;
-    // Only rows on the shifting side can move: those in front of the last drop, or those
-    // after the first one (k counts the kept rows before r).
-    const int32_t scan_begin = shift_front ? 0 : drop.front();
-    const int32_t scan_end = shift_front ? drop.back() : hp.length;
-    size_t next_drop = 0;
-    int32_t k = scan_begin;
-    for (int32_t r = scan_begin; r < scan_end; ++r) {
-      if (next_drop < drop.size() && drop[next_drop] == r) {
-        ++next_drop;
-        continue;
+    // Only rows on the shifting side can move: the kept rows in front of the last drop,
+    // or those after the first one. They go as runs of consecutive kept rows between two
+    // drops, split where either side crosses a page.
+    const auto move_segment = [&](int32_t row_begin, int32_t row_end, int32_t new_index) {
+      const int32_t old_first = hp.first_slot + row_begin, new_first = base + new_index;
+      if (row_end <= row_begin || old_first == new_first) return;
+      for (int32_t i = 0; i < row_end - row_begin;) {
+        const int32_t old_slot = old_first + i, new_slot = new_first + i;
+        const int32_t run = std::min({row_end - row_begin - i, pt - old_slot % pt, pt - new_slot % pt});
+        plan.to_stage.src_rows.push_back(hp.page_ids[old_slot / pt] * pt + old_slot % pt);
+        plan.to_stage.dst_rows.push_back(plan.staged_rows);
+        plan.to_stage.lengths.push_back(run);
+        plan.from_stage.src_rows.push_back(plan.staged_rows);
+        plan.from_stage.dst_rows.push_back(hp.page_ids[new_slot / pt] * pt + new_slot % pt);
+        plan.from_stage.lengths.push_back(run);
+        plan.staged_rows += run;
+        i += run;
       }
-      const int32_t old_slot = hp.first_slot + r, new_slot = base + k++;
-      if (new_slot == old_slot) continue;
-      plan.to_stage.src_rows.push_back(hp.page_ids[old_slot / pt] * pt + old_slot % pt);
-      plan.to_stage.dst_rows.push_back(plan.to_stage.size() - 1);
-      plan.from_stage.src_rows.push_back(plan.from_stage.size());
-      plan.from_stage.dst_rows.push_back(hp.page_ids[new_slot / pt] * pt + new_slot % pt);
-      if (first_moved_slot < 0) first_moved_slot = new_slot;
-      last_moved_slot = new_slot;
+      if (first_moved_slot < 0) first_moved_slot = new_first;
+      last_moved_slot = new_first + (row_end - row_begin) - 1;
+    };
+    if (shift_front) {
+      int32_t row = 0;
+      for (size_t j = 0; j < drop.size(); ++j) {  // kept rows [row, drop j) follow j drops
+        move_segment(row, drop[j], row - static_cast<int32_t>(j));
+        row = drop[j] + 1;
+      }
+    } else {
+      for (size_t j = 0; j < drop.size(); ++j) {
+        const int32_t row_end = j + 1 < drop.size() ? drop[j + 1] : hp.length;
+        move_segment(drop[j] + 1, row_end, drop[j] + 1 - static_cast<int32_t>(j + 1));
+      }
     }
     // Host metadata: erase the dropped rows, keeping the order of the rest, on the same
-    // side as the rows: the kept rows in front of the last drop move back and the front
-    // is dropped (no move of the rows after it), or those after the first drop move up.
+    // side as the rows (a memmove per run between two drops): the kept rows in front of
+    // the last drop move back and the front is dropped, or those after the first drop
+    // move up and the tail is cut.
     auto erase_rows = [&](auto& values) {
       if (values.empty()) return;
       if (shift_front) {
-        size_t out = static_cast<size_t>(drop.back()) + 1, d = drop.size() - 1;  // drop.back() is not walked
-        for (size_t r = static_cast<size_t>(drop.back()); r-- > 0;) {
-          if (d > 0 && drop[d - 1] == static_cast<int32_t>(r)) {
-            --d;
-            continue;
-          }
-          values[--out] = values[r];
+        // Runs between drops, last first: the run before drop j moves back by the drops
+        // from j on, which lands it `dropped` places after its new index; then the front
+        // `dropped` places go.
+        for (size_t j = drop.size(); j-- > 0;) {
+          const int32_t run_begin = j == 0 ? 0 : drop[j - 1] + 1;
+          const int32_t shift_by = static_cast<int32_t>(drop.size() - j);
+          std::copy_backward(values.begin() + run_begin, values.begin() + drop[j],
+                             values.begin() + drop[j] + shift_by);
         }
         values.erase_front(drop.size());
         return;
       }
-      size_t out = static_cast<size_t>(drop.front()), d = 0;
-      for (size_t r = out; r < values.size(); ++r) {
-        if (d < drop.size() && drop[d] == static_cast<int32_t>(r)) {
-          ++d;
-          continue;
-        }
-        values[out++] = values[r];
+      for (size_t j = 0; j < drop.size(); ++j) {
+        const int32_t run_end = j + 1 < drop.size() ? drop[j + 1] : static_cast<int32_t>(values.size());
+        std::copy(values.begin() + drop[j] + 1, values.begin() + run_end,
+                  values.begin() + drop[j] - static_cast<int32_t>(j));
       }
-      values.resize(out);
+      values.resize(values.size() - drop.size());
     };
     erase_rows(hp.positions);
     erase_rows(hp.query_mask);

@@ -166,11 +166,17 @@ using RowDrops = std::vector<std::vector<int32_t>>;
 // sinks moves only the sinks, one after many selected prompt rows moves only the newer
 // ring rows, and a sliding window that drops its oldest rows moves nothing. The moves
 // overlap (a row may land where another one was), so they go through a staging area:
-// `to_stage` copies pool rows to staging rows [0, to_stage.size()), `from_stage` copies
+// `to_stage` copies pool rows to staging rows [0, staged_rows), `from_stage` copies
 // staging rows back to pool rows. Pool rows are global, so one list serves every layer.
+// Each entry is a run of consecutive rows on both sides (within a page).
+struct RowRunCopies {
+  std::vector<int32_t> src_rows, dst_rows, lengths;
+  int32_t size() const { return static_cast<int32_t>(src_rows.size()); }
+};
 struct DropPlan {
-  RowCopies to_stage;
-  RowCopies from_stage;
+  RowRunCopies to_stage;
+  RowRunCopies from_stage;
+  int32_t staged_rows = 0;
   std::vector<int32_t> freed_pages;  // pages left empty, already back in the pool
   std::vector<int32_t> mask_pages;   // pages whose mask bytes must be rewritten
 };

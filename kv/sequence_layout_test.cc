@@ -176,11 +176,15 @@ TEST(PlanDropRowsTest, ShiftsTheRowsInFrontOfTheLastDropAndFreesEmptyPages) {
   auto plan = PlanDropRows(&layout, drops, &pool);
   ASSERT_TRUE(plan.ok()) << plan.status();
   EXPECT_TRUE(layout.CheckInvariants().ok()) << layout.CheckInvariants();
-  // Head 0: pool rows 0, 1 (positions 0, 1) to staging 0, 1, then to pool rows 1, 2.
-  EXPECT_THAT(plan->to_stage.src_rows, ElementsAre(0, 1));
-  EXPECT_THAT(plan->to_stage.dst_rows, ElementsAre(0, 1));
-  EXPECT_THAT(plan->from_stage.src_rows, ElementsAre(0, 1));
-  EXPECT_THAT(plan->from_stage.dst_rows, ElementsAre(1, 2));
+  // Head 0: pool rows 0, 1 (positions 0, 1) to staging 0, 1, then to pool rows 1, 2, as
+  // one run of two rows each way.
+  EXPECT_THAT(plan->to_stage.src_rows, ElementsAre(0));
+  EXPECT_THAT(plan->to_stage.dst_rows, ElementsAre(0));
+  EXPECT_THAT(plan->to_stage.lengths, ElementsAre(2));
+  EXPECT_THAT(plan->from_stage.src_rows, ElementsAre(0));
+  EXPECT_THAT(plan->from_stage.dst_rows, ElementsAre(1));
+  EXPECT_THAT(plan->from_stage.lengths, ElementsAre(2));
+  EXPECT_EQ(plan->staged_rows, 2);
   EXPECT_THAT(plan->mask_pages, ElementsAre(0));
   EXPECT_THAT(plan->freed_pages, ElementsAre(2));
   const HeadPages& ring = layout.at(0, 0);
@@ -212,6 +216,7 @@ TEST(PlanDropRowsTest, ShiftsTheRowsInFrontOfTheLastDropAndFreesEmptyPages) {
   ASSERT_TRUE(plan.ok()) << plan.status();
   EXPECT_THAT(plan->to_stage.src_rows, ElementsAre(last_page * 4));
   EXPECT_THAT(plan->from_stage.dst_rows, ElementsAre(1 * 4 + 3));
+  EXPECT_THAT(plan->from_stage.lengths, ElementsAre(1));
   EXPECT_THAT(plan->freed_pages, ElementsAre(last_page));
   EXPECT_EQ(layout.at(0, 0).first_slot, 1);
   EXPECT_THAT(layout.at(0, 0).positions, ElementsAre(0, 1, 3, 4, 5, 6, 8));
