@@ -164,7 +164,6 @@ absl::Status KvPool::FillMasks(absl::Span<const int32_t> pages) {
 absl::Status KvPool::CollectMaskBytes(const SequenceLayout& layout, absl::Span<const int32_t> pages,
                                       std::vector<int32_t>* ids, std::vector<uint8_t>* bytes) const {
   if (pages.empty()) return absl::OkStatus();
-  const size_t first = ids->size();
   // The sorted page set, and a page's index in it: a flat table when the set is a good
   // part of the pool (a 32k-token commit of an 8B model writes half a million pages),
   // else a binary search (a decode step's drops write a few pages of a large pool).
@@ -211,7 +210,7 @@ absl::Status KvPool::CollectMaskBytes(const SequenceLayout& layout, absl::Span<c
     return absl::InternalError(absl::StrCat("mask write of ", sorted.size(), " pages, ", found,
                                             " held by the layout"));
   }
-  ids->insert(ids->begin() + static_cast<std::ptrdiff_t>(first), sorted.begin(), sorted.end());
+  ids->insert(ids->end(), sorted.begin(), sorted.end());
   return absl::OkStatus();
 }
 

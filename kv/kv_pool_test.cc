@@ -134,6 +134,23 @@ class KvPoolTest : public ::testing::Test {
     EXPECT_THAT(rows->query_mask, ElementsAreArray(masks));
   }
 
+  // Paged decode attention of one sequence's token (q: [kQHeads, kDim], backend) over
+  // `layout`'s rows of `layer`, into out, scale 0.5.
+  void PagedAttention(KvPool* pool, const SequenceLayout& layout, int32_t layer, const float* q, float* out) {
+    const SequenceLayout* one[] = {&layout};
+    auto view = pool->BuildView(one, layer);
+    ASSERT_TRUE(view.ok()) << view.status();
+    ops::HeadPagedDecodeAttentionArgs p;
+    p.q = q;
+    p.kv = *view;
+    p.out = out;
+    p.num_seqs = 1;
+    p.num_q_heads = kQHeads;
+    p.num_kv_heads = kHeads;
+    p.scale = 0.5f;
+    ASSERT_TRUE(backend_->HeadPagedDecodeAttention(p).ok());
+  }
+
   std::unique_ptr<ops::Backend> backend_ = ops::CreateCpuBackend(2);
   std::unique_ptr<engine::Model> model_;
 };
@@ -360,7 +377,6 @@ TEST_F(KvPoolTest, PagedAttentionOverViewEqualsDenseAttention) {
        paged = backend_->Alloc(q.size() * 4);
   ASSERT_TRUE(qb.ok() && dense.ok() && paged.ok());
   ASSERT_TRUE(backend_->CopyToBackend(qb->data(), q.data(), q.size() * 4).ok());
-  const SequenceLayout* batch[] = {&layout};
   for (int32_t l = 0; l < kLayers; ++l) {
     ops::AttentionArgs d;
     d.q = qb->as<float>();
@@ -375,17 +391,8 @@ TEST_F(KvPoolTest, PagedAttentionOverViewEqualsDenseAttention) {
     d.q_start_row = kPrompt - 1;
     d.scale = 0.5f;
     ASSERT_TRUE(backend_->Attention(d).ok());
-    auto view = pool->BuildView(batch, l);
-    ASSERT_TRUE(view.ok()) << view.status();
-    ops::HeadPagedDecodeAttentionArgs p;
-    p.q = qb->as<float>();
-    p.kv = *view;
-    p.out = paged->as<float>();
-    p.num_seqs = 1;
-    p.num_q_heads = kQHeads;
-    p.num_kv_heads = kHeads;
-    p.scale = 0.5f;
-    ASSERT_TRUE(backend_->HeadPagedDecodeAttention(p).ok());
+    PagedAttention(pool.get(), layout, l, qb->as<float>(), paged->as<float>());
+    ASSERT_FALSE(HasFatalFailure());
     std::vector<float> want(q.size()), got(q.size());
     ASSERT_TRUE(backend_->CopyToHost(want.data(), dense->data(), want.size() * 4).ok());
     ASSERT_TRUE(backend_->CopyToHost(got.data(), paged->data(), got.size() * 4).ok());
@@ -609,20 +616,9 @@ TEST_F(KvPoolTest, InPlaceDropsOfARingKeepExactRows) {
     ASSERT_TRUE(backend_->CopyToHost(b.data(), gathered_fresh->k.data(), b.size() * 4).ok());
     EXPECT_EQ(a, b);
     for (int32_t l = 0; l < kLayers; ++l) {
-      for (auto [which, out] : {std::pair{&layout, &*got}, std::pair{&fresh, &*want}}) {
-        const SequenceLayout* one[] = {which};
-        auto view = pool->BuildView(one, l);
-        ASSERT_TRUE(view.ok()) << view.status();
-        ops::HeadPagedDecodeAttentionArgs p;
-        p.q = qb->as<float>();
-        p.kv = *view;
-        p.out = out->as<float>();
-        p.num_seqs = 1;
-        p.num_q_heads = kQHeads;
-        p.num_kv_heads = kHeads;
-        p.scale = 0.5f;
-        ASSERT_TRUE(backend_->HeadPagedDecodeAttention(p).ok());
-      }
+      PagedAttention(pool.get(), layout, l, qb->as<float>(), got->as<float>());
+      PagedAttention(pool.get(), fresh, l, qb->as<float>(), want->as<float>());
+      ASSERT_FALSE(HasFatalFailure());
       std::vector<float> x(q.size()), y(q.size());
       ASSERT_TRUE(backend_->CopyToHost(x.data(), got->data(), x.size() * 4).ok());
       ASSERT_TRUE(backend_->CopyToHost(y.data(), want->data(), y.size() * 4).ok());
