@@ -210,10 +210,11 @@ struct CopyRowsArgs {
 
 // A head-paged KV cache: a page holds page_tokens rows of K and of V for ONE
 // (sequence, layer, kv head); "seq head" i is one such (sequence, kv head) of the layer
-// being attended. Row r of seq head i is slot s = first_slots[i] + r of its pages: page
+// being attended. Row r of seq head i is slot
+// s = first_slots[i] + r + (r >= gap_rows[i] ? gap_slots[i] : 0) of its pages: page
 // page_ids[page_indptr[i] + s / page_tokens], slot s % page_tokens. Seq head i's list
-// starts at page_indptr[i] and holds at least ceil((first_slots[i] + lengths[i]) /
-// page_tokens) ids; lists need not be adjacent nor in seq-head order (the decode step's
+// starts at page_indptr[i] and holds at least ceil((first_slots[i] + gap_slots[i] +
+// lengths[i]) / page_tokens) ids; lists need not be adjacent nor in seq-head order (the decode step's
 // tables keep one fixed-size list per batch slot).
 struct HeadPagedKvView {
   const void* k_pages = nullptr;        // [num_pages, page_tokens, head_dim] of dtype, in, backend
@@ -233,13 +234,18 @@ struct HeadPagedKvView {
   // Null (every head starts at slot 0), or [num_seq_heads] in [0, page_tokens): the slot
   // of a head's row 0 in its first page (a ring that dropped its oldest rows), in, backend.
   const int32_t* first_slots = nullptr;
+  // Null together (no head has a gap), or [num_seq_heads] each: rows from gap_rows[i] on
+  // sit gap_slots[i] >= 0 slots further (the unused slots a ring left behind a frozen
+  // selection), in, backend.
+  const int32_t* gap_rows = nullptr;
+  const int32_t* gap_slots = nullptr;
 };
 
 // Decode attention of one new token per sequence over its own head-paged rows (which
 // already include the new token's K/V). Sequence s, query head h reads seq head
 // s * num_kv_heads + h / (num_q_heads / num_kv_heads), every row < length that its mask
 // bit allows. Positions do not enter: keys are stored after RoPE. Preconditions (checked
-// by the caller, not the op): seq head i's list holds ceil((first slot + lengths[i]) /
+// by the caller, not the op): seq head i's list holds ceil((first slot + gap slots + lengths[i]) /
 // page_tokens) ids, each < num_pages; with query_masks, num_q_heads / num_kv_heads <= 8.
 // A head that sees no row (length 0, or every mask bit clear; impossible in use, since a
 // head always sees its new token) gets an output of zeros, never NaN.

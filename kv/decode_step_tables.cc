@@ -12,6 +12,10 @@
 namespace kvgate::kv {
 namespace {
 
+// Entries per batch slot and kv head in a layer's small tables: src rows, dst rows,
+// page_indptr, lengths, first slots, gap rows, gap slots.
+constexpr size_t kLayerTablesPerSeqHead = 7;
+
 size_t RoundUp(size_t value, size_t multiple) { return (value + multiple - 1) / multiple * multiple; }
 
 }  // namespace
@@ -25,7 +29,7 @@ absl::Status DecodeStepTables::Reshape(int32_t layers, int32_t kv_heads, size_t 
   // id) rarely: a quarter more of each, in round units.
   const size_t slots = RoundUp(std::max<size_t>(num_sequences + num_sequences / 4, 1), 8);
   const size_t stride = RoundUp(max_pages + max_pages / 4 + 16, 64);
-  const size_t small = static_cast<size_t>(layers) * (5 * slots * kv_heads + 1);
+  const size_t small = static_cast<size_t>(layers) * (kLayerTablesPerSeqHead * slots * kv_heads + 1);
   const size_t ids = static_cast<size_t>(layers) * slots * kv_heads * stride;
   if (ids >= static_cast<size_t>(std::numeric_limits<int32_t>::max())) {
     return absl::InvalidArgumentError(absl::StrCat("decode step tables of ", ids, " page ids (", num_sequences,
@@ -170,9 +174,9 @@ absl::StatusOr<const DecodeStepTables::Step*> DecodeStepTables::Update(
   }
 
   // The small tables, whole: per layer [src rows | dst rows] at 0, page_indptr at
-  // 2 x capacity, lengths after it, then first slots.
+  // 2 x capacity, lengths after it, then first slots, gap rows and gap slots.
   const size_t capacity_heads = static_cast<size_t>(slot_capacity_) * heads;
-  const size_t layer_block = 5 * capacity_heads + 1;
+  const size_t layer_block = kLayerTablesPerSeqHead * capacity_heads + 1;
   const size_t seq_heads = layouts.size() * heads;
   small_host_.assign(small_tables_, 0);
   for (int32_t l = 0; l < layers; ++l) {
@@ -181,13 +185,18 @@ absl::StatusOr<const DecodeStepTables::Step*> DecodeStepTables::Update(
     int32_t* indptr = block + 2 * capacity_heads;
     int32_t* lengths = indptr + capacity_heads + 1;
     int32_t* first_slots = lengths + capacity_heads;
+    int32_t* gap_rows = first_slots + capacity_heads;
+    int32_t* gap_slots = gap_rows + capacity_heads;
     for (size_t s = 0; s < layouts.size(); ++s) {
       const absl::Span<const int32_t> rows = steps[s]->layer_rows(l);
       std::copy(rows.begin(), rows.end(), block + seq_heads + s * heads);
       for (int32_t h = 0; h < heads; ++h) {
         indptr[s * heads + h] = static_cast<int32_t>(IdOffset(l, slots[s], h));
-        lengths[s * heads + h] = layouts[s]->at(l, h).length;
-        first_slots[s * heads + h] = layouts[s]->at(l, h).first_slot;
+        const HeadPages& hp = layouts[s]->at(l, h);
+        lengths[s * heads + h] = hp.length;
+        first_slots[s * heads + h] = hp.first_slot;
+        gap_rows[s * heads + h] = hp.gap_row;
+        gap_slots[s * heads + h] = hp.gap_slots;
       }
     }
     indptr[seq_heads] = static_cast<int32_t>(ids_mirror_.size());
@@ -203,6 +212,8 @@ absl::StatusOr<const DecodeStepTables::Step*> DecodeStepTables::Update(
     view.page_indptr = block + 2 * capacity_heads;
     view.lengths = view.page_indptr + capacity_heads + 1;
     view.first_slots = view.lengths + capacity_heads;
+    view.gap_rows = view.first_slots + capacity_heads;
+    view.gap_slots = view.gap_rows + capacity_heads;
     view.page_ids = id_region;
     step_.views.push_back(view);
   }

@@ -94,6 +94,10 @@ class DecodeStepTablesTest : public ::testing::Test {
       const std::vector<int32_t> lengths = Read(view.lengths, seq_heads);
       ASSERT_NE(view.first_slots, nullptr);
       const std::vector<int32_t> first_slots = Read(view.first_slots, seq_heads);
+      ASSERT_NE(view.gap_rows, nullptr);
+      ASSERT_NE(view.gap_slots, nullptr);
+      const std::vector<int32_t> gap_rows = Read(view.gap_rows, seq_heads);
+      const std::vector<int32_t> gap_slots = Read(view.gap_slots, seq_heads);
       std::vector<int32_t> rows(seq_heads);
       std::iota(rows.begin(), rows.end(), 0);
       for (size_t s = 0; s < layouts.size(); ++s) {
@@ -102,6 +106,8 @@ class DecodeStepTablesTest : public ::testing::Test {
           const size_t i = s * kHeads + h;
           EXPECT_EQ(lengths[i], hp.length) << "seq head " << i;
           EXPECT_EQ(first_slots[i], hp.first_slot) << "seq head " << i;
+          EXPECT_EQ(gap_rows[i], hp.gap_row) << "seq head " << i;
+          EXPECT_EQ(gap_slots[i], hp.gap_slots) << "seq head " << i;
           EXPECT_THAT(Read(view.page_ids + indptr[i], hp.page_ids.size()), ElementsAreArray(hp.page_ids))
               << "seq head " << i;
         }
@@ -219,13 +225,15 @@ TEST_F(DecodeStepTablesTest, SequencesKeepTheirSlotsAndRewrittenListsArrive) {
   run_step({&b, &c});
   EXPECT_FALSE(tables.last_upload().rebuilt);
   EXPECT_GT(tables.last_upload().ids_scattered, 0);
-  // A ring's drop in place: c's first rows go, its first slots advance, its lists lose
-  // their first page once it empties; the next step carries both.
+  // Drops in place: c's even heads lose their first rows (first slots advance, lists
+  // lose their first page once it empties), its odd heads three rows after the first
+  // (a gap); the next step carries both.
   RowDrops drops(c.heads.size());
-  for (size_t i = 0; i < drops.size(); ++i) drops[i] = {1, 2, 3};
+  for (size_t i = 0; i < drops.size(); ++i) drops[i] = i % 2 == 0 ? std::vector<int32_t>{0, 1, 2} : std::vector<int32_t>{1, 2, 3};
   SequenceLayout* dropping[] = {&c};
   ASSERT_TRUE(pool_->DropRows(dropping, absl::MakeConstSpan(&drops, 1)).ok());
   ASSERT_NE(c.heads[0].first_slot, 0);
+  ASSERT_NE(c.heads[1].gap_slots, 0);
   run_step({&b, &c});
   EXPECT_FALSE(tables.last_upload().rebuilt);
   // a comes back (in a's old slot or another free one), first in the batch.

@@ -196,13 +196,16 @@ absl::Status KvPool::CollectMaskBytes(const SequenceLayout& layout, absl::Span<c
       if (slot < 0) continue;
       ++found;
       if (!layout.has_query_masks) continue;  // all 0xFF already
-      // Slots [begin, end) of this page hold rows; the others stay 0xFF.
+      // The slots of this page that hold rows; the others stay 0xFF.
       const int32_t page_first_slot = static_cast<int32_t>(p) * pt;
-      const int32_t begin = std::max(page_first_slot, hp.first_slot);
-      const int32_t end = std::min(page_first_slot + pt, hp.first_slot + hp.length);
-      if (end <= begin) continue;
-      std::copy_n(hp.query_mask.begin() + (begin - hp.first_slot), end - begin,
-                  bytes->begin() + static_cast<std::ptrdiff_t>(base + static_cast<size_t>(slot) * pt + (begin - page_first_slot)));
+      for (const SlotRun& run : SlotRunsOf(hp)) {
+        const int32_t begin = std::max(page_first_slot, run.slot);
+        const int32_t end = std::min(page_first_slot + pt, run.slot + run.count);
+        if (end <= begin) continue;
+        std::copy_n(hp.query_mask.begin() + (run.row + begin - run.slot), end - begin,
+                    bytes->begin() + static_cast<std::ptrdiff_t>(base + static_cast<size_t>(slot) * pt +
+                                                                 (begin - page_first_slot)));
+      }
     }
   }
   if (found != sorted.size()) {
@@ -447,8 +450,12 @@ absl::Status KvPool::Release(SequenceLayout* layout) { return kv::Release(layout
 
 namespace {
 
-// Appends layer `layer`'s [page_indptr (seq heads + 1) | page_ids | lengths | first_slots]
-// to `host`;
+// Tables of one entry per seq head after a view's page ids: lengths, first slots, gap
+// rows, gap slots.
+constexpr size_t kViewTablesPerSeqHead = 4;
+
+// Appends layer `layer`'s [page_indptr (seq heads + 1) | page_ids | lengths | first_slots |
+// gap_rows | gap_slots] to `host`;
 // `*any_masks` |= a sequence carries query masks. INVALID_ARGUMENT for a sequence that
 // does not fit the batch (see KvPool::BuildView).
 absl::Status AppendViewTables(absl::Span<const SequenceLayout* const> seqs, int32_t layer, int32_t page_tokens,
@@ -469,11 +476,13 @@ absl::Status AppendViewTables(absl::Span<const SequenceLayout* const> seqs, int3
   }
   const size_t num_seq_heads = seqs.size() * heads;
   const size_t begin = host->size();
-  host->resize(begin + num_seq_heads + 1 + num_ids + 2 * num_seq_heads);
+  host->resize(begin + num_seq_heads + 1 + num_ids + kViewTablesPerSeqHead * num_seq_heads);
   int32_t* indptr = host->data() + begin;
   int32_t* ids = indptr + num_seq_heads + 1;
   int32_t* lengths = ids + num_ids;
   int32_t* first_slots = lengths + num_seq_heads;
+  int32_t* gap_rows = first_slots + num_seq_heads;
+  int32_t* gap_slots = gap_rows + num_seq_heads;
   indptr[0] = 0;
   size_t i = 0;
   for (const SequenceLayout* seq : seqs) {
@@ -483,6 +492,8 @@ absl::Status AppendViewTables(absl::Span<const SequenceLayout* const> seqs, int3
       indptr[i + 1] = indptr[i] + static_cast<int32_t>(hp.page_ids.size());
       lengths[i] = hp.length;
       first_slots[i] = hp.first_slot;
+      gap_rows[i] = hp.gap_row;
+      gap_slots[i] = hp.gap_slots;
     }
   }
   return absl::OkStatus();
@@ -532,12 +543,14 @@ ops::HeadPagedKvView KvPool::PagesView(bool with_query_masks) const {
 
 ops::HeadPagedKvView KvPool::ViewAt(const int32_t* device_tables, size_t num_seq_heads,
                                     absl::Span<const int32_t> host_tables, bool any_masks) const {
-  const size_t num_ids = host_tables.size() - 3 * num_seq_heads - 1;
+  const size_t num_ids = host_tables.size() - (kViewTablesPerSeqHead + 1) * num_seq_heads - 1;
   ops::HeadPagedKvView view = PagesView(any_masks);
   view.page_indptr = device_tables;
   view.page_ids = device_tables + num_seq_heads + 1;
   view.lengths = device_tables + num_seq_heads + 1 + num_ids;
   view.first_slots = view.lengths + num_seq_heads;
+  view.gap_rows = view.first_slots + num_seq_heads;
+  view.gap_slots = view.gap_rows + num_seq_heads;
   return view;
 }
 
@@ -568,24 +581,28 @@ absl::StatusOr<HeadRows> KvPool::ReadRows(const SequenceLayout& layout, int32_t 
   char* v_dst = narrow ? reinterpret_cast<char*>(stage_v.data()) : reinterpret_cast<char*>(out.v.data());
   const char* k_src = static_cast<const char*>(k_pages_.data());
   const char* v_src = static_cast<const char*>(v_pages_.data());
-  size_t p = 0;
-  while (p < hp.page_ids.size()) {
-    size_t end = p + 1;
-    while (end < hp.page_ids.size() && hp.page_ids[end] == hp.page_ids[end - 1] + 1) ++end;
-    // Slots [slot_begin, slot_end) of the run hold rows first.. of the head.
-    const size_t slot_begin = std::max<size_t>(p * page_tokens_, hp.first_slot);
-    const size_t slot_end = std::min<size_t>(end * page_tokens_, static_cast<size_t>(hp.first_slot) + hp.length);
-    const size_t first = slot_begin - hp.first_slot;
-    const size_t rows = slot_end - slot_begin;
-    const size_t pool_row = static_cast<size_t>(hp.page_ids[p]) * page_tokens_ + (slot_begin - p * page_tokens_);
-    const size_t bytes = rows * row_floats * element_bytes;
-    KVGATE_RETURN_IF_ERROR(backend_->CopyToHost(k_dst + first * row_floats * element_bytes,
-                                                k_src + pool_row * row_floats * element_bytes, bytes));
-    KVGATE_RETURN_IF_ERROR(backend_->CopyToHost(v_dst + first * row_floats * element_bytes,
-                                                v_src + pool_row * row_floats * element_bytes, bytes));
-    KVGATE_RETURN_IF_ERROR(
-        backend_->CopyToHost(out.query_mask.data() + first, query_masks_.as<uint8_t>() + pool_row, rows));
-    p = end;
+  // One copy per stretch of consecutive page ids within a run of slots (a commit hands a
+  // head consecutive ids).
+  const size_t pt = static_cast<size_t>(page_tokens_);
+  for (const SlotRun& run : SlotRunsOf(hp)) {
+    size_t slot = static_cast<size_t>(run.slot);
+    const size_t run_end = slot + static_cast<size_t>(run.count);
+    while (slot < run_end) {
+      size_t p = slot / pt, end = p + 1;
+      while (end < hp.page_ids.size() && end * pt < run_end && hp.page_ids[end] == hp.page_ids[end - 1] + 1) ++end;
+      const size_t slot_end = std::min(end * pt, run_end);
+      const size_t first = static_cast<size_t>(run.row) + (slot - static_cast<size_t>(run.slot));
+      const size_t rows = slot_end - slot;
+      const size_t pool_row = static_cast<size_t>(hp.page_ids[p]) * pt + slot % pt;
+      const size_t bytes = rows * row_floats * element_bytes;
+      KVGATE_RETURN_IF_ERROR(backend_->CopyToHost(k_dst + first * row_floats * element_bytes,
+                                                  k_src + pool_row * row_floats * element_bytes, bytes));
+      KVGATE_RETURN_IF_ERROR(backend_->CopyToHost(v_dst + first * row_floats * element_bytes,
+                                                  v_src + pool_row * row_floats * element_bytes, bytes));
+      KVGATE_RETURN_IF_ERROR(
+          backend_->CopyToHost(out.query_mask.data() + first, query_masks_.as<uint8_t>() + pool_row, rows));
+      slot = slot_end;
+    }
   }
   if (narrow) {
     for (size_t i = 0; i < stage_k.size(); ++i) out.k[i] = ops::Bf16ToF32(stage_k[i]);
@@ -687,8 +704,9 @@ absl::StatusOr<BackendRows> KvPool::GatherRows(const SequenceLayout& layout) {
   int32_t at = 0;
   for (const HeadPages& hp : layout.heads) {
     for (int32_t r = 0; r < hp.length;) {
-      const int32_t slot = hp.first_slot + r;
-      const int32_t rows = std::min(page_tokens_ - slot % page_tokens_, hp.length - r);
+      const int32_t slot = SequenceLayout::SlotOf(hp, r);
+      const int32_t run_end = hp.gap_slots > 0 && r < hp.gap_row ? hp.gap_row : hp.length;
+      const int32_t rows = std::min(page_tokens_ - slot % page_tokens_, run_end - r);
       host.push_back(layout.PoolRow(hp, r));
       dst.push_back(at + r);
       length.push_back(rows);

@@ -559,9 +559,10 @@ TEST_F(KvPoolTest, RandomOpsMatchMapModel) {
 }
 
 // A ring (two sinks, then the newest rows) over many decode steps: each step drops the
-// oldest non-sink row in place, so first_slot walks through the pages and frees them; the
-// rows, the gather, the page count and paged attention stay those of the same rows
-// committed afresh. A malformed drop changes nothing.
+// oldest non-sink row in place, which widens the gap after the sinks (nothing moves) and
+// frees each page the gap covers; the rows, the gather, the page count and paged
+// attention stay those of the same rows committed afresh. A malformed drop changes
+// nothing.
 TEST_F(KvPoolTest, InPlaceDropsOfARingKeepExactRows) {
   constexpr int32_t kPrompt = 9, kPt = 4, kSinks = 2, kRing = 7;
   auto cache = MakeCache(kPrompt);
@@ -574,7 +575,7 @@ TEST_F(KvPoolTest, InPlaceDropsOfARingKeepExactRows) {
   std::vector<float> q(kQHeads * kDim);
   for (size_t i = 0; i < q.size(); ++i) q[i] = 1e-6f * static_cast<float>(i % 7);
   ASSERT_TRUE(backend_->CopyToBackend(qb->data(), q.data(), q.size() * 4).ok());
-  bool walked = false;
+  bool gap_seen = false;
   for (int step = 0; step < 23; ++step) {
     SCOPED_TRACE(::testing::Message() << "step " << step);
     DecodeStep(pool.get(), &layout);
@@ -588,7 +589,7 @@ TEST_F(KvPoolTest, InPlaceDropsOfARingKeepExactRows) {
     ASSERT_TRUE(pool->DropRows(batch, absl::MakeConstSpan(&drops, 1)).ok());
     ASSERT_TRUE(layout.CheckInvariants().ok()) << layout.CheckInvariants();
     EXPECT_LE(pool->pages_used(), used);
-    walked |= layout.heads[0].first_slot != 0;
+    gap_seen |= layout.heads[0].gap_slots != 0;
     std::vector<int32_t> want_positions = {0, 1};
     for (int32_t p = std::max(kSinks, layout.next_pos - kRing); p < layout.next_pos; ++p) want_positions.push_back(p);
     for (int32_t l = 0; l < kLayers; ++l) {
@@ -596,7 +597,10 @@ TEST_F(KvPoolTest, InPlaceDropsOfARingKeepExactRows) {
     }
     ASSERT_FALSE(HasFatalFailure());
     int64_t pages = 0;
-    for (const HeadPages& hp : layout.heads) pages += (hp.first_slot + hp.length + kPt - 1) / kPt;
+    for (const HeadPages& hp : layout.heads) {
+      pages += (hp.first_slot + hp.gap_slots + hp.length + kPt - 1) / kPt;
+      EXPECT_LE(hp.page_ids.size(), (kSinks + kRing + kPt - 1) / kPt + 2);
+    }
     EXPECT_EQ(pool->pages_used(), pages);
 
     // The same rows committed afresh (first slot 0): equal gathers, equal attention.
@@ -626,7 +630,7 @@ TEST_F(KvPoolTest, InPlaceDropsOfARingKeepExactRows) {
     }
     ASSERT_TRUE(pool->Release(&fresh).ok());
   }
-  EXPECT_TRUE(walked);
+  EXPECT_TRUE(gap_seen);
   // Drops that do not fit the layout are refused before anything moves.
   const SequenceLayout before = layout;
   RowDrops bad(layout.heads.size());

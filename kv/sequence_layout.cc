@@ -97,8 +97,20 @@ int32_t SequenceLayout::PoolRow(int32_t layer, int32_t kv_head, int32_t row) con
 }
 
 int32_t SequenceLayout::PoolRow(const HeadPages& head, int32_t row) const {
-  const int32_t slot = head.first_slot + row;
+  const int32_t slot = SlotOf(head, row);
   return head.page_ids[slot / page_tokens] * page_tokens + slot % page_tokens;
+}
+
+SlotRuns SlotRunsOf(const HeadPages& head) {
+  SlotRuns out;
+  if (head.length == 0) return out;
+  if (head.gap_slots == 0) {
+    out.runs[out.count++] = {0, head.first_slot, head.length};
+    return out;
+  }
+  out.runs[out.count++] = {0, head.first_slot, head.gap_row};
+  out.runs[out.count++] = {head.gap_row, head.first_slot + head.gap_row + head.gap_slots, head.length - head.gap_row};
+  return out;
 }
 
 int64_t SequenceLayout::NumPages() const {
@@ -137,9 +149,23 @@ absl::Status SequenceLayout::CheckInvariants() const {
       if (hp.first_slot < 0 || hp.first_slot >= page_tokens || (hp.length == 0 && hp.first_slot != 0)) {
         return absl::InternalError(absl::StrCat(where, "first slot ", hp.first_slot, " with ", hp.length, " rows"));
       }
-      if (static_cast<int64_t>(hp.page_ids.size()) != PagesFor(int64_t{hp.first_slot} + hp.length, page_tokens)) {
+      if (hp.gap_slots < 0 || (hp.gap_slots == 0 && hp.gap_row != 0) ||
+          (hp.gap_slots > 0 && (hp.gap_row <= 0 || hp.gap_row >= hp.length))) {
+        return absl::InternalError(absl::StrCat(where, "gap of ", hp.gap_slots, " slots before row ", hp.gap_row,
+                                                " of ", hp.length));
+      }
+      if (hp.gap_slots > 0) {
+        const int32_t gap_begin = hp.first_slot + hp.gap_row;
+        const int32_t first_whole_page = (gap_begin + page_tokens - 1) / page_tokens * page_tokens;
+        if (first_whole_page + page_tokens <= gap_begin + hp.gap_slots) {
+          return absl::InternalError(absl::StrCat(where, "a page wholly inside the gap of ", hp.gap_slots,
+                                                  " slots from slot ", gap_begin));
+        }
+      }
+      if (static_cast<int64_t>(hp.page_ids.size()) !=
+          PagesFor(int64_t{hp.first_slot} + hp.gap_slots + hp.length, page_tokens)) {
         return absl::InternalError(absl::StrCat(where, hp.page_ids.size(), " pages for ", hp.length,
-                                                " rows from slot ", hp.first_slot));
+                                                " rows from slot ", hp.first_slot, " with a gap of ", hp.gap_slots));
       }
       if (hp.query_mask.size() != (has_query_masks ? hp.positions.size() : 0)) {
         return absl::InternalError(absl::StrCat(where, hp.query_mask.size(), " mask bytes"));
@@ -245,7 +271,7 @@ absl::StatusOr<AppendPlan> PlanAppend(SequenceLayout* layout, PagePool* pool) {
   }
   const int32_t pt = layout->page_tokens;
   int32_t needed = 0;
-  for (const HeadPages& hp : layout->heads) needed += (hp.first_slot + hp.length) % pt == 0 ? 1 : 0;
+  for (const HeadPages& hp : layout->heads) needed += SequenceLayout::SlotOf(hp, hp.length) % pt == 0 ? 1 : 0;
   auto pages = pool->Allocate(needed);
   if (!pages.ok()) return WithContext(pages.status(), absl::StrCat("decode step at position ", layout->next_pos));
 
@@ -258,7 +284,7 @@ absl::StatusOr<AppendPlan> PlanAppend(SequenceLayout* layout, PagePool* pool) {
   for (int32_t l = 0; l < layout->num_layers; ++l) {
     for (int32_t h = 0; h < layout->num_kv_heads; ++h) {
       HeadPages& hp = layout->at(l, h);
-      if ((hp.first_slot + hp.length) % pt == 0) hp.page_ids.push_back((*pages)[next_page++]);
+      if (SequenceLayout::SlotOf(hp, hp.length) % pt == 0) hp.page_ids.push_back((*pages)[next_page++]);
       plan.dst_rows.push_back(layout->PoolRow(hp, hp.length));
       hp.positions.push_back(plan.position);
       if (layout->has_query_masks) hp.query_mask.push_back(kAllQueryHeads);
@@ -341,6 +367,8 @@ absl::StatusOr<CompactionPlan> PlanCompaction(SequenceLayout* layout, const gate
       if (!moves[i]) {
         hp.page_ids = old.page_ids;
         hp.first_slot = old.first_slot;
+        hp.gap_row = old.gap_row;
+        hp.gap_slots = old.gap_slots;
         // Unmoved rows keep their pages; their mask bytes change only if the masks do.
         const bool old_all_visible = !layout->has_query_masks;
         bool mask_changed = false;
@@ -393,24 +421,114 @@ absl::Status CheckHeadDrops(const HeadPages& head, absl::Span<const int32_t> dro
 
 namespace {
 
-// Kept rows a drop moves if the rows in front of the last drop shift back (first_slot
-// advances), and if the rows after the first drop shift forward instead.
-struct ShiftCosts {
-  int32_t front = 0, back = 0;
+// One head's kept rows as segments of consecutive slots, split by the holes (dropped rows
+// and the gap), in row order; empty segments are left out.
+struct Segment {
+  int32_t row_begin = 0, rows = 0;
+  int32_t kept_begin = 0;  // index of the first row among the kept rows
+  int32_t slot = 0;        // slot of the first row, now
 };
-ShiftCosts ShiftCostsOf(const HeadPages& head, absl::Span<const int32_t> drop) {
+
+// How PlanDropRows moves one head: the largest segment and the next largest stay (the
+// anchors); every other segment closes up on them, and the holes between the anchors
+// become the one gap. Kept row k then lives at slot first_slot + k, or from gap_row on at
+// gap_end_slot + (k - gap_row).
+struct HeadDrop {
+  std::vector<Segment> segments;
+  int32_t kept = 0;
+  int32_t moved = 0;           // kept rows that change slot
+  int32_t first_slot = 0;      // may reach past the first page(s), which then empty
+  int32_t gap_row = 0;         // kept when there is one anchor (no gap)
+  int32_t gap_end_slot = 0;    // slot of kept row gap_row
+  int32_t SlotOf(int32_t k) const { return k < gap_row ? first_slot + k : gap_end_slot + (k - gap_row); }
+};
+
+void PlanHeadDrop(const HeadPages& head, absl::Span<const int32_t> drop, HeadDrop* d) {
+  d->segments.clear();
+  d->kept = head.length - static_cast<int32_t>(drop.size());
+  int32_t kept_index = 0;
+  const auto add = [&](int32_t begin, int32_t end) {
+    if (end <= begin) return;
+    d->segments.push_back({begin, end - begin, kept_index, SequenceLayout::SlotOf(head, begin)});
+    kept_index += end - begin;
+  };
+  const auto add_split_at_gap = [&](int32_t begin, int32_t end) {
+    if (head.gap_slots > 0 && begin < head.gap_row && head.gap_row < end) {
+      add(begin, head.gap_row);
+      add(head.gap_row, end);
+    } else {
+      add(begin, end);
+    }
+  };
+  int32_t row = 0;
+  for (int32_t dropped : drop) {
+    add_split_at_gap(row, dropped);
+    row = dropped + 1;
+  }
+  add_split_at_gap(row, head.length);
+  d->moved = 0;
+  d->first_slot = 0;
+  d->gap_row = d->kept;
+  d->gap_end_slot = 0;
+  if (d->segments.empty()) return;
+  size_t first = 0, second = d->segments.size();
+  for (size_t i = 1; i < d->segments.size(); ++i) {
+    if (d->segments[i].rows > d->segments[first].rows) {
+      second = first;
+      first = i;
+    } else if (second == d->segments.size() || d->segments[i].rows > d->segments[second].rows) {
+      second = i;
+    }
+  }
+  const Segment& left = d->segments[std::min(first, second)];
+  d->first_slot = left.slot - left.kept_begin;
+  d->gap_end_slot = d->first_slot + d->kept;  // no gap: SlotOf(kept) is the end
+  d->moved = d->kept - d->segments[first].rows;
+  if (second < d->segments.size()) {
+    const Segment& right = d->segments[std::max(first, second)];
+    d->gap_row = right.kept_begin;
+    d->gap_end_slot = right.slot;
+    d->moved -= d->segments[second].rows;
+  }
+}
+
+// Erases the dropped rows of one head's metadata, keeping the order of the rest, from the
+// cheaper side (a memmove per run between two drops): the rows in front of the last drop
+// move back and the front goes, or those after the first drop move up and the tail goes.
+template <typename Values>
+void EraseRows(absl::Span<const int32_t> drop, Values& values) {
+  if (values.empty()) return;
   const int32_t dropped = static_cast<int32_t>(drop.size());
-  return {drop.back() - (dropped - 1), head.length - drop.front() - dropped};
+  const int32_t front_cost = drop.back() - (dropped - 1);
+  const int32_t back_cost = static_cast<int32_t>(values.size()) - drop.front() - dropped;
+  if (front_cost <= back_cost) {
+    // Runs between drops, last first: the run before drop j moves back by the drops from
+    // j on, which lands it `dropped` places after its new index; then the front goes.
+    for (size_t j = drop.size(); j-- > 0;) {
+      const int32_t run_begin = j == 0 ? 0 : drop[j - 1] + 1;
+      const int32_t shift_by = static_cast<int32_t>(drop.size() - j);
+      std::copy_backward(values.begin() + run_begin, values.begin() + drop[j], values.begin() + drop[j] + shift_by);
+    }
+    values.erase_front(drop.size());
+    return;
+  }
+  for (size_t j = 0; j < drop.size(); ++j) {
+    const int32_t run_end = j + 1 < drop.size() ? drop[j + 1] : static_cast<int32_t>(values.size());
+    std::copy(values.begin() + drop[j] + 1, values.begin() + run_end,
+              values.begin() + drop[j] - static_cast<int32_t>(j));
+  }
+  values.resize(values.size() - drop.size());
 }
 
 }  // namespace
 
 DropCost CostOfDrop(const SequenceLayout& layout, const RowDrops& drops) {
   DropCost cost;
+  HeadDrop d;
   for (size_t i = 0; i < drops.size() && i < layout.heads.size(); ++i) {
     if (drops[i].empty()) continue;
-    const ShiftCosts shift = ShiftCostsOf(layout.heads[i], drops[i]);
-    cost.moved_in_place += std::min(shift.front, shift.back);
+    PlanHeadDrop(layout.heads[i], drops[i], &d);
+    cost.moved_in_place += d.moved;
     cost.moved_by_compaction += layout.heads[i].length - static_cast<int64_t>(drops[i].size());
   }
   return cost;
@@ -436,108 +554,75 @@ absl::StatusOr<DropPlan> PlanDropRows(SequenceLayout* layout, const RowDrops& dr
   KVGATE_RETURN_IF_ERROR(CheckRowDrops(*layout, drops));
   const int32_t pt = layout->page_tokens;
   DropPlan plan;
+  HeadDrop d;
   for (size_t i = 0; i < drops.size(); ++i) {
     const absl::Span<const int32_t> drop = drops[i];
     if (drop.empty()) continue;
     HeadPages& hp = layout->heads[i];
-    const int32_t dropped = static_cast<int32_t>(drop.size());
-    if (dropped == hp.length) {
+    PlanHeadDrop(hp, drop, &d);
+    if (d.kept == 0) {
       plan.freed_pages.insert(plan.freed_pages.end(), hp.page_ids.begin(), hp.page_ids.end());
       hp = HeadPages{};
       continue;
     }
-    // Kept row k (in order) goes to slot base + k of the old pages: base past the dropped
-    // count when the front shifts, the old first slot when the back does. Rows whose slot
-    // does not change stay; the rest go through the staging rows.
-    const ShiftCosts shift = ShiftCostsOf(hp, drop);
-    const bool shift_front = shift.front <= shift.back;
-    const int32_t base = hp.first_slot + (shift_front ? dropped : 0);
-    const int32_t kept = hp.length - dropped;
-    int32_t first_moved_slot = -1, last_moved_slot = -1;
-    // Only rows on the shifting side can move: the kept rows in front of the last drop,
-    // or those after the first one. They go as runs of consecutive kept rows between two
-    // drops, split where either side crosses a page.
-    const auto move_segment = [&](int32_t row_begin, int32_t row_end, int32_t new_index) {
-      const int32_t old_first = hp.first_slot + row_begin, new_first = base + new_index;
-      if (row_end <= row_begin || old_first == new_first) return;
-      for (int32_t i = 0; i < row_end - row_begin;) {
-        const int32_t old_slot = old_first + i, new_slot = new_first + i;
-        const int32_t run = std::min({row_end - row_begin - i, pt - old_slot % pt, pt - new_slot % pt});
+    // Segments that move go as runs, split where either side crosses a page; their new
+    // pages' mask bytes are rewritten.
+    int32_t last_mask_page = -1;
+    for (const Segment& segment : d.segments) {
+      const int32_t new_first = d.SlotOf(segment.kept_begin);
+      if (new_first == segment.slot) continue;
+      for (int32_t r = 0; r < segment.rows;) {
+        const int32_t old_slot = segment.slot + r, new_slot = new_first + r;
+        const int32_t run = std::min({segment.rows - r, pt - old_slot % pt, pt - new_slot % pt});
+        const int32_t new_page = hp.page_ids[new_slot / pt];
         plan.to_stage.src_rows.push_back(hp.page_ids[old_slot / pt] * pt + old_slot % pt);
         plan.to_stage.dst_rows.push_back(plan.staged_rows);
         plan.to_stage.lengths.push_back(run);
         plan.from_stage.src_rows.push_back(plan.staged_rows);
-        plan.from_stage.dst_rows.push_back(hp.page_ids[new_slot / pt] * pt + new_slot % pt);
+        plan.from_stage.dst_rows.push_back(new_page * pt + new_slot % pt);
         plan.from_stage.lengths.push_back(run);
         plan.staged_rows += run;
-        i += run;
-      }
-      if (first_moved_slot < 0) first_moved_slot = new_first;
-      last_moved_slot = new_first + (row_end - row_begin) - 1;
-    };
-    if (shift_front) {
-      int32_t row = 0;
-      for (size_t j = 0; j < drop.size(); ++j) {  // kept rows [row, drop j) follow j drops
-        move_segment(row, drop[j], row - static_cast<int32_t>(j));
-        row = drop[j] + 1;
-      }
-    } else {
-      for (size_t j = 0; j < drop.size(); ++j) {
-        const int32_t row_end = j + 1 < drop.size() ? drop[j + 1] : hp.length;
-        move_segment(drop[j] + 1, row_end, drop[j] + 1 - static_cast<int32_t>(j + 1));
+        if (layout->has_query_masks && new_page != last_mask_page) plan.mask_pages.push_back(last_mask_page = new_page);
+        r += run;
       }
     }
-    // Host metadata: erase the dropped rows, keeping the order of the rest, on the same
-    // side as the rows (a memmove per run between two drops): the kept rows in front of
-    // the last drop move back and the front is dropped, or those after the first drop
-    // move up and the tail is cut.
-    auto erase_rows = [&](auto& values) {
-      if (values.empty()) return;
-      if (shift_front) {
-        // Runs between drops, last first: the run before drop j moves back by the drops
-        // from j on, which lands it `dropped` places after its new index; then the front
-        // `dropped` places go.
-        for (size_t j = drop.size(); j-- > 0;) {
-          const int32_t run_begin = j == 0 ? 0 : drop[j - 1] + 1;
-          const int32_t shift_by = static_cast<int32_t>(drop.size() - j);
-          std::copy_backward(values.begin() + run_begin, values.begin() + drop[j],
-                             values.begin() + drop[j] + shift_by);
+    EraseRows(drop, hp.positions);
+    EraseRows(drop, hp.query_mask);
+    EraseRows(drop, hp.scores);
+    const int32_t old_end_slot = SequenceLayout::SlotOf(hp, hp.length);
+    hp.length = d.kept;
+    const int32_t end_slot = d.SlotOf(d.kept);
+    const int32_t end_page = (end_slot + pt - 1) / pt;
+    // Appends write no mask byte, so the slots a shorter tail vacates in its last page
+    // must read 0xFF again (WriteMasks fills a page's slots outside the head's rows so).
+    if (layout->has_query_masks && end_slot < old_end_slot && end_slot % pt != 0 &&
+        hp.page_ids[end_slot / pt] != last_mask_page) {
+      plan.mask_pages.push_back(hp.page_ids[end_slot / pt]);
+    }
+    // Pages wholly before the first slot, wholly inside the gap or wholly after the last
+    // row are left empty.
+    const int32_t front_pages = d.first_slot / pt;
+    const int32_t gap_begin = d.first_slot + d.gap_row;
+    const int32_t gap_slots = d.gap_row < d.kept ? d.gap_end_slot - gap_begin : 0;
+    const int32_t gap_first_page = (gap_begin + pt - 1) / pt;
+    const int32_t gap_end_page = (gap_begin + gap_slots) / pt;
+    const int32_t gap_pages = gap_slots > 0 ? std::max(0, gap_end_page - gap_first_page) : 0;
+    if (front_pages > 0 || gap_pages > 0 || end_page < static_cast<int32_t>(hp.page_ids.size())) {
+      int32_t kept_pages = 0;
+      for (int32_t p = 0; p < static_cast<int32_t>(hp.page_ids.size()); ++p) {
+        const bool freed =
+            p < front_pages || p >= end_page || (gap_pages > 0 && p >= gap_first_page && p < gap_end_page);
+        if (freed) {
+          plan.freed_pages.push_back(hp.page_ids[p]);
+        } else {
+          hp.page_ids[kept_pages++] = hp.page_ids[p];
         }
-        values.erase_front(drop.size());
-        return;
       }
-      for (size_t j = 0; j < drop.size(); ++j) {
-        const int32_t run_end = j + 1 < drop.size() ? drop[j + 1] : static_cast<int32_t>(values.size());
-        std::copy(values.begin() + drop[j] + 1, values.begin() + run_end,
-                  values.begin() + drop[j] - static_cast<int32_t>(j));
-      }
-      values.resize(values.size() - drop.size());
-    };
-    erase_rows(hp.positions);
-    erase_rows(hp.query_mask);
-    erase_rows(hp.scores);
-    hp.length = kept;
-    // Pages wholly before slot base or wholly after the last kept row are left empty.
-    const int32_t front_pages = base / pt;
-    const int32_t end_page = (base + kept + pt - 1) / pt;
-    if (layout->has_query_masks) {
-      // Mask bytes change where rows land and, when the back shifts, in the slots it
-      // vacates in the last kept page: appends write no mask byte, so those must read
-      // 0xFF again (WriteMasks fills a page's slots past the head's rows with 0xFF).
-      int32_t from = first_moved_slot, to = last_moved_slot;
-      if (!shift_front) {
-        from = first_moved_slot >= 0 ? std::min(first_moved_slot, base + kept) : base + kept;
-        to = (end_page - 1) * pt;
-      }
-      for (int32_t p = from >= 0 ? from / pt : 0; from >= 0 && p <= to / pt && p < end_page; ++p) {
-        plan.mask_pages.push_back(hp.page_ids[p]);
-      }
+      hp.page_ids.resize(kept_pages);
     }
-    plan.freed_pages.insert(plan.freed_pages.end(), hp.page_ids.begin() + end_page, hp.page_ids.end());
-    hp.page_ids.resize(end_page);
-    plan.freed_pages.insert(plan.freed_pages.end(), hp.page_ids.begin(), hp.page_ids.begin() + front_pages);
-    hp.page_ids.erase(hp.page_ids.begin(), hp.page_ids.begin() + front_pages);
-    hp.first_slot = base % pt;
+    hp.first_slot = d.first_slot - front_pages * pt;
+    hp.gap_slots = gap_slots - gap_pages * pt;
+    hp.gap_row = hp.gap_slots > 0 ? d.gap_row : 0;
   }
   absl::Status freed = pool->Free(plan.freed_pages);
   if (!freed.ok()) return absl::InternalError(absl::StrCat("drop rows: ", freed.message()));

@@ -4,15 +4,18 @@
 // the plans on a Backend.
 //
 // Rows. The page pool is viewed as rows [num_pages * page_tokens, head_dim] ("pool
-// rows"): row r of a (layer, kv head) lives in slot s = first_slot + r of the head's
-// pages, at pool row
-//   page_ids[s / page_tokens] * page_tokens + s % page_tokens.
-// A page belongs to exactly one (sequence, layer, kv head). Rows are packed densely in
-// ascending position order from first_slot (0 <= first_slot < page_tokens), so a head
-// with `length` rows holds ceil((first_slot + length) / page_tokens) pages, and a head
-// keeping 0 rows holds 0 pages (first_slot 0). first_slot is 0 after a commit or a
-// compaction; dropping rows near the front (a ring's oldest rows, a sliding window's
-// stale ones: PlanDropRows) advances it instead of moving every row after them.
+// rows"): row r of a (layer, kv head) lives in slot
+//   s = first_slot + r + (r >= gap_row ? gap_slots : 0)
+// of the head's pages, at pool row page_ids[s / page_tokens] * page_tokens + s % page_tokens.
+// A page belongs to exactly one (sequence, layer, kv head). Rows are packed in ascending
+// position order from first_slot (0 <= first_slot < page_tokens) with at most one gap of
+// unused slots before row gap_row, so a head with `length` rows holds
+// ceil((first_slot + gap_slots + length) / page_tokens) pages, and a head keeping 0 rows
+// holds 0 pages (first_slot 0, no gap). A commit or a compaction leaves no gap and
+// first_slot 0. Dropping rows in place (PlanDropRows) advances first_slot when the rows
+// dropped are near the front (a sliding window's stale rows), or widens the gap when
+// they are next to it (a ring after a frozen selection drops its oldest row just after
+// the gap), instead of moving every row after them.
 //
 // Every planning function is all-or-nothing: on an error the layout is unchanged and no
 // page is allocated or freed.
@@ -39,9 +42,14 @@ inline constexpr float kUnscoredRow = std::numeric_limits<float>::infinity();
 
 // The kept rows of one (layer, kv head) of one sequence.
 struct HeadPages {
-  std::vector<int32_t> page_ids;   // ceil((first_slot + length) / page_tokens) pages, in row order
+  std::vector<int32_t> page_ids;   // ceil((first_slot + gap_slots + length) / page_tokens) pages, in row order
   int32_t length = 0;              // rows kept
   int32_t first_slot = 0;          // slot of row 0 in the first page, [0, page_tokens)
+  // Unused slots before row gap_row. Either no gap (both 0), or 0 < gap_row < length and
+  // gap_slots > 0 with no page wholly inside the gap (such a page is freed), so a gap
+  // wastes fewer than 2 * page_tokens slots.
+  int32_t gap_row = 0;
+  int32_t gap_slots = 0;
   RowVector<int32_t> positions;  // [length], strictly ascending original positions
   // [length] when the layout has query masks (bit g = visible to query head g of the
   // group), else empty = every row visible to every query head.
@@ -66,6 +74,10 @@ struct SequenceLayout {
   const HeadPages& at(int32_t layer, int32_t kv_head) const {
     return heads[layer * num_kv_heads + kv_head];
   }
+  // Slot of kept row `row` (<= length: `length` is where the next row goes) of a head.
+  static int32_t SlotOf(const HeadPages& head, int32_t row) {
+    return head.first_slot + row + (row >= head.gap_row ? head.gap_slots : 0);
+  }
   // Pool row of kept row `row` (< length) of (layer, kv_head).
   int32_t PoolRow(int32_t layer, int32_t kv_head, int32_t row) const;
   int32_t PoolRow(const HeadPages& head, int32_t row) const;
@@ -79,6 +91,19 @@ struct SequenceLayout {
   // next_pos); INTERNAL naming the first broken one. For tests and debugging.
   absl::Status CheckInvariants() const;
 };
+
+// The rows of a head as runs of consecutive slots: none (no rows), one, or two around
+// the gap. Rows [row, row + count) live in slots [slot, slot + count).
+struct SlotRun {
+  int32_t row = 0, slot = 0, count = 0;
+};
+struct SlotRuns {
+  SlotRun runs[2];
+  int32_t count = 0;
+  const SlotRun* begin() const { return runs; }
+  const SlotRun* end() const { return runs + count; }
+};
+SlotRuns SlotRunsOf(const HeadPages& head);
 
 // Row indices of one CopyRows call: dst[dst_rows[i]] = src[src_rows[i]].
 struct RowCopies {
@@ -159,13 +184,16 @@ absl::StatusOr<CompactionPlan> PlanCompaction(SequenceLayout* layout, const gate
 // each head, heads in layout order. Either empty (nothing dropped) or one list per head.
 using RowDrops = std::vector<std::vector<int32_t>>;
 
-// Dropping rows in place (PlanDropRows), per head the cheaper of two shifts: the kept
-// rows in front of the last dropped row shift back by the number dropped and first_slot
-// advances past them, or the kept rows after the first dropped row shift forward. Rows on
-// the other side stay where they are. So a ring that drops its oldest row after a few
-// sinks moves only the sinks, one after many selected prompt rows moves only the newer
-// ring rows, and a sliding window that drops its oldest rows moves nothing. The moves
-// overlap (a row may land where another one was), so they go through a staging area:
+// Dropping rows in place (PlanDropRows). Per head, the dropped rows and the gap are the
+// holes; rows in front of the first hole and after the last one can stay. The kept rows
+// between the first and the last hole close up behind the rows in front, and the holes
+// become the head's one gap. When nothing is kept in front, the rows before the last
+// hole move back instead and first_slot advances past the holes; when nothing is kept
+// after, those after the first hole move up and the tail is freed. Either way the fewest
+// rows move: a ring that drops its oldest row just after a frozen selection (or a few
+// sinks) moves none, and widens the gap; a sliding window that drops its oldest rows
+// moves none, and advances first_slot. The moves overlap (a row may land where another one
+// was), so they go through a staging area:
 // `to_stage` copies pool rows to staging rows [0, staged_rows), `from_stage` copies
 // staging rows back to pool rows. Pool rows are global, so one list serves every layer.
 // Each entry is a run of consecutive rows on both sides (within a page).
@@ -185,7 +213,7 @@ struct DropPlan {
 // strictly ascending within [0, that head's length).
 absl::Status CheckRowDrops(const SequenceLayout& layout, const RowDrops& drops);
 
-// Rows PlanDropRows would move for `drops` (each head's cheaper shift) and rows a
+// Rows PlanDropRows would move for `drops` (as above) and rows a
 // compaction would move (every kept row of a head that loses any), for choosing between
 // the two. Drops must be well formed (CheckRowDrops).
 struct DropCost {

@@ -156,10 +156,10 @@ TEST(PlanAppendTest, ExtendsMasksAndScoresAndHeadsWithNoRows) {
 }
 
 // A ring drop (1 layer, 2 kv heads, page_tokens 4): head 0 keeps two sinks and drops
-// row 2, so the sinks move back one slot through the staging rows and first_slot
-// advances; head 1 drops its first five rows, which frees its first page and moves
-// nothing; appends then go after the last row.
-TEST(PlanDropRowsTest, ShiftsTheRowsInFrontOfTheLastDropAndFreesEmptyPages) {
+// row 2, which becomes a gap of one slot (nothing moves); head 1 drops its first five
+// rows, which advances its first slot, frees its first page and moves nothing; appends
+// then go after the last row. A later drop far from the gap moves the rows after it.
+TEST(PlanDropRowsTest, LeavesTheLargestSegmentsInPlaceAndFreesEmptyPages) {
   PagePool pool(10);
   gates::KeepPlan keep = PlanOf(1, 2, 7, {{0, 1, 2, 3, 4, 5, 6}, {0, 1, 2, 3, 4, 5, 6}});
   keep.at(0, 0).query_mask = {1, 2, 3, 4, 5, 6, 7};
@@ -171,55 +171,57 @@ TEST(PlanDropRowsTest, ShiftsTheRowsInFrontOfTheLastDropAndFreesEmptyPages) {
   ASSERT_THAT(layout.at(0, 1).page_ids, ElementsAre(2, 3));
   const RowDrops drops = {{2}, {0, 1, 2, 3, 4}};
   const DropCost cost = CostOfDrop(layout, drops);
-  EXPECT_EQ(cost.moved_in_place, 2 + 0);
+  EXPECT_EQ(cost.moved_in_place, 0);
   EXPECT_EQ(cost.moved_by_compaction, 6 + 2);
   auto plan = PlanDropRows(&layout, drops, &pool);
   ASSERT_TRUE(plan.ok()) << plan.status();
   EXPECT_TRUE(layout.CheckInvariants().ok()) << layout.CheckInvariants();
-  // Head 0: pool rows 0, 1 (positions 0, 1) to staging 0, 1, then to pool rows 1, 2, as
-  // one run of two rows each way.
-  EXPECT_THAT(plan->to_stage.src_rows, ElementsAre(0));
-  EXPECT_THAT(plan->to_stage.dst_rows, ElementsAre(0));
-  EXPECT_THAT(plan->to_stage.lengths, ElementsAre(2));
-  EXPECT_THAT(plan->from_stage.src_rows, ElementsAre(0));
-  EXPECT_THAT(plan->from_stage.dst_rows, ElementsAre(1));
-  EXPECT_THAT(plan->from_stage.lengths, ElementsAre(2));
-  EXPECT_EQ(plan->staged_rows, 2);
-  EXPECT_THAT(plan->mask_pages, ElementsAre(0));
+  EXPECT_EQ(plan->to_stage.size(), 0);
+  EXPECT_EQ(plan->from_stage.size(), 0);
+  EXPECT_EQ(plan->staged_rows, 0);
+  EXPECT_THAT(plan->mask_pages, IsEmpty());
   EXPECT_THAT(plan->freed_pages, ElementsAre(2));
   const HeadPages& ring = layout.at(0, 0);
-  EXPECT_EQ(ring.first_slot, 1);
+  EXPECT_EQ(ring.first_slot, 0);
+  EXPECT_EQ(ring.gap_row, 2);
+  EXPECT_EQ(ring.gap_slots, 1);
   EXPECT_EQ(ring.length, 6);
   EXPECT_THAT(ring.positions, ElementsAre(0, 1, 3, 4, 5, 6));
   EXPECT_THAT(ring.query_mask, ElementsAre(1, 2, 4, 5, 6, 7));
-  EXPECT_EQ(layout.PoolRow(0, 0, 0), 1);
+  EXPECT_EQ(layout.PoolRow(0, 0, 1), 1);
   EXPECT_EQ(layout.PoolRow(0, 0, 2), 3);  // position 3 did not move
   const HeadPages& window = layout.at(0, 1);
   EXPECT_THAT(window.page_ids, ElementsAre(3));
   EXPECT_EQ(window.first_slot, 1);
+  EXPECT_EQ(window.gap_slots, 0);
   EXPECT_THAT(window.positions, ElementsAre(5, 6));
   EXPECT_EQ(pool.num_used(), 3);
-  // Head 0 fills its second page (slots 1..7 of 8), head 1 its page's slot 3.
+  // Head 0 fills its second page (slot 7 of 8), head 1 its page's slot 3.
   auto step = PlanAppend(&layout, &pool);
   ASSERT_TRUE(step.ok()) << step.status();
   EXPECT_THAT(step->dst_rows, ElementsAre(1 * 4 + 3, 3 * 4 + 3));
   EXPECT_THAT(step->new_pages, IsEmpty());
   step = PlanAppend(&layout, &pool);
   ASSERT_TRUE(step.ok()) << step.status();
-  EXPECT_EQ(step->new_pages.size(), 2u);
+  EXPECT_THAT(step->new_pages, ElementsAre(2, 4));
+  EXPECT_THAT(step->dst_rows, ElementsAre(2 * 4, 4 * 4));
   EXPECT_TRUE(layout.CheckInvariants().ok()) << layout.CheckInvariants();
-  // A drop near the end shifts the back instead: the last row moves forward one slot and
-  // the page it leaves is freed.
-  ASSERT_THAT(layout.at(0, 0).page_ids, ElementsAre(0, 1, ::testing::_));
-  const int32_t last_page = layout.at(0, 0).page_ids.back();
+  // Dropping position 7 (row 6, slot 7) leaves segments of 2, 4 and 1 rows: the first two
+  // stay, with the gap between them, and the last row moves up one slot, which empties
+  // page 2.
+  ASSERT_THAT(layout.at(0, 0).page_ids, ElementsAre(0, 1, 2));
   plan = PlanDropRows(&layout, {{6}, {}}, &pool);
   ASSERT_TRUE(plan.ok()) << plan.status();
-  EXPECT_THAT(plan->to_stage.src_rows, ElementsAre(last_page * 4));
+  EXPECT_THAT(plan->to_stage.src_rows, ElementsAre(2 * 4));
   EXPECT_THAT(plan->from_stage.dst_rows, ElementsAre(1 * 4 + 3));
   EXPECT_THAT(plan->from_stage.lengths, ElementsAre(1));
-  EXPECT_THAT(plan->freed_pages, ElementsAre(last_page));
-  EXPECT_EQ(layout.at(0, 0).first_slot, 1);
+  EXPECT_THAT(plan->mask_pages, ElementsAre(1));
+  EXPECT_THAT(plan->freed_pages, ElementsAre(2));
+  EXPECT_EQ(layout.at(0, 0).first_slot, 0);
+  EXPECT_EQ(layout.at(0, 0).gap_row, 2);
+  EXPECT_EQ(layout.at(0, 0).gap_slots, 1);
   EXPECT_THAT(layout.at(0, 0).positions, ElementsAre(0, 1, 3, 4, 5, 6, 8));
+  EXPECT_EQ(layout.PoolRow(0, 0, 6), 1 * 4 + 3);
   EXPECT_TRUE(layout.CheckInvariants().ok()) << layout.CheckInvariants();
   // Dropping every row of a head releases its pages and resets its first slot.
   const int32_t used = pool.num_used();
@@ -232,11 +234,41 @@ TEST(PlanDropRowsTest, ShiftsTheRowsInFrontOfTheLastDropAndFreesEmptyPages) {
   EXPECT_TRUE(layout.CheckInvariants().ok()) << layout.CheckInvariants();
   // Malformed drops change nothing.
   const SequenceLayout before = layout;
-  for (const RowDrops& bad : {RowDrops{{1, 1}, {}}, RowDrops{{8}, {}}, RowDrops{{-1}, {}}, RowDrops{{0}}}) {
+  for (const RowDrops& bad : {RowDrops{{1, 1}, {}}, RowDrops{{7}, {}}, RowDrops{{-1}, {}}, RowDrops{{0}}}) {
     EXPECT_EQ(PlanDropRows(&layout, bad, &pool).status().code(), absl::StatusCode::kInvalidArgument);
     EXPECT_EQ(layout.at(0, 0).positions, before.at(0, 0).positions);
     EXPECT_EQ(layout.AllPages(), before.AllPages());
   }
+}
+
+// A ring after a frozen selection (page_tokens 4, 3 frozen rows, a ring of 6): every step
+// appends a row and drops the ring's oldest, which sits just after the gap. Nothing ever
+// moves; the gap grows, and each page it wholly covers goes back to the pool, so the head
+// holds at most the pages of its rows plus two.
+TEST(PlanDropRowsTest, ARingAfterAFrozenSelectionMovesNothing) {
+  PagePool pool(16);
+  auto commit = PlanCommit(PlanOf(1, 1, 9, {{0, 2, 4, 5, 6, 7, 8}}), 9, 4, &pool);
+  ASSERT_TRUE(commit.ok()) << commit.status();
+  SequenceLayout layout = std::move(commit->layout);
+  const int32_t frozen = 3, ring = 4;
+  for (int step = 0; step < 40; ++step) {
+    SCOPED_TRACE(::testing::Message() << "step " << step);
+    ASSERT_TRUE(PlanAppend(&layout, &pool).ok());
+    const HeadPages& hp = layout.at(0, 0);
+    RowDrops drops = {{}};
+    for (int32_t r = frozen; r < hp.length - ring; ++r) drops[0].push_back(r);
+    auto plan = PlanDropRows(&layout, drops, &pool);
+    ASSERT_TRUE(plan.ok()) << plan.status();
+    ASSERT_TRUE(layout.CheckInvariants().ok()) << layout.CheckInvariants();
+    EXPECT_EQ(plan->staged_rows, 0);
+    EXPECT_EQ(hp.length, frozen + ring);
+    EXPECT_THAT(absl::MakeConstSpan(hp.positions.begin(), 3), ElementsAre(0, 2, 4));
+    EXPECT_EQ(hp.positions[hp.length - 1], layout.next_pos - 1);
+    EXPECT_LE(static_cast<int64_t>(hp.page_ids.size()), (frozen + ring + 3) / 4 + 2);
+    EXPECT_EQ(layout.PoolRow(0, 0, 0), 0);  // the frozen rows never move
+    EXPECT_EQ(layout.PoolRow(0, 0, 2), 2);
+  }
+  EXPECT_EQ(pool.num_used(), layout.NumPages());
 }
 
 TEST(PlanAppendTest, ShortPoolChangesNothing) {

@@ -163,8 +163,10 @@ void HeadPagedDecodeAttentionRef(const HeadPagedDecodeAttentionArgs& a) {
       scores.clear();
       double max_score = -INFINITY;
       const int32_t first_slot = kv.first_slots != nullptr ? kv.first_slots[seq_head] : 0;
+      const int32_t gap_row = kv.gap_rows != nullptr ? kv.gap_rows[seq_head] : 0;
+      const int32_t gap_slots = kv.gap_slots != nullptr ? kv.gap_slots[seq_head] : 0;
       for (int32_t r = 0; r < kv.lengths[seq_head]; ++r) {
-        const int32_t slot = first_slot + r;
+        const int32_t slot = first_slot + r + (r >= gap_row ? gap_slots : 0);
         const int64_t row =
             static_cast<int64_t>(pages[slot / kv.page_tokens]) * kv.page_tokens + slot % kv.page_tokens;
         if (kv.query_masks != nullptr && ((kv.query_masks[row] >> (h % group)) & 1) == 0) continue;

@@ -1006,8 +1006,8 @@ TEST(CopyRowsDtypeTest, ConvertingCopiesMatchReferenceBits) {
 
 // A head-paged layout (cuda/testing/head_paged_layout.h) copied to the device.
 struct DeviceLayout {
-  DeviceBuffer k_pages, v_pages, page_indptr, page_ids, lengths, query_masks, first_slots;
-  bool with_masks = false, with_first_slots = false;
+  DeviceBuffer k_pages, v_pages, page_indptr, page_ids, lengths, query_masks, first_slots, gap_rows, gap_slots;
+  bool with_masks = false, with_slot_offsets = false;
   int32_t page_tokens = 0, head_dim = 0;
   KvDtype dtype = KvDtype::kFloat32;
   HeadPagedKvView View() const {
@@ -1016,7 +1016,9 @@ struct DeviceLayout {
                          lengths.as<int32_t>(),     with_masks ? query_masks.as<uint8_t>() : nullptr,
                          page_tokens,               head_dim,
                          dtype};
-    view.first_slots = with_first_slots ? first_slots.as<int32_t>() : nullptr;
+    view.first_slots = with_slot_offsets ? first_slots.as<int32_t>() : nullptr;
+    view.gap_rows = with_slot_offsets ? gap_rows.as<int32_t>() : nullptr;
+    view.gap_slots = with_slot_offsets ? gap_slots.as<int32_t>() : nullptr;
     return view;
   }
 };
@@ -1035,9 +1037,10 @@ absl::StatusOr<DeviceLayout> UploadLayout(Backend& backend, const paged_testing:
     if (!b.ok()) return b.status();
     *dst = std::move(*b);
   }
-  d.with_first_slots = !host.first_slots.empty();
+  d.with_slot_offsets = !host.first_slots.empty();
   for (auto [dst, src] : {std::pair{&d.page_indptr, &host.page_indptr}, {&d.page_ids, &host.page_ids},
-                          {&d.lengths, &host.lengths}, {&d.first_slots, &host.first_slots}}) {
+                          {&d.lengths, &host.lengths}, {&d.first_slots, &host.first_slots},
+                          {&d.gap_rows, &host.gap_rows}, {&d.gap_slots, &host.gap_slots}}) {
     absl::StatusOr<DeviceBuffer> b = Upload(backend, *src);
     if (!b.ok()) return b.status();
     *dst = std::move(*b);
@@ -1059,7 +1062,7 @@ struct HeadPagedCase {
     for (int32_t l : lengths) absl::StrAppend(&lens, "_", l);
     return absl::StrCat(label, "_seqs", num_seqs, "_q", num_q_heads, "_kv", num_kv_heads, "_hd",
                         head_dim, "_pt", page_tokens, "_len", lens, masks ? "_masks" : "",
-                        seed % 2 == 1 ? "_first_slots" : "", "_seed", seed);
+                        seed % 2 == 1 ? "_slot_offsets" : "", "_seed", seed);
   }
 };
 void PrintTo(const HeadPagedCase& c, std::ostream* os) { *os << c.Name(); }
@@ -1072,7 +1075,8 @@ TEST_P(HeadPagedDecodeAttentionTest, MatchesReference) {
   std::mt19937 rng(c.seed);
   std::vector<int32_t> lengths(static_cast<size_t>(c.num_seqs) * c.num_kv_heads);
   for (size_t i = 0; i < lengths.size(); ++i) lengths[i] = c.lengths[i % c.lengths.size()];
-  // Odd seeds start each head at a random slot of its first page (a ring's layout).
+  // Odd seeds start each head at a random slot of its first page and leave a gap (a
+  // ring's layouts).
   const paged_testing::HeadPagedLayout layout = paged_testing::MakeHeadPagedLayout(
       rng, lengths, c.page_tokens, c.head_dim, c.num_q_heads / c.num_kv_heads, c.masks, 5, c.seed % 2 == 1);
   const auto q = RandomFloats(rng, static_cast<size_t>(c.num_seqs) * c.num_q_heads * c.head_dim,

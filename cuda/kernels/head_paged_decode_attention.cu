@@ -23,10 +23,12 @@ struct PagedRows {
   const uint8_t* query_masks;
   int32_t page_tokens;
   int32_t first_slot;  // of row 0 in the first page
+  int32_t gap_row;     // rows from gap_row on sit gap_slots slots further
+  int32_t gap_slots;
   int32_t head_dim;
   uint32_t bit;
   __device__ bool Locate(int32_t j, int64_t* offset) const {
-    const int32_t slot = first_slot + j;
+    const int32_t slot = first_slot + j + (j >= gap_row ? gap_slots : 0);
     const int64_t row =
         static_cast<int64_t>(page_ids[slot / page_tokens]) * page_tokens + slot % page_tokens;
     *offset = row * head_dim;
@@ -42,9 +44,11 @@ struct PagedGroupRows {
   const uint8_t* query_masks;
   int32_t page_tokens;
   int32_t first_slot;  // of row 0 in the first page
+  int32_t gap_row;     // rows from gap_row on sit gap_slots slots further
+  int32_t gap_slots;
   __device__ __forceinline__ uint32_t Locate(int32_t j, int64_t* row) const {
     constexpr uint32_t kAllHeads = (1u << G) - 1;
-    const int32_t slot = first_slot + j;
+    const int32_t slot = first_slot + j + (j >= gap_row ? gap_slots : 0);
     *row = static_cast<int64_t>(page_ids[slot / page_tokens]) * page_tokens + slot % page_tokens;
     return query_masks == nullptr ? kAllHeads : static_cast<uint32_t>(query_masks[*row]) & kAllHeads;
   }
@@ -68,7 +72,9 @@ __global__ void __launch_bounds__(grouped_decode::kBlockSize)
   const int64_t first = min(static_cast<int64_t>(blockIdx.y) * share, length);
   const int64_t end = min(first + share, length);
   const PagedGroupRows<G> rows{kv.page_ids + kv.page_indptr[seq_head], kv.query_masks, kv.page_tokens,
-                               kv.first_slots != nullptr ? kv.first_slots[seq_head] : 0};
+                               kv.first_slots != nullptr ? kv.first_slots[seq_head] : 0,
+                               kv.gap_rows != nullptr ? kv.gap_rows[seq_head] : 0,
+                               kv.gap_slots != nullptr ? kv.gap_slots[seq_head] : 0};
   const int64_t head0 = seq * args.num_q_heads + static_cast<int64_t>(kv_head) * G;
   if constexpr (kTiled) {
     grouped_decode::AttendGroupRowsTiled<D, G>(rows, static_cast<const T*>(kv.k_pages),
@@ -282,8 +288,14 @@ __global__ void HeadPagedDecodeAttentionKernel(HeadPagedDecodeAttentionArgs args
   const int64_t first = blockIdx.y * share;
   const int64_t end = min(first + share, length);  // first >= end: an empty split
 
-  const PagedRows rows{kv.page_ids + kv.page_indptr[seq_head], kv.query_masks, kv.page_tokens,
-                       kv.first_slots != nullptr ? kv.first_slots[seq_head] : 0, kv.head_dim, kv.query_masks != nullptr ? 1u << (q_head % group) : 0u};
+  const PagedRows rows{kv.page_ids + kv.page_indptr[seq_head],
+                       kv.query_masks,
+                       kv.page_tokens,
+                       kv.first_slots != nullptr ? kv.first_slots[seq_head] : 0,
+                       kv.gap_rows != nullptr ? kv.gap_rows[seq_head] : 0,
+                       kv.gap_slots != nullptr ? kv.gap_slots[seq_head] : 0,
+                       kv.head_dim,
+                       kv.query_masks != nullptr ? 1u << (q_head % group) : 0u};
   float* partial = partials != nullptr
                        ? partials + (seq_q_head * num_splits + blockIdx.y) *
                                         attention_core::PartialFloats(kv.head_dim)

@@ -25,11 +25,14 @@ struct HeadPagedLayout {
   std::vector<int32_t> lengths;         // [num_seq_heads]
   std::vector<uint8_t> query_masks;     // [num_pages, page_tokens], or empty = no masks
   std::vector<int32_t> first_slots;     // [num_seq_heads], or empty = every head from slot 0
+  std::vector<int32_t> gap_rows;        // [num_seq_heads], or empty = no gaps
+  std::vector<int32_t> gap_slots;       // [num_seq_heads], or empty = no gaps
 
   int32_t num_seq_heads() const { return static_cast<int32_t>(lengths.size()); }
   // Pool row (page * page_tokens + slot) of row r of seq head i.
   int64_t PoolRow(int32_t i, int32_t r) const {
-    const int32_t slot = (first_slots.empty() ? 0 : first_slots[i]) + r;
+    const int32_t gap = !gap_rows.empty() && r >= gap_rows[i] ? gap_slots[i] : 0;
+    const int32_t slot = (first_slots.empty() ? 0 : first_slots[i]) + r + gap;
     return static_cast<int64_t>(page_ids[page_indptr[i] + slot / page_tokens]) * page_tokens +
            slot % page_tokens;
   }
@@ -40,6 +43,8 @@ struct HeadPagedLayout {
     HeadPagedKvView view{k_pages.data(), v_pages.data(), page_indptr.data(), page_ids.data(), lengths.data(),
                          query_masks.empty() ? nullptr : query_masks.data(), page_tokens, head_dim};
     view.first_slots = first_slots.empty() ? nullptr : first_slots.data();
+    view.gap_rows = gap_rows.empty() ? nullptr : gap_rows.data();
+    view.gap_slots = gap_slots.empty() ? nullptr : gap_slots.data();
     return view;
   }
 };
@@ -47,22 +52,31 @@ struct HeadPagedLayout {
 // One seq head per entry of `lengths`. Kept rows get K, V uniform in [-1, 1]. With
 // `with_masks`, every row gets random bits 0..group-1 (group <= 8), except that each
 // head's last row (its new token) gets all of them, so every query head sees a row; a
-// row that no query head may see holds NaN. With `with_first_slots`, each non-empty head
-// starts at a random slot of its first page (a ring's layout); the slots before it hold NaN.
+// row that no query head may see holds NaN. With `with_slot_offsets`, each non-empty head
+// starts at a random slot of its first page, and each head of two rows or more has a gap
+// of 1 to 2 * page_tokens - 2 unused slots before a random row (a ring's layouts); the
+// slots before the first and inside the gap hold NaN.
 inline HeadPagedLayout MakeHeadPagedLayout(std::mt19937& rng, const std::vector<int32_t>& lengths,
                                            int32_t page_tokens, int32_t head_dim, int32_t group,
-                                           bool with_masks, int32_t spare_pages, bool with_first_slots = false) {
+                                           bool with_masks, int32_t spare_pages, bool with_slot_offsets = false) {
   HeadPagedLayout layout;
   layout.page_tokens = page_tokens;
   layout.head_dim = head_dim;
   layout.lengths = lengths;
-  if (with_first_slots) {
+  if (with_slot_offsets) {
     std::uniform_int_distribution<int32_t> slot(0, page_tokens - 1);
-    for (int32_t length : lengths) layout.first_slots.push_back(length > 0 ? slot(rng) : 0);
+    std::uniform_int_distribution<int32_t> gap(1, std::max(1, 2 * page_tokens - 2));
+    for (int32_t length : lengths) {
+      layout.first_slots.push_back(length > 0 ? slot(rng) : 0);
+      const bool has_gap = length >= 2;
+      layout.gap_rows.push_back(has_gap ? std::uniform_int_distribution<int32_t>(1, length - 1)(rng) : 0);
+      layout.gap_slots.push_back(has_gap ? gap(rng) : 0);
+    }
   }
   layout.page_indptr.push_back(0);
   for (size_t i = 0; i < lengths.size(); ++i) {
-    const int32_t slots = (with_first_slots ? layout.first_slots[i] : 0) + lengths[i];
+    const int32_t slots =
+        with_slot_offsets ? layout.first_slots[i] + layout.gap_slots[i] + lengths[i] : lengths[i];
     layout.page_indptr.push_back(layout.page_indptr.back() + (slots + page_tokens - 1) / page_tokens);
   }
   layout.num_pages = layout.page_indptr.back() + spare_pages;
