@@ -121,8 +121,11 @@ class PolicyPlanner final : public engine::KvPlanner {
     accounting->kv_entries_kept = plan.KeptEntries();
     accounting->keep_fraction =
         accounting->kv_entries_full > 0 ? double(accounting->kv_entries_kept) / accounting->kv_entries_full : 1.0;
-    accounting->bytes_full = accounting->kv_entries_full * c.KvEntryBytes();
-    accounting->bytes_kept = accounting->kv_entries_kept * c.KvEntryBytes();
+    // An entry is a K row and a V row of the pool's dtype (bf16 pages hold half the bytes
+    // of the model's float32 entries).
+    const int64_t entry_bytes = 2 * static_cast<int64_t>(pool_->row_bytes());
+    accounting->bytes_full = accounting->kv_entries_full * entry_bytes;
+    accounting->bytes_kept = accounting->kv_entries_kept * entry_bytes;
     accounting->pages_used = static_cast<int32_t>(layout.NumPages());
     return std::make_unique<SequenceBatch>(pool_, std::move(layout), c.sliding_window, std::move(evictor));
   }

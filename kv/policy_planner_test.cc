@@ -616,6 +616,23 @@ TEST_F(PolicyPlannerTest, ReportsAccountingAndReturnsPages) {
   EXPECT_EQ(pool_->pages_free(), free_before) << "a finished sequence must return every page";
 }
 
+// Bytes count what the pool stores: a bf16 pool's entries are half a float32 entry.
+TEST_F(PolicyPlannerTest, AccountingCountsThePoolsBytesPerEntry) {
+  const engine::ModelConfig& c = model_->config();
+  auto narrow = KvPool::Create(backend_.get(), c.num_layers * c.num_kv_heads * 64, 16, c.head_dim, ops::KvDtype::kBf16);
+  ASSERT_TRUE(narrow.ok()) << narrow.status();
+  std::swap(pool_, *narrow);
+  gates::EvictionSpec spec;
+  spec.policy = "snapkv";
+  spec.keep_ratio = 0.3f;
+  const PagedRun run = RunPaged(spec);
+  std::swap(pool_, *narrow);
+  const int64_t entry_bytes = 2 * int64_t{c.head_dim} * 2;  // bf16 K and V
+  EXPECT_EQ(run.accounting.bytes_full, run.accounting.kv_entries_full * entry_bytes);
+  EXPECT_EQ(run.accounting.bytes_kept, run.accounting.kv_entries_kept * entry_bytes);
+  EXPECT_LT(run.accounting.bytes_kept, run.accounting.bytes_full);
+}
+
 TEST_F(PolicyPlannerTest, BadSpecsAreInvalidArgument) {
   gates::PolicyOptions options;
   gates::EvictionSpec unknown;
