@@ -8,7 +8,8 @@
     `full` and against the floor of the same run: (bf16 weights + the kept bf16 K/V) over
     the measured device-copy bandwidth.
 The model is gpu_engine_bench.py's random Llama-3.1-8B-shaped checkpoint cut to 8 layers
-(written unless --model-dir holds one). Writes eviction.json and eviction.md into --out-dir.
+(written unless --model-dir holds one; KVGATE_BENCH_LAYERS=32 with another --model-dir gives
+the full 32 layers). Writes eviction.json and eviction.md into --out-dir.
 
   python3 bench/eviction_bench.py --bench-bin BUNDLE/bin/gpu_engine_bench --out-dir DIR
 """
@@ -57,7 +58,7 @@ def against_full(rows, key):
 
 
 def markdown(r):
-    lines = [f"Device: {r['device']} (driver {r['driver']}), {r['date']}, commit `{r['commit']}`.",
+    lines = [f"Device: {r['device']} (driver {r['driver']}), {r['date']}, commit `{r['commit']}`; {r['model']}.",
              f"Floors of this run: device copy {r['floors']['copy_tb_per_s']:.2f} TB/s (read + write), "
              f"bf16 GEMM {r['floors']['gemm_tflop_per_s']:.0f} TFLOP/s.", ""]
     prefill = r["overhead"].get("policy_prefill", [])
@@ -105,7 +106,7 @@ def main():
                          stdout=subprocess.PIPE, text=True).stdout.strip().split(", ")
     r = {"device": smi[0], "driver": smi[-1], "commit": a.commit,
          "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-         "model": "random Llama-3.1-8B shapes, 8 layers, bf16 (bench/gpu_engine_bench.py)",
+         "model": f"random Llama-3.1-8B shapes, {engine.LAYERS} layers, bf16 (bench/gpu_engine_bench.py)",
          "keep_ratio": float(a.keep_ratio), "floors": engine.measure_floors()}
     common = ["--model", a.model_dir, "--backend", "cuda", "--weights", "bf16", "--decode", "",
               "--keep-ratio", a.keep_ratio]

@@ -31,7 +31,9 @@ import time
 import torch
 import torch.nn.functional as F
 
-LAYERS, HIDDEN, INTER, HEADS, KV_HEADS, HEAD_DIM, VOCAB = 8, 4096, 14336, 32, 8, 128, 1500
+# KVGATE_BENCH_LAYERS=32 gives the full-depth 8B shape (write it to another --model-dir).
+LAYERS = int(os.environ.get("KVGATE_BENCH_LAYERS", "8"))
+HIDDEN, INTER, HEADS, KV_HEADS, HEAD_DIM, VOCAB = 4096, 14336, 32, 8, 128, 1500
 ROPE_THETA, EPS = 500000.0, 1e-5
 ROPE_SCALING = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                 "original_max_position_embeddings": 8192}
