@@ -80,6 +80,17 @@ def markdown(r):
             lines.append(f"| {x['batch']} | {x['context']:,} | {x['policy']} | {kept:.3f} | {x['median_ms']:.2f} | "
                          f"{x.get('host_end_step_median_ms', float('nan')):.2f} | "
                          f"{x['tokens_per_s']:,.0f} | {change} | {x['floor_ms']:.2f} | {x['median_ms'] / x['floor_ms']:.2f}x |")
+    capacity = r["decode"].get("capacity", [])
+    if capacity:
+        full = next((x["sequences"] for x in capacity if x["policy"] == "full"), None)
+        lines += ["", f"Sequences of {capacity[0]['context']:,} tokens that one fixed pool of "
+                  f"{capacity[0]['pool_gib']:g} GiB of {capacity[0]['kv_dtype']} K/V pages holds (commits until the "
+                  "pool refuses):", "",
+                  "| policy | kept | pages per sequence | sequences | vs full |", "|---|---|---|---|---|"]
+        for x in capacity:
+            ratio = f"{x['sequences'] / full:.2f}x" if full else "-"
+            lines.append(f"| {x['policy']} | {x['keep_ratio']:.1f} | {x['pages_per_sequence']:,} | {x['sequences']} | "
+                         f"{ratio} |")
     for part in ("overhead", "decode"):
         if "error" in r[part]:
             lines += ["", f"{part} failed: ```{r[part]['error'][-600:]}```"]
@@ -97,6 +108,9 @@ def main():
     ap.add_argument("--batch-context", type=int, default=8192)
     ap.add_argument("--decode-policies", default="full,snapkv,streaming_llm")
     ap.add_argument("--keep-ratio", default="0.3")
+    ap.add_argument("--capacity-context", type=int, default=0,
+                    help="also count the sequences of this many tokens a fixed pool holds, per decode policy")
+    ap.add_argument("--capacity-pool-gib", type=float, default=8.0)
     ap.add_argument("--commit", default=os.environ.get("KVGATE_COMMIT", "unknown"))
     a = ap.parse_args()
     os.makedirs(a.out_dir, exist_ok=True)
@@ -114,7 +128,9 @@ def main():
                               "/tmp/eviction-overhead.json")
     r["decode"] = run_bench(a.bench_bin, common + ["--prefill", "", "--decode-batch", a.decode_batch,
                                                    "--batch-context", str(a.batch_context),
-                                                   "--decode-policy", a.decode_policies],
+                                                   "--decode-policy", a.decode_policies,
+                                                   "--capacity-context", str(a.capacity_context),
+                                                   "--capacity-pool-gib", str(a.capacity_pool_gib)],
                             "/tmp/eviction-decode.json")
     for row in r["decode"].get("decode_batched", []):
         row["floor_ms"], row["kv_bytes"] = decode_floor_ms(row, r["floors"]["copy_tb_per_s"])

@@ -12,9 +12,14 @@
 //       [--prefill 2048,8192] [--decode 1024,8192] [--decode-steps 32] [--repeats 3]
 //       [--decode-batch 32,64] [--batch-context 8192] [--kv-dtype auto|float32|bf16] [--json PATH]
 //       [--policy-prefill snapkv,sage_kv [--keep-ratio 0.3]] [--decode-policy full,snapkv]
+//       [--capacity-context 32768 --capacity-pool-gib 8]
 // --policy-prefill times, at each --prefill size, a prefill through each policy's planner
 // (forward with its capture, scoring, selection and compaction into pages), warm.
 // --kv-dtype is the element type of the batched decode's KV pages (auto: bf16 on cuda).
+// --capacity-context counts, per --decode-policy, how many sequences of that many tokens a
+// KV pool of --capacity-pool-gib GiB of K/V pages holds: one prompt is prefilled and
+// committed under the policy, then its kept rows are committed again until the pool
+// refuses (RESOURCE_EXHAUSTED), as admission to a decode worker's fixed pool would.
 #include <dlfcn.h>
 
 #include <algorithm>
@@ -230,6 +235,53 @@ absl::StatusOr<json> BatchedDecode(engine::Model& m, ops::Backend* backend, int3
               {"fill_ms", fill_ms}};
 }
 
+// How many `context`-token sequences kept as `policy` keeps one random prompt fit a pool
+// of `pool_pages` pages (see --capacity-context). Every page goes back before it returns.
+absl::StatusOr<json> Capacity(engine::Model& m, ops::Backend* backend, int32_t context, int64_t pool_pages,
+                              ops::KvDtype kv_dtype, const std::string& policy, float keep_ratio,
+                              const gates::PolicyOptions& policy_options) {
+  constexpr int32_t kPageTokens = 16;
+  const engine::ModelConfig& c = m.config();
+  if (pool_pages <= 0 || pool_pages > (int64_t{1} << 30)) {
+    return absl::InvalidArgumentError(absl::StrCat("--capacity-pool-gib gives ", pool_pages, " pages"));
+  }
+  absl::StatusOr<std::unique_ptr<kv::KvPool>> pool =
+      kv::KvPool::Create(backend, static_cast<int32_t>(pool_pages), kPageTokens, c.head_dim, kv_dtype);
+  if (!pool.ok()) return pool.status();
+  gates::EvictionSpec spec;
+  spec.policy = policy;
+  if (policy != "full") spec.keep_ratio = keep_ratio;
+  absl::StatusOr<std::unique_ptr<engine::KvPlanner>> planner = kv::CreatePolicyPlanner(m, pool->get(), spec, policy_options);
+  if (!planner.ok()) return planner.status();
+  const std::vector<int32_t> prompt = RandomTokens(context, c.vocab_size, 9000u + context);
+  absl::StatusOr<std::unique_ptr<engine::KvCache>> cache = m.NewCache(context);
+  if (!cache.ok()) return cache.status();
+  absl::StatusOr<Committed> committed = PrefillAndCommit(m, **planner, prompt, cache->get());
+  if (!committed.ok()) return committed.status();
+  const kv::SequenceLayout& first = static_cast<kv::SequenceBatch*>(committed->batch.get())->layout();
+  gates::KeepPlan plan{first.num_layers, first.num_kv_heads, context, {}};
+  for (const kv::HeadPages& head : first.heads) {
+    plan.heads.push_back({std::vector<int32_t>(head.positions.begin(), head.positions.end()),
+                          std::vector<uint8_t>(head.query_mask.begin(), head.query_mask.end()),
+                          std::vector<float>(head.scores.begin(), head.scores.end())});
+  }
+  std::vector<kv::SequenceLayout> more;
+  absl::Status refused;
+  while (refused.ok()) {
+    kv::SequenceLayout layout;
+    refused = (*pool)->CommitPrefill(**cache, plan, &layout);
+    if (refused.ok()) more.push_back(std::move(layout));
+  }
+  for (kv::SequenceLayout& layout : more) {
+    if (absl::Status released = (*pool)->Release(&layout); !released.ok()) return released;
+  }
+  if (refused.code() != absl::StatusCode::kResourceExhausted) return refused;
+  return json{{"context", context}, {"policy", policy}, {"keep_ratio", policy == "full" ? 1.0f : keep_ratio},
+              {"pool_pages", pool_pages}, {"page_tokens", kPageTokens}, {"kv_dtype", ops::KvDtypeName(kv_dtype)},
+              {"pages_per_sequence", first.NumPages()}, {"kv_entries_kept", committed->accounting.kv_entries_kept},
+              {"sequences", static_cast<int64_t>(more.size()) + 1}};
+}
+
 // Prefill of one `n`-token prompt through a policy planner (forward with the policy's
 // capture, scoring, selection, compaction into pages), warm: the first of repeats + 1
 // runs is dropped. The sequence's pages go back after each run.
@@ -277,7 +329,8 @@ absl::StatusOr<json> PolicyPrefill(engine::Model& m, ops::Backend* backend, int3
 absl::StatusOr<json> Run(int argc, char** argv) {
   std::string model_dir, backend_name = "cuda", weights = "bf16", json_path, kv_dtype_name = "auto";
   std::vector<int32_t> prefill = {2048, 8192}, decode = {1024, 8192}, decode_batch;
-  int decode_steps = 32, repeats = 3, batch_context = 8192;
+  int decode_steps = 32, repeats = 3, batch_context = 8192, capacity_context = 0;
+  double capacity_pool_gib = 8.0;
   std::vector<std::string> policies;  // --policy-prefill: eviction overhead at --prefill sizes
   std::vector<std::string> decode_policies = {"full"};  // --decode-policy: batched decode per policy
   float keep_ratio = 0.3f;
@@ -299,6 +352,8 @@ absl::StatusOr<json> Run(int argc, char** argv) {
     else if (flag == "--policy-prefill") policies = absl::StrSplit(value, ',', absl::SkipEmpty());
     else if (flag == "--keep-ratio") keep_ratio = std::stof(value);
     else if (flag == "--decode-policy") decode_policies = absl::StrSplit(value, ',', absl::SkipEmpty());
+    else if (flag == "--capacity-context") capacity_context = std::stoi(value);
+    else if (flag == "--capacity-pool-gib") capacity_pool_gib = std::stod(value);
     else return absl::InvalidArgumentError(absl::StrCat("unknown flag ", flag));
   }
   if (model_dir.empty()) return absl::InvalidArgumentError("--model DIR is required");
@@ -398,6 +453,20 @@ absl::StatusOr<json> Run(int argc, char** argv) {
     }
   }
   result["decode_batched"] = batch_rows;
+
+  json capacity_rows = json::array();
+  const int64_t page_bytes = int64_t{2} * 16 * m.config().head_dim * static_cast<int64_t>(ops::KvDtypeBytes(kv_dtype));
+  const auto capacity_pages = static_cast<int64_t>(capacity_pool_gib * double(int64_t{1} << 30) / double(page_bytes));
+  for (const std::string& policy : capacity_context > 0 ? decode_policies : std::vector<std::string>{}) {
+    absl::StatusOr<json> row = Capacity(m, backend->get(), capacity_context, capacity_pages, kv_dtype, policy,
+                                        keep_ratio, *gate_options);
+    if (!row.ok()) return row.status();
+    (*row)["pool_gib"] = capacity_pool_gib;
+    std::fprintf(stderr, "[%s KV] %.2f GiB pool at %d tokens, %s: %lld sequences\n", ops::KvDtypeName(kv_dtype),
+                 capacity_pool_gib, capacity_context, policy.c_str(), static_cast<long long>((*row)["sequences"].get<int64_t>()));
+    capacity_rows.push_back(*row);
+  }
+  result["capacity"] = capacity_rows;
   if (!json_path.empty()) std::ofstream(json_path) << result.dump(2) << "\n";
   return result;
 }
