@@ -9,6 +9,8 @@
 
 #include <gtest/gtest.h>
 
+#include "absl/strings/str_cat.h"
+#include "absl/time/time.h"
 #include "gates/eviction_spec.h"
 #include "tests/integration/harness.h"
 
@@ -22,8 +24,12 @@ TEST(ConcurrencyTest, SixtyFourMixedStreamsLoseNothingAndReleaseEverything) {
   // Room for all 64 at once: each holds at most ~340 tokens, 22 pages of 16 rows per
   // (layer, kv head), 704 pages on kvgate-tiny (8 layers x 4 kv heads); 80 of them fit.
   // A short lease: the last prefills wait in the queue for several lease TTLs while the
-  // router renews them (the decode side must keep waiting for their transfers).
-  options.extra_args = {"--kv-pages", "56320", "--lease-ttl-ms", "1000"};
+  // router renews them (the decode side must keep waiting for their transfers). The lease
+  // and the workers' heartbeat timeout are patience, scaled with the build's slowness: a
+  // renewal or heartbeat starved past them under a sanitizer aborts streams that are fine.
+  const auto ms = [](absl::Duration d) { return absl::StrCat(absl::ToInt64Milliseconds(ScaledPatience(d))); };
+  options.extra_args = {"--kv-pages", "56320", "--lease-ttl-ms", ms(absl::Seconds(1)), "--worker-timeout-ms",
+                        ms(absl::Seconds(2))};
   absl::StatusOr<std::unique_ptr<Deployment>> deployment = Deployment::Start(options);
   ASSERT_TRUE(deployment.ok()) << deployment.status();
   Deployment& d = **deployment;
