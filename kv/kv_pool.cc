@@ -703,14 +703,15 @@ absl::StatusOr<BackendRows> KvPool::GatherRows(const SequenceLayout& layout) {
   std::vector<int32_t> dst, length;
   int32_t at = 0;
   for (const HeadPages& hp : layout.heads) {
-    for (int32_t r = 0; r < hp.length;) {
-      const int32_t slot = SequenceLayout::SlotOf(hp, r);
-      const int32_t run_end = hp.gap_slots > 0 && r < hp.gap_row ? hp.gap_row : hp.length;
-      const int32_t rows = std::min(page_tokens_ - slot % page_tokens_, run_end - r);
-      host.push_back(layout.PoolRow(hp, r));
-      dst.push_back(at + r);
-      length.push_back(rows);
-      r += rows;
+    for (const SlotRun& run : SlotRunsOf(hp)) {
+      for (int32_t i = 0; i < run.count;) {
+        const int32_t slot = run.slot + i;
+        const int32_t rows = std::min(page_tokens_ - slot % page_tokens_, run.count - i);
+        host.push_back(hp.page_ids[slot / page_tokens_] * page_tokens_ + slot % page_tokens_);
+        dst.push_back(at + run.row + i);
+        length.push_back(rows);
+        i += rows;
+      }
     }
     at += hp.length;
   }
