@@ -155,6 +155,33 @@ absl::StatusOr<Committed> PrefillAndCommit(engine::Model& m, engine::KvPlanner& 
   return out;
 }
 
+// `policy` at `keep_ratio` (`full` keeps everything).
+gates::EvictionSpec SpecOf(const std::string& policy, float keep_ratio) {
+  gates::EvictionSpec spec;
+  spec.policy = policy;
+  if (policy != "full") spec.keep_ratio = keep_ratio;
+  return spec;
+}
+
+// A random `context`-token prompt (from `seed`) prefilled into a cache of its own and
+// committed to `pool` under `spec`; the cache stays, so its rows can be committed again.
+struct PrefilledPrompt {
+  std::unique_ptr<engine::KvCache> cache;
+  Committed committed;
+};
+absl::StatusOr<PrefilledPrompt> PrefillRandomPrompt(engine::Model& m, kv::KvPool* pool, const gates::EvictionSpec& spec,
+                                                    const gates::PolicyOptions& policy_options, int32_t context,
+                                                    uint32_t seed) {
+  absl::StatusOr<std::unique_ptr<engine::KvPlanner>> planner = kv::CreatePolicyPlanner(m, pool, spec, policy_options);
+  if (!planner.ok()) return planner.status();
+  const std::vector<int32_t> prompt = RandomTokens(context, m.config().vocab_size, seed);
+  absl::StatusOr<std::unique_ptr<engine::KvCache>> cache = m.NewCache(context);
+  if (!cache.ok()) return cache.status();
+  absl::StatusOr<Committed> committed = PrefillAndCommit(m, **planner, prompt, cache->get());
+  if (!committed.ok()) return committed.status();
+  return PrefilledPrompt{*std::move(cache), *std::move(committed)};
+}
+
 // The learned gates (fast_kvzip, attention_gate) are random here (their cost, not their
 // choices), loaded once and shared by every request as a worker's are.
 absl::StatusOr<gates::PolicyOptions> RandomGates(const engine::ModelConfig& c) {
@@ -177,21 +204,15 @@ absl::StatusOr<json> BatchedDecode(engine::Model& m, ops::Backend* backend, int3
   absl::StatusOr<std::unique_ptr<kv::KvPool>> pool =
       kv::KvPool::Create(backend, static_cast<int32_t>(pages), kPageTokens, c.head_dim, kv_dtype);
   if (!pool.ok()) return pool.status();
-  gates::EvictionSpec spec;
-  spec.policy = policy;
-  if (policy != "full") spec.keep_ratio = keep_ratio;
+  const gates::EvictionSpec spec = SpecOf(policy, keep_ratio);
   std::vector<std::unique_ptr<kv::SequenceBatch>> sequences;
   int64_t kept = 0, full = 0;
   std::vector<int32_t> last_tokens;
   const auto fill_start = Clock::now();
   for (int32_t b = 0; b < batch_size; ++b) {
-    absl::StatusOr<std::unique_ptr<engine::KvPlanner>> planner = kv::CreatePolicyPlanner(m, pool->get(), spec, policy_options);
-    if (!planner.ok()) return planner.status();
-    const std::vector<int32_t> prompt = RandomTokens(context, c.vocab_size, 7000u + b);
-    absl::StatusOr<std::unique_ptr<engine::KvCache>> cache = m.NewCache(context);
-    if (!cache.ok()) return cache.status();
-    absl::StatusOr<Committed> committed = PrefillAndCommit(m, **planner, prompt, cache->get());
-    if (!committed.ok()) return committed.status();
+    absl::StatusOr<PrefilledPrompt> prefilled = PrefillRandomPrompt(m, pool->get(), spec, policy_options, context, 7000u + b);
+    if (!prefilled.ok()) return prefilled.status();
+    Committed* committed = &prefilled->committed;
     kept += committed->accounting.kv_entries_kept;
     full += committed->accounting.kv_entries_full;
     sequences.emplace_back(static_cast<kv::SequenceBatch*>(committed->batch.release()));
@@ -248,16 +269,11 @@ absl::StatusOr<json> Capacity(engine::Model& m, ops::Backend* backend, int32_t c
   absl::StatusOr<std::unique_ptr<kv::KvPool>> pool =
       kv::KvPool::Create(backend, static_cast<int32_t>(pool_pages), kPageTokens, c.head_dim, kv_dtype);
   if (!pool.ok()) return pool.status();
-  gates::EvictionSpec spec;
-  spec.policy = policy;
-  if (policy != "full") spec.keep_ratio = keep_ratio;
-  absl::StatusOr<std::unique_ptr<engine::KvPlanner>> planner = kv::CreatePolicyPlanner(m, pool->get(), spec, policy_options);
-  if (!planner.ok()) return planner.status();
-  const std::vector<int32_t> prompt = RandomTokens(context, c.vocab_size, 9000u + context);
-  absl::StatusOr<std::unique_ptr<engine::KvCache>> cache = m.NewCache(context);
-  if (!cache.ok()) return cache.status();
-  absl::StatusOr<Committed> committed = PrefillAndCommit(m, **planner, prompt, cache->get());
-  if (!committed.ok()) return committed.status();
+  absl::StatusOr<PrefilledPrompt> prefilled =
+      PrefillRandomPrompt(m, pool->get(), SpecOf(policy, keep_ratio), policy_options, context, 9000u + context);
+  if (!prefilled.ok()) return prefilled.status();
+  const std::unique_ptr<engine::KvCache>& cache = prefilled->cache;
+  const Committed* committed = &prefilled->committed;
   const kv::SequenceLayout& first = static_cast<kv::SequenceBatch*>(committed->batch.get())->layout();
   gates::KeepPlan plan{first.num_layers, first.num_kv_heads, context, {}};
   for (const kv::HeadPages& head : first.heads) {
@@ -269,7 +285,7 @@ absl::StatusOr<json> Capacity(engine::Model& m, ops::Backend* backend, int32_t c
   absl::Status refused;
   while (refused.ok()) {
     kv::SequenceLayout layout;
-    refused = (*pool)->CommitPrefill(**cache, plan, &layout);
+    refused = (*pool)->CommitPrefill(*cache, plan, &layout);
     if (refused.ok()) more.push_back(std::move(layout));
   }
   for (kv::SequenceLayout& layout : more) {
@@ -292,9 +308,7 @@ absl::StatusOr<json> PolicyPrefill(engine::Model& m, ops::Backend* backend, int3
   const int32_t pages = c.num_layers * c.num_kv_heads * ((n + kPageTokens - 1) / kPageTokens + 2);
   absl::StatusOr<std::unique_ptr<kv::KvPool>> pool = kv::KvPool::Create(backend, pages, kPageTokens, c.head_dim, kv_dtype);
   if (!pool.ok()) return pool.status();
-  gates::EvictionSpec spec;
-  spec.policy = policy;
-  if (policy != "full") spec.keep_ratio = keep_ratio;
+  const gates::EvictionSpec spec = SpecOf(policy, keep_ratio);
   const std::vector<int32_t> prompt = RandomTokens(n, c.vocab_size, 555u + n);
   absl::StatusOr<gates::PolicyOptions> options = RandomGates(c);
   if (!options.ok()) return options.status();
