@@ -168,8 +168,14 @@ struct SelectTopArgs {
 // TF32 tensor cores (inputs rounded to 10 mantissa bits, fp32 sums; the CUDA backend does,
 // the CPU backend stays fp32), as PyTorch's allow_tf32 permits: ~8x the fp32 GEMM rate
 // for a score that moves by about 1e-3, which only reorders near-ties of the selection.
+// With x_bf16 instead of x (a bf16 model's normed layer input, which its q/k/v GEMMs read),
+// both projections are one bf16 GEMM with fp32 sums against qk_weight_bf16, the bf16
+// rounding of [q_weight; k_weight]; the rest is the fp32 math above. A prefill's gate then
+// reads the layer input the model already made, at the bf16 GEMM rate.
 struct SinkGateScoresArgs {
-  const float* x = nullptr;         // [n, hidden], in, backend
+  const float* x = nullptr;         // [n, hidden], in, backend; null when x_bf16 is set
+  const Bf16* x_bf16 = nullptr;     // [n, hidden], in, backend, or null
+  const Bf16* qk_weight_bf16 = nullptr;  // [kv_heads * (group + 1) * rank, hidden], in, backend; with x_bf16
   const float* q_weight = nullptr;  // [kv_heads * group * rank, hidden], in, backend
   const float* q_bias = nullptr;    // [kv_heads * group * rank], in, backend
   const float* k_weight = nullptr;  // [kv_heads * rank, hidden], in, backend

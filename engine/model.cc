@@ -234,7 +234,15 @@ absl::Status Model::CaptureLayer(int layer, int32_t n, const ForwardOptions& opt
   PrefillCapture* capture = options.capture;
   const CaptureRequest& want = options.capture_request;
   const ModelConfig& c = config_;
-  if (want.layer_inputs_on_backend) KVGATE_RETURN_IF_ERROR(want.layer_inputs_on_backend(layer, h_.as<float>(), n));
+  if (want.layer_inputs_on_backend) {
+    LayerInputOnBackend input;
+    if (bf16_) {
+      input.bf16 = hb_.as<ops::Bf16>();
+    } else {
+      input.f32 = h_.as<float>();
+    }
+    KVGATE_RETURN_IF_ERROR(want.layer_inputs_on_backend(layer, input, n));
+  }
   if (want.hidden_states) {
     auto& hidden = capture->hidden_states[layer];
     hidden.resize(size_t{1} * n * c.hidden_size);
@@ -404,9 +412,9 @@ absl::StatusOr<std::vector<float>> Model::Forward(absl::Span<const int32_t> toke
   } else {
     KVGATE_RETURN_IF_ERROR(b.Embed({ids_.as<int32_t>(), weights_->embed.as<float>(), x_.as<float>(), n, c.hidden_size, c.vocab_size}));
   }
-  // With bf16 weights the fp32 normed hidden states are made only when someone reads them.
-  const bool want_hidden = (capture != nullptr && (options.capture_request.hidden_states ||
-                                                   options.capture_request.layer_inputs_on_backend)) ||
+  // With bf16 weights the fp32 normed hidden states are made only when someone reads them
+  // (a gate on the backend reads the bf16 ones).
+  const bool want_hidden = (capture != nullptr && options.capture_request.hidden_states) ||
                            static_cast<bool>(options.layer_key_mask);
   for (int i = 0; i < c.num_layers; ++i) {
     const Layer& l = weights_->layers[i];

@@ -21,6 +21,14 @@ struct ModelShape {
   int32_t group_size() const { return num_q_heads / num_kv_heads; }
 };
 
+// A layer's attention input where the model made it: a bf16 model hands over the bf16
+// input its q/k/v GEMMs read (the rounding of the fp32 one, which it does not make for
+// this), an fp32 model its fp32 input. Exactly one is set.
+struct LayerInputOnBackend {
+  const float* f32 = nullptr;     // [n, hidden_size]
+  const ops::Bf16* bf16 = nullptr;  // [n, hidden_size]
+};
+
 struct CaptureRequest {
   bool keys = false;          // post-RoPE keys of every prompt token
   int32_t last_queries = 0;   // post-RoPE queries of this many last prompt tokens
@@ -31,9 +39,9 @@ struct CaptureRequest {
   // With window_probs = 1: the last query's raw scaled logits instead (SAGE-KV's scores).
   bool window_logits = false;
   // Called in each layer's forward, before its attention, with the layer's attention input
-  // (post input-RMSNorm, [n, hidden_size] fp32) in backend memory, valid only during the
-  // call: a policy's gate scores it where it is instead of a host copy (hidden_states).
-  std::function<absl::Status(int32_t layer, const float* hidden, int32_t n)> layer_inputs_on_backend;
+  // (post input-RMSNorm, [n, hidden_size]) in backend memory, valid only during the call:
+  // a policy's gate scores it where it is instead of a host copy (hidden_states).
+  std::function<absl::Status(int32_t layer, const LayerInputOnBackend& input, int32_t n)> layer_inputs_on_backend;
 };
 
 struct PrefillCapture {

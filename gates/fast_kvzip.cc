@@ -1,5 +1,7 @@
 #include "gates/fast_kvzip.h"
 
+#include "cuda/bf16.h"
+
 #include <algorithm>
 #include <cmath>
 #include <cstring>
@@ -10,6 +12,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "common/status_macros.h"
+#include "cuda/bf16.h"
 #include "cuda/cpu/sink_gate_scores.h"
 #include "gates/backend_selection.h"
 #include "gates/gate_weights.h"
@@ -151,7 +154,7 @@ absl::StatusOr<ops::SinkGateScoresArgs> FastKvzipGate::ArgsOnBackend(ops::Backen
   }
   const Layer& w = layers_[layer];
   ops::SinkGateScoresArgs args = Args(w);
-  int32_t key = layer * 8;
+  int32_t key = layer * 8;  // + 0 .. 6 here; + 7 is ScoreBf16On's bf16 projections
   auto upload = [&](const std::vector<float>& host, const float** out) -> absl::Status {
     // A tensor of no elements (no sinks) still needs a distinct valid address.
     static const float kNothing = 0.0f;
@@ -184,6 +187,35 @@ absl::Status FastKvzipGate::ScoreOn(ops::Backend& backend, int32_t layer, const 
   args.out = out;
   args.out_stride = out_stride;
   args.allow_tf32 = allow_tf32;
+  return backend.SinkGateScores(args);
+}
+
+const std::vector<ops::Bf16>& FastKvzipGate::QkWeightBf16(int32_t layer) const {
+  std::lock_guard<std::mutex> lock(qk_bf16_mutex_);
+  if (qk_bf16_.size() < layers_.size()) qk_bf16_.resize(layers_.size());
+  if (qk_bf16_[layer] == nullptr) {
+    const Layer& w = layers_[layer];
+    auto qk = std::make_unique<std::vector<ops::Bf16>>();
+    qk->reserve(w.q_proj_weight.size() + w.k_proj_weight.size());
+    for (float v : w.q_proj_weight) qk->push_back(ops::F32ToBf16(v));
+    for (float v : w.k_proj_weight) qk->push_back(ops::F32ToBf16(v));
+    qk_bf16_[layer] = std::move(qk);
+  }
+  return *qk_bf16_[layer];
+}
+
+absl::Status FastKvzipGate::ScoreBf16On(ops::Backend& backend, int32_t layer, const ops::Bf16* x, int32_t rows,
+                                        float* out, int64_t out_stride) const {
+  KVGATE_ASSIGN_OR_RETURN(ops::SinkGateScoresArgs args, ArgsOnBackend(backend, layer));
+  const std::vector<ops::Bf16>& qk = QkWeightBf16(layer);
+  KVGATE_ASSIGN_OR_RETURN(const void* qk_on_backend,
+                          backend.ConstantOnBackend(constant_owner_, layer * 8 + 7, qk.data(), qk.size() * sizeof(ops::Bf16)));
+  args.x = nullptr;
+  args.x_bf16 = x;
+  args.qk_weight_bf16 = static_cast<const ops::Bf16*>(qk_on_backend);
+  args.n = rows;
+  args.out = out;
+  args.out_stride = out_stride;
   return backend.SinkGateScores(args);
 }
 
@@ -477,8 +509,8 @@ class FastKvzipRequest final : public PolicyRequest {
     const FastKvzipChunkPlan chunks = MakeFastKvzipChunkPlan(double(budget_.keep_per_head) / n, context_begin, n,
                                                              options_.chunk_tokens, options_.window_tokens);
     const size_t head_rows = size_t{1} * H * n;
-    std::vector<std::vector<uint8_t>> visible(L, std::vector<uint8_t>(head_rows, 1));  // [kv_head, n]
-    std::vector<std::vector<float>> scores(L, std::vector<float>(head_rows, 1.0f));
+    // Row p of (layer l, kv head h) is still kept: visible[(l * H + h) * n + p].
+    std::vector<uint8_t> visible(size_t{1} * L * head_rows, 1);
     std::vector<float> logits;
     int32_t judged_until = context_begin;
     // The gate runs on the backend inside each chunk's forward, on the layer's input where
@@ -487,12 +519,14 @@ class FastKvzipRequest final : public PolicyRequest {
     KVGATE_ASSIGN_OR_RETURN(ops::DeviceBuffer backend_scores, backend.Alloc(sizeof(float) * L * head_rows));
     int32_t chunk_begin = 0;
     CaptureRequest record;
-    record.layer_inputs_on_backend = [&](int32_t layer, const float* hidden, int32_t tokens) -> absl::Status {
-      // A prompt's scores rank thousands of tokens against one threshold: TF32's ~1e-3
-      // only reorders near-ties there, for ~8x the projections' rate on tensor cores. (A
-      // decode step's few rows stay fp32.)
-      return gate_->ScoreOn(backend, layer, hidden, tokens, backend_scores.as<float>() + layer * head_rows + chunk_begin,
-                            n, /*allow_tf32=*/true);
+    record.layer_inputs_on_backend = [&](int32_t layer, const engine::LayerInputOnBackend& input,
+                                         int32_t tokens) -> absl::Status {
+      float* out = backend_scores.as<float>() + layer * head_rows + chunk_begin;
+      // A prompt's scores rank thousands of tokens against one threshold: bf16 inputs (or
+      // TF32's ~1e-3) only reorder near-ties there, for the projections' tensor-core rate.
+      // (A decode step's few rows stay fp32.)
+      if (input.bf16 != nullptr) return gate_->ScoreBf16On(backend, layer, input.bf16, tokens, out, n);
+      return gate_->ScoreOn(backend, layer, input.f32, tokens, out, n, /*allow_tf32=*/true);
     };
     for (const TokenRange& chunk : FastKvzipPrefillChunks(chunks)) {
       const int32_t m = chunk.end - chunk.begin;
@@ -506,7 +540,7 @@ class FastKvzipRequest final : public PolicyRequest {
         key_masks.assign(L, std::vector<uint8_t>(size_t{1} * H * capacity, 1));
         for (int32_t l = 0; l < L; ++l) {
           for (int32_t h = 0; h < H; ++h) {
-            std::copy_n(visible[l].begin() + size_t{1} * h * n, chunk.begin,
+            std::copy_n(visible.begin() + (size_t{1} * l * H + h) * n, chunk.begin,
                         key_masks[l].begin() + size_t{1} * h * capacity);
           }
         }
@@ -526,38 +560,30 @@ class FastKvzipRequest final : public PolicyRequest {
       selection.rows_per_selection = L * H;
       selection.need = FastKvzipChunkKeepCount(chunks, int64_t{len} * L * H);
       KVGATE_ASSIGN_OR_RETURN(const std::vector<uint8_t> winners, SelectOnBackend(backend, selection));
-      for (int32_t l = 0; l < L; ++l) {
-        for (int32_t h = 0; h < H; ++h) {
-          std::copy_n(winners.begin() + (size_t{1} * l * H + h) * len, len,
-                      visible[l].begin() + size_t{1} * h * n + judge.begin);
-        }
+      for (size_t row = 0; row < size_t{1} * L * H; ++row) {
+        std::copy_n(winners.begin() + row * len, len, visible.begin() + row * n + judge.begin);
       }
       judged_until = judge.end;
     }
-    // Every chunk's scores in one copy (the thresholds were taken on the backend); the
-    // system prompt keeps its pinned 1.0.
-    {
-      std::vector<float> all(size_t{1} * L * head_rows);
-      KVGATE_RETURN_IF_ERROR(backend.CopyToHost(all.data(), backend_scores.data(), all.size() * sizeof(float)));
-      for (int32_t l = 0; l < L; ++l) {
-        for (int32_t h = 0; h < H; ++h) {
-          const size_t at = size_t{1} * h * n;
-          std::copy(all.begin() + l * head_rows + at + context_begin, all.begin() + l * head_rows + at + n,
-                    scores[l].begin() + at + context_begin);
-        }
-      }
-    }
+    // Every chunk's scores in one copy (the thresholds were taken on the backend), read
+    // only at the kept rows; the system prompt keeps its pinned 1.0.
+    std::vector<float> scores(size_t{1} * L * head_rows);
+    KVGATE_RETURN_IF_ERROR(backend.CopyToHost(scores.data(), backend_scores.data(), scores.size() * sizeof(float)));
     KeepPlan plan{L, H, n, {}};
     plan.heads.resize(size_t{1} * L * H);
-    for (int32_t l = 0; l < L; ++l) {
-      for (int32_t h = 0; h < H; ++h) {
-        HeadKeep& head = plan.at(l, h);
-        for (int32_t p = 0; p < n; ++p) {
-          if (!visible[l][size_t{1} * h * n + p]) continue;
-          head.positions.push_back(p);
-          // The system prompt / sinks are pinned for the whole request (score 1.0).
-          head.scores.push_back(p < context_begin ? 1.0f : scores[l][size_t{1} * h * n + p]);
-        }
+    for (size_t row = 0; row < size_t{1} * L * H; ++row) {
+      const uint8_t* kept = visible.data() + row * n;
+      const float* score = scores.data() + row * n;
+      HeadKeep& head = plan.heads[row];  // KeepPlan::at(l, h) is heads[l * H + h]
+      const size_t count = static_cast<size_t>(n - std::count(kept, kept + n, uint8_t{0}));
+      head.positions.resize(count);
+      head.scores.resize(count);
+      size_t k = 0;
+      for (int32_t p = 0; p < n; ++p) {
+        if (!kept[p]) continue;
+        head.positions[k] = p;
+        head.scores[k] = p < context_begin ? 1.0f : score[p];
+        ++k;
       }
     }
     chunked_plan_ = std::move(plan);

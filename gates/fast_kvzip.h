@@ -17,6 +17,7 @@
 
 #include <cstdint>
 #include <memory>
+#include <mutex>
 #include <string>
 #include <vector>
 
@@ -85,6 +86,10 @@ class FastKvzipGate final : public DecodeLayerScorer {
   // allow_tf32: the projections may run on TF32 tensor cores (ops::SinkGateScoresArgs).
   absl::Status ScoreOn(ops::Backend& backend, int32_t layer, const float* x, int32_t rows, float* out,
                        int64_t out_stride, bool allow_tf32) const;
+  // The bf16 form (ops::SinkGateScoresArgs::x_bf16): x is a bf16 model's layer input; the
+  // bf16 rounding of the layer's projections goes to the backend at the first call.
+  absl::Status ScoreBf16On(ops::Backend& backend, int32_t layer, const ops::Bf16* x, int32_t rows, float* out,
+                           int64_t out_stride) const;
 
   const ModelShape& shape() const { return shape_; }
   int32_t rank() const { return rank_; }
@@ -100,8 +105,13 @@ class FastKvzipGate final : public DecodeLayerScorer {
   ModelShape shape_;
   int32_t rank_, num_sinks_;
   float norm_eps_;
+  // The bf16 rounding of [q_proj_weight; k_proj_weight] of `layer`, made at its first use
+  // and kept: what ScoreBf16On hands to ConstantOnBackend.
+  const std::vector<ops::Bf16>& QkWeightBf16(int32_t layer) const;
   std::vector<Layer> layers_;
   uint64_t constant_owner_ = ops::NewConstantOwner();  // this gate's weights on backends
+  mutable std::mutex qk_bf16_mutex_;
+  mutable std::vector<std::unique_ptr<std::vector<ops::Bf16>>> qk_bf16_;  // per layer, or null
 };
 
 // Gate scores of every layer as a ScoreGrid (hidden_states from a capture).

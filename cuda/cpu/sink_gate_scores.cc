@@ -6,6 +6,8 @@
 #include <cmath>
 #include <vector>
 
+#include "cuda/bf16.h"
+
 namespace kvgate::ops {
 namespace {
 
@@ -21,11 +23,11 @@ void RmsNorm(float* v, const float* w, int32_t size, float eps) {
 
 std::string SinkGateScoresArgsError(const SinkGateScoresArgs& a) {
   if (a.n < 0 || a.hidden < 1 || a.kv_heads < 1 || a.group < 1 || a.rank < 1 || a.rank > 64 || a.sinks < 0 ||
-      a.sinks > 64 || a.out_stride < a.n || !(a.eps >= 0.0f)) {
+      a.sinks > 64 || a.out_stride < a.n || !(a.eps >= 0.0f) || (a.x_bf16 != nullptr && a.qk_weight_bf16 == nullptr)) {
     return "SinkGateScores: n " + std::to_string(a.n) + ", hidden " + std::to_string(a.hidden) + ", kv heads " +
            std::to_string(a.kv_heads) + ", group " + std::to_string(a.group) + ", rank " + std::to_string(a.rank) +
            ", sinks " + std::to_string(a.sinks) + ", out_stride " + std::to_string(a.out_stride) +
-           " (need n >= 0, hidden, kv heads and group >= 1, rank in [1, 64], sinks in [0, 64], out_stride >= n, eps >= 0)";
+           " (need n >= 0, hidden, kv heads and group >= 1, rank in [1, 64], sinks in [0, 64], out_stride >= n, eps >= 0, qk_weight_bf16 with x_bf16)";
   }
   return "";
 }
@@ -37,14 +39,29 @@ void SinkGateScoresCpu(const SinkGateScoresArgs& a) {
   std::vector<float> x(static_cast<size_t>(kSinkGateRowBlock) * D);
   std::vector<float> q(static_cast<size_t>(kSinkGateRowBlock) * q_width), k(static_cast<size_t>(kSinkGateRowBlock) * k_width);
   std::vector<float> sinks(S);
+  // The bf16 form: its inputs and weights widened exactly, then the same fp32 math.
+  std::vector<float> qk_weight;
+  const float* q_weight = a.q_weight;
+  const float* k_weight = a.k_weight;
+  if (a.x_bf16 != nullptr) {
+    qk_weight.resize(static_cast<size_t>(q_width + k_width) * D);
+    for (size_t i = 0; i < qk_weight.size(); ++i) qk_weight[i] = Bf16ToF32(a.qk_weight_bf16[i]);
+    q_weight = qk_weight.data();
+    k_weight = qk_weight.data() + static_cast<size_t>(q_width) * D;
+  }
   for (int32_t block = 0; block < n; block += kSinkGateRowBlock) {
     const int32_t rows = std::min(kSinkGateRowBlock, n - block);
-    std::copy_n(a.x + static_cast<size_t>(block) * D, static_cast<size_t>(rows) * D, x.begin());
+    if (a.x_bf16 != nullptr) {
+      const Bf16* from = a.x_bf16 + static_cast<size_t>(block) * D;
+      for (size_t i = 0; i < static_cast<size_t>(rows) * D; ++i) x[i] = Bf16ToF32(from[i]);
+    } else {
+      std::copy_n(a.x + static_cast<size_t>(block) * D, static_cast<size_t>(rows) * D, x.begin());
+    }
     std::fill(x.begin() + static_cast<size_t>(rows) * D, x.end(), 0.0f);
     cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, kSinkGateRowBlock, q_width, D, 1.0f, x.data(), D,
-                a.q_weight, D, 0.0f, q.data(), q_width);
+                q_weight, D, 0.0f, q.data(), q_width);
     cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, kSinkGateRowBlock, k_width, D, 1.0f, x.data(), D,
-                a.k_weight, D, 0.0f, k.data(), k_width);
+                k_weight, D, 0.0f, k.data(), k_width);
     for (int32_t r = 0; r < rows; ++r) {
       float* qt = q.data() + static_cast<size_t>(r) * q_width;
       float* kt = k.data() + static_cast<size_t>(r) * k_width;

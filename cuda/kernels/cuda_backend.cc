@@ -367,7 +367,20 @@ class CudaBackend final : public Backend {
     // with it), so its growth re-records them; a prefill's first chunk sizes it.
     KVGATE_RETURN_IF_ERROR(GrowWorkspace(&gate_workspace_, sizeof(float) * SinkGateScoresWorkspaceFloats(args),
                                          size_t{1} << 20, /*used_by_graphs=*/true, "the gate workspace"));
-    return LaunchSinkGateScores(args, cublas_, gate_workspace_.as<float>(), stream_);
+    if (args.x_bf16 == nullptr) return LaunchSinkGateScores(args, cublas_, gate_workspace_.as<float>(), stream_);
+    if (args.n == 0) return absl::OkStatus();
+    // One bf16 GEMM makes every row's [q ; k] projections side by side.
+    const int32_t q_width = args.kv_heads * args.group * args.rank, width = q_width + args.kv_heads * args.rank;
+    GemmBf16Args gemm;
+    gemm.x = args.x_bf16;
+    gemm.w = args.qk_weight_bf16;
+    gemm.y = gate_workspace_.data();
+    gemm.m = args.n;
+    gemm.n = width;
+    gemm.k = args.hidden;
+    KVGATE_RETURN_IF_ERROR(gemm_bf16_->Run(gemm, stream_));
+    const float* projections = gate_workspace_.as<float>();
+    return LaunchSinkGateScoresOfProjections(args, projections, width, projections + q_width, width, stream_);
   }
 
   absl::StatusOr<const void*> ConstantOnBackend(uint64_t owner, int32_t key, const void* host, size_t bytes) override {

@@ -2021,6 +2021,35 @@ TEST_P(SinkGateScoresTest, MatchesTheCpuGate) {
   SinkGateScoresArgs bad = args;
   bad.rank = 65;
   EXPECT_EQ(backend().SinkGateScores(bad).code(), absl::StatusCode::kInvalidArgument);
+
+  // The bf16 form (a bf16 model's layer input, one GEMM on [q_weight; k_weight] in bf16)
+  // against the CPU twin on the same bf16 values: fp32 sums, so fp32 rounding apart.
+  std::vector<Bf16> x_bf16(x.size()), qk_bf16;
+  for (size_t i = 0; i < x.size(); ++i) x_bf16[i] = F32ToBf16(x[i]);
+  for (float v : q_weight) qk_bf16.push_back(F32ToBf16(v));
+  for (float v : k_weight) qk_bf16.push_back(F32ToBf16(v));
+  std::vector<float> want_bf16(want.size(), 5.0f);
+  SinkGateScoresArgs host_bf16 = host;
+  host_bf16.x = nullptr;
+  host_bf16.x_bf16 = x_bf16.data();
+  host_bf16.qk_weight_bf16 = qk_bf16.data();
+  host_bf16.out = want_bf16.data();
+  SinkGateScoresCpu(host_bf16);
+  ExpectAllClose(want, want_bf16, 5e-2f, 5e-2f);  // the rounding moves scores, not their scale
+  KVGATE_ASSERT_OK_AND_ASSIGN(DeviceBuffer d_x_bf16, Upload(backend(), x_bf16));
+  KVGATE_ASSERT_OK_AND_ASSIGN(DeviceBuffer d_qk_bf16, Upload(backend(), qk_bf16));
+  KVGATE_ASSERT_OK_AND_ASSIGN(GuardedBuffer out_bf16,
+                              GuardedBuffer::Create(backend(), std::vector<float>(want.size(), 5.0f)));
+  SinkGateScoresArgs on_bf16 = args;
+  on_bf16.x = nullptr;
+  on_bf16.x_bf16 = d_x_bf16.as<Bf16>();
+  on_bf16.qk_weight_bf16 = d_qk_bf16.as<Bf16>();
+  on_bf16.out = out_bf16.data();
+  ASSERT_TRUE(backend().SinkGateScores(on_bf16).ok());
+  ASSERT_TRUE(out_bf16.Download(backend(), &got));
+  ExpectAllClose(want_bf16, got, 2e-5f, 1e-4f);
+  on_bf16.qk_weight_bf16 = nullptr;
+  EXPECT_EQ(backend().SinkGateScores(on_bf16).code(), absl::StatusCode::kInvalidArgument);
 }
 
 INSTANTIATE_TEST_SUITE_P(Shapes, SinkGateScoresTest,
