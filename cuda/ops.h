@@ -146,9 +146,12 @@ struct PoolWindowScoresArgs {
 // the min(need, #candidates) best candidates of each selection are selected. Output: byte
 // keep[r / merge_rows, p] has bit r % merge_rows set when (r, p) is selected, every other
 // bit 0 (merge_rows > 1, e.g. the query heads of a kv head, needs rows_per_selection 1).
+// With `exclude`, entry (r, p) is no candidate either where exclude[r * n + p] != 0 (what
+// an earlier selection already kept: AdaKV's second stage).
 struct SelectTopArgs {
   const float* scores = nullptr;        // row r at scores + r * row_stride, n floats, in, backend
   const uint8_t* candidates = nullptr;  // [n] shared by every row, or null = every entry, in, backend
+  const uint8_t* exclude = nullptr;     // [rows, n], or null = nothing excluded, in, backend
   uint8_t* keep = nullptr;              // [rows / merge_rows, n], out, backend
   int32_t rows = 0, n = 0;
   int64_t row_stride = 0;               // floats from one score row to the next; 0 = n

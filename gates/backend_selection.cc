@@ -1,6 +1,9 @@
 #include "gates/backend_selection.h"
 
+#include <algorithm>
+
 #include "common/status_macros.h"
+#include "gates/internal/select_util.h"
 
 namespace kvgate::gates {
 
@@ -41,6 +44,51 @@ absl::StatusOr<std::vector<uint8_t>> SelectOnBackend(ops::Backend& backend, cons
   std::vector<uint8_t> keep(keep_bytes);
   KVGATE_RETURN_IF_ERROR(backend.CopyToHost(keep.data(), args.keep, keep_bytes));
   return keep;
+}
+
+absl::StatusOr<std::vector<uint8_t>> SelectAdaKvOnBackend(ops::Backend& backend, const float* scores, int32_t layers,
+                                                          int32_t kv_heads, int32_t n, int32_t keep_per_head,
+                                                          const std::vector<uint8_t>& protected_mask, float safeguard) {
+  if (layers < 1 || kv_heads < 1 || n < 1 || protected_mask.size() != static_cast<size_t>(n)) {
+    return absl::InvalidArgumentError("SelectAdaKvOnBackend: scores, heads and protected mask disagree");
+  }
+  // SelectAdaKv's budget arithmetic (selectors.cc), to the row.
+  const int64_t keep = std::clamp(keep_per_head, 0, n);
+  const int64_t protected_rows = std::count_if(protected_mask.begin(), protected_mask.end(), [](uint8_t m) { return m != 0; });
+  const int64_t safe = internal::CeilFraction(safeguard, keep);
+  const int64_t guaranteed_per_head = std::max(safe, protected_rows);
+  const int64_t need_safe = std::max<int64_t>(0, safe - protected_rows);
+  const int64_t layer_rest = std::max<int64_t>(0, keep * kv_heads - guaranteed_per_head * kv_heads);
+
+  const int32_t rows = layers * kv_heads;
+  const size_t keep_bytes = static_cast<size_t>(rows) * n;
+  // One allocation: the candidates (the unprotected positions), then each stage's keep bytes.
+  KVGATE_ASSIGN_OR_RETURN(ops::DeviceBuffer memory, backend.Alloc(static_cast<size_t>(n) + 2 * keep_bytes));
+  uint8_t* candidates = memory.as<uint8_t>();
+  uint8_t* guaranteed = candidates + n;
+  uint8_t* rest = guaranteed + keep_bytes;
+  std::vector<uint8_t> host_candidates(n);
+  for (int32_t p = 0; p < n; ++p) host_candidates[p] = protected_mask[p] ? 0 : 1;
+  KVGATE_RETURN_IF_ERROR(backend.CopyToBackend(candidates, host_candidates.data(), host_candidates.size()));
+  ops::SelectTopArgs per_head;
+  per_head.scores = scores;
+  per_head.candidates = candidates;
+  per_head.keep = guaranteed;
+  per_head.rows = rows;
+  per_head.n = n;
+  per_head.need = need_safe;
+  KVGATE_RETURN_IF_ERROR(backend.SelectTop(per_head));
+  ops::SelectTopArgs per_layer = per_head;
+  per_layer.exclude = guaranteed;
+  per_layer.keep = rest;
+  per_layer.rows_per_selection = kv_heads;
+  per_layer.need = layer_rest;
+  KVGATE_RETURN_IF_ERROR(backend.SelectTop(per_layer));
+  std::vector<uint8_t> kept(2 * keep_bytes);
+  KVGATE_RETURN_IF_ERROR(backend.CopyToHost(kept.data(), guaranteed, kept.size()));
+  for (size_t i = 0; i < keep_bytes; ++i) kept[i] |= kept[keep_bytes + i];
+  kept.resize(keep_bytes);
+  return kept;
 }
 
 }  // namespace kvgate::gates

@@ -31,4 +31,13 @@ int64_t SetCandidatesOutside(const std::vector<uint8_t>& protected_mask, Backend
 // Keep bytes [rows / merge_rows, n] on the host (ops::SelectTopArgs::keep).
 absl::StatusOr<std::vector<uint8_t>> SelectOnBackend(ops::Backend& backend, const BackendSelection& selection);
 
+// SelectAdaKv's rule (selectors.h) where the scores are: `scores` is [layers * kv_heads, n]
+// backend memory. Two selections: each head's own best rows up to the safeguard, then the
+// rest of each layer's budget over the rows of all its heads that the first left. Returns
+// keep bytes [layers * kv_heads, n] on the host: 1 where either kept a row; protected rows
+// are the caller's, as with SelectOnBackend.
+absl::StatusOr<std::vector<uint8_t>> SelectAdaKvOnBackend(ops::Backend& backend, const float* scores, int32_t layers,
+                                                          int32_t kv_heads, int32_t n, int32_t keep_per_head,
+                                                          const std::vector<uint8_t>& protected_mask, float safeguard);
+
 }  // namespace kvgate::gates

@@ -184,5 +184,50 @@ TEST(BackendSelectionTest, AWindowOfWiderRowsEqualsTheGlobalCutOfItsCopy) {
   }
 }
 
+// AdaKV's two stages on the backend keep exactly SelectAdaKv's rows (plus the protected
+// ones, which the caller adds): scores with many ties, +inf and NaN, protected sinks and a
+// recent window, safeguards from none to all of the budget, budgets from 0 to every row.
+TEST(BackendSelectionTest, AdaKvEqualsTheHostSelection) {
+  std::unique_ptr<ops::Backend> backend = TestBackend();
+  ASSERT_NE(backend, nullptr);
+  std::mt19937 rng(11);
+  std::uniform_int_distribution<int> level(0, 6);
+  const int32_t layers = 3, heads = 4, n = 90;
+  std::vector<float> scores(size_t{1} * layers * heads * n);
+  for (size_t i = 0; i < scores.size(); ++i) {
+    scores[i] = static_cast<float>(level(rng)) * 0.25f;
+    if (i % n >= n - 6) scores[i] = INFINITY;  // the observation window
+    if (i % 41 == 9) scores[i] = NAN;
+  }
+  absl::StatusOr<ops::DeviceBuffer> buffer = backend->Alloc(scores.size() * sizeof(float));
+  ASSERT_TRUE(buffer.ok());
+  ASSERT_TRUE(backend->CopyToBackend(buffer->data(), scores.data(), scores.size() * sizeof(float)).ok());
+  const ScoreGrid grid{layers, heads, n, scores};
+  for (const int32_t protected_rows : {0, 7}) {
+    std::vector<uint8_t> mask(n, 0);
+    for (int32_t p = 0; p < protected_rows; ++p) mask[p < 4 ? p : n - 1 - p] = 1;  // sinks and recent rows
+    for (const float safeguard : {0.0f, 0.2f, 0.5f, 1.0f}) {
+      for (const int32_t keep : {0, 1, 5, 27, 60, 90}) {
+        const KeepPlan want = SelectAdaKv(grid, keep, mask, safeguard);
+        absl::StatusOr<std::vector<uint8_t>> got =
+            SelectAdaKvOnBackend(*backend, buffer->as<float>(), layers, heads, n, keep, mask, safeguard);
+        ASSERT_TRUE(got.ok()) << got.status();
+        for (int32_t row = 0; row < layers * heads; ++row) {
+          std::vector<int32_t> positions;
+          for (int32_t p = 0; p < n; ++p) {
+            if (mask[p] || (*got)[size_t{1} * row * n + p]) positions.push_back(p);
+          }
+          EXPECT_EQ(positions, want.heads[row].positions)
+              << "protected " << protected_rows << " safeguard " << safeguard << " keep " << keep << " row " << row;
+        }
+      }
+    }
+  }
+  EXPECT_EQ(SelectAdaKvOnBackend(*backend, buffer->as<float>(), layers, heads, n, 5, std::vector<uint8_t>(n - 1, 0), 0.2f)
+                .status()
+                .code(),
+            absl::StatusCode::kInvalidArgument);
+}
+
 }  // namespace
 }  // namespace kvgate::gates

@@ -177,7 +177,7 @@ class SnapKvPolicy final : public Policy {
 
  private:
   // The same plan from the window means the backend left in its memory: pooled there, and
-  // selected there per head (AdaKV's two-stage budget selects on the host).
+  // selected there (per head, or AdaKV's two stages); only keep bytes reach the host.
   absl::StatusOr<KeepPlan> PlanOnBackend(const PrefillCapture& capture, const ResolvedBudget& budget,
                                          const std::vector<uint8_t>& mask, int32_t window,
                                          HeadBudget head_budget) const {
@@ -197,22 +197,20 @@ class SnapKvPolicy final : public Policy {
     pool.window = window;
     pool.kernel = kernel_;
     KVGATE_RETURN_IF_ERROR(backend.PoolWindowScores(pool));
+    std::vector<uint8_t> keep;
+    const int64_t protected_rows = std::count_if(mask.begin(), mask.end(), [](uint8_t m) { return m != 0; });
     if (head_budget == HeadBudget::kAdaptive) {
-      ScoreGrid grid;
-      grid.num_layers = shape_.num_layers;
-      grid.num_kv_heads = shape_.num_kv_heads;
-      grid.prompt_tokens = n;
-      grid.scores.resize(static_cast<size_t>(heads) * n);
-      KVGATE_RETURN_IF_ERROR(backend.CopyToHost(grid.scores.data(), scores.data(), grid.scores.size() * sizeof(float)));
-      return SelectAdaKv(grid, budget.keep_per_head, mask, safeguard_);
+      KVGATE_ASSIGN_OR_RETURN(keep, SelectAdaKvOnBackend(backend, scores.as<float>(), shape_.num_layers,
+                                                         shape_.num_kv_heads, n, budget.keep_per_head, mask, safeguard_));
+    } else {
+      BackendSelection selection;
+      selection.scores = scores.as<float>();
+      selection.rows = heads;
+      selection.n = n;
+      SetCandidatesOutside(mask, &selection);
+      selection.need = std::max<int64_t>(0, std::clamp(budget.keep_per_head, 0, n) - protected_rows);
+      KVGATE_ASSIGN_OR_RETURN(keep, SelectOnBackend(backend, selection));
     }
-    BackendSelection selection;
-    selection.scores = scores.as<float>();
-    selection.rows = heads;
-    selection.n = n;
-    const int64_t protected_rows = SetCandidatesOutside(mask, &selection);
-    selection.need = std::max<int64_t>(0, std::clamp(budget.keep_per_head, 0, n) - protected_rows);
-    KVGATE_ASSIGN_OR_RETURN(std::vector<uint8_t> keep, SelectOnBackend(backend, selection));
     KeepPlan plan;
     plan.num_layers = shape_.num_layers;
     plan.num_kv_heads = shape_.num_kv_heads;

@@ -904,9 +904,14 @@ TEST(CpuSelectTopTest, EqualsAFullSortOfEverySelection) {
     }
     std::vector<uint8_t> candidates(n);
     for (int32_t p = 0; p < n; ++p) candidates[p] = p % 5 == 0 ? 0 : 1;
+    // Every other case also excludes entries row by row (what AdaKV's first stage kept).
+    const bool excluding = (rows + n) % 2 == 0;
+    std::vector<uint8_t> exclude(static_cast<size_t>(rows) * n);
+    for (size_t i = 0; i < exclude.size(); ++i) exclude[i] = excluding && i % 7 == 2 ? 1 : 0;
     SelectTopArgs args;
     args.scores = scores.data();
     args.candidates = candidates.data();
+    if (excluding) args.exclude = exclude.data();
     args.rows = rows;
     args.n = n;
     args.rows_per_selection = per_selection;
@@ -925,6 +930,7 @@ TEST(CpuSelectTopTest, EqualsAFullSortOfEverySelection) {
       for (int32_t p = 0; p < n; ++p) {
         if (!candidates[p]) continue;
         for (int32_t r = 0; r < group; ++r) {
+          if (exclude[static_cast<size_t>(first + r) * n + p]) continue;
           const float s = scores[static_cast<size_t>(first + r) * n + p];
           entries.push_back({std::isnan(s), rank(s), int64_t{p} * group + r, first + r, p});
         }

@@ -336,6 +336,7 @@ void SelectOne(const SelectTopArgs& a, int32_t first_row, int32_t rows, uint8_t 
   for (int32_t p = 0; p < a.n; ++p) {
     if (a.candidates != nullptr && a.candidates[p] == 0) continue;
     for (int32_t r = 0; r < rows; ++r) {
+      if (a.exclude != nullptr && a.exclude[static_cast<int64_t>(first_row + r) * a.n + p] != 0) continue;
       candidates.emplace_back(SelectionKey(a.scores[static_cast<int64_t>(first_row + r) * ScoreRowStride(a) + p]),
                               static_cast<int64_t>(p) * rows + r);
     }

@@ -1834,6 +1834,10 @@ TEST_P(SelectTopTest, EqualsTheReference) {
   if (c.with_candidates) {
     for (int32_t p = 0; p < c.n; ++p) candidates[p] = (p % 7 == 0 || p >= c.n - 5) ? 0 : 1;
   }
+  // Some cases also exclude entries row by row (AdaKV's second stage), merged and wide ones among them.
+  const bool excluding = c.seed % 3 == 0 || c.seed == 7;
+  std::vector<uint8_t> exclude(scores.size());
+  for (size_t i = 0; i < exclude.size(); ++i) exclude[i] = excluding && i % 11 == 4 ? 1 : 0;
   SelectTopArgs args;
   args.rows = c.rows;
   args.n = c.n;
@@ -1844,13 +1848,16 @@ TEST_P(SelectTopTest, EqualsTheReference) {
   SelectTopArgs host = args;
   host.scores = scores.data();
   host.candidates = c.with_candidates ? candidates.data() : nullptr;
+  host.exclude = excluding ? exclude.data() : nullptr;
   host.keep = want.data();
   SelectTopRef(host);
   KVGATE_ASSERT_OK_AND_ASSIGN(DeviceBuffer d_scores, Upload(backend(), scores));
   KVGATE_ASSERT_OK_AND_ASSIGN(DeviceBuffer d_candidates, Upload(backend(), candidates));
+  KVGATE_ASSERT_OK_AND_ASSIGN(DeviceBuffer d_exclude, Upload(backend(), exclude));
   KVGATE_ASSERT_OK_AND_ASSIGN(DeviceBuffer d_keep, Upload(backend(), std::vector<uint8_t>(want.size(), 0xee)));
   args.scores = d_scores.as<float>();
   args.candidates = c.with_candidates ? d_candidates.as<uint8_t>() : nullptr;
+  args.exclude = excluding ? d_exclude.as<uint8_t>() : nullptr;
   args.keep = d_keep.as<uint8_t>();
   ASSERT_TRUE(backend().SelectTop(args).ok());
   std::vector<uint8_t> got(want.size());

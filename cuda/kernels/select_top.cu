@@ -24,15 +24,21 @@ __device__ __forceinline__ uint32_t SelectionKey(float score) {
 }
 
 struct Selection {
-  const float* scores;  // row 0 of the selection; rows SelectTopArgs::row_stride apart
-  int32_t rows;         // competing rows; entry e = p * rows + r is its order
-  uint8_t* keep;        // row 0 of its keep rows
+  const float* scores;     // row 0 of the selection; rows SelectTopArgs::row_stride apart
+  int32_t rows;            // competing rows; entry e = p * rows + r is its order
+  uint8_t* keep;           // row 0 of its keep rows
   uint8_t bit;
-  bool first_bit;       // write the byte instead of or-ing into it
+  bool first_bit;          // write the byte instead of or-ing into it
+  const uint8_t* exclude;  // row 0 of its exclude rows (n apart), or null
 };
 
-__device__ __forceinline__ bool IsCandidate(const SelectTopArgs& a, int32_t p) {
-  return a.candidates == nullptr || a.candidates[p] != 0;
+__device__ __forceinline__ bool IsCandidate(const SelectTopArgs& a, const Selection& s, int32_t p, int32_t r) {
+  return (a.candidates == nullptr || a.candidates[p] != 0) &&
+         (s.exclude == nullptr || s.exclude[static_cast<int64_t>(r) * a.n + p] == 0);
+}
+
+__device__ __forceinline__ bool IsCandidateEntry(const SelectTopArgs& a, const Selection& s, int32_t e) {
+  return IsCandidate(a, s, e / s.rows, e % s.rows);
 }
 
 // Block-wide exclusive prefix count of `flag` over thread order; *total gets the sum.
@@ -68,7 +74,7 @@ __device__ void SelectOne(const SelectTopArgs& a, const Selection& s) {
   for (int32_t base = 0; base < entries; base += kThreads) {
     const int32_t e = base + threadIdx.x;
     int32_t total = 0;
-    BlockRank(e < entries && IsCandidate(a, e / s.rows), warp_counts, &total);
+    BlockRank(e < entries && IsCandidateEntry(a, s, e), warp_counts, &total);
     candidates += total;
   }
 
@@ -85,7 +91,7 @@ __device__ void SelectOne(const SelectTopArgs& a, const Selection& s) {
       for (int b = threadIdx.x; b < 256; b += kThreads) hist[b] = 0;
       __syncthreads();
       for (int32_t e = threadIdx.x; e < entries; e += kThreads) {
-        if (!IsCandidate(a, e / s.rows)) continue;
+        if (!IsCandidateEntry(a, s, e)) continue;
         const uint32_t key = key_of(e);
         if ((key & prefix_mask) == prefix) atomicAdd(&hist[(key >> shift) & 0xffu], 1u);
       }
@@ -117,7 +123,7 @@ __device__ void SelectOne(const SelectTopArgs& a, const Selection& s) {
     const int32_t e = base + threadIdx.x;
     const bool inside = e < entries;
     const int32_t p = inside ? e / s.rows : 0, r = inside ? e % s.rows : 0;
-    const bool candidate = inside && IsCandidate(a, p);
+    const bool candidate = inside && IsCandidate(a, s, p, r);
     const uint32_t key = candidate ? key_of(e) : 0;
     const bool tie = candidate && key == threshold;
     int32_t ties_here = 0;
@@ -138,11 +144,13 @@ __global__ void __launch_bounds__(kThreads) SelectTopKernel(SelectTopArgs a) {
   if (a.merge_rows > 1) {
     for (int g = 0; g < a.merge_rows; ++g) {
       const int64_t row = unit * a.merge_rows + g;
-      SelectOne(a, Selection{a.scores + row * a.row_stride, 1, a.keep + unit * a.n, static_cast<uint8_t>(1u << g), g == 0});
+      SelectOne(a, Selection{a.scores + row * a.row_stride, 1, a.keep + unit * a.n, static_cast<uint8_t>(1u << g), g == 0,
+                             a.exclude == nullptr ? nullptr : a.exclude + row * a.n});
     }
   } else {
     const int64_t row = unit * a.rows_per_selection;
-    SelectOne(a, Selection{a.scores + row * a.row_stride, a.rows_per_selection, a.keep + row * a.n, 1, true});
+    SelectOne(a, Selection{a.scores + row * a.row_stride, a.rows_per_selection, a.keep + row * a.n, 1, true,
+                           a.exclude == nullptr ? nullptr : a.exclude + row * a.n});
   }
 }
 
@@ -166,7 +174,8 @@ struct WideState {
 
 __device__ __forceinline__ Selection WideSelection(const SelectTopArgs& a, int64_t unit) {
   const int64_t row = unit * a.rows_per_selection;
-  return Selection{a.scores + row * a.row_stride, a.rows_per_selection, a.keep + row * a.n, 1, true};
+  return Selection{a.scores + row * a.row_stride, a.rows_per_selection, a.keep + row * a.n, 1, true,
+                   a.exclude == nullptr ? nullptr : a.exclude + row * a.n};
 }
 
 __device__ __forceinline__ uint32_t WideKey(const SelectTopArgs& a, const Selection& s, int32_t e) {
@@ -188,7 +197,7 @@ __global__ void __launch_bounds__(kThreads) WideHistKernel(SelectTopArgs a, Wide
     for (int32_t base = begin; base < end; base += kThreads) {
       const int32_t e = base + threadIdx.x;
       int32_t total = 0;
-      BlockRank(e < end && IsCandidate(a, e / s.rows), warp_counts, &total);
+      BlockRank(e < end && IsCandidateEntry(a, s, e), warp_counts, &total);
       count += total;
     }
     if (threadIdx.x == 0) atomicAdd(&state.candidates, static_cast<unsigned long long>(count));
@@ -198,7 +207,7 @@ __global__ void __launch_bounds__(kThreads) WideHistKernel(SelectTopArgs a, Wide
   __syncthreads();
   const uint32_t prefix = state.prefix, prefix_mask = state.prefix_mask;
   for (int32_t e = begin + threadIdx.x; e < end; e += kThreads) {
-    if (!IsCandidate(a, e / s.rows)) continue;
+    if (!IsCandidateEntry(a, s, e)) continue;
     const uint32_t key = WideKey(a, s, e);
     if ((key & prefix_mask) == prefix) atomicAdd(&hist[(key >> shift) & 0xffu], 1u);
   }
@@ -256,7 +265,7 @@ __global__ void __launch_bounds__(kThreads) WideKeepKernel(SelectTopArgs a, Wide
     const int32_t e = base + threadIdx.x;
     const bool inside = e < end;
     const int32_t p = inside ? e / s.rows : 0, r = inside ? e % s.rows : 0;
-    const bool candidate = inside && IsCandidate(a, p);
+    const bool candidate = inside && IsCandidate(a, s, p, r);
     const uint32_t key = candidate ? WideKey(a, s, e) : 0;
     const bool tie = candidate && key == threshold;
     int32_t ties_here = 0;
