@@ -174,6 +174,28 @@ absl::StatusOr<std::unique_ptr<KvCache>> Model::NewCache(int32_t capacity_tokens
   return cache;
 }
 
+absl::StatusOr<std::unique_ptr<KvCache>> Model::CopyCache(const KvCache& from, int32_t capacity_tokens) const {
+  if (from.num_kv_heads_ != config_.num_kv_heads || static_cast<int32_t>(from.k_.size()) != config_.num_layers) {
+    return absl::InvalidArgumentError("CopyCache: the cache is not of this model");
+  }
+  if (capacity_tokens < from.length_tokens_) {
+    return absl::InvalidArgumentError(absl::StrCat("CopyCache: capacity ", capacity_tokens, " is below the ",
+                                                   from.length_tokens_, " rows to copy"));
+  }
+  KVGATE_ASSIGN_OR_RETURN(std::unique_ptr<KvCache> cache, NewCache(capacity_tokens, /*allow_beyond_context=*/true));
+  const size_t head_floats = size_t{1} * config_.head_dim, rows = static_cast<size_t>(from.length_tokens_);
+  for (int i = 0; i < config_.num_layers; ++i) {
+    for (int h = 0; h < config_.num_kv_heads; ++h) {
+      // Rows of a kv head are capacity apart: each head's rows move as one block.
+      const size_t to = size_t{1} * h * capacity_tokens * head_floats, at = size_t{1} * h * from.capacity_tokens_ * head_floats;
+      KVGATE_RETURN_IF_ERROR(backend_->CopyWithinBackend(cache->k(i) + to, from.k(i) + at, sizeof(float) * rows * head_floats));
+      KVGATE_RETURN_IF_ERROR(backend_->CopyWithinBackend(cache->v(i) + to, from.v(i) + at, sizeof(float) * rows * head_floats));
+    }
+  }
+  cache->length_tokens_ = from.length_tokens_;
+  return cache;
+}
+
 absl::Status Model::EnsureScratch(int32_t n) {
   if (n <= scratch_tokens_) return absl::OkStatus();
   const ModelConfig& c = config_;

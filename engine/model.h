@@ -109,6 +109,10 @@ class Model {
   // deliberately runs positions past it, as KVzip's reconstruction pass does).
   absl::StatusOr<std::unique_ptr<KvCache>> NewCache(int32_t capacity_tokens,
                                                     bool allow_beyond_context = false) const;
+  // A cache for up to capacity_tokens tokens (>= from.length_tokens(); beyond the max
+  // context allowed) holding a copy of `from`'s rows: a forward on it continues `from`'s
+  // sequence and leaves `from` as it was (KVzip's reconstruction forwards).
+  absl::StatusOr<std::unique_ptr<KvCache>> CopyCache(const KvCache& from, int32_t capacity_tokens) const;
 
   // Runs `tokens` at positions [cache->length, cache->length + n), appends their K/V to
   // the cache and returns logits: [vocab] for kLastToken, [n, vocab] for kAllTokens.

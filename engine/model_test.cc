@@ -184,6 +184,47 @@ TEST_F(ModelTest, ChunkedPrefillEqualsOneShot) {
   ExpectLogitsNear(last->data(), expected.data(), vocab, "chunked");
 }
 
+// KVzip's reconstruction forward: tokens run after a copy of the prompt's cache record
+// the keys and queries a forward of prompt + tokens from scratch records, and the prompt's
+// cache stays as it was.
+TEST_F(ModelTest, AForwardAfterACopiedCacheEqualsOneFromScratch) {
+  const std::vector<int32_t> more = {7, 900, 61, 4};
+  const int32_t n = static_cast<int32_t>(prompt_.size()), q = static_cast<int32_t>(more.size());
+  CaptureRequest record;
+  record.keys = true;
+  record.last_queries = q;
+  std::vector<int32_t> both = prompt_;
+  both.insert(both.end(), more.begin(), more.end());
+  auto scratch = *model_->NewCache(n + q);
+  PrefillCapture want;
+  ForwardOptions options;
+  options.capture_request = record;
+  options.capture = &want;
+  ASSERT_TRUE(model_->Forward(both, scratch.get(), options).ok());
+
+  auto prompt_cache = *model_->NewCache(n);
+  ASSERT_TRUE(model_->Forward(prompt_, prompt_cache.get()).ok());
+  auto copy = model_->CopyCache(*prompt_cache, n + q);
+  ASSERT_TRUE(copy.ok()) << copy.status();
+  EXPECT_EQ((*copy)->length_tokens(), n);
+  PrefillCapture got;
+  options.capture = &got;
+  ASSERT_TRUE(model_->Forward(more, copy->get(), options).ok());
+  EXPECT_EQ(got.prompt_tokens, n + q);
+  ASSERT_EQ(got.keys.size(), want.keys.size());
+  ASSERT_EQ(got.last_queries.size(), want.last_queries.size());
+  for (size_t l = 0; l < want.keys.size(); ++l) {
+    ASSERT_EQ(got.keys[l].size(), want.keys[l].size());
+    ExpectLogitsNear(got.keys[l].data(), want.keys[l].data(), static_cast<int>(want.keys[l].size()),
+                     "keys of layer " + std::to_string(l));
+    ASSERT_EQ(got.last_queries[l].size(), want.last_queries[l].size());
+    ExpectLogitsNear(got.last_queries[l].data(), want.last_queries[l].data(),
+                     static_cast<int>(want.last_queries[l].size()), "queries of layer " + std::to_string(l));
+  }
+  EXPECT_EQ(prompt_cache->length_tokens(), n);  // the copy ran, not the prompt's cache
+  EXPECT_EQ(model_->CopyCache(*prompt_cache, n - 1).status().code(), absl::StatusCode::kInvalidArgument);
+}
+
 TEST_F(ModelTest, RejectsBadTokensAndOverflow) {
   auto cache = *model_->NewCache(4);
   const int32_t vocab = model_->config().vocab_size;

@@ -165,7 +165,6 @@ class KvzipRequest final : public PolicyRequest {
   absl::StatusOr<KvzipChunk> Reconstruct(PrefillRunner& runner, absl::Span<const int32_t> prompt,
                                          const TokenRange& range) {
     const int32_t n = static_cast<int32_t>(prompt.size());
-    std::vector<int32_t> input(prompt.begin(), prompt.end());
     std::vector<int32_t> recon;
     if (range.begin == 0) {
       KVGATE_ASSIGN_OR_RETURN(recon, runner.Encode(kKvzipRepeatAll));
@@ -175,13 +174,14 @@ class KvzipRequest final : public PolicyRequest {
       recon.insert(recon.end(), prompt.begin() + overlap_begin, prompt.begin() + range.begin);
     }
     recon.insert(recon.end(), prompt.begin() + range.begin, prompt.begin() + range.end);
-    input.insert(input.end(), recon.begin(), recon.end());
     const int32_t q = static_cast<int32_t>(recon.size());
     PrefillCapture recorded;
     CaptureRequest record;
     record.keys = true;
     record.last_queries = q;
-    KVGATE_RETURN_IF_ERROR(runner.ScratchForward(input, record, &recorded));
+    // The reconstruction prompt follows the prompt's own cache: only its q tokens run
+    // (KVzip's cost, about one more prefill in all), not the prompt again for each chunk.
+    KVGATE_RETURN_IF_ERROR(runner.ScratchForwardAfterCache(recon, record, &recorded));
     if (static_cast<int32_t>(recorded.keys.size()) != shape_.num_layers) {
       return absl::InternalError("kvzip: the reconstruction forward recorded no keys");
     }

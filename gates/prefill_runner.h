@@ -30,10 +30,11 @@ class PrefillRunner {
   virtual absl::StatusOr<std::vector<float>> Forward(absl::Span<const int32_t> tokens,
                                                      const std::vector<std::vector<uint8_t>>& key_masks,
                                                      const CaptureRequest& record, PrefillCapture* capture) = 0;
-  // A forward of `tokens` from position 0 on a scratch cache that is dropped afterwards
-  // (its rows never enter the request's cache), recording `record` into *capture.
-  virtual absl::Status ScratchForward(absl::Span<const int32_t> tokens, const CaptureRequest& record,
-                                      PrefillCapture* capture) = 0;
+  // A forward of `tokens` after the rows the request's cache holds, on a scratch copy of
+  // that cache which is dropped afterwards (the request's cache stays as it was), recording
+  // `record` into *capture: what the prompt's cache would see if `tokens` followed it.
+  virtual absl::Status ScratchForwardAfterCache(absl::Span<const int32_t> tokens, const CaptureRequest& record,
+                                                PrefillCapture* capture) = 0;
   // The model's tokenizer; FAILED_PRECONDITION when the runner has none.
   virtual absl::StatusOr<std::vector<int32_t>> Encode(std::string_view text) = 0;
 };

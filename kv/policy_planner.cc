@@ -31,8 +31,11 @@ void TrimToWindow(int32_t first_visible, gates::KeepPlan* plan) {
 // request's cache (null once the prefill is over: only scratch forwards remain).
 class ModelPrefillRunner final : public gates::PrefillRunner {
  public:
-  ModelPrefillRunner(engine::Model& model, engine::KvCache* cache, const engine::Tokenizer* tokenizer)
-      : model_(model), cache_(cache), tokenizer_(tokenizer) {}
+  // `cache` takes the prefill's forwards (null once the prefill is over); `prompt_cache`
+  // is the request's cache as the scratch forwards read it.
+  ModelPrefillRunner(engine::Model& model, engine::KvCache* cache, const engine::KvCache* prompt_cache,
+                     const engine::Tokenizer* tokenizer)
+      : model_(model), cache_(cache), prompt_cache_(prompt_cache), tokenizer_(tokenizer) {}
 
   int32_t cache_capacity_tokens() const override { return cache_ != nullptr ? cache_->capacity_tokens() : 0; }
   ops::Backend& backend() const override { return *model_.backend(); }
@@ -49,10 +52,11 @@ class ModelPrefillRunner final : public gates::PrefillRunner {
     return model_.Forward(tokens, cache_, forward);
   }
 
-  absl::Status ScratchForward(absl::Span<const int32_t> tokens, const gates::CaptureRequest& record,
-                              gates::PrefillCapture* capture) override {
+  absl::Status ScratchForwardAfterCache(absl::Span<const int32_t> tokens, const gates::CaptureRequest& record,
+                                        gates::PrefillCapture* capture) override {
+    if (prompt_cache_ == nullptr) return absl::FailedPreconditionError("a scratch forward without the prompt's cache");
     KVGATE_ASSIGN_OR_RETURN(std::unique_ptr<engine::KvCache> scratch,
-                            model_.NewCache(static_cast<int32_t>(tokens.size()), /*allow_beyond_context=*/true));
+                            model_.CopyCache(*prompt_cache_, prompt_cache_->length_tokens() + static_cast<int32_t>(tokens.size())));
     engine::ForwardOptions forward;
     forward.capture_request = record;
     forward.capture = capture;
@@ -67,6 +71,7 @@ class ModelPrefillRunner final : public gates::PrefillRunner {
  private:
   engine::Model& model_;
   engine::KvCache* cache_;
+  const engine::KvCache* prompt_cache_;
   const engine::Tokenizer* tokenizer_;
 };
 
@@ -87,7 +92,7 @@ class PolicyPlanner final : public engine::KvPlanner {
                                              engine::KvCache* cache, engine::PrefillCapture* capture) override {
     KVGATE_RETURN_IF_ERROR(StartRequest(prompt));
     if (request_->runs_prefill()) {
-      ModelPrefillRunner runner(model, cache, tokenizer_);
+      ModelPrefillRunner runner(model, cache, cache, tokenizer_);
       return request_->RunPrefill(runner, prompt);
     }
     engine::ForwardOptions forward;
@@ -107,7 +112,7 @@ class PolicyPlanner final : public engine::KvPlanner {
     }
     const std::unique_ptr<gates::PolicyRequest> request = std::move(request_);
     const gates::PolicyInputs inputs = std::exchange(inputs_, gates::PolicyInputs{});
-    ModelPrefillRunner runner(model_, /*cache=*/nullptr, tokenizer_);
+    ModelPrefillRunner runner(model_, /*cache=*/nullptr, &cache, tokenizer_);
     KVGATE_ASSIGN_OR_RETURN(gates::KeepPlan plan, request->Plan(runner, prompt, capture, inputs, spec_.head_budget));
     std::unique_ptr<gates::DecodeEvictor> evictor;
     if (decode_eviction_) {
