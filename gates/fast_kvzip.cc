@@ -1,7 +1,5 @@
 #include "gates/fast_kvzip.h"
 
-#include "cuda/bf16.h"
-
 #include <algorithm>
 #include <cmath>
 #include <cstring>
