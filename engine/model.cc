@@ -500,14 +500,15 @@ absl::StatusOr<std::vector<float>> Model::Forward(absl::Span<const int32_t> toke
     KVGATE_RETURN_IF_ERROR(FinishLayer(l, n));
   }
   if (capture != nullptr && options.capture_request.keys) {
-    // Keys of the whole sequence so far, [num_kv_heads, length, head_dim] per layer.
-    const int32_t length = start + n;
+    // Keys of the whole sequence so far (or of this forward's rows), [num_kv_heads, length,
+    // head_dim] per layer.
+    const int32_t first = options.capture_request.keys_of_new_rows_only ? start : 0, length = start + n - first;
     for (int i = 0; i < c.num_layers; ++i) {
       auto& keys = capture->keys[i];
       keys.resize(size_t{1} * c.num_kv_heads * length * c.head_dim);
       for (int h = 0; h < c.num_kv_heads; ++h) {
         KVGATE_RETURN_IF_ERROR(b.CopyToHost(keys.data() + size_t{1} * h * length * c.head_dim,
-                                            cache->k(i) + size_t{1} * h * cache->capacity_tokens_ * c.head_dim,
+                                            cache->k(i) + (size_t{1} * h * cache->capacity_tokens_ + first) * c.head_dim,
                                             size_t{4} * length * c.head_dim));
       }
     }

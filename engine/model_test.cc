@@ -221,7 +221,23 @@ TEST_F(ModelTest, AForwardAfterACopiedCacheEqualsOneFromScratch) {
     ExpectLogitsNear(got.last_queries[l].data(), want.last_queries[l].data(),
                      static_cast<int>(want.last_queries[l].size()), "queries of layer " + std::to_string(l));
   }
-  EXPECT_EQ(prompt_cache->length_tokens(), n);  // the copy ran, not the prompt's cache
+  // Only the new rows' keys: rows [n, n + q) of the whole sequence's.
+  auto second_copy = *model_->CopyCache(*prompt_cache, n + q);
+  PrefillCapture new_rows;
+  options.capture = &new_rows;
+  options.capture_request.keys_of_new_rows_only = true;
+  ASSERT_TRUE(model_->Forward(more, second_copy.get(), options).ok());
+  const int32_t d = model_->config().head_dim;
+  for (size_t l = 0; l < got.keys.size(); ++l) {
+    ASSERT_EQ(new_rows.keys[l].size(), size_t{1} * model_->config().num_kv_heads * q * d);
+    for (int32_t h = 0; h < model_->config().num_kv_heads; ++h) {
+      EXPECT_TRUE(std::equal(new_rows.keys[l].begin() + size_t{1} * h * q * d,
+                             new_rows.keys[l].begin() + size_t{1} * (h + 1) * q * d,
+                             got.keys[l].begin() + (size_t{1} * h * (n + q) + n) * d))
+          << "layer " << l << " kv head " << h;
+    }
+  }
+  EXPECT_EQ(prompt_cache->length_tokens(), n);  // the copies ran, not the prompt's cache
   EXPECT_EQ(model_->CopyCache(*prompt_cache, n - 1).status().code(), absl::StatusCode::kInvalidArgument);
 }
 

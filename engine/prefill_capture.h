@@ -31,6 +31,9 @@ struct LayerInputOnBackend {
 
 struct CaptureRequest {
   bool keys = false;          // post-RoPE keys of every prompt token
+  // With keys: only the rows this forward appends, not those the cache held before it
+  // (KVzip's reconstruction forwards need their own keys, not the prompt's again).
+  bool keys_of_new_rows_only = false;
   int32_t last_queries = 0;   // post-RoPE queries of this many last prompt tokens
   bool hidden_states = false; // post input-RMSNorm attention inputs (gate inputs)
   // SnapKV's observation window, scored on the backend (ops::WindowAttentionProbs): per
@@ -48,7 +51,8 @@ struct PrefillCapture {
   ModelShape shape;
   int32_t prompt_tokens = 0;  // n
   int32_t num_last_queries = 0;  // w = min(requested, n)
-  // Per layer: [num_kv_heads, n, head_dim].
+  // Per layer: [num_kv_heads, n, head_dim] (keys_of_new_rows_only: [num_kv_heads, the
+  // forward's tokens, head_dim]).
   std::vector<std::vector<float>> keys;
   // Per layer: [w, num_q_heads, head_dim], queries of positions n - w .. n - 1.
   std::vector<std::vector<float>> last_queries;

@@ -164,7 +164,6 @@ class KvzipRequest final : public PolicyRequest {
  private:
   absl::StatusOr<KvzipChunk> Reconstruct(PrefillRunner& runner, absl::Span<const int32_t> prompt,
                                          const TokenRange& range) {
-    const int32_t n = static_cast<int32_t>(prompt.size());
     std::vector<int32_t> recon;
     if (range.begin == 0) {
       KVGATE_ASSIGN_OR_RETURN(recon, runner.Encode(kKvzipRepeatAll));
@@ -178,6 +177,7 @@ class KvzipRequest final : public PolicyRequest {
     PrefillCapture recorded;
     CaptureRequest record;
     record.keys = true;
+    record.keys_of_new_rows_only = true;
     record.last_queries = q;
     // The reconstruction prompt follows the prompt's own cache: only its q tokens run
     // (KVzip's cost, about one more prefill in all), not the prompt again for each chunk.
@@ -191,16 +191,7 @@ class KvzipRequest final : public PolicyRequest {
     chunk.sink_keys = std::min(kKvzipDefaultSink, range.begin);
     chunk.num_queries = q;
     chunk.queries = std::move(recorded.last_queries);
-    chunk.own_keys.resize(shape_.num_layers);
-    for (int32_t layer = 0; layer < shape_.num_layers; ++layer) {
-      // recorded.keys[layer] is [kv_heads, n + q, head_dim]; keep rows [n, n + q).
-      std::vector<float>& own = chunk.own_keys[layer];
-      own.resize(size_t{1} * shape_.num_kv_heads * q * shape_.head_dim);
-      for (int32_t h = 0; h < shape_.num_kv_heads; ++h) {
-        const float* src = recorded.keys[layer].data() + (size_t{1} * h * (n + q) + n) * shape_.head_dim;
-        std::copy_n(src, size_t{1} * q * shape_.head_dim, own.data() + size_t{1} * h * q * shape_.head_dim);
-      }
-    }
+    chunk.own_keys = std::move(recorded.keys);  // [kv_heads, q, head_dim] per layer
     return chunk;
   }
 
