@@ -52,9 +52,10 @@ absl::StatusOr<std::vector<uint8_t>> SelectAdaKvOnBackend(ops::Backend& backend,
   if (layers < 1 || kv_heads < 1 || n < 1 || protected_mask.size() != static_cast<size_t>(n)) {
     return absl::InvalidArgumentError("SelectAdaKvOnBackend: scores, heads and protected mask disagree");
   }
+  BackendSelection unprotected;  // only its candidates: the positions the mask leaves out
+  const int64_t protected_rows = SetCandidatesOutside(protected_mask, &unprotected);
   // SelectAdaKv's budget arithmetic (selectors.cc), to the row.
   const int64_t keep = std::clamp(keep_per_head, 0, n);
-  const int64_t protected_rows = std::count_if(protected_mask.begin(), protected_mask.end(), [](uint8_t m) { return m != 0; });
   const int64_t safe = internal::CeilFraction(safeguard, keep);
   const int64_t guaranteed_per_head = std::max(safe, protected_rows);
   const int64_t need_safe = std::max<int64_t>(0, safe - protected_rows);
@@ -67,9 +68,7 @@ absl::StatusOr<std::vector<uint8_t>> SelectAdaKvOnBackend(ops::Backend& backend,
   uint8_t* candidates = memory.as<uint8_t>();
   uint8_t* guaranteed = candidates + n;
   uint8_t* rest = guaranteed + keep_bytes;
-  std::vector<uint8_t> host_candidates(n);
-  for (int32_t p = 0; p < n; ++p) host_candidates[p] = protected_mask[p] ? 0 : 1;
-  KVGATE_RETURN_IF_ERROR(backend.CopyToBackend(candidates, host_candidates.data(), host_candidates.size()));
+  KVGATE_RETURN_IF_ERROR(backend.CopyToBackend(candidates, unprotected.candidates.data(), unprotected.candidates.size()));
   ops::SelectTopArgs per_head;
   per_head.scores = scores;
   per_head.candidates = candidates;
